@@ -1,0 +1,20 @@
+"""sqk: a sparse/quantized kernel compiler.
+
+Build a graph (``GraphBuilder`` or ``parse_ir``), check it against the numpy
+reference (``reference``), compile it ahead of time for the host or riscv64
+(``compile``), save the artifact and ``load`` it where only numpy and cffi
+are installed.
+"""
+__version__ = "0.1.0"
+
+from .ir import (DType, Graph, GraphBuilder, IRError, Node, ParseError, TensorType, Value,  # noqa: F401
+                 load_ir, parse_ir, reference, save_ir, verify)
+from .runtime.module import Module, SqkRuntimeError, load  # noqa: F401
+
+
+def compile(graph, target="host", pipeline=None, dump_after=None, dump_dir=None, threads=None, **options):
+    """Compile ``graph`` ahead of time; see :func:`sqk.compiler.compile`."""
+    from .compiler import compile as _compile
+
+    return _compile(graph, target=target, pipeline=pipeline, dump_after=dump_after,
+                    dump_dir=dump_dir, threads=threads, **options)

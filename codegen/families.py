@@ -1,0 +1,1 @@
+"""Imports every kernel family so its emitters register (one module per family)."""

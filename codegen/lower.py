@@ -1,0 +1,143 @@
+"""Lowering a planned graph to one LLVM module: a kernel per node, plus the
+``sqk_model`` program table the runtime executes (layout: runtime/sqk_runtime.h).
+
+Emitters register per op with ``@emitter("op", ...)``; an emitter gets a Kernel
+whose arguments are the node's inputs then outputs, writes the body, and
+returns ``(range, grain)``: how many work items the runtime splits over
+threads and the fewest worth giving one thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from llvmlite import ir
+
+from ..ir.graph import Graph, Node, Value
+from .kernel import I8, I64, PTR, Kernel
+
+ABI_VERSION = 1
+BUF_INPUT, BUF_OUTPUT, BUF_CONST, BUF_ARENA = 0, 1, 2, 3
+
+EMITTERS: dict[str, Callable[[Kernel, Node], tuple[int, int]]] = {}
+
+
+def emitter(*ops: str):
+    """Register the decorated function as the emitter of ``ops``."""
+    def wrap(fn):
+        for op in ops:
+            EMITTERS[op] = fn
+        return fn
+    return wrap
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str          # kernel symbol
+    args: tuple        # buffer ids
+    range: int
+    grain: int
+
+
+class UnsupportedOp(NotImplementedError):
+    pass
+
+
+def _cstring(module: ir.Module, text: str, name: str):
+    data = bytearray(text.encode() + b"\0")
+    g = ir.GlobalVariable(module, ir.ArrayType(I8, len(data)), name)
+    g.global_constant, g.linkage, g.initializer = True, "private", ir.Constant(ir.ArrayType(I8, len(data)), data)
+    return g
+
+
+def _array(module, ty, values, name):
+    arr_ty = ir.ArrayType(ty, len(values))
+    g = ir.GlobalVariable(module, arr_ty, name)
+    g.global_constant, g.linkage, g.initializer = True, "private", ir.Constant(arr_ty, values)
+    return g
+
+
+def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int, const_bytes: int,
+          target) -> tuple[ir.Module, list[Step]]:
+    """Build the LLVM module of ``graph``.  ``buffers`` maps every value to
+    (SQK_BUF_* kind, index or byte offset)."""
+    from . import elementwise  # noqa: F401  (registers emitters)
+    from . import families  # noqa: F401
+
+    module = ir.Module(name=graph.name)
+    module.triple = target.triple
+    module.data_layout = str(target.machine.target_data)
+
+    buf_ids: dict[tuple[int, int, int], int] = {}
+    buf_list = []
+
+    def buf(v: Value) -> int:
+        kind, index = buffers[v]
+        key = (kind, index, v.type.nbytes)
+        if key not in buf_ids:
+            buf_ids[key] = len(buf_list)
+            buf_list.append(key)
+        return buf_ids[key]
+
+    steps: list[Step] = []
+    for i, n in enumerate(graph.nodes):
+        if n.op == "const":
+            continue
+        fn = EMITTERS.get(n.op)
+        if fn is None:
+            raise UnsupportedOp(f"no kernel for op {n.op!r} on target {target.name}")
+        name = f"k{len(steps)}_{n.op}"
+        k = Kernel(module, name, len(n.inputs) + len(n.outputs), target)
+        rng, grain = fn(k, n)
+        steps.append(Step(name, tuple(buf(v) for v in n.inputs + n.outputs), rng, max(1, grain)))
+    # An output that is also an input, a constant or another output gets its own copy.
+    from .elementwise import emit_copy
+
+    seen = set()
+    for j, v in enumerate(graph.outputs):
+        if buffers[v] != (BUF_OUTPUT, j) or v in seen:
+            name = f"k{len(steps)}_copy"
+            k = Kernel(module, name, 2, target)
+            rng, grain = emit_copy(k, v.type)
+            out_id = len(buf_list)
+            buf_list.append((BUF_OUTPUT, j, v.type.nbytes))
+            steps.append(Step(name, (buf(v), out_id), rng, grain))
+        seen.add(v)
+    _program_table(module, graph, buf_list, steps, arena_bytes, const_bytes, target)
+    return module, steps
+
+
+def _program_table(module, graph, buf_list, steps, arena_bytes, const_bytes, target):
+    tensor_t = ir.LiteralStructType([PTR, I64, I64, PTR, I64])
+    step_t = ir.LiteralStructType([PTR, PTR, PTR, I64, I64, I64])
+    buf_t = ir.LiteralStructType([I64, I64, I64])
+    prog_t = ir.LiteralStructType([I64, PTR, I64, PTR, I64, PTR, I64, PTR, I64, PTR, I64, I64, I64])
+    null = ir.Constant(PTR, None)
+
+    def tensors(values, tag):
+        infos = []
+        for j, v in enumerate(values):
+            shape = _array(module, I64, [ir.Constant(I64, d) for d in v.shape], f"{tag}.shape.{j}") \
+                if v.shape else null
+            infos.append(ir.Constant(tensor_t, [_cstring(module, v.name, f"{tag}.name.{j}"),
+                                                 ir.Constant(I64, v.dtype.code), ir.Constant(I64, len(v.shape)),
+                                                 shape, ir.Constant(I64, v.type.nbytes)]))
+        return _array(module, tensor_t, infos, tag) if infos else null
+
+    step_consts = []
+    for s in steps:
+        args = _array(module, I64, [ir.Constant(I64, a) for a in s.args], f"{s.name}.args")
+        step_consts.append(ir.Constant(step_t, [_cstring(module, s.name, f"{s.name}.name"),
+                                                module.globals[s.name], args, ir.Constant(I64, len(s.args)),
+                                                ir.Constant(I64, s.range), ir.Constant(I64, s.grain)]))
+    bufs = [ir.Constant(buf_t, [ir.Constant(I64, x) for x in b]) for b in buf_list]
+    g = ir.GlobalVariable(module, prog_t, "sqk_model")
+    g.global_constant = True
+    g.initializer = ir.Constant(prog_t, [
+        ir.Constant(I64, ABI_VERSION), _cstring(module, graph.name, "model.name"),
+        ir.Constant(I64, len(graph.inputs)), tensors(graph.inputs, "inputs"),
+        ir.Constant(I64, len(graph.outputs)), tensors(graph.outputs, "outputs"),
+        ir.Constant(I64, len(bufs)), _array(module, buf_t, bufs, "buffers") if bufs else null,
+        ir.Constant(I64, len(steps)), _array(module, step_t, step_consts, "steps") if steps else null,
+        ir.Constant(I64, arena_bytes), ir.Constant(I64, const_bytes),
+        ir.Constant(I64, int(target.name == "riscv64" and target.has_vector))])

@@ -1,0 +1,89 @@
+"""GraphBuilder: every IR op is a method of the same name.
+
+    b = GraphBuilder("mlp")
+    x = b.input("x", (1, 768), "f32")
+    w = b.const(np.ones((768, 3072), np.float32), name="w")
+    g = b.output(b.gelu(b.matmul(x, w)))
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import dtypes as dt
+from .graph import Graph, IRError, Node, TensorType, Value
+from .ops import OPS
+from .text import check_const
+from .verify import verify
+
+
+class GraphBuilder:
+    def __init__(self, name: str = "main"):
+        self.name = name
+        self.inputs: list[Value] = []
+        self.nodes: list[Node] = []
+        self._names: set[str] = set()
+        self._counter = 0
+
+    def _fresh(self, name: str | None) -> str:
+        if name is None:
+            while str(self._counter) in self._names:
+                self._counter += 1
+            name = str(self._counter)
+        base, k = name, 1
+        while name in self._names:
+            name, k = f"{base}_{k}", k + 1
+        self._names.add(name)
+        return name
+
+    def input(self, name: str, shape, dtype="f32") -> Value:
+        """A graph input (its name is the keyword used when calling the model)."""
+        if name in self._names:
+            raise IRError(f"name {name!r} is already used")
+        d = dt.dtype(dtype)
+        if d not in dt.IO:
+            raise IRError(f"input {name!r}: dtype {d} cannot be a model input")
+        v = Value(self._fresh(name), TensorType(d, tuple(shape)))
+        self.inputs.append(v)
+        return v
+
+    def const(self, array, dtype=None, name: str | None = None) -> Value:
+        """A constant; the array is copied (``dtype`` converts it, e.g. "i4")."""
+        arr = np.asarray(array)
+        d = dt.dtype(dtype) if dtype is not None else dt.dtype(arr.dtype)
+        arr = np.array(arr, dtype=d.np_dtype, copy=True, order="C")
+        t = TensorType(d, arr.shape)
+        check_const(arr, t)
+        arr.setflags(write=False)
+        v = Value(self._fresh(name), t)
+        self.nodes.append(Node("const", (), (v,), {"value": arr}))
+        return v
+
+    def op(self, opname: str, *inputs: Value, name: str | None = None, **attrs) -> Value:
+        """Append a node of op ``opname``; returns its result."""
+        opdef = OPS.get(opname)
+        if opdef is None or opname == "const":
+            raise IRError(f"unknown op {opname!r}")
+        opdef.check_arity(len(inputs))
+        for v in inputs:
+            if not isinstance(v, Value):
+                raise IRError(f"{opname}: inputs must be values of this builder, got {type(v).__name__} "
+                              f"(wrap arrays with b.const)")
+        attrs = opdef.normalize_attrs(attrs)
+        try:
+            types = opdef.infer(*[v.type for v in inputs], **attrs)
+        except IRError as e:
+            raise IRError(f"{opname}: {e}") from None
+        outs = tuple(Value(self._fresh(name if len(types) == 1 else None), t) for t in types)
+        self.nodes.append(Node(opname, tuple(inputs), outs, attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def __getattr__(self, opname: str):
+        if opname in OPS and opname != "const":
+            return lambda *inputs, **attrs: self.op(opname, *inputs, **attrs)
+        raise AttributeError(f"GraphBuilder has no op or method {opname!r}")
+
+    def output(self, *values: Value) -> Graph:
+        """Finish: the graph returning ``values`` (verified)."""
+        if not values:
+            raise IRError("output() needs at least one value")
+        return verify(Graph(self.name, self.inputs, self.nodes, values))

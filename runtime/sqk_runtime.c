@@ -1,0 +1,371 @@
+/* sqk runtime: runs a compiled sqk_program (see sqk_runtime.h).
+ *
+ * A context owns a small pthread pool and a grow-only arena. sqk_run resolves
+ * every buffer of the program to a pointer, then runs the steps in order;
+ * each step's range [0, range) is cut into chunks that the caller thread and
+ * the pool threads claim from a shared counter. Nothing here aborts: every
+ * failure is an SQK_ERR_* code.
+ */
+#define _GNU_SOURCE /* sched_yield, sysconf */
+#include "sqk_runtime.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define SQK_ALIGN 64
+#define SQK_MAX_THREADS 1024 /* sanity cap on a typo like SQK_NUM_THREADS=100000 */
+/* How long an idle worker polls for the next step before it sleeps on the
+ * condition variable. Back-to-back steps of one run then start without a
+ * futex wake-up; a context that is idle between runs costs no CPU. */
+#define SQK_SPIN 4000
+
+struct sqk_context {
+    int64_t n_threads; /* workers including the caller */
+    int64_t n_pool;    /* pool threads actually started (n_threads - 1) */
+    pthread_t *threads;
+    pid_t owner_pid; /* a forked child has no pool threads: refuse to run there */
+
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv; /* caller -> workers: a new generation is posted */
+    pthread_cond_t done_cv; /* last worker -> caller: the generation is finished */
+    _Atomic uint64_t generation;
+    _Atomic int stop;
+    _Atomic int64_t pending; /* pool threads that have not finished this generation */
+
+    /* The job of the current generation; written by the caller before it bumps
+     * `generation` (release), read by the workers after they see it (acquire). */
+    sqk_kernel_fn fn;
+    void **args;
+    int64_t range, chunk, n_chunks;
+    _Atomic int64_t next_chunk;
+    _Atomic int32_t error; /* first non-zero kernel return code wins */
+
+    atomic_flag busy; /* one sqk_run at a time per context */
+    int64_t error_step;
+
+    /* Grow-only scratch owned by the context. */
+    void *arena;
+    int64_t arena_cap;
+    void **bufptr; /* resolved pointer of each buffer */
+    int64_t bufptr_cap;
+    void **argv; /* args of the current step */
+    int64_t argv_cap;
+};
+
+/* ---- chunk execution, shared by the caller and the pool threads ---- */
+
+static void run_chunks(sqk_context *ctx) {
+    for (;;) {
+        /* Once a chunk has failed, the rest of the step is pointless. */
+        if (atomic_load_explicit(&ctx->error, memory_order_relaxed) != SQK_OK) return;
+        int64_t c = atomic_fetch_add_explicit(&ctx->next_chunk, 1, memory_order_relaxed);
+        if (c >= ctx->n_chunks) return;
+        int64_t begin = c * ctx->chunk;
+        int64_t end = begin + ctx->chunk < ctx->range ? begin + ctx->chunk : ctx->range;
+        int32_t rc = ctx->fn(ctx->args, begin, end);
+        if (rc != SQK_OK) {
+            int32_t expected = SQK_OK;
+            atomic_compare_exchange_strong(&ctx->error, &expected, rc);
+        }
+    }
+}
+
+static void *worker_main(void *arg) {
+    sqk_context *ctx = arg;
+    uint64_t seen = 0; /* the context starts at generation 0 */
+    for (;;) {
+        uint64_t gen = atomic_load_explicit(&ctx->generation, memory_order_acquire);
+        for (int i = 0; i < SQK_SPIN && gen == seen && !atomic_load(&ctx->stop); i++) {
+            if ((i & 63) == 63) sched_yield(); /* be polite on an oversubscribed machine */
+            gen = atomic_load_explicit(&ctx->generation, memory_order_acquire);
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&ctx->mu);
+            while ((gen = atomic_load_explicit(&ctx->generation, memory_order_acquire)) == seen &&
+                   !atomic_load(&ctx->stop))
+                pthread_cond_wait(&ctx->work_cv, &ctx->mu);
+            pthread_mutex_unlock(&ctx->mu);
+        }
+        if (atomic_load(&ctx->stop)) return NULL;
+        seen = gen;
+        run_chunks(ctx);
+        /* Check in. The last one wakes the caller; taking the mutex makes the
+         * signal impossible to lose (the caller tests `pending` under it). */
+        if (atomic_fetch_sub_explicit(&ctx->pending, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&ctx->mu);
+            pthread_cond_signal(&ctx->done_cv);
+            pthread_mutex_unlock(&ctx->mu);
+        }
+    }
+}
+
+/* ---- context ---- */
+
+static int64_t default_threads(void) {
+    const char *env = getenv("SQK_NUM_THREADS");
+    if (env && *env) {
+        char *end = NULL;
+        errno = 0;
+        long long v = strtoll(env, &end, 10);
+        if (errno == 0 && end && *end == '\0' && v > 0) return (int64_t)v;
+        /* A malformed value falls back to the CPU count rather than failing. */
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int64_t)n : 1;
+}
+
+static void stop_pool(sqk_context *ctx) {
+    pthread_mutex_lock(&ctx->mu);
+    atomic_store(&ctx->stop, 1);
+    pthread_cond_broadcast(&ctx->work_cv);
+    pthread_mutex_unlock(&ctx->mu);
+    for (int64_t i = 0; i < ctx->n_pool; i++) pthread_join(ctx->threads[i], NULL);
+    ctx->n_pool = 0;
+}
+
+sqk_context *sqk_context_new(int64_t n_threads) {
+    if (n_threads <= 0) n_threads = default_threads();
+    if (n_threads > SQK_MAX_THREADS) n_threads = SQK_MAX_THREADS;
+
+    sqk_context *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return NULL;
+    ctx->n_threads = n_threads;
+    ctx->owner_pid = getpid();
+    ctx->error_step = -1;
+    atomic_flag_clear(&ctx->busy);
+    if (pthread_mutex_init(&ctx->mu, NULL) != 0) goto fail_mu;
+    if (pthread_cond_init(&ctx->work_cv, NULL) != 0) goto fail_work;
+    if (pthread_cond_init(&ctx->done_cv, NULL) != 0) goto fail_done;
+
+    if (n_threads > 1) {
+        ctx->threads = calloc((size_t)(n_threads - 1), sizeof *ctx->threads);
+        if (!ctx->threads) goto fail_threads;
+        /* Pool threads block every signal so that signals (Ctrl-C in Python)
+         * go to the application's own threads; they inherit this mask. */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        int ok = 1;
+        for (int64_t i = 0; i < n_threads - 1; i++) {
+            if (pthread_create(&ctx->threads[i], NULL, worker_main, ctx) != 0) {
+                ok = 0;
+                break;
+            }
+            ctx->n_pool++;
+        }
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (!ok) {
+            stop_pool(ctx);
+            free(ctx->threads);
+            goto fail_threads;
+        }
+    }
+    return ctx;
+
+fail_threads:
+    pthread_cond_destroy(&ctx->done_cv);
+fail_done:
+    pthread_cond_destroy(&ctx->work_cv);
+fail_work:
+    pthread_mutex_destroy(&ctx->mu);
+fail_mu:
+    free(ctx);
+    return NULL;
+}
+
+void sqk_context_free(sqk_context *ctx) {
+    if (!ctx) return;
+    /* In a forked child the pool threads do not exist: nothing to join. */
+    if (ctx->owner_pid == getpid()) stop_pool(ctx);
+    free(ctx->threads);
+    pthread_cond_destroy(&ctx->done_cv);
+    pthread_cond_destroy(&ctx->work_cv);
+    pthread_mutex_destroy(&ctx->mu);
+    free(ctx->arena);
+    free(ctx->bufptr);
+    free(ctx->argv);
+    free(ctx);
+}
+
+int64_t sqk_context_threads(const sqk_context *ctx) { return ctx ? ctx->n_threads : 0; }
+
+int64_t sqk_context_error_step(const sqk_context *ctx) { return ctx ? ctx->error_step : -1; }
+
+const char *sqk_error_string(int32_t code) {
+    switch (code) {
+    case SQK_OK: return "ok";
+    case SQK_ERR_NOMEM: return "out of memory";
+    case SQK_ERR_THREADS: return "the thread pool is not usable (could not start, or used after fork)";
+    case SQK_ERR_ABI: return "program built for another runtime ABI version";
+    case SQK_ERR_INDEX: return "index out of range";
+    case SQK_ERR_ARGS: return "bad arguments (NULL pointer, short buffer or malformed program)";
+    case SQK_ERR_IO: return "file could not be read or written";
+    case SQK_ERR_FORMAT: return "input has the wrong dtype, shape or file format";
+    case SQK_ERR_CPU: return "the CPU lacks a feature the program needs";
+    default: return "unknown error code";
+    }
+}
+
+/* ---- running a program ---- */
+
+/* Grow a pointer array owned by the context; contents are not kept. */
+static int grow_ptrs(void ***p, int64_t *cap, int64_t need) {
+    if (need <= *cap) return SQK_OK;
+    void **q = malloc((size_t)need * sizeof *q);
+    if (!q) return SQK_ERR_NOMEM;
+    free(*p);
+    *p = q;
+    *cap = need;
+    return SQK_OK;
+}
+
+static int grow_arena(sqk_context *ctx, int64_t need) {
+    if (need <= ctx->arena_cap) return SQK_OK;
+    void *p = NULL;
+    /* Round up so the last tensor may be read a full vector past its end. */
+    size_t size = ((size_t)need + SQK_ALIGN - 1) / SQK_ALIGN * SQK_ALIGN;
+    if (posix_memalign(&p, SQK_ALIGN, size) != 0) return SQK_ERR_NOMEM;
+    free(ctx->arena);
+    ctx->arena = p;
+    ctx->arena_cap = need;
+    return SQK_OK;
+}
+
+/* Is [off, off+n) inside [0, size)? Written to be overflow-free. */
+static int in_bounds(int64_t off, int64_t n, int64_t size) {
+    return off >= 0 && n >= 0 && off <= size && n <= size - off;
+}
+
+/* Resolve every buffer to a pointer, checking it lies within what it points into. */
+static int32_t resolve_buffers(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
+                               void *const *outputs, const void *consts) {
+    for (int64_t i = 0; i < prog->n_buffers; i++) {
+        const sqk_buffer *b = &prog->buffers[i];
+        char *p = NULL;
+        switch (b->kind) {
+        case SQK_BUF_INPUT:
+            if (b->index < 0 || b->index >= prog->n_inputs ||
+                b->nbytes > prog->inputs[b->index].nbytes)
+                return SQK_ERR_ARGS;
+            p = inputs[b->index];
+            break;
+        case SQK_BUF_OUTPUT:
+            if (b->index < 0 || b->index >= prog->n_outputs ||
+                b->nbytes > prog->outputs[b->index].nbytes)
+                return SQK_ERR_ARGS;
+            p = outputs[b->index];
+            break;
+        case SQK_BUF_CONST:
+            if (!in_bounds(b->index, b->nbytes, prog->const_bytes)) return SQK_ERR_ARGS;
+            p = consts ? (char *)consts + b->index : NULL;
+            break;
+        case SQK_BUF_ARENA:
+            if (!in_bounds(b->index, b->nbytes, prog->arena_bytes)) return SQK_ERR_ARGS;
+            p = ctx->arena ? (char *)ctx->arena + b->index : NULL;
+            break;
+        default:
+            return SQK_ERR_ARGS;
+        }
+        ctx->bufptr[i] = p;
+    }
+    return SQK_OK;
+}
+
+static int32_t check_tensors(const sqk_tensor_info *t, int64_t n, void *const *ptrs) {
+    if (n < 0 || (n > 0 && (!t || !ptrs))) return SQK_ERR_ARGS;
+    for (int64_t i = 0; i < n; i++)
+        if (!ptrs[i] && t[i].nbytes > 0) return SQK_ERR_ARGS; /* empty tensors may be NULL */
+    return SQK_OK;
+}
+
+/* Run one step's [0, range) over the pool; returns the first kernel error. */
+static int32_t run_step(sqk_context *ctx, const sqk_step *s) {
+    int64_t range = s->range, grain = s->grain > 0 ? s->grain : 1;
+    int64_t threads = ctx->n_pool + 1;
+    if (range <= grain || threads == 1) return s->fn(ctx->argv, 0, range);
+
+    int64_t per_thread = range / threads + (range % threads != 0); /* ceil */
+    int64_t chunk = per_thread > grain ? per_thread : grain;
+    int64_t n_chunks = range / chunk + (range % chunk != 0);
+    if (n_chunks == 1) return s->fn(ctx->argv, 0, range);
+
+    ctx->fn = s->fn;
+    ctx->args = ctx->argv;
+    ctx->range = range;
+    ctx->chunk = chunk;
+    ctx->n_chunks = n_chunks;
+    atomic_store_explicit(&ctx->next_chunk, 0, memory_order_relaxed);
+    atomic_store_explicit(&ctx->error, SQK_OK, memory_order_relaxed);
+    atomic_store_explicit(&ctx->pending, ctx->n_pool, memory_order_relaxed);
+
+    /* Publish: the release store orders the job fields before the new generation. */
+    pthread_mutex_lock(&ctx->mu);
+    atomic_fetch_add_explicit(&ctx->generation, 1, memory_order_release);
+    pthread_cond_broadcast(&ctx->work_cv);
+    pthread_mutex_unlock(&ctx->mu);
+
+    run_chunks(ctx); /* the caller is a worker too */
+
+    /* Wait for every pool thread to check in, so none still reads this step's job. */
+    for (int i = 0; i < SQK_SPIN && atomic_load_explicit(&ctx->pending, memory_order_acquire); i++)
+        if ((i & 63) == 63) sched_yield();
+    if (atomic_load_explicit(&ctx->pending, memory_order_acquire)) {
+        pthread_mutex_lock(&ctx->mu);
+        while (atomic_load_explicit(&ctx->pending, memory_order_acquire))
+            pthread_cond_wait(&ctx->done_cv, &ctx->mu);
+        pthread_mutex_unlock(&ctx->mu);
+    }
+    return atomic_load(&ctx->error);
+}
+
+static int32_t run_program(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
+                           void *const *outputs, const void *consts, int64_t const_bytes) {
+    if (!prog) return SQK_ERR_ARGS;
+    if (prog->abi_version != SQK_ABI_VERSION) return SQK_ERR_ABI;
+    if (ctx->owner_pid != getpid()) return SQK_ERR_THREADS;
+    if (prog->n_buffers < 0 || prog->n_steps < 0 || prog->arena_bytes < 0 ||
+        prog->const_bytes < 0 || (prog->n_buffers > 0 && !prog->buffers) ||
+        (prog->n_steps > 0 && !prog->steps))
+        return SQK_ERR_ARGS;
+    if (const_bytes < prog->const_bytes || (prog->const_bytes > 0 && !consts)) return SQK_ERR_ARGS;
+    int32_t rc = check_tensors(prog->inputs, prog->n_inputs, inputs);
+    if (rc == SQK_OK) rc = check_tensors(prog->outputs, prog->n_outputs, outputs);
+    if (rc != SQK_OK) return rc;
+
+    if ((rc = grow_arena(ctx, prog->arena_bytes)) != SQK_OK) return rc;
+    if ((rc = grow_ptrs(&ctx->bufptr, &ctx->bufptr_cap, prog->n_buffers)) != SQK_OK) return rc;
+    if ((rc = resolve_buffers(ctx, prog, inputs, outputs, consts)) != SQK_OK) return rc;
+
+    for (int64_t i = 0; i < prog->n_steps; i++) {
+        const sqk_step *s = &prog->steps[i];
+        ctx->error_step = i; /* stays set only if this step fails */
+        if (s->range <= 0) continue; /* zero-size range: nothing to do */
+        if (!s->fn || s->n_args < 0 || (s->n_args > 0 && !s->args)) return SQK_ERR_ARGS;
+        if ((rc = grow_ptrs(&ctx->argv, &ctx->argv_cap, s->n_args)) != SQK_OK) return rc;
+        for (int64_t j = 0; j < s->n_args; j++) {
+            int64_t id = s->args[j];
+            if (id < 0 || id >= prog->n_buffers) return SQK_ERR_ARGS;
+            ctx->argv[j] = ctx->bufptr[id];
+        }
+        if ((rc = run_step(ctx, s)) != SQK_OK) return rc;
+    }
+    ctx->error_step = -1;
+    return SQK_OK;
+}
+
+int32_t sqk_run(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
+                void *const *outputs, const void *consts, int64_t const_bytes) {
+    if (!ctx) return SQK_ERR_ARGS;
+    /* Two threads sharing one context would trample its job fields and arena. */
+    if (atomic_flag_test_and_set(&ctx->busy)) return SQK_ERR_ARGS;
+    ctx->error_step = -1;
+    int32_t rc = run_program(ctx, prog, inputs, outputs, consts, const_bytes);
+    if (rc == SQK_OK) ctx->error_step = -1;
+    atomic_flag_clear(&ctx->busy);
+    return rc;
+}

@@ -1,0 +1,108 @@
+/* sqk runtime: the contract between compiled kernels, the C runtime and Python.
+ *
+ * This header is the single source of truth: codegen emits a `sqk_program`
+ * with exactly this layout, the runtime (sqk_runtime.c) executes it, and the
+ * cffi build reads the declarations between the cdef markers below.
+ * Every struct field is 8 bytes wide (int64_t or a pointer) so the LLVM side
+ * can emit the same layout on every 64-bit target without padding rules.
+ */
+#ifndef SQK_RUNTIME_H
+#define SQK_RUNTIME_H
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cdef-begin */
+#define SQK_ABI_VERSION 1
+
+/* Error codes: kernels and runtime calls return these; Python maps them to exceptions. */
+#define SQK_OK 0
+#define SQK_ERR_NOMEM 1          /* allocation of the arena or scratch failed */
+#define SQK_ERR_THREADS 2        /* the thread pool could not be started */
+#define SQK_ERR_ABI 3            /* program built for another ABI version */
+#define SQK_ERR_INDEX 4          /* an index input (gather ids) was out of range */
+#define SQK_ERR_ARGS 5           /* bad arguments to a runtime call (NULL, sizes) */
+#define SQK_ERR_IO 6             /* runner: a file could not be read or written */
+#define SQK_ERR_FORMAT 7         /* runner: an input file has the wrong dtype/shape/format */
+#define SQK_ERR_CPU 8            /* runner: the CPU lacks a feature the program needs */
+
+/* Where a buffer lives. */
+#define SQK_BUF_INPUT 0          /* index = position in the inputs array */
+#define SQK_BUF_OUTPUT 1         /* index = position in the outputs array */
+#define SQK_BUF_CONST 2          /* index = byte offset into the constants blob */
+#define SQK_BUF_ARENA 3          /* index = byte offset into the arena */
+
+/* dtype codes (same numbering as sqk.ir.dtypes) */
+#define SQK_F32 0
+#define SQK_F16 1
+#define SQK_I64 2
+#define SQK_I32 3
+#define SQK_I8 4
+#define SQK_U8 5
+#define SQK_BOOL 6
+#define SQK_I4 7
+
+/* A kernel processes work items [begin, end) of its range; it returns SQK_OK or an error code. */
+typedef int32_t (*sqk_kernel_fn)(void **args, int64_t begin, int64_t end);
+
+typedef struct {
+    int64_t kind;                /* SQK_BUF_* */
+    int64_t index;               /* see SQK_BUF_* */
+    int64_t nbytes;
+} sqk_buffer;
+
+typedef struct {
+    const char *name;            /* kernel name, for errors and profiles */
+    sqk_kernel_fn fn;
+    const int64_t *args;         /* buffer ids, in the kernel's argument order */
+    int64_t n_args;
+    int64_t range;               /* number of work items */
+    int64_t grain;               /* minimum work items per thread (>= 1) */
+} sqk_step;
+
+typedef struct {
+    const char *name;
+    int64_t dtype;               /* SQK_F32 ... */
+    int64_t rank;
+    const int64_t *shape;
+    int64_t nbytes;
+} sqk_tensor_info;
+
+typedef struct {
+    int64_t abi_version;         /* SQK_ABI_VERSION */
+    const char *name;
+    int64_t n_inputs;
+    const sqk_tensor_info *inputs;
+    int64_t n_outputs;
+    const sqk_tensor_info *outputs;
+    int64_t n_buffers;
+    const sqk_buffer *buffers;
+    int64_t n_steps;
+    const sqk_step *steps;
+    int64_t arena_bytes;
+    int64_t const_bytes;
+    int64_t needs_vector;        /* riscv64: 1 when the code uses the V extension */
+} sqk_program;
+
+typedef struct sqk_context sqk_context;
+
+/* A context owns a thread pool and an arena; one run at a time per context. */
+sqk_context *sqk_context_new(int64_t n_threads);   /* n_threads <= 0: number of online CPUs */
+void sqk_context_free(sqk_context *ctx);
+int64_t sqk_context_threads(const sqk_context *ctx);
+
+/* Run every step of `prog` in order. inputs/outputs are arrays of n_inputs/n_outputs
+ * pointers to contiguous tensors of the sizes in prog->inputs/outputs; consts points
+ * to const_bytes bytes (64-byte aligned). Returns SQK_OK or an error code; on error,
+ * sqk_context_error_step() names the step that failed (or -1). */
+int32_t sqk_run(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
+                void *const *outputs, const void *consts, int64_t const_bytes);
+int64_t sqk_context_error_step(const sqk_context *ctx);
+const char *sqk_error_string(int32_t code);
+/* cdef-end */
+
+#ifdef __cplusplus
+}
+#endif
+#endif
