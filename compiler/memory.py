@@ -32,16 +32,17 @@ def plan_memory(graph: Graph) -> MemoryPlan:
     buffers: dict[Value, tuple[int, int]] = {}
     for i, v in enumerate(graph.inputs):
         buffers[v] = (BUF_INPUT, i)
-    for j, v in enumerate(graph.outputs):
-        if v not in buffers:
-            buffers[v] = (BUF_OUTPUT, j)
-    # constants: packed blob, 64-byte aligned entries
+    # constants: packed blob, 64-byte aligned entries (a constant that is also
+    # an output stays here; lowering copies it out)
     offset, layout = 0, []
     for n in graph.nodes:
-        if n.op == "const" and n.output not in buffers:
+        if n.op == "const":
             layout.append((n.output, offset, n.attrs["value"]))
             buffers[n.output] = (BUF_CONST, offset)
             offset = align(offset + max(n.output.type.nbytes, 1))
+    for j, v in enumerate(graph.outputs):
+        if v not in buffers:
+            buffers[v] = (BUF_OUTPUT, j)
     # intermediates: liveness over node order, first-fit reuse
     last_use: dict[Value, int] = {}
     for i, n in enumerate(graph.nodes):
