@@ -429,7 +429,7 @@ class Transpose:
 
     @staticmethod
     def reference(x, perm):
-        return [np.ascontiguousarray(np.transpose(x, perm or None))]
+        return [np.asarray(np.transpose(x, perm or None), order="C")]
 
 
 @defop("concat", "xs*", {"axis": Attr("int")})
@@ -481,7 +481,7 @@ class Slice:
     @staticmethod
     def reference(x, starts, ends, axes, steps):
         rs = slice_ranges(x.shape, starts, ends, axes, steps)
-        return [np.ascontiguousarray(x[tuple(slice(*r) for r in rs)])]
+        return [np.asarray(x[tuple(slice(*r) for r in rs)], order="C")]
 
 
 @defop("gather", "table ids", {"axis": Attr("int", 0)})

@@ -27,7 +27,7 @@ def check_inputs(specs, inputs: dict) -> dict:
             raise TypeError(f"input {name!r}: dtype {a.dtype}, expected {np.dtype(dtype)}")
         if a.shape != tuple(shape):
             raise ValueError(f"input {name!r}: shape {a.shape}, expected {tuple(shape)}")
-        out[name] = np.ascontiguousarray(a)
+        out[name] = np.asarray(a, order="C")  # copies views; keeps 0-d shapes
     return out
 
 

@@ -32,7 +32,7 @@ class FoldConstants(Pass):
                     nodes.append(n)  # leave it to fail at run time with the runtime's error
                     continue
                 for v, a in zip(n.outputs, vals):
-                    a = np.ascontiguousarray(a, dtype=v.dtype.np_dtype)
+                    a = np.array(a, dtype=v.dtype.np_dtype, order="C")  # keeps 0-d shapes
                     a.setflags(write=False)
                     consts[v] = a
                     nodes.append(Node("const", (), (v,), {"value": a}))
