@@ -89,7 +89,11 @@ ffi.cdef(open(cdef_path, encoding="utf-8").read())
 ffi.set_source(name, '#include "sqk_runtime.h"', sources=[source],
                include_dirs=[header_dir], extra_compile_args=["-O2", "-pthread"],
                libraries=["pthread"])
-print(ffi.compile(tmpdir=tmpdir, verbose=False))
+try:
+    print(ffi.compile(tmpdir=tmpdir, verbose=False))
+except Exception as e:  # the compiler's own messages are already on stderr
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
 """
 
 _NEED_CC = (
@@ -101,7 +105,7 @@ _NEED_CC = (
 def _build(target: str) -> None:
     """Compile the extension into `target` (atomically: temp dir, then os.replace)."""
     root = os.path.dirname(os.path.dirname(target))
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.makedirs(root, exist_ok=True)
     cc = os.environ.get("CC", "").split()
     if not (cc and shutil.which(cc[0])) and not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
         raise RuntimeError(_NEED_CC.format(cache=root) + "no compiler (cc, gcc, clang or $CC) was found on PATH")
@@ -124,6 +128,7 @@ def _build(target: str) -> None:
             )
         # Same file system, so the rename is atomic: a concurrent builder either
         # sees no file or a complete one, and the last writer wins harmlessly.
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(built, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -175,4 +180,7 @@ class LoadedProgram:
 
 def program_from_library(path: str, symbol: str = "sqk_model") -> LoadedProgram:
     """dlopen a compiled model library; ``.program`` is its ``const sqk_program *``."""
-    return LoadedProgram(path, symbol)
+    try:
+        return LoadedProgram(path, symbol)
+    except OSError as e:  # not a loadable library for this machine
+        raise RuntimeError(f"{path}: cannot load ({e})") from None

@@ -12,7 +12,6 @@ the compiler).  An artifact directory holds
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -184,11 +183,11 @@ class Module:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _load_native(self):
-        from .ffi import load_runtime
+        from .ffi import load_runtime, program_from_library
 
         ffi, lib = load_runtime()
-        so = ctypes.CDLL(self._code)
-        prog = ffi.cast("const sqk_program *", ctypes.addressof(ctypes.c_char.in_dll(so, "sqk_model")))
+        so = program_from_library(self._code)
+        prog = so.program
         if prog.abi_version != lib.SQK_ABI_VERSION:
             raise ArtifactError(f"{self._code}: runtime ABI {prog.abi_version}, this sqk has {lib.SQK_ABI_VERSION}")
         nbytes = self.manifest["constants"]["bytes"]
@@ -217,7 +216,7 @@ class Module:
         if platform.machine().lower() == "riscv64":
             return [runner]
         cpu = os.environ.get("SQK_QEMU_CPU") or (
-            f"rv64,v=true,vlen={self.vlen}" if self.manifest["target"].get("vector", True) else "rv64,v=false")
+            f"rv64,v=true,vext_spec=v1.0,vlen={self.vlen}" if self.manifest["target"].get("vector", True) else "rv64,v=false")
         return [qemu_binary(), "-cpu", cpu, "-L", "/usr/riscv64-linux-gnu", runner]
 
     def _run_runner(self, arrays):

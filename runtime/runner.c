@@ -304,11 +304,12 @@ static void probe_sigill(int sig) {
 /* Does this CPU (and kernel) run RVV 1.0 code?
  * First AT_HWCAP bit 'V': Linux >= 6.5 sets it when it supports V, and
  * Debian's qemu-user 7.2 sets it for `-cpu rv64,v=true` (checked: HWCAP
- * 0x20112d = ACDFIMV with v=true, 0x112d = ACDFIM with v=false). Upstream
- * qemu-user before 8.x, however, never reported V even with v=true, so when
- * the bit is absent we probe: read the vlenb CSR (0xc22) with a SIGILL
- * handler installed. Without V (or with a kernel that does not enable it) the
- * read traps; with V it returns VLEN/8 >= 16. The CSR is named by number so
+ * 0x20112d = ACDFIMV with v=true, 0x112d = ACDFIM with v=false). Older
+ * qemu-user builds and vendor kernels are not all as careful, and a missing
+ * bit must not refuse a CPU that has V, so when the bit is absent we probe:
+ * read the vlenb CSR (0xc22) with a SIGILL handler installed. Without V (or
+ * with a kernel that does not enable it) the read traps; with V it returns
+ * VLEN/8 >= 16. The CSR is named by number so
  * this file builds with the default -march=rv64gc. */
 static int cpu_has_vector(void) {
 #ifndef SQK_RUNNER_PROBE_ONLY /* tests define it to exercise the probe under qemu */
@@ -488,6 +489,7 @@ int main(int argc, char **argv) {
     int32_t rc = sqk_run(ctx, p, inputs, outputs, consts, p->const_bytes);
     if (rc != SQK_OK) {
         int64_t step = sqk_context_error_step(ctx);
+        sqk_context_free(ctx); /* join the pool before exiting */
         if (step >= 0 && step < p->n_steps)
             die(EXIT_RUNTIME, "step %" PRId64 " (kernel '%s') failed: %s (code %d)", step,
                 p->steps[step].name ? p->steps[step].name : "?", sqk_error_string(rc), rc);

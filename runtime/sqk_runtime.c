@@ -369,3 +369,65 @@ int32_t sqk_run(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
     atomic_flag_clear(&ctx->busy);
     return rc;
 }
+
+/* ---- f16 conversion helpers for riscv64 ----
+ *
+ * LLVM lowers f16 <-> f32 conversions (without Zfhmin) to calls of
+ * __extendhfsf2 / __truncsfhf2, which compiler-rt and GCC >= 13's libgcc
+ * provide but Debian 12's riscv64 libgcc (GCC 12) does not, so a static
+ * runner would not link. LLVM's convention on lp64d (seen in its output):
+ * the half travels as its 16 bits in the low bits of fa0 (fmv.w.x / fmv.x.w),
+ * the float as a normal float. We take and return those bits through a float
+ * parameter and never do arithmetic on it. When the toolchain's libgcc has
+ * them too, this object's definitions simply win at link time. */
+#if defined(__riscv) && defined(__riscv_float_abi_double)
+static float f16_bits_to_f32(uint32_t h) {
+    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, x;
+    if (exp == 0x1f) {
+        x = sign | 0x7f800000u | man << 13; /* inf, NaN (payload kept) */
+    } else if (exp != 0) {
+        x = sign | (exp + 112) << 23 | man << 13; /* normal: rebias 15 -> 127 */
+    } else {
+        float v = (float)man * 0x1p-24f; /* zero or subnormal, exact */
+        memcpy(&x, &v, sizeof x);
+        x |= sign;
+    }
+    float f;
+    memcpy(&f, &x, sizeof f);
+    return f;
+}
+
+static uint32_t f32_to_f16_bits(float f) { /* round to nearest even */
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xff, man = x & 0x7fffffu;
+    if (exp == 0xff) return sign | 0x7c00u | (man ? 0x200u | man >> 13 : 0); /* inf, quiet NaN */
+    int32_t e = (int32_t)exp - 127 + 15;
+    if (e >= 0x1f) return sign | 0x7c00u; /* overflow to inf */
+    if (e <= 0) {                         /* subnormal half or zero */
+        if (e < -10) return sign;
+        man |= 0x800000u;
+        uint32_t shift = (uint32_t)(14 - e), h = man >> shift, rem = man & ((1u << shift) - 1),
+                 mid = 1u << (shift - 1);
+        return sign | (h + (rem > mid || (rem == mid && (h & 1))));
+    }
+    uint32_t h = sign | (uint32_t)e << 10 | man >> 13, rem = man & 0x1fffu;
+    return h + (rem > 0x1000u || (rem == 0x1000u && (h & 1))); /* a carry may round up to inf: right */
+}
+
+float __extendhfsf2(float h);
+float __truncsfhf2(float f);
+
+float __extendhfsf2(float h) {
+    uint32_t bits;
+    memcpy(&bits, &h, sizeof bits);
+    return f16_bits_to_f32(bits & 0xffffu);
+}
+
+float __truncsfhf2(float f) {
+    uint32_t bits = 0xffff0000u | f32_to_f16_bits(f); /* NaN-boxed like a real f16 in an f register */
+    float r;
+    memcpy(&r, &bits, sizeof r);
+    return r;
+}
+#endif

@@ -19,10 +19,10 @@ extern "C" {
 /* Error codes: kernels and runtime calls return these; Python maps them to exceptions. */
 #define SQK_OK 0
 #define SQK_ERR_NOMEM 1          /* allocation of the arena or scratch failed */
-#define SQK_ERR_THREADS 2        /* the thread pool could not be started */
+#define SQK_ERR_THREADS 2        /* the thread pool could not be started (or is used after fork) */
 #define SQK_ERR_ABI 3            /* program built for another ABI version */
 #define SQK_ERR_INDEX 4          /* an index input (gather ids) was out of range */
-#define SQK_ERR_ARGS 5           /* bad arguments to a runtime call (NULL, sizes) */
+#define SQK_ERR_ARGS 5           /* bad arguments to a runtime call (NULL, sizes, context busy) */
 #define SQK_ERR_IO 6             /* runner: a file could not be read or written */
 #define SQK_ERR_FORMAT 7         /* runner: an input file has the wrong dtype/shape/format */
 #define SQK_ERR_CPU 8            /* runner: the CPU lacks a feature the program needs */
@@ -87,15 +87,20 @@ typedef struct {
 
 typedef struct sqk_context sqk_context;
 
-/* A context owns a thread pool and an arena; one run at a time per context. */
-sqk_context *sqk_context_new(int64_t n_threads);   /* n_threads <= 0: number of online CPUs */
+/* A context owns a thread pool and an arena; one run at a time per context (a second
+ * concurrent sqk_run on the same context returns SQK_ERR_ARGS). n_threads counts the
+ * calling thread, which works too: n threads = n-1 pool threads + the caller.
+ * n_threads <= 0: $SQK_NUM_THREADS if set, else the number of online CPUs. NULL on failure. */
+sqk_context *sqk_context_new(int64_t n_threads);
 void sqk_context_free(sqk_context *ctx);
 int64_t sqk_context_threads(const sqk_context *ctx);
 
 /* Run every step of `prog` in order. inputs/outputs are arrays of n_inputs/n_outputs
  * pointers to contiguous tensors of the sizes in prog->inputs/outputs; consts points
- * to const_bytes bytes (64-byte aligned). Returns SQK_OK or an error code; on error,
- * sqk_context_error_step() names the step that failed (or -1). */
+ * to const_bytes bytes (64-byte aligned). A step's range is split into chunks of
+ * max(grain, ceil(range / threads)) items; range <= 0 skips the step. Returns SQK_OK
+ * or an error code (the first failing kernel's code); on error,
+ * sqk_context_error_step() names the step that failed (or -1 if none did). */
 int32_t sqk_run(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
                 void *const *outputs, const void *consts, int64_t const_bytes);
 int64_t sqk_context_error_step(const sqk_context *ctx);

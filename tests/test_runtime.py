@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -248,6 +249,43 @@ def expected_ranges(rng, grain, threads):
 # ------------------------------------------------------------ runtime in-process
 
 
+def test_load_runtime_is_memoized_and_cached(rt):
+    import sysconfig
+
+    from sqk.runtime import ffi as rtffi
+
+    assert load_runtime() is rt
+    root = rtffi.cache_root()
+    built = [os.path.join(root, d, "_sqkrt" + sysconfig.get_config_var("EXT_SUFFIX"))
+             for d in os.listdir(root) if d.startswith("runtime-")]
+    assert any(os.path.isfile(b) for b in built)
+
+
+_LOAD = "from sqk.runtime.ffi import load_runtime; ffi, lib = load_runtime(); print(lib.SQK_ABI_VERSION)"
+
+
+def test_concurrent_builders(tmp_path):
+    """Several processes building into one empty cache at once all succeed."""
+    env = dict(os.environ, SQK_CACHE_DIR=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == "1", err
+    entries = os.listdir(tmp_path / "cache")
+    assert len([e for e in entries if e.startswith("runtime-")]) == 1
+    assert not [e for e in entries if e.startswith(".build-")], "temporary build folders were left behind"
+
+
+def test_missing_compiler_message(tmp_path):
+    env = {"PATH": str(tmp_path / "nothing"), "HOME": str(tmp_path), "SQK_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "RuntimeError: a C compiler (e.g. `apt-get install gcc`) is needed once to build the sqk runtime" in r.stderr
+
+
+
 def test_cdef_and_constants(rt):
     ffi, lib = rt
     assert "sqk_run" in header_cdef() and "#include" not in header_cdef()
@@ -414,6 +452,35 @@ def test_bad_arguments_refused(rt, kernels, contexts):
     bad = prog(steps=[("ok", kernels.k_record, [0], 1, 1), ("bad", kernels.k_record, [7], 1, 1)])
     check(bad, SQK_ERR_ARGS, outputs=[log], consts=consts)
     assert lib.sqk_context_error_step(ctx) == 1 and log[0] == 1
+
+
+def test_one_run_at_a_time_and_fork(rt, kernels):
+    import threading
+    import time
+
+    ffi, lib = rt
+    ctx = lib.sqk_context_new(2)
+    try:
+        slow_log = np.zeros(1 + 3 * 10, np.int64)
+        slow = Prog(ffi, steps=[("slow", kernels.k_record_slow, [0], 2, 1)] * 5,  # 5 x 20 ms
+                    buffers=[(1, 0, slow_log.nbytes)], outputs=[("log", 2, [slow_log.size], slow_log.nbytes)])
+        result = []
+        t = threading.Thread(target=lambda: result.append(run(rt, ctx, slow, outputs=[slow_log])))
+        t.start()  # cffi releases the GIL during sqk_run
+        time.sleep(0.02)
+        quick, quick_log = record_program(rt, kernels, 1, 1)
+        assert run(rt, ctx, quick, outputs=[quick_log]) == SQK_ERR_ARGS  # the context is busy
+        t.join()
+        assert result == [SQK_OK] and slow_log[0] == 10
+        # a forked child has no pool threads: the context refuses instead of hanging
+        pid = os.fork()
+        if pid == 0:
+            os._exit(run(rt, ctx, quick, outputs=[quick_log]))
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == SQK_ERR_THREADS
+        assert run(rt, ctx, quick, outputs=[quick_log]) == SQK_OK
+    finally:
+        lib.sqk_context_free(ctx)
 
 
 def test_zero_range_and_arena_growth(rt, kernels, contexts):
@@ -604,3 +671,69 @@ def test_runner_vector_check(riscv_tools, model_src, data, tmp_path):
                          extra=["-static", "-DMODEL_NEEDS_VECTOR=1", "-DSQK_RUNNER_PROBE_ONLY"])
     assert Runner(probe, [riscv_tools["qemu"], *QEMU_V])(*ok_args(data)).returncode == 0
     assert_error(Runner(probe, [riscv_tools["qemu"], *QEMU_NO_V])(*ok_args(data)), 4, "vector extension")
+
+
+F16_C = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+/* declared the way LLVM calls them: the half as 16 bits in an f register */
+float __extendhfsf2(float h);
+float __truncsfhf2(float f);
+int main(int argc, char **argv) {
+    if (argc != 4) return 2;
+    FILE *in = fopen(argv[1], "rb"), *trunc = fopen(argv[2], "wb"), *ext = fopen(argv[3], "wb");
+    if (!in || !trunc || !ext) return 2;
+    float v;
+    while (fread(&v, 4, 1, in) == 1) {
+        float r = __truncsfhf2(v);
+        uint32_t bits;
+        memcpy(&bits, &r, 4);
+        uint16_t h = (uint16_t)bits;
+        fwrite(&h, 2, 1, trunc);
+    }
+    for (uint32_t h = 0; h < 65536; h++) {
+        uint32_t bits = 0xffff0000u | h;
+        float f;
+        memcpy(&f, &bits, 4);
+        float r = __extendhfsf2(f);
+        fwrite(&r, 4, 1, ext);
+    }
+    return fclose(trunc) || fclose(ext);
+}
+"""
+
+
+def test_riscv_f16_helpers(riscv_tools, tmp_path):
+    """The runtime's __extendhfsf2/__truncsfhf2 (LLVM's f16 libcalls, missing from
+    GCC 12's riscv64 libgcc) agree with NumPy: every half, and round-to-nearest-even."""
+    (tmp_path / "f16.c").write_text(F16_C)
+    exe = tmp_path / "f16"
+    _cc([riscv_tools["gcc"], "-O2", "-static", "-pthread", str(tmp_path / "f16.c"),
+         os.path.join(RUNTIME_DIR, "sqk_runtime.c"), "-I", RUNTIME_DIR, "-o", str(exe)], "f16 helpers")
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = halves[np.isfinite(halves)].astype(np.float32)
+    finite.sort()
+    mids = (finite[:-1].astype(np.float64) + finite[1:]) / 2  # exact ties between neighbours
+    mids = mids[np.abs(mids) < 65520].astype(np.float32)
+    rs = np.random.default_rng(0)
+    vals = np.concatenate([
+        finite, mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+        rs.integers(0, 2**32, 100000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, 1e10, -1e10, 5.96e-8,
+                  2.98e-8, 2.99e-8, 1e-30], np.float32)]).astype(np.float32)
+    vals.tofile(tmp_path / "in.f32")
+    r = subprocess.run([riscv_tools["qemu"], *QEMU_V, str(exe), str(tmp_path / "in.f32"), str(tmp_path / "t.u16"),
+                        str(tmp_path / "e.f32")], capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = np.fromfile(tmp_path / "t.u16", np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = vals.astype(np.float16).view(np.uint16)
+    nan = np.isnan(vals)
+    assert np.array_equal(got[~nan], want[~nan])
+    assert np.isnan(got[nan].view(np.float16)).all()
+    ext = np.fromfile(tmp_path / "e.f32", np.float32)
+    want_ext = halves.astype(np.float32)
+    nan = np.isnan(want_ext)
+    assert np.array_equal(ext[~nan].view(np.uint32), want_ext[~nan].view(np.uint32))
+    assert np.isnan(ext[nan]).all()
