@@ -15,7 +15,7 @@ import re
 import sys
 import time
 
-from ..ir.graph import Graph
+from ..ir.graph import Graph, same_data
 from ..ir.text import save_ir
 from ..ir.verify import verify
 from .passes import PASSES, Pass
@@ -42,29 +42,42 @@ def _coerce(value: str, ty, where: str):
         raise PipelineError(f"{where}: {value!r} is not a valid {getattr(ty, '__name__', ty)}") from None
 
 
+_ITEM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\{([^{}]*)\})?\s*")
+
+
 def parse_pipeline(spec: str) -> list[Pass]:
-    """Parse ``"name{k=v,...},name"`` into pass objects (clear errors on typos)."""
+    """Parse ``"name{k=v,...},name"`` into pass objects (clear errors on typos).
+    An empty or blank string is the empty pipeline."""
     passes = []
-    for m in re.finditer(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\{([^{}]*)\})?\s*(,|$)", spec):
-        if not m.group(0):
-            continue
-        name, opts = m.group(1), m.group(2)
+    pos = 0
+    while spec.strip():
+        m = _ITEM.match(spec, pos)
+        if not m:
+            raise PipelineError(f"malformed pipeline {spec!r} at column {pos + 1}: expected a pass name")
+        name, opts = m.group(1), (m.group(2) or "").strip()
         cls = PASSES.get(name)
         if cls is None:
             raise PipelineError(f"unknown pass {name!r} in pipeline {spec!r}; passes: {', '.join(sorted(PASSES))}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
-        for item in filter(None, (opts or "").split(",")):
-            k, eq, v = item.partition("=")
-            k = k.strip()
-            if not eq or k not in fields:
-                raise PipelineError(f"pass {name}: unknown option {item.strip()!r}; options: "
-                                    f"{', '.join(fields) or 'none'}")
-            kwargs[k] = _coerce(v.strip(), fields[k].type, f"pass {name} option {k}")
+        for item in opts.split(",") if opts else ():
+            k, eq, v = (t.strip() for t in item.partition("="))
+            if k not in fields:
+                raise PipelineError(f"pass {name}: unknown option {k!r}; options: {', '.join(fields) or 'none'}")
+            if not eq or not v:
+                raise PipelineError(f"pass {name}: option {k} needs a value ({k}=...)")
+            if k in kwargs:
+                raise PipelineError(f"pass {name}: option {k} is given twice")
+            kwargs[k] = _coerce(v, fields[k].type, f"pass {name} option {k}")
         passes.append(cls(**kwargs))
-    consumed = ",".join(p.spelling() for p in passes)
-    if re.sub(r"\s", "", spec) and not passes or len(re.findall(r"[A-Za-z_][A-Za-z0-9_]*\s*(?:\{[^{}]*\})?", spec)) != len(passes):
-        raise PipelineError(f"malformed pipeline {spec!r} (read as {consumed!r})")
+        pos = m.end()
+        if pos == len(spec):
+            break
+        if spec[pos] == "{":
+            raise PipelineError(f"malformed pipeline {spec!r} at column {pos + 1}: '{{' without a matching '}}'")
+        if spec[pos] != ",":
+            raise PipelineError(f"malformed pipeline {spec!r} at column {pos + 1}: expected ',' after {name}")
+        pos += 1
     return passes
 
 
@@ -93,15 +106,22 @@ class PassManager:
         self._dump(0, "input", graph)
         for i, p in enumerate(self.passes, 1):
             t0 = time.perf_counter()
-            before = graph.to_text(0)
+            old, before = graph, graph.to_text(0)
             graph = p.run(graph)
             verify(graph)
-            changed = graph.to_text(0) != before
+            # the text with inline_limit=0 shows every constant as @name: compare their data too
+            changed = graph is not old and (graph.to_text(0) != before or not _same_constants(old, graph))
             if self.log:
                 self.log(f"[{i:02d}] {p.spelling():<24} {(time.perf_counter() - t0) * 1e3:7.1f} ms"
                          + ("" if changed else "  (unchanged)"))
             self._dump(i, p.name, graph)
         return graph
+
+
+def _same_constants(a: Graph, b: Graph) -> bool:
+    ca = [n.attrs["value"] for n in a.nodes if n.op == "const"]
+    cb = [n.attrs["value"] for n in b.nodes if n.op == "const"]
+    return len(ca) == len(cb) and all(x is y or same_data(x, y) for x, y in zip(ca, cb))
 
 
 def stderr_log(line: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import dtypes as dt
-from .graph import Graph, IRError, Node, TensorType, Value
+from .graph import Graph, IRError, Node, TensorType, Value, check_name
 from .ops import OPS
 from .text import check_const
 from .verify import verify
@@ -18,7 +18,7 @@ from .verify import verify
 
 class GraphBuilder:
     def __init__(self, name: str = "main"):
-        self.name = name
+        self.name = check_name(name, "graph")
         self.inputs: list[Value] = []
         self.nodes: list[Node] = []
         self._names: set[str] = set()
@@ -29,6 +29,7 @@ class GraphBuilder:
             while str(self._counter) in self._names:
                 self._counter += 1
             name = str(self._counter)
+        check_name(name, "value")
         base, k = name, 1
         while name in self._names:
             name, k = f"{base}_{k}", k + 1
@@ -52,9 +53,12 @@ class GraphBuilder:
         d = dt.dtype(dtype) if dtype is not None else dt.dtype(arr.dtype)
         arr = np.array(arr, dtype=d.np_dtype, copy=True, order="C")
         t = TensorType(d, arr.shape)
-        check_const(arr, t)
-        arr.setflags(write=False)
         v = Value(self._fresh(name), t)
+        try:
+            check_const(arr, t)
+        except ValueError as e:
+            raise IRError(f"const %{v.name}: {e}") from None
+        arr.setflags(write=False)
         self.nodes.append(Node("const", (), (v,), {"value": arr}))
         return v
 

@@ -6,6 +6,7 @@ graphs.  networkx is only an analysis view (``Graph.to_networkx``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -16,6 +17,17 @@ from .dtypes import DType, dtype as as_dtype
 
 class IRError(ValueError):
     """A malformed graph, op use or IR text."""
+
+
+NAME = re.compile(r"[A-Za-z0-9_.]+")  # what the text form accepts after % and @
+
+
+def check_name(name, what: str) -> str:
+    """``name`` if the text form can print it and parse it back, else IRError."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise IRError(f"{what} name {name!r} cannot be written in the IR text: "
+                      f"use letters, digits, '_' and '.'")
+    return name
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,15 @@ class Graph:
             return False
         ca = [n.attrs["value"] for n in self.nodes if n.op == "const"]
         cb = [n.attrs["value"] for n in other.nodes if n.op == "const"]
-        return all(a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
-                   for a, b in zip(ca, cb))
+        return all(same_data(a, b) for a, b in zip(ca, cb))
 
     __hash__ = None  # mutable container
+
+
+def same_data(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal constants: NaN equals NaN, but -0.0 differs from 0.0 (it changes 1/x)."""
+    if a.dtype != b.dtype or not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
+        return False
+    if a.dtype.kind != "f":
+        return True
+    return np.array_equal(np.signbit(a) & ~np.isnan(a), np.signbit(b) & ~np.isnan(b))

@@ -481,7 +481,8 @@ class Slice:
     @staticmethod
     def reference(x, starts, ends, axes, steps):
         rs = slice_ranges(x.shape, starts, ends, axes, steps)
-        return [np.asarray(x[tuple(slice(*r) for r in rs)], order="C")]
+        # a negative stop from slice.indices() means "before index 0", not "from the end"
+        return [np.asarray(x[tuple(slice(a, b if b >= 0 else None, c) for a, b, c in rs)], order="C")]
 
 
 @defop("gather", "table ids", {"axis": Attr("int", 0)})

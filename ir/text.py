@@ -14,14 +14,16 @@ a side table (``Graph.constants``), which ``parse_ir`` takes as ``constants=``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import zipfile
 
 import numpy as np
 
 from . import dtypes as dt
 from .graph import Graph, IRError, Node, TensorType, Value
-from .ops import OPS
+from .ops import OPS, REQUIRED
 
 
 class ParseError(IRError):
@@ -61,10 +63,13 @@ def _attr(v) -> str:
 def print_graph(g: Graph, inline_limit: int | None = 16, canonical: bool = False) -> str:
     names: dict[Value, str] = {}
     inputs = set(g.inputs)  # input names are part of the API: canonical form keeps them
+    taken = {v.name for v in g.inputs}
+    counter = iter(n for n in map(str, itertools.count()) if n not in taken)
 
     def name(v: Value) -> str:
         if v not in names:
-            names[v] = str(len(names) - len(g.inputs)) if canonical and v not in inputs else v.name
+            # canonical numbers skip input names: an input called "0" must not alias node 0
+            names[v] = next(counter) if canonical and v not in inputs else v.name
         return "%" + names[v]
 
     sig = ", ".join(f"{name(v)}: {v.type}" for v in g.inputs)
@@ -84,7 +89,9 @@ def print_graph(g: Graph, inline_limit: int | None = 16, canonical: bool = False
             lines.append(f"  {lhs} = const {body} : {types}")
             continue
         args = ", ".join(name(v) for v in n.inputs)
-        attrs = ", ".join(f"{k}={_attr(v)}" for k, v in n.attrs.items() if v != OPS[n.op].attrs[k].default)
+        # defaults are left out; compared as text so -0.0 is not taken for a default 0.0
+        attrs = ", ".join(f"{k}={_attr(v)}" for k, v in n.attrs.items()
+                          if OPS[n.op].attrs[k].default is REQUIRED or _attr(v) != _attr(OPS[n.op].attrs[k].default))
         attrs = f" {{{attrs}}}" if attrs else ""
         lines.append(f"  {lhs} = {n.op}({args}){attrs} : {types}")
     lines.append("  return " + ", ".join(name(v) for v in g.outputs))
@@ -105,6 +112,10 @@ _TOKEN = re.compile(r"""
     (?P<ident>[A-Za-z_][A-Za-z0-9_]*) |
     (?P<punct>[(){}\[\],:=])
 """, re.VERBOSE)
+
+
+def _found(tok) -> str:
+    return "end of input" if tok[0] == "eof" else ("end of line" if tok[0] == "nl" else repr(tok[1]))
 
 
 class _Parser:
@@ -142,10 +153,19 @@ class _Parser:
         tok = self.peek(skip_nl)
         if (kind and tok[0] != kind) or (text and tok[1] != text):
             want = repr(text) if text else kind
-            found = "end of input" if tok[0] == "eof" else ("end of line" if tok[0] == "nl" else repr(tok[1]))
-            raise self.error(f"expected {want}, found {found}", tok)
+            raise self.error(f"expected {want}, found {_found(tok)}", tok)
         self.i += 1
         return tok
+
+    def sep(self, close) -> bool:
+        """After a list item: True when ``close`` follows (consumed), False after a ','."""
+        if self.accept(close):
+            return True
+        tok = self.peek()
+        if tok[1] != ",":
+            raise self.error(f"expected ',' or {close!r}, found {_found(tok)}", tok)
+        self.i += 1
+        return False
 
     def accept(self, text):
         if self.peek()[1] == text:
@@ -166,9 +186,8 @@ class _Parser:
                 if not t[1].isdigit():
                     raise self.error(f"dimension must be a non-negative integer, got {t[1]}", t)
                 dims.append(int(t[1]))
-                if self.accept("]"):
+                if self.sep("]"):
                     break
-                self.take(text=",")
         return TensorType(dt.BY_NAME[tok[1]], tuple(dims))
 
     def use(self) -> Value:
@@ -192,9 +211,8 @@ class _Parser:
             if not self.accept("]"):
                 while True:
                     items.append(self.literal())
-                    if self.accept("]"):
+                    if self.sep("]"):
                         break
-                    self.take(text=",")
             return tuple(items)
         if tok[0] == "number":
             self.take()
@@ -218,9 +236,8 @@ class _Parser:
                 tok = self.take("value")
                 self.take(text=":")
                 inputs.append(self.define(tok, self.type_()))
-                if self.accept(")"):
+                if self.sep(")"):
                     break
-                self.take(text=",")
         self.take("arrow")
         if self.accept("("):
             ret_types = [self.type_()]
@@ -262,27 +279,36 @@ class _Parser:
         if not self.accept(")"):
             while True:
                 args.append(self.use())
-                if self.accept(")"):
+                if self.sep(")"):
                     break
-                self.take(text=",")
-        attrs = {}
+        attrs, attr_toks = {}, {}
         if self.accept("{"):
             if not self.accept("}"):
                 while True:
                     k = self.take("ident")
+                    if k[1] in attrs:
+                        raise self.error(f"attribute {k[1]!r} is given twice", k)
                     self.take(text="=")
+                    attr_toks[k[1]] = (k, self.peek())
                     attrs[k[1]] = self.literal()
-                    if self.accept("}"):
+                    if self.sep("}"):
                         break
-                    self.take(text=",")
         self.take(text=":")
         types = [self.type_()]
         while self.accept(","):
             types.append(self.type_())
         if len(types) != len(lhs):
             raise self.error(f"{len(lhs)} results but {len(types)} types", start)
+        opdef = OPS[op]
+        for k, v in attrs.items():  # point at the attribute at fault
+            ktok, vtok = attr_toks[k]
+            if k not in opdef.attrs:
+                raise self.error(f"{op} has no attribute {k!r}; attributes: {', '.join(opdef.attrs) or 'none'}", ktok)
+            try:
+                opdef.attrs[k].normalize(k, v)
+            except IRError as e:
+                raise self.error(f"{op}: {e}", vtok) from None
         try:
-            opdef = OPS[op]
             opdef.check_arity(len(args))
             attrs = opdef.normalize_attrs(attrs)
         except IRError as e:
@@ -318,6 +344,11 @@ def _as_array(data, t: TensorType) -> np.ndarray:
     if isinstance(data, tuple):
         if any(isinstance(x, tuple) for x in data):
             raise ValueError("inline constants are flat lists")
+        # no silent conversions: 1.5 is not an i32, 2 is not a bool, true is not an f32
+        kind = bool if t.dtype is dt.bool_ else int if t.dtype.is_int else (int, float)
+        bad = [x for x in data if not isinstance(x, kind) or (kind is not bool and isinstance(x, bool))]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a value of dtype {t.dtype}")
         arr = np.array(data, dtype=np.float64 if t.dtype.is_float else object)
         if arr.size != t.size:
             raise ValueError(f"{arr.size} values for type {t} ({t.size} elements)")
@@ -353,8 +384,12 @@ def save_ir(g: Graph, path, inline_limit: int = 16) -> None:
     big = {k: v for k, v in g.constants.items() if v.size > inline_limit}
     tmp = f"{path}.tmp{os.getpid()}"
     if big:
-        with open(tmp + ".npz", "wb") as f:
-            np.savez(f, **big)
+        # written entry by entry rather than np.savez(**big): a constant named
+        # "file" or "allow_pickle" would collide with savez's own parameters
+        with zipfile.ZipFile(tmp + ".npz", "w") as z:
+            for k, v in big.items():
+                with z.open(k + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
         os.replace(tmp + ".npz", f"{path}.npz")
     with open(tmp, "w") as f:
         f.write(text)

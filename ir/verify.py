@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import dtypes as dt
-from .graph import Graph, IRError
+from .graph import Graph, IRError, check_name
 from .ops import OPS
+from .text import check_const
 
 
 class VerifyError(IRError):
@@ -19,11 +20,19 @@ def verify(g: Graph) -> Graph:
     defined = set()
 
     def define(v, where):
+        try:
+            check_name(v.name, "value")
+        except IRError as e:
+            raise VerifyError(f"{where}: {e}") from None
         if v.name in seen_names:
             raise VerifyError(f"{where}: value %{v.name} is defined twice")
         seen_names.add(v.name)
         defined.add(v)
 
+    try:
+        check_name(g.name, "graph")
+    except IRError as e:
+        raise VerifyError(str(e)) from None
     if not g.outputs:
         raise VerifyError(f"graph @{g.name} has no outputs")
     for v in g.inputs:
@@ -45,6 +54,10 @@ def verify(g: Graph) -> Graph:
                 if not isinstance(arr, np.ndarray) or arr.shape != t.shape or arr.dtype != t.dtype.np_dtype:
                     raise IRError(f"data {getattr(arr, 'dtype', type(arr))}{list(getattr(arr, 'shape', ()))} "
                                   f"does not match type {t}")
+                try:
+                    check_const(arr, t)
+                except ValueError as e:
+                    raise IRError(f"data does not match type {t}: {e}") from None
                 inferred = [t]
             else:
                 op.check_arity(len(n.inputs))
