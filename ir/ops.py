@@ -493,6 +493,7 @@ class Gather:
     def infer(table, ids, axis):
         _dtypes(ids, (dt.i64, dt.i32), "ids")
         _need(table.dtype is not dt.i4, "gather from an i4 table is not supported")
+        _need(table.rank >= 1, "gather needs a table of rank >= 1")
         a = _axis(axis, table.rank)
         return [TensorType(table.dtype, table.shape[:a] + ids.shape + table.shape[a + 1:])]
 

@@ -1,0 +1,55 @@
+"""gather(table, ids, axis): ``table.take(ids, axis)``, the embedding lookup.
+
+The table is viewed as [outer, n, inner] around ``axis`` and the output as
+[outer, ids.size, inner]; a work item copies one row of ``inner`` elements
+with ``llvm.memcpy`` (LLVM turns short constant-size copies into loads and
+stores).  An id outside [-n, n) makes the kernel return SQK_ERR_INDEX
+instead of reading out of bounds.
+"""
+from __future__ import annotations
+
+import math
+
+from llvmlite import ir
+
+from ..ir import dtypes as dt
+from ..ir.graph import IRError
+from .elementwise import MIN_PARALLEL_WORK
+from .kernel import I1, I8, I64, PTR, Kernel, gep, i64, lltype, loop
+from .lower import emitter
+
+SQK_ERR_INDEX = 4  # runtime/sqk_runtime.h
+
+
+@emitter("gather")
+def emit_gather(k: Kernel, n):
+    table, ids = n.inputs[0].type, n.inputs[1].type
+    if table.rank == 0:
+        raise IRError("gather: the table must have at least one dim")
+    axis = n.attrs["axis"] % table.rank
+    outer, rows, inner = math.prod(table.shape[:axis]), table.shape[axis], math.prod(table.shape[axis + 1:])
+    nids = ids.size
+    if outer * nids * inner == 0:
+        k.finish()
+        return 0, 1
+    b = k.b
+    src, idp, dst = k.args
+    row_bytes = inner * table.dtype.bits // 8
+    memcpy = k.intrinsic("llvm.memcpy.p0.p0.i64", ir.VoidType(), [PTR, PTR, I64, I1])
+    fail = k.fail(SQK_ERR_INDEX)
+    with loop(b, k.begin, k.end, name="item") as item:
+        o, i = (b.udiv(item, i64(nids)), b.urem(item, i64(nids))) if outer > 1 else (i64(0), item)
+        idx = b.load(gep(b, idp, lltype(ids.dtype), i), typ=lltype(ids.dtype))
+        if ids.dtype is not dt.i64:
+            idx = b.sext(idx, I64)
+        idx = b.select(b.icmp_signed("<", idx, i64(0)), b.add(idx, i64(rows)), idx)
+        ok = b.append_basic_block("in_range")
+        # unsigned: an id still negative after wrapping is huge, so one compare covers both ends
+        b.cbranch(b.icmp_unsigned("<", idx, i64(rows)), ok, fail)
+        b.position_at_end(ok)
+        src_row = b.add(b.mul(o, i64(rows)), idx) if outer > 1 else idx
+        b.call(memcpy, [b.gep(dst, [b.mul(item, i64(row_bytes))], inbounds=True, source_etype=I8),
+                        b.gep(src, [b.mul(src_row, i64(row_bytes))], inbounds=True, source_etype=I8),
+                        i64(row_bytes), ir.Constant(I1, 0)])
+    k.finish()
+    return outer * nids, max(1, 4 * MIN_PARALLEL_WORK // max(1, row_bytes))
