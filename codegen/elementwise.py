@@ -18,8 +18,8 @@ from llvmlite import ir
 from ..ir import dtypes as dt
 from ..ir.graph import Node, TensorType
 from ..ir.ops import slice_ranges
-from .kernel import (F32, I1, I64, Kernel, call_intrinsic, compute_type, fconst, i64, iconst, load_elem,
-                     loop, splat, store_elem, vtype)
+from .kernel import (F32, I1, I16, I64, Kernel, call_intrinsic, compute_type, fconst, gep, i64, iconst,
+                     load_elem, load_vec, lltype, loop, splat, store_elem, store_vec, vtype)
 from .lower import emitter
 
 # Work per thread below which splitting does not pay for the wake-up (elements).
@@ -72,8 +72,13 @@ def coalesce(shape, views):
 ScalarFn = Callable[[Kernel, list, int], object]  # (kernel, compute-type values, lanes) -> value
 
 
-def emit_map(k: Kernel, shape, out: View, ins: list[View], fn: ScalarFn, vector_ok: bool = True):
-    """Emit ``out[idx] = fn(ins[idx]...)`` over ``shape``; returns (range, grain)."""
+def emit_map(k: Kernel, shape, out: View, ins: list[View], fn: ScalarFn, vector_ok: bool = True,
+             raw: bool = False):
+    """Emit ``out[idx] = fn(ins[idx]...)`` over ``shape``; returns (range, grain).
+
+    ``fn`` sees compute-type values (f16 widened to f32), or with ``raw`` the storage
+    bits (f16 as i16): data movement copies bits exactly, without converting."""
+    load, store = (_load_raw, _store_raw) if raw else (load_elem, store_elem)
     shape, strides = coalesce(list(shape), [out] + ins)
     total = math.prod(shape)
     if total == 0:
@@ -106,14 +111,14 @@ def emit_map(k: Kernel, shape, out: View, ins: list[View], fn: ScalarFn, vector_
             vals = []
             for v, base, st in zip(ins, bases[1:], inner_st[1:]):
                 if st == 0:
-                    x = load_elem(b, k.args[v.arg], v.dtype, base)
+                    x = load(b, k.args[v.arg], v.dtype, base)
                     vals.append(splat(b, x, n) if n > 1 else x)
                 else:
                     idx = b.add(base, b.mul(j, i64(st)) if st != 1 else j)
-                    vals.append(load_elem(b, k.args[v.arg], v.dtype, idx, n))
+                    vals.append(load(b, k.args[v.arg], v.dtype, idx, n))
             res = fn(k, vals, n)
             idx = b.add(bases[0], b.mul(j, i64(inner_st[0])) if inner_st[0] != 1 else j)
-            store_elem(b, res, k.args[out.arg], out.dtype, idx, n)
+            store(b, res, k.args[out.arg], out.dtype, idx, n)
 
         tail_start = j0
         if vectorize:
@@ -127,6 +132,23 @@ def emit_map(k: Kernel, shape, out: View, ins: list[View], fn: ScalarFn, vector_
     k.finish()
     work = inner if nchunks == 1 else chunk
     return rows * nchunks, max(1, MIN_PARALLEL_WORK // max(1, work))
+
+
+def _raw_type(d: dt.DType):
+    return I16 if d is dt.f16 else lltype(d)
+
+
+def _load_raw(b, ptr, d: dt.DType, index, n=1):
+    ty = _raw_type(d)
+    return b.load(gep(b, ptr, ty, index), typ=ty) if n == 1 else load_vec(b, ptr, ty, index, n)
+
+
+def _store_raw(b, value, ptr, d: dt.DType, index, n=1):
+    ty = _raw_type(d)
+    if n == 1:
+        b.store(value, gep(b, ptr, ty, index))
+    else:
+        store_vec(b, value, ptr, ty, index)
 
 
 # --- scalar math, written once for scalars and vectors --------------------------------
@@ -231,6 +253,8 @@ def cast_fn(src: dt.DType, dst: dt.DType) -> ScalarFn:
         if src.is_float and dst.is_float:
             return x  # f32 <-> f16 rounding happens on store
         if src.is_float:
+            if k.target.name == "riscv64" and k.target.has_vector:
+                return int_fptoi_sat(k, x, to, dst.is_signed, n)
             name = f"llvm.fpto{'s' if dst.is_signed else 'u'}i.sat"
             return call_sat(k, name, x, to)
         if dst.is_float:
@@ -242,6 +266,39 @@ def cast_fn(src: dt.DType, dst: dt.DType) -> ScalarFn:
             return b.sext(x, to) if src.is_signed else b.zext(x, to)
         return x
     return fn
+
+
+def int_fptoi_sat(k, x, to, signed: bool, n: int):
+    """``llvm.fpto[su]i.sat`` (truncate toward zero, clamp, NaN -> 0) of f32 with integer
+    ops only.  RVV lowers float->int conversion to ``vfcvt.rtz.*``, and every ``.rtz``
+    vector conversion aborts qemu 7.2 (decode_save_opc assertion), the qemu-user the
+    riscv64 runner uses: this avoids the instruction; on hardware it is just as exact."""
+    b = k.b
+    w = to.element.width if n > 1 else to.width
+    cw = 64 if w > 32 else 32                       # width the magnitude is built in
+    it = vtype(ir.IntType(cw), n)
+    c = lambda v: iconst(it, v)  # noqa: E731
+    bits32 = b.bitcast(x, vtype(ir.IntType(32), n))
+    bits = b.zext(bits32, it) if cw == 64 else bits32
+    e = b.sub(b.and_(b.lshr(bits, c(23)), c(0xFF)), c(127))          # unbiased exponent
+    mant = b.or_(b.and_(bits, c(0x7FFFFF)), c(0x800000))               # 1.m * 2^23
+
+    def shift_amount(v):  # clamp to [0, cw-1]: larger shifts are poison in LLVM
+        v = b.select(b.icmp_signed("<", v, c(0)), c(0), v)
+        return b.select(b.icmp_signed(">", v, c(cw - 1)), c(cw - 1), v)
+
+    mag = b.select(b.icmp_signed(">", e, c(23)), b.shl(mant, shift_amount(b.sub(e, c(23)))),
+                   b.lshr(mant, shift_amount(b.sub(c(23), e))))       # |x| truncated (0 if e < 0)
+    neg = b.icmp_signed("<", bits32, iconst(bits32.type, 0))
+    if signed:
+        val = b.select(neg, b.sub(c(0), mag), mag)
+        sat = b.select(neg, c(-(1 << (w - 1))), c((1 << (w - 1)) - 1))
+        res = b.select(b.icmp_signed(">=", e, c(w - 1)), sat, val)
+    else:
+        res = b.select(b.icmp_signed(">=", e, c(w)), c((1 << w) - 1 if w < cw else -1), mag)
+        res = b.select(neg, c(0), res)
+    res = b.select(b.fcmp_unordered("uno", x, x), c(0), res)
+    return b.trunc(res, to) if w < cw else res
 
 
 def call_sat(k, name, x, to):
@@ -285,7 +342,7 @@ def _identity(k, v, n):
 
 def emit_copy(k: Kernel, t: TensorType):
     st = contiguous_strides(t.shape)
-    return emit_map(k, t.shape, View(1, t.dtype, 0, st), [View(0, t.dtype, 0, st)], _identity)
+    return emit_map(k, t.shape, View(1, t.dtype, 0, st), [View(0, t.dtype, 0, st)], _identity, raw=True)
 
 
 @emitter("reshape")
@@ -299,7 +356,7 @@ def emit_transpose(k, n):
     perm = n.attrs["perm"] or tuple(reversed(range(x.rank)))
     st = contiguous_strides(x.shape)
     return emit_map(k, y.shape, View(1, y.dtype, 0, contiguous_strides(y.shape)),
-                    [View(0, x.dtype, 0, [st[p] for p in perm])], _identity)
+                    [View(0, x.dtype, 0, [st[p] for p in perm])], _identity, raw=True)
 
 
 @emitter("slice")
@@ -309,7 +366,7 @@ def emit_slice(k, n):
     st = contiguous_strides(x.shape)
     offset = sum(r[0] * s for r, s in zip(rs, st)) if y.size else 0
     return emit_map(k, y.shape, View(1, y.dtype, 0, contiguous_strides(y.shape)),
-                    [View(0, x.dtype, offset, [r[2] * s for r, s in zip(rs, st)])], _identity)
+                    [View(0, x.dtype, offset, [r[2] * s for r, s in zip(rs, st)])], _identity, raw=True)
 
 
 @emitter("concat")
@@ -330,7 +387,7 @@ def emit_concat(k, n):
     for i, t, start in parts:
         sub = Kernel(k.module, f"{k.name}.part{i}", len(k.args), k.target, exported=False)
         rng, g = emit_map(sub, t.shape, View(len(n.inputs), y.dtype, start * out_st[axis], out_st),
-                          [View(i, t.dtype, 0, contiguous_strides(t.shape))], _identity)
+                          [View(i, t.dtype, 0, contiguous_strides(t.shape))], _identity, raw=True)
         subs.append((sub, total, rng))
         total += rng
         grain = max(grain, g)
