@@ -99,7 +99,9 @@ def link(obj: str, target: Target) -> str:
     srcs = [os.path.join(RUNTIME_DIR, f) for f in ("runner.c", "sqk_runtime.c")]
     src_key = hashlib.sha256(b"".join(open(s, "rb").read() for s in srcs + [
         os.path.join(RUNTIME_DIR, "sqk_runtime.h")])).hexdigest()
-    march = "rv64gcv" if target.has_vector else "rv64gc"
-    return cached([key, src_key, "riscv-runner", cc, march], ".elf", lambda out: _run(
-        [cc, "-O2", f"-march={march}", "-mabi=lp64d", "-static", "-pthread", "-I", RUNTIME_DIR,
-         "-o", out, *srcs, obj, "-lm"], "building the riscv64 runner"))
+    # The runtime and runner objects are built once (rv64gc: they run on any core) and cached.
+    runtime_objs = [cached([src_key, "riscv-obj", cc, src], ".o", lambda out, src=src: _run(
+        [cc, "-O2", "-march=rv64gc", "-mabi=lp64d", "-pthread", "-I", RUNTIME_DIR, "-c", "-o", out, src],
+        "compiling the riscv64 runtime")) for src in srcs]
+    return cached([key, src_key, "riscv-runner", cc], ".elf", lambda out: _run(
+        [cc, "-static", "-pthread", "-o", out, *runtime_objs, obj, "-lm"], "building the riscv64 runner"))

@@ -556,6 +556,7 @@ class Conv2d:
         _need(groups >= 1 and c % groups == 0 and co % groups == 0,
               f"conv2d: groups={groups} must divide C_in={c} and C_out={co}")
         _need(cig == c // groups, f"conv2d: w.shape[1]={cig} must be C_in/groups = {c // groups}")
+        _need(kh >= 1 and kw >= 1, f"conv2d: kernel size {kh}x{kw} must be at least 1x1")
         if bias is not None:
             _need(bias.shape == (co,), f"conv2d: bias shape {bias.shape} must be ({co},)")
         oh = _pool_out(h, kh, strides[0], pads[0], pads[2], dilations[0])

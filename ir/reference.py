@@ -21,6 +21,8 @@ def check_inputs(specs, inputs: dict) -> dict:
     out = {}
     for name, dtype, shape in specs:
         a = inputs[name]
+        if isinstance(a, np.generic):  # a numpy scalar is a 0-d array
+            a = np.asarray(a)
         if not isinstance(a, np.ndarray):
             raise TypeError(f"input {name!r}: expected a numpy array, got {type(a).__name__}")
         if a.dtype != dtype:
