@@ -18,8 +18,9 @@ from llvmlite import ir
 from ..ir import dtypes as dt
 from ..ir.graph import Node, TensorType
 from ..ir.ops import slice_ranges
-from .kernel import (F32, I1, I16, I64, Kernel, call_intrinsic, compute_type, fconst, gep, i64, iconst,
+from .kernel import (I1, I16, I64, Kernel, call_intrinsic, compute_type, fconst, gep, i64, iconst,
                      load_elem, load_vec, lltype, loop, splat, store_elem, store_vec, vtype)
+from . import vmath
 from .lower import emitter
 
 # Work per thread below which splitting does not pay for the wake-up (elements).
@@ -153,19 +154,8 @@ def _store_raw(b, value, ptr, d: dt.DType, index, n=1):
 
 # --- scalar math, written once for scalars and vectors --------------------------------
 
-def _libm_per_lane(k: Kernel, name: str, x, n: int):
-    """Call a scalar libm float function on every lane (no vector libm is assumed)."""
-    fn = k.intrinsic(name, F32, [F32])
-    if n == 1:
-        return k.b.call(fn, [x])
-    out = ir.Constant(x.type, ir.Undefined)
-    for lane in range(n):
-        out = k.b.insert_element(out, k.b.call(fn, [k.b.extract_element(x, i64(lane))]), i64(lane))
-    return out
-
-
 def f_exp(k, x, n):
-    return call_intrinsic(k, "exp", x)
+    return vmath.exp(k, x)
 
 
 def f_sigmoid(k, x, n):
@@ -175,11 +165,11 @@ def f_sigmoid(k, x, n):
 
 
 def f_erf(k, x, n):
-    return _libm_per_lane(k, "erff", x, n)
+    return vmath.erf(k, x)
 
 
 def f_tanh(k, x, n):
-    return _libm_per_lane(k, "tanhf", x, n)
+    return vmath.tanh(k, x)
 
 
 def f_gelu(k, x, n, approximate="none"):
