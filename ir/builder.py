@@ -50,7 +50,11 @@ class GraphBuilder:
     def const(self, array, dtype=None, name: str | None = None) -> Value:
         """A constant; the array is copied (``dtype`` converts it, e.g. "i4")."""
         arr = np.asarray(array)
-        d = dt.dtype(dtype) if dtype is not None else dt.dtype(arr.dtype)
+        try:
+            d = dt.dtype(dtype) if dtype is not None else dt.dtype(arr.dtype)
+        except TypeError:
+            raise IRError(f"const{' ' + name if name else ''}: numpy dtype {arr.dtype} has no sqk dtype; pass dtype= "
+                          f"(e.g. \"f32\") or convert the array") from None
         arr = np.array(arr, dtype=d.np_dtype, copy=True, order="C")
         t = TensorType(d, arr.shape)
         v = Value(self._fresh(name), t)
