@@ -79,3 +79,9 @@ def test_parse_error_has_line_and_column(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sqk.compiler.cli", "compile", str(p), "-o", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "line 2, column 8: unknown op 'frobnicate'" in r.stderr, r.stderr
+
+
+def test_demo(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer_mlp" in out and "small_cnn" in out and "outputs match the reference" in out
