@@ -1,0 +1,418 @@
+"""Matrix multiplication: ``y[..., M, N] = a[..., M, K] @ b[..., K, N]``, batch
+dims broadcast numpy-style, f32 and f16 (widened on load, accumulated in f32,
+rounded once at the store).  ``b`` is read row-major [K, N] as it is stored.
+
+Two shapes of kernel:
+
+* GEMM (M > 1): a register-tiled micro-kernel keeps an MR x (NR vectors) tile
+  of y in vector registers and walks K with one broadcast of ``a`` per row and
+  NR vector loads of ``b`` per step, fused multiply-adds in between.  Work
+  items are (batch, N-block, M-block) tiles, M fastest, so a thread's
+  consecutive items reuse the same columns of ``b`` from cache.  Columns of ``b``
+  are packed per item into a contiguous stack panel of KC rows, which the
+  micro-kernels then stream from L1 instead of striding across rows of ``b``.
+* GEMV (M == 1, the memory-bound decode case, and M up to STREAM_MAX_M): each
+  item is a block of columns, and a thread streams row segments of ``b`` (KB
+  rows at a time) into f32 accumulator rows on its stack, so two threads read
+  disjoint halves of every weight row at full DRAM speed.
+
+Shapes are static: tails in M and N are separate, fully specialized code
+(masked vector loads/stores for the last partial vector of a row).
+"""
+from __future__ import annotations
+
+import math
+
+from llvmlite import ir
+
+from ..ir import dtypes as dt
+from ..ir.graph import Node
+from .kernel import (F32, I1, I32, I64, PTR, Kernel, call_intrinsic, fconst, gep, i64, lltype, llvm_name, loop,
+                     narrow, splat, vtype, widen)
+from .lower import emitter
+
+# Fewest multiply-adds worth waking a second thread for.
+MIN_PARALLEL_FMAS = 1 << 16
+# GEMM: rows and columns of a work item's tile of y; K block (rows of b packed
+# at a time: a KC x NRL f32 panel stays in L1 across the item's rows).
+GEMM_MC = 96
+GEMM_NC = 256
+GEMM_KC = 256
+# GEMV path for M up to this: a few rows of a still leave the product bound by
+# reading b, which row streaming does best (measured against the GEMM path).
+STREAM_MAX_M = 4
+# GEMV: columns per work item (a multiple of the vector width), columns one
+# accumulator row covers (f32 on the stack: 8 KiB), rows of b per pass.
+GEMV_BLOCK = 256
+GEMV_SPAN = 2048
+GEMV_KB = 8
+
+
+# --- geometry -------------------------------------------------------------------------
+
+class Geometry:
+    """Sizes of one matmul, with the batch dims flattened: ``batch`` problems of
+    [M, K] @ [K, N]; batch item t reads a at ``a_off(t)`` and b at ``b_off(t)``."""
+
+    def __init__(self, node: Node):
+        a, b = (v.type for v in node.inputs)
+        y = node.outputs[0].type
+        self.dtype = y.dtype
+        self.M, self.K, self.N = a.shape[-2], a.shape[-1], b.shape[-1]
+        out_batch = tuple(y.shape[:-2])
+        self.a_strides = _batch_strides(a.shape[:-2], out_batch, self.M * self.K)
+        self.b_strides = _batch_strides(b.shape[:-2], out_batch, self.K * self.N)
+        self.out_batch = out_batch
+        # b shared by every batch item and a not broadcast: one [batch*M, K] @ [K, N].
+        if out_batch and not any(self.b_strides) and all(self.a_strides[i] for i, d in enumerate(out_batch)
+                                                         if d != 1):
+            self.M *= math.prod(out_batch)
+            self.out_batch, self.a_strides, self.b_strides = (), (), ()
+        self.batch = math.prod(self.out_batch)
+
+    def offsets(self, b: ir.IRBuilder, t):
+        """(a offset, b offset, y offset) in elements of batch item ``t`` (an i64)."""
+        y_off = b.mul(t, i64(self.M * self.N))
+        a_off, b_off, rem = i64(0), i64(0), t
+        for d in reversed(range(len(self.out_batch))):
+            size = self.out_batch[d]
+            idx = b.urem(rem, i64(size)) if d else rem
+            rem = b.udiv(rem, i64(size)) if d else rem
+            if self.a_strides[d]:
+                a_off = b.add(a_off, b.mul(idx, i64(self.a_strides[d])))
+            if self.b_strides[d]:
+                b_off = b.add(b_off, b.mul(idx, i64(self.b_strides[d])))
+        return a_off, b_off, y_off
+
+
+def _batch_strides(shape, out_batch, matrix_size):
+    """Per output batch dim, the element stride of an operand (0 where it broadcasts)."""
+    pad = len(out_batch) - len(shape)
+    strides, acc = [], matrix_size
+    for d in reversed(range(len(shape))):
+        strides.append(0 if shape[d] == 1 else acc)
+        acc *= shape[d]
+    return tuple([0] * pad + strides[::-1])
+
+
+def tile_shape(target) -> tuple[int, int]:
+    """(MR rows, NR vectors) of the GEMM micro-kernel for ``target``.
+
+    The tile takes MR*NR accumulators plus NR loaded vectors of b and one
+    broadcast of a; all must fit the vector register file: 16 on AVX2, 32 on
+    AVX-512.  riscv64's 256-bit vectors span two RVV registers on the minimum
+    VLEN of 128 bits, which again leaves 16.  Scalar code (lanes == 1) has 32
+    FP registers.  Largest tile wins, then the taller one (fewer b loads)."""
+    lanes = target.lanes(32)
+    if lanes == 1:
+        return 4, 4
+    regs = 32 if target.vector_bits >= 512 else 16
+    best = max(((mr, nr) for nr in (2, 3, 4) for mr in range(1, 9) if mr * nr + nr + 1 <= regs),
+               key=lambda t: (t[0] * t[1], t[0]))
+    return best
+
+
+# --- small IR helpers -----------------------------------------------------------------
+
+def fold_loop(b: ir.IRBuilder, start, stop, inits: list, body, step=1, name="k"):
+    """``vals = inits; for i in range(start, stop, step): vals = body(i, vals)``;
+    returns the final values (loop-carried phis, so they stay in registers)."""
+    start = i64(start) if isinstance(start, int) else start
+    stop = i64(stop) if isinstance(stop, int) else stop
+    pre = b.block
+    head = b.append_basic_block(name + ".head")
+    body_blk = b.append_basic_block(name + ".body")
+    done = b.append_basic_block(name + ".done")
+    b.branch(head)
+    b.position_at_end(head)
+    i = b.phi(I64, name=name)
+    i.add_incoming(start, pre)
+    phis = []
+    for v in inits:
+        p = b.phi(v.type)
+        p.add_incoming(v, pre)
+        phis.append(p)
+    b.cbranch(b.icmp_signed("<", i, stop), body_blk, done)
+    b.position_at_end(body_blk)
+    new = body(i, phis)
+    last = b.block
+    i.add_incoming(b.add(i, i64(step), flags=["nsw"]), last)
+    for p, v in zip(phis, new):
+        p.add_incoming(v, last)
+    b.branch(head)
+    b.position_at_end(done)
+    return phis
+
+
+def imin(b, x, y):
+    x = i64(x) if isinstance(x, int) else x
+    y = i64(y) if isinstance(y, int) else y
+    return b.select(b.icmp_signed("<", x, y), x, y)
+
+
+def _mask(n: int, lanes: int):
+    return ir.Constant(ir.VectorType(I1, lanes), [1] * n + [0] * (lanes - n))
+
+
+class Access:
+    """Loads and stores of one operand: ``n`` elements from ``index``, widened
+    to f32 (f16 storage); fewer than ``lanes`` valid elements use a masked access."""
+
+    def __init__(self, k: Kernel, ptr, d: dt.DType, lanes: int):
+        self.k, self.ptr, self.d, self.lanes = k, ptr, d, lanes
+        self.ty = lltype(d)
+
+    def load(self, index, valid=None):
+        b, n = self.k.b, self.lanes
+        p = gep(b, self.ptr, self.ty, index)
+        if n == 1:
+            return widen(b, b.load(p, typ=self.ty), self.d)
+        vt = ir.VectorType(self.ty, n)
+        if valid is None or valid == n:
+            v = b.load(p, typ=vt, align=self._align)
+        else:
+            fn = self.k.intrinsic(f"llvm.masked.load.{llvm_name(vt)}.p0", vt, [p.type, I32, ir.VectorType(I1, n), vt])
+            v = b.call(fn, [p, ir.Constant(I32, self._align), _mask(valid, n), ir.Constant(vt, None)])
+        return widen(b, v, self.d, n)
+
+    def store(self, value, index, valid=None):
+        b, n = self.k.b, self.lanes
+        value = narrow(b, value, self.d, n)
+        p = gep(b, self.ptr, self.ty, index)
+        if n == 1 or valid is None or valid == n:
+            b.store(value, p, align=self._align)
+            return
+        vt = value.type
+        fn = self.k.intrinsic(f"llvm.masked.store.{llvm_name(vt)}.p0", ir.VoidType(),
+                              [vt, p.type, I32, ir.VectorType(I1, n)])
+        b.call(fn, [value, p, ir.Constant(I32, self._align), _mask(valid, n)])
+
+    def scalar(self, index):
+        b = self.k.b
+        return widen(b, b.load(gep(b, self.ptr, self.ty, index), typ=self.ty), self.d)
+
+    @property
+    def _align(self):
+        return self.d.bits // 8
+
+
+def fma(k: Kernel, x, y, acc):
+    """x*y + acc, fused where the target has it (llvm.fmuladd)."""
+    return call_intrinsic(k, "fmuladd", x, y, acc)
+
+
+# --- emitter --------------------------------------------------------------------------
+
+@emitter("matmul")
+def emit_matmul(k: Kernel, node: Node):
+    g = Geometry(node)
+    if g.batch * g.M * g.N == 0:
+        k.finish()
+        return 0, 1
+    if g.M <= STREAM_MAX_M:
+        return _gemv(k, g)
+    return _gemm(k, g)
+
+
+def _grain(fmas_per_item: int) -> int:
+    return max(1, -(-MIN_PARALLEL_FMAS // max(1, fmas_per_item)))
+
+
+# --- GEMM -----------------------------------------------------------------------------
+
+def _stack_array(k: Kernel, n: int, name: str):
+    """An f32 array of n elements on the stack, 64-byte aligned (allocated in the
+    entry block, so it is one fixed frame slot)."""
+    b = k.b
+    with b.goto_block(k.body.entry_basic_block):
+        if k.body.entry_basic_block.instructions:
+            b.position_before(k.body.entry_basic_block.instructions[0])
+        arr = b.alloca(ir.ArrayType(F32, max(1, n)), name=name)
+    arr.align = 64
+    arr.type = PTR  # llvmlite types allocas as typed pointers; the module uses opaque ones
+    return arr
+
+
+def gemm_blocking(target, M: int, K: int, N: int) -> dict:
+    """Tile sizes of the GEMM: micro-tile MR x NRL, item tile MC x NC, K blocks of KC."""
+    lanes = target.lanes(32)
+    MR, NR = tile_shape(target)
+    NRL = NR * lanes
+    nkb = max(1, -(-K // GEMM_KC))
+    return dict(MR=MR, NR=NR, NRL=NRL, lanes=lanes,
+                MC=MR * max(1, min(-(-M // MR), GEMM_MC // MR)),
+                NC=NRL * max(1, min(-(-N // NRL), GEMM_NC // NRL)),
+                nkb=nkb, KC=-(-K // nkb) if K else 0)
+
+
+def _gemm(k: Kernel, g: Geometry):
+    b = k.b
+    M, K, N = g.M, g.K, g.N
+    p = gemm_blocking(k.target, M, K, N)
+    MR, NR, NRL, lanes, MC, NC, nkb, KC = (p[x] for x in ("MR", "NR", "NRL", "lanes", "MC", "NC", "nkb", "KC"))
+    mblocks, nblocks = -(-M // MC), -(-N // NC)
+    A, B, Y = (Access(k, q, g.dtype, lanes) for q in k.args[:3])
+    bp_ptr = _stack_array(k, KC * NRL, "bpanel")
+    BP = Access(k, bp_ptr, dt.f32, lanes)
+    ct_ptr = _stack_array(k, MC * NC, "ctile") if nkb > 1 else None
+    CT = Access(k, ct_ptr, dt.f32, lanes) if nkb > 1 else None
+    zero = fconst(vtype(F32, lanes), 0.0)
+
+    def pack(b_off, k0, kc, j, ncols):
+        """bpanel[kk, 0:ncols] = b[k0+kk, j:j+ncols] in f32, kk < kc; the last
+        partial vector is zero-padded."""
+        nv = -(-ncols // lanes)
+        with loop(b, 0, kc, name="pk") as kk:
+            src = b.add(b.add(b_off, b.mul(b.add(k0, kk), i64(N))), j)
+            dst = b.mul(kk, i64(NRL))
+            for v in range(nv):
+                BP.store(B.load(b.add(src, i64(v * lanes)), min(lanes, ncols - v * lanes)),
+                         b.add(dst, i64(v * lanes)))
+
+    def micro(a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, final):
+        """Tile [i:i+mr, j:j+ncols] (li, lj: its position in the item tile) over
+        k in [k0, k0+kc): accumulators start at 0 (one K block) or from the
+        tile buffer, and end in y (``final``) or back in the tile buffer."""
+        nv = -(-ncols // lanes)
+        a_rows = [b.add(b.add(a_off, b.mul(b.add(i, i64(r)), i64(K))), k0) for r in range(mr)]
+        ct_rows = [b.add(b.mul(b.add(li, i64(r)), i64(NC)), lj) for r in range(mr)] if CT else None
+        init = [CT.load(b.add(ct_rows[r], i64(v * lanes))) if CT else zero
+                for r in range(mr) for v in range(nv)]
+
+        def step(kk, acc):
+            bv = [BP.load(b.add(b.mul(kk, i64(NRL)), i64(v * lanes))) for v in range(nv)]
+            out = []
+            for r in range(mr):
+                av = A.scalar(b.add(a_rows[r], kk))
+                av = splat(b, av, lanes) if lanes > 1 else av
+                out += [fma(k, av, bv[v], acc[r * nv + v]) for v in range(nv)]
+            return out
+
+        acc = fold_loop(b, 0, kc, init, step)
+        for r in range(mr):
+            if final:
+                yrow = b.add(y_off, b.add(b.mul(b.add(i, i64(r)), i64(N)), j))
+            for v in range(nv):
+                if final:
+                    Y.store(acc[r * nv + v], b.add(yrow, i64(v * lanes)), min(lanes, ncols - v * lanes))
+                else:
+                    CT.store(acc[r * nv + v], b.add(ct_rows[r], i64(v * lanes)))
+
+    def kblock(offs, i0, i1, j0, j1, k0, kc, final):
+        a_off, b_off, y_off = offs
+
+        def panel(j, ncols):
+            pack(b_off, k0, kc, j, ncols)
+            lj = b.sub(j, j0)
+            with loop(b, i0, imin(b, i1, M - M % MR), MR, name="i") as i:
+                micro(a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, final)
+            if M % MR:
+                with b.if_then(b.icmp_signed("==", i1, i64(M))):
+                    i = i64(M - M % MR)
+                    micro(a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, final)
+
+        with loop(b, j0, imin(b, j1, N - N % NRL), NRL, name="j") as j:
+            panel(j, NRL)
+        if N % NRL:
+            with b.if_then(b.icmp_signed("==", j1, i64(N))):
+                panel(i64(N - N % NRL), N % NRL)
+
+    with loop(b, k.begin, k.end, name="item") as item:
+        mb = b.urem(item, i64(mblocks))
+        t = b.udiv(item, i64(mblocks))
+        nb = b.urem(t, i64(nblocks))
+        offs = g.offsets(b, b.udiv(t, i64(nblocks)))
+        i0 = b.mul(mb, i64(MC))
+        i1 = imin(b, b.add(i0, i64(MC)), M)
+        j0 = b.mul(nb, i64(NC))
+        j1 = imin(b, b.add(j0, i64(NC)), N)
+        if nkb > 1:
+            with loop(b, 0, MC * NC, lanes, name="z") as z:
+                CT.store(zero, z)
+            with loop(b, 0, (nkb - 1) * KC, KC, name="kb") as k0:
+                kblock(offs, i0, i1, j0, j1, k0, KC, False)
+        kblock(offs, i0, i1, j0, j1, i64((nkb - 1) * KC), K - (nkb - 1) * KC, True)
+    k.finish()
+    return g.batch * mblocks * nblocks, _grain(MC * NC * K)
+
+
+# --- GEMV (and few-row GEMM) ----------------------------------------------------------
+
+def _gemv(k: Kernel, g: Geometry):
+    """M <= STREAM_MAX_M: y[m, n] = sum_k a[m, k] * b[k, n], streaming KB rows of b
+    at a time through f32 accumulator rows, one per row of a."""
+    b = k.b
+    lanes = k.target.lanes(32)
+    M, K, N = g.M, g.K, g.N
+    block = min(GEMV_BLOCK, -(-N // lanes) * lanes)
+    nblk = -(-N // block)
+    span_blocks = max(1, GEMV_SPAN // M // block)
+    span = span_blocks * block
+    A, B, Y = (Access(k, p, g.dtype, lanes) for p in k.args[:3])
+    Y1 = Access(k, k.args[2], g.dtype, 1)
+    acc = _stack_array(k, M * span, "acc")
+    ACC, ACC1 = Access(k, acc, dt.f32, lanes), Access(k, acc, dt.f32, 1)
+    zero = fconst(vtype(F32, lanes), 0.0)
+
+    def run(a_off, b_off, y_off, c0, c1):
+        """acc[m, 0:c1-c0] = a[m, :] @ b[:, c0:c1]; then y[m, c0:c1] = acc[m]."""
+        width = b.sub(c1, c0)
+        vend = b.mul(b.udiv(width, i64(lanes)), i64(lanes))
+        with loop(b, 0, M * span, lanes, name="z") as c:
+            ACC.store(zero, c)
+
+        def rows(k0, kb):
+            xs = [[A.scalar(b.add(a_off, b.add(k0, i64(m * K + t)))) for t in range(kb)] for m in range(M)]
+            xv = [[splat(b, x, lanes) if lanes > 1 else x for x in row] for row in xs]
+            base = [b.add(b_off, b.add(b.mul(b.add(k0, i64(t)), i64(N)), c0)) for t in range(kb)]
+
+            def col(acc_access, x, load, c):
+                w = [load(b.add(base[t], c)) for t in range(kb)]
+                for m in range(M):
+                    # two chains (even and odd rows of b) halve the FMA latency per column
+                    pos = b.add(c, i64(m * span))
+                    s = [acc_access.load(pos), None]
+                    for t in range(kb):
+                        s[t % 2] = b.fmul(x[m][t], w[t]) if s[t % 2] is None else fma(k, x[m][t], w[t], s[t % 2])
+                    acc_access.store(s[0] if s[1] is None else b.fadd(s[0], s[1]), pos)
+
+            with loop(b, 0, vend, lanes, name="c") as c:
+                col(ACC, xv, B.load, c)
+            with loop(b, vend, width, name="ct") as c:  # only the last columns of b
+                col(ACC1, xs, B.scalar, c)
+
+        kfull = K - K % GEMV_KB
+        with loop(b, 0, kfull, GEMV_KB, name="kb") as k0:
+            rows(k0, GEMV_KB)
+        if K % GEMV_KB:
+            rows(i64(kfull), K % GEMV_KB)
+        for m in range(M):
+            out = b.add(y_off, b.add(c0, i64(m * N)))
+            with loop(b, 0, vend, lanes, name="o") as c:
+                Y.store(ACC.load(b.add(c, i64(m * span))), b.add(out, c))
+            with loop(b, vend, width, name="ot") as c:
+                Y1.store(ACC1.load(b.add(c, i64(m * span))), b.add(out, c))
+
+    # Consecutive items of one batch item are adjacent columns: take runs of up
+    # to span_blocks of them at once, so each row segment read is long.
+    pre = b.block
+    head = b.append_basic_block("run.head")
+    body = b.append_basic_block("run.body")
+    done = b.append_basic_block("run.done")
+    b.branch(head)
+    b.position_at_end(head)
+    it = b.phi(I64, name="it")
+    it.add_incoming(k.begin, pre)
+    b.cbranch(b.icmp_signed("<", it, k.end), body, done)
+    b.position_at_end(body)
+    blk = b.urem(it, i64(nblk))
+    a_off, b_off, y_off = g.offsets(b, b.udiv(it, i64(nblk)))
+    nrun = imin(b, imin(b, b.sub(k.end, it), b.sub(i64(nblk), blk)), span_blocks)
+    c0 = b.mul(blk, i64(block))
+    c1 = imin(b, b.mul(b.add(blk, nrun), i64(block)), N)
+    run(a_off, b_off, y_off, c0, c1)
+    it.add_incoming(b.add(it, nrun), b.block)
+    b.branch(head)
+    b.position_at_end(done)
+    k.finish()
+    return g.batch * nblk, _grain(M * block * K)
