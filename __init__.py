@@ -7,9 +7,12 @@ are installed.
 """
 __version__ = "0.1.0"
 
-from .ir import (DType, Graph, GraphBuilder, IRError, Node, ParseError, TensorType, Value,  # noqa: F401
-                 load_ir, parse_ir, reference, save_ir, verify)
-from .runtime.module import Module, SqkRuntimeError, load  # noqa: F401
+# This file is the repository's root; pytest also imports it when it collects the
+# checkout as a package (under the folder's name), where relative imports fail.
+if __name__ == "sqk":
+    from .ir import (DType, Graph, GraphBuilder, IRError, Node, ParseError, TensorType, Value,  # noqa: F401
+                     load_ir, parse_ir, reference, save_ir, verify)
+    from .runtime.module import Module, SqkRuntimeError, load  # noqa: F401
 
 
 def compile(graph, target="host", pipeline=None, dump_after=None, dump_dir=None, threads=None, **options):
