@@ -292,6 +292,46 @@ class MatMul:
         return [np.matmul(a, b)]
 
 
+def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int) -> np.ndarray:
+    """f32 weights of a group-quantized [K, N] matrix: (q - zero) * scale, where
+    rows k of group k // group share one scale (and zero point) per column."""
+    idx = np.arange(q.shape[0]) // group
+    w = q.astype(np.float32)
+    if zeros is not None:
+        w = w - zeros.astype(np.float32)[idx]
+    return w * scales.astype(np.float32)[idx]
+
+
+@defop("matmul_q", "x q scales zeros", {"group": Attr("int")}, optional=1)
+class MatMulQ:
+    """x[..., M, K] @ dequantize(q)[K, N] with weights quantized to i8 or i4:
+    w[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n].  One
+    group spanning K is per-output-channel quantization; a group that does
+    not divide K leaves a shorter last group.  Kernels never materialize w."""
+
+    @staticmethod
+    def infer(x, q, scales, zeros=None, *, group):
+        _dtypes(x, dt.FLOATS, "x")
+        _dtypes(q, (dt.i8, dt.i4), "q")
+        _dtypes(scales, dt.FLOATS, "scales")
+        _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
+        k, n = q.shape
+        _need(x.shape[-1] == k, f"matmul_q inner dimensions differ: x {x.shape} @ q {q.shape}")
+        _need(group >= 1, f"matmul_q group must be >= 1, got {group}")
+        groups = -(-k // group)
+        _need(scales.shape == (groups, n), f"matmul_q scales shape {scales.shape} must be ({groups}, {n}) "
+              f"for K={k}, group={group}")
+        if zeros is not None:
+            _need(zeros.dtype == q.dtype and zeros.shape == scales.shape,
+                  f"matmul_q zeros must be {q.dtype}{list(scales.shape)}, got {zeros}")
+        return [TensorType(x.dtype, x.shape[:-1] + (n,))]
+
+    @staticmethod
+    def reference(x, q, scales, zeros=None, *, group):
+        w = dequantize_weight(q, scales, zeros, group)
+        return [np.matmul(x.astype(np.float32), w).astype(x.dtype)]
+
+
 # --- normalizations -------------------------------------------------------------
 
 @defop("softmax", "x", {"axis": Attr("int", -1)})

@@ -64,6 +64,8 @@ OP_CASES = {
     **{op: _binary(op) for op in ("add", "sub", "mul", "div", "max", "min")},
     "gelu": lambda b: [b.gelu(b.input("x", (4,)), approximate="tanh")],
     "matmul": lambda b: [b.matmul(b.input("x", (2, 1, 3, 4)), b.const(rand((5, 4, 2)), name="w"))],
+    "matmul_q": lambda b: [b.matmul_q(b.input("x", (2, 5)), b.const(np.arange(-8, 7).reshape(5, 3) % 16 - 8, "i4"),
+                                      b.const(rand((2, 3), "f16")), b.const(np.ones((2, 3)), "i4"), group=4)],
     "softmax": lambda b: [b.softmax(b.input("x", (2, 3, 4)), axis=-2)],
     "layernorm": lambda b: [b.layernorm(b.input("x", (2, 3, 4)), b.const(rand((3, 4))), b.const(rand((3, 4))),
                                         axis=1, eps=1e-3)],
