@@ -18,7 +18,7 @@ from llvmlite import ir
 from ..ir import dtypes as dt
 from ..ir.graph import Node, TensorType
 from ..ir.ops import slice_ranges
-from .kernel import (I1, I16, I64, Kernel, call_intrinsic, compute_type, fconst, gep, i64, iconst,
+from .kernel import (I1, I16, Kernel, call_intrinsic, compute_type, fconst, gep, i64, iconst,
                      load_elem, load_vec, lltype, loop, splat, store_elem, store_vec, vtype)
 from . import vmath
 from .lower import emitter

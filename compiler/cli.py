@@ -11,7 +11,6 @@ Errors print one line and exit non-zero; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -39,14 +39,14 @@ def compile_for(g, target: str, **kw):
 
 def check(g, inputs: dict, target: str = "host", rtol: float | None = None, **kw):
     """Compile ``g`` for ``target``, run on ``inputs``, compare every output with
-    the reference.  Returns the module."""
+    the reference (failures name the output value).  Returns the module."""
     m = compile_for(g, target, **kw)
     outs = m(**inputs)
     refs = sqk.reference(g, **inputs)
     if len(g.outputs) == 1:
         outs, refs = (outs,), (refs,)
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        assert_close(o, r, rtol, what=f"{g.name} output {i} on {target}")
+    for v, o, r in zip(g.outputs, outs, refs):
+        assert_close(o, r, rtol, what=f"{g.name}: {v.name} on {target}")
     return m
 
 

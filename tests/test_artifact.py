@@ -19,7 +19,6 @@ def mlp():
     rng = np.random.default_rng(1)
     b = sqk.GraphBuilder("mlp")
     x = b.input("x", (2, 24))
-    w = b.const(rng.standard_normal((24, 40)).astype(np.float32), name="w")
     bias = b.const(rng.standard_normal(40).astype(np.float32), name="bias")
     return b.output(b.relu(b.add(b.mul(x, x), b.const(np.float32(0.5)))), b.tanh(bias))
 

@@ -17,22 +17,12 @@ import sqk
 from sqk.codegen.elementwise import CHUNK
 from sqk.ir import dtypes as dt
 from sqk.ir.ops import BINARY, UNARY
-from harness import TARGETS, assert_close, compile_for, rand, target_param
+from harness import TARGETS, assert_close, check, compile_for, rand, target_param
 
 DTYPES = ["f32", "f16", "i64", "i32", "i8", "u8"]
 RISCV = [t for t in TARGETS if t != "host"]
 # Odd sizes (not a multiple of any vector width) and a size-1 dim.
 SHAPE = (3, 1, 37)
-
-
-def check_named(g, inputs, target, rtol=None, **kw):
-    """Compile and run ``g``; compare each output (named for what it computes) with the reference."""
-    m = compile_for(g, target, **kw)
-    outs, refs = m(**inputs), sqk.reference(g, **inputs)
-    if len(g.outputs) == 1:
-        outs, refs = (outs,), (refs,)
-    for v, o, r in zip(g.outputs, outs, refs):
-        assert_close(o, r, rtol, what=f"{g.name}: {v.name} on {target}")
 
 
 def tag(shape) -> str:
@@ -110,18 +100,18 @@ def away_from_zero(x):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_unary_host(dtype):
-    check_named(*_unary_graph([dtype]), "host")
+    check(*_unary_graph([dtype]), "host")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_binary_host(dtype):
-    check_named(*_binary_graph([dtype]), "host")
+    check(*_binary_graph([dtype]), "host")
 
 
 @pytest.mark.parametrize("target", RISCV)
 def test_unary_binary_riscv(target):
-    check_named(*_unary_graph(DTYPES), target)
-    check_named(*_binary_graph(DTYPES), target)
+    check(*_unary_graph(DTYPES), target)
+    check(*_binary_graph(DTYPES), target)
 
 
 def test_integer_wraparound_exact():
@@ -174,12 +164,12 @@ def _broadcast_graph(cases, name):
 
 @pytest.mark.parametrize("shapes", BROADCAST_CASES, ids=str)
 def test_broadcast_host(shapes):
-    check_named(*_broadcast_graph([shapes], "bcast"), "host")
+    check(*_broadcast_graph([shapes], "bcast"), "host")
 
 
 @pytest.mark.parametrize("target", RISCV)
 def test_broadcast_riscv(target):
-    check_named(*_broadcast_graph(BROADCAST_CASES, "bcast_all"), target)
+    check(*_broadcast_graph(BROADCAST_CASES, "bcast_all"), target)
 
 
 @settings(max_examples=25, deadline=None)
@@ -196,7 +186,7 @@ def test_broadcast_random(shapes, op, dtype, seed):
     bv = data(sb, dtype, rng)
     if op == "div":
         bv = away_from_zero(bv)
-    check_named(g, {"a": data(sa, dtype, rng), "b": bv}, "host")
+    check(g, {"a": data(sa, dtype, rng), "b": bv}, "host")
 
 
 # --- edge shapes -------------------------------------------------------------------------
@@ -213,7 +203,7 @@ def test_edge_shapes(target):
         h = b.input(f"h{i}", s, "f16")
         inputs[x.name], inputs[h.name] = data(s, "f32", rng), data(s, "f16", rng)
         outs += [b.mul(x, x, name=f"mul_{tag(s)}"), b.sigmoid(h, name=f"sigmoid_f16_{tag(s)}")]
-    check_named(b.output(*outs), inputs, target)
+    check(b.output(*outs), inputs, target)
 
 
 # --- NaN and inf ----------------------------------------------------------------------------
@@ -294,12 +284,12 @@ def _cast_graph(srcs):
 @pytest.mark.parametrize("src", [d.name for d in dt.IO])
 def test_cast_host(src):
     """Cast ``src`` to every IO dtype, exactly (float->int truncates, ->bool is x != 0)."""
-    check_named(*_cast_graph([src]), "host", rtol=0)
+    check(*_cast_graph([src]), "host", rtol=0)
 
 
 @pytest.mark.parametrize("target", RISCV)
 def test_cast_riscv(target):
-    check_named(*_cast_graph([d.name for d in dt.IO]), target, rtol=0)
+    check(*_cast_graph([d.name for d in dt.IO]), target, rtol=0)
 
 
 @target_param

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import sqk
 from harness import check, rand, target_param
-from sqk.codegen.matmul import GEMM_KC, GEMV_SPAN, STREAM_MAX_M, gemm_blocking, tile_shape
+from sqk.codegen.matmul import GEMM_KC, GEMV_SPAN, STREAM_MAX_M, f32_lanes, gemm_blocking, tile_shape
 from sqk.codegen.target import get_target
 
 
@@ -72,9 +72,10 @@ def test_gemv_long_rows(m):
     run((m, 21), (21, n), threads=2)
 
 
-@pytest.mark.parametrize("shape", [((0, 4), (4, 5)), ((3, 0), (0, 5)), ((1, 0), (0, 6)), ((2, 0, 4), (4, 3))])
+@pytest.mark.parametrize("shape", [((0, 4), (4, 5)), ((3, 4), (4, 0)), ((2, 0, 4), (4, 3)),
+                                   ((1, 0), (0, 6)), ((9, 0), (0, 5))])
 def test_empty(shape):
-    """Empty M, N or batch gives an empty result; K == 0 gives zeros."""
+    """Empty M, N or batch gives an empty result; K == 0 gives zeros (GEMV and GEMM)."""
     run(*shape)
 
 
@@ -106,7 +107,7 @@ def test_tile_fits_registers(target):
     """The micro-kernel's accumulators, b vectors and a broadcast fit the register file."""
     t = get_target(target)
     mr, nr = tile_shape(t)
-    regs = 32 if t.lanes(32) == 1 or t.vector_bits >= 512 else 16
+    regs = 32 if f32_lanes(t) == 1 or t.vector_bits >= 512 else 16
     assert mr * nr + nr + 1 <= regs and 1 <= mr <= 8
     p = gemm_blocking(t, 100, 1000, 100)
     assert p["MC"] % mr == 0 and p["NC"] % p["NRL"] == 0 and p["nkb"] * p["KC"] >= 1000

@@ -18,20 +18,9 @@ from hypothesis import given, settings, strategies as st
 
 import sqk
 from sqk.ir import dtypes as dt
-from harness import assert_close, compile_for, rand, target_param
+from harness import check, rand, target_param
 
 REDUCE_OPS = ("reduce_sum", "reduce_mean", "reduce_max")
-
-
-def check_named(g, inputs, target, rtol=None, **kw):
-    """Compile and run ``g``; compare each (named) output with the reference."""
-    m = compile_for(g, target, **kw)
-    outs, refs = m(**inputs), sqk.reference(g, **inputs)
-    if len(g.outputs) == 1:
-        outs, refs = (outs,), (refs,)
-    for v, o, r in zip(g.outputs, outs, refs):
-        assert_close(o, r, rtol, what=f"{g.name}: {v.name} on {target}")
-    return m
 
 
 def int_data(shape, dtype, rng):
@@ -67,7 +56,7 @@ def test_reduce_every_axis_set(target):
     x = b.inputs[0]
     outs.append(b.reduce_sum(x, axes=(-1, -3), name="sum_neg_axes"))
     rng = np.random.default_rng(0)
-    check_named(b.output(*outs), {n: rand(s, rng=rng) for n, s in shapes.items()}, target)
+    check(b.output(*outs), {n: rand(s, rng=rng) for n, s in shapes.items()}, target)
 
 
 @target_param
@@ -83,7 +72,7 @@ def test_reduce_odd_sizes(target):
             for op in REDUCE_OPS:
                 outs.append(b.op(op, x, axes=axes, name=f"{op}_{name}_{axes_name(axes)}"))
     rng = np.random.default_rng(1)
-    check_named(b.output(*outs), {n: rand(s, rng=rng) for n, s in shapes.items()}, target)
+    check(b.output(*outs), {n: rand(s, rng=rng) for n, s in shapes.items()}, target)
 
 
 INT_FLOAT_DTYPES = ["f16", "i64", "i32", "i8", "u8"]
@@ -105,7 +94,7 @@ def test_reduce_dtypes(target):
             ops = REDUCE_OPS if d == "f16" else ("reduce_sum", "reduce_max")
             for op in ops:
                 outs.append(b.op(op, x, axes=axes, name=f"{op}_{d}_{axes_name(axes)}"))
-    check_named(b.output(*outs), inputs, target)
+    check(b.output(*outs), inputs, target)
 
 
 def test_integer_sum_wraps():
@@ -117,7 +106,7 @@ def test_integer_sum_wraps():
     ins = {"x8": int_data((4, 300), "u8", rng), "x32": int_data((4, 300), "i32", rng)}
     assert (ins["x8"].sum(axis=1) > 255).all()
     assert abs(int(ins["x32"].astype(np.int64).sum())) > 2 ** 31
-    check_named(g, ins, "host")
+    check(g, ins, "host")
 
 
 @settings(max_examples=15, deadline=None)
@@ -131,7 +120,7 @@ def test_reduce_random_shapes(shape, data_):
     x = b.input("x", shape, d)
     ops = REDUCE_OPS if dt.dtype(d).is_float else ("reduce_sum", "reduce_max")
     g = b.output(*[b.op(op, x, axes=axes, keepdims=keepdims, name=op) for op in ops])
-    check_named(g, {"x": data(shape, d, np.random.default_rng(4))}, "host")
+    check(g, {"x": data(shape, d, np.random.default_rng(4))}, "host")
 
 
 @pytest.mark.filterwarnings("ignore:Mean of empty slice")
@@ -148,7 +137,7 @@ def test_reduce_degenerate():
     ins = {"x": np.zeros((3, 0, 4), np.float32), "y": np.zeros((0, 5), np.float32), "z": np.zeros((4, 0), np.float32),
            "s": np.array(2.5, np.float32), "o": rand((3, 1, 5))}
     with np.errstate(invalid="ignore", divide="ignore"):
-        check_named(g, ins, "host")
+        check(g, ins, "host")
 
 
 def test_reduce_nan_propagates():
@@ -159,7 +148,7 @@ def test_reduce_nan_propagates():
     xi = b.input("x", x.shape)
     g = b.output(b.reduce_max(xi, axes=(1,), name="max_rows"), b.reduce_max(xi, axes=(0,), name="max_cols"),
                  b.reduce_sum(xi, axes=(1,), name="sum_rows"))
-    check_named(g, {"x": x}, "host")
+    check(g, {"x": x}, "host")
 
 
 def test_reduce_threaded():
@@ -171,7 +160,7 @@ def test_reduce_threaded():
     x, y = b.input("x", (16, 40000)), b.input("y", (3, 64, 3000))
     g = b.output(b.reduce_sum(x, axes=(1,), name="rows"), b.reduce_max(y, axes=(1,), name="middle"),
                  b.reduce_mean(y, axes=(0, 2), name="nested"))
-    m = check_named(g, {"x": rand((16, 40000), rng=rng), "y": rand((3, 64, 3000), rng=rng)}, "host", threads=2)
+    m = check(g, {"x": rand((16, 40000), rng=rng), "y": rand((3, 64, 3000), rng=rng)}, "host", threads=2)
     ranges = {k["name"]: k for k in m.manifest["kernels"]}
     assert all(k["range"] > k["grain"] for k in ranges.values()), ranges  # really split
 
@@ -193,7 +182,7 @@ def test_softmax(target):
     outs += [b.softmax(xs["r"], name="rows1003"), b.softmax(xs["big"], name="large_values"),
              b.softmax(xs["one"], name="length1"), b.softmax(xs["big"], axis=0, name="large_values_axis0")]
     g = b.output(*outs)
-    check_named(g, inputs, target)
+    check(g, inputs, target)
     out = sqk.reference(g, **inputs)
     assert all(np.isfinite(o).all() for o in out)
 
@@ -220,7 +209,7 @@ def test_norms(target):
         b.rmsnorm(v["y"], v["s2"], axis=1, name="rms_axis1"),
         b.rmsnorm(v["h"], v["sh2"], axis=-2, name="rms_f16_axis_m2"),
     ]
-    check_named(b.output(*outs), inputs, target)
+    check(b.output(*outs), inputs, target)
 
 
 def test_row_ops_threaded():
@@ -232,7 +221,7 @@ def test_row_ops_threaded():
     g = b.output(b.softmax(x, name="softmax"), b.layernorm(x, s, s, name="ln"), b.rmsnorm(x, s, name="rms"),
                  b.softmax(y, axis=1, name="softmax_middle"))
     ins = {"x": rand((256, 1024), rng=rng), "s": rand((1024,), rng=rng), "y": rand((4, 300, 256), rng=rng)}
-    m = check_named(g, ins, "host", threads=2)
+    m = check(g, ins, "host", threads=2)
     assert all(k["range"] > k["grain"] for k in m.manifest["kernels"])
 
 
@@ -241,4 +230,4 @@ def test_row_ops_empty(op):
     b = sqk.GraphBuilder("rows_empty")
     x, s = b.input("x", (0, 8)), b.input("s", (8,))
     g = b.output(b.softmax(x) if op == "softmax" else b.op(op, x, s))
-    check_named(g, {"x": np.zeros((0, 8), np.float32), "s": rand((8,))}, "host")
+    check(g, {"x": np.zeros((0, 8), np.float32), "s": rand((8,))}, "host")
