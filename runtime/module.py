@@ -152,6 +152,9 @@ class Module:
         self._lock = threading.Lock()
         self.threads = threads if threads is not None else m.get("threads", 0)
         self.vlen = vlen or m["target"].get("vlen", 256)
+        # extra qemu -cpu properties, e.g. "rvv_ta_all_1s=on,rvv_ma_all_1s=on" (tests use it to
+        # make code that leans on undisturbed tail or masked-off elements fail)
+        self.qemu_options = ""
         self._code, self._consts_path = code, consts
         self._native = None
 
@@ -216,7 +219,8 @@ class Module:
         if platform.machine().lower() == "riscv64":
             return [runner]
         cpu = os.environ.get("SQK_QEMU_CPU") or (
-            f"rv64,v=true,vext_spec=v1.0,vlen={self.vlen}" if self.manifest["target"].get("vector", True) else "rv64,v=false")
+            f"rv64,v=true,vext_spec=v1.0,vlen={self.vlen}" if self.manifest["target"].get("vector", True)
+            else "rv64,v=false") + ("," + self.qemu_options if self.qemu_options else "")
         return [qemu_binary(), "-cpu", cpu, "-L", "/usr/riscv64-linux-gnu", runner]
 
     def _run_runner(self, arrays):

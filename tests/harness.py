@@ -2,6 +2,8 @@
 the numpy reference interpreter with a tolerance that reflects the dtype."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -31,10 +33,42 @@ def assert_close(out: np.ndarray, ref: np.ndarray, rtol: float | None = None, wh
                                    equal_nan=True)
 
 
+# The qemu configurations every riscv64 (RVV) module runs under, all of which must give
+# bit-identical outputs: the kernels use fixed-width vectors, so VLEN must not change
+# results, and agnostic tails/masks filled with 1s expose code that leans on them.
+RVV_CONFIGS = [(256, "rvv_ta_all_1s=on,rvv_ma_all_1s=on"), (128, "")] + \
+    [(int(v), "") for v in os.environ.get("SQK_TEST_EXTRA_VLEN", "").split(",") if v]
+
+
+class RVVModule:
+    """A riscv64 Module whose every call runs under each of RVV_CONFIGS."""
+
+    def __init__(self, module):
+        self._m = module
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def __call__(self, **inputs):
+        results = []
+        for vlen, opts in RVV_CONFIGS:
+            self._m.vlen, self._m.qemu_options = vlen, opts
+            out = self._m(**inputs)
+            results.append(out if isinstance(out, tuple) else (out,))
+        for (vlen, opts), res in zip(RVV_CONFIGS[1:], results[1:]):
+            for i, (a, b) in enumerate(zip(results[0], res)):
+                assert a.tobytes() == b.tobytes(), \
+                    f"output {i} differs between vlen={RVV_CONFIGS[0][0]} ({RVV_CONFIGS[0][1]}) and vlen={vlen} ({opts})"
+        return results[0] if len(results[0]) > 1 else results[0][0]
+
+
 def compile_for(g, target: str, **kw):
+    """sqk.compile, skipping (or failing in CI) without the RISC-V toolchain;
+    riscv64 modules run under every RVV_CONFIGS configuration."""
     if target.startswith("riscv64"):
         require_riscv()
-    return sqk.compile(g, target=target, **kw)
+    m = sqk.compile(g, target=target, **kw)
+    return RVVModule(m) if target == "riscv64" else m
 
 
 def check(g, inputs: dict, target: str = "host", rtol: float | None = None, **kw):
