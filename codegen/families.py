@@ -3,3 +3,4 @@ from . import matmul  # noqa: F401,E402
 from . import reduce  # noqa: F401,E402
 from . import gather  # noqa: F401,E402
 from . import conv  # noqa: F401,E402
+from . import matmul_q  # noqa: F401,E402

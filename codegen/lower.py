@@ -20,6 +20,9 @@ ABI_VERSION = 1
 BUF_INPUT, BUF_OUTPUT, BUF_CONST, BUF_ARENA = 0, 1, 2, 3
 
 EMITTERS: dict[str, Callable[[Kernel, Node], tuple[int, int]]] = {}
+# op -> fn(node, input_index, array) -> bytes | None: the layout a kernel reads
+# a constant input in, when it is not the plain one (driver.storage_bytes).
+PACKERS: dict[str, Callable[[Node, int, object], bytes | None]] = {}
 
 
 def emitter(*ops: str):
@@ -29,6 +32,45 @@ def emitter(*ops: str):
             EMITTERS[op] = fn
         return fn
     return wrap
+
+
+def packer(*ops: str):
+    """Register the decorated ``fn(node, input_index, array) -> bytes | None`` as
+    the constant packer of ``ops``: the bytes its kernel reads for that constant
+    input (None: the plain storage layout).  The IR keeps the logical values."""
+    def wrap(fn):
+        for op in ops:
+            PACKERS[op] = fn
+        return fn
+    return wrap
+
+
+def pack_constants(graph: Graph) -> dict[Value, bytes]:
+    """Kernel-specific bytes of each constant whose consumer packs it.  A packed
+    constant must have no other reader (another op or a graph output would read
+    the packed bytes as plain storage)."""
+    from . import elementwise  # noqa: F401  (registers emitters and packers)
+    from . import families  # noqa: F401
+
+    consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
+    packed: dict[Value, bytes] = {}
+    readers: dict[Value, list[str]] = {}
+    for n in graph.nodes:
+        for i, v in enumerate(n.inputs):
+            if v not in consts:
+                continue
+            data = PACKERS[n.op](n, i, consts[v]) if n.op in PACKERS else None
+            readers.setdefault(v, []).append(n.op if data is None else f"{n.op} (packed)")
+            if data is not None:
+                if v in packed and packed[v] != data:
+                    raise ValueError(f"constant {v.name!r} is packed differently by two of its readers")
+                packed[v] = data
+    for v in packed:
+        if len(readers[v]) != sum(r.endswith("(packed)") for r in readers[v]) or v in graph.outputs:
+            raise ValueError(f"constant {v.name!r} is read in a kernel-specific layout and also by "
+                             f"{', '.join(readers[v])}{' and as a graph output' if v in graph.outputs else ''}: "
+                             "give each reader its own constant")
+    return packed
 
 
 @dataclass(frozen=True)
@@ -58,9 +100,10 @@ def _array(module, ty, values, name):
 
 
 def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int, const_bytes: int,
-          target) -> tuple[ir.Module, list[Step]]:
+          target, sizes: dict[Value, int] | None = None) -> tuple[ir.Module, list[Step]]:
     """Build the LLVM module of ``graph``.  ``buffers`` maps every value to
-    (SQK_BUF_* kind, index or byte offset)."""
+    (SQK_BUF_* kind, index or byte offset); ``sizes`` gives the byte size of
+    constants stored packed (``pack_constants``) where it differs from their type's."""
     from . import elementwise  # noqa: F401  (registers emitters)
     from . import families  # noqa: F401
 
@@ -73,7 +116,7 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
 
     def buf(v: Value) -> int:
         kind, index = buffers[v]
-        key = (kind, index, v.type.nbytes)
+        key = (kind, index, (sizes or {}).get(v, v.type.nbytes))
         if key not in buf_ids:
             buf_ids[key] = len(buf_list)
             buf_list.append(key)

@@ -1,6 +1,8 @@
 """The ``sqk`` command line.
 
     sqk compile MODEL.sqkir -o OUT.sqk [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
+                [--quantize int8|int4 [--group N] [--scheme sym|asym] [--scale-dtype f32|f16]
+                 [--skip W1|W2] [--max-error E]] [--report]
     sqk dump MODEL.sqkir [--after PASS] [--pipeline P]
     sqk run OUT.sqk --input x=x.npy ... [--output-dir D]
     sqk info OUT.sqk
@@ -30,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-dir", default=None, help="where dumps go (default ./sqk-dump)")
     c.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     c.add_argument("--quiet", action="store_true", help="print nothing on success")
+    c.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                   help="quantize matmul weights (shorthand for a pipeline with the quantize pass)")
+    c.add_argument("--group", type=int, default=None, help="quantization group along K (int4 default 32)")
+    c.add_argument("--scheme", default=None, choices=("sym", "asym"), help="symmetric (default) or zero points")
+    c.add_argument("--scale-dtype", default=None, choices=("f32", "f16"), help="scale storage (default f32)")
+    c.add_argument("--skip", default=None, metavar="W1|W2", help="weight constants to leave in float")
+    c.add_argument("--max-error", type=float, default=None,
+                   help="keep in float each layer whose relative L2 output error exceeds this")
+    c.add_argument("--report", action="store_true", help="print the per-layer quantization accuracy table")
 
     d = sub.add_parser("dump", help="print a model's IR, optionally after running passes")
     d.add_argument("model")
@@ -54,8 +65,13 @@ def _cmd_compile(a) -> None:
 
     g = sqk.load_ir(a.model)
     log = None if a.quiet else (lambda line: print(line))
+    qopts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group), ("scheme", a.scheme),
+                               ("scale_dtype", a.scale_dtype), ("skip", a.skip), ("max_error", a.max_error))
+             if v is not None}
     m = sqk.compile(g, target=a.target, pipeline=a.pipeline, dump_after=a.dump_after, dump_dir=a.dump_dir,
-                    threads=a.threads, log=log)
+                    threads=a.threads, log=log, **qopts)
+    if a.report:  # printed even with --quiet: it was asked for
+        print(m.report.format() if m.report is not None else "no quantization report (no quantize pass ran)")
     m.save(a.output)
     if not a.quiet:
         print(f"wrote {a.output} ({m.manifest['target']['name']}, {len(m.manifest['kernels'])} kernels, "

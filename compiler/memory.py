@@ -25,21 +25,27 @@ class MemoryPlan:
     arena_bytes: int
     intermediate_bytes: int                 # sum of all intermediates (no reuse)
     const_bytes: int
-    const_layout: list[tuple[Value, int, object]]   # (value, offset, array) in blob order
+    const_layout: list[tuple[Value, int, object]]   # (value, offset, array or packed bytes) in blob order
+    const_sizes: dict[Value, int]           # byte size of each constant in the blob
 
 
-def plan_memory(graph: Graph) -> MemoryPlan:
+def plan_memory(graph: Graph, packed: dict[Value, bytes] | None = None) -> MemoryPlan:
+    """``packed``: constants stored as kernel-specific bytes (codegen.lower.pack_constants)."""
+    packed = packed or {}
     buffers: dict[Value, tuple[int, int]] = {}
     for i, v in enumerate(graph.inputs):
         buffers[v] = (BUF_INPUT, i)
     # constants: packed blob, 64-byte aligned entries (a constant that is also
     # an output stays here; lowering copies it out)
-    offset, layout = 0, []
+    offset, layout, sizes = 0, [], {}
     for n in graph.nodes:
         if n.op == "const":
-            layout.append((n.output, offset, n.attrs["value"]))
+            data = packed.get(n.output)
+            size = n.output.type.nbytes if data is None else len(data)
+            layout.append((n.output, offset, n.attrs["value"] if data is None else data))
+            sizes[n.output] = size
             buffers[n.output] = (BUF_CONST, offset)
-            offset = align(offset + max(n.output.type.nbytes, 1))
+            offset = align(offset + max(size, 1))
     for j, v in enumerate(graph.outputs):
         if v not in buffers:
             buffers[v] = (BUF_OUTPUT, j)
@@ -76,4 +82,4 @@ def plan_memory(graph: Graph) -> MemoryPlan:
                     else:
                         merged.append((off, sz))
                 free = merged
-    return MemoryPlan(buffers, top, total, offset, layout)
+    return MemoryPlan(buffers, top, total, offset, layout, sizes)

@@ -31,3 +31,4 @@ def register(cls):
 
 
 from . import simplify  # noqa: E402,F401  (registers fold_constants, dce)
+from . import quantize  # noqa: E402,F401  (registers quantize)

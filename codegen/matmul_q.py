@@ -1,0 +1,456 @@
+"""``matmul_q``: x[..., M, K] @ dequantize(q, scales, zeros)[K, N] with i8 or i4
+weights, f32 (or f16, widened) activations, f32 accumulation, the weights
+dequantized in registers only.
+
+Packed layout (``pack_matmul_q``; the IR keeps the logical values).  Columns
+are cut into blocks of NB = 64; a block is eight column vectors of VL = 8
+columns (column ``8*cv + lane``).  For every row k the block's weights are
+32-bit words of VL lanes, ``FIELDS`` = 32 / bits fields per word:
+
+* i4: one 8-lane word per row (32 bytes), nibble ``e`` of lane ``l`` holds
+  column ``8*e + l``;
+* i8: two words per row (64 bytes), byte ``e`` of word ``w`` holds column
+  vector ``4*w + e``.
+
+q is stored block after block, each block row after row ([N/NB][K][words]),
+so a work item (one column block) streams one contiguous run of bytes.  The
+top field of a word holds q in two's complement; the lower fields hold
+``q + OFF`` (OFF = 2^(bits-1), i.e. q with its sign bit flipped: unsigned).
+Then ``sitofp(word & (mask << bits*e))`` is exactly ``(q + off_e) * 2^(bits*e)``
+(one AND and one conversion per VL weights, no shifts or shuffles), and the
+kernel subtracts ``off_e * sum(x)`` per group and scales by ``2^-(bits*e)``.
+Scales are stored [N/NB][groups][NB] in their own dtype; zero points, when
+present, as ``zeros + off_e`` in [N/NB][groups][NB] (i8 for i4 weights, i16
+for i8).  Padding columns (N not a multiple of NB) hold q = 0, scale 0.
+
+Kernel: work items are (column block, chunk of up to MCH rows of x), block
+major, so two threads stream disjoint weight bytes.  Per group of K rows a
+register tile of partial sums ``acc[m, cv] = sum_k x[m, k] * (q + off)[k, cv]``
+is accumulated, then folded once per group into f32 row sums on the stack:
+``y[m, cv] += scale * (acc * 2^-(bits*e) - (zero + off_e) * sum_k x[m, k])``
+(the sums of x computed once per group and row, vectorized).  A tile is up
+to ROWS_TILE rows x a few column vectors (it fits 16 vector registers with
+the masks), the block's words re-read from L1 per pass; rows of a tile share
+each converted weight vector.  (GEMV with all eight column vectors in one
+pass spills and measured 15% slower.)  Per 8 weights the inner loop is one
+AND, one int->float conversion and one FMA per row: llvm-mca puts the GEMV
+loop at ~1.3 cycles per 8 weights on Zen 3 (the four FP pipes full), which
+caps two cores near 14 GB/s of int4: below DRAM speed.  The int8-activation
+prototype at the end of this file is the way past that.
+
+The layout is the same on every target (VL = 8 i32 lanes: one AVX2 or
+256-bit RVV register; LLVM splits it into scalars on riscv64 without V), so
+packed constants do not depend on the target.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import numpy as np
+from llvmlite import ir
+
+from ..ir import dtypes as dt
+from ..ir.graph import Node
+from .kernel import F32, I32, I64, PTR, Kernel, fconst, gep, hsum, i64, loop, splat
+from .lower import EMITTERS, PACKERS, emitter, packer
+from .matmul import Access, _stack_array, fma, fold_loop
+
+NB = 64          # columns per block
+VL = 8           # columns per column vector (lanes of the i32 words)
+NCV = NB // VL   # column vectors per block
+MCH = 16         # rows of x per work item at most
+# Register tiles: M = 1 takes PASS_CV column vectors per pass (x K_CHAINS
+# accumulator sets); M > 1 up to ROWS_TILE rows x TILE_CV column vectors,
+# which fit 16 vector registers with the masks and broadcasts of x (measured
+# on Zen 3 against 3x4, 2x4, 6x2 and 8x1).
+ROWS_TILE = 4
+PASS_CV = 4
+TILE_CV = 2
+K_CHAINS = 2     # rows of q in flight per step (separate accumulators) for small tiles
+# Fewest weight bytes worth waking another thread for.
+MIN_PARALLEL_BYTES = 1 << 17
+
+
+class QLayout:
+    """Sizes of the packed layout of one matmul_q node."""
+
+    def __init__(self, node: Node):
+        q, s = (v.type for v in node.inputs[1:3])
+        self.group = node.attrs["group"]
+        self.K, self.N = q.shape
+        self.bits = 4 if q.dtype is dt.i4 else 8
+        self.fields = 32 // self.bits              # fields per 32-bit word
+        self.words = NCV // self.fields            # words (of VL lanes) per row of a block
+        self.groups = s.shape[0]
+        self.nblk = -(-self.N // NB)
+        self.has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+        self.zero_np = np.int8 if self.bits == 4 else np.int16
+
+    def field(self, cv: int) -> tuple[int, int]:
+        """(word, field) holding column vector cv."""
+        return cv // self.fields, cv % self.fields
+
+    def offset(self, e: int) -> int:
+        """What field e adds to q: 2^(bits-1) below the top field, 0 in it."""
+        return 0 if e == self.fields - 1 else 1 << (self.bits - 1)
+
+    def blocked(self, a: np.ndarray) -> np.ndarray:
+        """[R, N] -> [nblk, R, NB], padding columns with zeros."""
+        r = a.shape[0]
+        out = np.zeros((r, self.nblk * NB), a.dtype)
+        out[:, :self.N] = a
+        return np.ascontiguousarray(out.reshape(r, self.nblk, NB).transpose(1, 0, 2))
+
+
+@packer("matmul_q")
+def pack_matmul_q(node: Node, index: int, a: np.ndarray) -> bytes | None:
+    """Bytes of input ``index`` (q, scales or zeros) as the kernel reads them
+    (layout in the module docstring)."""
+    L = QLayout(node)
+    if index == 0:
+        return None
+    if index == 2:
+        return L.blocked(np.asarray(a)).astype(np.asarray(a).dtype.newbyteorder("<")).tobytes()
+    cv_off = np.array([L.offset(L.field(cv)[1]) for cv in range(NCV)], np.int32).repeat(VL)  # per column of a block
+    if index == 3:
+        z = L.blocked(np.asarray(a).astype(np.int32))  # [nblk, G, NB]
+        return (z + cv_off).astype(np.dtype(L.zero_np).newbyteorder("<")).tobytes()
+    # uint8 arithmetic throughout (the stacks benchmarked are 512 MiB): the
+    # field values are q + off_e modulo 2^bits (two's complement wraps right).
+    q = np.asarray(a).astype(np.int8, copy=False)
+    if L.N % NB:
+        q = np.concatenate([q, np.zeros((L.K, L.nblk * NB - L.N), np.int8)], axis=1)
+    u = q.view(np.uint8) + np.tile(cv_off.astype(np.uint8), L.nblk)
+    if L.bits == 4:
+        u &= 0xF
+        u = u.reshape(L.K, L.nblk, 4, 2, VL)             # [k, blk, byte of word, nibble, lane]
+        u = u[:, :, :, 0] | (u[:, :, :, 1] << 4)           # [k, blk, byte, lane]
+        return np.ascontiguousarray(u.transpose(1, 0, 3, 2)).tobytes()   # [blk, k, lane, byte]
+    u = u.reshape(L.K, L.nblk, L.words, L.fields, VL)      # [k, blk, word, byte, lane]
+    return np.ascontiguousarray(u.transpose(1, 0, 2, 4, 3)).tobytes()   # [blk, k, word, lane, byte]
+
+
+@emitter("matmul_q")
+def emit_matmul_q(k: Kernel, node: Node):
+    L = QLayout(node)
+    x_t, y_t = node.inputs[0].type, node.outputs[0].type
+    K, N, group = L.K, L.N, L.group
+    rows = math.prod(x_t.shape[:-1])  # q is shared: every batch dim folds into rows
+    if rows * N == 0:
+        k.finish()
+        return 0, 1
+    b = k.b
+    X = Access(k, k.args[0], x_t.dtype, 1)
+    W = k.args[1]
+    S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
+    zty = ir.VectorType(ir.IntType(L.bits * 2), VL)  # zero points: i8 / i16
+    Y = Access(k, k.args[-1], y_t.dtype, VL)
+    YACC = Access(k, _stack_array(k, MCH * NB, "yacc"), dt.f32, VL)
+    mchunks = -(-rows // MCH)
+    wvec = ir.VectorType(I32, VL)
+    fvec = ir.VectorType(F32, VL)
+    zero = fconst(fvec, 0.0)
+    row_words = L.words * VL  # i32 per row of a block
+
+    def tiles(r: int):
+        """(first row, rows, column-vector passes) of the register tiles of r rows."""
+        n = -(-r // ROWS_TILE)
+        sizes = [r // n + (i < r % n) for i in range(n)]
+        per = PASS_CV if r == 1 else TILE_CV
+        passes = [list(range(p, p + per)) for p in range(0, NCV, per)]
+        return [(sum(sizes[:i]), s, passes) for i, s in enumerate(sizes)]
+
+    XV = Access(k, k.args[0], x_t.dtype, VL)
+
+    def group_sum(start, n):
+        """sum(x[start:start+n]) (f32), VL lanes at a time: computed once per
+        group and row, not in the weight loops (a scalar add chain there costs
+        its latency on every step)."""
+        v = fold_loop(b, 0, n - n % VL, [zero], lambda i, a: [b.fadd(a[0], XV.load(b.add(start, i)))],
+                      step=VL, name="xs")[0]
+        total = hsum(k, v)
+        for i in range(n - n % VL, n):
+            total = b.fadd(total, X.scalar(b.add(start, i64(i))))
+        return total
+
+    def group_body(wblk, sblk, xrow, k0, g, glen, r):
+        """Fold rows [k0, k0+glen) (group g) of the block into yacc for r rows of x
+        (zero points sit at the same index as scales)."""
+        xs = [group_sum(b.add(xrow[m], k0), glen) for m in range(r)]
+        for m0, mr, passes in tiles(r):
+            for cvs in passes:
+                tile_pass(wblk, sblk, xrow, xs, k0, g, glen, m0, mr, cvs)
+
+    def tile_pass(wblk, sblk, xrow, xs, k0, g, glen, m0, mr, cvs):
+        """Rows [m0, m0+mr) x column vectors cvs of one group: the k loop in
+        registers, then the group's scale (and zero point) into yacc."""
+        nw = sorted({L.field(cv)[0] for cv in cvs})
+        nacc = len(cvs) * mr
+        # Independent accumulator sets for consecutive rows k, so that
+        # FMA latency (4 cycles) never waits: ``chains`` x nacc >= 8.
+        chains = max(1, min(K_CHAINS, 8 // nacc))
+
+        def step(kk, vals, nk=chains):
+            out = list(vals)
+            for c in range(nk):
+                kr = b.add(k0, b.add(kk, i64(c)))
+                wp = b.add(wblk, b.mul(kr, i64(row_words)))
+                words = {w: b.load(gep(b, W, I32, b.add(wp, i64(w * VL))), typ=wvec, align=4) for w in nw}
+                xb = [splat(b, X.scalar(b.add(xrow[m0 + m], kr)), VL) for m in range(mr)]
+                i = c * nacc
+                for cv in cvs:
+                    w, e = L.field(cv)
+                    m = (((1 << L.bits) - 1) << (L.bits * e)) - (1 << 32 if e == L.fields - 1 else 0)
+                    f = b.sitofp(b.and_(words[w], ir.Constant(wvec, [m] * VL)), fvec)
+                    for t in range(mr):
+                        out[i] = fma(k, xb[t], f, out[i])
+                        i += 1
+            return out
+
+        vals = fold_loop(b, 0, glen - glen % chains, [zero] * (nacc * chains), step, step=chains,
+                         name="kk")
+        if glen % chains:  # the group's last rows, into the first set
+            rest = glen - glen % chains
+            vals = fold_loop(b, rest, glen, vals, lambda kk, v: step(kk, v, 1), name="kr")
+        vals = [functools.reduce(b.fadd, vals[i::nacc]) for i in range(nacc)]
+        xsum = [splat(b, xs[m0 + t], VL) for t in range(mr)]
+        neg = [b.fneg(v) for v in xsum]
+        i = 0
+        for cv in cvs:
+            e = L.field(cv)[1]
+            col = b.add(sblk, b.add(b.mul(g, i64(NB)), i64(cv * VL)))
+            s = S.load(col)
+            sp = b.fmul(s, fconst(fvec, 2.0 ** -(L.bits * e)))  # exact: a power of two
+            if L.has_zeros:
+                z = b.load(gep(b, k.args[3], zty.element, col), typ=zty, align=L.bits // 4)
+                soff = b.fmul(s, b.sitofp(b.sext(z, wvec), fvec))
+            else:
+                soff = b.fmul(s, fconst(fvec, float(L.offset(e)))) if L.offset(e) else None
+            for t in range(mr):
+                pos = i64((m0 + t) * NB + cv * VL)
+                y = fma(k, sp, vals[i], YACC.load(pos))
+                if soff is not None:
+                    y = fma(k, soff, neg[t], y)
+                YACC.store(y, pos)
+                i += 1
+
+    def chunk(blk, m_first, r):
+        """Rows [m_first, m_first + r) of x against column block blk."""
+        for c in range(0, r * NB, VL):
+            YACC.store(zero, i64(c))
+        wblk = b.mul(blk, i64(K * row_words))
+        sblk = b.mul(blk, i64(L.groups * NB))
+        xrow = [b.mul(b.add(m_first, i64(m)), i64(K)) for m in range(r)]
+        full = K // group
+        with loop(b, 0, full, name="g") as g:
+            group_body(wblk, sblk, xrow, b.mul(g, i64(group)), g, group, r)
+        if K % group:
+            group_body(wblk, sblk, xrow, i64(full * group), i64(full), K % group, r)
+        col0 = b.mul(blk, i64(NB))
+
+        def store(ncols):
+            for m in range(r):
+                yrow = b.add(b.mul(b.add(m_first, i64(m)), i64(N)), col0)
+                for cv in range(-(-ncols // VL)):
+                    v = YACC.load(i64(m * NB + cv * VL))
+                    Y.store(v, b.add(yrow, i64(cv * VL)), min(VL, ncols - cv * VL))
+
+        if N % NB:
+            last = b.icmp_signed("==", blk, i64(L.nblk - 1))
+            with b.if_else(last) as (tail, body):
+                with tail:
+                    store(N % NB)
+                with body:
+                    store(NB)
+        else:
+            store(NB)
+
+    with loop(b, k.begin, k.end, name="item") as item:
+        blk = b.udiv(item, i64(mchunks))
+        mc = b.urem(item, i64(mchunks))
+        m_first = b.mul(mc, i64(MCH))
+        if rows % MCH:
+            last = b.icmp_signed("==", mc, i64(mchunks - 1))
+            with b.if_else(last) as (tail, body):
+                with tail:
+                    chunk(blk, m_first, rows % MCH)
+                with body:
+                    if rows > MCH:
+                        chunk(blk, m_first, MCH)
+        else:
+            chunk(blk, m_first, MCH)
+    k.finish()
+    item_bytes = K * NB * L.bits // 8
+    return L.nblk * mchunks, max(1, -(-MIN_PARALLEL_BYTES // max(1, item_bytes)))
+
+
+# --- prototype: int8 activations (not wired into the IR) ------------------------------
+#
+# Each row of x is quantized at run time per group of K: d = max|x| / 127,
+# xq = roundeven(x / d) in i8; then y = sum_g d[g] * scale[g] * sum_k xq * q,
+# the inner sums exact in integers (AVX2 vpmaddubsw + vpmaddwd: 64 weights per
+# ~8 vector instructions against ~24 on the f32 path).  This changes numerics
+# (activation rounding), so it must become its own explicitly chosen mode;
+# ``reference_i8act`` is its semantics.  Host AVX2 only, i4 weights without
+# zero points, group a multiple of 8 dividing K.
+
+SLAB = 8  # columns per 32-byte slab: 8 columns x 8 rows of k, nibbles
+
+
+def reference_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, group: int) -> np.ndarray:
+    """The int8-activation semantics: x[M, K] f32, q[K, N] int values, scales [K/group, N]."""
+    M, K = x.shape
+    xb = x.astype(np.float32).reshape(M, K // group, group)
+    d = np.abs(xb).max(axis=2, keepdims=True) / np.float32(127)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xq = np.where(d > 0, np.round(xb / d), 0).astype(np.int32)
+    qb = q.astype(np.int32).reshape(K // group, group, -1)
+    dots = np.einsum("mgk,gkn->mgn", xq, qb).astype(np.float32)
+    return np.einsum("mgn,mg,gn->mn", dots, d[..., 0], scales.astype(np.float32)).astype(np.float32)
+
+
+def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
+    """q as [N/64 blocks * 8 slabs][K/8][32]: byte 4c+t of a slab row holds column
+    c's q+8 for k = 8j+t (low nibble) and 8j+4+t (high nibble); scales as
+    [slabs][groups][8].  Columns padded to a multiple of 64."""
+    K, N = node.inputs[1].type.shape
+    nslab = -(-N // NB) * (NB // SLAB)
+    if index == 2:
+        s = np.zeros((a.shape[0], nslab * SLAB), a.dtype)
+        s[:, :N] = a
+        return np.ascontiguousarray(s.reshape(a.shape[0], nslab, SLAB).transpose(1, 0, 2)).tobytes()
+    if index != 1:
+        return None
+    u = np.full((K, nslab * SLAB), 8, np.uint8)
+    u[:, :N] = (np.asarray(a).astype(np.int8, copy=False).view(np.uint8) + np.uint8(8)) & 0xF
+    u = u.reshape(K // 8, 2, 4, nslab, SLAB)           # [j, half, t, slab, c]
+    byte = u[:, 0] | (u[:, 1] << 4)                     # [j, t, slab, c]
+    return np.ascontiguousarray(byte.transpose(2, 0, 3, 1)).tobytes()  # [slab, j, c, t]
+
+
+def emit_i8act(k: Kernel, node: Node):
+    """matmul_q with int8 activations (``reference_i8act``); see above."""
+    x_t = node.inputs[0].type
+    K, N = node.inputs[1].type.shape
+    group = node.attrs["group"]
+    rows = math.prod(x_t.shape[:-1])
+    if "avx2" not in k.target.enabled_features or node.inputs[1].type.dtype is not dt.i4 or len(node.inputs) > 3 \
+            or group % 8 or K % group or x_t.dtype is not dt.f32 or rows * K > 1 << 16:
+        raise NotImplementedError("int8-activation prototype: host AVX2, i4 without zeros, f32 x, 8 | group | K, "
+                                  "rows * K <= 64Ki (x quantized on the stack)")
+    G = K // group
+    b = k.b
+    I8, I16 = ir.IntType(8), ir.IntType(16)
+    v32i8, v16i16, v8i32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
+    fvec = ir.VectorType(F32, VL)
+    maddubs = k.intrinsic("llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
+    maddwd = k.intrinsic("llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+    roundeven = k.intrinsic("llvm.roundeven.f32", F32, [F32])
+    X, W = Access(k, k.args[0], dt.f32, 1), k.args[1]
+    S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
+    Y = Access(k, k.args[-1], dt.f32, VL)
+    # quantized x: i8 values, then per (row, group) the step d and sum of xq (on the stack)
+    xq = _stack_array(k, -(-rows * K // 4), "xq")
+    dq = _stack_array(k, rows * G, "dq")
+    qsum = _stack_array(k, rows * G, "qsum")
+    zero_f = ir.Constant(F32, 0.0)
+    with loop(b, 0, rows * G, name="qg") as rg:
+        base = b.mul(rg, i64(group))
+        amax = fold_loop(b, 0, group, [zero_f], lambda i, a: [
+            call_fabs_max(k, a[0], X.scalar(b.add(base, i)))], name="amax")[0]
+        d = b.fdiv(amax, ir.Constant(F32, 127.0))
+        pos = b.fcmp_ordered(">", d, zero_f)
+
+        def quant(i, acc):
+            v = b.call(roundeven, [b.fdiv(X.scalar(b.add(base, i)), d)])
+            v = b.select(pos, v, zero_f)
+            b.store(b.trunc(b.fptosi(v, I32), I8), gep(b, xq, I8, b.add(base, i)))
+            return [b.fadd(acc[0], v)]
+
+        s = fold_loop(b, 0, group, [zero_f], quant, name="quant")[0]  # exact: |sum| < 2^24
+        b.store(d, gep(b, dq, F32, rg))
+        b.store(b.fmul(s, ir.Constant(F32, -8.0)), gep(b, qsum, F32, rg))
+    ones = ir.Constant(v16i16, [1] * 16)
+    lo_mask = ir.Constant(v32i8, [0x0F] * 32)
+    four = ir.Constant(v32i8, [4] * 32)
+    nblk = -(-N // NB)
+    nslab = nblk * (NB // SLAB)
+    quad = 4  # slabs whose accumulators share each broadcast of xq
+
+    def quad_pass(item, m, s0):
+        """Row m of x against slabs s0..s0+quad of block ``item``."""
+        slabs = [b.add(b.mul(item, i64(NB // SLAB)), i64(s0 + q)) for q in range(quad)]
+
+        def group_step(g, yacc):
+            def kstep(j, acc):
+                kk = b.add(b.mul(g, i64(group // 8)), j)  # k-chunk of 8 rows
+                xo = b.add(i64(m * K), b.mul(kk, i64(8)))
+                xb = [b.bitcast(splat(b, b.load(gep(b, xq, I8, b.add(xo, i64(h * 4))), typ=I32,
+                                                 align=1), 8), v32i8) for h in range(2)]
+                out = []
+                for j2, sl in enumerate(slabs):
+                    off = b.add(b.mul(sl, i64(K // 8 * 32)), b.mul(kk, i64(32)))
+                    w = b.load(gep(b, W, I8, off), typ=v32i8, align=1)
+                    lo, hi = b.and_(w, lo_mask), b.lshr(w, four)
+                    p = b.add(b.call(maddubs, [lo, xb[0]]), b.call(maddubs, [hi, xb[1]]))
+                    out.append(b.add(acc[j2], b.call(maddwd, [p, ones])))
+                return out
+
+            acc = fold_loop(b, 0, group // 8, [ir.Constant(v8i32, [0] * 8)] * quad, kstep, name="ks")
+            rg = b.add(i64(m * G), g)
+            dv = splat(b, b.load(gep(b, dq, F32, rg), typ=F32), VL)
+            off8 = splat(b, b.load(gep(b, qsum, F32, rg), typ=F32), VL)
+            out = []
+            for j2, sl in enumerate(slabs):
+                sc = b.fmul(S.load(b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB)))), dv)
+                out.append(fma(k, sc, b.fadd(b.sitofp(acc[j2], fvec), off8), yacc[j2]))
+            return out
+
+        yacc = fold_loop(b, 0, G, [fconst(fvec, 0.0)] * quad, group_step, name="gq")
+        for j2 in range(quad):
+            col = (s0 + j2) * SLAB
+            base = b.add(b.mul(item, i64(NB)), i64(col))
+            yrow = b.add(i64(m * N), base)
+            if N % NB == 0:
+                Y.store(yacc[j2], yrow)
+            else:
+                valid = b.sub(i64(N), base)
+                full = b.icmp_signed(">=", valid, i64(SLAB))
+                with b.if_else(full) as (yes, no):
+                    with yes:
+                        Y.store(yacc[j2], yrow)
+                    with no:
+                        lane_ok = b.icmp_signed("<", ir.Constant(ir.VectorType(I64, VL), list(range(VL))),
+                                                splat(b, valid, VL))
+                        fn = k.intrinsic("llvm.masked.store.v8f32.p0", ir.VoidType(),
+                                         [fvec, PTR, I32, ir.VectorType(ir.IntType(1), VL)])
+                        b.call(fn, [yacc[j2], gep(b, k.args[-1], F32, yrow), ir.Constant(I32, 4), lane_ok])
+
+    with loop(b, k.begin, k.end, name="item") as item:
+        for m in range(rows):
+            for s0 in range(0, NB // SLAB, quad):
+                quad_pass(item, m, s0)
+    k.finish()
+    assert nslab % quad == 0
+    return nblk, max(1, -(-MIN_PARALLEL_BYTES // (K * NB // 2)))
+
+
+def call_fabs_max(k: Kernel, acc, v):
+    b = k.b
+    fabs = k.intrinsic("llvm.fabs.f32", F32, [F32])
+    return b.call(k.intrinsic("llvm.maxnum.f32", F32, [F32, F32]), [acc, b.call(fabs, [v])])
+
+
+@contextlib.contextmanager
+def i8act_prototype():
+    """Within this block, compile matmul_q with the int8-activation prototype
+    (emitter and packer), for its tests and benchmark only: the IR has no
+    way to ask for these semantics yet."""
+    saved = EMITTERS["matmul_q"], PACKERS["matmul_q"]
+    EMITTERS["matmul_q"], PACKERS["matmul_q"] = emit_i8act, pack_i8act
+    try:
+        yield
+    finally:
+        EMITTERS["matmul_q"], PACKERS["matmul_q"] = saved

@@ -1,0 +1,261 @@
+"""The ``quantize`` pass: matmul(x, W) with a constant 2-D f32/f16 W becomes
+matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
+
+    quantize{weights=int8|int4, group=N, scheme=sym|asym, scale_dtype=f32|f16,
+             skip=w1|w2, max_error=0.02, activations=none, calibration=minmax, seed=0, samples=16}
+
+- ``weights=int8`` (default) is per output channel unless ``group`` is given;
+  ``weights=int4`` is group-wise along K, ``group`` defaulting to 32.  A group
+  that does not divide K leaves a shorter last group.
+- ``skip`` names weight constants to leave in float, separated by ``|`` or
+  ``;`` (a comma would end the option in a pipeline string).  A name that is
+  no matmul weight is an error (it is probably a typo).
+- ``max_error``: a layer whose relative L2 output error exceeds the bound
+  stays in float (mixed precision); the report says so.
+- ``activations=int8`` and the ``calibration`` methods (minmax, percentile,
+  mse) are spelled and validated but not yet supported: they raise.
+
+Report plumbing: passes stay ``Graph -> Graph``; the pass records its report
+on itself (``self.report``, a :class:`QuantReport`) as a side channel that the
+driver reads after the pipeline ran (``Module.report``).  Calibration inputs
+reach it the same way: ``with_calibration(data)`` returns a copy carrying
+``[{input: array}, ...]`` samples.  Each layer's error is measured in
+isolation: the layer's fp32 input (from the reference interpreter over the
+calibration samples, or seeded standard-normal rows [samples, K] without
+them) through the float weight and through the dequantized weight.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import ClassVar
+
+import numpy as np
+
+from ...ir import dtypes as dt
+from ...ir.graph import Graph, Node, TensorType, Value
+from ...ir.ops import OPS
+from .. import quantize as qm
+from . import Pass, register
+
+WEIGHTS = {"int8": 8, "int4": 4}
+ACTIVATIONS = ("none", "int8")
+CALIBRATIONS = ("minmax", "percentile", "mse")
+DEFAULT_INT4_GROUP = 32
+
+
+def _error(msg: str):
+    from ..pipeline import PipelineError  # the pipeline module imports the passes package
+
+    return PipelineError(msg)
+
+
+def split_names(spec: str) -> list[str]:
+    """``"w1|w2;w3"`` -> ["w1", "w2", "w3"] (blank items dropped)."""
+    return [s.strip() for s in spec.replace(";", "|").split("|") if s.strip()]
+
+
+@register
+class Quantize(Pass):
+    """Quantize constant matmul weights to int8/int4 (see the module docstring)."""
+
+    name = "quantize"
+    weights: str = "int8"
+    group: int = 0          # 0: per output channel for int8, 32 for int4
+    scheme: str = "sym"
+    scale_dtype: str = "f32"
+    skip: str = ""
+    max_error: float = math.inf
+    activations: str = "none"
+    calibration: str = "minmax"
+    seed: int = 0
+    samples: int = 16
+
+    # side channel, not options (see the module docstring)
+    report: ClassVar = None
+    calibration_data: ClassVar = None
+
+    def __post_init__(self):
+        p = "pass quantize: option"
+        if self.weights not in WEIGHTS:
+            raise _error(f"{p} weights={self.weights}: expected int8 or int4")
+        if self.group < 0:
+            raise _error(f"{p} group={self.group}: expected a positive group size (e.g. 32, 64, 128), "
+                         f"or 0 for the default")
+        if self.scheme not in qm.SCHEMES:
+            raise _error(f"{p} scheme={self.scheme}: expected sym or asym")
+        if self.scale_dtype not in qm.SCALE_DTYPES:
+            raise _error(f"{p} scale_dtype={self.scale_dtype}: expected f32 or f16")
+        if "," in self.skip or "{" in self.skip or "}" in self.skip:
+            raise _error(f"{p} skip={self.skip}: separate names with '|' or ';'")
+        if math.isnan(self.max_error) or self.max_error < 0:
+            raise _error(f"{p} max_error={self.max_error}: expected a non-negative relative L2 bound")
+        if self.activations not in ACTIVATIONS:
+            raise _error(f"{p} activations={self.activations}: expected none or int8")
+        if self.calibration not in CALIBRATIONS:
+            raise _error(f"{p} calibration={self.calibration}: expected minmax, percentile or mse")
+        if self.activations == "int8":
+            raise _error("pass quantize: activations=int8 is not yet supported (weights-only quantization "
+                         "for now: use activations=none)")
+        if self.calibration != "minmax":
+            raise _error(f"pass quantize: calibration={self.calibration} calibrates int8 activations, which are "
+                         f"not yet supported; weight quantization needs no calibration method")
+        if self.samples < 1:
+            raise _error(f"{p} samples={self.samples}: expected at least 1 random input row")
+
+    @property
+    def bits(self) -> int:
+        return WEIGHTS[self.weights]
+
+    def group_for(self, k: int) -> int:
+        """The group size for a weight with K rows (per-channel: one group spanning K;
+        a group larger than K is the same thing, spelled as K)."""
+        group = self.group or (DEFAULT_INT4_GROUP if self.bits == 4 else k)
+        return max(min(group, k), 1)
+
+    def with_calibration(self, data) -> Quantize:
+        """A copy that measures errors on ``data`` (a list of {input name: array})."""
+        if data is not None and (not isinstance(data, (list, tuple)) or not data
+                                 or not all(isinstance(d, dict) for d in data)):
+            raise _error("calibration_data must be a non-empty list of {input name: numpy array} dicts")
+        p = copy.copy(self)
+        object.__setattr__(p, "calibration_data", None if data is None else list(data))
+        return p
+
+    def run(self, graph: Graph) -> Graph:
+        prod = graph.producers()
+        # candidates: const W (2-D, float, non-empty) used as the right operand of a matmul
+        uses: dict[Value, list[Node]] = {}
+        for n in graph.nodes:
+            if n.op != "matmul":
+                continue
+            w = n.inputs[1]
+            src = prod.get(w)
+            if src is not None and src.op == "const" and w.type.rank == 2 and w.dtype in dt.FLOATS and w.type.size:
+                uses.setdefault(w, []).append(n)
+        if not uses:
+            raise _error(f"quantize: no matmul with a constant 2-D weight in graph @{graph.name}")
+        skip = split_names(self.skip)
+        names = {w.name for w in uses}
+        unknown = [s for s in skip if s not in names]
+        if unknown:
+            raise _error(f"quantize: skip names {', '.join(unknown)}, which is not a matmul weight of "
+                         f"@{graph.name}; weights: {', '.join(sorted(names))}")
+        inputs = self._layer_inputs(graph, uses)
+
+        taken = {v.name for v in graph.values()}
+        report = QuantReport()
+        replaced: dict[Value, tuple[Value, ...]] = {}   # W -> (q, scales[, zeros])
+        new_consts: dict[Value, list[Node]] = {}        # W -> const nodes to insert after W's
+        group_of: dict[Value, int] = {}
+        for w in uses:
+            k, n = w.shape
+            fbytes = w.type.nbytes
+            row = {"layer": w.name, "shape": (k, n), "dtype": w.dtype.name, "float_bytes": fbytes}
+            if w.name in skip:
+                report.append({**row, "weights": w.dtype.name, "rel_l2": None, "cosine": None,
+                               "bytes": fbytes, "status": "skipped (skip=)"})
+                continue
+            group = self.group_for(k)
+            arr = prod[w].attrs["value"]
+            q, s, z = qm.quantize_weight(arr, self.bits, group, self.scheme, self.scale_dtype, name=w.name)
+            rel, cos = qm.layer_error(inputs[w], arr, q, s, z, group)
+            spelled = f"{self.weights} {'g' + str(group) if group < k else 'per-channel'} {self.scheme}"
+            if rel > self.max_error:
+                report.append({**row, "weights": w.dtype.name, "rel_l2": rel, "cosine": cos, "bytes": fbytes,
+                               "status": f"kept {w.dtype.name}: {spelled} error {rel:.3g} > max_error "
+                                         f"{self.max_error:g}"})
+                continue
+            qdt = dt.i4 if self.bits == 4 else dt.i8
+            vals, nodes = [], []
+            for suffix, a, d in (("q", q, qdt), ("scales", s, dt.dtype(s.dtype)), ("zeros", z, qdt)):
+                if a is None:
+                    continue
+                v = Value(_fresh(f"{w.name}.{suffix}", taken), TensorType(d, a.shape))
+                a = np.ascontiguousarray(a)
+                a.setflags(write=False)
+                vals.append(v)
+                nodes.append(Node("const", (), (v,), {"value": a}))
+            replaced[w], new_consts[w], group_of[w] = tuple(vals), nodes, group
+            report.append({**row, "weights": spelled, "rel_l2": rel, "cosine": cos,
+                           "bytes": qm.quantized_nbytes(k, n, self.bits, group, self.scale_dtype, z is not None),
+                           "status": "quantized"})
+
+        out_nodes = []
+        still_used = {v for n in graph.nodes for v in n.inputs
+                      if not (n.op == "matmul" and n.inputs[1] in replaced)} | set(graph.outputs)
+        for node in graph.nodes:
+            if node.op == "const" and node.output in replaced:
+                if node.output in still_used:
+                    out_nodes.append(node)
+                out_nodes.extend(new_consts[node.output])
+            elif node.op == "matmul" and node.inputs[1] in replaced:
+                w = node.inputs[1]
+                attrs = OPS["matmul_q"].normalize_attrs({"group": group_of[w]})
+                out_nodes.append(Node("matmul_q", (node.inputs[0],) + replaced[w], node.outputs, attrs))
+            else:
+                out_nodes.append(node)
+        object.__setattr__(self, "report", report)
+        return graph.with_nodes(out_nodes)
+
+    def _layer_inputs(self, graph: Graph, uses: dict) -> dict:
+        """Each weight's layer input rows [rows, K]: from the calibration samples
+        through the reference interpreter, or seeded random rows."""
+        if self.calibration_data is None:
+            out = {}
+            for i, w in enumerate(uses):
+                rng = np.random.default_rng([self.seed, i])
+                out[w] = rng.standard_normal((self.samples, w.shape[0]))
+            return out
+        from ...ir.reference import run_reference
+
+        rows: dict[Value, list] = {w: [] for w in uses}
+        for i, sample in enumerate(self.calibration_data):
+            if not isinstance(sample, dict):
+                raise _error(f"calibration sample {i}: expected a dict of input arrays, got {type(sample).__name__}")
+            try:
+                env = run_reference(graph, sample, keep_all=True)
+            except (ValueError, TypeError) as e:
+                raise _error(f"calibration sample {i}: {e}") from None
+            for w, users in uses.items():
+                rows[w].extend(env[n.inputs[0]].reshape(-1, w.shape[0]) for n in users)
+        return {w: np.concatenate(r) for w, r in rows.items()}
+
+
+def _fresh(name: str, taken: set) -> str:
+    base, k = name, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+class QuantReport(list):
+    """Rows (dicts), one per weight: layer, shape, dtype, weights (the format
+    used, or the float dtype kept), rel_l2, cosine (None when skipped),
+    float_bytes, bytes, status ("quantized", "kept f32: ...", "skipped (skip=)")."""
+
+    def quantized(self) -> list[str]:
+        return [r["layer"] for r in self if r["status"] == "quantized"]
+
+    def kept(self) -> list[str]:
+        return [r["layer"] for r in self if r["status"].startswith("kept")]
+
+    def format(self) -> str:
+        """A text table with a summary line."""
+        head = f"{'layer':<20}{'shape':>14}  {'weights':<22}{'rel L2':>10}{'cosine':>10}{'KiB':>10}  status"
+        lines = [head, "-" * len(head)]
+        for r in self:
+            shape = "x".join(map(str, r["shape"]))
+            rel = "-" if r["rel_l2"] is None else f"{r['rel_l2']:.2e}"
+            cos = "-" if r["cosine"] is None else f"{r['cosine']:.6f}"
+            lines.append(f"{r['layer']:<20}{shape:>14}  {r['weights']:<22}{rel:>10}{cos:>10}"
+                         f"{r['bytes'] / 1024:>10.1f}  {r['status']}")
+        fb, qb = sum(r["float_bytes"] for r in self), sum(r["bytes"] for r in self)
+        lines.append(f"{len(self.quantized())} of {len(self)} weights quantized"
+                     + (f", kept in float: {', '.join(self.kept())}" if self.kept() else "")
+                     + f"; weight bytes {fb / 2**20:.2f} MiB -> {qb / 2**20:.2f} MiB")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
