@@ -153,7 +153,6 @@ def _cmd_demo(a) -> None:
     import numpy as np
 
     import sqk
-    from ..ir.graph import Graph
     from .models import small_cnn, transformer_mlp
 
     rng = np.random.default_rng(0)
@@ -161,7 +160,6 @@ def _cmd_demo(a) -> None:
     print(f"{'model':<18}{'kernels':>8}{'max |err|':>12}{'sqk ms':>10}{'numpy ms':>10}")
     ok = True
     for g in (transformer_mlp(), small_cnn()):
-        assert isinstance(g, Graph)
         inputs = {v.name: rng.standard_normal(v.shape).astype(v.dtype.np_dtype) for v in g.inputs}
         m = sqk.compile(g, target=a.target)
         out, ref = m(**inputs), sqk.reference(g, **inputs)
@@ -175,6 +173,19 @@ def _cmd_demo(a) -> None:
     if not ok:
         raise RuntimeError("demo outputs differ from the reference")
     print("outputs match the reference")
+
+    g = transformer_mlp(tokens=4)
+    x = rng.standard_normal((4, 768)).astype(np.float32)
+    ref = sqk.reference(g, x=x).astype(np.float64)
+    print(f"\nquantized {g.name} (4 tokens) against fp32:")
+    print(f"{'weights':<22}{'weight MiB':>11}{'cosine':>10}{'rel L2':>10}")
+    for label, opts in (("f32", {}), ("int8 per-channel", {"quantize": "int8"}),
+                        ("int4 g32", {"quantize": "int4", "group": 32})):
+        m = sqk.compile(g, target=a.target, **opts)
+        out = m(x=x).astype(np.float64)
+        cos = float(out.ravel() @ ref.ravel() / (np.linalg.norm(out) * np.linalg.norm(ref)))
+        rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        print(f"{label:<22}{m.manifest['constants']['bytes'] / 2**20:>11.2f}{cos:>10.6f}{rel:>10.2e}")
 
 
 def main(argv=None) -> int:

@@ -85,3 +85,6 @@ def test_demo(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "transformer_mlp" in out and "small_cnn" in out and "outputs match the reference" in out
+    cosines = {line.split()[0]: float(line.split()[-2]) for line in out.splitlines()
+               if line.startswith(("int8", "int4"))}
+    assert cosines["int8"] >= 0.999 and cosines["int4"] >= 0.99, cosines
