@@ -4,13 +4,16 @@ rounded once at the store).  ``b`` is read row-major [K, N] as it is stored.
 
 Two shapes of kernel:
 
-* GEMM (M > 1): a register-tiled micro-kernel keeps an MR x (NR vectors) tile
-  of y in vector registers and walks K with one broadcast of ``a`` per row and
-  NR vector loads of ``b`` per step, fused multiply-adds in between.  Work
-  items are (batch, N-block, M-block) tiles, M fastest, so a thread's
-  consecutive items reuse the same columns of ``b`` from cache.  Columns of ``b``
-  are packed per item into a contiguous stack panel of KC rows, which the
-  micro-kernels then stream from L1 instead of striding across rows of ``b``.
+* GEMM (M > STREAM_MAX_M): a register-tiled micro-kernel keeps an MR x (NR
+  vectors) tile of y in vector registers and walks a K block with one
+  broadcast of ``a`` per row and NR vector loads of ``b`` per step, fused
+  multiply-adds in between.  Work items are (batch, N-block, M-block) tiles of
+  y, M fastest, so a thread's consecutive items reuse the same columns of ``b``
+  from cache.  Per K block and column panel, KC rows of ``b`` are packed (f32,
+  zero-padded past N) into a contiguous stack panel that stays in L1 while
+  every row panel of the item runs over it: no striding across rows of ``b``,
+  no cache-set conflicts for power-of-two N.  Partial sums between K blocks
+  live in y itself (f32) or in an f32 tile (f16, rounded once at the end).
 * GEMV (M == 1, the memory-bound decode case, and M up to STREAM_MAX_M): each
   item is a block of columns, and a thread streams row segments of ``b`` (KB
   rows at a time) into f32 accumulator rows on its stack, so two threads read
@@ -31,19 +34,25 @@ from .kernel import (F32, I1, I32, I64, PTR, Kernel, call_intrinsic, fconst, gep
                      narrow, splat, vtype, widen)
 from .lower import emitter
 
-# Fewest multiply-adds worth waking a second thread for.
-MIN_PARALLEL_FMAS = 1 << 16
+# Fewest multiply-adds worth waking another thread for: compute-bound GEMM
+# (~15 us of FMAs) and memory-bound GEMV (512 KiB of f32 weights).
+MIN_PARALLEL_FMAS = 1 << 19
+MIN_PARALLEL_GEMV = 1 << 17
+# Work items a GEMM big enough to share is cut into at least (load balance).
+MIN_ITEMS = 8
 # GEMM: rows and columns of a work item's tile of y; K block (rows of b packed
 # at a time: a KC x NRL f32 panel stays in L1 across the item's rows).
-GEMM_MC = 96
+GEMM_MC = 192
 GEMM_NC = 256
 GEMM_KC = 256
+GEMM_F16_TILE = (96, 128)  # f16: MC, NC at most (a 48 KiB f32 partial-sum tile on the stack)
 # GEMV path for M up to this: a few rows of a still leave the product bound by
 # reading b, which row streaming does best (measured against the GEMM path).
 STREAM_MAX_M = 4
-# GEMV: columns per work item (a multiple of the vector width), columns one
-# accumulator row covers (f32 on the stack: 8 KiB), rows of b per pass.
-GEMV_BLOCK = 256
+# GEMV: columns per work item (a multiple of the vector width; small, so odd N
+# still splits evenly: a thread merges its adjacent items into long runs),
+# columns the accumulator rows cover (f32 on the stack: 8 KiB), rows of b per pass.
+GEMV_BLOCK = 64
 GEMV_SPAN = 2048
 GEMV_KB = 8
 
@@ -100,19 +109,22 @@ def tile_shape(target) -> tuple[int, int]:
 
     The tile takes MR*NR accumulators plus NR loaded vectors of b and one
     broadcast of a; all must fit the vector register file: 16 on AVX2, 32 on
-    AVX-512.  riscv64's 256-bit vectors span two RVV registers on the minimum
+    AVX-512.  riscv64's 256-bit vectors span two RVV registers at the minimum
     VLEN of 128 bits, which again leaves 16.  Scalar code (lanes == 1) has 32
-    FP registers.  Largest tile wins, then the taller one (fewer b loads)."""
-    lanes = target.lanes(32)
-    if lanes == 1:
+    FP registers.  The most accumulators win, then the fewest loads per step
+    (MR + NR): 4x3 on AVX2 (measured ~8% faster than 6x2), 6x4 on AVX-512."""
+    if target.lanes(32) == 1:
         return 4, 4
     regs = 32 if target.vector_bits >= 512 else 16
-    best = max(((mr, nr) for nr in (2, 3, 4) for mr in range(1, 9) if mr * nr + nr + 1 <= regs),
-               key=lambda t: (t[0] * t[1], t[0]))
-    return best
+    return max(((mr, nr) for nr in (2, 3, 4) for mr in range(1, 9) if mr * nr + nr + 1 <= regs),
+               key=lambda t: (t[0] * t[1], -(t[0] + t[1])))
 
 
-# --- small IR helpers -----------------------------------------------------------------
+# --- small helpers --------------------------------------------------------------------
+
+def cdiv(x: int, y: int) -> int:
+    return -(-x // y)
+
 
 def fold_loop(b: ir.IRBuilder, start, stop, inits: list, body, step=1, name="k"):
     """``vals = inits; for i in range(start, stop, step): vals = body(i, vals)``;
@@ -214,8 +226,9 @@ def emit_matmul(k: Kernel, node: Node):
     return _gemm(k, g)
 
 
-def _grain(fmas_per_item: int) -> int:
-    return max(1, -(-MIN_PARALLEL_FMAS // max(1, fmas_per_item)))
+def _grain(fmas_per_item: int, least: int) -> int:
+    """Items per thread at the least: at least ``least`` multiply-adds."""
+    return max(1, cdiv(least, max(1, fmas_per_item)))
 
 
 # --- GEMM -----------------------------------------------------------------------------
@@ -233,35 +246,52 @@ def _stack_array(k: Kernel, n: int, name: str):
     return arr
 
 
-def gemm_blocking(target, M: int, K: int, N: int) -> dict:
-    """Tile sizes of the GEMM: micro-tile MR x NRL, item tile MC x NC, K blocks of KC."""
+def _split(n: int, most: int, unit: int, parts: int = 0) -> int:
+    """Block size (a multiple of unit) cutting n into max(parts, ceil(n/most))
+    near-equal blocks, so the last block is not a sliver."""
+    parts = max(parts, cdiv(n, most), 1)
+    return unit * max(1, cdiv(cdiv(n, parts), unit))
+
+
+def gemm_blocking(target, M: int, K: int, N: int, batch: int = 1, dtype=dt.f32) -> dict:
+    """Tile sizes of the GEMM: micro-tile MR x NRL, item tile MC x NC, K blocks of KC.
+
+    Item tiles are at most GEMM_MC x GEMM_NC (f16: the f32 partial-sum tile on
+    the stack is capped), cut evenly; a product big enough to share gets at
+    least MIN_ITEMS items, so threads are balanced."""
     lanes = target.lanes(32)
     MR, NR = tile_shape(target)
     NRL = NR * lanes
-    nkb = max(1, -(-K // GEMM_KC))
-    return dict(MR=MR, NR=NR, NRL=NRL, lanes=lanes,
-                MC=MR * max(1, min(-(-M // MR), GEMM_MC // MR)),
-                NC=NRL * max(1, min(-(-N // NRL), GEMM_NC // NRL)),
-                nkb=nkb, KC=-(-K // nkb) if K else 0)
+    most_m, most_n = (GEMM_MC, GEMM_NC) if dtype is dt.f32 else GEMM_F16_TILE
+    mparts, nparts = cdiv(M, most_m), cdiv(N, most_n)
+    want = min(MIN_ITEMS, cdiv(batch * M * N * K, MIN_PARALLEL_FMAS))
+    while batch * mparts * nparts < want and (mparts * MR < M or nparts * NRL < N):
+        if mparts * MR < M and (M // mparts >= N // nparts or nparts * NRL >= N):
+            mparts += 1
+        else:
+            nparts += 1
+    nkb = max(1, cdiv(K, GEMM_KC))
+    return dict(MR=MR, NR=NR, NRL=NRL, lanes=lanes, MC=_split(M, most_m, MR, mparts),
+                NC=_split(N, most_n, NRL, nparts), nkb=nkb, KC=cdiv(K, nkb) if K else 0)
 
 
 def _gemm(k: Kernel, g: Geometry):
     b = k.b
     M, K, N = g.M, g.K, g.N
-    p = gemm_blocking(k.target, M, K, N)
-    MR, NR, NRL, lanes, MC, NC, nkb, KC = (p[x] for x in ("MR", "NR", "NRL", "lanes", "MC", "NC", "nkb", "KC"))
-    mblocks, nblocks = -(-M // MC), -(-N // NC)
+    p = gemm_blocking(k.target, M, K, N, g.batch, g.dtype)
+    MR, NRL, lanes, MC, NC, nkb, KC = (p[x] for x in ("MR", "NRL", "lanes", "MC", "NC", "nkb", "KC"))
+    mblocks, nblocks = cdiv(M, MC), cdiv(N, NC)
     A, B, Y = (Access(k, q, g.dtype, lanes) for q in k.args[:3])
-    bp_ptr = _stack_array(k, KC * NRL, "bpanel")
-    BP = Access(k, bp_ptr, dt.f32, lanes)
-    ct_ptr = _stack_array(k, MC * NC, "ctile") if nkb > 1 else None
-    CT = Access(k, ct_ptr, dt.f32, lanes) if nkb > 1 else None
+    BP = Access(k, _stack_array(k, KC * NRL, "bpanel"), dt.f32, lanes)
+    # Partial sums between K blocks: y itself in f32; an f32 tile for f16 (rounded once).
+    CT = Access(k, _stack_array(k, MC * NC, "ctile"), dt.f32, lanes) if nkb > 1 and g.dtype is not dt.f32 \
+        else None
     zero = fconst(vtype(F32, lanes), 0.0)
 
     def pack(b_off, k0, kc, j, ncols):
         """bpanel[kk, 0:ncols] = b[k0+kk, j:j+ncols] in f32, kk < kc; the last
         partial vector is zero-padded."""
-        nv = -(-ncols // lanes)
+        nv = cdiv(ncols, lanes)
         with loop(b, 0, kc, name="pk") as kk:
             src = b.add(b.add(b_off, b.mul(b.add(k0, kk), i64(N))), j)
             dst = b.mul(kk, i64(NRL))
@@ -269,14 +299,19 @@ def _gemm(k: Kernel, g: Geometry):
                 BP.store(B.load(b.add(src, i64(v * lanes)), min(lanes, ncols - v * lanes)),
                          b.add(dst, i64(v * lanes)))
 
-    def micro(a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, final):
-        """Tile [i:i+mr, j:j+ncols] (li, lj: its position in the item tile) over
-        k in [k0, k0+kc): accumulators start at 0 (one K block) or from the
-        tile buffer, and end in y (``final``) or back in the tile buffer."""
-        nv = -(-ncols // lanes)
+    def micro(a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last):
+        """Tile y[i:i+mr, j:j+ncols] (li, lj: its place in the item tile), K block
+        [k0, k0+kc).  Accumulators start at 0 in the ``first`` block, else from
+        the partial sums; the ``last`` block writes y, the others the partial sums."""
+        nv = cdiv(ncols, lanes)
+        valid = [min(lanes, ncols - v * lanes) for v in range(nv)]
         a_rows = [b.add(b.add(a_off, b.mul(b.add(i, i64(r)), i64(K))), k0) for r in range(mr)]
-        ct_rows = [b.add(b.mul(b.add(li, i64(r)), i64(NC)), lj) for r in range(mr)] if CT else None
-        init = [CT.load(b.add(ct_rows[r], i64(v * lanes))) if CT else zero
+        y_rows = [b.add(y_off, b.add(b.mul(b.add(i, i64(r)), i64(N)), j)) for r in range(mr)]
+        if CT:
+            p_rows, P = [b.add(b.mul(b.add(li, i64(r)), i64(NC)), lj) for r in range(mr)], CT
+        else:
+            p_rows, P = y_rows, Y
+        init = [zero if first else P.load(b.add(p_rows[r], i64(v * lanes)), valid[v])
                 for r in range(mr) for v in range(nv)]
 
         def step(kk, acc):
@@ -289,27 +324,24 @@ def _gemm(k: Kernel, g: Geometry):
             return out
 
         acc = fold_loop(b, 0, kc, init, step)
+        rows, out = (y_rows, Y) if last else (p_rows, P)
         for r in range(mr):
-            if final:
-                yrow = b.add(y_off, b.add(b.mul(b.add(i, i64(r)), i64(N)), j))
             for v in range(nv):
-                if final:
-                    Y.store(acc[r * nv + v], b.add(yrow, i64(v * lanes)), min(lanes, ncols - v * lanes))
-                else:
-                    CT.store(acc[r * nv + v], b.add(ct_rows[r], i64(v * lanes)))
+                out.store(acc[r * nv + v], b.add(rows[r], i64(v * lanes)), valid[v])
 
-    def kblock(offs, i0, i1, j0, j1, k0, kc, final):
+    def kblock(offs, i0, i1, j0, j1, k0, kc, first, last):
+        """One K block of the item tile [i0:i1, j0:j1]: per column panel, pack b, then every row panel."""
         a_off, b_off, y_off = offs
 
         def panel(j, ncols):
             pack(b_off, k0, kc, j, ncols)
             lj = b.sub(j, j0)
             with loop(b, i0, imin(b, i1, M - M % MR), MR, name="i") as i:
-                micro(a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, final)
+                micro(a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, first, last)
             if M % MR:
                 with b.if_then(b.icmp_signed("==", i1, i64(M))):
                     i = i64(M - M % MR)
-                    micro(a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, final)
+                    micro(a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last)
 
         with loop(b, j0, imin(b, j1, N - N % NRL), NRL, name="j") as j:
             panel(j, NRL)
@@ -321,19 +353,19 @@ def _gemm(k: Kernel, g: Geometry):
         mb = b.urem(item, i64(mblocks))
         t = b.udiv(item, i64(mblocks))
         nb = b.urem(t, i64(nblocks))
-        offs = g.offsets(b, b.udiv(t, i64(nblocks)))
-        i0 = b.mul(mb, i64(MC))
-        i1 = imin(b, b.add(i0, i64(MC)), M)
-        j0 = b.mul(nb, i64(NC))
-        j1 = imin(b, b.add(j0, i64(NC)), N)
-        if nkb > 1:
-            with loop(b, 0, MC * NC, lanes, name="z") as z:
-                CT.store(zero, z)
-            with loop(b, 0, (nkb - 1) * KC, KC, name="kb") as k0:
-                kblock(offs, i0, i1, j0, j1, k0, KC, False)
-        kblock(offs, i0, i1, j0, j1, i64((nkb - 1) * KC), K - (nkb - 1) * KC, True)
+        i0, j0 = b.mul(mb, i64(MC)), b.mul(nb, i64(NC))
+        tile = (g.offsets(b, b.udiv(t, i64(nblocks))), i0, imin(b, b.add(i0, i64(MC)), M),
+                j0, imin(b, b.add(j0, i64(NC)), N))
+        kc_last = K - (nkb - 1) * KC
+        if nkb == 1:
+            kblock(*tile, i64(0), K, True, True)
+        else:
+            kblock(*tile, i64(0), KC, True, False)
+            with loop(b, KC, (nkb - 1) * KC, KC, name="kb") as k0:
+                kblock(*tile, k0, KC, False, False)
+            kblock(*tile, i64((nkb - 1) * KC), kc_last, False, True)
     k.finish()
-    return g.batch * mblocks * nblocks, _grain(MC * NC * K)
+    return g.batch * mblocks * nblocks, _grain(MC * NC * K, MIN_PARALLEL_FMAS)
 
 
 # --- GEMV (and few-row GEMM) ----------------------------------------------------------
@@ -344,8 +376,8 @@ def _gemv(k: Kernel, g: Geometry):
     b = k.b
     lanes = k.target.lanes(32)
     M, K, N = g.M, g.K, g.N
-    block = min(GEMV_BLOCK, -(-N // lanes) * lanes)
-    nblk = -(-N // block)
+    block = min(GEMV_BLOCK, cdiv(N, lanes) * lanes)
+    nblk = cdiv(N, block)
     span_blocks = max(1, GEMV_SPAN // M // block)
     span = span_blocks * block
     A, B, Y = (Access(k, p, g.dtype, lanes) for p in k.args[:3])
@@ -415,4 +447,4 @@ def _gemv(k: Kernel, g: Geometry):
     b.branch(head)
     b.position_at_end(done)
     k.finish()
-    return g.batch * nblk, _grain(M * block * K)
+    return g.batch * nblk, _grain(M * block * K, MIN_PARALLEL_GEMV)

@@ -29,8 +29,8 @@ class Target:
         return self.name != "riscv64" or "+v" in self.features.split(",")
 
     def lanes(self, bits: int) -> int:
-        """Vector lanes for elements of ``bits`` bits."""
-        return max(1, self.vector_bits // bits)
+        """Vector lanes for elements of ``bits`` bits (1: write scalar code)."""
+        return max(1, self.vector_bits // bits) if self.has_vector else 1
 
     @functools.cached_property
     def machine(self) -> llvm.TargetMachine:

@@ -15,14 +15,24 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define SQK_ALIGN 64
 #define SQK_MAX_THREADS 1024 /* sanity cap on a typo like SQK_NUM_THREADS=100000 */
-/* How long an idle worker polls for the next step before it sleeps on the
- * condition variable. Back-to-back steps of one run then start without a
- * futex wake-up; a context that is idle between runs costs no CPU. */
-#define SQK_SPIN 4000
+/* How long (ns) an idle worker polls for the next step before it sleeps on
+ * the condition variable. Measured in time, not iterations: back-to-back
+ * steps, and back-to-back runs from Python (~40 us apart), must find the
+ * workers awake, or the caller takes every chunk alone (a memory-bound GEMV
+ * then streams at one core's bandwidth). A context idle for longer costs no CPU. */
+#define SQK_SPIN_NS 200000
+#define SQK_SPIN 4000 /* polls the caller makes before it sleeps waiting for workers */
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 struct sqk_context {
     int64_t n_threads; /* workers including the caller */
@@ -80,8 +90,12 @@ static void *worker_main(void *arg) {
     uint64_t seen = 0; /* the context starts at generation 0 */
     for (;;) {
         uint64_t gen = atomic_load_explicit(&ctx->generation, memory_order_acquire);
-        for (int i = 0; i < SQK_SPIN && gen == seen && !atomic_load(&ctx->stop); i++) {
-            if ((i & 63) == 63) sched_yield(); /* be polite on an oversubscribed machine */
+        int64_t spin_until = now_ns() + SQK_SPIN_NS;
+        for (int i = 1; gen == seen && !atomic_load(&ctx->stop); i++) {
+            if ((i & 63) == 0) {
+                if (now_ns() > spin_until) break;
+                sched_yield(); /* be polite on an oversubscribed machine */
+            }
             gen = atomic_load_explicit(&ctx->generation, memory_order_acquire);
         }
         if (gen == seen) {

@@ -1,4 +1,4 @@
-"""matmul vs the numpy reference: GEMM and GEMV (M == 1) paths, every tail of
+"""matmul vs the numpy reference: GEMM and GEMV (M <= STREAM_MAX_M) paths, every tail of
 the micro-kernel (M, N not multiples of the tile, N below the vector width),
 K blocking (K above one K block), batch broadcasting, f16, threads."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import sqk
 from harness import check, rand, target_param
-from sqk.codegen.matmul import GEMM_KC, GEMV_SPAN, STREAM_MAX_M, f32_lanes, gemm_blocking, tile_shape
+from sqk.codegen.matmul import GEMM_KC, GEMV_SPAN, STREAM_MAX_M, gemm_blocking, tile_shape
 from sqk.codegen.target import get_target
 
 
@@ -58,8 +58,8 @@ def test_f16(target, a_shape, b_shape):
 
 @target_param
 def test_k_blocks(target):
-    """K over one K block: partial sums go through the f32 tile buffer; f16
-    still rounds once (a per-block rounding would miss the 2e-3 tolerance)."""
+    """K over several K blocks: partial sums go through y (f32) or an f32 tile
+    (f16, rounded once: a per-block rounding would miss the 2e-3 tolerance)."""
     k = 2 * GEMM_KC + 3
     run((9, k), (k, 21), target, rtol=1e-4)  # f32 sums of ~500 products: rounding grows with sqrt(K)
     run((5, k), (k, 11), target, dtype="f16")
@@ -107,7 +107,7 @@ def test_tile_fits_registers(target):
     """The micro-kernel's accumulators, b vectors and a broadcast fit the register file."""
     t = get_target(target)
     mr, nr = tile_shape(t)
-    regs = 32 if f32_lanes(t) == 1 or t.vector_bits >= 512 else 16
+    regs = 32 if t.lanes(32) == 1 or t.vector_bits >= 512 else 16
     assert mr * nr + nr + 1 <= regs and 1 <= mr <= 8
     p = gemm_blocking(t, 100, 1000, 100)
     assert p["MC"] % mr == 0 and p["NC"] % p["NRL"] == 0 and p["nkb"] * p["KC"] >= 1000
