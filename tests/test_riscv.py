@@ -30,14 +30,26 @@ def gemv_f32():
 VECTOR = re.compile(r"^\s+(v[a-z0-9]+(\.[a-z0-9]+)*)\s", re.M)
 
 
-def test_gemv_hot_loop_is_vectorized():
-    g = gemv_f32()
-    rvv = kernel_asm(compile_for(g, "riscv64"), "riscv64", "k0_matmul")
+def gemv_q(bits: int):
+    from sqk.compiler.quantize import quantize_weight
+
+    w = np.random.default_rng(0).standard_normal((256, 200)).astype(np.float32)
+    q, s, _ = quantize_weight(w, bits=bits, group=32 if bits == 4 else None)
+    b = sqk.GraphBuilder(f"gemv_i{bits}")
+    return b.output(b.matmul_q(b.input("x", (1, 256)), b.const(q, f"i{bits}"), b.const(s, "f32"),
+                               group=32 if bits == 4 else 256))
+
+
+@pytest.mark.parametrize("graph, kernel", [(gemv_f32, "k0_matmul"), (lambda: gemv_q(8), "k0_matmul_q"),
+                                           (lambda: gemv_q(4), "k0_matmul_q")], ids=["f32", "int8", "int4"])
+def test_gemv_hot_loop_is_vectorized(graph, kernel):
+    g = graph()
+    rvv = kernel_asm(compile_for(g, "riscv64"), "riscv64", kernel)
     ops = {m.group(1) for m in VECTOR.finditer(rvv)}
     assert any(o.startswith("vfmacc") or o.startswith("vfmadd") for o in ops), sorted(ops)
-    assert any(o.startswith("vle32") for o in ops) and any(o.startswith("vsetivli") or o.startswith("vsetvli")
-                                                           for o in ops), sorted(ops)
-    scalar = kernel_asm(compile_for(g, "riscv64-scalar"), "riscv64-scalar", "k0_matmul")
+    assert any(o.startswith("vle") for o in ops) and any(o.startswith("vsetivli") or o.startswith("vsetvli")
+                                                         for o in ops), sorted(ops)
+    scalar = kernel_asm(compile_for(g, "riscv64-scalar"), "riscv64-scalar", kernel)
     assert not VECTOR.findall(scalar), "vector instructions in the rv64gc build"
     assert "fmadd.s" in scalar or "fmul.s" in scalar
 

@@ -1,0 +1,61 @@
+"""RISC-V under emulation: the run time of RVV (rv64gcv) against scalar (rv64gc)
+builds of the same graphs, under qemu-user on this machine.
+
+A coarse figure: qemu is not a board (it translates each vector instruction into
+host code of its own, so the ratio says how much work the vector code saves
+the emulator, not what a core would do).  Each model is timed as the median of
+whole runner calls, minus the median call of a trivial model (qemu start-up,
+.npy exchange), with one runtime thread.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import sqk
+from sqk.compiler.quantize import quantize_weight
+
+from . import Table, median, timeit
+
+K = N = 1024
+RUNS = 5
+
+
+def models(rng):
+    w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+    out = {}
+    b = sqk.GraphBuilder("gemv_f32")
+    out["GEMV f32"] = b.output(b.matmul(b.input("x", (1, K)), b.const(w, name="w")))
+    for label, bits, group in (("GEMV int8 (per channel)", 8, None), ("GEMV int4 (g32)", 4, 32)):
+        q, s, z = quantize_weight(w, bits=bits, group=group)
+        b = sqk.GraphBuilder(f"gemv_i{bits}")
+        x = b.input("x", (1, K))
+        out[label] = b.output(b.matmul_q(x, b.const(q, "i8" if bits == 8 else "i4"), b.const(s, "f32"),
+                                         group=group or K))
+    b = sqk.GraphBuilder("empty")
+    out["(start-up: a 1-element relu)"] = b.output(b.relu(b.input("x", (1, 1))))
+    return out
+
+
+def run(threads: int) -> Table:
+    rng = np.random.default_rng(0)
+    graphs = models(rng)
+    times = {}
+    for label, g in graphs.items():
+        x = rng.standard_normal(g.inputs[0].shape).astype(np.float32)
+        mods = {t: sqk.compile(g, target=t, threads=1) for t in ("riscv64", "riscv64-scalar")}
+        ref = sqk.reference(g, x=x)
+        for m in mods.values():
+            np.testing.assert_allclose(m(x=x), ref, rtol=1e-4, atol=1e-4)
+        t = timeit({tgt: (lambda m=m: m(x=x)) for tgt, m in mods.items()}, runs=RUNS, settle=0.0)
+        times[label] = {tgt: median(v) * 1e3 for tgt, v in t.items()}
+    base = times.pop("(start-up: a 1-element relu)")
+    table = Table(f"RISC-V, EMULATED under qemu-user ({K}x{N} weights, 1 runtime thread; ms per call "
+                  f"minus start-up)", ["kernel", "rv64gcv (RVV)", "rv64gc (scalar)", "scalar / RVV"])
+    for label, t in times.items():
+        v, s = t["riscv64"] - base["riscv64"], t["riscv64-scalar"] - base["riscv64-scalar"]
+        table.add(label, f"{v:.2f}", f"{s:.2f}", f"{s / v:.1f}x" if v > 0 else "-")
+    table.notes += [f"start-up (qemu + runner + .npy exchange): {base['riscv64']:.1f} ms (RVV), "
+                    f"{base['riscv64-scalar']:.1f} ms (scalar), subtracted above",
+                    "qemu -cpu rv64,v=true,vext_spec=v1.0,vlen=256 for RVV; rv64,v=false for scalar",
+                    "emulated: qemu is not a board; read the ratio as coarse"]
+    return table
