@@ -84,10 +84,9 @@ class Kernel:
         return fn
 
 
-@contextmanager
-def loop(b: ir.IRBuilder, start, stop, step=1, name="i"):
-    """``for (i = start; i < stop; i += step)`` over i64; yields i.  Bounds may
-    be Python ints or i64 values."""
+def _open_loop(b: ir.IRBuilder, start, stop, inits, name):
+    """Header of a counted loop: the i64 counter and loop-carried phis; leaves
+    ``b`` in the body.  Returns (i, phis, head, done)."""
     start = i64(start) if isinstance(start, int) else start
     stop = i64(stop) if isinstance(stop, int) else stop
     pre = b.block
@@ -98,13 +97,40 @@ def loop(b: ir.IRBuilder, start, stop, step=1, name="i"):
     b.position_at_end(head)
     i = b.phi(I64, name=name)
     i.add_incoming(start, pre)
+    phis = []
+    for v in inits:
+        p = b.phi(v.type)
+        p.add_incoming(v, pre)
+        phis.append(p)
     b.cbranch(b.icmp_signed("<", i, stop), body, done)
     b.position_at_end(body)
-    yield i
-    nxt = b.add(i, i64(step), name=name + ".next", flags=["nsw"])
-    i.add_incoming(nxt, b.block)
+    return i, phis, head, done
+
+
+def _close_loop(b: ir.IRBuilder, i, phis, new, step, head, done, name):
+    last = b.block
+    i.add_incoming(b.add(i, i64(step), name=name + ".next", flags=["nsw"]), last)
+    for p, v in zip(phis, new):
+        p.add_incoming(v, last)
     b.branch(head)
     b.position_at_end(done)
+
+
+@contextmanager
+def loop(b: ir.IRBuilder, start, stop, step=1, name="i"):
+    """``for (i = start; i < stop; i += step)`` over i64; yields i.  Bounds may
+    be Python ints or i64 values."""
+    i, _, head, done = _open_loop(b, start, stop, (), name)
+    yield i
+    _close_loop(b, i, (), (), step, head, done, name)
+
+
+def fold_loop(b: ir.IRBuilder, start, stop, inits: list, body, step=1, name="k"):
+    """``vals = inits; for i in range(start, stop, step): vals = body(i, vals)``;
+    returns the final values (loop-carried phis, so they stay in registers)."""
+    i, phis, head, done = _open_loop(b, start, stop, inits, name)
+    _close_loop(b, i, phis, body(i, phis), step, head, done, name)
+    return phis
 
 
 def gep(b, ptr, elem_ty, index):

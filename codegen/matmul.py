@@ -30,7 +30,7 @@ from llvmlite import ir
 
 from ..ir import dtypes as dt
 from ..ir.graph import Node
-from .kernel import (F32, I1, I32, I64, PTR, Kernel, call_intrinsic, fconst, gep, i64, lltype, llvm_name, loop,
+from .kernel import (F32, I1, I32, I64, PTR, Kernel, call_intrinsic, fconst, fold_loop, gep, i64, lltype, llvm_name, loop,
                      narrow, splat, vtype, widen)
 from .lower import emitter
 
@@ -124,36 +124,6 @@ def tile_shape(target) -> tuple[int, int]:
 
 def cdiv(x: int, y: int) -> int:
     return -(-x // y)
-
-
-def fold_loop(b: ir.IRBuilder, start, stop, inits: list, body, step=1, name="k"):
-    """``vals = inits; for i in range(start, stop, step): vals = body(i, vals)``;
-    returns the final values (loop-carried phis, so they stay in registers)."""
-    start = i64(start) if isinstance(start, int) else start
-    stop = i64(stop) if isinstance(stop, int) else stop
-    pre = b.block
-    head = b.append_basic_block(name + ".head")
-    body_blk = b.append_basic_block(name + ".body")
-    done = b.append_basic_block(name + ".done")
-    b.branch(head)
-    b.position_at_end(head)
-    i = b.phi(I64, name=name)
-    i.add_incoming(start, pre)
-    phis = []
-    for v in inits:
-        p = b.phi(v.type)
-        p.add_incoming(v, pre)
-        phis.append(p)
-    b.cbranch(b.icmp_signed("<", i, stop), body_blk, done)
-    b.position_at_end(body_blk)
-    new = body(i, phis)
-    last = b.block
-    i.add_incoming(b.add(i, i64(step), flags=["nsw"]), last)
-    for p, v in zip(phis, new):
-        p.add_incoming(v, last)
-    b.branch(head)
-    b.position_at_end(done)
-    return phis
 
 
 def imin(b, x, y):
