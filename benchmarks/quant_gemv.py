@@ -9,9 +9,10 @@ fp32, onnxruntime's MatMulNBits, and the machine's read bandwidth.
   (packed q + scales) per second.
 * onnxruntime MatMulNBits (bits 4, block 32, the same int4 values), one model
   with 64 nodes, accuracy_level 0 (f32 activations) and 4 (int8 activations).
-* sqk's int8-activation prototype (x quantized per group at run time, integer
-  dot products with AVX2 vpmaddubsw/vpmaddwd): other numerics than matmul_q's,
-  checked against its own reference (codegen.matmul_q.reference_i8act).
+* sqk matmul_q {activations=int8} over the int4 stack (x quantized per row and
+  group at run time, integer dot products with AVX2 vpmaddubsw/vpmaddwd): other
+  numerics than the f32 mode's, checked against the op's own reference
+  (ir.ops.matmul_q_i8act).
 * Read probe: sqk's reduce_sum over axis 1 of a [16, N] f32 input > 500 MiB.
 * Small-batch GEMM (M = 4, 16) on 16 int4 / 8 int8 matrices (128 MiB, still
   4x the L3): compute decides there, and compiling four more 64-node graphs
@@ -19,12 +20,11 @@ fp32, onnxruntime's MatMulNBits, and the machine's read bandwidth.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
 import sqk
-from sqk.codegen.matmul_q import i8act_prototype, reference_i8act
+from sqk.ir.ops import matmul_q_i8act
 
 from . import Table, median, numpy_blas, timeit
 
@@ -52,14 +52,14 @@ def weight_bytes(qdt: str, mats) -> int:
 
 def sqk_model(qdt: str, mats, m: int, threads: int, i8act: bool = False):
     """One graph: every matrix applied to the same x[m, K]; returns (module,
-    compile seconds).  ``i8act``: the int8-activation prototype kernel."""
+    compile seconds).  ``i8act``: int8 dynamic activations (activations=int8)."""
     b = sqk.GraphBuilder(f"q{qdt}_m{m}")
     x = b.input("x", (m, K))
     sdt = "f16" if mats[0][1].dtype == np.float16 else "f32"
-    outs = [b.matmul_q(x, b.const(q, qdt), b.const(s, sdt), group=g) for q, s, g in mats]
+    act = "int8" if i8act else "none"
+    outs = [b.matmul_q(x, b.const(q, qdt), b.const(s, sdt), group=g, activations=act) for q, s, g in mats]
     t = time.perf_counter()
-    with i8act_prototype() if i8act else contextlib.nullcontext():
-        mod = sqk.compile(b.output(*outs), threads=threads)
+    mod = sqk.compile(b.output(*outs), threads=threads)
     return mod, time.perf_counter() - t
 
 
@@ -98,14 +98,15 @@ def _check(got, mats, x, what, tol):
             raise AssertionError(f"{what}: output {i} differs from numpy (relative error {err:.2e})")
 
 
-def _prototype(mats, threads, x):
-    """The int8-activation prototype over the int4 stack, checked against its own reference."""
+def _i8act(mats, threads, x):
+    """int4 weights + int8 dynamic activations, checked against the op's reference."""
     mod, _ = sqk_model("i4", mats, 1, threads, i8act=True)
     got = mod(x=x)
     for i in (0, len(mats) - 1):
-        want = reference_i8act(x, *mats[i])
+        q, s, group = mats[i]
+        want = matmul_q_i8act(x, q, s, None, group)
         if np.max(np.abs(got[i] - want)) > 1e-4 * np.max(np.abs(want)):
-            raise AssertionError("sqk int8-activation prototype differs from its reference")
+            raise AssertionError("sqk i4 w + i8 dynamic activations differs from its reference")
     return mod
 
 
@@ -137,7 +138,7 @@ def run(threads: int) -> Table:
         _check(mod(x=x1), mats, x1, f"sqk {qdt}", 1e-4)
         fns = {"probe": _call(probe, x=buf), f"sqk {qdt}": _call(mod, x=x1)}
         if qdt == "i4":
-            fns["sqk i4, int8 activations (prototype)"] = _call(_prototype(mats, threads, x1), x=x1)
+            fns["sqk i4 w + i8 dynamic activations"] = _call(_i8act(mats, threads, x1), x=x1)
             for level in (0, 4):
                 sess = ort_session(mats, level, threads)
                 _check(sess.run(None, {"x": x1}), mats, x1, f"ORT level {level}", 3e-2 if level else 1e-3)

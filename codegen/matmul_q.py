@@ -36,7 +36,8 @@ pass spills and measured 15% slower.)  Per 8 weights the inner loop is one
 AND, one int->float conversion and one FMA per row: llvm-mca puts the GEMV
 loop at ~1.3 cycles per 8 weights on Zen 3 (the four FP pipes full), which
 caps two cores near 14 GB/s of int4: below DRAM speed.  The int8-activation
-prototype at the end of this file is the way past that.
+mode at the end of this file (``activations=int8``, other numerics) is the
+way past that.
 
 The layout is the same on every target (VL = 8 i32 lanes: one AVX2 or
 256-bit RVV register; LLVM splits it into scalars on riscv64 without V), so
@@ -44,7 +45,6 @@ packed constants do not depend on the target.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -52,9 +52,9 @@ import numpy as np
 from llvmlite import ir
 
 from ..ir import dtypes as dt
-from ..ir.graph import Node
-from .kernel import F32, I32, I64, PTR, Kernel, fconst, gep, hsum, i64, loop, splat
-from .lower import EMITTERS, PACKERS, emitter, packer
+from ..ir.graph import IRError, Node
+from .kernel import F32, I32, Kernel, fconst, gep, hsum, i64, loop, splat
+from .lower import emitter, packer
 from .matmul import Access, _stack_array, fma, fold_loop
 
 NB = 64          # columns per block
@@ -107,7 +107,9 @@ class QLayout:
 @packer("matmul_q")
 def pack_matmul_q(node: Node, index: int, a: np.ndarray) -> bytes | None:
     """Bytes of input ``index`` (q, scales or zeros) as the kernel reads them
-    (layout in the module docstring)."""
+    (layout in the module docstring; activations=int8: ``pack_i8act``)."""
+    if node.attrs.get("activations", "none") == "int8":
+        return pack_i8act(node, index, a)
     L = QLayout(node)
     if index == 0:
         return None
@@ -134,6 +136,8 @@ def pack_matmul_q(node: Node, index: int, a: np.ndarray) -> bytes | None:
 
 @emitter("matmul_q")
 def emit_matmul_q(k: Kernel, node: Node):
+    if node.attrs.get("activations", "none") == "int8":
+        return emit_i8act(k, node)
     L = QLayout(node)
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N, group = L.K, L.N, L.group
@@ -286,171 +290,207 @@ def emit_matmul_q(k: Kernel, node: Node):
     return L.nblk * mchunks, max(1, -(-MIN_PARALLEL_BYTES // max(1, item_bytes)))
 
 
-# --- prototype: int8 activations (not wired into the IR) ------------------------------
+# --- activations=int8 ---------------------------------------------------------------
 #
-# Each row of x is quantized at run time per group of K: d = max|x| / 127,
-# xq = roundeven(x / d) in i8; then y = sum_g d[g] * scale[g] * sum_k xq * q,
-# the inner sums exact in integers (AVX2 vpmaddubsw + vpmaddwd: 64 weights per
-# ~8 vector instructions against ~24 on the f32 path).  This changes numerics
-# (activation rounding), so it must become its own explicitly chosen mode;
-# ``reference_i8act`` is its semantics.  Host AVX2 only, i4 weights without
-# zero points, group a multiple of 8 dividing K.
+# Each row of x is quantized at run time per group of K (``ir.ops.matmul_q_i8act``
+# is the semantics): d = max|x| / 127, xq = roundeven(x / d) in i8; then
+# y = sum_g d[g] * scale[g] * sum_k xq * q, the inner sums exact in i32.  On
+# AVX2 the integer dot products are vpmaddubsw + vpmaddwd (64 weights per ~8
+# vector instructions against ~24 on the f32 path); elsewhere plain i32
+# vector multiply-adds on the same layout (LLVM vectorizes them for RVV).
+# i4 weights without zero points (an IRError otherwise).
+#
+# Slab layout (``pack_i8act``): q as [N/64 blocks * 8 slabs][K'/8][32 bytes],
+# where K' pads every group to GP = group rounded up to 8 rows (so a chunk of
+# 8 rows never straddles two groups; padding rows hold q = 0 and meet xq = 0).
+# Byte 4c+t of a slab row holds column c's q+8 for k = 8j+t (low nibble) and
+# 8j+4+t (high nibble): the 32 bytes read as <8 x i32> have column c in lane c.
+# Scales as [slabs][groups][8].  Columns padded to a multiple of 64.
 
-SLAB = 8  # columns per 32-byte slab: 8 columns x 8 rows of k, nibbles
+SLAB = 8            # columns per 32-byte slab: 8 columns x 8 rows of k, nibbles
+QUAD = 4            # slabs whose accumulators share each broadcast of xq
+XQ_STACK = 1 << 16  # bytes of quantized x on the stack per row chunk
+MAX_KP = 1 << 18    # padded K at most: one row of int8 x always sits on the stack
 
 
-def reference_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, group: int) -> np.ndarray:
-    """The int8-activation semantics: x[M, K] f32, q[K, N] int values, scales [K/group, N]."""
-    M, K = x.shape
-    xb = x.astype(np.float32).reshape(M, K // group, group)
-    d = np.abs(xb).max(axis=2, keepdims=True) / np.float32(127)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        xq = np.where(d > 0, np.round(xb / d), 0).astype(np.int32)
-    qb = q.astype(np.int32).reshape(K // group, group, -1)
-    dots = np.einsum("mgk,gkn->mgn", xq, qb).astype(np.float32)
-    return np.einsum("mgn,mg,gn->mn", dots, d[..., 0], scales.astype(np.float32)).astype(np.float32)
+def i8_geometry(node: Node) -> tuple[int, int, int, int]:
+    """(K, N, groups, GP): GP = rows per group in the slab layout (a multiple of 8)."""
+    K, N = node.inputs[1].type.shape
+    group = min(node.attrs["group"], max(K, 1))
+    return K, N, -(-K // group), -(-group // 8) * 8
 
 
 def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
-    """q as [N/64 blocks * 8 slabs][K/8][32]: byte 4c+t of a slab row holds column
-    c's q+8 for k = 8j+t (low nibble) and 8j+4+t (high nibble); scales as
-    [slabs][groups][8].  Columns padded to a multiple of 64."""
-    K, N = node.inputs[1].type.shape
+    """Packed q and scales of matmul_q {activations=int8} (layout above)."""
+    K, N, G, GP = i8_geometry(node)
+    group = node.attrs["group"]
     nslab = -(-N // NB) * (NB // SLAB)
     if index == 2:
         s = np.zeros((a.shape[0], nslab * SLAB), a.dtype)
         s[:, :N] = a
-        return np.ascontiguousarray(s.reshape(a.shape[0], nslab, SLAB).transpose(1, 0, 2)).tobytes()
+        return np.ascontiguousarray(s.reshape(a.shape[0], nslab, SLAB).transpose(1, 0, 2)).astype(
+            s.dtype.newbyteorder("<")).tobytes()
     if index != 1:
         return None
-    u = np.full((K, nslab * SLAB), 8, np.uint8)
-    u[:, :N] = (np.asarray(a).astype(np.int8, copy=False).view(np.uint8) + np.uint8(8)) & 0xF
-    u = u.reshape(K // 8, 2, 4, nslab, SLAB)           # [j, half, t, slab, c]
-    byte = u[:, 0] | (u[:, 1] << 4)                     # [j, t, slab, c]
+    u = np.full((G * GP, nslab * SLAB), 8, np.uint8)       # q = 0 in padding rows and columns
+    rows = (np.arange(K) // group) * GP + np.arange(K) % group
+    u[rows, :N] = (np.asarray(a).astype(np.int8, copy=False).view(np.uint8) + np.uint8(8)) & 0xF
+    u = u.reshape(G * GP // 8, 2, 4, nslab, SLAB)          # [j, half, t, slab, c]
+    byte = u[:, 0] | (u[:, 1] << 4)                        # [j, t, slab, c]
     return np.ascontiguousarray(byte.transpose(2, 0, 3, 1)).tobytes()  # [slab, j, c, t]
 
 
 def emit_i8act(k: Kernel, node: Node):
-    """matmul_q with int8 activations (``reference_i8act``); see above."""
-    x_t = node.inputs[0].type
-    K, N = node.inputs[1].type.shape
+    """matmul_q {activations=int8}: quantize a chunk of rows of x on the stack,
+    then every column block of this call's range against them."""
+    x_t, y_t = node.inputs[0].type, node.outputs[0].type
+    K, N, G, GP = i8_geometry(node)
     group = node.attrs["group"]
+    if node.inputs[1].type.dtype is not dt.i4 or (len(node.inputs) > 3 and node.inputs[3] is not None):
+        raise IRError("matmul_q activations=int8: kernels take i4 weights without zero points "
+                      "(symmetric int4); got " + f"{node.inputs[1].type.dtype}"
+                      + (" with zero points" if len(node.inputs) > 3 and node.inputs[3] is not None else ""))
     rows = math.prod(x_t.shape[:-1])
-    if "avx2" not in k.target.enabled_features or node.inputs[1].type.dtype is not dt.i4 or len(node.inputs) > 3 \
-            or group % 8 or K % group or x_t.dtype is not dt.f32 or rows * K > 1 << 16:
-        raise NotImplementedError("int8-activation prototype: host AVX2, i4 without zeros, f32 x, 8 | group | K, "
-                                  "rows * K <= 64Ki (x quantized on the stack)")
-    G = K // group
+    KP = G * GP
+    if KP > MAX_KP:
+        raise IRError(f"matmul_q activations=int8: K={K} (padded {KP}) exceeds {MAX_KP}, the row of quantized "
+                      f"x kept on the stack")
+    if rows * N == 0:
+        k.finish()
+        return 0, 1
     b = k.b
     I8, I16 = ir.IntType(8), ir.IntType(16)
     v32i8, v16i16, v8i32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
     fvec = ir.VectorType(F32, VL)
-    maddubs = k.intrinsic("llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
-    maddwd = k.intrinsic("llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+    avx2 = "avx2" in k.target.enabled_features
     roundeven = k.intrinsic("llvm.roundeven.f32", F32, [F32])
-    X, W = Access(k, k.args[0], dt.f32, 1), k.args[1]
+    X, W = Access(k, k.args[0], x_t.dtype, 1), k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
-    Y = Access(k, k.args[-1], dt.f32, VL)
-    # quantized x: i8 values, then per (row, group) the step d and sum of xq (on the stack)
-    xq = _stack_array(k, -(-rows * K // 4), "xq")
-    dq = _stack_array(k, rows * G, "dq")
-    qsum = _stack_array(k, rows * G, "qsum")
+    Y = Access(k, k.args[-1], y_t.dtype, VL)
+    rch = max(1, min(rows, XQ_STACK // max(KP, 1)))   # rows quantized per chunk
+    xq = _stack_array(k, -(-rch * KP // 4), "xq")
+    dq = _stack_array(k, rch * G, "dq")       # d per (row, group)
+    qsum = _stack_array(k, rch * G, "qsum")   # 8 * sum(xq) per (row, group), i32
     zero_f = ir.Constant(F32, 0.0)
-    with loop(b, 0, rows * G, name="qg") as rg:
-        base = b.mul(rg, i64(group))
-        amax = fold_loop(b, 0, group, [zero_f], lambda i, a: [
-            call_fabs_max(k, a[0], X.scalar(b.add(base, i)))], name="amax")[0]
+    zero_i = ir.Constant(I32, 0)
+
+    def quant_group(xbase, qbase, rg, glen):
+        """Quantize x[xbase : xbase+glen] into xq[qbase : qbase+GP] (zero padded)."""
+        amax = fold_loop(b, 0, glen, [zero_f], lambda i, a: [
+            call_fabs_max(k, a[0], X.scalar(b.add(xbase, i)))], name="amax")[0]
         d = b.fdiv(amax, ir.Constant(F32, 127.0))
         pos = b.fcmp_ordered(">", d, zero_f)
 
         def quant(i, acc):
-            v = b.call(roundeven, [b.fdiv(X.scalar(b.add(base, i)), d)])
-            v = b.select(pos, v, zero_f)
-            b.store(b.trunc(b.fptosi(v, I32), I8), gep(b, xq, I8, b.add(base, i)))
-            return [b.fadd(acc[0], v)]
+            v = b.call(roundeven, [b.fdiv(X.scalar(b.add(xbase, i)), d)])
+            qi = b.select(pos, b.fptosi(v, I32), zero_i)
+            b.store(b.trunc(qi, I8), gep(b, xq, I8, b.add(qbase, i)))
+            return [b.add(acc[0], qi)]
 
-        s = fold_loop(b, 0, group, [zero_f], quant, name="quant")[0]  # exact: |sum| < 2^24
+        s = fold_loop(b, 0, glen, [zero_i], quant, name="quant")[0]
+        for i in range(glen, GP):
+            b.store(ir.Constant(I8, 0), gep(b, xq, I8, b.add(qbase, i64(i))))
         b.store(d, gep(b, dq, F32, rg))
-        b.store(b.fmul(s, ir.Constant(F32, -8.0)), gep(b, qsum, F32, rg))
-    ones = ir.Constant(v16i16, [1] * 16)
-    lo_mask = ir.Constant(v32i8, [0x0F] * 32)
-    four = ir.Constant(v32i8, [4] * 32)
-    nblk = -(-N // NB)
-    nslab = nblk * (NB // SLAB)
-    quad = 4  # slabs whose accumulators share each broadcast of xq
+        b.store(b.mul(s, ir.Constant(I32, 8)), gep(b, qsum, I32, rg))
 
-    def quad_pass(item, m, s0):
-        """Row m of x against slabs s0..s0+quad of block ``item``."""
-        slabs = [b.add(b.mul(item, i64(NB // SLAB)), i64(s0 + q)) for q in range(quad)]
+    def quantize(r0, nr):
+        """Rows [r0, r0+nr) of x into the stack buffers (row-local indices)."""
+        with loop(b, 0, nr, name="qr") as rl:
+            xrow = b.mul(b.add(r0, rl), i64(K))
+            full = K // group
+            with loop(b, 0, full, name="qg") as g:
+                quant_group(b.add(xrow, b.mul(g, i64(group))), b.add(b.mul(rl, i64(KP)), b.mul(g, i64(GP))),
+                            b.add(b.mul(rl, i64(G)), g), group)
+            if K % group:
+                quant_group(b.add(xrow, i64(full * group)), b.add(b.mul(rl, i64(KP)), i64(full * GP)),
+                            b.add(b.mul(rl, i64(G)), i64(full)), K % group)
+
+    if avx2:
+        maddubs = k.intrinsic("llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
+        maddwd = k.intrinsic("llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+        ones = ir.Constant(v16i16, [1] * 16)
+        lo_mask = ir.Constant(v32i8, [0x0F] * 32)
+        four = ir.Constant(v32i8, [4] * 32)
+    nib = ir.Constant(v8i32, [0x0F] * 8)
+
+    def dot8(w, xo, acc):
+        """acc + per column (lane) sum over 8 rows k of (q+8) * xq; w = <8 x i32> slab row."""
+        if avx2:
+            xb = [b.bitcast(splat(b, b.load(gep(b, xq, I8, b.add(xo, i64(h * 4))), typ=I32, align=1), 8), v32i8)
+                  for h in range(2)]
+            w8 = b.bitcast(w, v32i8)
+            lo, hi = b.and_(w8, lo_mask), b.lshr(w8, four)
+            p = b.add(b.call(maddubs, [lo, xb[0]]), b.call(maddubs, [hi, xb[1]]))
+            return b.add(acc, b.call(maddwd, [p, ones]))
+        for t in range(8):  # k = 8j + t: byte t % 4, nibble t // 4
+            sh = 8 * (t % 4) + 4 * (t // 4)
+            u = b.and_(b.lshr(w, ir.Constant(v8i32, [sh] * 8)), nib) if sh else b.and_(w, nib)
+            xv = b.sext(b.load(gep(b, xq, I8, b.add(xo, i64(t))), typ=I8), I32)
+            acc = b.add(acc, b.mul(u, splat(b, xv, 8)))
+        return acc
+
+    nblk = -(-N // NB)
+
+    def quad_pass(item, r0, rl, s0, last):
+        """Row r0+rl of x against slabs s0..s0+QUAD of block ``item``."""
+        slabs = [b.add(b.mul(item, i64(NB // SLAB)), i64(s0 + j)) for j in range(QUAD)]
 
         def group_step(g, yacc):
             def kstep(j, acc):
-                kk = b.add(b.mul(g, i64(group // 8)), j)  # k-chunk of 8 rows
-                xo = b.add(i64(m * K), b.mul(kk, i64(8)))
-                xb = [b.bitcast(splat(b, b.load(gep(b, xq, I8, b.add(xo, i64(h * 4))), typ=I32,
-                                                 align=1), 8), v32i8) for h in range(2)]
+                kk = b.add(b.mul(g, i64(GP // 8)), j)  # chunk of 8 rows of k
+                xo = b.add(b.mul(rl, i64(KP)), b.mul(kk, i64(8)))
                 out = []
                 for j2, sl in enumerate(slabs):
-                    off = b.add(b.mul(sl, i64(K // 8 * 32)), b.mul(kk, i64(32)))
-                    w = b.load(gep(b, W, I8, off), typ=v32i8, align=1)
-                    lo, hi = b.and_(w, lo_mask), b.lshr(w, four)
-                    p = b.add(b.call(maddubs, [lo, xb[0]]), b.call(maddubs, [hi, xb[1]]))
-                    out.append(b.add(acc[j2], b.call(maddwd, [p, ones])))
+                    off = b.add(b.mul(sl, i64(KP // 8 * 32)), b.mul(kk, i64(32)))
+                    out.append(dot8(b.load(gep(b, W, I8, off), typ=v8i32, align=1), xo, acc[j2]))
                 return out
 
-            acc = fold_loop(b, 0, group // 8, [ir.Constant(v8i32, [0] * 8)] * quad, kstep, name="ks")
-            rg = b.add(i64(m * G), g)
+            acc = fold_loop(b, 0, GP // 8, [ir.Constant(v8i32, [0] * 8)] * QUAD, kstep, name="ks")
+            rg = b.add(b.mul(rl, i64(G)), g)
             dv = splat(b, b.load(gep(b, dq, F32, rg), typ=F32), VL)
-            off8 = splat(b, b.load(gep(b, qsum, F32, rg), typ=F32), VL)
+            off8 = splat(b, b.load(gep(b, qsum, I32, rg), typ=I32), VL)
             out = []
             for j2, sl in enumerate(slabs):
-                sc = b.fmul(S.load(b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB)))), dv)
-                out.append(fma(k, sc, b.fadd(b.sitofp(acc[j2], fvec), off8), yacc[j2]))
+                sc = b.fmul(dv, S.load(b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB)))))
+                dot = b.sitofp(b.sub(acc[j2], off8), fvec)  # exact integer, rounded once to f32
+                out.append(fma(k, sc, dot, yacc[j2]))
             return out
 
-        yacc = fold_loop(b, 0, G, [fconst(fvec, 0.0)] * quad, group_step, name="gq")
-        for j2 in range(quad):
+        yacc = fold_loop(b, 0, G, [fconst(fvec, 0.0)] * QUAD, group_step, name="gq")
+        yrow = b.add(b.mul(b.add(r0, rl), i64(N)), b.mul(item, i64(NB)))
+        for j2 in range(QUAD):
             col = (s0 + j2) * SLAB
-            base = b.add(b.mul(item, i64(NB)), i64(col))
-            yrow = b.add(i64(m * N), base)
-            if N % NB == 0:
-                Y.store(yacc[j2], yrow)
-            else:
-                valid = b.sub(i64(N), base)
-                full = b.icmp_signed(">=", valid, i64(SLAB))
-                with b.if_else(full) as (yes, no):
-                    with yes:
-                        Y.store(yacc[j2], yrow)
-                    with no:
-                        lane_ok = b.icmp_signed("<", ir.Constant(ir.VectorType(I64, VL), list(range(VL))),
-                                                splat(b, valid, VL))
-                        fn = k.intrinsic("llvm.masked.store.v8f32.p0", ir.VoidType(),
-                                         [fvec, PTR, I32, ir.VectorType(ir.IntType(1), VL)])
-                        b.call(fn, [yacc[j2], gep(b, k.args[-1], F32, yrow), ir.Constant(I32, 4), lane_ok])
+            n = min(SLAB, (N % NB if last else NB) - col)
+            if n > 0:
+                Y.store(yacc[j2], b.add(yrow, i64(col)), n)
 
-    with loop(b, k.begin, k.end, name="item") as item:
-        for m in range(rows):
-            for s0 in range(0, NB // SLAB, quad):
-                quad_pass(item, m, s0)
+    def blocks(r0, nr):
+        def body(item, last):
+            with loop(b, 0, nr, name="row") as rl:
+                for s0 in range(0, NB // SLAB, QUAD):
+                    quad_pass(item, r0, rl, s0, last)
+
+        with loop(b, k.begin, k.end, name="item") as item:
+            if N % NB:
+                with b.if_else(b.icmp_signed("==", item, i64(nblk - 1))) as (tail, full):
+                    with tail:
+                        body(item, True)
+                    with full:
+                        body(item, False)
+            else:
+                body(item, False)
+
+    with loop(b, 0, -(-rows // rch), name="rchunk") as c:
+        r0 = b.mul(c, i64(rch))
+        nr = b.sub(i64(rows), r0)
+        nr = b.select(b.icmp_signed("<", nr, i64(rch)), nr, i64(rch))
+        quantize(r0, nr)
+        blocks(r0, nr)
     k.finish()
-    assert nslab % quad == 0
-    return nblk, max(1, -(-MIN_PARALLEL_BYTES // (K * NB // 2)))
+    return nblk, max(1, -(-MIN_PARALLEL_BYTES // max(1, KP * NB // 2)))
 
 
 def call_fabs_max(k: Kernel, acc, v):
     b = k.b
     fabs = k.intrinsic("llvm.fabs.f32", F32, [F32])
     return b.call(k.intrinsic("llvm.maxnum.f32", F32, [F32, F32]), [acc, b.call(fabs, [v])])
-
-
-@contextlib.contextmanager
-def i8act_prototype():
-    """Within this block, compile matmul_q with the int8-activation prototype
-    (emitter and packer), for its tests and benchmark only: the IR has no
-    way to ask for these semantics yet."""
-    saved = EMITTERS["matmul_q"], PACKERS["matmul_q"]
-    EMITTERS["matmul_q"], PACKERS["matmul_q"] = emit_i8act, pack_i8act
-    try:
-        yield
-    finally:
-        EMITTERS["matmul_q"], PACKERS["matmul_q"] = saved

@@ -302,18 +302,69 @@ def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | Non
     return w * scales.astype(np.float32)[idx]
 
 
-@defop("matmul_q", "x q scales zeros", {"group": Attr("int")}, optional=1)
+ACTIVATION_MODES = ("none", "int8")
+
+
+def quantize_rows_i8(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic int8 quantization of x[R, K] (f32) per row and group of K (a
+    shorter last group when group does not divide K): d = max|x_group| / 127 and
+    xq = round-half-even(x / d) in [-127, 127], all in f32; a group with d = 0
+    gets xq = 0.  Returns (xq int32 [R, K], d f32 [R, groups])."""
+    r, k = x.shape
+    groups = -(-k // group)
+    xp = np.zeros((r, groups * group), np.float32)
+    xp[:, :k] = x
+    xb = xp.reshape(r, groups, group)
+    d = np.abs(xb).max(axis=2) / np.float32(127)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xq = np.where(d[..., None] > 0, np.round(xb / d[..., None]), np.float32(0))
+    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d.astype(np.float32)
+
+
+def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
+                   group: int) -> np.ndarray:
+    """matmul_q {activations=int8} on x[R, K]: per row and group g,
+    dot_g = sum_k xq * (q - zero) exactly (integers), and y = sum_g (d_g *
+    scale_g) * dot_g accumulated in f32 over g in order.  Returns f32 [R, N]."""
+    r, k = x.shape
+    n = q.shape[1]
+    groups = -(-k // group)
+    xq, d = quantize_rows_i8(x.astype(np.float32), group)
+    w = q.astype(np.int64)
+    if zeros is not None:
+        w = w - zeros.astype(np.int64)[np.arange(k) // group]
+    y = np.zeros((r, n), np.float32)
+    for g in range(groups):
+        ks = slice(g * group, min(k, (g + 1) * group))
+        dot = (xq[:, ks].astype(np.int64) @ w[ks]).astype(np.float32)
+        coef = d[:, g:g + 1] * scales[g].astype(np.float32)[None, :]   # f32 products
+        y = (y + coef * dot).astype(np.float32)
+    return y
+
+
+@defop("matmul_q", "x q scales zeros", {"group": Attr("int"), "activations": Attr("str", "none")}, optional=1)
 class MatMulQ:
     """x[..., M, K] @ dequantize(q)[K, N] with weights quantized to i8 or i4:
     w[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n].  One
     group spanning K is per-output-channel quantization; a group that does
-    not divide K leaves a shorter last group.  Kernels never materialize w."""
+    not divide K leaves a shorter last group.  Kernels never materialize w.
+
+    ``activations``: "none" (default): x in float, y = x @ w in f32 (f16 x
+    widened, y rounded to x's dtype).  "int8": x is quantized dynamically at
+    run time, per row of x (every leading dim folded into rows) and per weight
+    group: d = max|x_group| / 127 (f32), xq = round-half-even(x / d) in
+    [-127, 127] (a group with d = 0 contributes 0); then
+    y = sum_groups (d * scale) * sum_k xq * (q - zero), the inner sums exact
+    in integers, the outer in f32 (``matmul_q_i8act``).  Other numerics than
+    "none" (activation rounding), chosen explicitly."""
 
     @staticmethod
-    def infer(x, q, scales, zeros=None, *, group):
+    def infer(x, q, scales, zeros=None, *, group, activations="none"):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(q, (dt.i8, dt.i4), "q")
         _dtypes(scales, dt.FLOATS, "scales")
+        _need(activations in ACTIVATION_MODES,
+              f"matmul_q activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
         _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
         k, n = q.shape
         _need(x.shape[-1] == k, f"matmul_q inner dimensions differ: x {x.shape} @ q {q.shape}")
@@ -327,7 +378,11 @@ class MatMulQ:
         return [TensorType(x.dtype, x.shape[:-1] + (n,))]
 
     @staticmethod
-    def reference(x, q, scales, zeros=None, *, group):
+    def reference(x, q, scales, zeros=None, *, group, activations="none"):
+        if activations == "int8":
+            k, n = q.shape
+            y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group)
+            return [y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)]
         w = dequantize_weight(q, scales, zeros, group)
         return [np.matmul(x.astype(np.float32), w).astype(x.dtype)]
 

@@ -1,6 +1,7 @@
-"""matmul_q kernels (i8 / i4 group-quantized weights, f32 / f16 activations)
-against the reference interpreter: dequantized paths agree within f32
-rounding (sums run in a different order than numpy's)."""
+"""matmul_q kernels (i8 / i4 group-quantized weights, f32 / f16 activations,
+or int8 activations quantized at run time) against the reference interpreter:
+dequantized paths agree within f32 rounding (sums run in a different order
+than numpy's); the int8 mode's integer dot products are exact."""
 from __future__ import annotations
 
 import numpy as np
@@ -101,24 +102,105 @@ def test_random_shapes(m, k, n, qdt, group, zeros, sdt):
     check(g, inputs)
 
 
-@pytest.mark.parametrize("K,N,group", [(64, 64, 32), (256, 100, 32), (128, 130, 64)])
-def test_int8_activation_prototype(K, N, group):
-    """The int8-activation prototype against its own semantics (host AVX2 only)."""
-    from sqk.codegen.matmul_q import i8act_prototype, reference_i8act
-    from sqk.codegen.target import get_target
+# --- activations=int8 (dynamic per-row, per-group int8 x) ---------------------------------------
 
-    if "avx2" not in get_target("host").enabled_features:
-        pytest.skip("the prototype uses AVX2 intrinsics")
-    rng = np.random.default_rng(K + N)
-    q = rng.integers(-8, 8, (K, N)).astype(np.int8)
-    s = rng.uniform(0.01, 0.1, (K // group, N)).astype(np.float16)
+def i8graph(shape, K, N, group, xdt="f32", sdt="f16", seed=0):
+    """x[shape + (K,)] @ matmul_q(q i4[K, N], activations=int8); x with an all-zero first row."""
+    rng = np.random.default_rng(seed)
+    G = -(-K // group)
     b = sqk.GraphBuilder("i8act")
-    x = b.input("x", (2, K))
-    g = b.output(b.matmul_q(x, b.const(q, "i4"), b.const(s, "f16"), group=group))
-    with i8act_prototype():
-        m = sqk.compile(g)
-    xv = rand((2, K), rng=rng)
-    xv[0, :group] = 0  # an all-zero group: step 0, no division by it
-    assert_close(m(x=xv), reference_i8act(xv, q, s, group))
-    # and it is a different semantics from matmul_q's: activation rounding shows
-    assert not np.allclose(m(x=xv), sqk.reference(g, x=xv), rtol=1e-5, atol=1e-5)
+    x = b.input("x", tuple(shape) + (K,), xdt)
+    q = b.const(rng.integers(-8, 8, (K, N)).astype(np.int8), "i4")
+    s = b.const(rng.uniform(0.01, 0.1, (G, N)).astype(np.float32 if sdt == "f32" else np.float16), sdt)
+    g = b.output(b.matmul_q(x, q, s, group=group, activations="int8"))
+    xv = rand(tuple(shape) + (K,), xdt, rng)
+    if xv.size:
+        xv.reshape(-1, K)[0] = 0  # an all-zero row: step 0, no division by it
+    return g, {"x": xv}
+
+
+I8_CASES = [  # (x shape without K, K, N, group, x dtype, scales dtype)
+    ((1,), 128, 64, 32, "f32", "f16"),
+    ((3,), 100, 70, 32, "f32", "f32"),     # K not divisible by group, odd N
+    ((16,), 256, 130, 128, "f32", "f16"),
+    ((2, 3), 70, 33, 7, "f16", "f32"),     # group not a multiple of 8, batched f16 x
+    ((1,), 64, 1, 64, "f32", "f16"),       # per-channel, one column
+    ((4,), 20, 16, 64, "f32", "f32"),      # group larger than K
+]
+
+
+@target_param
+@pytest.mark.parametrize("case", I8_CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-g{c[3]}-{c[4]}")
+def test_int8_activations(target, case):
+    """The kernel against the op's reference (ir.ops.matmul_q_i8act): the integer
+    dot products are exact, so only the f32 rounding of the group multiply-adds differs."""
+    shape, K, N, group, xdt, sdt = case
+    g, inputs = i8graph(shape, K, N, group, xdt, sdt)
+    check(g, inputs, target)
+
+
+def test_int8_activations_semantics():
+    """The reference is its own numerics: activation rounding shows against the
+    f32 mode, and the all-zero row gives exactly 0; plus a hand-checked group."""
+    g, inputs = i8graph((3,), 96, 40, 32)
+    want = sqk.reference(g, **inputs)
+    assert not np.any(want[0]) and np.any(want[1])
+    node = g.nodes[-1]
+    f32 = sqk.ir.ops.OPS["matmul_q"].reference(inputs["x"], *(n.attrs["value"] for n in g.nodes[:2]),
+                                                group=32)[0]
+    assert not np.allclose(want, f32, rtol=1e-5, atol=1e-5) and np.allclose(want, f32, rtol=0.05, atol=0.05)
+    assert node.attrs["activations"] == "int8"
+    # by hand: x = [127, -50, 2.5, 0.5] has d = 1, xq = [127, -50, 2, 0] (ties to even);
+    # scale 0.5: y = 0.5 * (127 - 100 + 6 + 0); the second row has d = 0
+    x = np.array([[127, -50, 2.5, 0.5], [0, 0, 0, 0]], np.float32)
+    y = sqk.ir.ops.matmul_q_i8act(x, np.array([[1], [2], [3], [4]], np.int8), np.full((1, 1), 0.5, np.float32),
+                                  None, 4)
+    assert y.tolist() == [[16.5], [0.0]]
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 20])
+def test_int8_activations_rows_and_chunks(M):
+    """Row counts and K large enough that x is quantized in several row chunks
+    (at most 64 KiB of int8 x on the stack per chunk)."""
+    g, inputs = i8graph((M,), 4096 if M == 20 else 96, 80, 32, seed=M)
+    check(g, inputs)
+
+
+@pytest.mark.parametrize("shape,K,N", [((0,), 32, 8), ((2,), 0, 5), ((2,), 5, 0)])
+def test_int8_activations_empty(shape, K, N):
+    check(*i8graph(shape, K, N, 32))
+
+
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, 17), k=st.integers(1, 150), n=st.integers(1, 140), group=st.sampled_from([1, 5, 8, 32, 0]),
+       xdt=st.sampled_from(["f32", "f16"]))
+def test_int8_activations_random_shapes(m, k, n, group, xdt):
+    check(*i8graph((m,), k, n, group or k, xdt, seed=m * 1000 + k))
+
+
+def test_int8_activations_threads():
+    g, inputs = i8graph((2,), 512, 1000, 32, seed=3)
+    m = sqk.compile(g, threads=2)
+    assert_close(m(**inputs), sqk.reference(g, **inputs))
+    assert [k["range"] for k in m.manifest["kernels"]] == [16]
+
+
+@pytest.mark.parametrize("qdt,zeros", [("i8", False), ("i4", True)])
+def test_int8_activations_unsupported_weights(qdt, zeros):
+    """i8 weights or zero points: a clear error at compile time, not a wrong kernel."""
+    g, _ = qgraph((1,), 64, 16, qdt, 32, zeros)
+    node = g.nodes[-1]
+    b = sqk.GraphBuilder("bad")
+    x = b.input("x", (1, 64))
+    consts = [b.const(n.attrs["value"], n.output.dtype) for n in g.nodes if n.op == "const"]
+    g = b.output(b.matmul_q(x, *consts, group=node.attrs["group"], activations="int8"))
+    sqk.reference(g, x=rand((1, 64)))  # the semantics are defined ...
+    with pytest.raises(sqk.IRError, match="activations=int8: kernels take i4 weights without zero points"):
+        sqk.compile(g)  # ... the kernels are not
+
+
+def test_int8_activations_bad_mode():
+    b = sqk.GraphBuilder("bad")
+    with pytest.raises(sqk.IRError, match="activations must be one of none, int8"):
+        b.matmul_q(b.input("x", (1, 8)), b.const(np.ones((8, 2), np.int8), "i4"),
+                   b.const(np.ones((1, 2), np.float32)), group=8, activations="int4")

@@ -292,9 +292,11 @@ def test_non_finite_constant_error_names_it():
     ("quantize{group=x}", "option group: 'x' is not a valid int"),
     ("quantize{max_error=-1}", "option max_error=-1.0: expected a non-negative"),
     ("quantize{activations=fp8}", "option activations=fp8: expected none or int8"),
-    ("quantize{activations=int8}", "activations=int8 is not yet supported"),
+    ("quantize{activations=int8}", "activations=int8 needs weights=int4 scheme=sym (got weights=int8"),
+    ("quantize{weights=int4,scheme=asym,activations=int8}", "activations=int8 needs weights=int4 scheme=sym"),
     ("quantize{calibration=kl}", "option calibration=kl: expected minmax, percentile or mse"),
-    ("quantize{calibration=mse}", "calibration=mse calibrates int8 activations, which are not yet supported"),
+    ("quantize{calibration=mse}", "static activation scales, which are not yet supported; activations=int8"),
+    ("quantize{weights=int4,activations=int8,calibration=percentile}", "calibration=percentile would choose"),
     ("quantize{skip=w1,w2}", "unknown option 'w2'"),
     ("quantize{samples=0}", "samples=0: expected at least 1"),
     ("quantize{weight=int4}", "unknown option 'weight'"),
@@ -313,7 +315,8 @@ def test_spelling_round_trips():
 
 # --- the transformer MLP block ---------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, bound", [("quantize{weights=int8}", 0.999), ("quantize{weights=int4,group=32}", 0.99)])
+@pytest.mark.parametrize("spec, bound", [("quantize{weights=int8}", 0.999), ("quantize{weights=int4,group=32}", 0.99),
+                                         ("quantize{weights=int4,group=32,activations=int8}", 0.99)])
 def test_transformer_mlp_cosine(spec, bound):
     g = transformer_mlp(tokens=4)
     q, report = run_pipeline(g, f"fold_constants,{spec},dce")
@@ -323,6 +326,32 @@ def test_transformer_mlp_cosine(spec, bound):
     branch = output_error(ref - x, out - x)[1]  # the MLP branch without the residual
     print(f"{spec}: block output cosine {cos:.6f} (MLP branch {branch:.6f}), rel L2 {rel:.3e}\n{report.format()}")
     assert cos >= bound and all(r["cosine"] >= bound for r in report)
+
+
+def test_int8_activations_pipeline():
+    """activations=int8 sets the attribute; the report's error includes activation
+    rounding (the op's reference), so it exceeds the weights-only error."""
+    g = two_layer(k=64, n=48, m=40)
+    q, report = run_pipeline(g, "quantize{weights=int4,group=32,activations=int8}")
+    text = q.to_text()
+    assert text.count('{group=32, activations="int8"}') == 2, text
+    wq, wonly = run_pipeline(g, "quantize{weights=int4,group=32}")
+    for r, w in zip(report, wonly):
+        assert w["rel_l2"] < r["rel_l2"] < 0.2 and r["cosine"] > 0.98
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(F32)
+    assert not np.allclose(sqk.reference(q, x=x), sqk.reference(wq, x=x), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_transformer_mlp_int8_activations_compiled():
+    """The whole MLP block compiled with int4 weights + int8 activations agrees
+    with its reference (f32 rounding of the final multiply-adds only)."""
+    g = transformer_mlp(tokens=3)
+    m = sqk.compile(g, quantize="int4", group=32, activations="int8")
+    assert m.manifest["pipeline"] == "fold_constants,quantize{weights=int4,group=32,activations=int8},dce"
+    x = np.random.default_rng(5).standard_normal((3, 768)).astype(F32)
+    np.testing.assert_allclose(m(x=x), sqk.reference(m.ir, x=x), rtol=1e-4, atol=1e-4)
+    assert output_error(sqk.reference(g, x=x), m(x=x))[1] >= 0.99
 
 
 # --- convenience API and CLI ---------------------------------------------------------------------

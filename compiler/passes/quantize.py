@@ -12,8 +12,13 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
   no matmul weight is an error (it is probably a typo).
 - ``max_error``: a layer whose relative L2 output error exceeds the bound
   stays in float (mixed precision); the report says so.
-- ``activations=int8`` and the ``calibration`` methods (minmax, percentile,
-  mse) are spelled and validated but not yet supported: they raise.
+- ``activations=int8``: dynamic int8 activations, quantized per row and
+  weight group at run time (matmul_q {activations=int8}; semantics in
+  ``ir.ops.MatMulQ``); needs ``weights=int4 scheme=sym`` (the kernels' integer
+  dot products).  The reported error then includes activation rounding.
+  The ``calibration`` methods (minmax, percentile, mse) would choose static
+  activation scales: spelled and validated but not yet supported (they raise;
+  dynamic quantization needs no calibration).
 
 Report plumbing: passes stay ``Graph -> Graph``; the pass records its report
 on itself (``self.report``, a :class:`QuantReport`) as a side channel that the
@@ -34,7 +39,7 @@ import numpy as np
 
 from ...ir import dtypes as dt
 from ...ir.graph import Graph, Node, TensorType, Value
-from ...ir.ops import OPS
+from ...ir.ops import OPS, matmul_q_i8act
 from .. import quantize as qm
 from . import Pass, register
 
@@ -94,12 +99,14 @@ class Quantize(Pass):
             raise _error(f"{p} activations={self.activations}: expected none or int8")
         if self.calibration not in CALIBRATIONS:
             raise _error(f"{p} calibration={self.calibration}: expected minmax, percentile or mse")
-        if self.activations == "int8":
-            raise _error("pass quantize: activations=int8 is not yet supported (weights-only quantization "
-                         "for now: use activations=none)")
+        if self.activations == "int8" and (self.weights != "int4" or self.scheme != "sym"):
+            raise _error(f"pass quantize: activations=int8 needs weights=int4 scheme=sym (got weights="
+                         f"{self.weights} scheme={self.scheme}): its kernels multiply int8 activations with "
+                         f"symmetric int4 weights")
         if self.calibration != "minmax":
-            raise _error(f"pass quantize: calibration={self.calibration} calibrates int8 activations, which are "
-                         f"not yet supported; weight quantization needs no calibration method")
+            raise _error(f"pass quantize: calibration={self.calibration} would choose static activation scales, "
+                         f"which are not yet supported; activations=int8 quantizes dynamically (per row and "
+                         f"group at run time) and needs no calibration")
         if self.samples < 1:
             raise _error(f"{p} samples={self.samples}: expected at least 1 random input row")
 
@@ -159,8 +166,10 @@ class Quantize(Pass):
             group = self.group_for(k)
             arr = prod[w].attrs["value"]
             q, s, z = qm.quantize_weight(arr, self.bits, group, self.scheme, self.scale_dtype, name=w.name)
-            rel, cos = qm.layer_error(inputs[w], arr, q, s, z, group)
+            rel, cos = self._layer_error(inputs[w], arr, q, s, z, group)
             spelled = f"{self.weights} {'g' + str(group) if group < k else 'per-channel'} {self.scheme}"
+            if self.activations == "int8":
+                spelled += " + i8 act"
             if rel > self.max_error:
                 report.append({**row, "weights": w.dtype.name, "rel_l2": rel, "cosine": cos, "bytes": fbytes,
                                "status": f"kept {w.dtype.name}: {spelled} error {rel:.3g} > max_error "
@@ -191,12 +200,21 @@ class Quantize(Pass):
                 out_nodes.extend(new_consts[node.output])
             elif node.op == "matmul" and node.inputs[1] in replaced:
                 w = node.inputs[1]
-                attrs = OPS["matmul_q"].normalize_attrs({"group": group_of[w]})
+                attrs = OPS["matmul_q"].normalize_attrs({"group": group_of[w], "activations": self.activations})
                 out_nodes.append(Node("matmul_q", (node.inputs[0],) + replaced[w], node.outputs, attrs))
             else:
                 out_nodes.append(node)
         object.__setattr__(self, "report", report)
         return graph.with_nodes(out_nodes)
+
+    def _layer_error(self, x, w, q, s, z, group) -> tuple[float, float]:
+        """(relative L2, cosine) of the layer's output against float64 x @ w; with
+        int8 activations the quantized side is the op's own reference."""
+        if self.activations == "none":
+            return qm.layer_error(x, w, q, s, z, group)
+        x2 = np.asarray(x, np.float32).reshape(-1, w.shape[0])
+        want = x2.astype(np.float64) @ np.asarray(w, np.float64)
+        return qm.output_error(want, matmul_q_i8act(x2, q, s, z, group).astype(np.float64))
 
     def _layer_inputs(self, graph: Graph, uses: dict) -> dict:
         """Each weight's layer input rows [rows, K]: from the calibration samples
