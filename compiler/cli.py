@@ -2,7 +2,7 @@
 
     sqk compile MODEL.sqkir -o OUT.sqk [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
                 [--quantize int8|int4 [--group N] [--scheme sym|asym] [--scale-dtype f32|f16]
-                 [--skip W1|W2] [--max-error E]] [--report]
+                 [--skip W1|W2] [--max-error E] [--activations none|int8]] [--report]
     sqk dump MODEL.sqkir [--after PASS] [--pipeline P]
     sqk run OUT.sqk --input x=x.npy ... [--output-dir D]
     sqk info OUT.sqk
@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--skip", default=None, metavar="W1|W2", help="weight constants to leave in float")
     c.add_argument("--max-error", type=float, default=None,
                    help="keep in float each layer whose relative L2 output error exceeds this")
+    c.add_argument("--activations", default=None, choices=("none", "int8"),
+                   help="int8: quantize activations per row and group at run time (int4 sym weights)")
     c.add_argument("--report", action="store_true", help="print the per-layer quantization accuracy table")
 
     d = sub.add_parser("dump", help="print a model's IR, optionally after running passes")
@@ -66,7 +68,8 @@ def _cmd_compile(a) -> None:
     g = sqk.load_ir(a.model)
     log = None if a.quiet else (lambda line: print(line))
     qopts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group), ("scheme", a.scheme),
-                               ("scale_dtype", a.scale_dtype), ("skip", a.skip), ("max_error", a.max_error))
+                               ("scale_dtype", a.scale_dtype), ("skip", a.skip), ("max_error", a.max_error),
+                               ("activations", a.activations))
              if v is not None}
     m = sqk.compile(g, target=a.target, pipeline=a.pipeline, dump_after=a.dump_after, dump_dir=a.dump_dir,
                     threads=a.threads, log=log, **qopts)
@@ -180,7 +183,8 @@ def _cmd_demo(a) -> None:
     print(f"\nquantized {g.name} (4 tokens) against fp32:")
     print(f"{'weights':<22}{'weight MiB':>11}{'cosine':>10}{'rel L2':>10}")
     for label, opts in (("f32", {}), ("int8 per-channel", {"quantize": "int8"}),
-                        ("int4 g32", {"quantize": "int4", "group": 32})):
+                        ("int4 g32", {"quantize": "int4", "group": 32}),
+                        ("int4 g32 + int8 act", {"quantize": "int4", "group": 32, "activations": "int8"})):
         m = sqk.compile(g, target=a.target, **opts)
         out = m(x=x).astype(np.float64)
         cos = float(out.ravel() @ ref.ravel() / (np.linalg.norm(out) * np.linalg.norm(ref)))
