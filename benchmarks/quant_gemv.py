@@ -9,10 +9,10 @@ fp32, onnxruntime's MatMulNBits, and the machine's read bandwidth.
   (packed q + scales) per second.
 * onnxruntime MatMulNBits (bits 4, block 32, the same int4 values), one model
   with 64 nodes, accuracy_level 0 (f32 activations) and 4 (int8 activations).
-* sqk matmul_q {activations=int8} over the int4 stack (x quantized per row and
-  group at run time, integer dot products with AVX2 vpmaddubsw/vpmaddwd): other
-  numerics than the f32 mode's, checked against the op's own reference
-  (ir.ops.matmul_q_i8act).
+* sqk matmul_q {activations=int8} over the int4 and the int8 stacks (x
+  quantized per row and group at run time, integer dot products with AVX2
+  vpmaddubsw/vpmaddwd, i8 weights through vpabsb/vpsignb): other numerics than
+  the f32 mode's, checked against the op's own reference (ir.ops.matmul_q_i8act).
 * Read probe: sqk's reduce_sum over axis 1 of a [16, N] f32 input > 500 MiB.
 * Small-batch GEMM (M = 4, 16) on 16 int4 / 8 int8 matrices (128 MiB, still
   4x the L3): compute decides there, and compiling four more 64-node graphs
@@ -98,15 +98,15 @@ def _check(got, mats, x, what, tol):
             raise AssertionError(f"{what}: output {i} differs from numpy (relative error {err:.2e})")
 
 
-def _i8act(mats, threads, x):
-    """int4 weights + int8 dynamic activations, checked against the op's reference."""
-    mod, _ = sqk_model("i4", mats, 1, threads, i8act=True)
+def _i8act(qdt, mats, threads, x):
+    """int4 / int8 weights + int8 dynamic activations, checked against the op's reference."""
+    mod, _ = sqk_model(qdt, mats, 1, threads, i8act=True)
     got = mod(x=x)
     for i in (0, len(mats) - 1):
         q, s, group = mats[i]
         want = matmul_q_i8act(x, q, s, None, group)
         if np.max(np.abs(got[i] - want)) > 1e-4 * np.max(np.abs(want)):
-            raise AssertionError("sqk i4 w + i8 dynamic activations differs from its reference")
+            raise AssertionError(f"sqk {qdt} w + i8 dynamic activations differs from its reference")
     return mod
 
 
@@ -137,8 +137,8 @@ def run(threads: int) -> Table:
         notes.append(f"sqk {qdt}: compiling the {len(mats)}-node graph took {secs:.1f} s (packing q, LLVM, writing and hashing the constants)")
         _check(mod(x=x1), mats, x1, f"sqk {qdt}", 1e-4)
         fns = {"probe": _call(probe, x=buf), f"sqk {qdt}": _call(mod, x=x1)}
+        fns[f"sqk {qdt} w + i8 dynamic activations"] = _call(_i8act(qdt, mats, threads, x1), x=x1)
         if qdt == "i4":
-            fns["sqk i4 w + i8 dynamic activations"] = _call(_i8act(mats, threads, x1), x=x1)
             for level in (0, 4):
                 sess = ort_session(mats, level, threads)
                 _check(sess.run(None, {"x": x1}), mats, x1, f"ORT level {level}", 3e-2 if level else 1e-3)

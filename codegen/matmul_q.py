@@ -294,20 +294,30 @@ def emit_matmul_q(k: Kernel, node: Node):
 #
 # Each row of x is quantized at run time per group of K (``ir.ops.matmul_q_i8act``
 # is the semantics): d = max|x| / 127, xq = roundeven(x / d) in i8; then
-# y = sum_g d[g] * scale[g] * sum_k xq * q, the inner sums exact in i32.  On
-# AVX2 the integer dot products are vpmaddubsw + vpmaddwd (64 weights per ~8
-# vector instructions against ~24 on the f32 path); elsewhere plain i32
-# vector multiply-adds on the same layout (LLVM vectorizes them for RVV).
-# i4 weights without zero points (an IRError otherwise).
+# y = sum_g d[g] * scale[g] * sum_k xq * q, the inner sums exact in integers
+# (i32 per group; i64 across spans of a group too long for i32, see
+# ``i32_span``).  On AVX2 the integer dot products are vpmaddubsw + vpmaddwd
+# (64 i4 weights per ~8 vector instructions against ~24 on the f32 path);
+# elsewhere plain i32 vector multiply-adds on the same layout (LLVM vectorizes
+# them for RVV).  Symmetric i4 or i8 weights, no zero points (an IRError).
 #
-# Slab layout (``pack_i8act``): q as [N/64 blocks * 8 slabs][K'/8][32 bytes],
+# Slab layout (``pack_i8act``): q as [N/64 blocks * 8 slabs][K'/8][8 rows of k],
 # where K' pads every group to GP = group rounded up to 8 rows (so a chunk of
 # 8 rows never straddles two groups; padding rows hold q = 0 and meet xq = 0).
-# Byte 4c+t of a slab row holds column c's q+8 for k = 8j+t (low nibble) and
-# 8j+4+t (high nibble): the 32 bytes read as <8 x i32> have column c in lane c.
+# A chunk of a slab is 32 bytes (i4) or 64 bytes (i8), read as <8 x i32> words
+# with column c in lane c:
+#
+# * i4: byte 4c+t holds column c's q+8 for k = 8j+t (low nibble) and 8j+4+t
+#   (high nibble);
+# * i8: word h (h = 0, 1), byte 4c+t holds column c's q (two's complement) for
+#   k = 8j+4h+t.  vpmaddubsw multiplies unsigned by signed bytes, so it takes
+#   |q| (vpabsb: -128 gives 0x80 = 128 unsigned, right) against xq with q's
+#   sign (vpsignb; |xq| <= 127 never wraps): pairs reach 2*128*127 = 32512,
+#   below the i16 saturation.
+#
 # Scales as [slabs][groups][8].  Columns padded to a multiple of 64.
 
-SLAB = 8            # columns per 32-byte slab: 8 columns x 8 rows of k, nibbles
+SLAB = 8            # columns per slab
 QUAD = 4            # slabs whose accumulators share each broadcast of xq
 XQ_STACK = 1 << 16  # bytes of quantized x on the stack per row chunk
 MAX_KP = 1 << 18    # padded K at most: one row of int8 x always sits on the stack
@@ -318,6 +328,14 @@ def i8_geometry(node: Node) -> tuple[int, int, int, int]:
     K, N = node.inputs[1].type.shape
     group = min(node.attrs["group"], max(K, 1))
     return K, N, -(-K // group), -(-group // 8) * 8
+
+
+def i32_span(bits: int) -> int:
+    """Most rows of k whose integer dot sum surely fits i32, a multiple of 8:
+    per row |xq| <= 127 against |q + 8| <= 15 (i4, the offset encoding) or
+    |q| <= 128 (i8).  ~2^17 rows for i8: per-channel K = 16384 is far inside."""
+    per_row = 127 * (15 if bits == 4 else 128)
+    return (2**31 - 1) // per_row // 8 * 8
 
 
 def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
@@ -332,9 +350,15 @@ def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
             s.dtype.newbyteorder("<")).tobytes()
     if index != 1:
         return None
-    u = np.full((G * GP, nslab * SLAB), 8, np.uint8)       # q = 0 in padding rows and columns
+    i4 = node.inputs[1].type.dtype is dt.i4
+    u = np.full((G * GP, nslab * SLAB), 8 if i4 else 0, np.uint8)   # q = 0 in padding rows and columns
     rows = (np.arange(K) // group) * GP + np.arange(K) % group
-    u[rows, :N] = (np.asarray(a).astype(np.int8, copy=False).view(np.uint8) + np.uint8(8)) & 0xF
+    qb = np.asarray(a).astype(np.int8, copy=False).view(np.uint8)
+    if not i4:
+        u[rows, :N] = qb
+        u = u.reshape(G * GP // 4, 4, nslab, SLAB)                 # [k // 4, t, slab, c]
+        return np.ascontiguousarray(u.transpose(2, 0, 3, 1)).tobytes()  # [slab, k // 4, c, t]
+    u[rows, :N] = (qb + np.uint8(8)) & 0xF
     u = u.reshape(G * GP // 8, 2, 4, nslab, SLAB)          # [j, half, t, slab, c]
     byte = u[:, 0] | (u[:, 1] << 4)                        # [j, t, slab, c]
     return np.ascontiguousarray(byte.transpose(2, 0, 3, 1)).tobytes()  # [slab, j, c, t]
@@ -346,10 +370,11 @@ def emit_i8act(k: Kernel, node: Node):
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N, G, GP = i8_geometry(node)
     group = node.attrs["group"]
-    if node.inputs[1].type.dtype is not dt.i4 or (len(node.inputs) > 3 and node.inputs[3] is not None):
-        raise IRError("matmul_q activations=int8: kernels take i4 weights without zero points "
-                      "(symmetric int4); got " + f"{node.inputs[1].type.dtype}"
-                      + (" with zero points" if len(node.inputs) > 3 and node.inputs[3] is not None else ""))
+    has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+    if has_zeros:
+        raise IRError("matmul_q activations=int8: kernels take symmetric i4 or i8 weights without zero points; "
+                      f"got {node.inputs[1].type.dtype} with zero points")
+    bits = 4 if node.inputs[1].type.dtype is dt.i4 else 8
     rows = math.prod(x_t.shape[:-1])
     KP = G * GP
     if KP > MAX_KP:
@@ -411,25 +436,51 @@ def emit_i8act(k: Kernel, node: Node):
         ones = ir.Constant(v16i16, [1] * 16)
         lo_mask = ir.Constant(v32i8, [0x0F] * 32)
         four = ir.Constant(v32i8, [4] * 32)
+        vabs = k.intrinsic("llvm.abs.v32i8", v32i8, [v32i8, ir.IntType(1)])
+        vsign = k.intrinsic("llvm.x86.avx2.psign.b", v32i8, [v32i8, v32i8])
     nib = ir.Constant(v8i32, [0x0F] * 8)
+    words = bits // 4          # <8 x i32> words per chunk of 8 rows of a slab
 
-    def dot8(w, xo, acc):
-        """acc + per column (lane) sum over 8 rows k of (q+8) * xq; w = <8 x i32> slab row."""
-        if avx2:
-            xb = [b.bitcast(splat(b, b.load(gep(b, xq, I8, b.add(xo, i64(h * 4))), typ=I32, align=1), 8), v32i8)
-                  for h in range(2)]
-            w8 = b.bitcast(w, v32i8)
+    def xq_splat(xo, t, n):
+        """xq[xo + t : xo + t + n] broadcast: n = 4 as <32 x i8>, n = 1 as <8 x i32>."""
+        p = gep(b, xq, I8, b.add(xo, i64(t)))
+        if n == 4:
+            return b.bitcast(splat(b, b.load(p, typ=I32, align=1), 8), v32i8)
+        return splat(b, b.sext(b.load(p, typ=I8), I32), 8)
+
+    def dot8(ws, xo, acc):
+        """acc + per column (lane) sum over 8 rows k of (q + 8) * xq (i4) or q * xq (i8);
+        ws = the chunk's <8 x i32> words."""
+        if avx2 and bits == 4:
+            w8 = b.bitcast(ws[0], v32i8)
             lo, hi = b.and_(w8, lo_mask), b.lshr(w8, four)
-            p = b.add(b.call(maddubs, [lo, xb[0]]), b.call(maddubs, [hi, xb[1]]))
+            p = b.add(b.call(maddubs, [lo, xq_splat(xo, 0, 4)]), b.call(maddubs, [hi, xq_splat(xo, 4, 4)]))
             return b.add(acc, b.call(maddwd, [p, ones]))
-        for t in range(8):  # k = 8j + t: byte t % 4, nibble t // 4
-            sh = 8 * (t % 4) + 4 * (t // 4)
-            u = b.and_(b.lshr(w, ir.Constant(v8i32, [sh] * 8)), nib) if sh else b.and_(w, nib)
-            xv = b.sext(b.load(gep(b, xq, I8, b.add(xo, i64(t))), typ=I8), I32)
-            acc = b.add(acc, b.mul(u, splat(b, xv, 8)))
+        if avx2:
+            for h, w in enumerate(ws):  # no i16 sum of the two halves: 2 * 32512 would saturate
+                w8 = b.bitcast(w, v32i8)
+                uq = b.call(vabs, [w8, ir.Constant(ir.IntType(1), 0)])
+                sx = b.call(vsign, [xq_splat(xo, 4 * h, 4), w8])
+                acc = b.add(acc, b.call(maddwd, [b.call(maddubs, [uq, sx]), ones]))
+            return acc
+        for t in range(8):
+            if bits == 4:  # k = 8j + t: byte t % 4, nibble t // 4
+                sh = 8 * (t % 4) + 4 * (t // 4)
+                u = b.and_(b.lshr(ws[0], ir.Constant(v8i32, [sh] * 8)), nib) if sh else b.and_(ws[0], nib)
+            else:          # k = 8j + 4h + t: word h, byte t, sign-extended
+                w = ws[t // 4]
+                sh = 24 - 8 * (t % 4)
+                u = b.shl(w, ir.Constant(v8i32, [sh] * 8)) if sh else w
+                u = b.ashr(u, ir.Constant(v8i32, [24] * 8))
+            acc = b.add(acc, b.mul(u, xq_splat(xo, t, 1)))
         return acc
 
     nblk = -(-N // NB)
+    chunk_bytes = 32 * words
+    # spans of chunks of 8 rows whose sums fit i32 (one span unless a group exceeds i32_span)
+    span = i32_span(bits) // 8
+    spans = [(c, min(GP // 8, c + span)) for c in range(0, GP // 8, span)] or [(0, 0)]
+    i64v = ir.VectorType(ir.IntType(64), 8)
 
     def quad_pass(item, r0, rl, s0, last):
         """Row r0+rl of x against slabs s0..s0+QUAD of block ``item``."""
@@ -441,18 +492,26 @@ def emit_i8act(k: Kernel, node: Node):
                 xo = b.add(b.mul(rl, i64(KP)), b.mul(kk, i64(8)))
                 out = []
                 for j2, sl in enumerate(slabs):
-                    off = b.add(b.mul(sl, i64(KP // 8 * 32)), b.mul(kk, i64(32)))
-                    out.append(dot8(b.load(gep(b, W, I8, off), typ=v8i32, align=1), xo, acc[j2]))
+                    off = b.add(b.mul(sl, i64(KP // 8 * chunk_bytes)), b.mul(kk, i64(chunk_bytes)))
+                    ws = [b.load(gep(b, W, I8, b.add(off, i64(32 * h))), typ=v8i32, align=1) for h in range(words)]
+                    out.append(dot8(ws, xo, acc[j2]))
                 return out
 
-            acc = fold_loop(b, 0, GP // 8, [ir.Constant(v8i32, [0] * 8)] * QUAD, kstep, name="ks")
+            zacc = [ir.Constant(v8i32, [0] * 8)] * QUAD
+            parts = [fold_loop(b, c0, c1, zacc, kstep, name="ks") for c0, c1 in spans]
             rg = b.add(b.mul(rl, i64(G)), g)
             dv = splat(b, b.load(gep(b, dq, F32, rg), typ=F32), VL)
-            off8 = splat(b, b.load(gep(b, qsum, I32, rg), typ=I32), VL)
+            off8 = splat(b, b.load(gep(b, qsum, I32, rg), typ=I32), VL) if bits == 4 else None
             out = []
             for j2, sl in enumerate(slabs):
                 sc = b.fmul(dv, S.load(b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB)))))
-                dot = b.sitofp(b.sub(acc[j2], off8), fvec)  # exact integer, rounded once to f32
+                if len(parts) == 1:  # the common case: all in i32
+                    dot = parts[0][j2] if off8 is None else b.sub(parts[0][j2], off8)
+                else:                # a group longer than i32_span rows: spans summed in i64
+                    dot = functools.reduce(b.add, [b.sext(p[j2], i64v) for p in parts])
+                    if off8 is not None:
+                        dot = b.sub(dot, b.sext(off8, i64v))
+                dot = b.sitofp(dot, fvec)  # exact integer, rounded once to f32
                 out.append(fma(k, sc, dot, yacc[j2]))
             return out
 
@@ -487,7 +546,7 @@ def emit_i8act(k: Kernel, node: Node):
         quantize(r0, nr)
         blocks(r0, nr)
     k.finish()
-    return nblk, max(1, -(-MIN_PARALLEL_BYTES // max(1, KP * NB // 2)))
+    return nblk, max(1, -(-MIN_PARALLEL_BYTES // max(1, KP * NB * bits // 8)))
 
 
 def call_fabs_max(k: Kernel, acc, v):

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-error", type=float, default=None,
                    help="keep in float each layer whose relative L2 output error exceeds this")
     c.add_argument("--activations", default=None, choices=("none", "int8"),
-                   help="int8: quantize activations per row and group at run time (int4 sym weights)")
+                   help="int8: quantize activations per row and group at run time (symmetric int4 or int8 weights)")
     c.add_argument("--report", action="store_true", help="print the per-layer quantization accuracy table")
 
     d = sub.add_parser("dump", help="print a model's IR, optionally after running passes")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import sqk
-from harness import assert_close, check, rand, target_param
+from harness import assert_close, check, compile_for, rand, target_param
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqk.codegen.lower import pack_constants
@@ -104,13 +104,14 @@ def test_random_shapes(m, k, n, qdt, group, zeros, sdt):
 
 # --- activations=int8 (dynamic per-row, per-group int8 x) ---------------------------------------
 
-def i8graph(shape, K, N, group, xdt="f32", sdt="f16", seed=0):
-    """x[shape + (K,)] @ matmul_q(q i4[K, N], activations=int8); x with an all-zero first row."""
+def i8graph(shape, K, N, group, xdt="f32", sdt="f16", seed=0, qdt="i4"):
+    """x[shape + (K,)] @ matmul_q(q[K, N] i4 or i8, activations=int8); x with an all-zero first row."""
     rng = np.random.default_rng(seed)
     G = -(-K // group)
+    lo, hi = RANGE[qdt]
     b = sqk.GraphBuilder("i8act")
     x = b.input("x", tuple(shape) + (K,), xdt)
-    q = b.const(rng.integers(-8, 8, (K, N)).astype(np.int8), "i4")
+    q = b.const(rng.integers(lo, hi + 1, (K, N)).astype(np.int8), qdt)
     s = b.const(rng.uniform(0.01, 0.1, (G, N)).astype(np.float32 if sdt == "f32" else np.float16), sdt)
     g = b.output(b.matmul_q(x, q, s, group=group, activations="int8"))
     xv = rand(tuple(shape) + (K,), xdt, rng)
@@ -185,17 +186,81 @@ def test_int8_activations_threads():
     assert [k["range"] for k in m.manifest["kernels"]] == [16]
 
 
-@pytest.mark.parametrize("qdt,zeros", [("i8", False), ("i4", True)])
-def test_int8_activations_unsupported_weights(qdt, zeros):
-    """i8 weights or zero points: a clear error at compile time, not a wrong kernel."""
-    g, _ = qgraph((1,), 64, 16, qdt, 32, zeros)
+I8W_CASES = [  # i8 weights: (x shape without K, K, N, group, x dtype, scales dtype)
+    ((1,), 128, 64, 32, "f32", "f32"),
+    ((3,), 100, 70, 32, "f32", "f16"),     # K not divisible by group, odd N
+    ((16,), 256, 130, 256, "f32", "f32"),  # per-channel (group = K)
+    ((3,), 90, 20, 90, "f16", "f32"),      # per-channel, K not a multiple of 8, f16 x
+    ((2, 3), 70, 33, 7, "f32", "f16"),     # group not a multiple of 8, batched x
+]
+
+
+@target_param
+@pytest.mark.parametrize("case", I8W_CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-g{c[3]}-{c[4]}")
+def test_int8_activations_i8_weights(target, case):
+    """i8 weights (the full [-128, 127]) x int8 activations, exact integer dots."""
+    shape, K, N, group, xdt, sdt = case
+    check(*i8graph(shape, K, N, group, xdt, sdt, qdt="i8"), target)
+
+
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 17), k=st.integers(1, 150), n=st.integers(1, 140), group=st.sampled_from([1, 5, 8, 32, 0]))
+def test_int8_activations_i8_weights_random_shapes(m, k, n, group):
+    check(*i8graph((m,), k, n, group or k, seed=m * 1000 + k, qdt="i8"))
+
+
+def extreme_i8(K):
+    """Per-channel i8 weights at their extremes against rows x = +-127 (d = 1,
+    xq = x), x = -127 and x = +-1 (d = 1/127): columns q = 127 sign(x), -128,
+    127, then random q; dots up to 128 * 127 * K in magnitude.  Returns the
+    graph, x and the exact dots of the rows with d = 1."""
+    rng = np.random.default_rng(K)
+    sx = np.where(rng.random(K) < 0.5, -1, 1)
+    q = rng.integers(-128, 128, (K, 8))
+    q[:, 0], q[:, 1], q[:, 2] = 127 * sx, -128, 127
+    q = q.astype(np.int8)
+    x = np.stack([127 * sx, np.full(K, -127), sx]).astype(np.float32)
+    b = sqk.GraphBuilder("ext8")
+    xi = b.input("x", (3, K))
+    g = b.output(b.matmul_q(xi, b.const(q, "i8"), b.const(np.ones((1, 8), np.float32), "f32"),
+                            group=K, activations="int8"))
+    return g, x, x[:2].astype(np.int64) @ q.astype(np.int64)
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64"])
+def test_int8_activations_i8_exact_k16384(target):
+    """K = 16384 in one group: the i32 sums reach 128 * 127 * 16384 = 2^21 * 127
+    without overflow or i16 saturation; one group means one rounding of the exact
+    integer (times the f32 step), so the result equals the reference bit for bit."""
+    g, x, dot = extreme_i8(16384)
+    assert abs(dot).max() == 128 * 127 * 16384 and dot[0, 0] == 127 * 127 * 16384
+    got = compile_for(g, target)(x=x)
+    np.testing.assert_array_equal(got[:2], dot.astype(np.float32))  # d = 1, scale 1: y is the integer dot
+    np.testing.assert_array_equal(got, sqk.reference(g, x=x))
+
+
+def test_int8_activations_i8_group_beyond_i32():
+    """A group so long (140000 rows) that 128 * 127 * K overflows i32: the
+    kernel sums spans of it in i64 (``i32_span``)."""
+    g, x, dot = extreme_i8(140000)
+    assert abs(dot).max() > 2**31
+    got = sqk.compile(g)(x=x)
+    np.testing.assert_array_equal(got[:2], dot.astype(np.float32))
+    np.testing.assert_array_equal(got, sqk.reference(g, x=x))
+
+
+@pytest.mark.parametrize("qdt", ["i4", "i8"])
+def test_int8_activations_unsupported_weights(qdt):
+    """Zero points: a clear error at compile time, not a wrong kernel."""
+    g, _ = qgraph((1,), 64, 16, qdt, 32, zeros=True)
     node = g.nodes[-1]
     b = sqk.GraphBuilder("bad")
     x = b.input("x", (1, 64))
     consts = [b.const(n.attrs["value"], n.output.dtype) for n in g.nodes if n.op == "const"]
     g = b.output(b.matmul_q(x, *consts, group=node.attrs["group"], activations="int8"))
     sqk.reference(g, x=rand((1, 64)))  # the semantics are defined ...
-    with pytest.raises(sqk.IRError, match="activations=int8: kernels take i4 weights without zero points"):
+    with pytest.raises(sqk.IRError, match="activations=int8: kernels take symmetric i4 or i8 weights without zero "
+                                          f"points; got {qdt} with zero points"):
         sqk.compile(g)  # ... the kernels are not
 
 

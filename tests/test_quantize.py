@@ -292,8 +292,8 @@ def test_non_finite_constant_error_names_it():
     ("quantize{group=x}", "option group: 'x' is not a valid int"),
     ("quantize{max_error=-1}", "option max_error=-1.0: expected a non-negative"),
     ("quantize{activations=fp8}", "option activations=fp8: expected none or int8"),
-    ("quantize{activations=int8}", "activations=int8 needs weights=int4 scheme=sym (got weights=int8"),
-    ("quantize{weights=int4,scheme=asym,activations=int8}", "activations=int8 needs weights=int4 scheme=sym"),
+    ("quantize{scheme=asym,activations=int8}", "activations=int8 needs scheme=sym (got weights=int8 scheme=asym"),
+    ("quantize{weights=int4,scheme=asym,activations=int8}", "activations=int8 needs scheme=sym (got weights=int4"),
     ("quantize{calibration=kl}", "option calibration=kl: expected minmax, percentile or mse"),
     ("quantize{calibration=mse}", "static activation scales, which are not yet supported; activations=int8"),
     ("quantize{weights=int4,activations=int8,calibration=percentile}", "calibration=percentile would choose"),
@@ -340,6 +340,28 @@ def test_int8_activations_pipeline():
         assert w["rel_l2"] < r["rel_l2"] < 0.2 and r["cosine"] > 0.98
     x = np.random.default_rng(1).standard_normal((3, 64)).astype(F32)
     assert not np.allclose(sqk.reference(q, x=x), sqk.reference(wq, x=x), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("target", ["host", "riscv64"])
+def test_int8_weights_int8_activations_pipeline(target):
+    """weights=int8 (per channel, sym) with activations=int8: i8 matmul_q nodes
+    with the attribute, an error including activation rounding, and kernels
+    that agree with the rewritten graph's reference."""
+    from harness import compile_for
+
+    g = two_layer(k=64, n=48, m=40)
+    q, report = run_pipeline(g, "quantize{weights=int8,activations=int8}")
+    text = q.to_text()
+    assert text.count('{group=64, activations="int8"}') == 1 and text.count('{group=48, activations="int8"}') == 1
+    assert [n.attrs["value"].dtype for n in q.nodes if n.op == "const"] == [np.int8, F32] * 2
+    _, wonly = run_pipeline(g, "quantize{weights=int8}")
+    for r, w in zip(report, wonly):
+        assert "+ i8 act" in r["weights"] and w["rel_l2"] < r["rel_l2"] < 0.05 and r["cosine"] > 0.999
+    x = np.random.default_rng(2).standard_normal((3, 64)).astype(F32)
+    np.testing.assert_allclose(compile_for(q, target)(x=x), sqk.reference(q, x=x), rtol=1e-5, atol=1e-4)
+    assert sqk.compile(g, quantize="int8", activations="int8").manifest["pipeline"] == \
+        "fold_constants,quantize{weights=int8,activations=int8},dce"
 
 
 @needs_kernels

@@ -14,8 +14,9 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
   stays in float (mixed precision); the report says so.
 - ``activations=int8``: dynamic int8 activations, quantized per row and
   weight group at run time (matmul_q {activations=int8}; semantics in
-  ``ir.ops.MatMulQ``); needs ``weights=int4 scheme=sym`` (the kernels' integer
-  dot products).  The reported error then includes activation rounding.
+  ``ir.ops.MatMulQ``); needs ``scheme=sym``, weights int4 or int8 (the
+  kernels' integer dot products take no zero points).  The reported error
+  then includes activation rounding.
   The ``calibration`` methods (minmax, percentile, mse) would choose static
   activation scales: spelled and validated but not yet supported (they raise;
   dynamic quantization needs no calibration).
@@ -99,10 +100,10 @@ class Quantize(Pass):
             raise _error(f"{p} activations={self.activations}: expected none or int8")
         if self.calibration not in CALIBRATIONS:
             raise _error(f"{p} calibration={self.calibration}: expected minmax, percentile or mse")
-        if self.activations == "int8" and (self.weights != "int4" or self.scheme != "sym"):
-            raise _error(f"pass quantize: activations=int8 needs weights=int4 scheme=sym (got weights="
-                         f"{self.weights} scheme={self.scheme}): its kernels multiply int8 activations with "
-                         f"symmetric int4 weights")
+        if self.activations == "int8" and self.scheme != "sym":
+            raise _error(f"pass quantize: activations=int8 needs scheme=sym (got weights={self.weights} "
+                         f"scheme={self.scheme}): its kernels multiply int8 activations with symmetric int4 "
+                         f"or int8 weights, no zero points")
         if self.calibration != "minmax":
             raise _error(f"pass quantize: calibration={self.calibration} would choose static activation scales, "
                          f"which are not yet supported; activations=int8 quantizes dynamically (per row and "
