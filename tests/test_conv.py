@@ -18,7 +18,7 @@ import sqk
 from sqk.codegen.conv import Axis, plan_tiles
 from sqk.ir.graph import IRError
 from sqk.ir.ops import _pool_out
-from harness import assert_close, check, compile_for, rand, target_param
+from harness import check, rand, target_param
 
 # name: (x shape, w shape, bias, dtype, attrs)
 CONV_CASES = {
@@ -96,54 +96,36 @@ def add_pool(b, name, op, x_shape, dtype, attrs):
     return getattr(b, op)(b.input(f"{name}_x", x_shape, dtype), name=name, **attrs), {f"{name}_x": x}
 
 
-def check_named(g, inputs, target):
-    """Compile and run ``g``; compare each (named) output with the reference."""
-    m = compile_for(g, target)
-    outs, refs = m(**inputs), sqk.reference(g, **inputs)
-    if len(g.outputs) == 1:
-        outs, refs = (outs,), (refs,)
-    for v, o, r in zip(g.outputs, outs, refs):
-        assert_close(o, r, what=f"{v.name} on {target}")
-
-
 # --- the tables on the host -------------------------------------------------------------
 
 @pytest.mark.parametrize("name", CONV_CASES)
 def test_conv(name):
     b = sqk.GraphBuilder(name)
     y, ins = add_conv(b, name, *CONV_CASES[name])
-    check_named(b.output(y), ins, "host")
+    check(b.output(y), ins, "host")
 
 
 @pytest.mark.parametrize("name", POOL_CASES)
 def test_pool(name):
     b = sqk.GraphBuilder(name)
     y, ins = add_pool(b, name, *POOL_CASES[name])
-    check_named(b.output(y), ins, "host")
+    check(b.output(y), ins, "host")
 
 
 # --- every target: a few cases per graph ---------------------------------------------------
 
 @target_param
-def test_conv_targets(target):
-    b = sqk.GraphBuilder("convs")
+@pytest.mark.parametrize("kind", ["convs", "pools"])
+def test_cases_on_every_target(target, kind):
+    """A few cases per target, as the outputs of one graph (one compile, one qemu run)."""
+    add, names, cases = (add_conv, RISCV_CONV, CONV_CASES) if kind == "convs" else (add_pool, RISCV_POOL, POOL_CASES)
+    b = sqk.GraphBuilder(kind)
     outs, ins = [], {}
-    for name in RISCV_CONV:
-        y, i = add_conv(b, name, *CONV_CASES[name])
+    for name in names:
+        y, i = add(b, name, *cases[name])
         outs.append(y)
         ins.update(i)
-    check_named(b.output(*outs), ins, target)
-
-
-@target_param
-def test_pool_targets(target):
-    b = sqk.GraphBuilder("pools")
-    outs, ins = [], {}
-    for name in RISCV_POOL:
-        y, i = add_pool(b, name, *POOL_CASES[name])
-        outs.append(y)
-        ins.update(i)
-    check_named(b.output(*outs), ins, target)
+    check(b.output(*outs), ins, target)
 
 
 @target_param
@@ -197,7 +179,7 @@ def conv_params(draw):
 def test_conv_random(case):
     b = sqk.GraphBuilder("conv_random")
     y, ins = add_conv(b, "conv", *case)
-    check_named(b.output(y), ins, "host")
+    check(b.output(y), ins, "host")
 
 
 @st.composite
@@ -223,7 +205,7 @@ def test_pool_random(case):
         y, ins = add_pool(b, "pool", *case)
     except IRError:  # window larger than the padded input
         assume(False)
-    check_named(b.output(y), ins, "host")
+    check(b.output(y), ins, "host")
 
 
 # --- the static width plan ----------------------------------------------------------------

@@ -10,17 +10,7 @@ import pytest
 
 import sqk
 from sqk.ir import dtypes as dt
-from harness import assert_close, compile_for, rand, target_param
-
-
-def check_named(g, inputs, target, **kw):
-    m = compile_for(g, target, **kw)
-    outs, refs = m(**inputs), sqk.reference(g, **inputs)
-    if len(g.outputs) == 1:
-        outs, refs = (outs,), (refs,)
-    for v, o, r in zip(g.outputs, outs, refs):
-        assert_close(o, r, what=f"{g.name}: {v.name} on {target}")
-    return m
+from harness import assert_close, check, compile_for, rand, target_param
 
 
 def ids_for(n, shape, dtype, rng):
@@ -62,7 +52,7 @@ def gather_graph():
 @target_param
 def test_gather(target):
     g, inputs = gather_graph()
-    check_named(g, inputs, target)
+    check(g, inputs, target)
 
 
 @target_param
@@ -89,7 +79,7 @@ def test_embedding_lookup_threaded():
     t, ids = b.input("table", (32000, 768)), b.input("ids", (1, 128), "i64")
     g = b.output(b.gather(t, ids))
     table = rng.standard_normal((32000, 768), dtype=np.float32)
-    m = check_named(g, {"table": table, "ids": ids_for(32000, (1, 128), np.int64, rng)}, "host", threads=2)
+    m = check(g, {"table": table, "ids": ids_for(32000, (1, 128), np.int64, rng)}, "host", threads=2)
     k = m.manifest["kernels"][0]
     assert k["range"] == 128 and k["range"] > k["grain"]
 
@@ -98,7 +88,7 @@ def test_gather_empty():
     b = sqk.GraphBuilder("gather_empty")
     t, ids, e = b.input("t", (5, 3)), b.input("ids", (0,), "i64"), b.input("e", (0, 3))
     g = b.output(b.gather(t, ids, name="no_ids"), b.gather(e, ids, name="empty_table_no_ids"))
-    check_named(g, {"t": rand((5, 3)), "ids": np.zeros((0,), np.int64), "e": np.zeros((0, 3), np.float32)}, "host")
+    check(g, {"t": rand((5, 3)), "ids": np.zeros((0,), np.int64), "e": np.zeros((0, 3), np.float32)}, "host")
 
 
 def test_gather_from_empty_table_fails():
