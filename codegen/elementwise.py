@@ -18,7 +18,7 @@ from llvmlite import ir
 from ..ir import dtypes as dt
 from ..ir.graph import Node, TensorType
 from ..ir.ops import slice_ranges
-from .kernel import (I1, I16, Kernel, call_intrinsic, compute_type, fconst, gep, i64, iconst,
+from .kernel import (I16, Kernel, call_intrinsic, compute_type, fconst, gep, i64, iconst,
                      load_elem, load_vec, lltype, loop, splat, store_elem, store_vec, vtype)
 from . import vmath
 from .lower import emitter
@@ -106,8 +106,6 @@ def emit_map(k: Kernel, shape, out: View, ins: list[View], fn: ScalarFn, vector_
             idx = b.srem(rem, i64(outer[d])) if d else rem
             rem = b.sdiv(rem, i64(outer[d])) if d else rem
             bases = [b.add(base, b.mul(idx, i64(s[d]))) if s[d] else base for base, s in zip(bases, strides)]
-        views = [out] + ins
-
         def body(j, n):
             vals = []
             for v, base, st in zip(ins, bases[1:], inner_st[1:]):
@@ -129,7 +127,6 @@ def emit_map(k: Kernel, shape, out: View, ins: list[View], fn: ScalarFn, vector_
             tail_start = b.add(j0, b.mul(nvec, i64(lanes)))
         with loop(b, tail_start, j1, name="j") as j:
             body(j, 1)
-        del views
     k.finish()
     work = inner if nchunks == 1 else chunk
     return rows * nchunks, max(1, MIN_PARALLEL_WORK // max(1, work))
@@ -392,4 +389,3 @@ def emit_concat(k, n):
     return total, grain
 
 
-__all__ = ["View", "emit_map", "emit_copy", "contiguous_strides", "broadcast_view", "I1"]

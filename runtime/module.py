@@ -23,10 +23,11 @@ import threading
 
 import numpy as np
 
+from ..ir import dtypes
 from ..ir.reference import check_inputs
 
 ARTIFACT_FORMAT = 1
-_NP = {"f32": "<f4", "f16": "<f2", "i64": "<i8", "i32": "<i4", "i8": "|i1", "u8": "|u1", "bool": "|b1"}
+_NP = {d.name: d.np_dtype for d in dtypes.IO}  # dtypes a model takes and returns
 _ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "riscv64": "riscv64"}
 
 
@@ -147,8 +148,8 @@ class Module:
             for what, p in (("code", code), ("constants", consts)):
                 if sha256_file(p) != m[what]["sha256"]:
                     raise ArtifactError(f"{p}: content hash does not match the manifest (corrupt or modified)")
-        self._in_specs = [(t["name"], np.dtype(_NP[t["dtype"]]), tuple(t["shape"])) for t in m["inputs"]]
-        self._out_specs = [(t["name"], np.dtype(_NP[t["dtype"]]), tuple(t["shape"])) for t in m["outputs"]]
+        self._in_specs = [(t["name"], _NP[t["dtype"]], tuple(t["shape"])) for t in m["inputs"]]
+        self._out_specs = [(t["name"], _NP[t["dtype"]], tuple(t["shape"])) for t in m["outputs"]]
         self._lock = threading.Lock()
         self.threads = threads if threads is not None else m.get("threads", 0)
         self.vlen = vlen or m["target"].get("vlen", 256)
