@@ -14,33 +14,50 @@ from typing import Callable
 from llvmlite import ir
 
 from ..ir.graph import Graph, Node, Value
+from ..ir.sparsity import parse_format
 from .kernel import I8, I64, PTR, Kernel
 
 ABI_VERSION = 1
 BUF_INPUT, BUF_OUTPUT, BUF_CONST, BUF_ARENA = 0, 1, 2, 3
 
+# Keys are op names, or "op:kind" for a node whose ``sparse`` attribute names
+# a non-dense format of that kind (ir/sparsity.py): ``kernel_key(node)``.
 EMITTERS: dict[str, Callable[[Kernel, Node], tuple[int, int]]] = {}
-# op -> fn(node, input_index, array) -> bytes | None: the layout a kernel reads
+# key -> fn(node, input_index, array) -> bytes | None: the layout a kernel reads
 # a constant input in, when it is not the plain one (driver.storage_bytes).
 PACKERS: dict[str, Callable[[Node, int, object], bytes | None]] = {}
+# key -> indices of the inputs its kernel reads packed: they must be constants.
+PACKED_INPUTS: dict[str, tuple[int, ...]] = {}
 
 
-def emitter(*ops: str):
-    """Register the decorated function as the emitter of ``ops``."""
+def kernel_key(node: Node) -> str:
+    """The EMITTERS/PACKERS key of ``node``: its op, or "op:kind" when a
+    ``sparse`` attribute names a non-dense format."""
+    fmt = node.attrs.get("sparse", "dense")
+    return node.op if fmt == "dense" else f"{node.op}:{parse_format(fmt).kind}"
+
+
+def emitter(*keys: str):
+    """Register the decorated function as the emitter of ``keys`` (ops, or
+    "op:kind" for a sparse format kind)."""
     def wrap(fn):
-        for op in ops:
-            EMITTERS[op] = fn
+        for key in keys:
+            EMITTERS[key] = fn
         return fn
     return wrap
 
 
-def packer(*ops: str):
+def packer(*keys: str, inputs: tuple[int, ...]):
     """Register the decorated ``fn(node, input_index, array) -> bytes | None`` as
-    the constant packer of ``ops``: the bytes its kernel reads for that constant
-    input (None: the plain storage layout).  The IR keeps the logical values."""
+    the constant packer of ``keys``: the bytes its kernel reads for that constant
+    input (None: the plain storage layout).  ``inputs`` are the indices the
+    kernel always reads packed: compiling a node whose input there is not a
+    constant is an error (the kernel would misread plain data).  The IR keeps
+    the logical values."""
     def wrap(fn):
-        for op in ops:
-            PACKERS[op] = fn
+        for key in keys:
+            PACKERS[key] = fn
+            PACKED_INPUTS[key] = tuple(inputs)
         return fn
     return wrap
 
@@ -56,10 +73,15 @@ def pack_constants(graph: Graph) -> dict[Value, bytes]:
     packed: dict[Value, bytes] = {}
     readers: dict[Value, list[str]] = {}
     for n in graph.nodes:
+        key = kernel_key(n)
+        for i in PACKED_INPUTS.get(key, ()):
+            if i < len(n.inputs) and n.inputs[i] is not None and n.inputs[i] not in consts:
+                raise UnsupportedOp(f"{n.op} {n.output.name!r} reads its input {i} ({n.inputs[i].name!r}) in a "
+                                    f"kernel-specific layout packed at compile time: it must be a constant")
         for i, v in enumerate(n.inputs):
             if v not in consts:
                 continue
-            data = PACKERS[n.op](n, i, consts[v]) if n.op in PACKERS else None
+            data = PACKERS[key](n, i, consts[v]) if key in PACKERS else None
             readers.setdefault(v, []).append(n.op if data is None else f"{n.op} (packed)")
             if data is not None:
                 if v in packed and packed[v] != data:
@@ -126,9 +148,11 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
     for i, n in enumerate(graph.nodes):
         if n.op == "const":
             continue
-        fn = EMITTERS.get(n.op)
+        fn = EMITTERS.get(kernel_key(n))
         if fn is None:
-            raise UnsupportedOp(f"no kernel for op {n.op!r} on target {target.name}")
+            fmt = n.attrs.get("sparse", "dense")
+            raise UnsupportedOp(f"no kernel for op {n.op!r}" + (f" with sparse={fmt}" if fmt != "dense" else "")
+                                + f" on target {target.name}")
         name = f"k{len(steps)}_{n.op}"
         k = Kernel(module, name, len(n.inputs) + len(n.outputs), target)
         rng, grain = fn(k, n)

@@ -104,7 +104,7 @@ class QLayout:
         return np.ascontiguousarray(out.reshape(r, self.nblk, NB).transpose(1, 0, 2))
 
 
-@packer("matmul_q")
+@packer("matmul_q", inputs=(1, 2, 3))
 def pack_matmul_q(node: Node, index: int, a: np.ndarray) -> bytes | None:
     """Bytes of input ``index`` (q, scales or zeros) as the kernel reads them
     (layout in the module docstring; activations=int8: ``pack_i8act``)."""

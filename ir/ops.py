@@ -17,6 +17,7 @@ import numpy as np
 from . import dtypes as dt
 from .dtypes import DType
 from .graph import IRError, TensorType
+from .sparsity import parse_format
 
 REQUIRED = object()
 ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dtype", "array")
@@ -271,22 +272,31 @@ class Const:
 
 # --- linear algebra --------------------------------------------------------------
 
-@defop("matmul", "a b")
+def _sparse_weight(op: str, sparse: str, w: TensorType) -> None:
+    """A non-dense ``sparse`` format (ir/sparsity.py) needs a 2-D weight."""
+    fmt = parse_format(sparse)
+    _need(fmt.dense or w.rank == 2, f"{op} with sparse={sparse} needs a 2-D weight, got {w.shape}")
+
+
+@defop("matmul", "a b", {"sparse": Attr("str", "dense")})
 class MatMul:
-    """a[..., M, K] @ b[..., K, N] with broadcasting of the batch dims."""
+    """a[..., M, K] @ b[..., K, N] with broadcasting of the batch dims.
+    ``sparse`` (ir/sparsity.py) is how the kernel stores a constant 2-D b
+    (dense, csr, bsrRxC, nmN:M); it does not change the result."""
 
     @staticmethod
-    def infer(a, b):
+    def infer(a, b, sparse="dense"):
         d = _same_dtype([a, b])
         _dtypes(a, dt.FLOATS)
         _need(a.rank >= 2 and b.rank >= 2, f"matmul needs rank >= 2 operands, got {a.shape} and {b.shape}")
         _need(a.shape[-1] == b.shape[-2],
               f"matmul inner dimensions differ: {a.shape} @ {b.shape} (K={a.shape[-1]} vs {b.shape[-2]})")
         batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        _sparse_weight("matmul", sparse, b)
         return [TensorType(d, batch + (a.shape[-2], b.shape[-1]))]
 
     @staticmethod
-    def reference(a, b):
+    def reference(a, b, sparse="dense"):
         if a.dtype == np.float16:
             return [np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.float16)]
         return [np.matmul(a, b)]
@@ -342,7 +352,8 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
     return y
 
 
-@defop("matmul_q", "x q scales zeros", {"group": Attr("int"), "activations": Attr("str", "none")}, optional=1)
+@defop("matmul_q", "x q scales zeros",
+       {"group": Attr("int"), "activations": Attr("str", "none"), "sparse": Attr("str", "dense")}, optional=1)
 class MatMulQ:
     """x[..., M, K] @ dequantize(q)[K, N] with weights quantized to i8 or i4:
     w[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n].  One
@@ -356,10 +367,14 @@ class MatMulQ:
     [-127, 127] (a group with d = 0 contributes 0); then
     y = sum_groups (d * scale) * sum_k xq * (q - zero), the inner sums exact
     in integers, the outer in f32 (``matmul_q_i8act``).  Other numerics than
-    "none" (activation rounding), chosen explicitly."""
+    "none" (activation rounding), chosen explicitly.
+
+    ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
+    non-dense format needs symmetric weights (no zeros), activations="none",
+    and for i8 per-channel scales (group >= K)."""
 
     @staticmethod
-    def infer(x, q, scales, zeros=None, *, group, activations="none"):
+    def infer(x, q, scales, zeros=None, *, group, activations="none", sparse="dense"):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(q, (dt.i8, dt.i4), "q")
         _dtypes(scales, dt.FLOATS, "scales")
@@ -375,10 +390,17 @@ class MatMulQ:
         if zeros is not None:
             _need(zeros.dtype == q.dtype and zeros.shape == scales.shape,
                   f"matmul_q zeros must be {q.dtype}{list(scales.shape)}, got {zeros}")
+        _sparse_weight("matmul_q", sparse, q)
+        if sparse != "dense":
+            _need(zeros is None and activations == "none",
+                  f"matmul_q with sparse={sparse} needs symmetric weights (no zeros) and activations=none")
+            _need(q.dtype is dt.i4 or group >= k,
+                  f"matmul_q with sparse={sparse} and i8 weights needs per-channel scales (group >= K={k}), "
+                  f"got group={group}")
         return [TensorType(x.dtype, x.shape[:-1] + (n,))]
 
     @staticmethod
-    def reference(x, q, scales, zeros=None, *, group, activations="none"):
+    def reference(x, q, scales, zeros=None, *, group, activations="none", sparse="dense"):
         if activations == "int8":
             k, n = q.shape
             y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group)
