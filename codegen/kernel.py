@@ -66,6 +66,9 @@ class Kernel:
         self.args = list(self.body.args[:n_args])
         self.begin, self.end = self.body.args[n_args], self.body.args[n_args + 1]
         self.error_block = None
+        # Per input: its numpy value when it is a constant, else None (set by
+        # lower()): lets a kernel specialize on known structure (sparsity).
+        self.consts: list = []
 
     def finish(self):
         self.b.ret(ir.Constant(I32, 0))

@@ -144,6 +144,7 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
             buf_list.append(key)
         return buf_ids[key]
 
+    consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
     steps: list[Step] = []
     for i, n in enumerate(graph.nodes):
         if n.op == "const":
@@ -155,6 +156,7 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
                                 + f" on target {target.name}")
         name = f"k{len(steps)}_{n.op}"
         k = Kernel(module, name, len(n.inputs) + len(n.outputs), target)
+        k.consts = [consts.get(v) for v in n.inputs]
         rng, grain = fn(k, n)
         steps.append(Step(name, tuple(buf(v) for v in n.inputs + n.outputs), rng, max(1, grain)))
     # An output that is also an input, a constant or another output gets its own copy.
