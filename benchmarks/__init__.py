@@ -20,6 +20,8 @@ BENCHMARKS = {
     "gemm": ("benchmarks.gemm_gemv", "fp32 GEMM and GEMV (M=1) vs numpy, with a read-bandwidth probe"),
     "quant": ("benchmarks.quant_gemv", "int4/int8 matmul_q GEMV and small GEMM vs onnxruntime MatMulNBits, "
                                        "numpy fp32 and a read probe"),
+    "dense": ("benchmarks.dense", "fp32 GEMM 256-2048, small-M GEMM, conv2d 3x3 and depthwise vs numpy and "
+                                  "onnxruntime, 1 vs 2 threads"),
     "riscv": ("benchmarks.riscv_emulated", "RVV vs scalar rv64gc builds of GEMV f32/int8/int4 under qemu "
                                            "(emulated, coarse)"),
 }
