@@ -293,13 +293,16 @@ def emit_matmul_q(k: Kernel, node: Node):
 # --- activations=int8 ---------------------------------------------------------------
 #
 # Each row of x is quantized at run time per group of K (``ir.ops.matmul_q_i8act``
-# is the semantics): d = max|x| / 127, xq = roundeven(x / d) in i8; then
-# y = sum_g d[g] * scale[g] * sum_k xq * q, the inner sums exact in integers
-# (i32 per group; i64 across spans of a group too long for i32, see
-# ``i32_span``).  On AVX2 the integer dot products are vpmaddubsw + vpmaddwd
-# (64 i4 weights per ~8 vector instructions against ~24 on the f32 path);
-# elsewhere plain i32 vector multiply-adds on the same layout (LLVM vectorizes
-# them for RVV).  Symmetric i4 or i8 weights, no zero points (an IRError).
+# is the semantics): d = max|x| / 127, xq = roundeven(x / d) in i8 — or, with a
+# static ``act_scale``, d = act_scale (a compile-time constant) and xq clamped to
+# [-127, 127]; then y = sum_g d[g] * scale[g] * sum_k xq * (q - z), the inner
+# sums exact in integers (i32 per group; i64 across spans of a group too long
+# for i32, see ``i32_span``), zero points applied once per group as
+# z * sum_k xq.  The outer sum is one f32 multiply and one f32 add per group,
+# unfused, in group order: bit for bit the reference.  On AVX2 the integer dot
+# products are vpmaddubsw + vpmaddwd (64 i4 weights per ~8 vector instructions
+# against ~24 on the f32 path); elsewhere plain i32 vector multiply-adds on the
+# same layout (LLVM vectorizes them for RVV).
 #
 # Slab layout (``pack_i8act``): q as [N/64 blocks * 8 slabs][K'/8][8 rows of k],
 # where K' pads every group to GP = group rounded up to 8 rows (so a chunk of
@@ -315,7 +318,8 @@ def emit_matmul_q(k: Kernel, node: Node):
 #   sign (vpsignb; |xq| <= 127 never wraps): pairs reach 2*128*127 = 32512,
 #   below the i16 saturation.
 #
-# Scales as [slabs][groups][8].  Columns padded to a multiple of 64.
+# Scales as [slabs][groups][8], zero points the same in i8 (i4: z + 8, the
+# offset the nibbles carry).  Columns padded to a multiple of 64.
 
 SLAB = 8            # columns per slab
 QUAD = 4            # slabs whose accumulators share each broadcast of xq
@@ -330,27 +334,33 @@ def i8_geometry(node: Node) -> tuple[int, int, int, int]:
     return K, N, -(-K // group), -(-group // 8) * 8
 
 
-def i32_span(bits: int) -> int:
+def i32_span(bits: int, zeros: bool = False) -> int:
     """Most rows of k whose integer dot sum surely fits i32, a multiple of 8:
-    per row |xq| <= 127 against |q + 8| <= 15 (i4, the offset encoding) or
-    |q| <= 128 (i8).  ~2^17 rows for i8: per-channel K = 16384 is far inside."""
-    per_row = 127 * (15 if bits == 4 else 128)
+    per row |xq| <= 127 against |q + 8| <= 15 (i4, the offset encoding; also
+    bounds |q - z|) or |q| <= 128 (i8; |q - z| <= 255 with zero points, so
+    that the exact sum_k xq * (q - z) fits too: i32 arithmetic wraps, so its
+    intermediates may overflow when the final value fits).  ~2^17 rows for i8:
+    per-channel K = 16384 is far inside."""
+    per_row = 127 * (15 if bits == 4 else 255 if zeros else 128)
     return (2**31 - 1) // per_row // 8 * 8
 
 
 def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
-    """Packed q and scales of matmul_q {activations=int8} (layout above)."""
+    """Packed q, scales and zero points of matmul_q {activations=int8} (layout above)."""
     K, N, G, GP = i8_geometry(node)
     group = node.attrs["group"]
     nslab = -(-N // NB) * (NB // SLAB)
-    if index == 2:
+    i4 = node.inputs[1].type.dtype is dt.i4
+    if index in (2, 3):
+        a = np.asarray(a)
+        if index == 3:  # i8 zero points; i4 ones as z + 8, matching the offset encoding of q
+            a = (a.astype(np.int16) + (8 if i4 else 0)).astype(np.int8)
         s = np.zeros((a.shape[0], nslab * SLAB), a.dtype)
         s[:, :N] = a
         return np.ascontiguousarray(s.reshape(a.shape[0], nslab, SLAB).transpose(1, 0, 2)).astype(
             s.dtype.newbyteorder("<")).tobytes()
     if index != 1:
         return None
-    i4 = node.inputs[1].type.dtype is dt.i4
     u = np.full((G * GP, nslab * SLAB), 8 if i4 else 0, np.uint8)   # q = 0 in padding rows and columns
     rows = (np.arange(K) // group) * GP + np.arange(K) % group
     qb = np.asarray(a).astype(np.int8, copy=False).view(np.uint8)
@@ -365,15 +375,14 @@ def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
 
 
 def emit_i8act(k: Kernel, node: Node):
-    """matmul_q {activations=int8}: quantize a chunk of rows of x on the stack,
-    then every column block of this call's range against them."""
+    """matmul_q {activations=int8}: quantize a chunk of rows of x on the stack
+    (dynamic per row and group, or with the static ``act_scale``), then every
+    column block of this call's range against them."""
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N, G, GP = i8_geometry(node)
     group = node.attrs["group"]
     has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
-    if has_zeros:
-        raise IRError("matmul_q activations=int8: kernels take symmetric i4 or i8 weights without zero points; "
-                      f"got {node.inputs[1].type.dtype} with zero points")
+    act_scale = float(np.float32(node.attrs.get("act_scale", 0.0)))  # the reference's f32 step; 0: dynamic
     bits = 4 if node.inputs[1].type.dtype is dt.i4 else 8
     rows = math.prod(x_t.shape[:-1])
     KP = G * GP
@@ -386,6 +395,7 @@ def emit_i8act(k: Kernel, node: Node):
     b = k.b
     I8, I16 = ir.IntType(8), ir.IntType(16)
     v32i8, v16i16, v8i32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
+    v8i8 = ir.VectorType(I8, 8)
     fvec = ir.VectorType(F32, VL)
     avx2 = "avx2" in k.target.enabled_features
     roundeven = k.intrinsic("llvm.roundeven.f32", F32, [F32])
@@ -395,20 +405,34 @@ def emit_i8act(k: Kernel, node: Node):
     rch = max(1, min(rows, XQ_STACK // max(KP, 1)))   # rows quantized per chunk
     xq = _stack_array(k, -(-rch * KP // 4), "xq")
     dq = _stack_array(k, rch * G, "dq")       # d per (row, group)
-    qsum = _stack_array(k, rch * G, "qsum")   # 8 * sum(xq) per (row, group), i32
+    qsum = _stack_array(k, rch * G, "qsum")   # sum(xq) per (row, group), i32 (|sum| <= 127 * MAX_KP)
     zero_f = ir.Constant(F32, 0.0)
     zero_i = ir.Constant(I32, 0)
+    fmin = k.intrinsic("llvm.minnum.f32", F32, [F32, F32])
+    fmax = k.intrinsic("llvm.maxnum.f32", F32, [F32, F32])
 
     def quant_group(xbase, qbase, rg, glen):
         """Quantize x[xbase : xbase+glen] into xq[qbase : qbase+GP] (zero padded)."""
-        amax = fold_loop(b, 0, glen, [zero_f], lambda i, a: [
-            call_fabs_max(k, a[0], X.scalar(b.add(xbase, i)))], name="amax")[0]
-        d = b.fdiv(amax, ir.Constant(F32, 127.0))
-        pos = b.fcmp_ordered(">", d, zero_f)
+        if act_scale:   # static: a constant step, saturating at +-127
+            d = ir.Constant(F32, act_scale)
+
+            def code(v):
+                # clamped before rounding (the same, the bounds being integers): fptosi(roundeven)
+                # then becomes one round-to-nearest conversion on RVV, not roundeven's expansion
+                # and a vfcvt.rtz (which qemu 7.2 mistranslates in some sequences: an assertion)
+                v = b.call(fmax, [b.call(fmin, [v, ir.Constant(F32, 127.0)]), ir.Constant(F32, -127.0)])
+                return b.fptosi(b.call(roundeven, [v]), I32)
+        else:           # dynamic: d = max|x| / 127, so |x / d| <= 127 already
+            amax = fold_loop(b, 0, glen, [zero_f], lambda i, a: [
+                call_fabs_max(k, a[0], X.scalar(b.add(xbase, i)))], name="amax")[0]
+            d = b.fdiv(amax, ir.Constant(F32, 127.0))
+            pos = b.fcmp_ordered(">", d, zero_f)
+
+            def code(v):
+                return b.select(pos, b.fptosi(b.call(roundeven, [v]), I32), zero_i)
 
         def quant(i, acc):
-            v = b.call(roundeven, [b.fdiv(X.scalar(b.add(xbase, i)), d)])
-            qi = b.select(pos, b.fptosi(v, I32), zero_i)
+            qi = code(b.fdiv(X.scalar(b.add(xbase, i)), d))
             b.store(b.trunc(qi, I8), gep(b, xq, I8, b.add(qbase, i)))
             return [b.add(acc[0], qi)]
 
@@ -416,7 +440,7 @@ def emit_i8act(k: Kernel, node: Node):
         for i in range(glen, GP):
             b.store(ir.Constant(I8, 0), gep(b, xq, I8, b.add(qbase, i64(i))))
         b.store(d, gep(b, dq, F32, rg))
-        b.store(b.mul(s, ir.Constant(I32, 8)), gep(b, qsum, I32, rg))
+        b.store(s, gep(b, qsum, I32, rg))
 
     def quantize(r0, nr):
         """Rows [r0, r0+nr) of x into the stack buffers (row-local indices)."""
@@ -478,7 +502,7 @@ def emit_i8act(k: Kernel, node: Node):
     nblk = -(-N // NB)
     chunk_bytes = 32 * words
     # spans of chunks of 8 rows whose sums fit i32 (one span unless a group exceeds i32_span)
-    span = i32_span(bits) // 8
+    span = i32_span(bits, has_zeros) // 8
     spans = [(c, min(GP // 8, c + span)) for c in range(0, GP // 8, span)] or [(0, 0)]
     i64v = ir.VectorType(ir.IntType(64), 8)
 
@@ -501,18 +525,28 @@ def emit_i8act(k: Kernel, node: Node):
             parts = [fold_loop(b, c0, c1, zacc, kstep, name="ks") for c0, c1 in spans]
             rg = b.add(b.mul(rl, i64(G)), g)
             dv = splat(b, b.load(gep(b, dq, F32, rg), typ=F32), VL)
-            off8 = splat(b, b.load(gep(b, qsum, I32, rg), typ=I32), VL) if bits == 4 else None
+            xsum = splat(b, b.load(gep(b, qsum, I32, rg), typ=I32), VL) if bits == 4 or has_zeros else None
+            wide = len(parts) > 1   # a group longer than i32_span rows: spans summed in i64
             out = []
             for j2, sl in enumerate(slabs):
-                sc = b.fmul(dv, S.load(b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB)))))
-                if len(parts) == 1:  # the common case: all in i32
-                    dot = parts[0][j2] if off8 is None else b.sub(parts[0][j2], off8)
-                else:                # a group longer than i32_span rows: spans summed in i64
-                    dot = functools.reduce(b.add, [b.sext(p[j2], i64v) for p in parts])
-                    if off8 is not None:
-                        dot = b.sub(dot, b.sext(off8, i64v))
+                col = b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB)))
+                sc = b.fmul(dv, S.load(col))
+                # what the encoding adds to sum_k xq * (q - z): (z + off) * sum(xq), off = 8 for i4
+                if has_zeros:
+                    zv = b.load(gep(b, k.args[3], I8, col), typ=v8i8, align=1)
+                    off = (b.mul(b.sext(xsum, i64v), b.sext(zv, i64v)) if wide
+                           else b.mul(xsum, b.sext(zv, v8i32)))
+                elif bits == 4:
+                    off = b.shl(xsum, ir.Constant(v8i32, [3] * 8))
+                    off = b.sext(off, i64v) if wide else off
+                else:
+                    off = None
+                dot = functools.reduce(b.add, [b.sext(p[j2], i64v) for p in parts]) if wide else parts[0][j2]
+                if off is not None:
+                    dot = b.sub(dot, off)
                 dot = b.sitofp(dot, fvec)  # exact integer, rounded once to f32
-                out.append(fma(k, sc, dot, yacc[j2]))
+                # product and sum each rounded to f32, unfused: the reference's order of operations
+                out.append(b.fadd(yacc[j2], b.fmul(sc, dot)))
             return out
 
         yacc = fold_loop(b, 0, G, [fconst(fvec, 0.0)] * QUAD, group_step, name="gq")
@@ -550,6 +584,8 @@ def emit_i8act(k: Kernel, node: Node):
 
 
 def call_fabs_max(k: Kernel, acc, v):
+    """max(acc, |v|), NaN v ignored. A compare and select, not llvm.maxnum: LLVM 22's loop
+    vectorizer asserts (cost models disagree) on a maxnum reduction of widened f16."""
     b = k.b
-    fabs = k.intrinsic("llvm.fabs.f32", F32, [F32])
-    return b.call(k.intrinsic("llvm.maxnum.f32", F32, [F32, F32]), [acc, b.call(fabs, [v])])
+    a = b.call(k.intrinsic("llvm.fabs.f32", F32, [F32]), [v])
+    return b.select(b.fcmp_ordered(">", a, acc), a, acc)

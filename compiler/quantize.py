@@ -137,3 +137,85 @@ def quantized_nbytes(k: int, n: int, bits: int, group: int, scale_dtype: str, ze
     side = groups * n
     return (k * n * bits + 7) // 8 + side * np.dtype(SCALE_DTYPES[scale_dtype]).itemsize \
         + ((side * bits + 7) // 8 if zeros else 0)
+
+
+# --- static int8 activation scales (calibration) ------------------------------------------------
+
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+MSE_SAMPLE = 1 << 18   # activations the mse search looks at, at most (an even stride through them)
+MSE_STEPS = 128        # candidate clip thresholds per round of the mse search
+
+
+def fake_quant_i8(x: np.ndarray, scale) -> np.ndarray:
+    """x quantized to int8 with a static step and back: clip(round-half-even(x / s),
+    -127, 127) * s in f32, s = f32(scale) (``ir.ops.quantize_rows_i8``'s static mode)."""
+    s = np.float32(scale)
+    with np.errstate(over="ignore"):
+        return np.clip(np.round(np.asarray(x, np.float32) / s), -127, 127).astype(np.float32) * s
+
+
+def activation_scale(x: np.ndarray, method: str = "minmax", percentile: float = 99.99, name: str = "layer") -> float:
+    """A static per-tensor int8 scale (matmul_q's ``act_scale``) for the
+    activations ``x`` a layer saw during calibration (any shape):
+
+    - ``minmax``: max|x| / 127 (nothing saturates);
+    - ``percentile``: the ``percentile``-th percentile of |x| / 127 (outliers
+      beyond it saturate);
+    - ``mse``: the clip threshold t in (0, max|x|] minimizing the mean squared
+      error of x against ``fake_quant_i8(x, t / 127)``: a grid of MSE_STEPS
+      thresholds, then a finer grid around the best (on at most MSE_SAMPLE
+      values, taken at an even stride).
+
+    The result is the shortest decimal that rounds to the f32 scale (so the IR
+    prints ``act_scale=0.0123`` and kernels and reference use the same f32).
+    All-zero activations get scale 1.0 (any step quantizes 0 exactly).
+    Non-finite activations raise ValueError naming ``name``."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    a = np.abs(np.asarray(x, np.float32).ravel())
+    if not np.isfinite(a).all():
+        raise ValueError(f"calibration: layer {name} saw {int((~np.isfinite(a)).sum())} non-finite activation(s); "
+                         f"cannot choose a static scale")
+    amax = float(a.max(initial=0.0))
+    if amax == 0:
+        return 1.0
+    if method == "minmax":
+        t = amax
+    elif method == "percentile":
+        t = float(np.percentile(a, percentile)) or amax  # mostly zeros: fall back to the max
+    else:
+        t = _mse_threshold(a, amax)
+    return _shortest_f32(np.float32(t) / np.float32(127))
+
+
+def _mse_threshold(a: np.ndarray, amax: float) -> float:
+    """The clip threshold minimizing the quantize-dequantize MSE of |x| = ``a``
+    (the error is symmetric in the sign, so |x| suffices): MSE_STEPS thresholds
+    geometrically spaced over (amax / 2^16, amax] (outliers can put the best
+    one far below the max), then MSE_STEPS // 4 evenly between the best one's
+    neighbours."""
+    if a.size > MSE_SAMPLE:
+        a = a[:: -(-a.size // MSE_SAMPLE)]
+    a64 = a.astype(np.float64)
+
+    def err(t):
+        return float(np.mean((fake_quant_i8(a, np.float32(t) / np.float32(127)) - a64) ** 2))
+
+    grid = amax * np.exp2(-16 * np.arange(MSE_STEPS)[::-1] / (MSE_STEPS - 1))   # ascending, ends at amax
+    errs = [err(t) for t in grid]
+    i = int(np.argmin(errs))
+    fine = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, MSE_STEPS - 1)], MSE_STEPS // 4 + 1)
+    fine_errs = [err(t) for t in fine]
+    j = int(np.argmin(fine_errs))
+    return float(fine[j]) if fine_errs[j] < errs[i] else float(grid[i])
+
+
+def _shortest_f32(s) -> float:
+    """The shortest decimal (as a Python float) that rounds to the f32 ``s``; a
+    scale too small for f32 becomes the smallest normal one."""
+    s = np.float32(s)
+    if not s > 0:
+        s = np.finfo(np.float32).tiny
+    return float(str(s))

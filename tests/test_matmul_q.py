@@ -4,6 +4,8 @@ dequantized paths agree within f32 rounding (sums run in a different order
 than numpy's); the int8 mode's integer dot products are exact."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import sqk
@@ -249,19 +251,121 @@ def test_int8_activations_i8_group_beyond_i32():
     np.testing.assert_array_equal(got, sqk.reference(g, x=x))
 
 
-@pytest.mark.parametrize("qdt", ["i4", "i8"])
-def test_int8_activations_unsupported_weights(qdt):
-    """Zero points: a clear error at compile time, not a wrong kernel."""
-    g, _ = qgraph((1,), 64, 16, qdt, 32, zeros=True)
-    node = g.nodes[-1]
+def int8_graph(shape, K, N, group, qdt="i4", zeros=False, act_scale=0.0, xdt="f32", sdt="f32", seed=0):
+    """x[shape + (K,)] @ matmul_q(q[K, N], activations=int8) with zero points or
+    not, dynamic (act_scale 0) or static; x uniform in [-3, 3) with +-6e4 and +-inf
+    entries (a static scale of ~0.02 saturates a good part of it) and an
+    all-zero first row."""
+    rng = np.random.default_rng(seed)
+    G = -(-K // group)
+    lo, hi = RANGE[qdt]
+    b = sqk.GraphBuilder("i8z")
+    x = b.input("x", tuple(shape) + (K,), xdt)
+    args = [x, b.const(rng.integers(lo, hi + 1, (K, N)).astype(np.int8), qdt),
+            b.const(rng.uniform(0.01, 0.1, (G, N)).astype(np.float32 if sdt == "f32" else np.float16), sdt)]
+    if zeros:
+        args.append(b.const(rng.integers(lo, hi + 1, (G, N)).astype(np.int8), qdt))
+    g = b.output(b.matmul_q(*args, group=group, activations="int8", act_scale=act_scale))
+    xv = rand(tuple(shape) + (K,), xdt, rng)
+    if xv.size:
+        flat = xv.reshape(-1, K)
+        flat[0] = 0
+        if act_scale and flat.shape[0] > 1:  # saturating extremes (dynamic mode: no inf, it would be the step)
+            flat[1, ::7] = np.array([6e4, -np.inf, np.inf, -6e4])[np.arange(len(flat[1, ::7])) % 4]
+    return g, {"x": xv}
+
+
+EXACT_CASES = [  # (x shape without K, K, N, group, q dtype, zeros, act_scale, x dtype, scales dtype)
+    ((3,), 100, 70, 32, "i4", False, 0.0234, "f32", "f16"),     # short last group, odd N, static
+    ((3,), 100, 70, 32, "i4", True, 0.0, "f32", "f32"),         # zero points, dynamic
+    ((2, 3), 70, 33, 7, "i8", True, 0.02, "f16", "f32"),        # zero points, static, group not a multiple of 8
+    ((5,), 131, 65, 131, "i8", False, 0.0, "f32", "f16"),       # per-channel: one group
+    ((4,), 200, 130, 64, "i8", False, 1e-3, "f32", "f32"),      # nearly everything saturates
+    ((2,), 96, 17, 16, "i4", True, 0.05, "f32", "f32"),         # many groups: f32 outer sum of 6
+]
+
+
+@target_param
+@pytest.mark.parametrize("case", EXACT_CASES, ids=lambda c: f"{c[4]}-K{c[1]}-N{c[2]}-g{c[3]}-z{int(c[5])}-s{c[6]}")
+def test_int8_activations_bit_exact(target, case):
+    """int8 activations, dynamic or static, with or without zero points: the
+    kernels equal the reference bit for bit on every target (exact integer
+    dots, and the same f32 multiply then add per group, in group order)."""
+    shape, K, N, group, qdt, zeros, act_scale, xdt, sdt = case
+    g, inputs = int8_graph(shape, K, N, group, qdt, zeros, act_scale, xdt, sdt)
+    got, want = compile_for(g, target)(**inputs), sqk.reference(g, **inputs)
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), np.abs(got - want).max()
+
+
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 150), n=st.integers(1, 140), group=st.sampled_from([1, 5, 8, 32, 0]),
+       qdt=st.sampled_from(["i4", "i8"]), zeros=st.booleans(), act_scale=st.sampled_from([0.0, 0.003, 0.07]))
+def test_int8_activations_bit_exact_random_shapes(m, k, n, group, qdt, zeros, act_scale):
+    g, inputs = int8_graph((m,), k, n, group or k, qdt, zeros, act_scale, seed=m * 1000 + k)
+    np.testing.assert_array_equal(sqk.compile(g)(**inputs), sqk.reference(g, **inputs))
+
+
+def test_int8_activations_static_semantics():
+    """By hand: step 0.5 maps x = [1, -0.5, 0.25, 300] to xq = [2, -1, 0, 127]
+    (0.5 rounds to even 0, 600 saturates); q = [1, 2, 3, 4], scale 0.5:
+    y = 0.5 * 0.5 * (2 - 2 + 0 + 508) = 127.  With zero point 1: q - z =
+    [0, 1, 2, 3], y = 0.25 * (0 - 1 + 0 + 381) = 95.  The dynamic mode of the
+    same row differs (step 300 / 127)."""
+    x = np.array([[1, -0.5, 0.25, 300]], np.float32)
+    q, s = np.array([[1], [2], [3], [4]], np.int8), np.full((1, 1), 0.5, np.float32)
+    assert sqk.ir.ops.matmul_q_i8act(x, q, s, None, 4, 0.5).tolist() == [[127.0]]
+    assert sqk.ir.ops.matmul_q_i8act(x, q, s, np.ones((1, 1), np.int8), 4, 0.5).tolist() == [[95.0]]
+    assert sqk.ir.ops.matmul_q_i8act(x, q, s, None, 4).tolist() != [[127.0]]
+    xq, d = sqk.ir.ops.quantize_rows_i8(np.array([[np.inf, -np.inf, -1e30, 63.75]], np.float32), 2, 0.5)
+    assert xq.tolist() == [[127, -127, -127, 127]] and d.tolist() == [[0.5, 0.5]]
+
+
+def test_int8_activations_static_text_round_trip():
+    """act_scale prints as the shortest repr of the Python float and parses
+    back to the same value (so to the same f32 step); the default 0.0 is
+    left out."""
+    for scale in (0.0123, float(np.float32(0.1)), 3e-38, 1.5):
+        g, _ = int8_graph((2,), 8, 3, 8, act_scale=scale)
+        text = g.to_text(inline_limit=None)
+        assert f"act_scale={scale!r}" in text
+        g2 = sqk.parse_ir(text)
+        assert g2 == g and g2.nodes[-1].attrs["act_scale"] == scale
+    assert "act_scale" not in int8_graph((2,), 8, 3, 8)[0].to_text()
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"activations": "int8", "act_scale": -0.5}, "act_scale=-0.5 must be 0 (dynamic) or, with activations=int8"),
+    ({"activations": "int8", "act_scale": float("nan")}, "act_scale=nan must be 0"),
+    ({"activations": "int8", "act_scale": 1e-50}, "a positive finite f32 scale"),   # 0 in f32
+    ({"activations": "int8", "act_scale": 1e39}, "a positive finite f32 scale"),    # inf in f32
+    ({"act_scale": 0.5}, "act_scale=0.5 must be 0 (dynamic) or, with activations=int8"),
+])
+def test_int8_activations_static_bad_scale(kw, message):
     b = sqk.GraphBuilder("bad")
-    x = b.input("x", (1, 64))
-    consts = [b.const(n.attrs["value"], n.output.dtype) for n in g.nodes if n.op == "const"]
-    g = b.output(b.matmul_q(x, *consts, group=node.attrs["group"], activations="int8"))
-    sqk.reference(g, x=rand((1, 64)))  # the semantics are defined ...
-    with pytest.raises(sqk.IRError, match="activations=int8: kernels take symmetric i4 or i8 weights without zero "
-                                          f"points; got {qdt} with zero points"):
-        sqk.compile(g)  # ... the kernels are not
+    with pytest.raises(sqk.IRError, match=re.escape(message)):
+        b.matmul_q(b.input("x", (1, 8)), b.const(np.ones((8, 2), np.int8), "i4"),
+                   b.const(np.ones((1, 2), np.float32)), group=8, **kw)
+
+
+def test_int8_activations_i8_zeros_group_beyond_i32():
+    """i8 zero points with |q - z| = 255 over a 70000-row group: sum xq * (q - z)
+    reaches 127 * 255 * 70000 > 2^31 (sum xq * q and z * sum xq each fit i32,
+    their difference does not), so the kernel sums spans in i64
+    (``i32_span`` counts 255 per row with zero points) and stays exact."""
+    K = 70000
+    rng = np.random.default_rng(7)
+    q = np.stack([np.full(K, 127), rng.integers(-128, 128, K)], axis=1).astype(np.int8)
+    z = np.array([[-128, 5]], np.int8)
+    x = np.stack([np.full(K, 127), rng.uniform(-127, 127, K)]).astype(np.float32)
+    b = sqk.GraphBuilder("ext8z")
+    xi = b.input("x", (2, K))
+    g = b.output(b.matmul_q(xi, b.const(q, "i8"), b.const(np.ones((1, 2), np.float32), "f32"), b.const(z, "i8"),
+                            group=K, activations="int8", act_scale=1.0))
+    dot = x.astype(np.int64)[:1] @ (q.astype(np.int64) - z.astype(np.int64))
+    assert dot[0, 0] > 2**31
+    got = sqk.compile(g)(x=x)
+    np.testing.assert_array_equal(got, sqk.reference(g, x=x))
+    assert got[0, 0] == np.float32(dot[0, 0])
 
 
 def test_int8_activations_bad_mode():

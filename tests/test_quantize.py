@@ -13,8 +13,11 @@ from sqk.compiler.driver import quantize_pipeline
 from sqk.compiler.models import transformer_mlp
 from sqk.compiler.onnx_nbits import from_matmul_nbits, to_matmul_nbits
 from sqk.compiler.passes.quantize import QuantReport, Quantize
-from sqk.compiler.quantize import dequantize, layer_error, output_error, quantize_weight
+from sqk.compiler.quantize import (activation_scale, dequantize, fake_quant_i8, layer_error, output_error,
+                                   quantize_weight)
 from sqk.ir.reference import run_reference
+from sqk.ir.sparsity import holds, parse_format
+from sqk.runtime.module import ArtifactError
 
 F32 = np.float32
 
@@ -213,7 +216,7 @@ def test_report_on_calibration_data():
 
 def test_skip():
     g = two_layer()
-    q, report = run_pipeline(g, "quantize{weights=int4,skip=w2},dce")
+    q, report = run_pipeline(g, "quantize{weights=int4,skip=w2},select_format,dce,fuse")
     text = q.to_text()
     assert "matmul_q(%x, %w1.q" in text and "matmul(%1, %w2)" in text
     assert report.quantized() == ["w1"] and report[1]["status"] == "skipped (skip=)"
@@ -228,7 +231,7 @@ def test_max_error_keeps_a_layer_in_float():
     easy = rng.integers(-7, 8, (64, 48)).astype(F32)
     easy[::32] = 7                                   # every group's max|w| is 7: scale 1, exact codes
     g = two_layer(w1=easy)
-    q, report = run_pipeline(g, "quantize{weights=int4,max_error=0.05},dce")
+    q, report = run_pipeline(g, "quantize{weights=int4,max_error=0.05},select_format,dce,fuse")
     assert report.quantized() == ["w1"] and report.kept() == ["w2"]
     assert report[0]["rel_l2"] == 0.0 and report[0]["cosine"] == pytest.approx(1.0)
     assert report[1]["rel_l2"] > 0.05 and report[1]["status"].startswith("kept f32: int4 g32 sym error")
@@ -246,7 +249,7 @@ def test_shared_and_otherwise_used_weights():
     w = b.const(rng.standard_normal((32, 32)).astype(F32), name="w")
     y = b.matmul(b.matmul(x, w), w)
     g = b.output(y, b.add(w, w))                     # w is also used outside a matmul: it stays
-    q, report = run_pipeline(g, "quantize{weights=int4},dce")
+    q, report = run_pipeline(g, "quantize{weights=int4},select_format,dce,fuse")
     text = q.to_text()
     assert text.count("matmul_q(") == 2 and text.count("const @w.q") == 1 and "%w = const @w" in text
     assert len(report) == 1
@@ -256,7 +259,7 @@ def test_shared_and_otherwise_used_weights():
 
 def test_f16_weights_and_fresh_names():
     g = two_layer(dtype="f16")
-    q, _ = run_pipeline(g, "quantize{weights=int4,scale_dtype=f16},dce")
+    q, _ = run_pipeline(g, "quantize{weights=int4,scale_dtype=f16},select_format,dce,fuse")
     assert "matmul_q(%x, %w1.q, %w1.scales) {group=32} : f16[3,48]" in q.to_text()
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float16)
     assert output_error(sqk.reference(g, x=x), sqk.reference(q, x=x))[1] > 0.98
@@ -292,11 +295,14 @@ def test_non_finite_constant_error_names_it():
     ("quantize{group=x}", "option group: 'x' is not a valid int"),
     ("quantize{max_error=-1}", "option max_error=-1.0: expected a non-negative"),
     ("quantize{activations=fp8}", "option activations=fp8: expected none or int8"),
-    ("quantize{scheme=asym,activations=int8}", "activations=int8 needs scheme=sym (got weights=int8 scheme=asym"),
-    ("quantize{weights=int4,scheme=asym,activations=int8}", "activations=int8 needs scheme=sym (got weights=int4"),
-    ("quantize{calibration=kl}", "option calibration=kl: expected minmax, percentile or mse"),
-    ("quantize{calibration=mse}", "static activation scales, which are not yet supported; activations=int8"),
-    ("quantize{weights=int4,activations=int8,calibration=percentile}", "calibration=percentile would choose"),
+    ("quantize{calibration=kl}", "option calibration=kl: expected dynamic, minmax, percentile or mse"),
+    ("quantize{calibration=mse}", "calibration=mse chooses static int8 activation scales: it needs activations=int8"),
+    ("quantize{activations=int8,calibration=percentile,percentile=0}",
+     "option percentile=0.0: expected a percentile of |x| in (0, 100]"),
+    ("quantize{activations=int8,calibration=percentile,percentile=100.5}", "option percentile=100.5: expected"),
+    ("quantize{activations=int8,calibration=percentile,percentile=nan}", "option percentile=nan: expected"),
+    ("quantize{activations=int8,calibration=mse,percentile=99}",
+     "percentile=99.0 only applies with calibration=percentile (got calibration=mse)"),
     ("quantize{skip=w1,w2}", "unknown option 'w2'"),
     ("quantize{samples=0}", "samples=0: expected at least 1"),
     ("quantize{weight=int4}", "unknown option 'weight'"),
@@ -319,7 +325,7 @@ def test_spelling_round_trips():
                                          ("quantize{weights=int4,group=32,activations=int8}", 0.99)])
 def test_transformer_mlp_cosine(spec, bound):
     g = transformer_mlp(tokens=4)
-    q, report = run_pipeline(g, f"fold_constants,{spec},dce")
+    q, report = run_pipeline(g, f"fold_constants,{spec},select_format,dce,fuse")
     x = np.random.default_rng(11).standard_normal((4, 768)).astype(F32)
     ref, out = sqk.reference(g, x=x), sqk.reference(q, x=x)
     rel, cos = output_error(ref, out)
@@ -361,7 +367,7 @@ def test_int8_weights_int8_activations_pipeline(target):
     x = np.random.default_rng(2).standard_normal((3, 64)).astype(F32)
     np.testing.assert_allclose(compile_for(q, target)(x=x), sqk.reference(q, x=x), rtol=1e-5, atol=1e-4)
     assert sqk.compile(g, quantize="int8", activations="int8").manifest["pipeline"] == \
-        "fold_constants,quantize{weights=int8,activations=int8},dce"
+        "fold_constants,quantize{weights=int8,activations=int8},select_format,dce,fuse"
 
 
 @needs_kernels
@@ -370,20 +376,228 @@ def test_transformer_mlp_int8_activations_compiled():
     with its reference (f32 rounding of the final multiply-adds only)."""
     g = transformer_mlp(tokens=3)
     m = sqk.compile(g, quantize="int4", group=32, activations="int8")
-    assert m.manifest["pipeline"] == "fold_constants,quantize{weights=int4,group=32,activations=int8},dce"
+    assert m.manifest["pipeline"] == "fold_constants,quantize{weights=int4,group=32,activations=int8},select_format,dce,fuse"
     x = np.random.default_rng(5).standard_normal((3, 768)).astype(F32)
     np.testing.assert_allclose(m(x=x), sqk.reference(m.ir, x=x), rtol=1e-4, atol=1e-4)
     assert output_error(sqk.reference(g, x=x), m(x=x))[1] >= 0.99
 
 
+# --- static int8 activations (calibration) -----------------------------------------------------
+
+def quant_mse(x, scale):
+    return float(np.mean((fake_quant_i8(x, scale).astype(np.float64) - x) ** 2))
+
+
+def test_activation_scale_methods():
+    """minmax is max|x| / 127; with three outliers among 10^5 values in
+    [-1, 1), the 99.99th percentile ignores them, and mse finds a threshold in
+    between whose quantize-dequantize error beats both (and a fine brute-force
+    grid, within 1%)."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, 100_000).astype(F32)
+    x[[10, 20, 30]] = [50, -80, 64]
+    mm, pc, ms = (activation_scale(x, m) for m in ("minmax", "percentile", "mse"))
+    assert np.float32(mm) == np.float32(80) / np.float32(127)
+    assert np.float32(pc) == np.float32(np.percentile(np.abs(x), 99.99)) / np.float32(127)
+    assert pc * 127 < 1.0001 and pc < ms < mm
+    assert quant_mse(x, ms) < min(quant_mse(x, mm), quant_mse(x, pc))
+    brute = min(quant_mse(x, t / 127) for t in np.linspace(0.5, 80, 2000))
+    assert quant_mse(x, ms) <= 1.01 * brute
+    # a lower percentile clips more; 100 is the max
+    assert activation_scale(x, "percentile", 99) < pc and activation_scale(x, "percentile", 100) == mm
+    # scales are the shortest decimal of their f32 value (the IR prints them so)
+    for s in (mm, pc, ms):
+        assert float(str(np.float32(s))) == s and len(repr(s)) <= 12
+    # Gaussian activations: no outliers, so mse stays near the max and every method is close
+    g = rng.standard_normal(200_000).astype(F32)
+    scales = [activation_scale(g, m) for m in ("minmax", "percentile", "mse")]
+    assert scales[1] <= scales[0] and 0.5 * scales[0] < scales[2] <= scales[0]
+
+
+def test_activation_scale_edge_cases():
+    assert activation_scale(np.zeros((4, 8), F32), "mse") == 1.0      # any step quantizes 0 exactly
+    assert activation_scale(np.array([0, 0, 0, 2.54], F32), "percentile", 50) == 0.02  # mostly zeros: the max
+    with pytest.raises(ValueError, match="layer w7 saw 1 non-finite activation"):
+        activation_scale(np.array([1, np.nan], F32), name="w7")
+    with pytest.raises(ValueError, match="percentile must be in"):
+        activation_scale(np.ones(3, F32), "percentile", 0)
+    with pytest.raises(ValueError, match="calibration method must be one of minmax, percentile, mse"):
+        activation_scale(np.ones(3, F32), "kl")
+
+
+def calibration_samples(n=3, rows=3, k=64, seed=5):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((rows, k)).astype(F32)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_static_calibration_pass(method):
+    """Each matmul_q gets the scale of its own fp32 input activations over the
+    calibration samples (the second layer's: relu(x @ w1)); the report says so,
+    measures the static numerics, and the IR text round-trips."""
+    g, data = two_layer(), calibration_samples()
+    p = parse_pipeline(f"quantize{{weights=int4,activations=int8,calibration={method}}}")[0].with_calibration(data)
+    q = PassManager([p]).run(g)
+    envs = [run_reference(g, d, keep_all=True) for d in data]
+    mqs = [n for n in q.nodes if n.op == "matmul_q"]
+    for i, (mm, n) in enumerate(zip([n for n in g.nodes if n.op == "matmul"], mqs)):
+        assert n.outputs == mm.outputs
+        acts = np.concatenate([e[mm.inputs[0]] for e in envs])
+        assert n.attrs["act_scale"] == activation_scale(acts, method) > 0
+        assert p.report[i]["act_scales"] == [n.attrs["act_scale"]]
+        assert p.report[i]["weights"] == f"int4 g32 sym + i8 act {method}" and p.report[i]["cosine"] > 0.98
+        qv = [q.producers()[v].attrs["value"] for v in n.inputs[1:]]
+        want = acts.astype(np.float64) @ g.constants[mm.inputs[1].name].astype(np.float64)
+        got = sqk.ir.ops.matmul_q_i8act(acts, *qv, None, 32, n.attrs["act_scale"])
+        assert p.report[i]["rel_l2"] == output_error(want, got)[0]
+    text = q.to_text(inline_limit=None)
+    assert f"act_scale={mqs[0].attrs['act_scale']!r}" in text and sqk.parse_ir(text) == q
+
+
+def test_static_calibration_errors():
+    g = two_layer()
+    with pytest.raises(PipelineError, match=r"calibration=mse chooses static activation scales from calibration "
+                                            r"data, and none was given: pass calibration_data="):
+        sqk.compile(g, quantize="int4", activations="int8", calibration="mse")
+    with pytest.raises(PipelineError, match="calibration=minmax chooses static int8 activation scales: it needs "
+                                            "activations=int8"):
+        sqk.compile(g, quantize="int4", calibration="minmax", calibration_data=calibration_samples())
+    with pytest.raises(PipelineError, match="percentile=150.0: expected a percentile"):
+        sqk.compile(g, quantize="int4", activations="int8", calibration="percentile", percentile=150,
+                    calibration_data=calibration_samples())
+    assert quantize_pipeline("int8", activations="int8", calibration="percentile", percentile=99.9) == \
+        "fold_constants,quantize{weights=int8,activations=int8,calibration=percentile,percentile=99.9},select_format,dce,fuse"
+
+
+@needs_kernels
+@pytest.mark.parametrize("weights, scheme", [("int4", "asym"), ("int8", "sym")])
+def test_static_calibration_compiled(weights, scheme):
+    """Static scales (and asymmetric weights, whose zero points the int8
+    kernels now apply) compiled: the whole graph equals its reference bit for
+    bit (relu and the int8 matmul_q kernels are exact)."""
+    g = two_layer()
+    m = sqk.compile(g, quantize=weights, scheme=scheme, activations="int8", calibration="mse",
+                    calibration_data=calibration_samples())
+    assert [n.op for n in m.ir.nodes if n.op.startswith("matmul")] == ["matmul_q"] * 2
+    assert all(n.attrs["act_scale"] > 0 for n in m.ir.nodes if n.op == "matmul_q")
+    assert sum(n.op == "const" for n in m.ir.nodes) == (6 if scheme == "asym" else 4)  # q, scales[, zeros]
+    x = calibration_samples(1, seed=9)[0]["x"]
+    for xs in (x, 40 * x):  # the second saturates
+        np.testing.assert_array_equal(m(x=xs), sqk.reference(m.ir, x=xs))
+    assert output_error(sqk.reference(g, x=x), m(x=x))[1] > 0.98
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_transformer_mlp_static_activations(method):
+    """int4 g32 weights + static int8 activations calibrated on 2 samples of 4
+    tokens; measured on held-out tokens."""
+    g = transformer_mlp(tokens=4)
+    rng = np.random.default_rng(21)
+    data = [{"x": rng.standard_normal((4, 768)).astype(F32)} for _ in range(2)]
+    p = Quantize(weights="int4", activations="int8", calibration=method).with_calibration(data)
+    q = PassManager(parse_pipeline("fold_constants") + [p] + parse_pipeline("dce")).run(g)
+    x = np.random.default_rng(11).standard_normal((4, 768)).astype(F32)
+    ref, out = sqk.reference(g, x=x), sqk.reference(q, x=x)
+    cos = output_error(ref, out)[1]
+    print(f"{method}: block output cosine {cos:.6f}\n{p.report.format()}")
+    assert cos >= 0.99 and all(r["cosine"] >= 0.99 for r in p.report)
+
+
+# --- the report in a saved artifact ----------------------------------------------------------------
+
+@needs_kernels
+def test_report_saved_in_artifact(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    m = sqk.compile(two_layer(), quantize="int4", group=32, activations="int8", calibration="percentile",
+                    percentile=99.9, calibration_data=calibration_samples())
+    m.save(str(tmp_path / "a"))
+    assert m.manifest["report"]["file"] == "report.json"
+    loaded = sqk.load(str(tmp_path / "a"))
+    assert loaded.report == json.loads(json.dumps(list(m.report)))   # the rows (tuples as lists)
+    assert loaded.report.format() == m.report.format() == str(loaded.report)
+    assert loaded.report.get("quantize") == list(loaded.report) and loaded.report.get("sparsify") is None
+    assert [r["act_scales"][0] for r in loaded.report] == [n.attrs["act_scale"] for n in m.ir.nodes
+                                                           if n.op == "matmul_q"]
+    # the loader needs neither the compiler nor llvmlite
+    code = ("import sys; sys.modules['llvmlite'] = sys.modules['sqk.compiler'] = None; import sqk; "
+            f"print(sqk.load({str(tmp_path / 'a')!r}).report.format())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.strip() == m.report.format(), r.stderr
+    # no quantization: no report file
+    b = sqk.GraphBuilder("plain")
+    plain = sqk.compile(b.output(b.relu(b.input("x", (4,)))))
+    plain.save(str(tmp_path / "p"))
+    assert "report" not in plain.manifest and sqk.load(str(tmp_path / "p")).report is None
+    # a modified or missing report is caught
+    rep = tmp_path / "a" / "report.json"
+    rep.write_text(rep.read_text().replace("quantized", "kept f32"))
+    with pytest.raises(ArtifactError, match="report.json: content hash does not match"):
+        sqk.load(str(tmp_path / "a"))
+    assert sqk.load(str(tmp_path / "a"), verify=False).report[0]["status"] == "kept f32"
+    rep.unlink()
+    with pytest.raises(ArtifactError, match="report file 'report.json' cannot be read"):
+        sqk.load(str(tmp_path / "a"))
+
+
+# --- weights stored sparse (sparsify / select_format) ------------------------------------------------
+
+def sparse_two_layer(fmt1="csr", fmt2="nm2:4", k=64, n=48, m=40):
+    """two_layer with w1 75% zeros (unstructured) and w2 pruned to 2:4 along K,
+    their matmuls carrying sparse formats."""
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((k, n)).astype(F32) * (rng.random((k, n)) < 0.25)
+    w2 = rng.standard_normal((n, m)).astype(F32)
+    w2.reshape(n // 4, 4, m)[:, :2] = 0
+    b = sqk.GraphBuilder("sparse")
+    x = b.input("x", (3, k))
+    h = b.relu(b.matmul(x, b.const(w1, name="w1"), sparse=fmt1))
+    return b.output(b.matmul(h, b.const(w2, name="w2"), sparse=fmt2)), w1, w2
+
+
+@pytest.mark.parametrize("spec", ["quantize{weights=int8}", "quantize{weights=int4,group=32}",
+                                  "quantize{weights=int4,group=16,scale_dtype=f16}"])
+def test_sparse_format_is_kept(spec):
+    """The format stays on the matmul_q, and every pruned zero is an exact zero code."""
+    g, w1, w2 = sparse_two_layer()
+    q, report = run_pipeline(g, spec)
+    mqs = [n for n in q.nodes if n.op == "matmul_q"]
+    assert [n.attrs["sparse"] for n in mqs] == ["csr", "nm2:4"] and report.quantized() == ["w1", "w2"]
+    for n, w in zip(mqs, (w1, w2)):
+        codes = q.producers()[n.inputs[1]].attrs["value"]
+        assert not codes[w == 0].any() and holds(parse_format(n.attrs["sparse"]), codes) is None
+    assert 'sparse="csr"' in q.to_text() and 'sparse="nm2:4"' in q.to_text()
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("quantize{weights=int8,group=32}", "grouped int8 scales (group=32 < K=64)"),
+    ("quantize{weights=int4,scheme=asym}", "asymmetric weights (zero points)"),
+    ("quantize{weights=int4,activations=int8}", "int8 activations"),
+])
+def test_sparse_format_refused(spec, why):
+    """Options matmul_q cannot read sparse are an error naming the layer, never
+    a silent densification; skipping the layer leaves it in float, still sparse."""
+    g, _, _ = sparse_two_layer(fmt2="dense")
+    with pytest.raises(PipelineError) as e:
+        run_pipeline(g, spec)
+    assert f"layer w1 is stored sparse=csr, which matmul_q cannot read with {why}" in str(e.value)
+    assert "(skip=w1)" in str(e.value)
+    q, report = run_pipeline(g, spec[:-1] + ",skip=w1}")
+    assert [(n.op, n.attrs["sparse"]) for n in q.nodes if n.op.startswith("matmul")] == [
+        ("matmul", "csr"), ("matmul_q", "dense")]
+
+
 # --- convenience API and CLI ---------------------------------------------------------------------
 
 def test_quantize_pipeline_spelling():
-    assert quantize_pipeline("int4", group=32) == "fold_constants,quantize{weights=int4,group=32},dce"
+    assert quantize_pipeline("int4", group=32) == "fold_constants,quantize{weights=int4,group=32},select_format,dce,fuse"
     assert quantize_pipeline("int8", scheme="asym", skip=["a", "b"], max_error=0.1) == \
-        "fold_constants,quantize{weights=int8,scheme=asym,skip=a|b,max_error=0.1},dce"
+        "fold_constants,quantize{weights=int8,scheme=asym,skip=a|b,max_error=0.1},select_format,dce,fuse"
     spec = quantize_pipeline("int4", group=32, scheme="sym")
-    assert [p.spelling() for p in parse_pipeline(spec)] == ["fold_constants", "quantize{weights=int4,group=32}", "dce"]
+    assert [p.spelling() for p in parse_pipeline(spec)] == ["fold_constants", "quantize{weights=int4,group=32}",
+                                                           "select_format", "dce", "fuse"]
 
 
 def test_compile_option_errors():
@@ -413,8 +627,8 @@ def test_compile_quantized_end_to_end(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(F32)
     data = [{"x": x}]
     m = sqk.compile(g, quantize="int4", group=32, scheme="sym", calibration_data=data)
-    same, _ = run_pipeline(g, "fold_constants,quantize{weights=int4,group=32},dce")
-    assert m.ir == same and m.manifest["pipeline"] == "fold_constants,quantize{weights=int4,group=32,scheme=sym},dce"
+    same, _ = run_pipeline(g, "fold_constants,quantize{weights=int4,group=32},select_format,dce,fuse")
+    assert m.ir == same and m.manifest["pipeline"] == "fold_constants,quantize{weights=int4,group=32,scheme=sym},select_format,dce,fuse"
     assert isinstance(m.report, QuantReport) and m.report.quantized() == ["w1", "w2"]
     np.testing.assert_allclose(m(x=x), sqk.reference(m.ir, x=x), rtol=1e-4, atol=1e-4)
     # the CLI: --quantize/--group/--report print the table

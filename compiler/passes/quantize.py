@@ -2,7 +2,8 @@
 matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
 
     quantize{weights=int8|int4, group=N, scheme=sym|asym, scale_dtype=f32|f16,
-             skip=w1|w2, max_error=0.02, activations=none, calibration=minmax, seed=0, samples=16}
+             skip=w1|w2, max_error=0.02, activations=none|int8,
+             calibration=dynamic|minmax|percentile|mse, percentile=99.99, seed=0, samples=16}
 
 - ``weights=int8`` (default) is per output channel unless ``group`` is given;
   ``weights=int4`` is group-wise along K, ``group`` defaulting to 32.  A group
@@ -12,14 +13,21 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
   no matmul weight is an error (it is probably a typo).
 - ``max_error``: a layer whose relative L2 output error exceeds the bound
   stays in float (mixed precision); the report says so.
-- ``activations=int8``: dynamic int8 activations, quantized per row and
-  weight group at run time (matmul_q {activations=int8}; semantics in
-  ``ir.ops.MatMulQ``); needs ``scheme=sym``, weights int4 or int8 (the
-  kernels' integer dot products take no zero points).  The reported error
-  then includes activation rounding.
-  The ``calibration`` methods (minmax, percentile, mse) would choose static
-  activation scales: spelled and validated but not yet supported (they raise;
-  dynamic quantization needs no calibration).
+- ``activations=int8``: int8 activations (matmul_q {activations=int8};
+  semantics in ``ir.ops.MatMulQ``), symmetric or asymmetric int4/int8
+  weights.  ``calibration=dynamic`` (default) quantizes per row and weight
+  group at run time; ``minmax``, ``percentile`` and ``mse`` choose one
+  static scale per layer (``act_scale``) from the layer's fp32 input
+  activations over ``calibration_data`` (required then; see
+  ``compiler.quantize.activation_scale``; ``percentile=`` sets the
+  percentile of |x|).  The reported error then includes activation rounding
+  (and saturation).
+- A matmul carrying a non-dense ``sparse`` format (set in the graph or by
+  an earlier select_format) keeps it on its matmul_q: symmetric quantization maps the
+  pruned zeros to exact zero codes.  matmul_q reads a sparse format only
+  with symmetric weights, activations=none and, for int8, per-channel
+  scales: other options are an error naming the layer (never a silent
+  densification).
 
 Report plumbing: passes stay ``Graph -> Graph``; the pass records its report
 on itself (``self.report``, a :class:`QuantReport`) as a side channel that the
@@ -43,10 +51,11 @@ from ...ir.graph import Graph, Node, TensorType, Value
 from ...ir.ops import OPS, matmul_q_i8act
 from .. import quantize as qm
 from . import Pass, register
+from .report import LayerReport
 
 WEIGHTS = {"int8": 8, "int4": 4}
 ACTIVATIONS = ("none", "int8")
-CALIBRATIONS = ("minmax", "percentile", "mse")
+CALIBRATIONS = ("dynamic",) + qm.CALIBRATION_METHODS
 DEFAULT_INT4_GROUP = 32
 
 
@@ -73,7 +82,8 @@ class Quantize(Pass):
     skip: str = ""
     max_error: float = math.inf
     activations: str = "none"
-    calibration: str = "minmax"
+    calibration: str = "dynamic"
+    percentile: float = 99.99
     seed: int = 0
     samples: int = 16
 
@@ -99,21 +109,26 @@ class Quantize(Pass):
         if self.activations not in ACTIVATIONS:
             raise _error(f"{p} activations={self.activations}: expected none or int8")
         if self.calibration not in CALIBRATIONS:
-            raise _error(f"{p} calibration={self.calibration}: expected minmax, percentile or mse")
-        if self.activations == "int8" and self.scheme != "sym":
-            raise _error(f"pass quantize: activations=int8 needs scheme=sym (got weights={self.weights} "
-                         f"scheme={self.scheme}): its kernels multiply int8 activations with symmetric int4 "
-                         f"or int8 weights, no zero points")
-        if self.calibration != "minmax":
-            raise _error(f"pass quantize: calibration={self.calibration} would choose static activation scales, "
-                         f"which are not yet supported; activations=int8 quantizes dynamically (per row and "
-                         f"group at run time) and needs no calibration")
+            raise _error(f"{p} calibration={self.calibration}: expected dynamic, minmax, percentile or mse")
+        if self.static and self.activations != "int8":
+            raise _error(f"pass quantize: calibration={self.calibration} chooses static int8 activation scales: "
+                         f"it needs activations=int8 (got activations={self.activations})")
+        if not 0 < self.percentile <= 100:
+            raise _error(f"{p} percentile={self.percentile}: expected a percentile of |x| in (0, 100], e.g. 99.99")
+        if self.percentile != 99.99 and self.calibration != "percentile":
+            raise _error(f"pass quantize: percentile={self.percentile} only applies with calibration=percentile "
+                         f"(got calibration={self.calibration})")
         if self.samples < 1:
             raise _error(f"{p} samples={self.samples}: expected at least 1 random input row")
 
     @property
     def bits(self) -> int:
         return WEIGHTS[self.weights]
+
+    @property
+    def static(self) -> bool:
+        """Static (calibrated) activation scales rather than dynamic ones."""
+        return self.calibration != "dynamic"
 
     def group_for(self, k: int) -> int:
         """The group size for a weight with K rows (per-channel: one group spanning K;
@@ -149,13 +164,18 @@ class Quantize(Pass):
         if unknown:
             raise _error(f"quantize: skip names {', '.join(unknown)}, which is not a matmul weight of "
                          f"@{graph.name}; weights: {', '.join(sorted(names))}")
-        inputs = self._layer_inputs(graph, uses)
+        if self.static and self.calibration_data is None:
+            raise _error(f"quantize: calibration={self.calibration} chooses static activation scales from "
+                         f"calibration data, and none was given: pass calibration_data=[{{input: array}}, ...] "
+                         f"to sqk.compile (or use calibration=dynamic)")
+        inputs = self._layer_inputs(graph, uses)   # per matmul node
 
         taken = {v.name for v in graph.values()}
         report = QuantReport()
         replaced: dict[Value, tuple[Value, ...]] = {}   # W -> (q, scales[, zeros])
         new_consts: dict[Value, list[Node]] = {}        # W -> const nodes to insert after W's
         group_of: dict[Value, int] = {}
+        act_scale: dict[Node, float] = {}              # matmul -> its static activation scale
         for w in uses:
             k, n = w.shape
             fbytes = w.type.nbytes
@@ -165,17 +185,22 @@ class Quantize(Pass):
                                "bytes": fbytes, "status": "skipped (skip=)"})
                 continue
             group = self.group_for(k)
+            self._check_sparse(w, uses[w], group)
             arr = prod[w].attrs["value"]
             q, s, z = qm.quantize_weight(arr, self.bits, group, self.scheme, self.scale_dtype, name=w.name)
-            rel, cos = self._layer_error(inputs[w], arr, q, s, z, group)
+            scales = {n: qm.activation_scale(inputs[n], self.calibration, self.percentile, name=w.name)
+                      for n in uses[w]} if self.static else {}
+            rel, cos = self._layer_error([(inputs[n], scales.get(n, 0.0)) for n in uses[w]], arr, q, s, z, group)
             spelled = f"{self.weights} {'g' + str(group) if group < k else 'per-channel'} {self.scheme}"
             if self.activations == "int8":
-                spelled += " + i8 act"
+                spelled += " + i8 act" + (f" {self.calibration}" if self.static else "")
+            row["act_scales"] = list(scales.values())
             if rel > self.max_error:
                 report.append({**row, "weights": w.dtype.name, "rel_l2": rel, "cosine": cos, "bytes": fbytes,
                                "status": f"kept {w.dtype.name}: {spelled} error {rel:.3g} > max_error "
                                          f"{self.max_error:g}"})
                 continue
+            act_scale.update(scales)
             qdt = dt.i4 if self.bits == 4 else dt.i8
             vals, nodes = [], []
             for suffix, a, d in (("q", q, qdt), ("scales", s, dt.dtype(s.dtype)), ("zeros", z, qdt)):
@@ -201,34 +226,61 @@ class Quantize(Pass):
                 out_nodes.extend(new_consts[node.output])
             elif node.op == "matmul" and node.inputs[1] in replaced:
                 w = node.inputs[1]
-                attrs = OPS["matmul_q"].normalize_attrs({"group": group_of[w], "activations": self.activations})
+                # a sparse format (set in the graph) stays: symmetric codes keep the pruned zeros
+                # (checked readable by matmul_q in _check_sparse)
+                attrs = OPS["matmul_q"].normalize_attrs({
+                    "group": group_of[w], "activations": self.activations,
+                    "sparse": node.attrs.get("sparse", "dense"), "act_scale": act_scale.get(node, 0.0)})
                 out_nodes.append(Node("matmul_q", (node.inputs[0],) + replaced[w], node.outputs, attrs))
             else:
                 out_nodes.append(node)
         object.__setattr__(self, "report", report)
         return graph.with_nodes(out_nodes)
 
-    def _layer_error(self, x, w, q, s, z, group) -> tuple[float, float]:
-        """(relative L2, cosine) of the layer's output against float64 x @ w; with
-        int8 activations the quantized side is the op's own reference."""
+    def _check_sparse(self, w: Value, users: list[Node], group: int) -> None:
+        """A matmul of ``w`` stored in a non-dense format must stay readable as
+        one after quantization (matmul_q's rules): else an error naming the layer."""
+        for n in users:
+            fmt = n.attrs.get("sparse", "dense")
+            if fmt == "dense":
+                continue
+            why = ("asymmetric weights (zero points)" if self.scheme != "sym" else
+                   "int8 activations" if self.activations != "none" else
+                   f"grouped int8 scales (group={group} < K={w.shape[0]})" if self.bits == 8 and group < w.shape[0]
+                   else None)
+            if why:
+                raise _error(f"quantize: layer {w.name} is stored sparse={fmt}, which matmul_q cannot read with "
+                             f"{why}: sparse quantized kernels take symmetric weights, activations=none and, for "
+                             f"int8, per-channel scales; change the options or leave the layer in float "
+                             f"(skip={w.name})")
+
+    def _layer_error(self, xs, w, q, s, z, group) -> tuple[float, float]:
+        """(relative L2, cosine) of the layer's outputs, over its matmuls' inputs
+        ``xs`` = [(x, act_scale)], against float64 x @ w; with int8 activations
+        the quantized side is the op's own reference (static scale or dynamic)."""
         if self.activations == "none":
-            return qm.layer_error(x, w, q, s, z, group)
-        x2 = np.asarray(x, np.float32).reshape(-1, w.shape[0])
-        want = x2.astype(np.float64) @ np.asarray(w, np.float64)
-        return qm.output_error(want, matmul_q_i8act(x2, q, s, z, group).astype(np.float64))
+            return qm.layer_error(np.concatenate([x for x, _ in xs]), w, q, s, z, group)
+        want, got = [], []
+        for x, act_scale in xs:
+            x2 = np.asarray(x, np.float32).reshape(-1, w.shape[0])
+            want.append(x2.astype(np.float64) @ np.asarray(w, np.float64))
+            got.append(matmul_q_i8act(x2, q, s, z, group, act_scale).astype(np.float64))
+        return qm.output_error(np.concatenate(want), np.concatenate(got))
 
     def _layer_inputs(self, graph: Graph, uses: dict) -> dict:
-        """Each weight's layer input rows [rows, K]: from the calibration samples
-        through the reference interpreter, or seeded random rows."""
+        """Each matmul's input rows [rows, K]: from the calibration samples
+        through the reference interpreter, or seeded random rows (the same for
+        every matmul of a weight)."""
         if self.calibration_data is None:
             out = {}
-            for i, w in enumerate(uses):
+            for i, (w, users) in enumerate(uses.items()):
                 rng = np.random.default_rng([self.seed, i])
-                out[w] = rng.standard_normal((self.samples, w.shape[0]))
+                x = rng.standard_normal((self.samples, w.shape[0]))
+                out.update((n, x) for n in users)
             return out
         from ...ir.reference import run_reference
 
-        rows: dict[Value, list] = {w: [] for w in uses}
+        rows: dict[Node, list] = {n: [] for users in uses.values() for n in users}
         for i, sample in enumerate(self.calibration_data):
             if not isinstance(sample, dict):
                 raise _error(f"calibration sample {i}: expected a dict of input arrays, got {type(sample).__name__}")
@@ -237,8 +289,9 @@ class Quantize(Pass):
             except (ValueError, TypeError) as e:
                 raise _error(f"calibration sample {i}: {e}") from None
             for w, users in uses.items():
-                rows[w].extend(env[n.inputs[0]].reshape(-1, w.shape[0]) for n in users)
-        return {w: np.concatenate(r) for w, r in rows.items()}
+                for n in users:
+                    rows[n].append(env[n.inputs[0]].reshape(-1, w.shape[0]))
+        return {n: np.concatenate(r) for n, r in rows.items()}
 
 
 def _fresh(name: str, taken: set) -> str:
@@ -249,10 +302,14 @@ def _fresh(name: str, taken: set) -> str:
     return name
 
 
-class QuantReport(list):
+class QuantReport(LayerReport):
     """Rows (dicts), one per weight: layer, shape, dtype, weights (the format
     used, or the float dtype kept), rel_l2, cosine (None when skipped),
-    float_bytes, bytes, status ("quantized", "kept f32: ...", "skipped (skip=)")."""
+    float_bytes, bytes, status ("quantized", "kept f32: ...", "skipped (skip=)"),
+    act_scales (the static activation scale of each matmul of the weight;
+    empty without static calibration; absent when skipped)."""
+
+    pass_name = "quantize"
 
     def quantized(self) -> list[str]:
         return [r["layer"] for r in self if r["status"] == "quantized"]
@@ -262,13 +319,14 @@ class QuantReport(list):
 
     def format(self) -> str:
         """A text table with a summary line."""
-        head = f"{'layer':<20}{'shape':>14}  {'weights':<22}{'rel L2':>10}{'cosine':>10}{'KiB':>10}  status"
+        ww = max([22] + [len(r["weights"]) + 1 for r in self])
+        head = f"{'layer':<20}{'shape':>14}  {'weights':<{ww}}{'rel L2':>10}{'cosine':>10}{'KiB':>10}  status"
         lines = [head, "-" * len(head)]
         for r in self:
             shape = "x".join(map(str, r["shape"]))
             rel = "-" if r["rel_l2"] is None else f"{r['rel_l2']:.2e}"
             cos = "-" if r["cosine"] is None else f"{r['cosine']:.6f}"
-            lines.append(f"{r['layer']:<20}{shape:>14}  {r['weights']:<22}{rel:>10}{cos:>10}"
+            lines.append(f"{r['layer']:<20}{shape:>14}  {r['weights']:<{ww}}{rel:>10}{cos:>10}"
                          f"{r['bytes'] / 1024:>10.1f}  {r['status']}")
         fb, qb = sum(r["float_bytes"] for r in self), sum(r["bytes"] for r in self)
         lines.append(f"{len(self.quantized())} of {len(self)} weights quantized"
