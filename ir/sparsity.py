@@ -84,7 +84,7 @@ def nm_counts(w: np.ndarray, m: int) -> np.ndarray:
     k, n = w.shape
     nz = np.zeros((-(-k // m) * m, n), bool)
     nz[:k] = w != 0
-    return nz.reshape(-1, m, n).sum(axis=1)
+    return nz.reshape(-(-k // m), m, n).sum(axis=1)
 
 
 def holds(fmt: Format, w: np.ndarray) -> str | None:
