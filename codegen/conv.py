@@ -309,13 +309,15 @@ def conv_plan(node: Node, lanes: int) -> ConvPlan:
 
 
 @emitter("conv2d")
-def emit_conv2d(k: Kernel, node: Node):
-    """out[n, co, oh, ow] = bias[co] + sum over (ci, kh, kw) of x * w, f32 accumulation."""
+def emit_conv2d(k: Kernel, node: Node, epilogue=None):
+    """out[n, co, oh, ow] = bias[co] + sum over (ci, kh, kw) of x * w, f32 accumulation.
+    ``epilogue(value, n)``, if given, maps each f32 vector of n output lanes to the
+    values stored (codegen/fused.py: an activation applied before the store)."""
     out_w = node.outputs[0].type.shape[3]
-    return _emit_conv_direct(k, conv_plan(node, vector_lanes(k, out_w)))
+    return _emit_conv_direct(k, conv_plan(node, vector_lanes(k, out_w)), epilogue)
 
 
-def _emit_conv_direct(k: Kernel, p: ConvPlan):
+def _emit_conv_direct(k: Kernel, p: ConvPlan, epilogue=None):
     b = k.b
     ah, aw, d, lanes = p.ah, p.aw, p.dtype, p.tiles.lanes
     x_ptr, w_ptr = k.args[0], k.args[1]
@@ -379,7 +381,8 @@ def _emit_conv_direct(k: Kernel, p: ConvPlan):
                             b.store(acc[key], a)
             for (c, j), a in accs.items():
                 idx = b.add(b.add(o_base, i64(c * o_c_stride + live[j].offset)), ow0)
-                store_prefix(b, b.load(a), out_ptr, d, idx, lanes, live[j].store)
+                value = b.load(a)
+                store_prefix(b, epilogue(value, lanes) if epilogue else value, out_ptr, d, idx, lanes, live[j].store)
 
         for_tiles(b, p.tiles, tile)
     k.finish()

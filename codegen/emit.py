@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -68,11 +69,64 @@ def object_code(llvm_ir: str, target: Target) -> str:
 
 
 def assembly(llvm_ir: str, target: Target) -> str:
+    """The target assembly of ``llvm_ir`` after O3, as ``llc`` prints it."""
     return target.machine.emit_assembly(optimize(llvm_ir, target))
 
 
 def optimized_ir(llvm_ir: str, target: Target) -> str:
+    """``llvm_ir`` after the O3 pipeline (what ``object_code`` compiles)."""
     return str(optimize(llvm_ir, target))
+
+
+def optimized_ir_and_assembly(llvm_ir: str, target: Target) -> tuple[str, str]:
+    """Both of the above from one optimization run."""
+    mod = optimize(llvm_ir, target)
+    return str(mod), target.machine.emit_assembly(mod)
+
+
+# A function in LLVM IR text: "define [linkage] ... @name(" up to the "}" line.
+_LL_DEFINE = re.compile(r'^define\s[^@\n]*@("?)([^"(\s]+)\1\(', re.M)
+# A function in ELF assembly (x86-64, riscv64): its ".type name,@function" directive.
+_ASM_FUNCTION = re.compile(r"^\s*\.type\s+([^,\s]+),\s*@function", re.M)
+
+
+def kernel_names(text: str) -> list[str]:
+    """The kernels defined in LLVM IR or assembly text, in order: exported
+    functions (an internal helper ``name.x`` belongs to kernel ``name``)."""
+    if _LL_DEFINE.search(text):
+        return [m.group(2) for m in _LL_DEFINE.finditer(text)
+                if not re.search(r"\b(internal|private)\b", text[m.start():m.end()])]
+    return [n for n in _ASM_FUNCTION.findall(text) if not n.startswith(".") and "." not in n]
+
+
+def kernel_section(text: str, name: str) -> str:
+    """The part of LLVM IR or assembly ``text`` that defines kernel ``name``:
+    its function and any helper functions ``name.*`` (LLVM IR), or its code
+    with the constant pool just before it (assembly).  An unknown name is a
+    LookupError listing the kernels."""
+    names = kernel_names(text)
+    if name not in names:
+        raise LookupError(f"no kernel named {name!r}; kernels: {', '.join(names) or 'none'}")
+    mine = lambda f: f == name or f.startswith(name + ".")  # noqa: E731
+    parts = []
+    if _LL_DEFINE.search(text):
+        for m in _LL_DEFINE.finditer(text):
+            if mine(m.group(2)):
+                end = text.index("\n}", m.end()) + 2
+                parts.append(text[m.start():end] + "\n")
+        return "\n".join(parts)
+    lines = text.splitlines(keepends=True)
+    start = 0  # a function's text starts after the previous one's ".size" (its constant pool and section)
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith(".file"):
+            start = i + 1
+        m = re.match(r"\.size\s+([^,\s]+),", stripped)
+        if m:
+            if mine(m.group(1)) and any(_ASM_FUNCTION.match(x) for x in lines[start:i]):
+                parts.append("".join(lines[start:i + 1]))
+            start = i + 1
+    return "".join(parts)
 
 
 def _run(cmd: list[str], what: str) -> None:

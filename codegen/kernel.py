@@ -44,15 +44,17 @@ class Kernel:
     body); ``self.args`` are the buffer pointers, ``self.begin``/``self.end``
     the work-item range.  Call ``finish()`` (returns SQK_OK) when done."""
 
-    def __init__(self, module: ir.Module, name: str, n_args: int, target, exported: bool = True):
+    def __init__(self, module: ir.Module, name: str, n_args: int, target, exported: bool = True,
+                 aliased: frozenset = frozenset()):
         self.module, self.name, self.target = module, name, target
         body_ty = ir.FunctionType(I32, [PTR] * n_args + [I64, I64])
         self.body = ir.Function(module, body_ty, name + ".body")
         self.body.linkage = "internal"
         self.body.attributes.add("alwaysinline")
         self.body.attributes.add("nounwind")
-        for a in self.body.args[:n_args]:
-            a.add_attribute("noalias")
+        for j, a in enumerate(self.body.args[:n_args]):
+            if j not in aliased:  # arguments sharing a buffer (in-place maps) may not claim noalias
+                a.add_attribute("noalias")
         wrapper = ir.Function(module, ir.FunctionType(I32, [PTR, I64, I64]), name)
         wrapper.attributes.add("nounwind")
         if not exported:  # a helper kernel called from another one

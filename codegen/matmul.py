@@ -186,14 +186,19 @@ def fma(k: Kernel, x, y, acc):
 # --- emitter --------------------------------------------------------------------------
 
 @emitter("matmul")
-def emit_matmul(k: Kernel, node: Node):
+def emit_matmul(k: Kernel, node: Node, epilogue=None):
+    """a and b are the kernel's first two arguments, y its last.  ``epilogue(value,
+    t, row, col, n, valid=None)``, if given, maps the f32 results y[t, row,
+    col:col+n] (an n-lane vector, n == 1 a scalar; t the flattened batch item,
+    row < Geometry.M; only the first ``valid`` lanes when it is not None) to
+    the values stored, just before the store (codegen/fused.py)."""
     g = Geometry(node)
     if g.batch * g.M * g.N == 0:
         k.finish()
         return 0, 1
     if g.M <= STREAM_MAX_M:
-        return _gemv(k, g)
-    return _gemm(k, g)
+        return _gemv(k, g, epilogue)
+    return _gemm(k, g, epilogue)
 
 
 def _grain(fmas_per_item: int, least: int) -> int:
@@ -245,13 +250,13 @@ def gemm_blocking(target, M: int, K: int, N: int, batch: int = 1, dtype=dt.f32) 
                 NC=_split(N, most_n, NRL, nparts), nkb=nkb, KC=cdiv(K, nkb) if K else 0)
 
 
-def _gemm(k: Kernel, g: Geometry):
+def _gemm(k: Kernel, g: Geometry, epilogue=None):
     b = k.b
     M, K, N = g.M, g.K, g.N
     p = gemm_blocking(k.target, M, K, N, g.batch, g.dtype)
     MR, NRL, lanes, MC, NC, nkb, KC = (p[x] for x in ("MR", "NRL", "lanes", "MC", "NC", "nkb", "KC"))
     mblocks, nblocks = cdiv(M, MC), cdiv(N, NC)
-    A, B, Y = (Access(k, q, g.dtype, lanes) for q in k.args[:3])
+    A, B, Y = (Access(k, q, g.dtype, lanes) for q in (k.args[0], k.args[1], k.args[-1]))
     BP = Access(k, _stack_array(k, KC * NRL, "bpanel"), dt.f32, lanes)
     # Partial sums between K blocks: y itself in f32; an f32 tile for f16 (rounded once).
     CT = Access(k, _stack_array(k, MC * NC, "ctile"), dt.f32, lanes) if nkb > 1 and g.dtype is not dt.f32 \
@@ -269,7 +274,7 @@ def _gemm(k: Kernel, g: Geometry):
                 BP.store(B.load(b.add(src, i64(v * lanes)), min(lanes, ncols - v * lanes)),
                          b.add(dst, i64(v * lanes)))
 
-    def micro(a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last):
+    def micro(t, a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last):
         """Tile y[i:i+mr, j:j+ncols] (li, lj: its place in the item tile), K block
         [k0, k0+kc).  Accumulators start at 0 in the ``first`` block, else from
         the partial sums; the ``last`` block writes y, the others the partial sums."""
@@ -297,21 +302,25 @@ def _gemm(k: Kernel, g: Geometry):
         rows, out = (y_rows, Y) if last else (p_rows, P)
         for r in range(mr):
             for v in range(nv):
-                out.store(acc[r * nv + v], b.add(rows[r], i64(v * lanes)), valid[v])
+                value = acc[r * nv + v]
+                if last and epilogue:
+                    value = epilogue(value, t, b.add(i, i64(r)), b.add(j, i64(v * lanes)), lanes, valid[v])
+                out.store(value, b.add(rows[r], i64(v * lanes)), valid[v])
 
     def kblock(offs, i0, i1, j0, j1, k0, kc, first, last):
-        """One K block of the item tile [i0:i1, j0:j1]: per column panel, pack b, then every row panel."""
-        a_off, b_off, y_off = offs
+        """One K block of the item tile [i0:i1, j0:j1] of batch item t: per column
+        panel, pack b, then every row panel."""
+        t, (a_off, b_off, y_off) = offs
 
         def panel(j, ncols):
             pack(b_off, k0, kc, j, ncols)
             lj = b.sub(j, j0)
             with loop(b, i0, imin(b, i1, M - M % MR), MR, name="i") as i:
-                micro(a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, first, last)
+                micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, first, last)
             if M % MR:
                 with b.if_then(b.icmp_signed("==", i1, i64(M))):
                     i = i64(M - M % MR)
-                    micro(a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last)
+                    micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last)
 
         with loop(b, j0, imin(b, j1, N - N % NRL), NRL, name="j") as j:
             panel(j, NRL)
@@ -324,7 +333,8 @@ def _gemm(k: Kernel, g: Geometry):
         t = b.udiv(item, i64(mblocks))
         nb = b.urem(t, i64(nblocks))
         i0, j0 = b.mul(mb, i64(MC)), b.mul(nb, i64(NC))
-        tile = (g.offsets(b, b.udiv(t, i64(nblocks))), i0, imin(b, b.add(i0, i64(MC)), M),
+        bt = b.udiv(t, i64(nblocks))
+        tile = ((bt, g.offsets(b, bt)), i0, imin(b, b.add(i0, i64(MC)), M),
                 j0, imin(b, b.add(j0, i64(NC)), N))
         kc_last = K - (nkb - 1) * KC
         if nkb == 1:
@@ -340,7 +350,7 @@ def _gemm(k: Kernel, g: Geometry):
 
 # --- GEMV (and few-row GEMM) ----------------------------------------------------------
 
-def _gemv(k: Kernel, g: Geometry):
+def _gemv(k: Kernel, g: Geometry, epilogue=None):
     """M <= STREAM_MAX_M: y[m, n] = sum_k a[m, k] * b[k, n], streaming KB rows of b
     at a time through f32 accumulator rows, one per row of a."""
     b = k.b
@@ -350,13 +360,13 @@ def _gemv(k: Kernel, g: Geometry):
     nblk = cdiv(N, block)
     span_blocks = max(1, GEMV_SPAN // M // block)
     span = span_blocks * block
-    A, B, Y = (Access(k, p, g.dtype, lanes) for p in k.args[:3])
-    Y1 = Access(k, k.args[2], g.dtype, 1)
+    A, B, Y = (Access(k, p, g.dtype, lanes) for p in (k.args[0], k.args[1], k.args[-1]))
+    Y1 = Access(k, k.args[-1], g.dtype, 1)
     acc = _stack_array(k, M * span, "acc")
     ACC, ACC1 = Access(k, acc, dt.f32, lanes), Access(k, acc, dt.f32, 1)
     zero = fconst(vtype(F32, lanes), 0.0)
 
-    def run(a_off, b_off, y_off, c0, c1):
+    def run(t, a_off, b_off, y_off, c0, c1):
         """acc[m, 0:c1-c0] = a[m, :] @ b[:, c0:c1]; then y[m, c0:c1] = acc[m]."""
         width = b.sub(c1, c0)
         vend = b.mul(b.udiv(width, i64(lanes)), i64(lanes))
@@ -390,10 +400,12 @@ def _gemv(k: Kernel, g: Geometry):
             rows(i64(kfull), K % GEMV_KB)
         for m in range(M):
             out = b.add(y_off, b.add(c0, i64(m * N)))
-            with loop(b, 0, vend, lanes, name="o") as c:
-                Y.store(ACC.load(b.add(c, i64(m * span))), b.add(out, c))
-            with loop(b, vend, width, name="ot") as c:
-                Y1.store(ACC1.load(b.add(c, i64(m * span))), b.add(out, c))
+            for lo, hi, step, acc_, y_, name in ((0, vend, lanes, ACC, Y, "o"), (vend, width, 1, ACC1, Y1, "ot")):
+                with loop(b, lo, hi, step, name=name) as c:
+                    value = acc_.load(b.add(c, i64(m * span)))
+                    if epilogue:
+                        value = epilogue(value, t, i64(m), b.add(c0, c), step)
+                    y_.store(value, b.add(out, c))
 
     # Consecutive items of one batch item are adjacent columns: take runs of up
     # to span_blocks of them at once, so each row segment read is long.
@@ -408,11 +420,12 @@ def _gemv(k: Kernel, g: Geometry):
     b.cbranch(b.icmp_signed("<", it, k.end), body, done)
     b.position_at_end(body)
     blk = b.urem(it, i64(nblk))
-    a_off, b_off, y_off = g.offsets(b, b.udiv(it, i64(nblk)))
+    t = b.udiv(it, i64(nblk))
+    a_off, b_off, y_off = g.offsets(b, t)
     nrun = imin(b, imin(b, b.sub(k.end, it), b.sub(i64(nblk), blk)), span_blocks)
     c0 = b.mul(blk, i64(block))
     c1 = imin(b, b.mul(b.add(blk, nrun), i64(block)), N)
-    run(a_off, b_off, y_off, c0, c1)
+    run(t, a_off, b_off, y_off, c0, c1)
     it.add_incoming(b.add(it, nrun), b.block)
     b.branch(head)
     b.position_at_end(done)

@@ -9,6 +9,8 @@ the compiler).  An artifact directory holds
     model.so         host: kernels + the ``sqk_model`` program table
     runner           riscv64: an executable (runtime + kernels)
     constants.bin    packed constants, 64-byte aligned, memory-mapped
+    report.json      the compile report (quantization, sparsity), when a
+                     pass made one: ``Module.report`` (``read_report``)
 """
 from __future__ import annotations
 
@@ -16,19 +18,26 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
+import types
+import time
 
 import numpy as np
 
 from ..ir import dtypes
 from ..ir.reference import check_inputs
+from .profile import Profile
 
 ARTIFACT_FORMAT = 1
 _NP = {d.name: d.np_dtype for d in dtypes.IO}  # dtypes a model takes and returns
 _ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "riscv64": "riscv64"}
+
+
+SQK_ERR_INDEX = 4  # runtime/sqk_runtime.h
 
 
 class SqkRuntimeError(RuntimeError):
@@ -124,6 +133,46 @@ def read_manifest(path: str) -> dict:
     return m
 
 
+class ArtifactReport(list):
+    """The compile report saved in an artifact (report.json, written by the
+    compiler's ``write_report``): the rows (dicts, JSON types) of every
+    reporting pass in pipeline order; ``get(pass_name)`` is one pass's rows
+    ("quantize", "sparsify", ...); ``format()`` the table compile() printed."""
+
+    def __init__(self, passes: list, text: str):
+        super().__init__(row for p in passes for row in p["rows"])
+        self.passes = passes
+        self.text = text
+
+    def get(self, pass_name: str) -> list | None:
+        rows = [row for p in self.passes if p["pass"] == pass_name for row in p["rows"]]
+        return rows if any(p["pass"] == pass_name for p in self.passes) else None
+
+    def format(self) -> str:
+        return self.text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def read_report(path: str, manifest: dict, verify: bool = True) -> ArtifactReport | None:
+    """The artifact's saved compile report (None when it has none)."""
+    entry = manifest.get("report")
+    if entry is None:
+        return None
+    rpath = os.path.join(path, str(entry.get("file", "")))
+    try:
+        if verify and sha256_file(rpath) != entry.get("sha256"):
+            raise ArtifactError(f"{rpath}: content hash does not match the manifest (corrupt or modified)")
+        with open(rpath) as f:
+            data = json.load(f)
+        return ArtifactReport(data["passes"], data["text"])
+    except OSError as e:
+        raise ArtifactError(f"{path}: report file {entry.get('file')!r} cannot be read ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{rpath}: corrupt report ({e!r})") from None
+
+
 class Module:
     """A compiled model.  Call it with keyword arrays: ``m(x=arr)`` returns an
     array (a tuple for several outputs)."""
@@ -134,7 +183,7 @@ class Module:
         self.manifest = m = read_manifest(self.path)
         _check_target(m["target"])
         self._keep = _keep  # a TemporaryDirectory owned by a freshly compiled module
-        self.report = None
+        self.report = read_report(self.path, m, verify)
         self.ir = None
         code = os.path.join(self.path, m["code"]["file"])
         consts = os.path.join(self.path, m["constants"]["file"])
@@ -150,6 +199,12 @@ class Module:
                     raise ArtifactError(f"{p}: content hash does not match the manifest (corrupt or modified)")
         self._in_specs = [(t["name"], _NP[t["dtype"]], tuple(t["shape"])) for t in m["inputs"]]
         self._out_specs = [(t["name"], _NP[t["dtype"]], tuple(t["shape"])) for t in m["outputs"]]
+        # State (compile(state=...)): inputs the Module keeps between calls, each
+        # updated by the run into its output (host: in place, in the same memory).
+        self._state = {s["input"]: s["output"] for s in m.get("state", [])}
+        self._state_of = {o: i for i, o in self._state.items()}
+        self.state = types.MappingProxyType(
+            {n: np.zeros(shape, dtype) for n, dtype, shape in self._in_specs if n in self._state})
         self._lock = threading.Lock()
         self.threads = threads if threads is not None else m.get("threads", 0)
         self.vlen = vlen or m["target"].get("vlen", 256)
@@ -178,13 +233,48 @@ class Module:
 
     # --- running ---------------------------------------------------------------
     def __call__(self, **inputs):
-        arrays = check_inputs(self._in_specs, inputs)
-        outs = [np.empty(shape, dtype) for _, dtype, shape in self._out_specs]
+        """Run on the non-state inputs; returns the non-state outputs.  State
+        arrays (``self.state``) are read and updated in place: on the host the
+        kernels work in their memory (no copy per call); riscv64 round-trips
+        them through the runner's files (a copy each way)."""
+        arrays = self._full_inputs(inputs)
+        outs = [self.state[self._state_of[name]] if name in self._state_of else np.empty(shape, dtype)
+                for name, dtype, shape in self._out_specs]
         if self.target == "host":
             self._run_host(list(arrays.values()), outs)
         else:
             outs = self._run_runner(arrays)
+            for (name, _, _), a in zip(self._out_specs, outs):
+                if name in self._state_of:
+                    self.state[self._state_of[name]][...] = a
+        outs = [a for (name, _, _), a in zip(self._out_specs, outs) if name not in self._state_of]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _full_inputs(self, inputs: dict) -> dict:
+        """Every program input in order: the checked call inputs and the state arrays."""
+        given = [n for n in inputs if n in self._state]
+        if given:
+            raise ValueError(f"input(s) {', '.join(given)} are state kept by the module between calls: write "
+                             f"m.state[{given[0]!r}][...] instead (m.reset_state() zeroes it)")
+        arrays = check_inputs([s for s in self._in_specs if s[0] not in self._state], inputs)
+        return {n: self.state[n] if n in self._state else arrays[n] for n, _, _ in self._in_specs}
+
+    def reset_state(self) -> None:
+        """Zero every state array (e.g. the KV caches, before a new sequence)."""
+        with self._lock:
+            for a in self.state.values():
+                a.fill(0)
+
+    def _index_hint(self, step: int, rc: int, inputs: dict) -> str:
+        """What an index error of kernel ``step`` means (its manifest entry), with
+        the values of the small model inputs it names as %name."""
+        kernels = self.manifest.get("kernels", [])
+        if rc != SQK_ERR_INDEX or not 0 <= step < len(kernels) or not kernels[step].get("index_error"):
+            return ""
+        text = kernels[step]["index_error"]
+        vals = [f"{n} = {np.asarray(inputs[n]).reshape(-1).tolist()}" for n in re.findall(r"%([A-Za-z0-9_.]+)", text)
+                if n in inputs and np.asarray(inputs[n]).size <= 8]
+        return ": " + text + (f" (got {', '.join(vals)})" if vals else "")
 
     def _load_native(self):
         from .ffi import load_runtime, program_from_library
@@ -203,16 +293,20 @@ class Module:
 
     def _run_host(self, ins, outs):
         with self._lock:
-            if self._native is None:
-                self._load_native()
-            ffi, lib, _, prog, consts, ctx = self._native
-            in_ptrs = ffi.new("void *[]", [ffi.from_buffer(a) for a in ins] or [ffi.NULL])
-            out_ptrs = ffi.new("void *[]", [ffi.from_buffer(a, require_writable=True) for a in outs] or [ffi.NULL])
-            rc = lib.sqk_run(ctx, prog, in_ptrs, out_ptrs, ffi.from_buffer(consts), len(consts))
-            if rc != 0:
-                step = lib.sqk_context_error_step(ctx)
-                where = ffi.string(prog.steps[step].name).decode() if 0 <= step < prog.n_steps else "runtime"
-                raise SqkRuntimeError(f"{where}: {ffi.string(lib.sqk_error_string(rc)).decode()} (code {rc})")
+            self._run_host_locked(ins, outs)
+
+    def _run_host_locked(self, ins, outs):
+        if self._native is None:
+            self._load_native()
+        ffi, lib, _, prog, consts, ctx = self._native
+        in_ptrs = ffi.new("void *[]", [ffi.from_buffer(a) for a in ins] or [ffi.NULL])
+        out_ptrs = ffi.new("void *[]", [ffi.from_buffer(a, require_writable=True) for a in outs] or [ffi.NULL])
+        rc = lib.sqk_run(ctx, prog, in_ptrs, out_ptrs, ffi.from_buffer(consts), len(consts))
+        if rc != 0:
+            step = lib.sqk_context_error_step(ctx)
+            where = ffi.string(prog.steps[step].name).decode() if 0 <= step < prog.n_steps else "runtime"
+            raise SqkRuntimeError(f"{where}: {ffi.string(lib.sqk_error_string(rc)).decode()} (code {rc})"
+                                  + self._index_hint(step, rc, dict(zip(self.input_names, ins))))
 
     def runner_command(self) -> list[str]:
         """The command that runs this riscv64 artifact's runner here (qemu-user unless native)."""
@@ -224,9 +318,11 @@ class Module:
             else "rv64,v=false") + ("," + self.qemu_options if self.qemu_options else "")
         return [qemu_binary(), "-cpu", cpu, "-L", "/usr/riscv64-linux-gnu", runner]
 
-    def _run_runner(self, arrays):
+    def _run_runner(self, arrays, extra=(), stdout=None):
+        """Run the riscv64 runner on ``arrays``; returns the outputs.  ``extra``
+        runner options; ``stdout``, a list, receives the runner's stdout."""
         with tempfile.TemporaryDirectory(prefix="sqk-run-") as tmp:
-            cmd = self.runner_command() + ["--consts", self._consts_path, "--output-dir", tmp]
+            cmd = self.runner_command() + ["--consts", self._consts_path, "--output-dir", tmp, *extra]
             if self.threads:
                 cmd += ["--threads", str(self.threads)]
             for name, a in arrays.items():
@@ -239,7 +335,11 @@ class Module:
                 raise SqkRuntimeError(f"cannot start the riscv64 runner ({e}): apt-get install qemu-user") from None
             if r.returncode != 0:
                 msg = (r.stderr.strip() or r.stdout.strip() or f"exit code {r.returncode}").splitlines()[-1]
-                raise SqkRuntimeError(f"riscv64 runner failed: {msg}")
+                step = re.search(r"step (\d+) .*\(code (\d+)\)", msg)
+                hint = self._index_hint(int(step[1]), int(step[2]), arrays) if step else ""
+                raise SqkRuntimeError(f"riscv64 runner failed: {msg}{hint}")
+            if stdout is not None:
+                stdout.append(r.stdout)
             outs = []
             for name, dtype, shape in self._out_specs:
                 a = np.load(os.path.join(tmp, f"{name}.npy"), allow_pickle=False)
@@ -247,6 +347,75 @@ class Module:
                     raise SqkRuntimeError(f"runner wrote {name} as {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}")
                 outs.append(a)
             return outs
+
+    # --- profiling ---------------------------------------------------------------
+    def profile(self, runs: int = 10, warmup: int = 1, **inputs) -> Profile:
+        """Run the model ``runs`` times (after ``warmup`` untimed runs) with the
+        runtime's per-kernel timer on; return a Profile: per kernel its calls,
+        median ms, bytes and FLOPs (from the manifest) and the rates.  The timer
+        is turned off again afterwards.  riscv64 runs ``runs + warmup`` times in
+        one runner process (``--runs --profile``): emulated times under qemu."""
+        if runs < 1 or warmup < 0:
+            raise ValueError(f"profile needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+        arrays = self._full_inputs(inputs)  # state arrays are updated by every run
+        kernels = self.manifest["kernels"]
+        if self.target == "host":
+            per_run, calls, wall, threads = self._profile_host(list(arrays.values()), runs, warmup)
+        else:
+            per_run, calls, wall, threads = self._profile_runner(arrays, runs, warmup)
+        if len(calls) != len(kernels):
+            raise ArtifactError(f"{self.path}: the code has {len(calls)} kernels, the manifest {len(kernels)}")
+        return Profile.from_times(kernels, per_run, calls, threads=threads, target=self.target, wall_s=wall)
+
+    def _profile_host(self, ins, runs, warmup):
+        outs = [np.empty(shape, dtype) for _, dtype, shape in self._out_specs]
+        with self._lock:  # the whole profile: another thread's call would count too
+            for _ in range(warmup):
+                self._run_host_locked(ins, outs)
+            if self._native is None:  # no warm-up ran
+                self._load_native()
+            ffi, lib, _, prog, _, ctx = self._native
+            n = prog.n_steps
+            sp = ffi.new("sqk_step_profile *")
+            if lib.sqk_set_profile(ctx, 1) != 0:
+                raise SqkRuntimeError("could not turn the runtime's profile on")
+            try:
+                prev, per_run, wall = [0] * n, [], []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    self._run_host_locked(ins, outs)
+                    wall.append(time.perf_counter() - t0)
+                    row = []
+                    for i in range(n):
+                        lib.sqk_profile(ctx, i, sp)
+                        row.append(sp.ns - prev[i])
+                        prev[i] = sp.ns
+                    per_run.append(row)
+                calls = []
+                for i in range(n):
+                    lib.sqk_profile(ctx, i, sp)
+                    calls.append(sp.calls)
+            finally:
+                lib.sqk_set_profile(ctx, 0)
+            return per_run, calls, wall, lib.sqk_context_threads(ctx)
+
+    def _profile_runner(self, arrays, runs, warmup):
+        out: list[str] = []
+        t0 = time.perf_counter()
+        self._run_runner(arrays, extra=["--runs", str(runs + warmup), "--profile"], stdout=out)
+        wall = [(time.perf_counter() - t0) / (runs + warmup)]
+        times: dict[int, dict[int, int]] = {}
+        for line in out[0].splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[0] == "profile":
+                times.setdefault(int(parts[1]), {})[int(parts[2])] = int(parts[3])
+        n = len(self.manifest["kernels"])
+        per_run = [[times[r].get(i, 0) for i in range(n)] for r in sorted(times) if r >= warmup]
+        if len(per_run) != runs:
+            raise SqkRuntimeError(f"riscv64 runner printed a profile of {len(per_run)} runs, expected {runs}")
+        calls = [sum(i in times[r] for r in sorted(times) if r >= warmup) for i in range(n)]
+        threads = int(self.threads or os.environ.get("SQK_NUM_THREADS") or os.cpu_count() or 1)
+        return per_run, calls, wall, threads
 
     # --- saving --------------------------------------------------------------------
     def save(self, path: str) -> None:

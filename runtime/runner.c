@@ -6,7 +6,11 @@
  * files so that the Python side can drive it with plain files:
  *
  *   runner [--consts FILE] [--input NAME=FILE.npy ...] [--output-dir DIR]
- *          [--threads N] [--info] [--help]
+ *          [--threads N] [--runs N] [--profile] [--info] [--help]
+ *
+ * --profile prints, after each run, one line per step on stdout:
+ *   profile RUN STEP NS NAME
+ * (run and step from 0, NS the step's wall time in ns; see sqk_set_profile).
  *
  * Exit codes: 0 ok, 2 usage or input error, 3 runtime error (including out of
  * memory and I/O errors while writing outputs), 4 missing CPU feature.
@@ -292,6 +296,43 @@ static void *read_consts(const char *path, int64_t want) {
     return data;
 }
 
+/* The string value of the first "key": "..." in a JSON text (no escapes in the
+ * values looked up here), copied into out; 0 when absent. */
+static int json_string(const char *text, const char *key, char *out, size_t cap) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": \"", key);
+    const char *at = strstr(text, pat);
+    if (!at) return 0;
+    at += strlen(pat);
+    size_t n = 0;
+    while (at[n] && at[n] != '"' && n + 1 < cap) n++;
+    memcpy(out, at, n);
+    out[n] = 0;
+    return 1;
+}
+
+/* A manifest.json beside the constants file must describe this runner's model:
+ * a riscv64 artifact of the same name.  (A host artifact's constants can have
+ * the right size; its manifest tells it apart.) */
+static void check_manifest(const char *consts_path, const sqk_program *p) {
+    char path[4096];
+    const char *slash = strrchr(consts_path, '/');
+    int dir = slash ? (int)(slash - consts_path) : 1;
+    snprintf(path, sizeof path, "%.*s/manifest.json", dir, slash ? consts_path : ".");
+    FILE *f = fopen(path, "rb");
+    if (!f) return;  /* constants given without their artifact directory: the size check stands alone */
+    static char text[1 << 16];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = 0;
+    char triple[128], name[256];
+    if (json_string(text, "triple", triple, sizeof triple) && strncmp(triple, "riscv64", 7) != 0)
+        die(EXIT_USAGE, "%s describes an artifact for %s, not riscv64: this runner cannot use its constants "
+            "(load that artifact with sqk on its own machine)", path, triple);
+    if (json_string(text, "name", name, sizeof name) && strcmp(name, p->name) != 0)
+        die(EXIT_USAGE, "%s describes model '%s', this runner holds model '%s'", path, name, p->name);
+}
+
 /* ---- CPU features ---- */
 
 #if defined(__riscv)
@@ -365,7 +406,7 @@ static void print_info(void) {
 static void print_help(const char *argv0) {
     const sqk_program *p = &sqk_model;
     printf("usage: %s [--consts FILE] [--input NAME=FILE.npy ...] [--output-dir DIR]\n"
-           "       %*s [--threads N] [--info] [--help]\n\n",
+           "       %*s [--threads N] [--runs N] [--profile] [--info] [--help]\n\n",
            argv0, (int)strlen(argv0), "");
     printf("Runs the sqk model '%s': reads every input from a NumPy .npy file\n"
            "(little-endian, C order, format 1.0/2.0/3.0), runs the model and writes each\n"
@@ -376,6 +417,8 @@ static void print_help(const char *argv0) {
     printf("  --input NAME=FILE  one per model input, each exactly once\n"
            "  --output-dir DIR   where outputs are written (default: current directory)\n"
            "  --threads N        worker threads (default 0: $SQK_NUM_THREADS or all CPUs)\n"
+           "  --runs N           run the model N times (default 1); outputs are the last run's\n"
+           "  --profile          after each run print 'profile RUN STEP NS NAME' per step\n"
            "  --info             print the model's inputs, outputs and sizes, then exit\n\n"
            "Exit codes: 0 ok, 2 usage/input error, 3 runtime error, 4 missing CPU feature.\n\n");
     print_tensors(stdout, "input", p->inputs, p->n_inputs);
@@ -396,8 +439,8 @@ static void output_path(char *buf, size_t size, const char *dir, const char *nam
 int main(int argc, char **argv) {
     const sqk_program *p = &sqk_model;
     const char *consts_path = NULL, *out_dir = ".";
-    long long threads = 0;
-    int info = 0;
+    long long threads = 0, runs = 1;
+    int info = 0, profile = 0;
     /* inputs given on the command line, by model input index */
     const char **in_path = calloc((size_t)(p->n_inputs > 0 ? p->n_inputs : 1), sizeof *in_path);
     if (!in_path) die(EXIT_RUNTIME, "out of memory");
@@ -420,8 +463,12 @@ int main(int argc, char **argv) {
             info = 1;
             continue;
         }
+        if (strcmp(opt, "--profile") == 0) {
+            profile = 1;
+            continue;
+        }
         if (strcmp(opt, "--consts") && strcmp(opt, "--input") && strcmp(opt, "--output-dir") &&
-            strcmp(opt, "--threads"))
+            strcmp(opt, "--threads") && strcmp(opt, "--runs"))
             die(EXIT_USAGE, "unknown option '%s' (see --help)", arg);
         if (eq) val = eq + 1;
         else if (i + 1 < argc) val = argv[++i];
@@ -437,6 +484,12 @@ int main(int argc, char **argv) {
             threads = strtoll(val, &end, 10);
             if (errno || *val == '\0' || *end != '\0' || threads < 0)
                 die(EXIT_USAGE, "--threads needs a number >= 0, got '%s'", val);
+        } else if (strcmp(opt, "--runs") == 0) {
+            char *end;
+            errno = 0;
+            runs = strtoll(val, &end, 10);
+            if (errno || *val == '\0' || *end != '\0' || runs < 1)
+                die(EXIT_USAGE, "--runs needs a number >= 1, got '%s'", val);
         } else { /* --input NAME=FILE */
             const char *sep = strchr(val, '=');
             if (!sep || sep == val) die(EXIT_USAGE, "--input needs NAME=FILE.npy, got '%s'", val);
@@ -474,6 +527,7 @@ int main(int argc, char **argv) {
     if (p->const_bytes > 0 && !consts_path)
         die(EXIT_USAGE, "the model needs its constants file (%" PRId64 " bytes): give --consts FILE", p->const_bytes);
 
+    if (consts_path) check_manifest(consts_path, p);
     void *consts = consts_path ? read_consts(consts_path, p->const_bytes) : NULL;
     void **inputs = calloc((size_t)(p->n_inputs > 0 ? p->n_inputs : 1), sizeof *inputs);
     void **outputs = calloc((size_t)(p->n_outputs > 0 ? p->n_outputs : 1), sizeof *outputs);
@@ -486,7 +540,20 @@ int main(int argc, char **argv) {
 
     sqk_context *ctx = sqk_context_new((int64_t)threads);
     if (!ctx) die(EXIT_RUNTIME, "could not start the thread pool (%s)", sqk_error_string(SQK_ERR_THREADS));
-    int32_t rc = sqk_run(ctx, p, inputs, outputs, consts, p->const_bytes);
+    int32_t rc = profile ? sqk_set_profile(ctx, 1) : SQK_OK;
+    int64_t *prev_ns = calloc((size_t)(p->n_steps > 0 ? p->n_steps : 1), sizeof *prev_ns);
+    if (!prev_ns) die(EXIT_RUNTIME, "out of memory");
+    for (long long r = 0; r < runs && rc == SQK_OK; r++) {
+        rc = sqk_run(ctx, p, inputs, outputs, consts, p->const_bytes);
+        for (int64_t i = 0; profile && rc == SQK_OK && i < p->n_steps; i++) {
+            sqk_step_profile sp;
+            sqk_profile(ctx, i, &sp);
+            printf("profile %lld %" PRId64 " %" PRId64 " %s\n", r, i, sp.ns - prev_ns[i],
+                   p->steps[i].name ? p->steps[i].name : "?");
+            prev_ns[i] = sp.ns;
+        }
+    }
+    free(prev_ns);
     if (rc != SQK_OK) {
         int64_t step = sqk_context_error_step(ctx);
         sqk_context_free(ctx); /* join the pool before exiting */

@@ -65,6 +65,11 @@ struct sqk_context {
     int64_t bufptr_cap;
     void **argv; /* args of the current step */
     int64_t argv_cap;
+
+    /* Profile (sqk_set_profile): counters per step, grown to the program run. */
+    int profile;
+    sqk_step_profile *prof;
+    int64_t prof_cap;
 };
 
 /* ---- chunk execution, shared by the caller and the pool threads ---- */
@@ -203,6 +208,7 @@ void sqk_context_free(sqk_context *ctx) {
     free(ctx->arena);
     free(ctx->bufptr);
     free(ctx->argv);
+    free(ctx->prof);
     free(ctx);
 }
 
@@ -337,6 +343,31 @@ static int32_t run_step(sqk_context *ctx, const sqk_step *s) {
     return atomic_load(&ctx->error);
 }
 
+/* Resolve one step's arguments and run it; range <= 0 skips it. */
+static int32_t exec_step(sqk_context *ctx, const sqk_program *prog, const sqk_step *s) {
+    if (s->range <= 0) return SQK_OK; /* zero-size range: nothing to do */
+    if (!s->fn || s->n_args < 0 || (s->n_args > 0 && !s->args)) return SQK_ERR_ARGS;
+    int32_t rc = grow_ptrs(&ctx->argv, &ctx->argv_cap, s->n_args);
+    if (rc != SQK_OK) return rc;
+    for (int64_t j = 0; j < s->n_args; j++) {
+        int64_t id = s->args[j];
+        if (id < 0 || id >= prog->n_buffers) return SQK_ERR_ARGS;
+        ctx->argv[j] = ctx->bufptr[id];
+    }
+    return run_step(ctx, s);
+}
+
+/* Grow the profile counters to n steps, keeping the old ones, zeroing the new. */
+static int32_t grow_profile(sqk_context *ctx, int64_t n) {
+    if (n <= ctx->prof_cap) return SQK_OK;
+    sqk_step_profile *p = realloc(ctx->prof, (size_t)n * sizeof *p);
+    if (!p) return SQK_ERR_NOMEM;
+    memset(p + ctx->prof_cap, 0, (size_t)(n - ctx->prof_cap) * sizeof *p);
+    ctx->prof = p;
+    ctx->prof_cap = n;
+    return SQK_OK;
+}
+
 static int32_t run_program(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
                            void *const *outputs, const void *consts, int64_t const_bytes) {
     if (!prog) return SQK_ERR_ARGS;
@@ -355,18 +386,22 @@ static int32_t run_program(sqk_context *ctx, const sqk_program *prog, void *cons
     if ((rc = grow_ptrs(&ctx->bufptr, &ctx->bufptr_cap, prog->n_buffers)) != SQK_OK) return rc;
     if ((rc = resolve_buffers(ctx, prog, inputs, outputs, consts)) != SQK_OK) return rc;
 
+    sqk_step_profile *prof = NULL;
+    if (ctx->profile) {
+        if ((rc = grow_profile(ctx, prog->n_steps)) != SQK_OK) return rc;
+        prof = ctx->prof;
+    }
     for (int64_t i = 0; i < prog->n_steps; i++) {
-        const sqk_step *s = &prog->steps[i];
         ctx->error_step = i; /* stays set only if this step fails */
-        if (s->range <= 0) continue; /* zero-size range: nothing to do */
-        if (!s->fn || s->n_args < 0 || (s->n_args > 0 && !s->args)) return SQK_ERR_ARGS;
-        if ((rc = grow_ptrs(&ctx->argv, &ctx->argv_cap, s->n_args)) != SQK_OK) return rc;
-        for (int64_t j = 0; j < s->n_args; j++) {
-            int64_t id = s->args[j];
-            if (id < 0 || id >= prog->n_buffers) return SQK_ERR_ARGS;
-            ctx->argv[j] = ctx->bufptr[id];
+        if (!prof) { /* the only cost of the profile when it is off */
+            rc = exec_step(ctx, prog, &prog->steps[i]);
+        } else {
+            int64_t t0 = now_ns();
+            rc = exec_step(ctx, prog, &prog->steps[i]);
+            prof[i].ns += now_ns() - t0;
+            prof[i].calls++;
         }
-        if ((rc = run_step(ctx, s)) != SQK_OK) return rc;
+        if (rc != SQK_OK) return rc;
     }
     ctx->error_step = -1;
     return SQK_OK;
@@ -382,6 +417,22 @@ int32_t sqk_run(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
     if (rc == SQK_OK) ctx->error_step = -1;
     atomic_flag_clear(&ctx->busy);
     return rc;
+}
+
+int32_t sqk_set_profile(sqk_context *ctx, int64_t on) {
+    if (!ctx) return SQK_ERR_ARGS;
+    if (atomic_flag_test_and_set(&ctx->busy)) return SQK_ERR_ARGS; /* a run reads the flag */
+    if (on && ctx->prof_cap > 0) memset(ctx->prof, 0, (size_t)ctx->prof_cap * sizeof *ctx->prof);
+    ctx->profile = on != 0;
+    atomic_flag_clear(&ctx->busy);
+    return SQK_OK;
+}
+
+int32_t sqk_profile(const sqk_context *ctx, int64_t step, sqk_step_profile *out) {
+    if (!ctx || !out || step < 0) return SQK_ERR_ARGS;
+    if (step < ctx->prof_cap) *out = ctx->prof[step];
+    else out->calls = out->ns = 0;
+    return SQK_OK;
 }
 
 /* ---- f16 conversion helpers for riscv64 ----

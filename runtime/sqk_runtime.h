@@ -105,6 +105,24 @@ int32_t sqk_run(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
                 void *const *outputs, const void *consts, int64_t const_bytes);
 int64_t sqk_context_error_step(const sqk_context *ctx);
 const char *sqk_error_string(int32_t code);
+
+/* Per-step profile: the wall time of each step of sqk_run (monotonic clock around
+ * the whole step: dispatch to the pool, every chunk, the wait for the last one).
+ * Off by default; when off, a step costs one predictable branch more, nothing per
+ * work item. A step skipped for range <= 0 counts a call of 0 ns. */
+typedef struct {
+    int64_t calls;               /* runs of the step since profiling was turned on */
+    int64_t ns;                  /* their summed wall time */
+} sqk_step_profile;
+
+/* on != 0: turn profiling on and zero every counter; 0: turn it off (counters kept).
+ * SQK_ERR_ARGS while a run is in progress on ctx. With it on, sqk_run grows the
+ * counters to the program's step count (SQK_ERR_NOMEM if it cannot). */
+int32_t sqk_set_profile(sqk_context *ctx, int64_t on);
+/* Counters of step `step` (of the programs run since profiling was turned on) into
+ * *out: zeros for a step never timed; SQK_ERR_ARGS for NULL or step < 0. Read
+ * between runs (the run's thread updates them without synchronization). */
+int32_t sqk_profile(const sqk_context *ctx, int64_t step, sqk_step_profile *out);
 /* cdef-end */
 
 #ifdef __cplusplus

@@ -1,0 +1,320 @@
+"""The ``fused`` op: one kernel for a whole sub-graph (made by the ``fuse`` pass).
+
+Four shapes of body, told apart by :func:`body_kind`, the one predicate the
+pass and this emitter share (the pass fuses nothing this module cannot emit):
+
+* ``"map"``: elementwise ops only (unary, binary with broadcasting, gelu,
+  cast), every node's result of the body's output shape.  One ``emit_map``
+  loop loads each body input once per element through its broadcast view and
+  composes the nodes' per-vector ScalarFns: intermediates stay in registers.
+* ``"matmul"``: a dense f32/f16 matmul, then elementwise nodes of its result's
+  shape and dtype (bias add, activation, residual add, scale, mask ...).  The
+  matmul kernel applies them to each output tile before its store (the
+  ``epilogue`` hook of codegen/matmul.py).  Other inputs of the epilogue are
+  read at (batch item, row, column) of the result: a view must step by a
+  fixed stride along the (folded) rows, and the batch dims must not be folded
+  into rows unless the view is linear over them.
+* ``"conv2d"``: conv2d then unary elementwise nodes (relu ...), applied to each
+  output vector before its store (the ``epilogue`` hook of codegen/conv.py).
+* ``"attention"``: matmul(q, kt), an elementwise epilogue (scale, mask),
+  softmax over the last axis, matmul with v: f32, at most ATTENTION_MAX_T
+  keys.  One work item per query row keeps its scores on the stack.
+
+Semantics are the unfused ones exactly: an f16 intermediate is rounded to f16
+where the unfused graph would have stored it.
+"""
+from __future__ import annotations
+
+import math
+
+from llvmlite import ir
+
+from ..ir import dtypes as dt
+from ..ir.graph import Graph, Node
+from ..ir.ops import BINARY, UNARY
+from .elementwise import (ScalarFn, View, binary_fn, broadcast_view, cast_fn, contiguous_strides, emit_map, f_gelu,
+                          unary_fn)
+from .kernel import F16, F32, Kernel, i64, splat, vtype
+from .lower import UnsupportedOp, emitter
+from .matmul import Access, Geometry, emit_matmul
+
+ANCHORS = ("matmul", "conv2d")
+
+
+def scalar_fn(n: Node) -> ScalarFn | None:
+    """The per-vector function of an elementwise node, or None when ``n`` is
+    not one the fused map can compose."""
+    if len(n.outputs) != 1 or not n.inputs:
+        return None
+    d = n.inputs[0].dtype
+    try:
+        if n.op in UNARY and len(n.inputs) == 1:
+            return unary_fn(n.op, d)
+        if n.op in BINARY and len(n.inputs) == 2:
+            return binary_fn(n.op, d)
+    except KeyError:  # an op of the IR the elementwise tables do not have
+        return None
+    if n.op == "gelu":
+        approximate = n.attrs["approximate"]
+        return lambda k, v, lanes: f_gelu(k, v[0], lanes, approximate)
+    if n.op == "cast":
+        return cast_fn(d, n.attrs["to"])
+    return None
+
+
+def is_elementwise(n: Node) -> bool:
+    return scalar_fn(n) is not None
+
+
+def body_kind(body: Graph) -> str | None:
+    """"map", "matmul", "conv2d" or "attention" when :func:`emit_fused` computes
+    ``body`` in one kernel (see the module docstring), else None."""
+    if len(body.outputs) != 1 or not body.nodes or any(len(n.outputs) != 1 for n in body.nodes):
+        return None
+    first = body.nodes[0]
+    if len(body.nodes) >= 3 and first.op == "matmul" and body.nodes[-2].op == "softmax":
+        return "attention" if _attention_ok(body) else None
+    if first.op not in ANCHORS:
+        shape = body.outputs[0].shape
+        if all(is_elementwise(n) and n.output.shape == shape for n in body.nodes):
+            return "map"
+        return None
+    # the anchor reads the body's first inputs in order; the rest is its epilogue
+    if tuple(body.inputs[:len(first.inputs)]) != first.inputs or len(set(first.inputs)) != len(first.inputs):
+        return None
+    y = first.output
+    rest = body.nodes[1:]
+    if any(not is_elementwise(n) or n.output.type != y.type for n in rest):
+        return None
+    if first.op == "matmul":
+        if first.attrs["sparse"] != "dense" or y.dtype not in dt.FLOATS:
+            return None
+        g = Geometry(first)
+        extra = [v for v in body.inputs if any(v in n.inputs for n in rest)]
+        return "matmul" if all(_epilogue_strides(g.out_batch, y.shape, v.type) is not None for v in extra) else None
+    # conv2d: unary nodes on the running value only (no other inputs per element)
+    if y.dtype in dt.FLOATS and all(len(n.inputs) == 1 and n.inputs[0] not in body.inputs for n in rest):
+        return "conv2d"
+    return None
+
+
+def _epilogue_strides(batch, out_shape, t) -> tuple | None:
+    """(per batch dim strides, row stride, column stride) in elements of a body
+    input of type ``t`` read at (batch item, row, column) of a matmul result of
+    ``out_shape``, whose kernel walks the batch dims ``batch`` (() when it
+    folds them into rows: Geometry.out_batch), or None when folded rows do
+    not step by one stride."""
+    st = broadcast_view(0, t, out_shape).strides
+    if len(out_shape) < 2:
+        return None
+    if batch or len(out_shape) == 2:
+        return tuple(st[:-2]), st[-2], st[-1]
+    # the batch dims were folded into M: row r of the folded [M', N] must sit at r * stride
+    dims = [(d, s) for d, s in zip(out_shape[:-1], st[:-1]) if d != 1]
+    row = dims[-1][1] if dims else 0
+    acc = row
+    for d, s in reversed(dims):
+        if s != acc:
+            return None
+        acc = s * d
+    return (), row, st[-1]
+
+
+# --- evaluation of the body's elementwise nodes -------------------------------------------
+
+def _round(b, x, d: dt.DType, n: int):
+    """Round an f32 value to d's precision (f16: the unfused graph stores it)."""
+    if d is not dt.f16:
+        return x
+    return b.fpext(b.fptrunc(x, vtype(F16, n)), vtype(F32, n))
+
+
+def evaluate(k: Kernel, nodes, env: dict, n: int):
+    """Run ``nodes`` on compute-type values (``env``: value -> LLVM value, updated)."""
+    for node in nodes:
+        env[node.output] = _round(k.b, scalar_fn(node)(k, [env[v] for v in node.inputs], n), node.output.dtype, n)
+    return env
+
+
+# --- emitter ---------------------------------------------------------------------------------
+
+@emitter("fused")
+def emit_fused(k: Kernel, node: Node):
+    body = node.attrs["body"]
+    kind = body_kind(body)
+    if kind is None:
+        raise UnsupportedOp(f"fused body @{body.name} ({', '.join(n.op for n in body.nodes)}) is not a "
+                            f"kernel the fused emitter can make in one piece")
+    if kind == "map":
+        return _emit_map(k, body)
+    if kind == "matmul":
+        return _emit_matmul(k, body)
+    if kind == "attention":
+        return _emit_attention(k, body)
+    return _emit_conv(k, body)
+
+
+def _emit_map(k: Kernel, body: Graph):
+    out = body.outputs[0]
+    views = [broadcast_view(i, v.type, out.shape) for i, v in enumerate(body.inputs)]
+
+    def fn(k_, vals, n):
+        return evaluate(k_, body.nodes, dict(zip(body.inputs, vals)), n)[out]
+
+    return emit_map(k, out.shape, View(len(body.inputs), out.dtype, 0, contiguous_strides(out.shape)), views, fn)
+
+
+def _epilogue(k: Kernel, body: Graph, batch, y, nodes, result):
+    """``epilogue(value, t, row, col, n, valid=None)``: ``result`` of the elementwise
+    ``nodes`` at (batch item t, row, col .. col+n) of the matmul result ``y``
+    (f32 ``value``), reading the other body inputs there (see _epilogue_strides)."""
+    extra = [(i, v, _epilogue_strides(batch, y.shape, v.type)) for i, v in enumerate(body.inputs)
+             if any(v in n.inputs for n in nodes)]
+
+    def epilogue(value, t, row, col, n, valid=None):
+        b = k.b
+        env = {y: _round(b, value, y.dtype, n)}
+        for i, v, (bst, rst, cst) in extra:
+            index = _batch_offset(b, batch, t, bst)
+            if rst:
+                index = b.add(index, b.mul(row, i64(rst)))
+            if cst:
+                env[v] = Access(k, k.args[i], v.dtype, n).load(b.add(index, col), valid)
+            else:
+                x = Access(k, k.args[i], v.dtype, 1).load(index)
+                env[v] = splat(b, x, n) if n > 1 else x
+        return evaluate(k, nodes, env, n)[result]
+
+    return epilogue
+
+
+def _emit_matmul(k: Kernel, body: Graph):
+    mm = body.nodes[0]
+    epilogue = _epilogue(k, body, Geometry(mm).out_batch, mm.output, body.nodes[1:], body.outputs[0])
+    return emit_matmul(k, mm, epilogue=epilogue)
+
+
+def _batch_offset(b: ir.IRBuilder, batch, t, strides):
+    """Element offset of batch item ``t`` (an i64) over the dims ``batch`` in a
+    view with per-batch-dim ``strides``."""
+    off, rem = i64(0), t
+    for d in reversed(range(len(batch))):
+        size = batch[d]
+        idx = b.urem(rem, i64(size)) if d else rem
+        rem = b.udiv(rem, i64(size)) if d else rem
+        if strides[d]:
+            off = b.add(off, b.mul(idx, i64(strides[d])))
+    return off
+
+
+def _emit_conv(k: Kernel, body: Graph):
+    from .conv import emit_conv2d
+
+    conv, rest = body.nodes[0], body.nodes[1:]
+
+    def epilogue(value, n):
+        return evaluate(k, rest, {conv.output: _round(k.b, value, conv.output.dtype, n)}, n)[body.outputs[0]]
+
+    return emit_conv2d(k, conv, epilogue=epilogue)
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+def _attention_ok(body: Graph) -> bool:
+    """matmul(q, kt) -> elementwise epilogue -> softmax(last axis) -> matmul(., v) in
+    f32, q, kt and v with the same batch dims, at most ATTENTION_MAX_T keys."""
+    nodes = body.nodes
+    mm1, rest, sm, mm2 = nodes[0], nodes[1:-2], nodes[-2], nodes[-1]
+    if mm2.op != "matmul" or mm2.inputs[0] is not sm.output or len(body.outputs) != 1 or \
+            body.outputs[0] is not mm2.output:
+        return False
+    q, kt = mm1.inputs
+    v = mm2.inputs[1]
+    if tuple(body.inputs[:2]) != (q, kt) or q is kt or v not in body.inputs:
+        return False
+    y = mm1.output
+    batch = q.shape[:-2]
+    if not (y.dtype is dt.f32 and q.type.rank == kt.type.rank == v.type.rank and kt.shape[:-2] == batch
+            and v.shape[:-2] == batch and v.shape[-2] == kt.shape[-1] and 1 <= kt.shape[-1] <= ATTENTION_MAX_T
+            and mm1.attrs["sparse"] == mm2.attrs["sparse"] == "dense"):
+        return False
+    if sm.attrs["axis"] % y.type.rank != y.type.rank - 1 or sm.inputs[0] is not (rest[-1].output if rest else y):
+        return False
+    if any(not is_elementwise(n) or n.output.type != y.type for n in rest):
+        return False
+    extra = [x for x in body.inputs if any(x in n.inputs for n in rest)]
+    return all(_epilogue_strides(batch, y.shape, x.type) is not None for x in extra)
+
+
+# Keys per query row the attention kernel holds (scores on the stack): short sequences.
+ATTENTION_MAX_T = 256
+
+
+def _emit_attention(k: Kernel, body: Graph):
+    """One work item per query row (batch item, m): scores[j] = q[m, :] . kt[:, j]
+    (vectors over j), the epilogue, softmax, then out[m, :] = sum_j p[j] * v[j, :]
+    (vectors over the columns of v)."""
+    from .elementwise import f_exp
+    from .kernel import call_intrinsic, fconst, fold_loop, loop
+    from .matmul import MIN_PARALLEL_FMAS, _grain, _stack_array, cdiv, fma
+
+    mm1, rest, sm, mm2 = body.nodes[0], body.nodes[1:-2], body.nodes[-2], body.nodes[-1]
+    q, kt, v = mm1.inputs[0].type, mm1.inputs[1].type, mm2.inputs[1].type
+    batch = q.shape[:-2]
+    M, D, T, E = q.shape[-2], q.shape[-1], kt.shape[-1], v.shape[-1]
+    items = math.prod(batch) * M
+    if items * E == 0:
+        k.finish()
+        return 0, 1
+    b = k.b
+    lanes = k.target.lanes(32)
+    Q1 = Access(k, k.args[0], dt.f32, 1)
+    KT = Access(k, k.args[1], dt.f32, lanes)
+    V = Access(k, k.args[body.inputs.index(mm2.inputs[1])], dt.f32, lanes)
+    O = Access(k, k.args[-1], dt.f32, lanes)
+    scores = _stack_array(k, cdiv(T, lanes) * lanes, "scores")
+    S, S1 = Access(k, scores, dt.f32, lanes), Access(k, scores, dt.f32, 1)
+    epilogue = _epilogue(k, body, batch, mm1.output, rest, sm.inputs[0])
+    zero = fconst(vtype(F32, lanes), 0.0)
+
+    def blocks(n, block):
+        """block(j, valid) over [0, n) in vectors: a loop of whole ones, then the tail."""
+        with loop(b, 0, n - n % lanes, lanes, name="blk") as j:
+            block(j, None)
+        if n % lanes:
+            block(i64(n - n % lanes), n % lanes)
+
+    with loop(b, k.begin, k.end, name="row") as item:
+        bt, m = b.udiv(item, i64(M)), b.urem(item, i64(M))
+        q_row, kt_off = b.mul(item, i64(D)), b.mul(bt, i64(D * T))
+        v_off, o_row = b.mul(bt, i64(T * E)), b.mul(item, i64(E))
+
+        def score(j, valid):
+            def step(d, acc):
+                x = Q1.load(b.add(q_row, d))
+                kv = KT.load(b.add(kt_off, b.add(b.mul(d, i64(T)), j)), valid)
+                return [fma(k, splat(b, x, lanes) if lanes > 1 else x, kv, acc[0])]
+            acc = fold_loop(b, 0, D, [zero], step, name="d")[0]
+            S.store(epilogue(acc, bt, m, j, lanes, valid), j)  # the array is padded to whole vectors
+
+        blocks(T, score)
+        mx = fold_loop(b, 1, T, [S1.load(i64(0))], lambda j, a: [call_intrinsic(k, "maximum", a[0], S1.load(j))],
+                       name="mx")[0]
+
+        def expo(j, a):
+            e = f_exp(k, b.fsub(S1.load(j), mx), 1)
+            S1.store(e, j)
+            return [b.fadd(a[0], e)]
+
+        inv = b.fdiv(fconst(F32, 1.0), fold_loop(b, 0, T, [fconst(F32, 0.0)], expo, name="ex")[0])
+
+        def out(c, valid):
+            def step(j, acc):
+                p = b.fmul(S1.load(j), inv)
+                vv = V.load(b.add(v_off, b.add(b.mul(j, i64(E)), c)), valid)
+                return [fma(k, splat(b, p, lanes) if lanes > 1 else p, vv, acc[0])]
+            O.store(fold_loop(b, 0, T, [zero], step, name="t")[0], b.add(o_row, c), valid)
+
+        blocks(E, out)
+    k.finish()
+    return items, _grain(T * (D + E), MIN_PARALLEL_FMAS)
