@@ -201,6 +201,7 @@ def unary_fn(op: str, d: dt.DType) -> ScalarFn:
         return lambda k, v, n: _int_minmax(k, v[0], iconst(v[0].type, 0), d, True)
     return {
         "exp": lambda k, v, n: f_exp(k, v[0], n),
+        "log": lambda k, v, n: call_intrinsic(k, "log", v[0]),  # libm logf per lane
         "sqrt": lambda k, v, n: call_intrinsic(k, "sqrt", v[0]),
         "rsqrt": lambda k, v, n: k.b.fdiv(fconst(v[0].type, 1.0), call_intrinsic(k, "sqrt", v[0])),
         "tanh": lambda k, v, n: f_tanh(k, v[0], n),
@@ -217,6 +218,7 @@ def binary_fn(op: str, d: dt.DType) -> ScalarFn:
             "sub": lambda k, v, n: k.b.fsub(v[0], v[1]),
             "mul": lambda k, v, n: k.b.fmul(v[0], v[1]),
             "div": lambda k, v, n: k.b.fdiv(v[0], v[1]),
+            "pow": lambda k, v, n: call_intrinsic(k, "pow", v[0], v[1]),  # libm powf per lane
             "max": lambda k, v, n: call_intrinsic(k, "maximum", v[0], v[1]),
             "min": lambda k, v, n: call_intrinsic(k, "minimum", v[0], v[1]),
         }[op]
@@ -303,14 +305,70 @@ def _elementwise(k: Kernel, n: Node, fn: ScalarFn):
     return emit_map(k, out_t.shape, out, ins, fn)
 
 
-@emitter("neg", "exp", "sqrt", "rsqrt", "tanh", "erf", "relu", "sigmoid", "silu")
+@emitter("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "erf", "relu", "sigmoid", "silu")
 def emit_unary(k, n):
     return _elementwise(k, n, unary_fn(n.op, n.inputs[0].dtype))
 
 
-@emitter("add", "sub", "mul", "div", "max", "min")
+@emitter("add", "sub", "mul", "div", "pow", "max", "min")
 def emit_binary(k, n):
     return _elementwise(k, n, binary_fn(n.op, n.inputs[0].dtype))
+
+
+_FCMP = {"equal": "==", "less": "<", "greater": ">"}
+
+
+def compare_fn(op: str, d: dt.DType) -> ScalarFn:
+    """The bool (i8 0/1) result of comparing compute-type values; ordered for
+    floats, so NaN compares false."""
+    def fn(k, v, n):
+        b, pred = k.b, _FCMP[op]
+        if d.is_float:
+            c = b.fcmp_ordered(pred, v[0], v[1])
+        elif d.is_signed:
+            c = b.icmp_signed(pred, v[0], v[1])
+        else:  # u8, bool
+            c = b.icmp_unsigned(pred, v[0], v[1])
+        return b.zext(c, vtype(ir.IntType(8), n))
+    return fn
+
+
+@emitter("equal", "less", "greater")
+def emit_compare(k, n):
+    return _elementwise(k, n, compare_fn(n.op, n.inputs[0].dtype))
+
+
+@emitter("logical_and")
+def emit_logical_and(k, n):
+    return _elementwise(k, n, lambda k_, v, lanes: k_.b.and_(v[0], v[1]))
+
+
+@emitter("logical_not")
+def emit_logical_not(k, n):
+    return _elementwise(k, n, lambda k_, v, lanes: k_.b.xor(v[0], iconst(v[0].type, 1)))
+
+
+@emitter("isnan")
+def emit_isnan(k, n):
+    return _elementwise(k, n, lambda k_, v, lanes: k_.b.zext(k_.b.fcmp_unordered("uno", v[0], v[0]),
+                                                              vtype(ir.IntType(8), lanes)))
+
+
+@emitter("where")
+def emit_where(k, n):
+    """Selects storage bits (raw), so values, NaN payloads and -0.0 copy exactly."""
+    out_t = n.outputs[0].type
+    ins = [broadcast_view(i, v.type, out_t.shape) for i, v in enumerate(n.inputs)]
+    out = View(3, out_t.dtype, 0, contiguous_strides(out_t.shape))
+    sel = lambda k_, v, lanes: k_.b.select(k_.b.icmp_unsigned("!=", v[0], iconst(v[0].type, 0)), v[1], v[2])  # noqa: E731
+    return emit_map(k, out_t.shape, out, ins, sel, raw=True)
+
+
+@emitter("expand")
+def emit_expand(k, n):
+    out_t = n.outputs[0].type
+    return emit_map(k, out_t.shape, View(1, out_t.dtype, 0, contiguous_strides(out_t.shape)),
+                    [broadcast_view(0, n.inputs[0].type, out_t.shape)], _identity, raw=True)
 
 
 @emitter("gelu")

@@ -37,6 +37,8 @@ def emit_gather(k: Kernel, n):
     row_bytes = inner * table.dtype.bits // 8
     memcpy = k.intrinsic("llvm.memcpy.p0.p0.i64", ir.VoidType(), [PTR, PTR, I64, I1])
     fail = k.fail(SQK_ERR_INDEX)
+    k.index_error = (f"gather: every id in %{n.inputs[1].name} must lie in [{-rows}, {rows}), the size of "
+                     f"axis {axis} of the table %{n.inputs[0].name} (e.g. the vocabulary)")
     with loop(b, k.begin, k.end, name="item") as item:
         o, i = (b.udiv(item, i64(nids)), b.urem(item, i64(nids))) if outer > 1 else (i64(0), item)
         idx = b.load(gep(b, idp, lltype(ids.dtype), i), typ=lltype(ids.dtype))
@@ -53,3 +55,45 @@ def emit_gather(k: Kernel, n):
                         i64(row_bytes), ir.Constant(I1, 0)])
     k.finish()
     return outer * nids, max(1, 4 * MIN_PARALLEL_WORK // max(1, row_bytes))
+
+
+@emitter("gather_elements")
+def emit_gather_elements(k: Kernel, n):
+    """One work item per row of ids' last dim: the x offset of the row's other
+    dims is built once, then each id replaces the index on ``axis``.  Ids out of
+    [-n, n) return SQK_ERR_INDEX."""
+    x, ids = n.inputs[0].type, n.inputs[1].type
+    r = x.rank
+    axis = n.attrs["axis"] % r
+    if ids.size == 0:
+        k.finish()
+        return 0, 1
+    xst = [math.prod(x.shape[d + 1:]) for d in range(r)]
+    outer, inner = ids.shape[:-1], ids.shape[-1]
+    rows = math.prod(outer)
+    ety = lltype(x.dtype)
+    b = k.b
+    src, idp, dst = k.args
+    fail = k.fail(SQK_ERR_INDEX)
+    with loop(b, k.begin, k.end, name="row") as row:
+        base, rem = i64(0), row
+        for d in reversed(range(r - 1)):
+            idx = b.urem(rem, i64(outer[d])) if d else rem
+            rem = b.udiv(rem, i64(outer[d])) if d else rem
+            if d != axis:
+                base = b.add(base, b.mul(idx, i64(xst[d])))
+        with loop(b, 0, inner, name="j") as j:
+            flat = b.add(b.mul(row, i64(inner)), j)
+            idx = b.load(gep(b, idp, lltype(ids.dtype), flat), typ=lltype(ids.dtype))
+            if ids.dtype is not dt.i64:
+                idx = b.sext(idx, I64)
+            idx = b.select(b.icmp_signed("<", idx, i64(0)), b.add(idx, i64(x.shape[axis])), idx)
+            ok = b.append_basic_block("in_range")
+            b.cbranch(b.icmp_unsigned("<", idx, i64(x.shape[axis])), ok, fail)
+            b.position_at_end(ok)
+            off = b.add(base, b.mul(idx, i64(xst[axis])))
+            if axis != r - 1:
+                off = b.add(off, j)
+            b.store(b.load(gep(b, src, ety, off), typ=ety), gep(b, dst, ety, flat))
+    k.finish()
+    return rows, max(1, MIN_PARALLEL_WORK // max(1, inner))

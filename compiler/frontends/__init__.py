@@ -1,0 +1,1 @@
+"""Model importers: other formats -> sqk.Graph (``onnx.from_onnx``)."""
