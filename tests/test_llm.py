@@ -1,0 +1,263 @@
+"""LLM decoding ops (rope, swiglu, topk, attention_decode, moe), KV-cache state
+kept in the Module between calls, and the step-by-step decoder vs a numpy model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from harness import assert_close, check, compile_for, rand, target_param
+
+import sqk
+from sqk.compiler.llm import Decoder, LlamaConfig, random_weights, reference_logits
+from sqk.ir.graph import IRError
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+# --- rope, swiglu, topk --------------------------------------------------------------------
+
+def _small_ops_graph(dtype):
+    b = sqk.GraphBuilder("llm_small_" + dtype)
+    x4 = b.input("x4", (2, 3, 4, 8), dtype)          # [B, T, H, D], one position per token
+    p3 = b.input("p3", (3,), "i64")
+    x2 = b.input("x2", (5, 6), dtype)                 # [T, D] from a start position (i32)
+    p0 = b.input("p0", (), "i32")
+    gate, up = b.input("gate", (3, 37), dtype), b.input("up", (3, 37), dtype)
+    tk = b.input("tk", (4, 11), dtype)
+    vals, idx = b.topk(tk, k=4)
+    return b.output(b.rope(x4, p3), b.rope(x2, p0, style="interleaved", theta=500.0), b.swiglu(gate, up), vals, idx)
+
+
+def _small_inputs(dtype):
+    tk = np.array([[1, 2, 2, 0, 5, 5, 5, -1, 3, 2, 0]] * 4, np.float32)
+    tk[1, 3] = np.nan
+    tk[2, [0, 10]] = np.nan
+    tk[3] = 7.0                                       # all equal: indices 0..3
+    return dict(x4=rand((2, 3, 4, 8), dtype), p3=np.array([0, 9, 1000]), x2=rand((5, 6), dtype),
+                p0=np.array(11, np.int32), gate=rand((3, 37), dtype), up=rand((3, 37), dtype),
+                tk=tk.astype(sqk.ir.dtypes.dtype(dtype).np_dtype))
+
+
+@target_param
+def test_rope_swiglu_topk(target):
+    check(_small_ops_graph("f32"), _small_inputs("f32"), target)
+
+
+def test_rope_swiglu_topk_f16():
+    check(_small_ops_graph("f16"), _small_inputs("f16"), "host")
+
+
+def test_op_semantics():
+    # rope "half" is HF rotate_half: y = x * cos + rotate_half(x) * sin
+    x, d = rand((3, 2, 8)), 8
+    ang = np.array([4, 5, 6], np.float32)[:, None] * (10000.0 ** (-np.arange(4) * 2.0 / d)).astype(np.float32)
+    cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None]
+    sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None]
+    rot = np.concatenate([-x[..., 4:], x[..., :4]], -1)
+    b = sqk.GraphBuilder("r")
+    g = b.output(b.rope(b.input("x", (3, 2, 8)), b.input("p", (1,), "i64")))
+    assert_close(sqk.reference(g, x=x, p=np.array([4])), (x * cos + rot * sin).astype(np.float32), 1e-5)
+    # topk: ties to the lower index, NaN first
+    b = sqk.GraphBuilder("t")
+    g = b.output(*b.topk(b.input("x", (6,)), k=4))
+    v, i = sqk.reference(g, x=np.array([3, 1, np.nan, 3, 5, 3], np.float32))
+    assert i.tolist() == [2, 4, 0, 3] and np.isnan(v[0]) and v[1:].tolist() == [5, 3, 3]
+
+
+def test_shape_errors():
+    b = sqk.GraphBuilder("e")
+    with pytest.raises(IRError, match="even head dim"):
+        b.rope(b.input("x", (1, 2, 5)), b.input("p", (), "i64"))
+    with pytest.raises(IRError, match=r"k=6 must lie in \[0, 5\]"):
+        b.topk(b.input("t", (2, 5)), k=6)
+    with pytest.raises(IRError, match="multiple of Hkv"):
+        b.attention_decode(b.input("q", (3, 4)), *[b.input(n, s) for n, s in
+                           (("kn", (2, 4)), ("vn", (2, 4)), ("kc", (2, 8, 4)), ("vc", (2, 8, 4)))],
+                           b.input("pos", (1,), "i64"))
+    x, rw = b.input("mx", (1, 4)), b.input("rw", (4, 3))
+    w1, w3, w2 = b.input("w1", (3, 4, 6)), b.input("w3", (3, 4, 6)), b.input("w2", (3, 6, 4))
+    with pytest.raises(IRError, match=r"k=4 must lie in \[1, 3\] \(the number of experts\)"):
+        b.moe(x, rw, w1, w3, w2, k=4)
+
+
+# --- attention_decode ---------------------------------------------------------------------------
+
+def _attn_graph(hq, hkv, s, d, dtype="f32"):
+    b = sqk.GraphBuilder("attn")
+    ins = [b.input("q", (hq, d), dtype), b.input("kn", (hkv, d), dtype), b.input("vn", (hkv, d), dtype),
+           b.input("kc", (hkv, s, d), dtype), b.input("vc", (hkv, s, d), dtype), b.input("pos", (1,), "i64")]
+    return b.output(*b.attention_decode(*ins))
+
+
+def _attn_inputs(hq, hkv, s, d, pos, seed=0, dtype="f32"):
+    r = _rng(seed)
+    return dict(q=rand((hq, d), dtype, r), kn=rand((hkv, d), dtype, r), vn=rand((hkv, d), dtype, r),
+                kc=rand((hkv, s, d), dtype, r), vc=rand((hkv, s, d), dtype, r), pos=np.array([pos]))
+
+
+@pytest.mark.parametrize("target,hq,hkv,d", [("host", 2, 2, 5), ("host", 4, 2, 16), ("host", 8, 2, 7),
+                                             ("riscv64", 8, 2, 13), ("riscv64-scalar", 4, 2, 5)])
+def test_attention_decode(target, hq, hkv, d):
+    s = 9
+    g = _attn_graph(hq, hkv, s, d)
+    m = compile_for(g, target)
+    for pos in (0, 4, s - 1):                         # first, middle and last row of the cache
+        ins = _attn_inputs(hq, hkv, s, d, pos, seed=pos)
+        before = {k: v.copy() for k, v in ins.items()}
+        outs = m(**ins)
+        for v, o, r in zip(g.outputs, outs, sqk.reference(g, **ins)):
+            assert_close(o, r, what=f"{v.name} at pos {pos}")
+        for k in ins:                                 # without state= the caller's caches are not touched
+            assert np.array_equal(ins[k], before[k]), k
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([1, 2, 4]), st.integers(1, 12), st.integers(1, 20), st.data())
+def test_attention_decode_shapes(hkv, ratio, s, d, data):
+    pos = data.draw(st.integers(0, s - 1))
+    check(_attn_graph(hkv * ratio, hkv, s, d), _attn_inputs(hkv * ratio, hkv, s, d, pos), "host")
+
+
+def test_attention_decode_f16():
+    check(_attn_graph(4, 1, 6, 8, "f16"), _attn_inputs(4, 1, 6, 8, 3, dtype="f16"), "host")
+
+
+def test_attention_state_in_place(tmp_path):
+    hq, hkv, s, d = 4, 2, 6, 8
+    g = _attn_graph(hq, hkv, s, d)
+    m = sqk.compile(g, state=["kc", "vc"])
+    assert len(m.manifest["kernels"]) == 1            # no cache copy: updated in the state's memory
+    addr = m.state["kc"].ctypes.data
+    k_ref, v_ref = np.zeros((hkv, s, d), np.float32), np.zeros((hkv, s, d), np.float32)
+    for pos in range(5):
+        ins = _attn_inputs(hq, hkv, s, d, pos, seed=pos)
+        del ins["kc"], ins["vc"]
+        out = m(**ins)
+        ref, k_ref, v_ref = sqk.reference(g, kc=k_ref, vc=v_ref, **ins)
+        assert_close(out, ref, what=f"out at pos {pos}")
+        assert np.array_equal(m.state["kc"], k_ref) and np.array_equal(m.state["vc"], v_ref)
+    assert m.state["kc"].ctypes.data == addr
+    with pytest.raises(sqk.SqkRuntimeError, match=r"must lie in \[0, 6\), the KV cache length 6 \(got pos = \[6\]\)"):
+        m(**dict(ins, pos=np.array([6])))
+    with pytest.raises(sqk.SqkRuntimeError, match=r"got pos = \[-1\]"):
+        m(**dict(ins, pos=np.array([-1])))
+    assert np.array_equal(m.state["kc"], k_ref)       # a failed step wrote nothing
+    with pytest.raises(ValueError, match="state kept by the module"):
+        m(kc=k_ref, **ins)
+    m.reset_state()
+    assert not m.state["kc"].any() and not m.state["vc"].any()
+    m.save(str(tmp_path / "attn"))
+    m2 = sqk.load(str(tmp_path / "attn"))             # the manifest keeps the state pairs
+    assert sorted(m2.state) == ["kc", "vc"]
+    m2(**dict(ins, pos=np.array([2])))
+    assert m2.state["kc"][:, 2].any() and not m2.state["kc"][:, 3].any()
+
+
+def test_state_errors():
+    g = _attn_graph(2, 1, 4, 4)
+    with pytest.raises(IRError, match="'nope' is not an input"):
+        sqk.compile(g, state=["nope"])
+    with pytest.raises(IRError, match="no graph output is an in-place update"):
+        sqk.compile(g, state=["q"])
+    b = sqk.GraphBuilder("late")
+    ins = [b.input("q", (2, 4)), b.input("kn", (1, 4)), b.input("vn", (1, 4)), b.input("kc", (1, 4, 4)),
+           b.input("vc", (1, 4, 4)), b.input("pos", (1,), "i64")]
+    o, kc, vc = b.attention_decode(*ins)
+    g = b.output(o, kc, vc, b.neg(ins[3]))            # reads the old cache after the update
+    with pytest.raises(IRError, match="read by neg after attention_decode updates it in place"):
+        sqk.compile(g, state=["kc", "vc"])
+
+
+# --- moe --------------------------------------------------------------------------------------------
+
+def _moe(n, h, e, f, k, dtype="f32"):
+    b = sqk.GraphBuilder(f"moe{k}")
+    ins = [b.input("x", (n, h), dtype), b.input("rw", (h, e), dtype), b.input("w1", (e, h, f), dtype),
+           b.input("w3", (e, h, f), dtype), b.input("w2", (e, f, h), dtype)]
+    return b.output(b.moe(*ins, k=k))
+
+
+def _moe_inputs(n, h, e, f, seed=0, dtype="f32"):
+    r = _rng(seed)
+    return dict(x=rand((n, h), dtype, r), rw=rand((h, e), dtype, r, -1, 1), w1=rand((e, h, f), dtype, r, -.5, .5),
+                w3=rand((e, h, f), dtype, r, -.5, .5), w2=rand((e, f, h), dtype, r, -.5, .5))
+
+
+@pytest.mark.parametrize("target,k", [("host", 1), ("host", 2), ("riscv64", 2), ("riscv64-scalar", 1)])
+def test_moe(target, k):
+    check(_moe(3, 12, 5, 19, k), _moe_inputs(3, 12, 5, 19, seed=k), target)
+
+
+def test_moe_f16():
+    check(_moe(1, 8, 4, 16, 2, "f16"), _moe_inputs(1, 8, 4, 16, dtype="f16"), "host")
+
+
+def test_moe_reads_only_chosen_experts():
+    n, h, e, f = 1, 8, 6, 16
+    ins = _moe_inputs(n, h, e, f)
+    ins["x"] = np.abs(ins["x"]) + 0.5
+    ins["rw"] = np.full((h, e), -1.0, np.float32)
+    ins["rw"][:, 4], ins["rw"][:, 1] = 2.0, 1.0        # experts 4, then 1
+    good = {k: v.copy() for k, v in ins.items()}
+    for x in (0, 2, 3, 5):                            # poison every expert the router does not pick
+        for w in ("w1", "w3", "w2"):
+            ins[w][x] = np.nan
+    m = sqk.compile(_moe(n, h, e, f, 2))
+    out = m(**ins)
+    assert np.isfinite(out).all()
+    assert_close(out, sqk.reference(_moe(n, h, e, f, 2), **good))
+
+
+# --- decoding: gather errors, the step-by-step decoder ------------------------------------------------
+
+CFG = LlamaConfig(vocab=97, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, ffn=48, max_seq=8)
+
+
+@pytest.fixture(scope="module")
+def host_decoder():
+    return Decoder(CFG, seed=1)
+
+
+def test_decode_steps_match_reference(host_decoder):
+    dec = host_decoder
+    dec.reset()
+    tokens = [5, 60, 2, 96, 33]
+    ref = reference_logits(CFG, dec.weights, tokens)
+    for i, t in enumerate(tokens):                    # one step, then four more on the kept cache
+        assert_close(dec.step(t), ref[i], 1e-4, what=f"logits at step {i}")
+    dec.reset()
+    out = dec.generate([7, 8], 4)
+    ref = reference_logits(CFG, dec.weights, [7, 8] + out)
+    assert out == [int(np.argmax(r)) for r in ref[1:-1]]
+
+
+def test_decode_errors(host_decoder):
+    dec = host_decoder
+    dec.reset()
+    with pytest.raises(ValueError, match=r"token id 97 is outside the vocabulary \[0, 97\)"):
+        dec.step(97)
+    m = dec.module                                    # the kernels check too, never reading out of bounds
+    with pytest.raises(sqk.SqkRuntimeError, match=r"gather: every id in %token must lie in \[-97, 97\).*"
+                                                    r"got token = \[97\]"):
+        m(token=np.array([97]), pos=np.array([0]))
+    with pytest.raises(sqk.SqkRuntimeError, match=r"must lie in \[0, 8\), the KV cache length 8 \(got pos = \[8\]\)"):
+        m(token=np.array([1]), pos=np.array([8]))
+    for t in range(CFG.max_seq):
+        dec.step(t)
+    with pytest.raises(ValueError, match="position 8 is beyond the KV cache length 8"):
+        dec.step(0)
+
+
+def test_decode_riscv64():
+    compile_for(_attn_graph(2, 1, 2, 4), "riscv64-scalar")  # skips without the toolchain
+    cfg = LlamaConfig(vocab=31, hidden=16, layers=1, heads=2, kv_heads=1, head_dim=8, ffn=24, max_seq=4)
+    w = random_weights(cfg, 3)
+    dec = Decoder(cfg, w, target="riscv64")
+    tokens = [3, 30]
+    ref = reference_logits(cfg, w, tokens)
+    for i, t in enumerate(tokens):                    # the caches round-trip through the runner's files
+        assert_close(dec.step(t), ref[i], 1e-4, what=f"riscv64 logits at step {i}")
+    assert dec.module.state["k_cache.0"][:, :2].any() and not dec.module.state["k_cache.0"][:, 2:].any()
