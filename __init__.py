@@ -21,3 +21,24 @@ def compile(graph, target="host", pipeline=None, dump_after=None, dump_dir=None,
 
     return _compile(graph, target=target, pipeline=pipeline, dump_after=dump_after,
                     dump_dir=dump_dir, threads=threads, **options)
+
+
+def from_onnx(path_or_model, input_shapes=None, **options):
+    """Import an ONNX model as a sqk.Graph; see :func:`sqk.compiler.frontends.onnx.from_onnx`
+    (needs the onnx package: ``pip install 'sqk[onnx]'``)."""
+    from .compiler.frontends.onnx import from_onnx as _from_onnx
+
+    return _from_onnx(path_or_model, input_shapes=input_shapes, **options)
+
+
+def __getattr__(name):
+    if name == "llm":  # the step-by-step decoder (compiler/llm.py), loaded on first use
+        from .compiler import llm
+
+        return llm
+    # OnnxImportError lives with the importer, loaded on first use (the runtime needs no compiler).
+    if name == "OnnxImportError":
+        from .compiler.frontends.onnx import OnnxImportError
+
+        return OnnxImportError
+    raise AttributeError(f"module 'sqk' has no attribute {name!r}")

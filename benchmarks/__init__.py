@@ -22,6 +22,12 @@ BENCHMARKS = {
                                        "numpy fp32 and a read probe"),
     "dense": ("benchmarks.dense", "fp32 GEMM 256-2048, small-M GEMM, conv2d 3x3 and depthwise vs numpy and "
                                   "onnxruntime, 1 vs 2 threads"),
+    "sparse": ("benchmarks.sparse", "sparse GEMV (csr, bsr, nm2:4; f32 and int8) at 50-95% sparsity vs numpy "
+                                    "dense and scipy CSR on 640 MiB of dense weights"),
+    "onnx": ("benchmarks.onnx_models", "BERT-style encoder exported from transformers: sqk fp32 / int8 / int8+2:4 vs "
+                                       "onnxruntime fp32 and quantize_dynamic int8 (needs torch, transformers)"),
+    "llm": ("benchmarks.llm_decode", "Llama-style decode tokens/s (fp32, int8, int4 g32, int4 + 2:4) vs the read "
+                                     "roofline; MoLE before/after fold_lookup_experts; sparse-input ReLU FFN"),
     "riscv": ("benchmarks.riscv_emulated", "RVV vs scalar rv64gc builds of GEMV f32/int8/int4 under qemu "
                                            "(emulated, coarse)"),
 }

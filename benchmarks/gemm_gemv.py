@@ -7,7 +7,8 @@
   sqk runs one compiled model (the weight is a graph input) over every matrix.
 * Read-bandwidth probe: row sums over the same >500 MiB buffer, compiled by sqk
   as ``reduce_sum`` (numpy's ``np.add.reduce`` beside it): the machine's read
-  limit as far as a plain reduction reaches it.
+  limit as far as a plain reduction reaches it.  The model is
+  ``sqk.compiler.probe.sum_model``, the one ``sqk bench`` measures its roofline with.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 import sqk
 from sqk.codegen.lower import UnsupportedOp
+from sqk.compiler.probe import sum_model  # the read probe's model, shared with `sqk bench`
 
 from . import Table, median, numpy_blas, timeit
 
@@ -30,13 +32,6 @@ def gemm_model(m, k, n, threads):
     a = g.input("a", (m, k))
     b = g.input("b", (k, n))
     return sqk.compile(g.output(g.matmul(a, b)), threads=threads)
-
-
-def sum_model(shape, threads):
-    """Sums along the last axis (sqk's reduce_sum)."""
-    g = sqk.GraphBuilder("sum")
-    x = g.input("x", shape)
-    return sqk.compile(g.output(g.reduce_sum(x, axes=(len(shape) - 1,))), threads=threads)
 
 
 def _check(got, want, what, tol=1e-4):

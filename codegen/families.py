@@ -4,3 +4,8 @@ from . import reduce  # noqa: F401,E402
 from . import gather  # noqa: F401,E402
 from . import conv  # noqa: F401,E402
 from . import matmul_q  # noqa: F401,E402
+from . import sparse  # noqa: F401,E402
+from . import sparse_nm  # noqa: F401,E402
+from . import fused  # noqa: F401,E402
+from . import llm  # noqa: F401,E402
+from . import sparse_input  # noqa: F401,E402

@@ -101,6 +101,7 @@ class Step:
     args: tuple        # buffer ids
     range: int
     grain: int
+    index_error: str = ""   # what SQK_ERR_INDEX from this kernel means (Kernel.index_error)
 
 
 class UnsupportedOp(NotImplementedError):
@@ -122,10 +123,13 @@ def _array(module, ty, values, name):
 
 
 def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int, const_bytes: int,
-          target, sizes: dict[Value, int] | None = None) -> tuple[ir.Module, list[Step]]:
+          target, sizes: dict[Value, int] | None = None,
+          progress: Callable[[int, int], None] | None = None,
+          in_place_outputs=frozenset()) -> tuple[ir.Module, list[Step]]:
     """Build the LLVM module of ``graph``.  ``buffers`` maps every value to
     (SQK_BUF_* kind, index or byte offset); ``sizes`` gives the byte size of
-    constants stored packed (``pack_constants``) where it differs from their type's."""
+    constants stored packed (``pack_constants``) where it differs from their type's.
+    ``progress(done, total)`` is called after each node's kernel."""
     from . import elementwise  # noqa: F401  (registers emitters)
     from . import families  # noqa: F401
 
@@ -146,6 +150,7 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
 
     consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
     steps: list[Step] = []
+    n_kernels = sum(n.op != "const" for n in graph.nodes)
     for i, n in enumerate(graph.nodes):
         if n.op == "const":
             continue
@@ -155,16 +160,21 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
             raise UnsupportedOp(f"no kernel for op {n.op!r}" + (f" with sparse={fmt}" if fmt != "dense" else "")
                                 + f" on target {target.name}")
         name = f"k{len(steps)}_{n.op}"
-        k = Kernel(module, name, len(n.inputs) + len(n.outputs), target)
+        ids = [buf(v) for v in n.inputs + n.outputs]
+        k = Kernel(module, name, len(ids), target, aliased=frozenset(j for j, b in enumerate(ids) if ids.count(b) > 1))
         k.consts = [consts.get(v) for v in n.inputs]
         rng, grain = fn(k, n)
-        steps.append(Step(name, tuple(buf(v) for v in n.inputs + n.outputs), rng, max(1, grain)))
-    # An output that is also an input, a constant or another output gets its own copy.
+        steps.append(Step(name, tuple(ids), rng, max(1, grain), getattr(k, "index_error", "")))
+        if progress is not None:
+            progress(len(steps), n_kernels)
+    # An output that is also an input, a constant or another output gets its own copy
+    # (except ``in_place_outputs``: state updated in its input's buffer, which the
+    # caller passes as that output too).
     from .elementwise import emit_copy
 
     seen = set()
     for j, v in enumerate(graph.outputs):
-        if buffers[v] != (BUF_OUTPUT, j) or v in seen:
+        if (buffers[v] != (BUF_OUTPUT, j) or v in seen) and v not in in_place_outputs:
             name = f"k{len(steps)}_copy"
             k = Kernel(module, name, 2, target)
             rng, grain = emit_copy(k, v.type)

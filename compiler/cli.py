@@ -1,12 +1,16 @@
 """The ``sqk`` command line.
 
-    sqk compile MODEL.sqkir -o OUT.sqk [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
+    sqk compile MODEL.sqkir|MODEL.onnx -o OUT.sqk [--input-shape NAME=1x128 ...]
+                [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
                 [--quantize int8|int4 [--group N] [--scheme sym|asym] [--scale-dtype f32|f16]
-                 [--skip W1|W2] [--max-error E] [--activations none|int8]] [--report]
-    sqk dump MODEL.sqkir [--after PASS] [--pipeline P]
+                 [--skip W1|W2] [--max-error E] [--activations none|int8]]
+                [--sparsify unstructured|N:M|block=RxC [--sparsity F]] [--format NAME:FMT ...] [--report]
+    sqk dump MODEL [--after PASS] [--pipeline P] [--llvm | --asm [--kernel NAME] [--target T]]
+    sqk viz MODEL -o graph.svg|.png|.pdf|.dot|.html [--after PASS] [--pipeline P]
     sqk run OUT.sqk --input x=x.npy ... [--output-dir D]
     sqk info OUT.sqk
     sqk demo [--target T]
+    sqk bench OUT.sqk [--runs N] [--threads N] [--probe-mib M]
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -24,14 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compile", help="compile an IR text model into an artifact directory")
-    c.add_argument("model", help="IR text file (a .npz side table beside it holds large constants)")
+    c.add_argument("model", help="IR text file (a .npz side table beside it holds large constants) or an ONNX model "
+                                 "(.onnx)")
+    c.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x128",
+                   help="ONNX only: the shape of input NAME, or the size of symbolic dim NAME (repeatable)")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (e.g. out.sqk)")
     c.add_argument("--target", default="host", help="host (default), riscv64 or riscv64-scalar")
     c.add_argument("--pipeline", default=None, help='pass pipeline, e.g. "fold_constants,dce"')
-    c.add_argument("--dump-after", default=None, help="dump the IR after 'all' passes or after PASS")
+    c.add_argument("--dump-after", default=None, metavar="all|PASS[,PASS]",
+                   help="dump the IR after all passes or the named ones (also input, llvm, llvm_opt, asm)")
     c.add_argument("--dump-dir", default=None, help="where dumps go (default ./sqk-dump)")
     c.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
-    c.add_argument("--quiet", action="store_true", help="print nothing on success")
+    c.add_argument("--quiet", action="store_true", help="print nothing on success (and no progress bar)")
     c.add_argument("--quantize", default=None, choices=("int8", "int4"),
                    help="quantize matmul weights (shorthand for a pipeline with the quantize pass)")
     c.add_argument("--group", type=int, default=None, help="quantization group along K (int4 default 32)")
@@ -42,12 +51,31 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep in float each layer whose relative L2 output error exceeds this")
     c.add_argument("--activations", default=None, choices=("none", "int8"),
                    help="int8: quantize activations per row and group at run time (symmetric int4 or int8 weights)")
-    c.add_argument("--report", action="store_true", help="print the per-layer quantization accuracy table")
+    c.add_argument("--sparsify", default=None, metavar="unstructured|N:M|block=RxC",
+                   help="prune matmul weights by magnitude, then choose each weight's storage format "
+                        "(shorthand for a pipeline with the sparsify and select_format passes)")
+    c.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of zeros for unstructured and block patterns (default 0.5)")
+    c.add_argument("--format", action="append", default=None, metavar="NAME:FMT", dest="force",
+                   help="store weight NAME as FMT (dense, csr, bsrRxC, nmN:M); repeatable (select_format's force)")
+    c.add_argument("--report", action="store_true",
+                   help="print the per-layer quantization, pruning and format tables")
 
-    d = sub.add_parser("dump", help="print a model's IR, optionally after running passes")
-    d.add_argument("model")
+    d = sub.add_parser("dump", help="print a model's IR, optionally after running passes, or its LLVM IR or assembly")
+    d.add_argument("model", help="IR text file, or an artifact directory (its final IR)")
     d.add_argument("--after", default=None, help="run the pipeline up to and including this pass")
     d.add_argument("--pipeline", default=None)
+    level = d.add_mutually_exclusive_group()
+    level.add_argument("--llvm", action="store_true", help="the LLVM IR after O3 (whole pipeline, or up to --after)")
+    level.add_argument("--asm", action="store_true", help="the target assembly, as llc prints it")
+    d.add_argument("--kernel", default=None, metavar="NAME", help="only this kernel (e.g. k3_matmul)")
+    d.add_argument("--target", default=None, help="host (default; an artifact: its own), riscv64 or riscv64-scalar")
+
+    v = sub.add_parser("viz", help="draw a model's graph (Graphviz)")
+    v.add_argument("model", help="IR text file, or an artifact directory (its final IR)")
+    v.add_argument("-o", "--output", required=True, help="graph.svg, .png, .pdf (need Graphviz), .dot or .html")
+    v.add_argument("--after", default=None, help="run the pipeline up to and including this pass")
+    v.add_argument("--pipeline", default=None)
 
     r = sub.add_parser("run", help="run an artifact on .npy inputs")
     r.add_argument("artifact")
@@ -57,43 +85,106 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print an artifact's manifest summary")
     i.add_argument("artifact")
 
+    bn = sub.add_parser("bench", help="time each kernel of an artifact against the machine's roofline")
+    bn.add_argument("artifact")
+    bn.add_argument("--runs", type=int, default=20, help="timed runs (median per kernel; default 20)")
+    bn.add_argument("--threads", type=int, default=None, help="runtime threads (default: the artifact's, or all cores)")
+    bn.add_argument("--probe-mib", type=int, default=int(os.environ.get("SQK_PROBE_MIB", 512)),
+                    help="read-bandwidth probe buffer in MiB (default 512, or $SQK_PROBE_MIB; keep it above the "
+                         "last-level cache)")
+
     m = sub.add_parser("demo", help="compile and run the built-in examples, check and time them")
     m.add_argument("--target", default="host")
     return p
 
 
+def _input_shapes(items) -> dict:
+    """--input-shape NAME=1x128 (or 1,128; NAME=7 also sizes a symbolic dim) -> {NAME: shape}."""
+    out = {}
+    for item in items:
+        name, eq, spec = item.partition("=")
+        try:
+            dims = tuple(int(d) for d in re.split(r"[x,]", spec) if d.strip()) if spec.strip() else ()
+        except ValueError:
+            dims = None
+        if not eq or not name or dims is None:
+            raise ValueError(f"--input-shape {item!r}: expected NAME=1x128")
+        out[name] = dims
+    return out
+
+
+def _load_graph(path: str, input_shapes=()):
+    """A graph from IR text, or from ONNX when the file ends in .onnx."""
+    import sqk
+
+    if path.lower().endswith(".onnx"):
+        shapes = _input_shapes(input_shapes)
+        return sqk.from_onnx(path, input_shapes=shapes)
+    if input_shapes:
+        raise ValueError("--input-shape applies to ONNX models (.onnx) only")
+    return sqk.load_ir(path)
+
+
 def _cmd_compile(a) -> None:
     import sqk
 
-    g = sqk.load_ir(a.model)
+    g = _load_graph(a.model, a.input_shape)
     log = None if a.quiet else (lambda line: print(line))
     qopts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group), ("scheme", a.scheme),
                                ("scale_dtype", a.scale_dtype), ("skip", a.skip), ("max_error", a.max_error),
-                               ("activations", a.activations))
+                               ("activations", a.activations), ("sparsify", a.sparsify),
+                               ("sparsity", a.sparsity), ("force", a.force))
              if v is not None}
     m = sqk.compile(g, target=a.target, pipeline=a.pipeline, dump_after=a.dump_after, dump_dir=a.dump_dir,
-                    threads=a.threads, log=log, **qopts)
+                    threads=a.threads, log=log, progress=False if a.quiet else None, **qopts)
     if a.report:  # printed even with --quiet: it was asked for
-        print(m.report.format() if m.report is not None else "no quantization report (no quantize pass ran)")
+        print(m.report.format() if m.report is not None
+              else "no quantization report, no sparsity report (no quantize, sparsify or select_format pass ran)")
     m.save(a.output)
     if not a.quiet:
         print(f"wrote {a.output} ({m.manifest['target']['name']}, {len(m.manifest['kernels'])} kernels, "
               f"arena {m.manifest['arena_bytes']} bytes)")
 
 
-def _cmd_dump(a) -> None:
-    import sqk
-    from .pipeline import DEFAULT_PIPELINE, PassManager, PipelineError, parse_pipeline
+def _model_graph(a):
+    """(graph, pipeline, target) of MODEL: an artifact's final IR runs no
+    passes unless --pipeline is given, and compiles for the artifact's target."""
+    from .dump import load_model
 
-    g = sqk.load_ir(a.model)
-    passes = parse_pipeline(a.pipeline or DEFAULT_PIPELINE)
+    g, manifest = load_model(a.model)
+    if manifest is None:
+        return g, a.pipeline, getattr(a, "target", None) or "host"
+    t = manifest["target"]
+    target = t["name"] + ("-scalar" if t["name"] == "riscv64" and not t.get("vector", True) else "")
+    return g, a.pipeline if a.pipeline is not None else "", getattr(a, "target", None) or target
+
+
+def _cmd_dump(a) -> None:
+    from ..codegen.emit import kernel_section
+    from .dump import assembly, llvm_ir, run_pipeline
+
+    g, pipeline, target = _model_graph(a)
+    if a.kernel and not (a.llvm or a.asm):
+        raise ValueError("--kernel selects a kernel of --llvm or --asm output")
+    if a.llvm or a.asm:
+        text = (llvm_ir(g, target, pipeline, after=a.after) if a.llvm
+                else assembly(g, target, pipeline, after=a.after))
+        sys.stdout.write(kernel_section(text, a.kernel) if a.kernel else text)
+        return
     if a.after:
-        names = [p.name for p in passes]
-        if a.after not in names:
-            raise PipelineError(f"--after {a.after}: not in the pipeline ({', '.join(names)})")
-        passes = passes[:names.index(a.after) + 1]
-        g = PassManager(passes).run(g)
+        g = run_pipeline(g, pipeline, a.after)
     sys.stdout.write(g.to_text())
+
+
+def _cmd_viz(a) -> None:
+    from .dump import run_pipeline
+    from .viz import write
+
+    g, pipeline, _ = _model_graph(a)
+    if a.after:
+        g = run_pipeline(g, pipeline, a.after)
+    kind = write(g, a.output)
+    print(f"wrote {a.output} ({kind}, {sum(n.op != 'const' for n in g.nodes)} ops)")
 
 
 def _cmd_run(a) -> None:
@@ -140,63 +231,25 @@ def _cmd_info(a) -> None:
     print(f"hash       {m['content_hash']}")
 
 
-def _median_ms(fn, reps: int = 20) -> float:
-    import statistics
-
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def _cmd_demo(a) -> None:
-    import numpy as np
+    from .demo import run
 
-    import sqk
-    from .models import small_cnn, transformer_mlp
+    run(a.target)
 
-    rng = np.random.default_rng(0)
-    print(f"sqk demo: target {a.target}")
-    print(f"{'model':<18}{'kernels':>8}{'max |err|':>12}{'sqk ms':>10}{'numpy ms':>10}")
-    ok = True
-    for g in (transformer_mlp(), small_cnn()):
-        inputs = {v.name: rng.standard_normal(v.shape).astype(v.dtype.np_dtype) for v in g.inputs}
-        m = sqk.compile(g, target=a.target)
-        out, ref = m(**inputs), sqk.reference(g, **inputs)
-        err = float(np.max(np.abs(out - ref)))
-        ok &= bool(np.allclose(out, ref, rtol=1e-4, atol=1e-4))
-        reps = 20 if a.target == "host" else 1
-        t_sqk = _median_ms(lambda: m(**inputs), reps)
-        t_np = _median_ms(lambda: sqk.reference(g, **inputs), reps)
-        print(f"{g.name:<18}{len(m.manifest['kernels']):>8}{err:>12.2e}{t_sqk:>10.3f}{t_np:>10.3f}")
-    print("numpy ms is sqk's numpy reference interpreter (the same graph, op by op)")
-    if not ok:
-        raise RuntimeError("demo outputs differ from the reference")
-    print("outputs match the reference")
 
-    g = transformer_mlp(tokens=4)
-    x = rng.standard_normal((4, 768)).astype(np.float32)
-    ref = sqk.reference(g, x=x).astype(np.float64)
-    print(f"\nquantized {g.name} (4 tokens) against fp32:")
-    print(f"{'weights':<22}{'weight MiB':>11}{'cosine':>10}{'rel L2':>10}")
-    for label, opts in (("f32", {}), ("int8 per-channel", {"quantize": "int8"}),
-                        ("int4 g32", {"quantize": "int4", "group": 32}),
-                        ("int4 g32 + int8 act", {"quantize": "int4", "group": 32, "activations": "int8"})):
-        m = sqk.compile(g, target=a.target, **opts)
-        out = m(x=x).astype(np.float64)
-        cos = float(out.ravel() @ ref.ravel() / (np.linalg.norm(out) * np.linalg.norm(ref)))
-        rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-        print(f"{label:<22}{m.manifest['constants']['bytes'] / 2**20:>11.2f}{cos:>10.6f}{rel:>10.2e}")
+def _cmd_bench(a) -> None:
+    from .bench import bench
+
+    if a.runs < 1 or a.probe_mib < 1:
+        raise ValueError("--runs and --probe-mib must be >= 1")
+    print(bench(a.artifact, runs=a.runs, threads=a.threads, probe_mib=a.probe_mib))
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"compile": _cmd_compile, "dump": _cmd_dump, "run": _cmd_run, "info": _cmd_info,
-         "demo": _cmd_demo}[args.cmd](args)
+         "demo": _cmd_demo, "bench": _cmd_bench, "viz": _cmd_viz}[args.cmd](args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # one clear line unless --debug

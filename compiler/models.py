@@ -11,15 +11,63 @@ def transformer_mlp(hidden: int = 768, ffn: int = 3072, tokens: int = 1, seed: i
     """The MLP half of a transformer block: x + W2·gelu(W1·layernorm(x) + b1) + b2."""
     rng = np.random.default_rng(seed)
     b = GraphBuilder("transformer_mlp")
+    return b.output(_mlp(b, b.input("x", (tokens, hidden)), rng, hidden, ffn))
+
+
+def _layernorm(b: GraphBuilder, x, rng, hidden: int, prefix: str):
+    return b.layernorm(x, b.const(1 + 0.1 * rng.standard_normal(hidden, np.float32), "f32", name=prefix + "_scale"),
+                       b.const(0.1 * rng.standard_normal(hidden, np.float32), "f32", name=prefix + "_bias"))
+
+
+def _linear(b: GraphBuilder, rng, k: int, n: int, w: str, bias: str):
+    """Constants W [k, n] ~ N(0, 1/k) and a small bias [n] of a linear layer."""
+    wv = b.const(rng.standard_normal((k, n), np.float32) / np.sqrt(k), "f32", name=w)
+    bv = b.const(0.02 * rng.standard_normal(n, np.float32), "f32", name=bias)
+    return wv, bv
+
+
+def _mlp(b: GraphBuilder, x, rng, hidden: int, ffn: int, ln: str = "ln"):
+    """x + W2·gelu(W1·layernorm(x) + b1) + b2 (constants drawn from ``rng`` in this order)."""
+    h = _layernorm(b, x, rng, hidden, ln)
+    w1, b1 = _linear(b, rng, hidden, ffn, "w1", "b1")
+    w2, b2 = _linear(b, rng, ffn, hidden, "w2", "b2")
+    h = b.gelu(b.add(b.matmul(h, w1), b1))
+    return b.add(x, b.add(b.matmul(h, w2), b2))
+
+
+def transformer_block(hidden: int = 768, heads: int = 12, ffn: int = 3072, tokens: int = 4, seed: int = 0) -> Graph:
+    """A pre-layernorm transformer block over ``tokens`` positions: causal
+    multi-head self-attention with a residual, then the MLP half
+    (:func:`transformer_mlp`'s structure)::
+
+        a = layernorm(x);  q, k, v = a·Wq + bq, a·Wk + bk, a·Wv + bv
+        per head: p = softmax(q·kᵀ / sqrt(d) + mask)   (mask: -1e9 above the diagonal)
+        h = x + concat_heads(p·v)·Wo + bo
+        y = h + W2·gelu(W1·layernorm(h) + b1) + b2
+    """
+    if hidden % heads:
+        raise ValueError(f"transformer_block: hidden={hidden} is not a multiple of heads={heads}")
+    d = hidden // heads
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder("transformer_block")
     x = b.input("x", (tokens, hidden))
-    ln = b.layernorm(x, b.const(1 + 0.1 * rng.standard_normal(hidden, np.float32), "f32", name="ln_scale"),
-                     b.const(0.1 * rng.standard_normal(hidden, np.float32), "f32", name="ln_bias"))
-    w1 = b.const(rng.standard_normal((hidden, ffn), np.float32) / np.sqrt(hidden), "f32", name="w1")
-    b1 = b.const(0.02 * rng.standard_normal(ffn, np.float32), "f32", name="b1")
-    w2 = b.const(rng.standard_normal((ffn, hidden), np.float32) / np.sqrt(ffn), "f32", name="w2")
-    b2 = b.const(0.02 * rng.standard_normal(hidden, np.float32), "f32", name="b2")
-    h = b.gelu(b.add(b.matmul(ln, w1), b1))
-    return b.output(b.add(x, b.add(b.matmul(h, w2), b2)))
+    a = _layernorm(b, x, rng, hidden, "ln1")
+
+    def project(name, perm):
+        w, bias = _linear(b, rng, hidden, hidden, "w" + name, "b" + name)
+        y = b.add(b.matmul(a, w), bias)
+        return b.transpose(b.reshape(y, shape=(tokens, heads, d)), perm=perm)
+
+    q = project("q", (1, 0, 2))          # [heads, tokens, d]
+    kt = project("k", (1, 2, 0))         # [heads, d, tokens]: k transposed
+    v = project("v", (1, 0, 2))          # [heads, tokens, d]
+    scale = b.const(np.float32(1 / np.sqrt(d)), "f32", name="attn_scale")
+    mask = b.const(np.triu(np.full((tokens, tokens), -1e9, np.float32), 1), "f32", name="causal_mask")
+    p = b.softmax(b.add(b.mul(b.matmul(q, kt), scale), mask), axis=-1)
+    o = b.reshape(b.transpose(b.matmul(p, v), perm=(1, 0, 2)), shape=(tokens, hidden))
+    wo, bo = _linear(b, rng, hidden, hidden, "wo", "bo")
+    h = b.add(x, b.add(b.matmul(o, wo), bo))
+    return b.output(_mlp(b, h, rng, hidden, ffn, ln="ln2"))
 
 
 def small_cnn(channels=(16, 32), image: int = 32, classes: int = 10, batch: int = 1, seed: int = 0) -> Graph:
@@ -38,4 +86,4 @@ def small_cnn(channels=(16, 32), image: int = 32, classes: int = 10, batch: int 
     return b.output(b.softmax(b.add(b.matmul(feat, w), b.const(np.zeros(classes, np.float32), "f32", name="fc_b"))))
 
 
-MODELS = {"transformer_mlp": transformer_mlp, "small_cnn": small_cnn}
+MODELS = {"transformer_mlp": transformer_mlp, "transformer_block": transformer_block, "small_cnn": small_cnn}

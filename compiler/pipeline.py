@@ -5,7 +5,9 @@
 
 The pass manager verifies after every pass, says "(unchanged)" when a pass
 did nothing, and can dump the IR after any or all passes as numbered files
-(``000_input.sqkir``, ``001_fold_constants.sqkir``, ...) that parse back.
+(``000_input.sqkir``, ``001_fold_constants.sqkir``, ...) that parse back;
+the compile driver continues the numbering with the codegen levels
+(``CODEGEN_DUMPS``: the LLVM IR as lowered, after O3, and the assembly).
 """
 from __future__ import annotations
 
@@ -20,7 +22,15 @@ from ..ir.text import save_ir
 from ..ir.verify import verify
 from .passes import PASSES, Pass
 
-DEFAULT_PIPELINE = "fold_constants,dce"
+# After the passes that rewrite weights (quantize, sparsify): choose each weight's
+# storage format, drop dead nodes, fuse what one kernel can do.
+TAIL = "select_format,dce,fuse"
+DEFAULT_PIPELINE = "fold_constants," + TAIL
+# Dump levels after the passes, in order, with their file suffixes (``dump_after`` names).
+CODEGEN_DUMPS = (("llvm", ".ll"), ("llvm_opt", ".ll"), ("asm", ".s"))
+# Files a dump writes; older ones are removed when a new dump starts, so a
+# dump directory never mixes two compiles.
+_DUMP_FILE = re.compile(r"\d{3}_([A-Za-z0-9_]+)(\.sqkir(\.npz)?|\.ll|\.s)")
 
 
 class PipelineError(ValueError):
@@ -82,29 +92,69 @@ def parse_pipeline(spec: str) -> list[Pass]:
 
 
 class PassManager:
-    """Runs passes in order, verifying after each, dumping when asked."""
+    """Runs passes in order, verifying after each, dumping when asked.
 
-    def __init__(self, passes: list[Pass], dump_after=None, dump_dir: str | None = None, log=None):
+    ``dump_after``: "all", a pass name, a comma-separated string of names or a
+    list ("input" is the graph before any pass; ``codegen=True`` also accepts
+    the ``CODEGEN_DUMPS`` levels, which the caller writes with ``dump_text``).
+    ``progress``: a :class:`~sqk.compiler.progress.Progress` told each pass."""
+
+    def __init__(self, passes: list[Pass], dump_after=None, dump_dir: str | None = None, log=None,
+                 progress=None, codegen: bool = False):
         self.passes = passes
         names = {p.name for p in passes}
-        self.dump_after = set() if not dump_after else ({"all"} if dump_after == "all" else
-                                                        set([dump_after] if isinstance(dump_after, str) else dump_after))
-        unknown = self.dump_after - names - {"all", "input"}
+        if isinstance(dump_after, str):
+            dump_after = [d.strip() for d in dump_after.split(",") if d.strip()]
+        self.dump_after = set(dump_after or ())
+        levels = {name for name, _ in CODEGEN_DUMPS} if codegen else set()
+        unknown = self.dump_after - names - levels - {"all", "input"}
         if unknown:
             raise PipelineError(f"dump_after names {', '.join(sorted(unknown))}, which the pipeline does not run "
-                                f"({', '.join(p.name for p in passes) or 'no passes'})")
+                                f"({', '.join(p.name for p in passes) or 'no passes'})"
+                                + (f"; dump levels: input, {', '.join(n for n, _ in CODEGEN_DUMPS)}" if levels else ""))
         self.dump_dir = dump_dir or ("sqk-dump" if self.dump_after else None)
         self.log = log  # a callable taking a line, or None for quiet
+        self.progress = progress
+        self._cleared = False
+
+    def wants(self, name: str) -> bool:
+        """Whether the IR after ``name`` (a pass, "input" or a codegen level) is dumped."""
+        return "all" in self.dump_after or name in self.dump_after
+
+    def _open_dump_dir(self) -> None:
+        os.makedirs(self.dump_dir, exist_ok=True)
+        if not self._cleared:
+            ours = set(PASSES) | {"input"} | {name for name, _ in CODEGEN_DUMPS}
+            for f in os.listdir(self.dump_dir):
+                m = _DUMP_FILE.fullmatch(f)
+                if m and m.group(1) in ours:  # a user's "001_model.sqkir" stays
+                    os.unlink(os.path.join(self.dump_dir, f))
+            self._cleared = True
 
     def _dump(self, index: int, name: str, g: Graph):
-        if "all" in self.dump_after or name in self.dump_after:
-            os.makedirs(self.dump_dir, exist_ok=True)
+        if self.wants(name):
+            self._open_dump_dir()
             save_ir(g, os.path.join(self.dump_dir, f"{index:03d}_{name}.sqkir"))
+
+    def dump_text(self, level: str, text) -> str | None:
+        """Write a codegen level's text (``text`` may be a callable, called only
+        when the level is dumped), numbered after the passes; returns the path."""
+        if not self.wants(level):
+            return None
+        index, suffix = next((len(self.passes) + 1 + i, sfx) for i, (name, sfx) in enumerate(CODEGEN_DUMPS)
+                             if name == level)
+        self._open_dump_dir()
+        path = os.path.join(self.dump_dir, f"{index:03d}_{level}{suffix}")
+        with open(path, "w") as f:
+            f.write(text() if callable(text) else text)
+        return path
 
     def run(self, graph: Graph) -> Graph:
         verify(graph)
         self._dump(0, "input", graph)
         for i, p in enumerate(self.passes, 1):
+            if self.progress is not None:
+                self.progress.update(f"pass {p.name}", i - 1, len(self.passes), "passes")
             t0 = time.perf_counter()
             old, before = graph, graph.to_text(0)
             graph = p.run(graph)

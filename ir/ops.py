@@ -16,11 +16,11 @@ import numpy as np
 
 from . import dtypes as dt
 from .dtypes import DType
-from .graph import IRError, TensorType
+from .graph import Graph, IRError, TensorType
 from .sparsity import parse_format
 
 REQUIRED = object()
-ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dtype", "array")
+ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dtype", "array", "graph")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ class Attr:
                 return dt.dtype(value)
             if self.kind == "array":
                 return np.asarray(value)
+            if self.kind == "graph":
+                if not isinstance(value, Graph):
+                    raise ValueError
+                return value
         except (TypeError, ValueError):
             pass
         raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}")
@@ -74,6 +78,14 @@ class OpDef:
     infer: Callable[..., list[TensorType]]
     reference: Callable[..., list[np.ndarray]]
     doc: str = ""
+    # output index -> input index: the compiled kernel may update that input in
+    # place and return it as the output (the memory planner decides; see
+    # compiler/memory.py).  The reference semantics stay functional.
+    aliases: dict[int, int] = None
+
+    def __post_init__(self):
+        if self.aliases is None:
+            object.__setattr__(self, "aliases", {})
 
     @property
     def variadic(self) -> bool:
@@ -112,7 +124,7 @@ def defop(name: str, inputs: str, attrs: dict[str, Attr] | None = None, optional
 
     def wrap(cls):
         OPS[name] = OpDef(name, tuple(inputs.split()), optional, attrs or {},
-                          cls.infer, cls.reference, (cls.__doc__ or "").strip())
+                          cls.infer, cls.reference, (cls.__doc__ or "").strip(), getattr(cls, "ALIASES", {}))
         return cls
 
     return wrap
@@ -182,6 +194,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 UNARY: dict[str, tuple[tuple[DType, ...], Callable]] = {
     "neg": (dt.FLOATS + (dt.i64, dt.i32, dt.i8), np.negative),
     "exp": (dt.FLOATS, np.exp),
+    "log": (dt.FLOATS, np.log),
     "sqrt": (dt.FLOATS, np.sqrt),
     "rsqrt": (dt.FLOATS, lambda x: np.float32(1) / np.sqrt(x)),
     "tanh": (dt.FLOATS, np.tanh),
@@ -195,6 +208,7 @@ BINARY: dict[str, tuple[tuple[DType, ...], Callable]] = {
     "sub": (dt.NUMERIC, np.subtract),
     "mul": (dt.NUMERIC, np.multiply),
     "div": (dt.FLOATS, np.divide),
+    "pow": (dt.FLOATS, np.power),
     "max": (dt.NUMERIC, np.maximum),
     "min": (dt.NUMERIC, np.minimum),
 }
@@ -240,6 +254,140 @@ for _n, (_allowed, _fn) in UNARY.items():
     _def_unary(_n, _allowed, _fn)
 for _n, (_allowed, _fn) in BINARY.items():
     _def_binary(_n, _allowed, _fn)
+
+
+# --- comparisons, logic, selection -----------------------------------------------------
+# name -> (allowed dtypes, numpy function); the result is bool.  Codegen has a matching table.
+
+COMPARE: dict[str, tuple[tuple[DType, ...], Callable]] = {
+    "equal": (dt.NUMERIC + (dt.bool_,), np.equal),
+    "less": (dt.NUMERIC, np.less),
+    "greater": (dt.NUMERIC, np.greater),
+}
+
+
+def _def_compare(name, allowed, fn):
+    class Compare:
+        __doc__ = f"elementwise {name} with numpy broadcasting; bool result (NaN compares false)"
+
+        @staticmethod
+        def infer(a, b):
+            _same_dtype([a, b])
+            _dtypes(a, allowed)
+            return [TensorType(dt.bool_, broadcast_shapes(a.shape, b.shape))]
+
+        @staticmethod
+        def reference(a, b):
+            return [np.asarray(fn(a, b))]  # f16 compares exactly as f32
+
+    defop(name, "a b")(Compare)
+
+
+for _n, (_allowed, _fn) in COMPARE.items():
+    _def_compare(_n, _allowed, _fn)
+
+
+@defop("logical_and", "a b")
+class LogicalAnd:
+    """a and b of bools with numpy broadcasting."""
+
+    @staticmethod
+    def infer(a, b):
+        _dtypes(a, (dt.bool_,), "a"), _dtypes(b, (dt.bool_,), "b")
+        return [TensorType(dt.bool_, broadcast_shapes(a.shape, b.shape))]
+
+    @staticmethod
+    def reference(a, b):
+        return [np.logical_and(a, b)]
+
+
+@defop("logical_not", "x")
+class LogicalNot:
+    """not x, of bools."""
+
+    @staticmethod
+    def infer(x):
+        _dtypes(x, (dt.bool_,))
+        return [x]
+
+    @staticmethod
+    def reference(x):
+        return [np.logical_not(x)]
+
+
+@defop("isnan", "x")
+class IsNaN:
+    """x != x of floats, as bool."""
+
+    @staticmethod
+    def infer(x):
+        _dtypes(x, dt.FLOATS)
+        return [TensorType(dt.bool_, x.shape)]
+
+    @staticmethod
+    def reference(x):
+        return [np.isnan(x)]
+
+
+@defop("where", "cond a b")
+class Where:
+    """cond ? a : b elementwise, all three broadcast (numpy rules); values copied exactly."""
+
+    @staticmethod
+    def infer(cond, a, b):
+        _dtypes(cond, (dt.bool_,), "cond")
+        d = _same_dtype([a, b])
+        _need(d is not dt.i4, "where on i4 is not supported")
+        return [TensorType(d, broadcast_shapes(cond.shape, a.shape, b.shape))]
+
+    @staticmethod
+    def reference(cond, a, b):
+        return [np.where(cond, a, b)]
+
+
+@defop("expand", "x", {"shape": Attr("ints")})
+class Expand:
+    """x broadcast (numpy rules, both ways) with ``shape``: the result has shape
+    broadcast(x.shape, shape), so a 1 in ``shape`` keeps x's dim (ONNX Expand)."""
+
+    @staticmethod
+    def infer(x, shape):
+        _need(x.dtype is not dt.i4, "expand of i4 is not supported")
+        _need(all(d >= 0 for d in shape), f"expand: negative dim in {shape}")
+        return [TensorType(x.dtype, broadcast_shapes(x.shape, shape))]
+
+    @staticmethod
+    def reference(x, shape):
+        return [np.array(np.broadcast_to(x, broadcast_shapes(x.shape, shape)))]
+
+
+@defop("gather_elements", "x ids", {"axis": Attr("int", 0)})
+class GatherElements:
+    """y[i0..] = x[i0.., ids[i0..], ..] with ids replacing the index on ``axis``
+    (np.take_along_axis); y has ids' shape; ids count from the end when negative
+    and must lie in [-n, n); every other dim of ids is at most x's."""
+
+    @staticmethod
+    def infer(x, ids, axis):
+        _dtypes(ids, (dt.i64, dt.i32), "ids")
+        _need(x.dtype is not dt.i4, "gather_elements from an i4 tensor is not supported")
+        _need(x.rank >= 1 and ids.rank == x.rank, f"gather_elements needs ids of x's rank >= 1, got {x.shape} "
+              f"and {ids.shape}")
+        a = _axis(axis, x.rank)
+        _need(all(i <= d for j, (i, d) in enumerate(zip(ids.shape, x.shape)) if j != a),
+              f"gather_elements: ids shape {ids.shape} exceeds x shape {x.shape} off axis {a}")
+        _need(x.shape[a] > 0 or ids.size == 0, "gather_elements from an empty axis")
+        return [TensorType(x.dtype, ids.shape)]
+
+    @staticmethod
+    def reference(x, ids, axis):
+        a = axis % x.ndim
+        n = x.shape[a]
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"gather_elements: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
+        idx = np.where(ids < 0, ids + n, ids).astype(np.int64)
+        sub = x[tuple(slice(0, s) if j != a else slice(None) for j, s in enumerate(ids.shape))]
+        return [np.take_along_axis(sub, idx, axis=a)]
 
 
 @defop("gelu", "x", {"approximate": Attr("str", "none")})
@@ -313,15 +461,23 @@ def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | Non
 
 
 ACTIVATION_MODES = ("none", "int8")
+F32_MAX = float(np.finfo(np.float32).max)
 
 
-def quantize_rows_i8(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dynamic int8 quantization of x[R, K] (f32) per row and group of K (a
-    shorter last group when group does not divide K): d = max|x_group| / 127 and
-    xq = round-half-even(x / d) in [-127, 127], all in f32; a group with d = 0
-    gets xq = 0.  Returns (xq int32 [R, K], d f32 [R, groups])."""
+def quantize_rows_i8(x: np.ndarray, group: int, act_scale: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Int8 quantization of x[R, K] (f32) per row and group of K (a shorter
+    last group when group does not divide K).  Dynamic (act_scale = 0):
+    d = max|x_group| / 127 and xq = round-half-even(x / d) in [-127, 127], all
+    in f32; a group with d = 0 gets xq = 0.  Static (act_scale > 0): d =
+    f32(act_scale) everywhere and xq = clip(round-half-even(x / d), -127, 127)
+    (saturating; +-inf saturate too).  Returns (xq int32 [R, K], d f32 [R, groups])."""
     r, k = x.shape
     groups = -(-k // group)
+    if act_scale > 0:
+        s = np.float32(act_scale)
+        with np.errstate(over="ignore"):
+            xq = np.clip(np.round(x.astype(np.float32) / s), np.float32(-127), np.float32(127))
+        return xq.astype(np.int32), np.full((r, groups), s, np.float32)
     xp = np.zeros((r, groups * group), np.float32)
     xp[:, :k] = x
     xb = xp.reshape(r, groups, group)
@@ -332,14 +488,16 @@ def quantize_rows_i8(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
-                   group: int) -> np.ndarray:
-    """matmul_q {activations=int8} on x[R, K]: per row and group g,
-    dot_g = sum_k xq * (q - zero) exactly (integers), and y = sum_g (d_g *
-    scale_g) * dot_g accumulated in f32 over g in order.  Returns f32 [R, N]."""
+                   group: int, act_scale: float = 0.0) -> np.ndarray:
+    """matmul_q {activations=int8} on x[R, K]: x quantized by
+    ``quantize_rows_i8`` (dynamic, or static with ``act_scale`` > 0), then per
+    row and group g, dot_g = sum_k xq * (q - zero) exactly (integers), and
+    y = sum_g (d_g * scale_g) * dot_g accumulated in f32 over g in order, each
+    product and sum rounded to f32 (no fused multiply-add).  Returns f32 [R, N]."""
     r, k = x.shape
     n = q.shape[1]
     groups = -(-k // group)
-    xq, d = quantize_rows_i8(x.astype(np.float32), group)
+    xq, d = quantize_rows_i8(x.astype(np.float32), group, act_scale)
     w = q.astype(np.int64)
     if zeros is not None:
         w = w - zeros.astype(np.int64)[np.arange(k) // group]
@@ -353,7 +511,8 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
 
 
 @defop("matmul_q", "x q scales zeros",
-       {"group": Attr("int"), "activations": Attr("str", "none"), "sparse": Attr("str", "dense")}, optional=1)
+       {"group": Attr("int"), "activations": Attr("str", "none"), "sparse": Attr("str", "dense"),
+        "act_scale": Attr("float", 0.0)}, optional=1)
 class MatMulQ:
     """x[..., M, K] @ dequantize(q)[K, N] with weights quantized to i8 or i4:
     w[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n].  One
@@ -369,18 +528,26 @@ class MatMulQ:
     in integers, the outer in f32 (``matmul_q_i8act``).  Other numerics than
     "none" (activation rounding), chosen explicitly.
 
+    ``act_scale`` (activations="int8" only): 0.0 (default) is the dynamic
+    quantization above; > 0 is a static, calibrated per-tensor scale: d =
+    f32(act_scale) for every row and group, xq = clip(round-half-even(x / d),
+    -127, 127) (saturating), and y as above with that d.
+
     ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
     non-dense format needs symmetric weights (no zeros), activations="none",
     and for i8 per-channel scales (group >= K)."""
 
     @staticmethod
-    def infer(x, q, scales, zeros=None, *, group, activations="none", sparse="dense"):
+    def infer(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(q, (dt.i8, dt.i4), "q")
         _dtypes(scales, dt.FLOATS, "scales")
         _need(activations in ACTIVATION_MODES,
               f"matmul_q activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
         _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
+        _need(act_scale == 0 or (activations == "int8" and 0 < act_scale <= F32_MAX and np.float32(act_scale) > 0),
+              f"matmul_q act_scale={act_scale!r} must be 0 (dynamic) or, with activations=int8, a positive "
+              f"finite f32 scale")
         k, n = q.shape
         _need(x.shape[-1] == k, f"matmul_q inner dimensions differ: x {x.shape} @ q {q.shape}")
         _need(group >= 1, f"matmul_q group must be >= 1, got {group}")
@@ -400,10 +567,10 @@ class MatMulQ:
         return [TensorType(x.dtype, x.shape[:-1] + (n,))]
 
     @staticmethod
-    def reference(x, q, scales, zeros=None, *, group, activations="none", sparse="dense"):
+    def reference(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
         if activations == "int8":
             k, n = q.shape
-            y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group)
+            y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group, act_scale)
             return [y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)]
         w = dequantize_weight(q, scales, zeros, group)
         return [np.matmul(x.astype(np.float32), w).astype(x.dtype)]
@@ -778,3 +945,264 @@ class GlobalAvgPool:
     @staticmethod
     def reference(x):
         return [x.astype(np.float32).mean(axis=(2, 3), keepdims=True).astype(x.dtype)]
+
+
+# --- LLM decoding -------------------------------------------------------------------------
+
+def rope_positions(pos: np.ndarray, t: int) -> np.ndarray:
+    """Position of each of ``t`` tokens: pos[i] for a pos of t entries, else
+    pos + i (pos a start position of shape () or (1,))."""
+    p = np.asarray(pos).astype(np.int64).reshape(-1)
+    return p if p.size == t and t != 1 else p[0] + np.arange(t, dtype=np.int64)
+
+
+def rope_inv_freq(d: int, theta: float) -> np.ndarray:
+    """theta ** (-2i / d) for i < d/2, computed in f64 and rounded to f32."""
+    return (float(theta) ** (-np.arange(d // 2, dtype=np.float64) * 2.0 / d)).astype(np.float32)
+
+
+def rope_pairs(d: int, style: str) -> tuple[np.ndarray, np.ndarray]:
+    """Element indices (first, second) of each rotated pair i < d/2."""
+    i = np.arange(d // 2)
+    return (i, i + d // 2) if style == "half" else (2 * i, 2 * i + 1)
+
+
+@defop("rope", "x pos", {"theta": Attr("float", 10000.0), "style": Attr("str", "half")})
+class Rope:
+    """Rotary position embedding of x[..., T, H, D] (or x[T, D]: one head) at
+    integer positions: pos of shape () or (1,) is the start (token t is at
+    pos + t), pos of shape (T,) gives each token's position (T > 1).  For pair
+    i < D/2 with angle a = f32(p) * f32(theta ** (-2i/D)) (one f32 product):
+    y1 = x1 cos a - x2 sin a, y2 = x2 cos a + x1 sin a, in f32.
+    style="half" (Llama, HF rotate_half): the pair is (i, i + D/2);
+    style="interleaved" (GPT-J): (2i, 2i + 1).  D must be even."""
+
+    @staticmethod
+    def infer(x, pos, theta, style):
+        _dtypes(x, dt.FLOATS, "x")
+        _dtypes(pos, (dt.i64, dt.i32), "pos")
+        _need(style in ("half", "interleaved"), f'rope style must be "half" or "interleaved", got {style!r}')
+        _need(x.rank >= 2, f"rope needs x of shape [..., T, H, D] or [T, D], got {x.shape}")
+        _need(x.shape[-1] % 2 == 0, f"rope needs an even head dim D, got {x.shape[-1]}")
+        _need(theta > 0, f"rope theta must be positive, got {theta}")
+        t = x.shape[-2] if x.rank == 2 else x.shape[-3]
+        _need(pos.shape in ((), (1,), (t,)), f"rope pos must have shape (), (1,) or (T,) = ({t},), got {pos.shape}")
+        return [x]
+
+    @staticmethod
+    def reference(x, pos, theta, style):
+        d = x.shape[-1]
+        xs = x.reshape(x.shape[:-1] + (1, d)) if x.ndim == 2 else x  # [T, D] -> [T, 1, D]
+        t = xs.shape[-3]
+        ang = rope_positions(pos, t).astype(np.float32)[:, None] * rope_inv_freq(d, theta)[None, :]
+        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]   # [T, 1, D/2]
+        i1, i2 = rope_pairs(d, style)
+        y = xs.astype(np.float32)
+        out = np.empty_like(y)
+        x1, x2 = y[..., i1], y[..., i2]
+        out[..., i1] = x1 * c - x2 * s
+        out[..., i2] = x2 * c + x1 * s
+        return [out.reshape(x.shape).astype(x.dtype)]
+
+
+@defop("swiglu", "gate up")
+class SwiGLU:
+    """silu(gate) * up = gate * sigmoid(gate) * up elementwise (same shapes), in f32."""
+
+    @staticmethod
+    def infer(gate, up):
+        d = _same_dtype([gate, up])
+        _dtypes(gate, dt.FLOATS)
+        _need(gate.shape == up.shape, f"swiglu: gate {gate.shape} and up {up.shape} must have one shape")
+        return [TensorType(d, gate.shape)]
+
+    @staticmethod
+    def reference(gate, up):
+        g = gate.astype(np.float32)
+        return [(g * sigmoid(g) * up.astype(np.float32)).astype(gate.dtype)]
+
+
+def topk_order(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of each row of x (last axis), largest
+    first; equal values: lower index first; NaN ranks above every number."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n).astype(np.float32)
+    out = np.empty((rows.shape[0], k), np.int64)
+    for r, row in enumerate(rows):
+        nan = np.isnan(row)
+        out[r] = np.lexsort((np.arange(n), -np.where(nan, 0, row), ~nan))[:k]
+    return out.reshape(x.shape[:-1] + (k,))
+
+
+@defop("topk", "x", {"k": Attr("int")})
+class TopK:
+    """(values, indices) of the k largest entries along the last axis, largest
+    first; equal values keep the lower index first; NaN ranks above +inf (NaNs
+    among themselves by index).  indices are i64; k <= the axis size."""
+
+    @staticmethod
+    def infer(x, k):
+        _dtypes(x, dt.FLOATS, "x")
+        _need(x.rank >= 1, "topk needs x of rank >= 1")
+        _need(0 <= k <= x.shape[-1], f"topk: k={k} must lie in [0, {x.shape[-1]}] (the last axis of {x.shape})")
+        shape = x.shape[:-1] + (k,)
+        return [TensorType(x.dtype, shape), TensorType(dt.i64, shape)]
+
+    @staticmethod
+    def reference(x, k):
+        idx = topk_order(x, k)
+        return [np.take_along_axis(x, idx, axis=-1), idx]
+
+
+@defop("attention_decode", "q k_new v_new k_cache v_cache pos")
+class AttentionDecode:
+    """One decoding step of causal attention over a KV cache.
+    q[Hq, D]; k_new, v_new [Hkv, D]; k_cache, v_cache [Hkv, S, D]; pos i64 of
+    shape () or (1,).  Writes k_new/v_new at row pos of the caches (results 1
+    and 2: the updated caches), then query head g attends over rows 0..pos of
+    kv head g // (Hq/Hkv) (grouped-query attention, Llama's repeat_interleave
+    order): out[g] = softmax(q[g] . k[t] / sqrt(D)) @ v[t], softmax stable
+    (max subtracted), all in f32.  pos outside [0, S) is a run-time error.
+    The compiled kernel updates the caches in place when the memory planner
+    lets it (a state input, or an intermediate read last here; see
+    compiler/memory.py) and copies them otherwise."""
+
+    ALIASES = {1: 3, 2: 4}
+
+    @staticmethod
+    def infer(q, k_new, v_new, k_cache, v_cache, pos):
+        d = _same_dtype([q, k_new, v_new, k_cache, v_cache])
+        _dtypes(q, dt.FLOATS, "q")
+        _dtypes(pos, (dt.i64, dt.i32), "pos")
+        _need(pos.shape in ((), (1,)), f"attention_decode pos must have shape () or (1,), got {pos.shape}")
+        _need(q.rank == 2 and k_cache.rank == 3, f"attention_decode needs q[Hq, D] and k_cache[Hkv, S, D], got "
+              f"{q.shape} and {k_cache.shape}")
+        hkv, s, dd = k_cache.shape
+        hq = q.shape[0]
+        _need(q.shape[1] == dd and dd >= 1, f"attention_decode: q {q.shape} and k_cache {k_cache.shape} differ in D")
+        _need(v_cache.shape == k_cache.shape, f"attention_decode: v_cache {v_cache.shape} != k_cache {k_cache.shape}")
+        _need(k_new.shape == (hkv, dd) and v_new.shape == (hkv, dd),
+              f"attention_decode: k_new {k_new.shape} and v_new {v_new.shape} must be ({hkv}, {dd})")
+        _need(hkv >= 1 and s >= 1 and hq % hkv == 0,
+              f"attention_decode: Hq={hq} must be a multiple of Hkv={hkv} (>= 1), and S={s} >= 1")
+        return [TensorType(d, q.shape), k_cache, v_cache]
+
+    @staticmethod
+    def reference(q, k_new, v_new, k_cache, v_cache, pos):
+        hkv, s, d = k_cache.shape
+        p = int(np.asarray(pos).reshape(-1)[0])
+        if not 0 <= p < s:
+            raise IndexError(f"attention_decode: position {p} is outside the KV cache of length {s}")
+        kc, vc = k_cache.copy(), v_cache.copy()
+        kc[:, p], vc[:, p] = k_new, v_new
+        g = q.shape[0] // hkv
+        scale = np.float32(1.0 / math.sqrt(d))
+        out = np.empty(q.shape, np.float32)
+        for h in range(q.shape[0]):
+            kv = h // g
+            sc = (kc[kv, :p + 1].astype(np.float32) @ q[h].astype(np.float32)) * scale
+            e = np.exp(sc - sc.max())
+            out[h] = (e / e.sum()) @ vc[kv, :p + 1].astype(np.float32)
+        return [out.astype(q.dtype), kc, vc]
+
+
+def moe_route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(expert ids [N, k], weights [N, k] f32) of router logits [N, E]: the top k
+    (``topk_order``), weighted by the softmax over the chosen k logits, which
+    equals softmax over all E renormalized over the chosen k."""
+    ids = topk_order(logits, k)
+    chosen = np.take_along_axis(logits.astype(np.float32), ids, axis=-1)
+    e = np.exp(chosen - chosen[:, :1])
+    return ids, (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@defop("moe", "x router_w w1 w3 w2", {"k": Attr("int")})
+class MoE:
+    """Mixture of SwiGLU experts.  x[N, H], router_w[H, E], w1/w3 [E, H, F],
+    w2[E, F, H]: per row of x, logits = x @ router_w, the k experts of the
+    largest logits (``moe_route``: ties to the lower id, weights softmax over
+    the chosen k), y = sum_i w_i * (silu(x @ w1[e_i]) * (x @ w3[e_i])) @ w2[e_i],
+    in f32.  The kernel reads only the chosen experts' weights (it branches on
+    the ids at run time).  1 <= k <= E."""
+
+    @staticmethod
+    def infer(x, router_w, w1, w3, w2, k):
+        _same_dtype([x, router_w, w1, w3, w2])
+        _dtypes(x, dt.FLOATS, "x")
+        _need(x.rank == 2 and router_w.rank == 2 and w1.rank == 3,
+              f"moe needs x[N, H], router_w[H, E], w1[E, H, F], got {x.shape}, {router_w.shape}, {w1.shape}")
+        n, h = x.shape
+        e, f = router_w.shape[1], w1.shape[2]
+        _need(router_w.shape[0] == h, f"moe: router_w {router_w.shape} must be ({h}, E)")
+        _need(w1.shape == (e, h, f) and w3.shape == (e, h, f) and w2.shape == (e, f, h),
+              f"moe: w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} must be ({e}, {h}, F), ({e}, {h}, F), ({e}, F, {h})")
+        _need(1 <= k <= e, f"moe: k={k} must lie in [1, {e}] (the number of experts)")
+        return [x]
+
+    @staticmethod
+    def reference(x, router_w, w1, w3, w2, k):
+        xf = x.astype(np.float32)
+        ids, wts = moe_route(xf @ router_w.astype(np.float32), k)
+        y = np.zeros(xf.shape, np.float32)
+        for r in range(x.shape[0]):
+            for e, w in zip(ids[r], wts[r]):
+                g = xf[r] @ w1[e].astype(np.float32)
+                a = g * sigmoid(g) * (xf[r] @ w3[e].astype(np.float32))
+                y[r] += w * (a @ w2[e].astype(np.float32))
+        return [y.astype(x.dtype)]
+
+
+def used_rows(a: np.ndarray) -> np.ndarray:
+    """Rows k of b that ``matmul_sparse_input`` reads: a[..., k] != 0 in some row of a."""
+    return (a.reshape(-1, a.shape[-1]) != 0).any(axis=0) if a.size else np.zeros(a.shape[-1], bool)
+
+
+@defop("matmul_sparse_input", "a b")
+class MatMulSparseInput:
+    """a[..., M, K] @ b[K, N] (b 2-D) by a kernel that skips the rows of b whose
+    entry of a is zero in every row of a: activation sparsity after ReLU (chosen
+    by the ``sparse_activations`` pass).  Equal to matmul, except that a skipped
+    row is never read: a non-finite b[k] there adds 0, not NaN."""
+
+    @staticmethod
+    def infer(a, b):
+        d = _same_dtype([a, b])
+        _dtypes(a, dt.FLOATS)
+        _need(a.rank >= 2 and b.rank == 2, f"matmul_sparse_input needs a[..., M, K] and a 2-D b, got {a.shape} "
+                                           f"and {b.shape}")
+        _need(a.shape[-1] == b.shape[0], f"matmul_sparse_input inner dimensions differ: {a.shape} @ {b.shape}")
+        return [TensorType(d, a.shape[:-1] + (b.shape[1],))]
+
+    @staticmethod
+    def reference(a, b):
+        bf = np.where(used_rows(a)[:, None], b.astype(np.float32), np.float32(0))
+        return [np.matmul(a.astype(np.float32), bf).astype(a.dtype)]
+
+
+# --- fusion -------------------------------------------------------------------------------
+
+@defop("fused", "xs*", {"body": Attr("graph")})
+class Fused:
+    """One kernel computing the sub-graph ``body`` (made by the ``fuse`` pass):
+    the inputs bind to body's inputs in order, the results are body's outputs.
+    The body holds no constants (they stay inputs of the fused node), so the
+    side table of the text form stays flat."""
+
+    @staticmethod
+    def infer(*xs, body):
+        from .verify import verify  # verify imports this module
+
+        _need(len(xs) == len(body.inputs),
+              f"fused: {len(xs)} inputs for a body @{body.name} of {len(body.inputs)} inputs")
+        for i, (t, v) in enumerate(zip(xs, body.inputs)):
+            _need(t == v.type, f"fused: input {i} is {t}, body @{body.name} takes %{v.name}: {v.type}")
+        _need(all(n.op != "const" for n in body.nodes),
+              f"fused: body @{body.name} holds a constant; pass it as an input of the fused node")
+        verify(body)
+        return [v.type for v in body.outputs]
+
+    @staticmethod
+    def reference(*xs, body):
+        from .reference import run_reference  # reference imports this module
+
+        return run_reference(body, {v.name: x for v, x in zip(body.inputs, xs)})

@@ -60,6 +60,12 @@ def _attr(v) -> str:
     raise IRError(f"cannot print attribute value {v!r}")
 
 
+def _region(body: Graph, inline_limit, canonical: bool) -> str:
+    """A graph attribute: the body's own text, nested lines indented one level
+    (its value names are its own scope)."""
+    return print_graph(body, inline_limit, canonical).rstrip("\n").replace("\n", "\n  ")
+
+
 def print_graph(g: Graph, inline_limit: int | None = 16, canonical: bool = False) -> str:
     names: dict[Value, str] = {}
     inputs = set(g.inputs)  # input names are part of the API: canonical form keeps them
@@ -90,7 +96,8 @@ def print_graph(g: Graph, inline_limit: int | None = 16, canonical: bool = False
             continue
         args = ", ".join(name(v) for v in n.inputs)
         # defaults are left out; compared as text so -0.0 is not taken for a default 0.0
-        attrs = ", ".join(f"{k}={_attr(v)}" for k, v in n.attrs.items()
+        attrs = ", ".join(f"{k}={_region(v, inline_limit, canonical) if isinstance(v, Graph) else _attr(v)}"
+                          for k, v in n.attrs.items()
                           if OPS[n.op].attrs[k].default is REQUIRED or _attr(v) != _attr(OPS[n.op].attrs[k].default))
         attrs = f" {{{attrs}}}" if attrs else ""
         lines.append(f"  {lhs} = {n.op}({args}){attrs} : {types}")
@@ -222,12 +229,19 @@ class _Parser:
             self.take()
             return json.loads(tok[1])
         if tok[0] == "ident":
+            if tok[1] == "graph" and self.toks[self.i + 1][0] == "ref":
+                return self.graph(nested=True)
             self.take()
             return {"true": True, "false": False}.get(tok[1], tok[1])
-        raise self.error("expected a value (number, string, true/false, name or [list])")
+        raise self.error("expected a value (number, string, true/false, name, [list] or graph @name(...) {...})")
 
-    def graph(self) -> Graph:
-        self.take("ident", "graph")
+    def graph(self, nested: bool = False) -> Graph:
+        """``graph @name(inputs) -> types { nodes return values }``; a ``nested``
+        graph (an attribute's region) has its own value scope and ends at its '}'."""
+        start = self.take("ident", "graph")
+        outer_env = self.env
+        if nested:
+            self.env = {}
         gname = self.take("ref")[1][1:]
         self.take(text="(")
         inputs = []
@@ -255,12 +269,24 @@ class _Parser:
         while self.accept(","):
             outputs.append(self.use())
         self.take(text="}")
-        self.take("eof")
+        if nested:
+            self.env = outer_env
+        else:
+            self.take("eof")
         got = [v.type for v in outputs]
         if got != ret_types:
+            line, col = (start[2], start[3]) if nested else (self.toks[0][2], 1)
             raise ParseError(f"return types {', '.join(map(str, got))} do not match the signature "
-                             f"{', '.join(map(str, ret_types))}", self.toks[0][2], 1)
-        return Graph(gname, inputs, nodes, outputs)
+                             f"{', '.join(map(str, ret_types))}", line, col)
+        g = Graph(gname, inputs, nodes, outputs)
+        if nested:
+            from .verify import verify  # verify imports this module
+
+            try:
+                verify(g)
+            except IRError as e:
+                raise self.error(f"graph @{gname}: {e}", start) from None
+        return g
 
     def node(self) -> Node:
         start = self.peek()

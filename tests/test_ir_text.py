@@ -58,6 +58,11 @@ def _conv(b):
     return [b.conv2d(x, w, bias, strides=(2, 1), pads=(1, 0, 1, 2), dilations=(1, 2), groups=2)]
 
 
+def _add_gelu_body():
+    b = GraphBuilder("add_gelu")
+    return b.output(b.gelu(b.add(b.input("a", (2, 3)), b.input("b", (3,))), approximate="tanh"))
+
+
 OP_CASES = {
     "const": lambda b: [b.const(np.arange(6, dtype=np.float32).reshape(2, 3))],
     **{op: _unary(op) for op in ("neg", "exp", "sqrt", "rsqrt", "tanh", "erf", "relu", "sigmoid", "silu")},
@@ -86,6 +91,27 @@ OP_CASES = {
     "avgpool2d": lambda b: [b.avgpool2d(b.input("x", (1, 2, 6, 6)), kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1),
                                         count_include_pad=True)],
     "global_avgpool": lambda b: [b.global_avgpool(b.input("x", (2, 3, 4, 5)))],
+    "fused": lambda b: [b.fused(b.input("x", (2, 3)), b.const(rand((3,)), name="bias"), body=_add_gelu_body())],
+    # ops added for ONNX import
+    "log": _unary("log"),
+    "pow": _binary("pow"),
+    **{op: _binary(op, "i32") for op in ("equal", "less", "greater")},
+    "logical_and": _binary("logical_and", "bool"),
+    "logical_not": lambda b: [b.logical_not(b.input("x", (2, 3), "bool"))],
+    "isnan": _unary("isnan"),
+    "where": lambda b: [b.where(b.input("c", (2, 1), "bool"), b.input("x", (2, 3)), b.input("y", (3,)))],
+    "expand": lambda b: [b.expand(b.input("x", (3, 1)), shape=(2, 1, 4))],
+    "gather_elements": lambda b: [b.gather_elements(b.input("x", (3, 4)),
+                                                    b.const(np.array([[0, -1], [2, 1]]), name="ids"), axis=1)],
+    "rope": lambda b: [b.rope(b.input("x", (1, 2, 4)), b.input("p", (1,), "i64"), theta=500.0, style="interleaved")],
+    "swiglu": lambda b: [b.swiglu(b.input("gt", (2, 3)), b.input("up", (2, 3)))],
+    "topk": lambda b: list(b.topk(b.input("x", (2, 5)), k=2)),
+    "attention_decode": lambda b: list(b.attention_decode(
+        b.input("q", (4, 2)), b.input("kn", (2, 2)), b.input("vn", (2, 2)), b.input("kc", (2, 3, 2)),
+        b.input("vc", (2, 3, 2)), b.const(np.array([1]), name="pos"))),
+    "moe": lambda b: [b.moe(b.input("x", (1, 2)), b.input("rw", (2, 3)), b.input("w1", (3, 2, 4)),
+                            b.input("w3", (3, 2, 4)), b.input("w2", (3, 4, 2)), k=2)],
+    "matmul_sparse_input": lambda b: [b.matmul_sparse_input(b.input("a", (2, 3)), b.input("w", (3, 4)))],
 }
 
 

@@ -353,10 +353,12 @@ def test_compile_dumps_every_pass(tmp_path):
     lines = []
     m = sqk.compile(g, dump_after="all", dump_dir=str(tmp_path), log=lines.append)
     files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".sqkir"))
-    assert files == ["000_input.sqkir", "001_fold_constants.sqkir", "002_dce.sqkir"]
+    assert files == ["000_input.sqkir", "001_fold_constants.sqkir", "002_select_format.sqkir", "003_dce.sqkir",
+                     "004_fuse.sqkir"]
     assert sqk.load_ir(str(tmp_path / "000_input.sqkir")) == g
     assert sqk.load_ir(str(tmp_path / files[-1])) == m.ir
-    assert [n.op for n in m.ir.nodes] == ["const", "add", "relu"]
+    assert [n.op for n in m.ir.nodes] == ["const", "fused"]      # add + relu: one kernel
+    assert [n.op for n in m.ir.nodes[1].attrs["body"].nodes] == ["add", "relu"]
     assert any(ln.startswith("[01] fold_constants") for ln in lines)
     x = rand((4, 64))
     np.testing.assert_array_equal(m(x=x), sqk.reference(g, x=x))

@@ -66,3 +66,26 @@ def test_models_at_vlen_512(model):
     m._m.vlen, m._m.qemu_options = 512, ""
     assert m._m(**inputs).tobytes() == base.tobytes()
     assert_close(base, sqk.reference(g, **inputs), rtol=1e-4)
+
+
+def test_runner_refuses_a_host_artifact(tmp_path, riscv_tools):
+    """The same model's host constants have the right size; the manifest beside
+    them tells the runner they belong to another target (and another model)."""
+    import subprocess
+
+    g = gemv_f32()
+    rv = sqk.compile(g, target="riscv64")
+    sqk.compile(g).save(str(tmp_path / "host"))
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((1, 256), np.float32))
+    run = lambda consts: subprocess.run(rv.runner_command() + ["--consts", str(consts), "--input", f"x={x}",  # noqa: E731
+                                                                "--output-dir", str(tmp_path)],
+                                        capture_output=True, text=True)
+    r = run(tmp_path / "host" / "constants.bin")
+    assert r.returncode == 2 and "not riscv64" in r.stderr, r.stderr
+    other = transformer_mlp(hidden=16, ffn=32)
+    sqk.compile(other, target="riscv64").save(str(tmp_path / "other"))
+    r = run(tmp_path / "other" / "constants.bin")
+    assert r.returncode == 2 and "model 'transformer_mlp'" in r.stderr, r.stderr
+    rv.save(str(tmp_path / "own"))
+    assert run(tmp_path / "own" / "constants.bin").returncode == 0
