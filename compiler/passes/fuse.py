@@ -18,8 +18,8 @@ Otherwise softmax, layernorm and rmsnorm are single kernels already and stay
 as they are.  A group is fused only when ``codegen.fused.body_kind`` says the
 fused emitter makes it in one kernel: the pass and codegen share that
 predicate.  Attention patterns are taken first, then groups are grown
-greedily from the last node backwards.  The pass is not in the default
-pipeline (opt in with ``pipeline="fold_constants,dce,fuse"``).
+greedily from the last node backwards.  The default pipeline ends with it
+(``pipeline="fold_constants,dce"`` compiles without fusion).
 """
 from __future__ import annotations
 
