@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sqk
-from sqk.codegen.lower import UnsupportedOp
 from sqk.compiler import PassManager, PipelineError, parse_pipeline
 from sqk.compiler.cli import main
 from sqk.compiler.driver import sparsify_pipeline
@@ -524,14 +523,6 @@ def test_compile_shorthand_errors():
 
 # --- end to end (host) ------------------------------------------------------------------------------------
 
-def compile_or_skip(g, **kw):
-    """sqk.compile, skipped only while a sparse kernel is missing (UnsupportedOp)."""
-    try:
-        return sqk.compile(g, **kw)
-    except UnsupportedOp as e:
-        pytest.skip(f"sparse kernel not available yet: {e}")
-
-
 # w1 is 512 KiB in f32, 128 KiB in int8, 64 KiB in int4; w2 64 KiB in f32, under MIN_BYTES quantized
 BIG = dict(k=512, n=256, m=64)
 
@@ -549,7 +540,7 @@ def test_compile_sparsified_end_to_end(kw, fmts):
     """The formats are select_format's (cost model or force=); sparsify only prunes."""
     g = two_layer(**BIG)
     x = np.random.default_rng(0).standard_normal((3, BIG["k"])).astype(F32)
-    m = compile_or_skip(g, **kw)
+    m = sqk.compile(g, **kw)
     assert sparse_attrs(m.ir) == fmts
     assert m.manifest["pipeline"] == sparsify_pipeline(**{("pattern" if k == "sparsify" else k): v
                                                           for k, v in kw.items()})
@@ -578,7 +569,7 @@ def test_compile_2_4_then_int8_grouped_and_per_channel():
     ref = sqk.reference(pq, x=x)
     np.testing.assert_allclose(m(x=x), ref, rtol=2e-5, atol=2e-5 * float(np.abs(ref).max()))
 
-    m = compile_or_skip(g, sparsify="2:4", quantize="int8")
+    m = sqk.compile(g, sparsify="2:4", quantize="int8")
     assert sparse_attrs(m.ir) == {"w1.q": "nm2:4", "w2.q": "dense"}
     rep = m.report.get("select_format")
     assert rep.row("w1.q")["status"] == "cost model"
@@ -594,7 +585,7 @@ def test_compile_sparsified_f16_and_batched_end_to_end():
     x = b.input("x", (2, 2, 256), "f16")
     g = b.output(b.matmul(x, b.const(rng.standard_normal((256, 128)).astype(F32), "f16", name="w")))   # 64 KiB
     xv = rng.standard_normal((2, 2, 256)).astype(np.float16)
-    m = compile_or_skip(g, sparsify="2:4")
+    m = sqk.compile(g, sparsify="2:4")
     assert sparse_attrs(m.ir) == {"w": "nm2:4"}
     ref = sqk.reference(m.ir, x=xv).astype(np.float64)
     np.testing.assert_allclose(m(x=xv).astype(np.float64), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
@@ -610,8 +601,6 @@ def test_cli_sparsify_format_and_report(tmp_path, capsys):
         rc = main(args)
     finally:
         out, err = capsys.readouterr()
-    if rc != 0 and "no kernel for op" in err:
-        pytest.skip(f"sparse kernel not available yet: {err.strip()}")
     assert rc == 0, err
     assert "sparsify:" in out and "quantize:" in out and "select_format:" in out
     assert "2 of 2 weights pruned; zeros 0.0% -> 90.0%" in out and "forced (force=)" in out
