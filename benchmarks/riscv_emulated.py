@@ -1,5 +1,6 @@
 """RISC-V under emulation: the run time of RVV (rv64gcv) against scalar (rv64gc)
-builds of the same graphs, under qemu-user on this machine.
+builds of the same graphs, under qemu-user on this machine: dense GEMV (f32,
+int8, int4) and sparse M = 1 matmuls (csr, N:M 2:4, bsr1x8), all 1024 x 1024.
 
 A coarse figure: qemu is not a board (it translates each vector instruction into
 host code of its own, so the ratio says how much work the vector code saves
@@ -31,6 +32,15 @@ def models(rng):
         x = b.input("x", (1, K))
         out[label] = b.output(b.matmul_q(x, b.const(q, "i8" if bits == 8 else "i4"), b.const(s, "f32"),
                                          group=group or K))
+    # sparse M = 1 (codegen/sparse.py, sparse_nm.py): csr and bsr1x8 at 90% zeros, N:M 2:4 (50%)
+    keep = np.argsort(rng.random((K // 4, 4, N)), axis=1) < 2
+    for label, fmt, ws in (("SpMV CSR f32 (90% zeros)", "csr", w * (rng.random((K, N)) >= 0.9)),
+                           ("SpMV N:M 2:4 f32", "nm2:4", (w.reshape(K // 4, 4, N) * keep).reshape(K, N)),
+                           ("SpMV BSR 1x8 f32 (90% zero blocks)", "bsr1x8",
+                            w * np.repeat(rng.random((K, N // 8)) >= 0.9, 8, axis=1))):
+        b = sqk.GraphBuilder("spmv_" + fmt.replace(":", "_"))
+        out[label] = b.output(b.matmul(b.input("x", (1, K)), b.const(ws.astype(np.float32), name="w"),
+                                       sparse=fmt))
     b = sqk.GraphBuilder("empty")
     out["(start-up: a 1-element relu)"] = b.output(b.relu(b.input("x", (1, 1))))
     return out

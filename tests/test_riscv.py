@@ -20,6 +20,22 @@ def kernel_asm(m, target: str, kernel: str) -> str:
     return asm[start:asm.index(".Lfunc_end", start)]
 
 
+# a single-block loop: a label, its instructions, and a branch back to the label
+LOOP = re.compile(r"^(\.LBB\w+):\n((?:\t[^\n]*\n)*?\tb[a-z]*\t[^\n]*\1\n)", re.M)
+
+
+def hot_loop(fn: str) -> str:
+    """The largest single-block loop of a kernel's assembly: LLVM leaves the
+    unrolled inner loop as one block, bigger than any tail or copy loop."""
+    loops = [m.group(2) for m in LOOP.finditer(fn)]
+    assert loops, "no single-block loop in the kernel"
+    return max(loops, key=lambda t: t.count("\n"))
+
+
+def opcodes(asm: str) -> set[str]:
+    return {line.split()[0] for line in asm.splitlines() if line.startswith("\t")}
+
+
 def gemv_f32():
     b = sqk.GraphBuilder("gemv")
     x = b.input("x", (1, 256))
@@ -46,12 +62,53 @@ def test_gemv_hot_loop_is_vectorized(graph, kernel):
     g = graph()
     rvv = kernel_asm(compile_for(g, "riscv64"), "riscv64", kernel)
     ops = {m.group(1) for m in VECTOR.finditer(rvv)}
-    assert any(o.startswith("vfmacc") or o.startswith("vfmadd") for o in ops), sorted(ops)
-    assert any(o.startswith("vle") for o in ops) and any(o.startswith("vsetivli") or o.startswith("vsetvli")
-                                                         for o in ops), sorted(ops)
+    assert any(o.startswith(("vsetivli", "vsetvli")) for o in ops), sorted(ops)
+    hot = opcodes(hot_loop(rvv))
+    assert any(o.startswith(("vfmacc", "vfmadd")) for o in hot), sorted(hot)
+    assert any(o.startswith("vle") for o in hot), sorted(hot)
     scalar = kernel_asm(compile_for(g, "riscv64-scalar"), "riscv64-scalar", kernel)
     assert not VECTOR.findall(scalar), "vector instructions in the rv64gc build"
-    assert "fmadd.s" in scalar or "fmul.s" in scalar
+    assert {"fmadd.s", "fmul.s"} & opcodes(hot_loop(scalar))
+
+
+def spmv(fmt: str, quant: bool = False):
+    """M = 1 matmul (or i8 matmul_q) with a 256 x 200 constant weight stored as ``fmt``:
+    90% zeros (csr, bsr: whole 1 x 8 blocks), or 2 of every 4 rows per column (nm2:4)."""
+    rng = np.random.default_rng(0)
+    K, N = 256, 200
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    if fmt.startswith("nm"):
+        keep = np.argsort(rng.random((K // 4, 4, N)), axis=1) < 2
+        w = (w.reshape(K // 4, 4, N) * keep).reshape(K, N)
+    elif fmt.startswith("bsr"):
+        w *= np.repeat(rng.random((K, N // 8)) < 0.1, 8, axis=1)
+    else:
+        w[rng.random((K, N)) < 0.9] = 0
+    b = sqk.GraphBuilder("spmv_" + fmt.replace(":", "_"))
+    x = b.input("x", (1, K))
+    if quant:
+        scale = np.abs(w).max(axis=0) / 127 + 1e-6
+        q = np.round(w / scale).astype(np.int8)
+        return b.output(b.matmul_q(x, b.const(q, "i8"), b.const(scale[None, :].astype(np.float32)),
+                                   group=K, sparse=fmt))
+    return b.output(b.matmul(x, b.const(w, name="w"), sparse=fmt))
+
+
+# what the RVV hot loop must hold: loads, FMAs, and for csr / N:M an indexed load (the gather of x)
+SPARSE_HOT = [("csr", False, ("vle", "vluxei", "vfmacc|vfmadd")), ("csr", True, ("vle", "vluxei", "vfmacc|vfmadd")),
+              ("nm2:4", False, ("vle", "vluxei", "vfmacc|vfmadd")), ("bsr1x8", False, ("vle", "vfmacc|vfmadd"))]
+
+
+@pytest.mark.parametrize("fmt, quant, wanted", SPARSE_HOT, ids=["csr-f32", "csr-int8", "nm2:4-f32", "bsr1x8-f32"])
+def test_spmv_hot_loop_is_vectorized(fmt, quant, wanted):
+    g = spmv(fmt, quant)
+    kernel = "k0_matmul_q" if quant else "k0_matmul"
+    hot = opcodes(hot_loop(kernel_asm(compile_for(g, "riscv64"), "riscv64", kernel)))
+    for w in wanted:
+        assert any(o.startswith(tuple(w.split("|"))) for o in hot), (w, sorted(hot))
+    scalar = kernel_asm(compile_for(g, "riscv64-scalar"), "riscv64-scalar", kernel)
+    assert not VECTOR.findall(scalar), "vector instructions in the rv64gc build"
+    assert {"fmadd.s", "fmul.s"} & opcodes(hot_loop(scalar))
 
 
 @pytest.mark.slow
