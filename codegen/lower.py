@@ -37,6 +37,12 @@ def kernel_key(node: Node) -> str:
     return node.op if fmt == "dense" else f"{node.op}:{parse_format(fmt).kind}"
 
 
+def is_view(node: Node, buffers: dict) -> bool:
+    """``node`` is a reshape planned in its input's buffer (compiler/memory.py):
+    its output is already there, so it gets no kernel."""
+    return node.op == "reshape" and buffers[node.outputs[0]] == buffers[node.inputs[0]]
+
+
 def emitter(*keys: str):
     """Register the decorated function as the emitter of ``keys`` (ops, or
     "op:kind" for a sparse format kind)."""
@@ -129,6 +135,7 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
     """Build the LLVM module of ``graph``.  ``buffers`` maps every value to
     (SQK_BUF_* kind, index or byte offset); ``sizes`` gives the byte size of
     constants stored packed (``pack_constants``) where it differs from their type's.
+    Consts and views (``is_view``) get no kernel.
     ``progress(done, total)`` is called after each node's kernel."""
     from . import elementwise  # noqa: F401  (registers emitters)
     from . import families  # noqa: F401
@@ -150,10 +157,8 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
 
     consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
     steps: list[Step] = []
-    n_kernels = sum(n.op != "const" for n in graph.nodes)
-    for i, n in enumerate(graph.nodes):
-        if n.op == "const":
-            continue
+    nodes = [n for n in graph.nodes if n.op != "const" and not is_view(n, buffers)]
+    for n in nodes:
         fn = EMITTERS.get(kernel_key(n))
         if fn is None:
             fmt = n.attrs.get("sparse", "dense")
@@ -166,7 +171,7 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
         rng, grain = fn(k, n)
         steps.append(Step(name, tuple(ids), rng, max(1, grain), getattr(k, "index_error", "")))
         if progress is not None:
-            progress(len(steps), n_kernels)
+            progress(len(steps), len(nodes))
     # An output that is also an input, a constant or another output gets its own copy
     # (except ``in_place_outputs``: state updated in its input's buffer, which the
     # caller passes as that output too).

@@ -115,16 +115,18 @@ def node_cost(node: Node, stored_bytes: dict | None = None, consts: dict | None 
 def kernel_costs(graph: Graph, steps, buffers: dict, stored_bytes: dict | None = None,
                  in_place_outputs=frozenset()) -> list:
     """``(bytes, flops)`` of each step that ``codegen.lower.lower`` made of
-    ``graph``: one per non-const node, in order, then an output copy for each
+    ``graph``: one per node that is neither a const nor a view (a reshape in
+    its input's buffer, ``codegen.lower.is_view``), in order, then an output copy for each
     graph output that is not in its own output buffer (``buffers`` is the
     memory plan's value -> (kind, index) map) nor in ``in_place_outputs``, as
     ``lower`` does.  Steps are
     matched by name (``k<i>_<op>``); if lowering made other kernels than that,
     every entry is None rather than a cost attributed to the wrong kernel."""
-    from ..codegen.lower import BUF_OUTPUT
+    from ..codegen.lower import BUF_OUTPUT, is_view
 
     consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
-    plan = [(n.op, node_cost(n, stored_bytes, consts)) for n in graph.nodes if n.op != "const"]
+    plan = [(n.op, node_cost(n, stored_bytes, consts)) for n in graph.nodes
+            if n.op != "const" and not is_view(n, buffers)]
     seen = set()
     for j, v in enumerate(graph.outputs):
         if (buffers[v] != (BUF_OUTPUT, j) or v in seen) and v not in in_place_outputs:

@@ -14,6 +14,16 @@ that output when the input is a *state* input (``state_pairs``: a model input
 the Module keeps between calls, the output being its new value) or an
 intermediate read last by that node; otherwise the output gets its own
 buffer and the kernel copies.
+
+A reshape is a view: its output shares its input's bytes (tensors are
+contiguous row-major, so a reshape is the same bytes) and lowering emits no
+kernel for it (``is_view``).  The input may be an arena intermediate, a graph
+input or output, or a constant stored plain (not ``packed``); chains collapse
+to the root.  A value and its views are one buffer for liveness: the slot is
+freed, or taken by an in-place write, only after the last use of any of them.
+Not viewed: a reshape that is a graph output (its kernel copies into the
+caller's buffer, so outputs never alias inputs) and one of a state value
+(that buffer is updated in place while the view may still be read).
 """
 from __future__ import annotations
 
@@ -33,18 +43,22 @@ def align(n: int, a: int = ALIGN) -> int:
 class MemoryPlan:
     buffers: dict[Value, tuple[int, int]]   # value -> (kind, index or byte offset)
     arena_bytes: int
-    intermediate_bytes: int                 # sum of all intermediates (no reuse)
+    intermediate_bytes: int                 # sum of all intermediates (no reuse, no in-place, no views)
     const_bytes: int
     const_layout: list[tuple[Value, int, object]]   # (value, offset, array or packed bytes) in blob order
     const_sizes: dict[Value, int]           # byte size of each constant in the blob
+    views: frozenset = frozenset()          # reshape outputs sharing their input's buffer (no kernel)
 
 
 def plan_memory(graph: Graph, packed: dict[Value, bytes] | None = None, in_place: bool = True,
-                state: dict[Value, list[Value]] | None = None) -> MemoryPlan:
+                state: dict[Value, list[Value]] | None = None, views: bool = True) -> MemoryPlan:
     """``packed``: constants stored as kernel-specific bytes (codegen.lower.pack_constants);
     ``in_place``: let elementwise maps write over a dying input; ``state``
     (``state_pairs``): every value of each state input's update chain lives in
-    that input's buffer."""
+    that input's buffer; ``views``: reshapes share their input's buffer.
+    ``intermediate_bytes`` is the no-sharing baseline: every intermediate at
+    its own size, including those written in place and views of an arena
+    value (not views of an input, output or constant: never arena bytes)."""
     packed = packed or {}
     buffers: dict[Value, tuple[int, int]] = {}
     for i, v in enumerate(graph.inputs):
@@ -65,11 +79,19 @@ def plan_memory(graph: Graph, packed: dict[Value, bytes] | None = None, in_place
     for j, v in enumerate(graph.outputs):
         if v not in buffers:
             buffers[v] = (BUF_OUTPUT, j)
-    # intermediates: liveness over node order, first-fit reuse
+    stateful = {u for v, chain in (state or {}).items() for u in (v, *chain)}
+    root = _view_roots(graph, buffers, packed, stateful) if views else {}
+    for v, r in root.items():
+        if r in buffers:  # a view of an input, output or constant: its bytes
+            buffers[v] = buffers[r]
+    # intermediates: liveness over node order (a view's uses count for its
+    # root: one buffer), first-fit reuse
     last_use: dict[Value, int] = {}
     for i, n in enumerate(graph.nodes):
         for v in n.inputs:
-            last_use[v] = i
+            last_use[root.get(v, v)] = i
+    for v, r in root.items():
+        last_use[v] = last_use.get(r, -1)
     free: list[tuple[int, int]] = []   # (offset, size), sorted by offset
     live: dict[Value, tuple[int, int]] = {}
     top = total = 0
@@ -79,11 +101,14 @@ def plan_memory(graph: Graph, packed: dict[Value, bytes] | None = None, in_place
                 continue
             size = align(max(v.type.nbytes, 1))
             total += size
-            u = _dying_input(n, v, live, last_use, i) if in_place else None
+            if v in root:  # a view of a live arena value
+                buffers[v] = buffers[root[v]]
+                continue
+            u = _dying_input(n, v, live, root, last_use, i) if in_place else None
             if u is None:
-                u = _aliased_input(n, v, live, last_use, i)
+                u = _aliased_input(n, v, live, root, last_use, i)
             if u is not None:
-                buffers[v], live[v] = buffers[u], live.pop(u)
+                buffers[v], live[v] = buffers[u], live.pop(root.get(u, u))
                 continue
             for k, (off, sz) in enumerate(free):
                 if sz >= size:
@@ -93,7 +118,7 @@ def plan_memory(graph: Graph, packed: dict[Value, bytes] | None = None, in_place
                 off, top = top, top + size
             buffers[v] = (BUF_ARENA, off)
             live[v] = (off, size)
-        for v in set(n.inputs) | set(n.outputs):
+        for v in {root.get(x, x) for x in (*n.inputs, *n.outputs)}:
             if v in live and last_use.get(v, -1) <= i:
                 free.append(live.pop(v))
                 free.sort()
@@ -104,31 +129,48 @@ def plan_memory(graph: Graph, packed: dict[Value, bytes] | None = None, in_place
                     else:
                         merged.append((off, sz))
                 free = merged
-    return MemoryPlan(buffers, top, total, offset, layout, sizes)
+    return MemoryPlan(buffers, top, total, offset, layout, sizes, frozenset(root))
 
 
-def _dying_input(n: Node, v: Value, live: dict, last_use: dict, i: int) -> Value | None:
+def _view_roots(graph: Graph, buffers: dict, packed: dict, stateful: set) -> dict[Value, Value]:
+    """{reshape output: the value whose bytes it views}, chains resolved to the
+    root, for every reshape that can be a view (module docstring)."""
+    root: dict[Value, Value] = {}
+    for n in graph.nodes:
+        if n.op != "reshape" or n.output in buffers:  # a graph output: copied into the caller's buffer
+            continue
+        x = n.inputs[0]
+        r = root.get(x, x)
+        if r in stateful or r in packed:
+            continue
+        root[n.output] = r
+    return root
+
+
+def _dying_input(n: Node, v: Value, live: dict, root: dict, last_use: dict, i: int) -> Value | None:
     """An arena input of map node ``n`` (index ``i``) whose slot its result ``v``
-    can take: last read here, same shape and element size as ``v`` (so the map
-    reads each element just before writing the same bytes)."""
+    can take: last read here (with its views: ``last_use`` is the group's), same
+    shape and element size as ``v`` (so the map reads each element just before
+    writing the same bytes; another view of the slot among the inputs has the
+    same element count, so broadcasting cannot make it read other bytes)."""
     from ..codegen.fused import body_kind, is_elementwise
 
     if len(n.outputs) != 1 or not (is_elementwise(n) or (n.op == "fused" and body_kind(n.attrs["body"]) == "map")):
         return None
     for u in n.inputs:
-        if u in live and last_use[u] == i and u.shape == v.shape and u.dtype.bits == v.dtype.bits:
+        if root.get(u, u) in live and last_use[u] == i and u.shape == v.shape and u.dtype.bits == v.dtype.bits:
             return u
     return None
 
 
-def _aliased_input(n: Node, v: Value, live: dict, last_use: dict, i: int) -> Value | None:
+def _aliased_input(n: Node, v: Value, live: dict, root: dict, last_use: dict, i: int) -> Value | None:
     """The arena input that output ``v`` of ``n`` is declared an in-place update
     of (OpDef.aliases), when node ``i`` is its last reader."""
     from ..ir.ops import OPS
 
     j = OPS[n.op].aliases.get(n.outputs.index(v))
     u = n.inputs[j] if j is not None else None
-    if u is not None and u in live and last_use[u] == i and u.type.nbytes == v.type.nbytes:
+    if u is not None and root.get(u, u) in live and last_use[u] == i and u.type.nbytes == v.type.nbytes:
         return u
     return None
 
