@@ -20,6 +20,11 @@ pass and this emitter share (the pass fuses nothing this module cannot emit):
   softmax over the last axis, matmul with v: f32, at most ATTENTION_MAX_T
   keys.  One work item per query row keeps its scores on the stack.
 
+A constant input of a "matmul" or "conv2d" body is stored as its anchor's
+packer lays it out (``pack_fused``: a GEMM's constant b in column panels,
+codegen/matmul.py); the anchor's emitter sees the same constants
+(``Kernel.consts``: the body's first inputs are the anchor's) and reads it so.
+
 Semantics are the unfused ones exactly: an f16 intermediate is rounded to f16
 where the unfused graph would have stored it.
 """
@@ -32,10 +37,19 @@ from llvmlite import ir
 from ..ir import dtypes as dt
 from ..ir.graph import Graph, Node
 from ..ir.ops import BINARY, UNARY
-from .elementwise import (ScalarFn, View, binary_fn, broadcast_view, cast_fn, contiguous_strides, emit_map, f_gelu,
-                          unary_fn)
+from .elementwise import (
+    ScalarFn,
+    View,
+    binary_fn,
+    broadcast_view,
+    cast_fn,
+    contiguous_strides,
+    emit_map,
+    f_gelu,
+    unary_fn,
+)
 from .kernel import F16, F32, Kernel, i64, splat, vtype
-from .lower import UnsupportedOp, emitter
+from .lower import PACKERS, UnsupportedOp, emitter, kernel_key, packer
 from .matmul import Access, Geometry, emit_matmul
 
 ANCHORS = ("matmul", "conv2d")
@@ -136,7 +150,20 @@ def evaluate(k: Kernel, nodes, env: dict, n: int):
     return env
 
 
-# --- emitter ---------------------------------------------------------------------------------
+# --- packer and emitter ------------------------------------------------------------------------
+
+@packer("fused", inputs=())
+def pack_fused(node: Node, index: int, value) -> bytes | None:
+    """A constant input of a matmul or conv2d body as the anchor's packer lays it
+    out (the body's first inputs are the anchor's, in order); None otherwise."""
+    body = node.attrs["body"]
+    anchor = body.nodes[0] if body.nodes else None
+    if anchor is None or index >= len(anchor.inputs) or body_kind(body) not in ("matmul", "conv2d"):
+        return None
+    fn = PACKERS.get(kernel_key(anchor))
+    return fn(anchor, index, value) if fn else None
+
+
 
 @emitter("fused")
 def emit_fused(k: Kernel, node: Node):
