@@ -68,6 +68,52 @@ def packer(*keys: str, inputs: tuple[int, ...]):
     return wrap
 
 
+def unshare_packed_constants(graph: Graph) -> Graph:
+    """``graph`` with a copy of a constant for each reader that needs another
+    layout of it than its first reader (packed one way or another, plain, or
+    as a graph output): every constant then has one layout (``pack_constants``)."""
+    from . import elementwise  # noqa: F401  (registers emitters and packers)
+    from . import families  # noqa: F401
+
+    consts = {n.output: n for n in graph.nodes if n.op == "const"}
+    names = {v.name for v in graph.values()}
+    layouts: dict[Value, list] = {v: [None] for v in graph.outputs if v in consts}  # plain for the caller
+    copies: dict[tuple, Value] = {}   # (value, layout index) -> its copy
+    new_const: dict[Value, list[Node]] = {}
+    nodes = []
+    for n in graph.nodes:
+        if n.op != "const":
+            key = kernel_key(n)
+            ins = list(n.inputs)
+            for i, v in enumerate(ins):
+                if v not in consts:
+                    continue
+                data = PACKERS[key](n, i, consts[v].attrs["value"]) if key in PACKERS else None
+                seen = layouts.setdefault(v, [data])
+                j = next((j for j, d in enumerate(seen) if d == data), None)
+                if j is None:
+                    j = len(seen)
+                    seen.append(data)
+                if j:
+                    if (v, j) not in copies:
+                        name = next(f"{v.name}.{c}" for c in range(j, 1 << 30) if f"{v.name}.{c}" not in names)
+                        names.add(name)
+                        copies[v, j] = Value(name, v.type)
+                        new_const.setdefault(v, []).append(Node("const", (), (copies[v, j],), dict(consts[v].attrs)))
+                    ins[i] = copies[v, j]
+            if ins != list(n.inputs):
+                n = Node(n.op, tuple(ins), n.outputs, n.attrs)
+        nodes.append(n)
+    if not copies:
+        return graph
+    out = []
+    for n in nodes:
+        out.append(n)
+        if n.op == "const":
+            out += new_const.get(n.output, [])
+    return graph.with_nodes(out)
+
+
 def pack_constants(graph: Graph) -> dict[Value, bytes]:
     """Kernel-specific bytes of each constant whose consumer packs it.  A packed
     constant must have no other reader (another op or a graph output would read

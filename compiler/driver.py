@@ -78,7 +78,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
     never copied (riscv64: round-trips through the runner's files).
     """
     from ..codegen.emit import link, object_code
-    from ..codegen.lower import lower, pack_constants
+    from ..codegen.lower import lower, pack_constants, unshare_packed_constants
     from ..codegen.target import get_target
 
     if not isinstance(graph, Graph):
@@ -120,6 +120,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
         g = pm.run(verify(graph))
         # each reporting pass records its report on itself (passes/report.py)
         report = combine_reports([getattr(p, "report", None) for p in passes])
+        g = unshare_packed_constants(g)   # a constant read in two layouts becomes two constants
         pairs = state_pairs(g, [state] if isinstance(state, str) else state) if state else {}
         plan = plan_memory(g, pack_constants(g), state=pairs)
         # state updated in its input's buffer (host only: the runner copies every output)

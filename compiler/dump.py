@@ -36,9 +36,10 @@ def run_pipeline(graph: Graph, pipeline: str | None = None, after: str | None = 
 def lowered_module(graph: Graph, target):
     """The llvmlite module of an already-transformed ``graph`` for ``target``
     (a Target): memory plan then lowering, as ``compile`` does."""
-    from ..codegen.lower import lower, pack_constants
+    from ..codegen.lower import lower, pack_constants, unshare_packed_constants
     from .memory import plan_memory
 
+    graph = unshare_packed_constants(graph)
     plan = plan_memory(graph, pack_constants(graph))
     module, _ = lower(graph, plan.buffers, plan.arena_bytes, plan.const_bytes, target, sizes=plan.const_sizes)
     return module
@@ -119,9 +120,10 @@ def _with_blob_constants(text: str, blob_path: str, blob_bytes: int, where: str)
     shapes = {name: (as_dtype(d), tuple(int(x) for x in dims.split(",") if x))
               for name, d, dims in _CONST_REF.findall(text)}
     g = parse_ir(text, {n: np.zeros(s, d.np_dtype) for n, (d, s) in shapes.items()})
-    const_vals = {n.output for n in g.nodes if n.op == "const"}
-    for n in g.nodes:
-        if kernel_key(n) in PACKERS and any(v in const_vals for v in n.inputs):
+    const_vals = {n.output: n.attrs["value"] for n in g.nodes if n.op == "const"}
+    for n in g.nodes:  # packers that pack only some constants (e.g. matmul: GEMM, not GEMV) say None
+        fn = PACKERS.get(kernel_key(n))
+        if fn and any(v in const_vals and fn(n, i, const_vals[v]) is not None for i, v in enumerate(n.inputs)):
             raise ValueError(f"{where}: {n.op} {n.output.name!r} reads its constants in a kernel-specific "
                              "layout that cannot be read back from constants.bin; give the IR file the "
                              "artifact was compiled from (with its .npz) instead")
