@@ -373,3 +373,33 @@ def test_int8_activations_bad_mode():
     with pytest.raises(sqk.IRError, match="activations must be one of none, int8"):
         b.matmul_q(b.input("x", (1, 8)), b.const(np.ones((8, 2), np.int8), "i4"),
                    b.const(np.ones((1, 2), np.float32)), group=8, activations="int4")
+
+
+@pytest.mark.parametrize("vnni", [True, False], ids=["vnni", "avx2"])
+def test_int8_activations_dot_instructions(vnni, monkeypatch):
+    """On x86 the integer dots are vpdpbusd where the CPU has VNNI (AVX-512 VNNI
+    + VL, or AVX-VNNI), else vpmaddubsw + vpmaddwd; both exact (checked on this
+    CPU: the AVX2 build runs anywhere VNNI does, with VNNI switched off)."""
+    import dataclasses
+
+    import sqk.codegen.target as T
+    from sqk.codegen.emit import assembly
+    from sqk.compiler.dump import lowered_module
+
+    host = T.get_target("host")
+    feats = set(host.enabled_features)
+    if "avx2" not in feats:
+        pytest.skip("x86 with AVX2 only (the host here is not)")
+    if vnni and not ("avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats):
+        pytest.skip("this CPU has no VNNI")
+    off = {"+avx512vnni", "+avxvnni"}
+    t = host if vnni else dataclasses.replace(
+        host, features=",".join("-" + f[1:] if f in off else f for f in host.features.split(",")))
+    monkeypatch.setattr(T, "get_target", lambda name, **kw: t if name == "host" else T.riscv64_target())
+    g8, x8, _ = extreme_i8(4096)
+    g4, inputs4 = i8graph((5,), 300, 70, 32, qdt="i4", seed=9)
+    for g, inputs in ((g8, {"x": x8}), (g4, inputs4)):
+        asm = assembly(str(lowered_module(g, t)), t)
+        assert ("vpdpbusd" in asm) == vnni and ("vpmaddubsw" in asm) == (not vnni)
+        got = sqk.compile(g)(**inputs)
+        np.testing.assert_array_equal(got, sqk.reference(g, **inputs))
