@@ -39,7 +39,11 @@ def timeit(fns: dict, runs: int, inner: int = 1, warmup: int = 1, settle: float 
     every contender alike.  Each run waits
     ``settle`` seconds first: OpenBLAS's threads keep spinning for ~0.1 s after
     a call (its THREAD_TIMEOUT), and would otherwise steal a core from whatever
-    runs next (measured: sqk's GEMV at half speed right after numpy's)."""
+    runs next (measured: sqk's GEMV at half speed right after numpy's).  Then
+    one untimed call wakes the contender's threads: after the pause this VM's
+    idle vCPU takes long enough to wake that a 2-thread call of a few ms timed
+    cold measured barely faster than 1 thread (conv2d 64->64 56x56: 1.08x cold,
+    2.0x warm).  The figures are steady-state throughput."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -47,6 +51,7 @@ def timeit(fns: dict, runs: int, inner: int = 1, warmup: int = 1, settle: float 
     for _ in range(runs):
         for name, fn in fns.items():
             time.sleep(settle)
+            fn()
             t = time.perf_counter()
             for _ in range(inner):
                 fn()
