@@ -80,7 +80,7 @@ STATIC_OPERANDS = {
     "Reshape": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,), "Expand": (1,), "Split": (1,),
     "Pad": (1, 2, 3), "Resize": (1, 2, 3), "ReduceMean": (1,), "ReduceSum": (1,), "ReduceMax": (1,),
     "Range": (0, 1, 2), "ConstantOfShape": (0,), "DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2),
-    "MatMulNBits": (1, 2, 3, 4, 5), "Sin": (0,), "Cos": (0,),
+    "MatMulNBits": (1, 2, 3, 4, 5), "Sin": (0,), "Cos": (0,), "MatMulInteger": (1, 3),
 }
 
 
@@ -1390,6 +1390,116 @@ def _quantize(im, n, ins, a):
     return _c(np.clip(y, info.min, info.max), out)
 
 
+def _dynamic_matmuls(im, n, x):
+    """The MatMulInteger chains DynamicQuantizeLinear ``n`` feeds, as onnxruntime's
+    quantize_dynamic writes each MatMul of constant weights:
+    ``DynamicQuantizeLinear(x) -> (xq, xs, xzp); s = Mul(xs, w_scale);
+    Mul(Cast<float>(MatMulInteger(xq, w_q, xzp, w_zp)), s)``, as a list of
+    (nodes to fuse, final Mul, w_q, w_zp | None, w_scale).  Raises _NotSupported
+    naming what differs: every reader of xq, xs and xzp must be in a chain,
+    and every intermediate read only by its chain."""
+    xq, xs, xzp = (list(n.output) + ["", ""])[:3]
+    if not isinstance(x, Value) or len(x.shape) < 2:
+        _unsupported("converted only when its input is a run-time tensor of rank >= 2 feeding MatMulInteger")
+    if any(o and o in im.graph_outputs for o in (xq, xs, xzp)):
+        _unsupported("its outputs are graph outputs (sqk converts it only as part of MatMulInteger chains)")
+
+    def only(node, op):
+        out = node.output[0]
+        us = im.consumers.get(out, [])
+        ok = len(us) == 1 and out not in im.graph_outputs and us[0].op_type == op and id(us[0]) not in im.fused
+        return us[0] if ok else None
+
+    def label(node):
+        return f"{node.op_type} node {node.name or node.output[0]!r}"
+
+    chains, k = [], x.shape[-1]
+    for mm in im.consumers.get(xq, []):
+        if mm.op_type != "MatMulInteger" or list(mm.input).count(xq) != 1 or mm.input[0] != xq:
+            _unsupported(f"its quantized output is read by {label(mm)} (only MatMulInteger's A is converted)")
+        if len(mm.input) < 3 or mm.input[2] != xzp:
+            _unsupported(f"{label(mm)} does not take its zero point as a_zero_point")
+        w, wzp = im.known(mm.input[1]), im.known(mm.input[3]) if len(mm.input) > 3 and mm.input[3] else None
+        if w is None or (len(mm.input) > 3 and mm.input[3] and wzp is None):
+            _unsupported(f"{label(mm)} has a run-time B or b_zero_point (only constant weights are converted)")
+        if w.ndim != 2 or w.dtype not in (np.int8, np.uint8) or w.shape[0] != k:
+            _unsupported(f"{label(mm)}: B must be a 2-D int8/uint8 [{k}, N] weight, got {w.dtype} {list(w.shape)}")
+        nn = w.shape[1]
+        if wzp is not None and (wzp.dtype != w.dtype or wzp.size not in (1, nn)):
+            _unsupported(f"{label(mm)}: b_zero_point must be per-tensor or per-column (size 1 or {nn}) of B's dtype")
+        cast = only(mm, "Cast")
+        to = {a.name: im.onnx.helper.get_attribute_value(a) for a in cast.attribute}.get("to") if cast else None
+        mul = only(cast, "Mul") if to == 1 else None
+        if mul is None or list(mul.input).count(cast.output[0]) != 1:
+            _unsupported(f"{label(mm)} is not followed by Cast(to=FLOAT) and Mul by the scales (its only readers)")
+        s = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
+        smul = im.producer.get(s)
+        ws = None
+        if smul is not None and smul.op_type == "Mul" and len(smul.input) == 2 and xs in smul.input \
+                and list(smul.input).count(xs) == 1 and only(smul, "Mul") is mul:
+            ws = im.known(smul.input[1] if smul.input[0] == xs else smul.input[0])
+        if ws is None or ws.dtype != np.float32 or ws.size not in (1, nn) or ws.ndim > 2 \
+                or (ws.size == nn and ws.shape[-1] != nn):
+            _unsupported(f"{label(mul)} does not scale {label(mm)} by (its x_scale * a constant f32 "
+                         f"per-tensor or per-column weight scale)")
+        chains.append(([mm, cast, smul, mul], mul, w, wzp, ws))
+    fused = {id(c[0][0]) for c in chains}
+    smuls = {id(c[0][2]) for c in chains}
+    for u in im.consumers.get(xzp, []) if xzp else []:
+        if id(u) not in fused or list(u.input).index(xzp) != 2:
+            _unsupported(f"its zero point is read by {label(u)} outside a MatMulInteger chain")
+    for u in im.consumers.get(xs, []) if xs else []:
+        if id(u) not in smuls:
+            _unsupported(f"its scale is read by {label(u)} outside a MatMulInteger chain")
+    if not chains:
+        _unsupported("converted only when it feeds MatMulInteger")
+    return chains
+
+
+def _dynamic_weight(w, wzp, ws):
+    """(q i8 [K, N], scales f32 [1, N], zeros i8 [1, N] | None) for matmul_q with
+    group = K: q = w - zero when that fits int8 (symmetric, the fast path), else
+    the codes and zero points as DequantizeLinear's (uint8 shifted by 128)."""
+    k, nn = w.shape
+    scales = _per_column(ws, k, nn).astype(np.float32)
+    zero = np.zeros((1, nn), np.int16) if wzp is None else _per_column(wzp, k, nn).astype(np.int16)
+    d = w.astype(np.int16) - zero
+    if d.min() >= -128 and d.max() <= 127:
+        return d.astype(np.int8), scales, None
+    q, _, zeros, _ = _as_matmul_q(w, ws, wzp, 1, 0)
+    return q, scales, zeros
+
+
+@converts("DynamicQuantizeLinear")
+def _dynamic_quantize(im, n, ins, a):
+    """onnxruntime's quantize_dynamic MatMuls (``_dynamic_matmuls``) become
+    ``matmul_q {activations=int8}`` of the constant weights, per-column or
+    per-tensor scales as one group spanning K.  The activations are quantized by
+    sqk's scheme, not ORT's: dynamic symmetric int8 per row of x (ORT: one
+    asymmetric uint8 scale and zero point for the whole tensor), so results
+    agree with ORT's within quantization error, not bit for bit (usually
+    closer to the float model: per-row scales are finer)."""
+    x = ins[0]
+    for nodes, mul, w, wzp, ws in _dynamic_matmuls(im, n, x):
+        q, scales, zeros = _dynamic_weight(w, wzp, ws)
+        name = im.const_names.get(id(w))
+        if name:  # the codes keep the weight's name (quantize skip=...)
+            im.const_names[id(q)] = name
+            im.keep.append(q)
+        args = [im.value(x), im.value(q), im.value(scales)] + ([im.value(zeros)] if zeros is not None else [])
+        y = im.b.matmul_q(*args, group=w.shape[0], activations="int8")
+        for node in nodes:
+            im.fused[id(node)] = _Skip(y)
+    return [x, x, x]  # placeholders: every reader of the three outputs is fused above
+
+
+@converts("MatMulInteger")
+def _matmul_integer(im, n, ins, a):
+    # reached only outside the chains DynamicQuantizeLinear converts (those are fused)
+    return _unsupported("MatMulInteger is converted only as onnxruntime's quantize_dynamic writes it: "
+                        "DynamicQuantizeLinear -> MatMulInteger(constant B) -> Cast(to=FLOAT) -> Mul by the scales")
+
+
 @converts("MatMulNBits", domain="com.microsoft")
 def _matmul_nbits(im, n, ins, a):
     x, b, scales = ins[0], ins[1], ins[2]
@@ -1408,9 +1518,15 @@ def _matmul_nbits(im, n, ins, a):
     return im.op("add", y, bias) if bias is not None else y
 
 
+# Ops converted only as parts of a larger pattern (onnxruntime's quantize_dynamic chains),
+# never on their own: the importer accepts them, supported_ops() does not claim them.
+PATTERN_ONLY = {"DynamicQuantizeLinear", "MatMulInteger"}
+
+
 def supported_ops() -> list[str]:
-    """Every ONNX op the importer converts ("domain::Op" outside the default domain)."""
-    return sorted(f"{d}::{o}" if d else o for d, o in _CONVERTERS)
+    """Every ONNX op the importer converts on its own ("domain::Op" outside the
+    default domain); PATTERN_ONLY ops are converted only inside their patterns."""
+    return sorted(f"{d}::{o}" if d else o for d, o in _CONVERTERS if d or o not in PATTERN_ONLY)
 
 
 __all__ = ["OnnxImportError", "from_onnx", "supported_ops", "OPSET_MIN", "OPSET_MAX"]
