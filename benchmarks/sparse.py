@@ -88,18 +88,20 @@ def sqk_sparse(layers, fmt, threads, q=None, scales=None):
     return mod, time.perf_counter() - t, mod.manifest["constants"]["bytes"]
 
 
-def picked(w, quant=None) -> str:
-    """The format select_format (default options) chooses for one layer ``w``
-    read at one row of x (f32, or int8 per channel when ``quant``)."""
+def picked(layers, quant=None) -> str:
+    """The format select_format (default options) chooses for layer 0 of the
+    model of all ``layers`` read at one row of x (f32, or int8 per channel
+    when ``quant`` = (q layers, scale layers)): the pass sees the whole model,
+    whose size decides between its DRAM and in-cache cost models."""
     from sqk.compiler.passes.select_format import SelectFormat
 
     b = sqk.GraphBuilder("pick")
     x = b.input("x", (1, K))
     if quant is None:
-        y = b.matmul(x, b.const(w))
+        outs = [b.matmul(x, b.const(w)) for w in layers]
     else:
-        y = b.matmul_q(x, b.const(quant[0], "i8"), b.const(quant[1], "f32"), group=K)
-    g = SelectFormat().run(b.output(y))
+        outs = [b.matmul_q(x, b.const(q, "i8"), b.const(sc, "f32"), group=K) for q, sc in zip(*quant)]
+    g = SelectFormat().run(b.output(*outs))
     return next(n.attrs["sparse"] for n in g.nodes if n.op in ("matmul", "matmul_q"))
 
 
@@ -162,8 +164,8 @@ def run(threads: int) -> Table:
             contenders.append(("sqk nm2:4 i8 (2:4-pruned)", wqn, "nm2:4", (qn, scn)))
         for name, layers, fmt, quant in contenders:
             kind, pattern = name.split()[2], name[name.index("(") + 1:-1] if "(" in name else "unstructured"
-            picks.setdefault((s, kind, pattern), picked(layers[0], None if quant is None else (quant[0][0],
-                                                                                            quant[1][0])))
+            if (s, kind, pattern) not in picks:
+                picks[s, kind, pattern] = picked(layers, quant)
             built = sqk_sparse(layers, fmt, threads, *(quant or ()))
             if built is None:
                 t.add(name, f"{s:.0%}", "n/a", "n/a", "n/a")

@@ -20,6 +20,9 @@ VARIANTS = (
     ("int4 g32 + int8 act", {"quantize": "int4", "group": 32, "activations": "int8"}),
     ("2:4 f32", {"sparsify": "2:4"}),
     ("2:4 + int8", {"sparsify": "2:4", "quantize": "int8"}),
+    # select_format keeps these cache-resident int8 weights dense (compute decides there): forced, to compare
+    ("2:4 + int8, nm2:4", {"sparsify": "2:4", "quantize": "int8",
+                           "force": "|".join(f"{w}:nm2:4" for w in ("wq", "wk", "wv", "wo", "w1", "w2"))}),
 )
 
 

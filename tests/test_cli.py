@@ -93,7 +93,8 @@ def test_demo(capsys):
         if len(parts) > 5 and line.startswith(("f32 dense", "int8", "int4", "2:4")):
             rows[" ".join(parts[:-5])] = float(parts[-4])       # label -> cosine
     assert set(rows) == {"f32 dense", "int8 per-channel", "int4 g32", "int4 g32 + int8 act", "2:4 f32",
-                         "2:4 + int8"}, rows
+                         "2:4 + int8", "2:4 + int8, nm2:4"}, rows
+    assert abs(rows["2:4 + int8, nm2:4"] - rows["2:4 + int8"]) < 1e-5, rows   # same weights, either format
     assert rows["f32 dense"] > 0.99999 and rows["int8 per-channel"] >= 0.999 and rows["int4 g32"] >= 0.99, rows
     # magnitude 2:4 on random (untrained) weights loses much more than on trained ones: bounded, not tiny
     assert 0.85 <= rows["2:4 f32"] < 0.99 and abs(rows["2:4 + int8"] - rows["2:4 f32"]) < 0.01, rows
