@@ -317,13 +317,29 @@ def emit_matmul_q(k: Kernel, node: Node):
 #   k = 8j+4h+t.  vpmaddubsw multiplies unsigned by signed bytes, so it takes
 #   |q| (vpabsb: -128 gives 0x80 = 128 unsigned, right) against xq with q's
 #   sign (vpsignb; |xq| <= 127 never wraps): pairs reach 2*128*127 = 32512,
-#   below the i16 saturation.
+#   below the i16 saturation.  With VNNI it is simpler: x is stored as u8
+#   codes xq + 128 and vpdpbusd takes q as it is (signed), no vpabsb/vpsignb;
+#   after the i8 data the packer stores 128 * sum_k q per slab, group and
+#   column ([slabs][groups][8] i32, modulo 2^32) and the kernel subtracts it
+#   per group: everything wraps modulo 2^32 and the final sum fits i32, so
+#   it is exact (groups longer than ``i32_span`` keep the vpsignb form, their
+#   i64 sums being per span).
 #
 # Scales as [slabs][groups][8], zero points the same in i8 (i4: z + 8, the
 # offset the nibbles carry).  Columns padded to a multiple of 64.
+#
+# Kernel: per column block, register tiles of up to ROWS_I8_* rows x QUAD
+# slabs (32 columns): each chunk's weight words are loaded and decoded
+# (nibbles split, or |q|) once for all rows of the tile, xq broadcast per
+# row; the group fold and the stores stay per row.
 
 SLAB = 8            # columns per slab
 QUAD = 4            # slabs whose accumulators share each broadcast of xq
+# Rows of x per register tile (x86): each chunk of weights is loaded and decoded once for
+# them; tile x QUAD <8 x i32> accumulators plus operands fit 32 vector registers (AVX-512,
+# its VL forms reach ymm16-31) or, with 2 rows, 16 (AVX2).  Elsewhere one row.
+ROWS_I8_AVX512 = 4
+ROWS_I8_AVX2 = 2
 XQ_STACK = 1 << 16  # bytes of quantized x on the stack per row chunk
 MAX_KP = 1 << 18    # padded K at most: one row of int8 x always sits on the stack
 
@@ -368,7 +384,14 @@ def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
     if not i4:
         u[rows, :N] = qb
         u = u.reshape(G * GP // 4, 4, nslab, SLAB)                 # [k // 4, t, slab, c]
-        return np.ascontiguousarray(u.transpose(2, 0, 3, 1)).tobytes()  # [slab, k // 4, c, t]
+        data = np.ascontiguousarray(u.transpose(2, 0, 3, 1)).tobytes()  # [slab, k // 4, c, t]
+        # then 128 * sum_k q per group and column, modulo 2^32 (the VNNI kernel's u8 x offset)
+        cs = np.zeros((G, nslab * SLAB), np.int64)
+        if G:
+            cs[:, :N] = np.add.reduceat(np.asarray(a).astype(np.int8, copy=False), np.arange(G) * group, axis=0,
+                                        dtype=np.int64) * 128
+        cs = (cs & 0xFFFFFFFF).astype("<u4").reshape(G, nslab, SLAB).transpose(1, 0, 2)   # [slab, g, c]
+        return data + np.ascontiguousarray(cs).tobytes()
     u[rows, :N] = (qb + np.uint8(8)) & 0xF
     u = u.reshape(G * GP // 8, 2, 4, nslab, SLAB)          # [j, half, t, slab, c]
     byte = u[:, 0] | (u[:, 1] << 4)                        # [j, t, slab, c]
@@ -398,12 +421,25 @@ def emit_i8act(k: Kernel, node: Node):
     v32i8, v16i16, v8i32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
     v8i8 = ir.VectorType(I8, 8)
     fvec = ir.VectorType(F32, VL)
-    avx2 = "avx2" in k.target.enabled_features
+    feats = set(k.target.enabled_features)
+    avx2 = "avx2" in feats
+    # VNNI (AVX-512 VNNI with VL, or AVX-VNNI): vpdpbusd adds the four u8 x s8 products of each
+    # i32 lane to it, exactly (no i16 step): it replaces vpmaddubsw + vpmaddwd + vpaddd
+    vnni = avx2 and ("avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats)
+    # spans of chunks of 8 rows whose sums fit i32 (one span unless a group exceeds i32_span)
+    span = i32_span(bits, has_zeros) // 8
+    spans = [(c, min(GP // 8, c + span)) for c in range(0, GP // 8, span)] or [(0, 0)]
+    # i8 weights on VNNI: x stored as u8 (xq + 128) against signed q, the packer's 128 * sum q
+    # subtracted per group (one span: that correction is per group, not per span)
+    xu = vnni and bits == 8 and len(spans) == 1
+    rt = (ROWS_I8_AVX512 if "avx512f" in feats else ROWS_I8_AVX2) if avx2 else 1   # rows per register tile
     roundeven = k.intrinsic("llvm.roundeven.f32", F32, [F32])
     X, W = Access(k, k.args[0], x_t.dtype, 1), k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
     Y = Access(k, k.args[-1], y_t.dtype, VL)
     rch = max(1, min(rows, XQ_STACK // max(KP, 1)))   # rows quantized per chunk
+    if rch < rows and rch >= rt:
+        rch -= rch % rt   # full register tiles in every chunk but the last
     xq = _stack_array(k, -(-rch * KP // 4), "xq")
     dq = _stack_array(k, rch * G, "dq")       # d per (row, group)
     qsum = _stack_array(k, rch * G, "qsum")   # sum(xq) per (row, group), i32 (|sum| <= 127 * MAX_KP)
@@ -411,6 +447,29 @@ def emit_i8act(k: Kernel, node: Node):
     zero_i = ir.Constant(I32, 0)
     fmin = k.intrinsic("llvm.minnum.f32", F32, [F32, F32])
     fmax = k.intrinsic("llvm.maxnum.f32", F32, [F32, F32])
+
+    XV = Access(k, k.args[0], x_t.dtype, VL)
+
+    def group_amax(xbase, glen):
+        """max |x[xbase : xbase+glen]| (NaN ignored), VL lanes at a time: the scalar
+        compare-select chain costs its latency per element (LLVM does not reorder it).
+        Exact in any order: a maximum of non-negative, non-NaN values."""
+        nv = glen - glen % VL
+        zv = fconst(fvec, 0.0)
+
+        def vmax(i, a):
+            v = b.call(k.intrinsic("llvm.fabs.v8f32", fvec, [fvec]), [XV.load(b.add(xbase, i))])
+            return [b.select(b.fcmp_ordered(">", v, a[0]), v, a[0])]
+
+        m = zero_f
+        if nv:
+            acc = fold_loop(b, 0, nv, [zv], vmax, step=VL, name="amaxv")[0]
+            for j in range(VL):
+                e = b.extract_element(acc, ir.Constant(I32, j))
+                m = b.select(b.fcmp_ordered(">", e, m), e, m)
+        for i in range(nv, glen):
+            m = call_fabs_max(k, m, X.scalar(b.add(xbase, i64(i))))
+        return m
 
     def quant_group(xbase, qbase, rg, glen):
         """Quantize x[xbase : xbase+glen] into xq[qbase : qbase+GP] (zero padded)."""
@@ -424,8 +483,7 @@ def emit_i8act(k: Kernel, node: Node):
                 v = b.call(fmax, [b.call(fmin, [v, ir.Constant(F32, 127.0)]), ir.Constant(F32, -127.0)])
                 return b.fptosi(b.call(roundeven, [v]), I32)
         else:           # dynamic: d = max|x| / 127, so |x / d| <= 127 already
-            amax = fold_loop(b, 0, glen, [zero_f], lambda i, a: [
-                call_fabs_max(k, a[0], X.scalar(b.add(xbase, i)))], name="amax")[0]
+            amax = group_amax(xbase, glen)
             d = b.fdiv(amax, ir.Constant(F32, 127.0))
             pos = b.fcmp_ordered(">", d, zero_f)
 
@@ -434,7 +492,8 @@ def emit_i8act(k: Kernel, node: Node):
 
         def quant(i, acc):
             qi = code(b.fdiv(X.scalar(b.add(xbase, i)), d))
-            b.store(b.trunc(qi, I8), gep(b, xq, I8, b.add(qbase, i)))
+            qs = b.add(qi, ir.Constant(I32, 128)) if xu else qi   # xu: u8 codes (padding 0 meets q = 0)
+            b.store(b.trunc(qs, I8), gep(b, xq, I8, b.add(qbase, i)))
             return [b.add(acc[0], qi)]
 
         s = fold_loop(b, 0, glen, [zero_i], quant, name="quant")[0]
@@ -463,10 +522,6 @@ def emit_i8act(k: Kernel, node: Node):
         four = ir.Constant(v32i8, [4] * 32)
         vabs = k.intrinsic("llvm.abs.v32i8", v32i8, [v32i8, ir.IntType(1)])
         vsign = k.intrinsic("llvm.x86.avx2.psign.b", v32i8, [v32i8, v32i8])
-    # VNNI (AVX-512 VNNI with VL, or AVX-VNNI): vpdpbusd adds the four u8 x s8 products of each
-    # i32 lane to it, exactly (no i16 step): it replaces vpmaddubsw + vpmaddwd + vpaddd
-    feats = set(k.target.enabled_features)
-    vnni = avx2 and ("avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats)
     if vnni:
         dpbusd = k.intrinsic("llvm.x86.avx512.vpdpbusd.256", v8i32, [v8i32, v8i32, v8i32])
 
@@ -474,6 +529,7 @@ def emit_i8act(k: Kernel, node: Node):
             return b.call(dpbusd, [acc, b.bitcast(u, v8i32), b.bitcast(s, v8i32)])
     nib = ir.Constant(v8i32, [0x0F] * 8)
     words = bits // 4          # <8 x i32> words per chunk of 8 rows of a slab
+    no_poison = ir.Constant(ir.IntType(1), 0)
 
     def xq_splat(xo, t, n):
         """xq[xo + t : xo + t + n] broadcast: n = 4 as <32 x i8>, n = 1 as <8 x i32>."""
@@ -482,105 +538,138 @@ def emit_i8act(k: Kernel, node: Node):
             return b.bitcast(splat(b, b.load(p, typ=I32, align=1), 8), v32i8)
         return splat(b, b.sext(b.load(p, typ=I8), I32), 8)
 
-    def dot8(ws, xo, acc):
-        """acc + per column (lane) sum over 8 rows k of (q + 8) * xq (i4) or q * xq (i8);
-        ws = the chunk's <8 x i32> words."""
-        if vnni and bits == 4:
-            w8 = b.bitcast(ws[0], v32i8)
-            return dp(dp(acc, b.and_(w8, lo_mask), xq_splat(xo, 0, 4)), b.lshr(w8, four), xq_splat(xo, 4, 4))
-        if vnni:
-            for h, w in enumerate(ws):
-                w8 = b.bitcast(w, v32i8)
-                uq = b.call(vabs, [w8, ir.Constant(ir.IntType(1), 0)])   # |q| unsigned, x takes q's sign
-                acc = dp(acc, uq, b.call(vsign, [xq_splat(xo, 4 * h, 4), w8]))
-            return acc
+    def w_ops(ws):
+        """The weight operands of one chunk (8 rows of k) of a slab, from its <8 x i32>
+        words: computed once per register tile, shared by its rows."""
         if avx2 and bits == 4:
             w8 = b.bitcast(ws[0], v32i8)
-            lo, hi = b.and_(w8, lo_mask), b.lshr(w8, four)
-            p = b.add(b.call(maddubs, [lo, xq_splat(xo, 0, 4)]), b.call(maddubs, [hi, xq_splat(xo, 4, 4)]))
-            return b.add(acc, b.call(maddwd, [p, ones]))
-        if avx2:
-            for h, w in enumerate(ws):  # no i16 sum of the two halves: 2 * 32512 would saturate
-                w8 = b.bitcast(w, v32i8)
-                uq = b.call(vabs, [w8, ir.Constant(ir.IntType(1), 0)])
-                sx = b.call(vsign, [xq_splat(xo, 4 * h, 4), w8])
-                acc = b.add(acc, b.call(maddwd, [b.call(maddubs, [uq, sx]), ones]))
-            return acc
+            return [b.and_(w8, lo_mask), b.lshr(w8, four)]          # q + 8 of k = 8j+t, 8j+4+t
+        if xu:
+            return [b.bitcast(w, v32i8) for w in ws]                  # signed q against u8 x
+        if avx2:  # |q| unsigned (-128 gives 0x80 = 128, right), x takes q's sign
+            return [(b.call(vabs, [b.bitcast(w, v32i8), no_poison]), b.bitcast(w, v32i8)) for w in ws]
+        out = []
         for t in range(8):
             if bits == 4:  # k = 8j + t: byte t % 4, nibble t // 4
                 sh = 8 * (t % 4) + 4 * (t // 4)
-                u = b.and_(b.lshr(ws[0], ir.Constant(v8i32, [sh] * 8)), nib) if sh else b.and_(ws[0], nib)
+                out.append(b.and_(b.lshr(ws[0], ir.Constant(v8i32, [sh] * 8)), nib) if sh else b.and_(ws[0], nib))
             else:          # k = 8j + 4h + t: word h, byte t, sign-extended
                 w = ws[t // 4]
                 sh = 24 - 8 * (t % 4)
                 u = b.shl(w, ir.Constant(v8i32, [sh] * 8)) if sh else w
-                u = b.ashr(u, ir.Constant(v8i32, [24] * 8))
-            acc = b.add(acc, b.mul(u, xq_splat(xo, t, 1)))
+                out.append(b.ashr(u, ir.Constant(v8i32, [24] * 8)))
+        return out
+
+    def x_ops(xo):
+        """The x operands of one row for the chunk at xq[xo]: k = 8j..8j+3 and 8j+4..8j+7
+        as broadcast bytes (x86), or each of the 8 broadcast as i32."""
+        if avx2:
+            return [xq_splat(xo, 0, 4), xq_splat(xo, 4, 4)]
+        return [xq_splat(xo, t, 1) for t in range(8)]
+
+    def dot8(wo, xo, acc):
+        """acc + per column (lane) sum over the chunk's 8 rows k of (q + 8) * xq (i4),
+        q * xq (i8) or q * (xq + 128) (xu)."""
+        if vnni and bits == 4:
+            return dp(dp(acc, wo[0], xo[0]), wo[1], xo[1])
+        if xu:
+            for w8, x in zip(wo, xo):
+                acc = dp(acc, x, w8)
+            return acc
+        if vnni:
+            for (uq, w8), x in zip(wo, xo):
+                acc = dp(acc, uq, b.call(vsign, [x, w8]))
+            return acc
+        if avx2 and bits == 4:
+            p = b.add(b.call(maddubs, [wo[0], xo[0]]), b.call(maddubs, [wo[1], xo[1]]))
+            return b.add(acc, b.call(maddwd, [p, ones]))
+        if avx2:  # no i16 sum of the two halves: 2 * 32512 would saturate
+            for (uq, w8), x in zip(wo, xo):
+                acc = b.add(acc, b.call(maddwd, [b.call(maddubs, [uq, b.call(vsign, [x, w8])]), ones]))
+            return acc
+        for u, x in zip(wo, xo):
+            acc = b.add(acc, b.mul(u, x))
         return acc
 
     nblk = -(-N // NB)
+    nslab = nblk * (NB // SLAB)
     chunk_bytes = 32 * words
-    # spans of chunks of 8 rows whose sums fit i32 (one span unless a group exceeds i32_span)
-    span = i32_span(bits, has_zeros) // 8
-    spans = [(c, min(GP // 8, c + span)) for c in range(0, GP // 8, span)] or [(0, 0)]
     i64v = ir.VectorType(ir.IntType(64), 8)
 
-    def quad_pass(item, r0, rl, s0, last):
-        """Row r0+rl of x against slabs s0..s0+QUAD of block ``item``."""
+    def tile_pass(item, r0, rl, nr, s0, last):
+        """Rows r0+rl .. r0+rl+nr-1 of x (a register tile) against slabs s0..s0+QUAD of
+        block ``item``: each chunk of weights is loaded and decoded once for the nr rows."""
         slabs = [b.add(b.mul(item, i64(NB // SLAB)), i64(s0 + j)) for j in range(QUAD)]
+        rls = [b.add(rl, i64(t)) for t in range(nr)]
 
         def group_step(g, yacc):
             def kstep(j, acc):
                 kk = b.add(b.mul(g, i64(GP // 8)), j)  # chunk of 8 rows of k
-                xo = b.add(b.mul(rl, i64(KP)), b.mul(kk, i64(8)))
-                out = []
+                xs = [x_ops(b.add(b.mul(r, i64(KP)), b.mul(kk, i64(8)))) for r in rls]
+                out = list(acc)
                 for j2, sl in enumerate(slabs):
                     off = b.add(b.mul(sl, i64(KP // 8 * chunk_bytes)), b.mul(kk, i64(chunk_bytes)))
-                    ws = [b.load(gep(b, W, I8, b.add(off, i64(32 * h))), typ=v8i32, align=1) for h in range(words)]
-                    out.append(dot8(ws, xo, acc[j2]))
+                    wo = w_ops([b.load(gep(b, W, I8, b.add(off, i64(32 * h))), typ=v8i32, align=1)
+                                for h in range(words)])
+                    for t in range(nr):
+                        out[t * QUAD + j2] = dot8(wo, xs[t], out[t * QUAD + j2])
                 return out
 
-            zacc = [ir.Constant(v8i32, [0] * 8)] * QUAD
+            zacc = [ir.Constant(v8i32, [0] * 8)] * (QUAD * nr)
             parts = [fold_loop(b, c0, c1, zacc, kstep, name="ks") for c0, c1 in spans]
-            rg = b.add(b.mul(rl, i64(G)), g)
-            dv = splat(b, b.load(gep(b, dq, F32, rg), typ=F32), VL)
-            xsum = splat(b, b.load(gep(b, qsum, I32, rg), typ=I32), VL) if bits == 4 or has_zeros else None
             wide = len(parts) > 1   # a group longer than i32_span rows: spans summed in i64
-            out = []
-            for j2, sl in enumerate(slabs):
-                col = b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB)))
-                sc = b.fmul(dv, S.load(col))
-                # what the encoding adds to sum_k xq * (q - z): (z + off) * sum(xq), off = 8 for i4
-                if has_zeros:
-                    zv = b.load(gep(b, k.args[3], I8, col), typ=v8i8, align=1)
-                    off = (b.mul(b.sext(xsum, i64v), b.sext(zv, i64v)) if wide
-                           else b.mul(xsum, b.sext(zv, v8i32)))
-                elif bits == 4:
-                    off = b.shl(xsum, ir.Constant(v8i32, [3] * 8))
-                    off = b.sext(off, i64v) if wide else off
-                else:
-                    off = None
-                dot = functools.reduce(b.add, [b.sext(p[j2], i64v) for p in parts]) if wide else parts[0][j2]
-                if off is not None:
-                    dot = b.sub(dot, off)
-                dot = b.sitofp(dot, fvec)  # exact integer, rounded once to f32
-                # product and sum each rounded to f32, unfused: the reference's order of operations
-                out.append(b.fadd(yacc[j2], b.fmul(sc, dot)))
+            cols = [b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB))) for sl in slabs]
+            svals = [S.load(col) for col in cols]
+            zvs = [b.load(gep(b, k.args[3], I8, col), typ=v8i8, align=1) for col in cols] if has_zeros else None
+            # xu: sum_k (xq + 128) q = sum_k xq q + 128 sum_k q, modulo 2^32 like the final sum
+            corr = [b.load(gep(b, W, I8, b.add(i64(nslab * KP * 8), b.mul(col, i64(4)))), typ=v8i32, align=1)
+                    for col in cols] if xu else None
+            out = list(yacc)
+            for t, r in enumerate(rls):
+                rg = b.add(b.mul(r, i64(G)), g)
+                dv = splat(b, b.load(gep(b, dq, F32, rg), typ=F32), VL)
+                xsum = splat(b, b.load(gep(b, qsum, I32, rg), typ=I32), VL) if bits == 4 or has_zeros else None
+                for j2 in range(QUAD):
+                    i = t * QUAD + j2
+                    sc = b.fmul(dv, svals[j2])
+                    # what the encoding adds to sum_k xq * (q - z): (z + off) * sum(xq), off = 8 for i4
+                    if has_zeros:
+                        off = (b.mul(b.sext(xsum, i64v), b.sext(zvs[j2], i64v)) if wide
+                               else b.mul(xsum, b.sext(zvs[j2], v8i32)))
+                    elif bits == 4:
+                        off = b.shl(xsum, ir.Constant(v8i32, [3] * 8))
+                        off = b.sext(off, i64v) if wide else off
+                    else:
+                        off = None
+                    dot = functools.reduce(b.add, [b.sext(p[i], i64v) for p in parts]) if wide else parts[0][i]
+                    if xu:
+                        dot = b.sub(dot, corr[j2])
+                    if off is not None:
+                        dot = b.sub(dot, off)
+                    dot = b.sitofp(dot, fvec)  # exact integer, rounded once to f32
+                    # product and sum each rounded to f32, unfused: the reference's order of operations
+                    out[i] = b.fadd(yacc[i], b.fmul(sc, dot))
             return out
 
-        yacc = fold_loop(b, 0, G, [fconst(fvec, 0.0)] * QUAD, group_step, name="gq")
-        yrow = b.add(b.mul(b.add(r0, rl), i64(N)), b.mul(item, i64(NB)))
-        for j2 in range(QUAD):
-            col = (s0 + j2) * SLAB
-            n = min(SLAB, (N % NB if last else NB) - col)
-            if n > 0:
-                Y.store(yacc[j2], b.add(yrow, i64(col)), n)
+        yacc = fold_loop(b, 0, G, [fconst(fvec, 0.0)] * (QUAD * nr), group_step, name="gq")
+        for t, r in enumerate(rls):
+            yrow = b.add(b.mul(b.add(r0, r), i64(N)), b.mul(item, i64(NB)))
+            for j2 in range(QUAD):
+                col = (s0 + j2) * SLAB
+                n = min(SLAB, (N % NB if last else NB) - col)
+                if n > 0:
+                    Y.store(yacc[t * QUAD + j2], b.add(yrow, i64(col)), n)
 
     def blocks(r0, nr):
         def body(item, last):
-            with loop(b, 0, nr, name="row") as rl:
-                for s0 in range(0, NB // SLAB, QUAD):
-                    quad_pass(item, r0, rl, s0, last)
+            # tiles of rt rows, then at most one of rt/2, rt/4 ... 1 rows for the rest
+            start, size = i64(0), rt
+            while size:
+                stop = b.sub(nr, b.urem(nr, i64(size))) if size > 1 else nr
+                with loop(b, start, stop, step=size, name=f"row{size}") as rl:
+                    for s0 in range(0, NB // SLAB, QUAD):
+                        tile_pass(item, r0, rl, size, s0, last)
+                start, size = stop, size // 2
 
         with loop(b, k.begin, k.end, name="item") as item:
             if N % NB:

@@ -375,26 +375,30 @@ def test_int8_activations_bad_mode():
                    b.const(np.ones((1, 2), np.float32)), group=8, activations="int4")
 
 
-@pytest.mark.parametrize("vnni", [True, False], ids=["vnni", "avx2"])
-def test_int8_activations_dot_instructions(vnni, monkeypatch):
+@pytest.mark.parametrize("mode", ["vnni", "avx2", "avx2-ymm"])
+def test_int8_activations_dot_instructions(mode, monkeypatch):
     """On x86 the integer dots are vpdpbusd where the CPU has VNNI (AVX-512 VNNI
     + VL, or AVX-VNNI), else vpmaddubsw + vpmaddwd; both exact (checked on this
-    CPU: the AVX2 build runs anywhere VNNI does, with VNNI switched off)."""
+    CPU: the AVX2 build runs anywhere VNNI does, with VNNI switched off; avx2-ymm
+    switches off all of AVX-512 too: 16 vector registers, tiles of 2 rows)."""
     import dataclasses
 
     import sqk.codegen.target as T
     from sqk.codegen.emit import assembly
     from sqk.compiler.dump import lowered_module
 
+    vnni = mode == "vnni"
     host = T.get_target("host")
     feats = set(host.enabled_features)
     if "avx2" not in feats:
         pytest.skip("x86 with AVX2 only (the host here is not)")
     if vnni and not ("avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats):
         pytest.skip("this CPU has no VNNI")
-    off = {"+avx512vnni", "+avxvnni"}
+
+    def off(f):
+        return f in ("+avx512vnni", "+avxvnni") or mode == "avx2-ymm" and f.startswith(("+avx512", "+avxvnni"))
     t = host if vnni else dataclasses.replace(
-        host, features=",".join("-" + f[1:] if f in off else f for f in host.features.split(",")))
+        host, features=",".join("-" + f[1:] if off(f) else f for f in host.features.split(",")))
     monkeypatch.setattr(T, "get_target", lambda name, **kw: t if name == "host" else T.riscv64_target())
     g8, x8, _ = extreme_i8(4096)
     g4, inputs4 = i8graph((5,), 300, 70, 32, qdt="i4", seed=9)
@@ -403,3 +407,23 @@ def test_int8_activations_dot_instructions(vnni, monkeypatch):
         assert ("vpdpbusd" in asm) == vnni and ("vpmaddubsw" in asm) == (not vnni)
         got = sqk.compile(g)(**inputs)
         np.testing.assert_array_equal(got, sqk.reference(g, **inputs))
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 7, 8, 9, 17])
+@pytest.mark.parametrize("qdt,zeros", [("i4", False), ("i4", True), ("i8", False), ("i8", True)])
+def test_int8_activations_register_tile_rows(qdt, zeros, M):
+    """Row counts around the register tile (4 rows with AVX-512, 2 with AVX2, then
+    one tile each of the halves for the rest): bit for bit the reference."""
+    g, inputs = int8_graph((M,), 200, 100, 64 if qdt == "i4" else 200, qdt, zeros, 0.0 if M % 2 else 0.03,
+                           seed=M)
+    got, want = sqk.compile(g)(**inputs), sqk.reference(g, **inputs)
+    assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("qdt", ["i4", "i8"])
+def test_int8_activations_row_chunks_of_tiles(qdt):
+    """K = 1500 per channel: 43 rows of int8 x fit the stack, chunks are cut to
+    40 (whole tiles), the last chunk of 10 rows ends in part tiles."""
+    g, inputs = int8_graph((50,), 1500, 70, 1500, qdt, zeros=qdt == "i8", seed=11)
+    got, want = sqk.compile(g)(**inputs), sqk.reference(g, **inputs)
+    assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
