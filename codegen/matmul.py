@@ -95,6 +95,11 @@ STREAM_MAX_M = 4
 GEMV_BLOCK = 64
 GEMV_SPAN = 2048
 GEMV_KB = 8
+# Bytes of each row of b a thread's share should read at the least: shorter row
+# segments stream badly (40 x [2048, 2048] from DRAM, 2 threads: 1 KiB segments
+# 32.7 ms, 4 KiB 22.8 ms), so the runtime may not cut a GEMV finer than this
+# (but always in two at the least).
+GEMV_MIN_SEGMENT = 4096
 # Packed constant b: columns per panel, 3 vectors of PACK_LANES f32 (the layout
 # is fixed: packed constants do not depend on the target; see the docstring).
 PACK_LANES = 16
@@ -523,4 +528,5 @@ def _gemv(k: Kernel, g: Geometry, epilogue=None):
     b.branch(head)
     b.position_at_end(done)
     k.finish()
-    return g.batch * nblk, _grain(M * block * K, MIN_PARALLEL_GEMV)
+    least = cdiv(GEMV_MIN_SEGMENT, block * g.dtype.bits // 8)
+    return g.batch * nblk, max(min(least, cdiv(nblk, 2)), _grain(M * block * K, MIN_PARALLEL_GEMV))

@@ -26,6 +26,7 @@
  * workers awake, or the caller takes every chunk alone (a memory-bound GEMV
  * then streams at one core's bandwidth). A context idle for longer costs no CPU. */
 #define SQK_SPIN_NS 200000
+#define SQK_CHUNKS_PER_THREAD 4
 #define SQK_SPIN 4000 /* polls the caller makes before it sleeps waiting for workers */
 
 static int64_t now_ns(void) {
@@ -309,8 +310,12 @@ static int32_t run_step(sqk_context *ctx, const sqk_step *s) {
     int64_t threads = ctx->n_pool + 1;
     if (range <= grain || threads == 1) return s->fn(ctx->argv, 0, range);
 
-    int64_t per_thread = range / threads + (range % threads != 0); /* ceil */
-    int64_t chunk = per_thread > grain ? per_thread : grain;
+    /* A few chunks per thread, taken first come first served: a worker that
+     * wakes late (an idle vCPU can take a millisecond) still gets a share
+     * instead of leaving the caller the whole step. */
+    int64_t parts = threads * SQK_CHUNKS_PER_THREAD;
+    int64_t per_part = range / parts + (range % parts != 0); /* ceil */
+    int64_t chunk = per_part > grain ? per_part : grain;
     int64_t n_chunks = range / chunk + (range % chunk != 0);
     if (n_chunks == 1) return s->fn(ctx->argv, 0, range);
 

@@ -98,7 +98,8 @@ int64_t sqk_context_threads(const sqk_context *ctx);
 /* Run every step of `prog` in order. inputs/outputs are arrays of n_inputs/n_outputs
  * pointers to contiguous tensors of the sizes in prog->inputs/outputs; consts points
  * to const_bytes bytes (64-byte aligned). A step's range is split into chunks of
- * max(grain, ceil(range / threads)) items; range <= 0 skips the step. Returns SQK_OK
+ * max(grain, ceil(range / (4 * threads))) items, which the caller and the pool
+ * threads take first come first served; range <= 0 skips the step. Returns SQK_OK
  * or an error code (the first failing kernel's code); on error,
  * sqk_context_error_step() names the step that failed (or -1 if none did). */
 int32_t sqk_run(sqk_context *ctx, const sqk_program *prog, void *const *inputs,

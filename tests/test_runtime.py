@@ -239,10 +239,13 @@ def ranges_of(log):
     return sorted((int(log[1 + 3 * k]), int(log[2 + 3 * k])) for k in range(n)), {int(log[3 + 3 * k]) for k in range(n)}
 
 
+CHUNKS_PER_THREAD = 4   # SQK_CHUNKS_PER_THREAD in runtime/sqk_runtime.c
+
+
 def expected_ranges(rng, grain, threads):
     if rng <= grain or threads == 1:
         return [(0, rng)]
-    chunk = max(grain, -(-rng // threads))
+    chunk = max(grain, -(-rng // (threads * CHUNKS_PER_THREAD)))
     return [(b, min(b + chunk, rng)) for b in range(0, rng, chunk)]
 
 
