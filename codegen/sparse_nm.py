@@ -64,7 +64,7 @@ from llvmlite import ir
 from ..ir import dtypes as dt
 from ..ir.graph import IRError, Node
 from ..ir.sparsity import holds, parse_format
-from .kernel import F16, F32, I1, I8, I16, I32, PTR, Kernel, fconst, fold_loop, gep, i64, loop, splat
+from .kernel import F16, F32, I1, I8, I16, I32, PTR, Kernel, elem_bytes, fconst, fold_loop, gep, i64, loop, splat
 from .lower import emitter, packer
 from .matmul import Access, _stack_array, fma
 
@@ -178,8 +178,16 @@ def emit_nm(k: Kernel, node: Node):
     mchunks = cdiv(rows, MCH)
     fvec, ivec = ir.VectorType(F32, VL), ir.VectorType(I32, VL)
     zero = fconst(fvec, 0.0)
+    wzero = fconst(ir.VectorType(F32, 2 * VL), 0.0)
+    lo8, hi8 = (ir.Constant(ivec, list(range(h, h + VL))) for h in (0, VL))
     x86 = "avx2" in k.target.enabled_features
     xll = F16 if xd is dt.f16 else F32
+    # AVX-512, M <= 4, N even: slots s, s+1 of a column vector (adjacent in both
+    # sections) go as one 16-lane vector, lanes 8..15 holding slot s+1: half the
+    # instructions per byte (i8 2:4 GEMV from DRAM, one thread: 6.6 -> 5.9 ms per 80 MiB).
+    wide = x86 and "avx512f" in k.target.enabled_features and m <= 4 and n % 2 == 0
+    WL = 2 * VL
+    wvec, wivec = ir.VectorType(F32, WL), ir.VectorType(I32, WL)
 
     # --- per-run pieces -----------------------------------------------------------
 
@@ -193,7 +201,7 @@ def emit_nm(k: Kernel, node: Node):
         pad = zero_of(valid)
         idx = [i if i < valid else valid for i in range(size)]   # element `valid` is a zero of ``pad``
         if size == 4:
-            idx = idx + idx
+            idx = idx * (4 if wide else 2)   # the table in every 128-bit lane
         t = b.shuffle_vector(v, pad, ir.Constant(ir.VectorType(I32, len(idx)), idx))
         if size <= 8:
             return [t]
@@ -204,6 +212,8 @@ def emit_nm(k: Kernel, node: Node):
 
     if x86:
         permil = k.intrinsic("llvm.x86.avx.vpermilvar.ps.256", fvec, [fvec, ivec])
+        if wide:
+            permil = k.intrinsic("llvm.x86.avx512.vpermilvar.ps.512", wvec, [wvec, wivec])
         permps = k.intrinsic("llvm.x86.avx2.permps", fvec, [fvec, ivec])
     else:
         xv = ir.VectorType(xll, VL)
@@ -230,9 +240,14 @@ def emit_nm(k: Kernel, node: Node):
         return b.fpext(v, fvec) if xd is dt.f16 else v
 
     shifts = {(pb, off): ir.Constant(ivec, [pb * l + off for l in range(VL)]) for pb in (2, 4) for off in (0, 16)}
+    wshift = ir.Constant(wivec, [2 * l for l in range(VL)] + [16 + 2 * l for l in range(VL)])
 
     def position_ctrl(prec, s, words):
-        """<8 x i32> whose low bits are slot s's positions (lane l: column l)."""
+        """<8 x i32> whose low bits are slot s's positions (lane l: column l);
+        wide: <16 x i32> of slots s, s + 1 (s even; their planes are one word)."""
+        if wide:
+            wd = b.load(gep(b, W, I8, b.add(prec, i64(2 * s))), typ=I32, align=4)
+            return b.lshr(splat(b, wd, WL), wshift)
         if L.pb == 4:
             off, key, ty = 4 * s, s, I32
         elif s % 2 or s + 1 < n:
@@ -244,10 +259,22 @@ def emit_nm(k: Kernel, node: Node):
             words[key] = splat(b, wd if ty is I32 else b.zext(wd, I32), VL)
         return b.lshr(words[key], shifts[(L.pb, 16 * (s % 2) if L.pb == 2 else 0)])
 
+    wi4 = [ir.Constant(wivec, [a] * VL + [c] * VL) for a, c in ((0, 4), (15, -1), (8, 0))]
+
     def value(vrec, s, pairs):
         """Slot s of VL columns as f32 (integers exactly: |q| <= 128); ``pairs``
-        caches the i4 bytes of a pair of slots, sign-extended."""
+        caches the i4 bytes of a pair of slots, sign-extended.  Wide: slots s, s + 1."""
         name = L.vdt.name
+        if wide:
+            if name == "i4":   # lanes 0..7: (v & 15) - 8, lanes 8..15: v >> 4
+                v = b.sext(b.load(gep(b, W, I8, b.add(vrec, i64(s // 2 * VL))), typ=ir.VectorType(I8, VL),
+                                  align=1), ivec)
+                v = b.shuffle_vector(v, v, ir.Constant(wivec, list(range(VL)) * 2))
+                return b.sitofp(b.sub(b.and_(b.ashr(v, wi4[0]), wi4[1]), wi4[2]), wvec)
+            p = gep(b, W, I8, b.add(vrec, i64(s * _VEC_BYTES[name])))
+            ty = {"f32": F32, "f16": F16, "i8": I8}[name]
+            v = b.load(p, typ=ir.VectorType(ty, WL), align=elem_bytes(ty))
+            return v if name == "f32" else b.fpext(v, wvec) if name == "f16" else b.sitofp(b.sext(v, wivec), wvec)
         if name == "i4":
             j = s // 2
             if j not in pairs:
@@ -305,6 +332,9 @@ def emit_nm(k: Kernel, node: Node):
                 # (i4: one, its decode constants take the registers; an FMA chain gets one FMA per
                 # ~9 cycles of decode anyway)
                 sets = max(1, min(n, 8 // nacc)) if x86 and L.vdt is not dt.i4 else 1
+                if wide:
+                    sets = max(1, min(n // 2, 8 // nacc))
+                slots = range(0, n, 2) if wide else range(n)
 
                 def step(run, accs):
                     out = list(accs)
@@ -318,15 +348,18 @@ def emit_nm(k: Kernel, node: Node):
                         vrec = b.add(vblk, b.mul(rc, i64(L.val_rec)))
                         prec = b.add(pblk, b.mul(rc, i64(L.pos_rec)))
                         words, pairs = {}, {}
-                        for s in range(n):
+                        for si, s in enumerate(slots):
                             v = value(vrec, s, pairs)
                             c = position_ctrl(prec, s, words)
                             for t in range(tr):
-                                i = (s % sets) * nacc + ci * tr + t
+                                i = (si % sets) * nacc + ci * tr + t
                                 out[i] = fma(k, select_x(tabs[t], c), v, out[i])
                     return out
 
-                accs = fold_loop(b, run0, b.add(run0, i64(nruns)), [zero] * (nacc * sets), step, name="run")
+                accs = fold_loop(b, run0, b.add(run0, i64(nruns)), [wzero if wide else zero] * (nacc * sets),
+                                 step, name="run")
+                if wide:   # lanes 8..15 hold the same columns as 0..7
+                    accs = [b.fadd(b.shuffle_vector(a, a, lo8), b.shuffle_vector(a, a, hi8)) for a in accs]
                 accs = [functools.reduce(b.fadd, accs[i::nacc]) for i in range(nacc)]
                 for ci, cv in enumerate(cvs):
                     sc = None

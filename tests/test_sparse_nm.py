@@ -194,3 +194,29 @@ def test_packed_layout(fmt, dtype):
     np.testing.assert_array_equal(dense[:K, :N], w.astype(np.float64))
     assert not dense[K:].any() and not dense[:, N:].any()
     assert (p[..., :] < m).all()
+
+
+@pytest.mark.parametrize("mode", ["avx512", "avx2"])
+def test_x86_paths(monkeypatch, mode):
+    """x86 selects with vpermilps: with AVX-512 two slots of M <= 4, N even formats
+    share one zmm (lanes 8..15: slot s + 1); the AVX2 build (AVX-512 switched
+    off) keeps one slot per ymm.  Both against the reference."""
+    import dataclasses
+
+    import sqk.codegen.target as T
+    from sqk.codegen.emit import assembly
+    from sqk.compiler.dump import lowered_module
+
+    host = T.get_target("host")
+    feats = set(host.enabled_features)
+    if "avx2" not in feats or mode == "avx512" and "avx512f" not in feats:
+        pytest.skip(f"needs an x86 CPU with {mode.upper()} (the host here is not)")
+    t = host if mode == "avx512" else dataclasses.replace(
+        host, features=",".join("-" + f[1:] if f.startswith("+avx512") else f for f in host.features.split(",")))
+    monkeypatch.setattr(T, "get_target", lambda name, **kw: t if name == "host" else T.riscv64_target())
+    cases = [fgraph((1,), 70, 45, "nm2:4", "f32"), fgraph((4,), 40, 35, "nm2:3", "f16"),
+             qgraph((3,), 70, 45, "nm2:4", "i8", 70, "f16", "f16"), qgraph((5,), 70, 45, "nm2:4", "i4", 16, "f16")]
+    for g, inputs in cases:
+        asm = assembly(str(lowered_module(g, t)), t)
+        assert ("vpermilps\t%zmm" in asm) == (mode == "avx512"), g
+        check(g, inputs)
