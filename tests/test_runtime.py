@@ -3,6 +3,7 @@ is compiled with cc, run through the cffi runtime in-process, and linked into
 the runner (for the host, and for riscv64 under qemu-user)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -740,3 +741,44 @@ def test_riscv_f16_helpers(riscv_tools, tmp_path):
     nan = np.isnan(want_ext)
     assert np.array_equal(ext[~nan].view(np.uint32), want_ext[~nan].view(np.uint32))
     assert np.isnan(ext[nan]).all()
+
+
+_AFFINITY = r"""
+import json, os, sys
+import numpy as np
+import sqk
+
+def masks():
+    return {int(t): sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+
+before = masks()
+b = sqk.GraphBuilder("aff")
+x, w = b.input("x", (256, 256)), b.input("w", (256, 256))
+m = sqk.compile(b.output(b.matmul(x, w)), threads=3)
+a = np.ones((256, 256), np.float32)
+for _ in range(3):
+    m(x=a, w=a)
+after = masks()
+print(json.dumps({"main": after[os.getpid()], "allowed": before[os.getpid()],
+                  "pool": [v for t, v in after.items() if t not in before]}))
+"""
+
+
+@pytest.mark.parametrize("setting", ["default", "off"])
+def test_pool_kept_off_the_callers_cpu(setting):
+    """A pool woken by the caller tends to land on the caller's CPU; the runtime pins
+    each pool thread to one of the other CPUs of the caller's mask (round robin) and
+    never pins the caller; SQK_AFFINITY=0 leaves every mask alone."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU allowed: nothing to keep apart")
+    env = dict(os.environ, SQK_AFFINITY="0" if setting == "off" else "1")
+    r = subprocess.run([sys.executable, "-c", _AFFINITY], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["main"] == got["allowed"]            # the caller is never pinned
+    assert len(got["pool"]) == 2                     # threads=3: two pool threads
+    for mask in got["pool"]:
+        if setting == "off":
+            assert mask == got["allowed"]
+        else:
+            assert len(mask) == 1 and mask[0] in got["allowed"]
