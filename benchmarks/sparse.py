@@ -81,8 +81,10 @@ def sqk_sparse(layers, fmt, threads, q=None, scales=None):
         outs = [b.matmul_q(x, b.const(qi, "i8"), b.const(si, "f32"), group=K, sparse=fmt)
                 for qi, si in zip(q, scales)]
     t = time.perf_counter()
+    # dense: without select_format, which would otherwise store a sparse enough weight sparse
+    pipeline = "fold_constants,dce,fuse" if fmt == "dense" else None
     try:
-        mod = sqk.compile(b.output(*outs), threads=threads)
+        mod = sqk.compile(b.output(*outs), threads=threads, pipeline=pipeline)
     except UnsupportedOp:
         return None
     return mod, time.perf_counter() - t, mod.manifest["constants"]["bytes"]
