@@ -146,10 +146,11 @@ static int64_t default_threads(void) {
  * caller's CPU, where the two then share one core (measured: GEMM 512^3 at 2
  * threads ran at one thread's speed in most runs of a process, ~100 against
  * ~180 GFLOP/s). Workers get the other CPUs of the caller's affinity mask, round
- * robin; the caller itself is never pinned, and pinning is redone only when it
- * has moved. SQK_AFFINITY=0 turns this off. */
+ * robin; the caller itself is never pinned, and pinning is redone (checked at
+ * every parallel step: the caller, woken by a worker, may land on its CPU) only
+ * when it has moved. SQK_AFFINITY=0 turns this off. */
 static void keep_pool_off_caller(sqk_context *ctx) {
-    if (ctx->pool_off_cpu == -2 || ctx->n_pool == 0 || ctx->owner_pid != getpid()) return;
+    if (ctx->pool_off_cpu == -2 || ctx->n_pool == 0) return; /* (a forked child never gets here) */
     int cpu = sched_getcpu();
     if (cpu < 0 || cpu == ctx->pool_off_cpu) return;
     cpu_set_t allowed, one;
@@ -348,6 +349,7 @@ static int32_t run_step(sqk_context *ctx, const sqk_step *s) {
     int64_t n_chunks = range / chunk + (range % chunk != 0);
     if (n_chunks == 1) return s->fn(ctx->argv, 0, range);
 
+    keep_pool_off_caller(ctx);
     ctx->fn = s->fn;
     ctx->args = ctx->argv;
     ctx->range = range;
@@ -447,7 +449,6 @@ int32_t sqk_run(sqk_context *ctx, const sqk_program *prog, void *const *inputs,
     /* Two threads sharing one context would trample its job fields and arena. */
     if (atomic_flag_test_and_set(&ctx->busy)) return SQK_ERR_ARGS;
     ctx->error_step = -1;
-    keep_pool_off_caller(ctx);
     int32_t rc = run_program(ctx, prog, inputs, outputs, consts, const_bytes);
     if (rc == SQK_OK) ctx->error_step = -1;
     atomic_flag_clear(&ctx->busy);

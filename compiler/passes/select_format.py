@@ -97,7 +97,10 @@ from .report import LayerReport
 #   block (27 MiB f32, 4 rows), where 2:4 + int8 measured 0.51 ms against dense int8's 0.38 ms.
 # - dense i8 / i4 were refitted on that Zen 4 (AVX-512): GEMV 24.7 ms for 512 MiB of int8 and 36.1 ms
 #   for 576 MiB of int4 g32 against the probe's 16.9 ms for 512 MiB: 0.015 and 0.016 ns per value on
-#   top of the bytes.  The sparse constants are still the Zen 3 fit (they err towards dense there).
+#   top of the bytes.  The sparse constants are still the Zen 3 fit (they err towards dense there);
+#   checked on the Zen 4 with `python -m benchmarks sparse` (2026-12-04, benchmarks/README.md): every
+#   pick ran at least as fast as dense (csr f32 at 75/90/95% 2.6/5.2/8.9x, int8 csr at 90/95% 2.1/3.5x,
+#   bsr1x8 1.9-15.5x, nm2:4 1.9-2.0x), and int8 at 75% stays dense where csr measured 1.09x.
 READ_GBPS = 23.6
 CACHE_GBPS = 80.0
 CACHE_BYTES = 24 << 20
