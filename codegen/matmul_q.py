@@ -305,11 +305,14 @@ def emit_matmul_q(k: Kernel, node: Node):
 # vpdpbusd (64 i4 weights per ~4); elsewhere plain i32 vector multiply-adds on
 # the same layout (LLVM vectorizes them for RVV).
 #
-# Slab layout (``pack_i8act``): q as [N/64 blocks * 8 slabs][K'/8][8 rows of k],
-# where K' pads every group to GP = group rounded up to 8 rows (so a chunk of
-# 8 rows never straddles two groups; padding rows hold q = 0 and meet xq = 0).
-# A chunk of a slab is 32 bytes (i4) or 64 bytes (i8), read as <8 x i32> words
-# with column c in lane c:
+# Slab layout (``pack_i8act``): q as [N/64 blocks * 2 quads][K'/8][4 slabs][8
+# rows of k], where K' pads every group to GP = group rounded up to 8 rows (so a
+# chunk of 8 rows never straddles two groups; padding rows hold q = 0 and meet
+# xq = 0).  A slab is 8 columns; the 4 slabs of a quad (the QUAD slabs a
+# register tile reads together) interleave chunk by chunk, so a tile streams one
+# contiguous range instead of four (int4 + int8 activations GEMV from DRAM: one
+# thread 16-20 -> 22-25 GB/s, two 24-26 -> 28-38 GB/s).  A chunk of a slab is
+# 32 bytes (i4) or 64 bytes (i8), read as <8 x i32> words with column c in lane c:
 #
 # * i4: byte 4c+t holds column c's q+8 for k = 8j+t (low nibble) and 8j+4+t
 #   (high nibble);
@@ -383,8 +386,8 @@ def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
     qb = np.asarray(a).astype(np.int8, copy=False).view(np.uint8)
     if not i4:
         u[rows, :N] = qb
-        u = u.reshape(G * GP // 4, 4, nslab, SLAB)                 # [k // 4, t, slab, c]
-        data = np.ascontiguousarray(u.transpose(2, 0, 3, 1)).tobytes()  # [slab, k // 4, c, t]
+        u = u.reshape(G * GP // 8, 2, 4, nslab // QUAD, QUAD, SLAB)   # [k // 8, h, t, quad, slab, c]
+        data = np.ascontiguousarray(u.transpose(3, 0, 4, 1, 5, 2)).tobytes()  # [quad, k // 8, slab, h, c, t]
         # then 128 * sum_k q per group and column, modulo 2^32 (the VNNI kernel's u8 x offset)
         cs = np.zeros((G, nslab * SLAB), np.int64)
         if G:
@@ -393,9 +396,9 @@ def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
         cs = (cs & 0xFFFFFFFF).astype("<u4").reshape(G, nslab, SLAB).transpose(1, 0, 2)   # [slab, g, c]
         return data + np.ascontiguousarray(cs).tobytes()
     u[rows, :N] = (qb + np.uint8(8)) & 0xF
-    u = u.reshape(G * GP // 8, 2, 4, nslab, SLAB)          # [j, half, t, slab, c]
-    byte = u[:, 0] | (u[:, 1] << 4)                        # [j, t, slab, c]
-    return np.ascontiguousarray(byte.transpose(2, 0, 3, 1)).tobytes()  # [slab, j, c, t]
+    u = u.reshape(G * GP // 8, 2, 4, nslab // QUAD, QUAD, SLAB)   # [j, half, t, quad, slab, c]
+    byte = u[:, 0] | (u[:, 1] << 4)                               # [j, t, quad, slab, c]
+    return np.ascontiguousarray(byte.transpose(2, 0, 3, 4, 1)).tobytes()  # [quad, j, slab, c, t]
 
 
 def emit_i8act(k: Kernel, node: Node):
@@ -608,7 +611,8 @@ def emit_i8act(k: Kernel, node: Node):
                 xs = [x_ops(b.add(b.mul(r, i64(KP)), b.mul(kk, i64(8)))) for r in rls]
                 out = list(acc)
                 for j2, sl in enumerate(slabs):
-                    off = b.add(b.mul(sl, i64(KP // 8 * chunk_bytes)), b.mul(kk, i64(chunk_bytes)))
+                    off = b.add(b.mul(item, i64(NB // SLAB * KP // 8 * chunk_bytes)),
+                                b.add(b.mul(kk, i64(QUAD * chunk_bytes)), i64((s0 * KP // 8 + j2) * chunk_bytes)))
                     wo = w_ops([b.load(gep(b, W, I8, b.add(off, i64(32 * h))), typ=v8i32, align=1)
                                 for h in range(words)])
                     for t in range(nr):
