@@ -25,6 +25,7 @@ import numpy as np
 
 import sqk
 from sqk.codegen.lower import UnsupportedOp
+from sqk.compiler import DEFAULT_PIPELINE
 
 from . import Table, median, numpy_blas, timeit
 from .gemm_gemv import gemm_model, sum_model
@@ -82,7 +83,7 @@ def sqk_sparse(layers, fmt, threads, q=None, scales=None):
                 for qi, si in zip(q, scales)]
     t = time.perf_counter()
     # dense: without select_format, which would otherwise store a sparse enough weight sparse
-    pipeline = "fold_constants,dce,fuse" if fmt == "dense" else None
+    pipeline = DEFAULT_PIPELINE.replace("select_format,", "") if fmt == "dense" else None
     try:
         mod = sqk.compile(b.output(*outs), threads=threads, pipeline=pipeline)
     except UnsupportedOp:

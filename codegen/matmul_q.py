@@ -603,6 +603,7 @@ def emit_i8act(k: Kernel, node: Node):
         """Rows r0+rl .. r0+rl+nr-1 of x (a register tile) against slabs s0..s0+QUAD of
         block ``item``: each chunk of weights is loaded and decoded once for the nr rows."""
         slabs = [b.add(b.mul(item, i64(NB // SLAB)), i64(s0 + j)) for j in range(QUAD)]
+        quad = b.add(b.mul(item, i64(NB // SLAB * KP // 8 * chunk_bytes)), i64(s0 * KP // 8 * chunk_bytes))
         rls = [b.add(rl, i64(t)) for t in range(nr)]
 
         def group_step(g, yacc):
@@ -610,9 +611,8 @@ def emit_i8act(k: Kernel, node: Node):
                 kk = b.add(b.mul(g, i64(GP // 8)), j)  # chunk of 8 rows of k
                 xs = [x_ops(b.add(b.mul(r, i64(KP)), b.mul(kk, i64(8)))) for r in rls]
                 out = list(acc)
-                for j2, sl in enumerate(slabs):
-                    off = b.add(b.mul(item, i64(NB // SLAB * KP // 8 * chunk_bytes)),
-                                b.add(b.mul(kk, i64(QUAD * chunk_bytes)), i64((s0 * KP // 8 + j2) * chunk_bytes)))
+                for j2 in range(QUAD):   # the quad's slabs, chunk kk of each side by side
+                    off = b.add(quad, b.add(b.mul(kk, i64(QUAD * chunk_bytes)), i64(j2 * chunk_bytes)))
                     wo = w_ops([b.load(gep(b, W, I8, b.add(off, i64(32 * h))), typ=v8i32, align=1)
                                 for h in range(words)])
                     for t in range(nr):

@@ -211,9 +211,8 @@ def emit_nm(k: Kernel, node: Node):
         return ir.Constant(ir.VectorType(F32, nv), [ir.Constant(F32, 0.0)] * nv)
 
     if x86:
-        permil = k.intrinsic("llvm.x86.avx.vpermilvar.ps.256", fvec, [fvec, ivec])
-        if wide:
-            permil = k.intrinsic("llvm.x86.avx512.vpermilvar.ps.512", wvec, [wvec, wivec])
+        permil = (k.intrinsic("llvm.x86.avx512.vpermilvar.ps.512", wvec, [wvec, wivec]) if wide
+                  else k.intrinsic("llvm.x86.avx.vpermilvar.ps.256", fvec, [fvec, ivec]))
         permps = k.intrinsic("llvm.x86.avx2.permps", fvec, [fvec, ivec])
     else:
         xv = ir.VectorType(xll, VL)
@@ -331,10 +330,8 @@ def emit_nm(k: Kernel, node: Node):
                 # the gather path keeps one (RVV at VLEN 128 takes two registers per vector)
                 # (i4: one, its decode constants take the registers; an FMA chain gets one FMA per
                 # ~9 cycles of decode anyway)
-                sets = max(1, min(n, 8 // nacc)) if x86 and L.vdt is not dt.i4 else 1
-                if wide:
-                    sets = max(1, min(n // 2, 8 // nacc))
-                slots = range(0, n, 2) if wide else range(n)
+                slots = range(0, n, 2) if wide else range(n)   # wide: a pair of slots per vector
+                sets = max(1, min(len(slots), 8 // nacc)) if x86 and (wide or L.vdt is not dt.i4) else 1
 
                 def step(run, accs):
                     out = list(accs)

@@ -64,6 +64,19 @@ class RVVModule:
         return results[0] if len(results[0]) > 1 else results[0][0]
 
 
+def host_without(monkeypatch, off):
+    """The host target with every feature ``off(f)`` accepts (a "+name" string)
+    switched off, installed as sqk's "host" for the test; returns it."""
+    import dataclasses
+
+    import sqk.codegen.target as T
+
+    host = T.get_target("host")
+    t = dataclasses.replace(host, features=",".join("-" + f[1:] if off(f) else f for f in host.features.split(",")))
+    monkeypatch.setattr(T, "get_target", lambda name, **kw: t if name == "host" else T.riscv64_target())
+    return t
+
+
 def compile_for(g, target: str, **kw):
     """sqk.compile, skipping (or failing in CI) without the RISC-V toolchain;
     riscv64 modules run under every RVV_CONFIGS configuration."""

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import sqk
-from harness import assert_close, check, compile_for, rand, target_param
+from harness import assert_close, check, compile_for, host_without, rand, target_param
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqk.codegen.lower import pack_constants
@@ -381,8 +381,6 @@ def test_int8_activations_dot_instructions(mode, monkeypatch):
     + VL, or AVX-VNNI), else vpmaddubsw + vpmaddwd; both exact (checked on this
     CPU: the AVX2 build runs anywhere VNNI does, with VNNI switched off; avx2-ymm
     switches off all of AVX-512 too: 16 vector registers, tiles of 2 rows)."""
-    import dataclasses
-
     import sqk.codegen.target as T
     from sqk.codegen.emit import assembly
     from sqk.compiler.dump import lowered_module
@@ -395,11 +393,8 @@ def test_int8_activations_dot_instructions(mode, monkeypatch):
     if vnni and not ("avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats):
         pytest.skip("this CPU has no VNNI")
 
-    def off(f):
-        return f in ("+avx512vnni", "+avxvnni") or mode == "avx2-ymm" and f.startswith(("+avx512", "+avxvnni"))
-    t = host if vnni else dataclasses.replace(
-        host, features=",".join("-" + f[1:] if off(f) else f for f in host.features.split(",")))
-    monkeypatch.setattr(T, "get_target", lambda name, **kw: t if name == "host" else T.riscv64_target())
+    t = host if vnni else host_without(monkeypatch, lambda f: f in ("+avx512vnni", "+avxvnni") or
+                                       mode == "avx2-ymm" and f.startswith(("+avx512", "+avxvnni")))
     g8, x8, _ = extreme_i8(4096)
     g4, inputs4 = i8graph((5,), 300, 70, 32, qdt="i4", seed=9)
     for g, inputs in ((g8, {"x": x8}), (g4, inputs4)):

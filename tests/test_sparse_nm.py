@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import sqk
-from harness import check, rand, target_param
+from harness import check, host_without, rand, target_param
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqk.codegen.sparse_nm import CB, VL, NMLayout, pack_nm
@@ -201,8 +201,6 @@ def test_x86_paths(monkeypatch, mode):
     """x86 selects with vpermilps: with AVX-512 two slots of M <= 4, N even formats
     share one zmm (lanes 8..15: slot s + 1); the AVX2 build (AVX-512 switched
     off) keeps one slot per ymm.  Both against the reference."""
-    import dataclasses
-
     import sqk.codegen.target as T
     from sqk.codegen.emit import assembly
     from sqk.compiler.dump import lowered_module
@@ -211,9 +209,7 @@ def test_x86_paths(monkeypatch, mode):
     feats = set(host.enabled_features)
     if "avx2" not in feats or mode == "avx512" and "avx512f" not in feats:
         pytest.skip(f"needs an x86 CPU with {mode.upper()} (the host here is not)")
-    t = host if mode == "avx512" else dataclasses.replace(
-        host, features=",".join("-" + f[1:] if f.startswith("+avx512") else f for f in host.features.split(",")))
-    monkeypatch.setattr(T, "get_target", lambda name, **kw: t if name == "host" else T.riscv64_target())
+    t = host if mode == "avx512" else host_without(monkeypatch, lambda f: f.startswith("+avx512"))
     cases = [fgraph((1,), 70, 45, "nm2:4", "f32"), fgraph((4,), 40, 35, "nm2:3", "f16"),
              qgraph((3,), 70, 45, "nm2:4", "i8", 70, "f16", "f16"), qgraph((5,), 70, 45, "nm2:4", "i4", 16, "f16")]
     for g, inputs in cases:
