@@ -189,7 +189,7 @@ def for_tiles(b: ir.IRBuilder, tiles: Tiles, body) -> None:
 def vector_lanes(k: Kernel, out_width: int) -> int:
     """Lanes for rows of ``out_width`` columns: the target's f32 vector, or
     less for narrow rows (a power of two at least the width)."""
-    return min(k.target.lanes(32), pow2_at_least(out_width))
+    return min(k.target.fixed_lanes(32), pow2_at_least(out_width))
 
 
 def tap_range(b: ir.IRBuilder, start, ax: Axis, lo: int, hi: int):

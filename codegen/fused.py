@@ -153,7 +153,7 @@ def evaluate(k: Kernel, nodes, env: dict, n: int):
 # --- packer and emitter ------------------------------------------------------------------------
 
 @packer("fused", inputs=())
-def pack_fused(node: Node, index: int, value) -> bytes | None:
+def pack_fused(node: Node, index: int, value, target=None) -> bytes | None:
     """A constant input of a matmul or conv2d body as the anchor's packer lays it
     out (the body's first inputs are the anchor's, in order); None otherwise."""
     body = node.attrs["body"]
@@ -161,7 +161,7 @@ def pack_fused(node: Node, index: int, value) -> bytes | None:
     if anchor is None or index >= len(anchor.inputs) or body_kind(body) not in ("matmul", "conv2d"):
         return None
     fn = PACKERS.get(kernel_key(anchor))
-    return fn(anchor, index, value) if fn else None
+    return fn(anchor, index, value, target) if fn else None
 
 
 

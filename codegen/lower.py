@@ -23,9 +23,10 @@ BUF_INPUT, BUF_OUTPUT, BUF_CONST, BUF_ARENA = 0, 1, 2, 3
 # Keys are op names, or "op:kind" for a node whose ``sparse`` attribute names
 # a non-dense format of that kind (ir/sparsity.py): ``kernel_key(node)``.
 EMITTERS: dict[str, Callable[[Kernel, Node], tuple[int, int]]] = {}
-# key -> fn(node, input_index, array) -> bytes | None: the layout a kernel reads
-# a constant input in, when it is not the plain one (driver.storage_bytes).
-PACKERS: dict[str, Callable[[Node, int, object], bytes | None]] = {}
+# key -> fn(node, input_index, array, target) -> bytes | None: the layout a kernel
+# reads a constant input in, when it is not the plain one (driver.storage_bytes);
+# target None: the host's layout.
+PACKERS: dict[str, Callable[[Node, int, object, object], bytes | None]] = {}
 # key -> indices of the inputs its kernel reads packed: they must be constants.
 PACKED_INPUTS: dict[str, tuple[int, ...]] = {}
 
@@ -54,7 +55,7 @@ def emitter(*keys: str):
 
 
 def packer(*keys: str, inputs: tuple[int, ...]):
-    """Register the decorated ``fn(node, input_index, array) -> bytes | None`` as
+    """Register the decorated ``fn(node, input_index, array, target) -> bytes | None`` as
     the constant packer of ``keys``: the bytes its kernel reads for that constant
     input (None: the plain storage layout).  ``inputs`` are the indices the
     kernel always reads packed: compiling a node whose input there is not a
@@ -68,7 +69,7 @@ def packer(*keys: str, inputs: tuple[int, ...]):
     return wrap
 
 
-def unshare_packed_constants(graph: Graph) -> Graph:
+def unshare_packed_constants(graph: Graph, target=None) -> Graph:
     """``graph`` with a copy of a constant for each reader that needs another
     layout of it than its first reader (packed one way or another, plain, or
     as a graph output): every constant then has one layout (``pack_constants``)."""
@@ -88,7 +89,7 @@ def unshare_packed_constants(graph: Graph) -> Graph:
             for i, v in enumerate(ins):
                 if v not in consts:
                     continue
-                data = PACKERS[key](n, i, consts[v].attrs["value"]) if key in PACKERS else None
+                data = PACKERS[key](n, i, consts[v].attrs["value"], target) if key in PACKERS else None
                 seen = layouts.setdefault(v, [data])
                 j = next((j for j, d in enumerate(seen) if d == data), None)
                 if j is None:
@@ -114,7 +115,7 @@ def unshare_packed_constants(graph: Graph) -> Graph:
     return graph.with_nodes(out)
 
 
-def pack_constants(graph: Graph) -> dict[Value, bytes]:
+def pack_constants(graph: Graph, target=None) -> dict[Value, bytes]:
     """Kernel-specific bytes of each constant whose consumer packs it.  A packed
     constant must have no other reader (another op or a graph output would read
     the packed bytes as plain storage)."""
@@ -133,7 +134,7 @@ def pack_constants(graph: Graph) -> dict[Value, bytes]:
         for i, v in enumerate(n.inputs):
             if v not in consts:
                 continue
-            data = PACKERS[key](n, i, consts[v]) if key in PACKERS else None
+            data = PACKERS[key](n, i, consts[v], target) if key in PACKERS else None
             readers.setdefault(v, []).append(n.op if data is None else f"{n.op} (packed)")
             if data is not None:
                 if v in packed and packed[v] != data:

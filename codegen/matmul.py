@@ -165,7 +165,7 @@ def tile_shape(target, lanes: int = 0, panel: int = 0) -> tuple[int, int]:
     VLEN of 128 bits, which again leaves 16.  Scalar code (lanes == 1) has 32
     FP registers.  The most accumulators win, then the fewest loads per step
     (MR + NR): 4x3 on AVX2 (measured ~8% faster than 6x2), 6x4 on AVX-512."""
-    lanes = lanes or target.lanes(32)
+    lanes = lanes or target.fixed_lanes(32)
     if lanes == 1:
         assert not panel or panel % 4 == 0
         return 4, 4
@@ -240,11 +240,19 @@ def fma(k: Kernel, x, y, acc):
 
 # --- constant b packed at compile time ------------------------------------------------
 
-def packs_b(node: Node) -> bool:
+def streams(M: int, target) -> bool:
+    """Whether a matmul of M rows takes the row-streaming (GEMV) kernel: few rows,
+    or any number on riscv64, where it runs in tiles of STREAM_MAX_M rows (its
+    column loops are what LLVM vectorizes length-agnostically; the register-tiled
+    micro-kernel needs fixed-width vectors)."""
+    return M <= STREAM_MAX_M or (target is not None and target.name == "riscv64")
+
+
+def packs_b(node: Node, target=None) -> bool:
     """Whether the kernel of ``node`` reads its b packed (``pack_matmul_b``) when
     b is a constant: the GEMM path, non-empty."""
     g = Geometry(node)
-    return node.attrs.get("sparse", "dense") == "dense" and g.M > STREAM_MAX_M and g.batch * g.M * g.N * g.K > 0
+    return node.attrs.get("sparse", "dense") == "dense" and not streams(g.M, target) and g.batch * g.M * g.N * g.K > 0
 
 
 def packed_b_matrix(K: int, N: int) -> int:
@@ -253,10 +261,10 @@ def packed_b_matrix(K: int, N: int) -> int:
 
 
 @packer("matmul", inputs=())
-def pack_matmul_b(node: Node, index: int, value) -> bytes | None:
+def pack_matmul_b(node: Node, index: int, value, target=None) -> bytes | None:
     """A constant b of a GEMM in column panels (layout in the module docstring);
     a and the GEMV path read plain storage (None)."""
-    if index != 1 or not packs_b(node):
+    if index != 1 or not packs_b(node, target):
         return None
     w = np.asarray(value, dtype=node.inputs[1].dtype.np_dtype)
     *batch, K, N = w.shape
@@ -277,12 +285,12 @@ def emit_matmul(k: Kernel, node: Node, epilogue=None):
     row < Geometry.M; only the first ``valid`` lanes when it is not None) to
     the values stored, just before the store (codegen/fused.py)."""
     # a constant b is packed (the packer's predicate; k.consts: the constant inputs)
-    packed = packs_b(node) and len(k.consts) > 1 and k.consts[1] is not None
+    packed = packs_b(node, k.target) and len(k.consts) > 1 and k.consts[1] is not None
     g = Geometry(node, packed_b_matrix(*node.inputs[1].shape[-2:]) if packed else None)
     if g.batch * g.M * g.N == 0:
         k.finish()
         return 0, 1
-    if g.M <= STREAM_MAX_M:
+    if streams(g.M, k.target):
         return _gemv(k, g, epilogue)
     return _gemm(k, g, epilogue, packed)
 
@@ -321,7 +329,7 @@ def gemm_blocking(target, M: int, K: int, N: int, batch: int = 1, dtype=dt.f32, 
     Item tiles are at most GEMM_MC x GEMM_NC (f16: the f32 partial-sum tile on
     the stack is capped), cut evenly; a product big enough to share gets at
     least MIN_ITEMS items, so threads are balanced."""
-    lanes = min(target.lanes(32), PACK_LANES) if packed else target.lanes(32)
+    lanes = min(target.fixed_lanes(32), PACK_LANES) if packed else target.fixed_lanes(32)
     MR, NR = tile_shape(target, lanes, PACK_NR if packed else 0)
     NRL = NR * lanes
     most_m, most_n = (GEMM_MC, GEMM_NC) if dtype is dt.f32 else GEMM_F16_TILE
@@ -449,27 +457,35 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
 # --- GEMV (and few-row GEMM) ----------------------------------------------------------
 
 def _gemv(k: Kernel, g: Geometry, epilogue=None):
-    """M <= STREAM_MAX_M: y[m, n] = sum_k a[m, k] * b[k, n], streaming KB rows of b
-    at a time through f32 accumulator rows, one per row of a."""
+    """y[m, n] = sum_k a[m, k] * b[k, n], streaming KB rows of b at a time through f32
+    accumulator rows, one per row of a tile of a (STREAM_MAX_M rows at most: more
+    rows, on riscv64, run tile after tile, tiles being work items too)."""
     b = k.b
     lanes = k.target.lanes(32)
     M, K, N = g.M, g.K, g.N
+    MT = min(M, STREAM_MAX_M)
+    mtiles = cdiv(M, MT)
     block = min(GEMV_BLOCK, cdiv(N, lanes) * lanes)
     nblk = cdiv(N, block)
-    span_blocks = max(1, GEMV_SPAN // M // block)
+    span_blocks = max(1, GEMV_SPAN // MT // block)
     span = span_blocks * block
     A, B, Y = (Access(k, p, g.dtype, lanes) for p in (k.args[0], k.args[1], k.args[-1]))
     Y1 = Access(k, k.args[-1], g.dtype, 1)
-    acc = _stack_array(k, M * span, "acc")
-    ACC, ACC1 = Access(k, acc, dt.f32, lanes), Access(k, acc, dt.f32, 1)
+    # one array per row: distinct objects, so LLVM knows the rows' stores never meet
+    # the other rows' loads, whatever the vector length (one array with rows span apart
+    # limits a scalable vectorization to what fits span at the largest VLEN: none)
+    accs = [_stack_array(k, span, f"acc{m}") for m in range(MT)]
+    ACC, ACC1 = ([Access(k, a, dt.f32, n) for a in accs] for n in (lanes, 1))
     zero = fconst(vtype(F32, lanes), 0.0)
 
-    def run(t, a_off, b_off, y_off, c0, c1):
-        """acc[m, 0:c1-c0] = a[m, :] @ b[:, c0:c1]; then y[m, c0:c1] = acc[m]."""
+    def run(t, a_off, b_off, y_off, c0, c1, m0, M):
+        """acc[m, 0:c1-c0] = a[m, :] @ b[:, c0:c1]; then y[m, c0:c1] = acc[m], for the M
+        rows of a and y at the offsets given (rows m0 .. of the batch item)."""
         width = b.sub(c1, c0)
         vend = b.mul(b.udiv(width, i64(lanes)), i64(lanes))
-        with loop(b, 0, M * span, lanes, name="z") as c:
-            ACC.store(zero, c)
+        with loop(b, 0, span, lanes, name="z") as c:
+            for m in range(M):
+                ACC[m].store(zero, c)
 
         def rows(k0, kb):
             xs = [[A.scalar(b.add(a_off, b.add(k0, i64(m * K + t)))) for t in range(kb)] for m in range(M)]
@@ -480,11 +496,10 @@ def _gemv(k: Kernel, g: Geometry, epilogue=None):
                 w = [load(b.add(base[t], c)) for t in range(kb)]
                 for m in range(M):
                     # two chains (even and odd rows of b) halve the FMA latency per column
-                    pos = b.add(c, i64(m * span))
-                    s = [acc_access.load(pos), None]
+                    s = [acc_access[m].load(c), None]
                     for t in range(kb):
                         s[t % 2] = b.fmul(x[m][t], w[t]) if s[t % 2] is None else fma(k, x[m][t], w[t], s[t % 2])
-                    acc_access.store(s[0] if s[1] is None else b.fadd(s[0], s[1]), pos)
+                    acc_access[m].store(s[0] if s[1] is None else b.fadd(s[0], s[1]), c)
 
             with loop(b, 0, vend, lanes, name="c") as c:
                 col(ACC, xv, B.load, c)
@@ -500,9 +515,9 @@ def _gemv(k: Kernel, g: Geometry, epilogue=None):
             out = b.add(y_off, b.add(c0, i64(m * N)))
             for lo, hi, step, acc_, y_, name in ((0, vend, lanes, ACC, Y, "o"), (vend, width, 1, ACC1, Y1, "ot")):
                 with loop(b, lo, hi, step, name=name) as c:
-                    value = acc_.load(b.add(c, i64(m * span)))
+                    value = acc_[m].load(c)
                     if epilogue:
-                        value = epilogue(value, t, i64(m), b.add(c0, c), step)
+                        value = epilogue(value, t, b.add(m0, i64(m)), b.add(c0, c), step)
                     y_.store(value, b.add(out, c))
 
     # Consecutive items of one batch item are adjacent columns: take runs of up
@@ -518,15 +533,25 @@ def _gemv(k: Kernel, g: Geometry, epilogue=None):
     b.cbranch(b.icmp_signed("<", it, k.end), body, done)
     b.position_at_end(body)
     blk = b.urem(it, i64(nblk))
-    t = b.udiv(it, i64(nblk))
+    tm = b.udiv(it, i64(nblk))
+    t, mi = b.udiv(tm, i64(mtiles)), b.urem(tm, i64(mtiles))
     a_off, b_off, y_off = g.offsets(b, t)
+    m0 = b.mul(mi, i64(MT))
+    a_off, y_off = b.add(a_off, b.mul(m0, i64(K))), b.add(y_off, b.mul(m0, i64(N)))
     nrun = imin(b, imin(b, b.sub(k.end, it), b.sub(i64(nblk), blk)), span_blocks)
     c0 = b.mul(blk, i64(block))
     c1 = imin(b, b.mul(b.add(blk, nrun), i64(block)), N)
-    run(t, a_off, b_off, y_off, c0, c1)
+    if M % MT:   # the last tile's rows
+        with b.if_else(b.icmp_signed("==", mi, i64(mtiles - 1))) as (tail, full):
+            with tail:
+                run(t, a_off, b_off, y_off, c0, c1, m0, M % MT)
+            with full:
+                run(t, a_off, b_off, y_off, c0, c1, m0, MT)
+    else:
+        run(t, a_off, b_off, y_off, c0, c1, m0, MT)
     it.add_incoming(b.add(it, nrun), b.block)
     b.branch(head)
     b.position_at_end(done)
     k.finish()
     least = cdiv(GEMV_MIN_SEGMENT, block * g.dtype.bits // 8)
-    return g.batch * nblk, max(min(least, cdiv(nblk, 2)), _grain(M * block * K, MIN_PARALLEL_GEMV))
+    return g.batch * mtiles * nblk, max(min(least, cdiv(nblk, 2)), _grain(MT * block * K, MIN_PARALLEL_GEMV))

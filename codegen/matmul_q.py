@@ -56,6 +56,7 @@ from ..ir.graph import IRError, Node
 from .kernel import F32, I32, Kernel, fconst, gep, hsum, i64, loop, splat
 from .lower import emitter, packer
 from .matmul import Access, _stack_array, fma, fold_loop
+from .matmul_q_rows import BW, RowLayout, emit_rows, i8act_blocks, pack_rows, uses_rows
 
 NB = 64          # columns per block
 VL = 8           # columns per column vector (lanes of the i32 words)
@@ -105,9 +106,11 @@ class QLayout:
 
 
 @packer("matmul_q", inputs=(1, 2, 3))
-def pack_matmul_q(node: Node, index: int, a: np.ndarray) -> bytes | None:
+def pack_matmul_q(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
     """Bytes of input ``index`` (q, scales or zeros) as the kernel reads them
     (layout in the module docstring; activations=int8: ``pack_i8act``)."""
+    if uses_rows(target):
+        return pack_rows(node, index, a)
     if node.attrs.get("activations", "none") == "int8":
         return pack_i8act(node, index, a)
     L = QLayout(node)
@@ -138,6 +141,8 @@ def pack_matmul_q(node: Node, index: int, a: np.ndarray) -> bytes | None:
 def emit_matmul_q(k: Kernel, node: Node):
     if node.attrs.get("activations", "none") == "int8":
         return emit_i8act(k, node)
+    if uses_rows(k.target):
+        return emit_rows(k, node)
     L = QLayout(node)
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N, group = L.K, L.N, L.group
@@ -685,6 +690,10 @@ def emit_i8act(k: Kernel, node: Node):
             else:
                 body(item, False)
 
+    item_bytes = KP * NB * bits // 8
+    if uses_rows(k.target):   # riscv64: the row layout (matmul_q_rows.py), vectorized by LLVM
+        blocks, nblk = i8act_blocks(k, node, xq, dq, qsum, KP, GP, i32_span(bits, has_zeros))
+        item_bytes = K * RowLayout(node).row_bytes(BW)
     with loop(b, 0, -(-rows // rch), name="rchunk") as c:
         r0 = b.mul(c, i64(rch))
         nr = b.sub(i64(rows), r0)
@@ -692,7 +701,7 @@ def emit_i8act(k: Kernel, node: Node):
         quantize(r0, nr)
         blocks(r0, nr)
     k.finish()
-    return nblk, max(1, -(-MIN_PARALLEL_BYTES // max(1, KP * NB * bits // 8)))
+    return nblk, max(1, -(-MIN_PARALLEL_BYTES // max(1, item_bytes)))
 
 
 def call_fabs_max(k: Kernel, acc, v):

@@ -190,7 +190,7 @@ class Layout:
 
 
 @packer("matmul:csr", "matmul:bsr", "matmul_q:csr", "matmul_q:bsr", inputs=(1,))
-def pack_sparse(node: Node, index: int, a) -> bytes | None:
+def pack_sparse(node: Node, index: int, a, target=None) -> bytes | None:
     """The weight (input 1) as the sparse kernel reads it; other inputs stay plain."""
     if index != 1:
         return None
@@ -210,7 +210,7 @@ def emit_sparse(k: Kernel, node: Node):
 class _Emit:
     def __init__(self, k: Kernel, L: Layout):
         self.k, self.L, self.b = k, L, k.b
-        self.lanes = k.target.lanes(32)
+        self.lanes = k.target.fixed_lanes(32)
         blob = k.args[1]
         b = self.b
         self.ptr_base = blob
@@ -410,6 +410,15 @@ class _Emit:
             return [fma(k, self.vals_at(e, P), xv, accs[0])]
 
         p0, p1 = self.ptr_at(j), self.ptr_at(b.add(j, i64(1)))
+        if k.target.name == "riscv64" and k.target.has_vector:
+            # one scalar multiply-add per entry, reassociable: LLVM vectorizes the loop length-
+            # agnostically (indexed loads of x, vector FMAs, one reduction per column)
+            fn = k.intrinsic("llvm.fmuladd.f32", F32, [F32] * 3)
+            acc = fold_loop(b, p0, p1, [ir.Constant(F32, 0.0)], lambda e, a: [b.call(
+                fn, [self.vals_at(e, 1), XS.scalar(self.idx_at(e)), a[0]], fastmath=("reassoc", "contract"))],
+                name="e")[0]
+            self.store(acc, i64(0), j)
+            return
         acc = self.entries(p0, p1, 1, 4 if self.lanes > 1 else 1, fconst(vt, 0.0), step)[0]
         self.store(hsum(k, acc), i64(0), j)
 

@@ -53,7 +53,7 @@ def emit_matmul_sparse_input(k: Kernel, node):
         return 0, 1
     b = k.b
     ap, bp, yp = k.args
-    lanes = k.target.lanes(32)
+    lanes = k.target.fixed_lanes(32)
     span = span_for(rows, n, lanes)
     nblk = cdiv(n, span)
     tail = n - (nblk - 1) * span

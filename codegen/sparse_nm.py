@@ -114,7 +114,7 @@ class NMLayout:
 
 
 @packer("matmul:nm", "matmul_q:nm", inputs=(1,))
-def pack_nm(node: Node, index: int, a: np.ndarray) -> bytes | None:
+def pack_nm(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
     """The packed weight (layout in the module docstring); other inputs (x,
     scales) stay plain.  Raises IRError when the weight is not N:M."""
     if index != 1:

@@ -29,7 +29,19 @@ class Target:
         return self.name != "riscv64" or "+v" in self.features.split(",")
 
     def lanes(self, bits: int) -> int:
-        """Vector lanes for elements of ``bits`` bits (1: write scalar code)."""
+        """Vector lanes for elements of ``bits`` bits (1: write scalar code).
+
+        riscv64 kernels are scalar loops, with or without V: with V, LLVM's loop
+        vectorizer makes them vector-length agnostic (scalable vectors, a
+        ``vsetvli`` per strip with the elements left as AVL), so they use the
+        whole register of whatever VLEN the core has."""
+        return 1 if self.name == "riscv64" else self.fixed_lanes(bits)
+
+    def fixed_lanes(self, bits: int) -> int:
+        """Lanes of fixed-width vectors (``vector_bits`` wide), for the kernels
+        still written that way on riscv64 too (register tiles the vectorizer
+        cannot form: GEMM, conv2d, sparse): correct for any VLEN >= 128, but
+        they use 256 bits of it (``vsetivli``)."""
         return max(1, self.vector_bits // bits) if self.has_vector else 1
 
     @functools.cached_property

@@ -39,8 +39,8 @@ def lowered_module(graph: Graph, target):
     from ..codegen.lower import lower, pack_constants, unshare_packed_constants
     from .memory import plan_memory
 
-    graph = unshare_packed_constants(graph)
-    plan = plan_memory(graph, pack_constants(graph))
+    graph = unshare_packed_constants(graph, target)
+    plan = plan_memory(graph, pack_constants(graph, target))
     module, _ = lower(graph, plan.buffers, plan.arena_bytes, plan.const_bytes, target, sizes=plan.const_sizes)
     return module
 

@@ -59,6 +59,17 @@ def test_rows_and_chunks(qdt, M):
     check(g, inputs)
 
 
+@pytest.mark.parametrize("target", ["riscv64", "riscv64-scalar"])
+@pytest.mark.parametrize("M, N, qdt, zeros", [(5, 1100, "i4", True), (1, 513, "i4", False), (4, 1025, "i8", True),
+                                              (9, 1, "i4", True)])
+def test_riscv_row_layout_blocks(target, M, N, qdt, zeros):
+    """riscv64's row layout (codegen/matmul_q_rows.py): several 512-column blocks and a
+    narrow last one (odd for i4: its high nibbles half empty), row tiles of 4 and a
+    part tile."""
+    g, inputs = qgraph((M,), 72, N, qdt, 32, zeros)
+    check(g, inputs, target)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_groups_extreme_values(group):
     """Every q at its extremes (the fields' offset encoding at both ends)."""

@@ -1,0 +1,310 @@
+"""``matmul_q`` with float activations on riscv64 (with or without V): the
+weights in a row layout that scalar loops read element by element, so LLVM's
+loop vectorizer makes the column loops vector-length agnostic (``vsetvli``
+strip-mining, whatever VLEN the core has) and rv64gc runs the same loops
+scalar.  Numerics as the other matmul_q kernels: f32 accumulation per group,
+the group's scale (and zero point) applied once per group and column.
+
+Row layout (``pack_rows``, chosen by the packer for riscv64 targets): columns
+are cut into blocks of BW = 512 (the last one narrower, w columns), q stored
+block after block, each block row after row ([blocks][K][row bytes]), so a
+work item (one block) streams one contiguous run:
+
+* i8: a block row is its w values of q (two's complement);
+* i4: a block row is h = ceil(w / 2) bytes, byte j holding column j in the
+  low nibble and column j + h in the high nibble (two's complement; 0 past w):
+  both halves decode with shifts and land in contiguous accumulators.
+
+Scales stay plain ([groups][N], their dtype); zero points are stored as one
+i8 per element ([groups][N]).
+
+Kernel: work items are (block, tile of up to RT rows of x), block major.  Per
+group, for U rows of q at a time, the column loop adds x[r, k] * q[k, j] into
+f32 group sums on the stack for the RT rows (each weight decoded once for the
+tile); then y[r, j] += scale * (sum - zero * sum_k x[r, k]).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+
+from ..ir import dtypes as dt
+from ..ir.graph import Node
+from .kernel import F32, I8, Kernel, fconst, fold_loop, gep, i64, loop
+from .matmul import Access, _stack_array, cdiv, fma
+
+BW = 512         # columns per block
+RT = 4           # rows of x per tile (share each decoded weight)
+U = 4            # rows of q per pass of the column loop (group sums loaded and stored once per U)
+MIN_PARALLEL_BYTES = 1 << 17
+
+
+def uses_rows(target) -> bool:
+    """Whether a dense matmul_q is read in the row layout on ``target``."""
+    return target is not None and target.name == "riscv64"
+
+
+class RowLayout:
+    def __init__(self, node: Node):
+        q = node.inputs[1].type
+        self.K, self.N = q.shape
+        self.bits = 4 if q.dtype is dt.i4 else 8
+        self.nblk = cdiv(self.N, BW)
+        self.last = self.N - (self.nblk - 1) * BW   # columns of the last block
+
+    def row_bytes(self, w: int) -> int:
+        return w if self.bits == 8 else cdiv(w, 2)
+
+
+def pack_rows(node: Node, index: int, a: np.ndarray) -> bytes | None:
+    """q (input 1) in the row layout, zero points (input 3) as i8; scales plain."""
+    if index == 2:
+        return None
+    q = np.asarray(a).astype(np.int8)
+    if index == 3:
+        return q.tobytes()
+    L = RowLayout(node)
+    out = []
+    for blk in range(L.nblk):
+        cols = q[:, blk * BW:blk * BW + BW]
+        if L.bits == 4:
+            h = L.row_bytes(cols.shape[1])
+            hi = np.zeros((L.K, h), np.int8)
+            hi[:, :cols.shape[1] - h] = cols[:, h:]
+            cols = (cols[:, :h].view(np.uint8) & 0xF) | (hi.view(np.uint8) << 4)
+        out.append(np.ascontiguousarray(cols).tobytes())
+    return b"".join(out)
+
+
+def emit_rows(k: Kernel, node: Node):
+    L = RowLayout(node)
+    x_t, y_t = node.inputs[0].type, node.outputs[0].type
+    K, N, group = L.K, L.N, node.attrs["group"]
+    rows = math.prod(x_t.shape[:-1])
+    if rows * N == 0:
+        k.finish()
+        return 0, 1
+    b = k.b
+    X = Access(k, k.args[0], x_t.dtype, 1)
+    W = k.args[1]
+    S = Access(k, k.args[2], node.inputs[2].type.dtype, 1)
+    Y = Access(k, k.args[-1], y_t.dtype, 1)
+    has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+    ntiles = cdiv(rows, RT)
+    gsum = Access(k, _stack_array(k, RT * BW, "gsum"), dt.f32, 1)
+    yacc = Access(k, _stack_array(k, RT * BW, "yacc"), dt.f32, 1)
+    zero = fconst(F32, 0.0)
+
+    def decode(wrow, j, hi: bool):
+        """Column j (hi: j + h) of a block row, as f32."""
+        v = b.load(gep(b, W, I8, b.add(wrow, j)), typ=I8)
+        if L.bits == 4:
+            v = b.ashr(v if hi else b.shl(v, ir.Constant(I8, 4)), ir.Constant(I8, 4))
+        return b.sitofp(v, F32)
+
+    def group_pass(wblk, w, xrow, rt, k0, nk):
+        """gsum[r, :w] += sum over rows k0 .. k0+nk of x[r, k] * q[k, :w]."""
+        rb = L.row_bytes(w)
+        xs = [[X.scalar(b.add(xrow[r], b.add(k0, i64(u)))) for u in range(nk)] for r in range(rt)]
+        wrows = [b.add(wblk, b.mul(b.add(k0, i64(u)), i64(rb))) for u in range(nk)]
+        halves = [(False, 0, rb)] if L.bits == 8 else [(False, 0, rb), (True, rb, w - rb)]
+        for hi, off, width in halves:
+            if width <= 0:
+                continue
+            with loop(b, 0, width, name="j") as j:
+                ws = [decode(wrows[u], j, hi) for u in range(nk)]
+                for r in range(rt):
+                    at = b.add(j, i64(r * BW + off))
+                    s = gsum.scalar(at)
+                    for u in range(nk):
+                        s = fma(k, xs[r][u], ws[u], s)
+                    gsum.store(s, at)
+
+    def tile(blk, w, m0, rt):
+        wblk = b.mul(blk, i64(K * L.row_bytes(BW)))
+        col0 = b.mul(blk, i64(BW))
+        xrow = [b.mul(b.add(m0, i64(r)), i64(K)) for r in range(rt)]
+        with loop(b, 0, rt * BW, name="z") as i:
+            yacc.store(zero, i)
+
+        def one_group(g, k0, glen):
+            with loop(b, 0, rt * BW, name="gz") as i:
+                gsum.store(zero, i)
+            with loop(b, 0, glen - glen % U, U, name="kk") as kk:
+                group_pass(wblk, w, xrow, rt, b.add(k0, kk), U)
+            for u in range(glen - glen % U, glen):
+                group_pass(wblk, w, xrow, rt, b.add(k0, i64(u)), 1)
+            xsum = [fold_loop(b, 0, glen, [zero], lambda i, a, r=r: [b.fadd(a[0], X.scalar(b.add(xrow[r], b.add(k0, i))))],
+                              name="xs")[0] for r in range(rt)] if has_zeros else None
+            with loop(b, 0, w, name="c") as j:
+                col = b.add(b.add(b.mul(g, i64(N)), col0), j)
+                s = S.scalar(col)
+                for r in range(rt):
+                    t = gsum.scalar(b.add(j, i64(r * BW)))
+                    if has_zeros:
+                        z = b.sitofp(b.load(gep(b, k.args[3], I8, col), typ=I8), F32)
+                        t = b.fsub(t, b.fmul(z, xsum[r]))
+                    at = b.add(j, i64(r * BW))
+                    yacc.store(fma(k, s, t, yacc.scalar(at)), at)
+
+        full = K // group
+        with loop(b, 0, full, name="g") as g:
+            one_group(g, b.mul(g, i64(group)), group)
+        if K % group:
+            one_group(i64(full), i64(full * group), K % group)
+        for r in range(rt):
+            yrow = b.add(b.mul(b.add(m0, i64(r)), i64(N)), col0)
+            with loop(b, 0, w, name="st") as j:
+                Y.store(yacc.scalar(b.add(j, i64(r * BW))), b.add(yrow, j))
+
+    with loop(b, k.begin, k.end, name="item") as item:
+        blk = b.udiv(item, i64(ntiles))
+        m0 = b.mul(b.urem(item, i64(ntiles)), i64(RT))
+        last_tile = rows - (ntiles - 1) * RT
+
+        def blocks(rt):
+            if L.nblk > 1 and L.last != BW:
+                with b.if_else(b.icmp_signed("==", blk, i64(L.nblk - 1))) as (tail, body):
+                    with tail:
+                        tile(blk, L.last, m0, rt)
+                    with body:
+                        tile(blk, BW, m0, rt)
+            else:
+                tile(blk, L.last if L.nblk == 1 else BW, m0, rt)
+
+        if last_tile != RT:
+            with b.if_else(b.icmp_signed("==", b.urem(item, i64(ntiles)), i64(ntiles - 1))) as (tail, body):
+                with tail:
+                    blocks(last_tile)
+                with body:
+                    if ntiles > 1:
+                        blocks(RT)
+        else:
+            blocks(RT)
+    k.finish()
+    item_bytes = K * L.row_bytes(BW)
+    return L.nblk * ntiles, max(1, -(-MIN_PARALLEL_BYTES // max(1, item_bytes)))
+
+
+def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: int):
+    """matmul_q {activations=int8} in the row layout: given the stack buffers the
+    caller's quantization fills (xq: i8 codes [rows][KP], groups GP apart; dq, qsum:
+    d and sum(xq) per row and group), returns ``blocks(r0, nr)``, which emits every
+    column block of this call's range against rows r0 .. r0+nr-1, and the number of
+    work items (blocks).  Per group the sums of xq * q are exact in i32 (spans of at
+    most ``span`` rows, summed in i64 when a group is longer); then, as the reference,
+    y += f32(d * scale) * f32(sum - zero * sum(xq)), unfused, group by group."""
+    L = RowLayout(node)
+    K, N, group = L.K, L.N, min(node.attrs["group"], max(L.K, 1))
+    G = cdiv(K, group)
+    b = k.b
+    I32, I64 = ir.IntType(32), ir.IntType(64)
+    S = Access(k, k.args[2], node.inputs[2].type.dtype, 1)
+    Y = Access(k, k.args[-1], node.outputs[0].type.dtype, 1)
+    has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+    wide = group > span
+    iacc = _stack_array(k, RT * BW, "iacc")
+    lacc = _stack_array(k, 2 * RT * BW, "lacc") if wide else None
+    yacc = Access(k, _stack_array(k, RT * BW, "yacc"), dt.f32, 1)
+    at = lambda ptr, ty, i: gep(b, ptr, ty, i)  # noqa: E731
+
+    def decode(wrow, j, hi: bool):
+        v = b.load(gep(b, k.args[1], I8, b.add(wrow, j)), typ=I8)
+        if L.bits == 4:
+            v = b.ashr(v if hi else b.shl(v, ir.Constant(I8, 4)), ir.Constant(I8, 4))
+        return b.sext(v, I32)
+
+    def span_pass(wblk, w, rls, xbase, k0, nk):
+        """iacc[r, :w] += sum over rows k0 .. k0+nk of xq[r, k] * q[k, :w] (i32)."""
+        rb = L.row_bytes(w)
+        xs = [[b.sext(b.load(at(xq, I8, b.add(xbase[t], b.add(k0, i64(u)))), typ=I8), I32) for u in range(nk)]
+              for t in range(len(rls))]
+        wrows = [b.add(wblk, b.mul(b.add(k0, i64(u)), i64(rb))) for u in range(nk)]
+        for hi, off, width in ([(False, 0, rb)] if L.bits == 8 else [(False, 0, rb), (True, rb, w - rb)]):
+            if width <= 0:
+                continue
+            with loop(b, 0, width, name="j") as j:
+                ws = [decode(wrows[u], j, hi) for u in range(nk)]
+                for t in range(len(rls)):
+                    p = at(iacc, I32, b.add(j, i64(t * BW + off)))
+                    s = b.load(p, typ=I32)
+                    for u in range(nk):
+                        s = b.add(s, b.mul(xs[t][u], ws[u]))
+                    b.store(s, p)
+
+    def group_dot(wblk, w, rls, xbase, g, k0, glen):
+        """The group's exact sums into iacc (i32) or lacc (i64, a long group)."""
+        def zero(ptr, ty):
+            with loop(b, 0, len(rls) * BW, name="z") as i:
+                b.store(ir.Constant(ty, 0), at(ptr, ty, i))
+        if wide:
+            zero(lacc, I64)
+        for s0 in range(0, glen, span):
+            n = min(span, glen - s0)
+            zero(iacc, I32)
+            base = b.add(k0, i64(s0))
+            with loop(b, 0, n - n % U, U, name="kk") as kk:
+                span_pass(wblk, w, rls, xbase, b.add(base, kk), U)
+            for u in range(n - n % U, n):
+                span_pass(wblk, w, rls, xbase, b.add(base, i64(u)), 1)
+            if wide:
+                with loop(b, 0, len(rls) * BW, name="w") as i:
+                    p = at(lacc, I64, i)
+                    b.store(b.add(b.load(p, typ=I64), b.sext(b.load(at(iacc, I32, i), typ=I32), I64)), p)
+
+    def tile(blk, w, r0, rl, rt):
+        rls = [b.add(rl, i64(t)) for t in range(rt)]
+        wblk = b.mul(blk, i64(K * L.row_bytes(BW)))
+        col0 = b.mul(blk, i64(BW))
+        with loop(b, 0, rt * BW, name="yz") as i:
+            yacc.store(fconst(F32, 0.0), i)
+
+        def one_group(g, glen):
+            xbase = [b.add(b.mul(r, i64(KP)), b.mul(g, i64(GP - group))) for r in rls]   # xq of row k: xbase + k
+            k0 = b.mul(g, i64(group))
+            group_dot(wblk, w, rls, xbase, g, k0, glen)
+            ty = I64 if wide else I32
+            with loop(b, 0, w, name="c") as j:
+                col = b.add(b.add(b.mul(g, i64(N)), col0), j)
+                s = S.scalar(col)
+                z = b.sext(b.load(gep(b, k.args[3], I8, col), typ=I8), ty) if has_zeros else None
+                for t, r in enumerate(rls):
+                    rg = b.add(b.mul(r, i64(G)), g)
+                    dot = b.load(at(lacc if wide else iacc, ty, b.add(j, i64(t * BW))), typ=ty)
+                    if z is not None:   # i32 arithmetic wraps: exact whenever the final value fits
+                        dot = b.sub(dot, b.mul(z, b.sext(b.load(at(qsum, I32, rg), typ=I32), ty)))
+                    sc = b.fmul(b.load(at(dq, F32, rg), typ=F32), s)
+                    a = b.add(j, i64(t * BW))
+                    yacc.store(b.fadd(yacc.scalar(a), b.fmul(sc, b.sitofp(dot, F32))), a)
+
+        full = K // group
+        with loop(b, 0, full, name="g") as g:
+            one_group(g, group)
+        if K % group:
+            one_group(i64(full), K % group)
+        for t, r in enumerate(rls):
+            yrow = b.add(b.mul(b.add(r0, r), i64(N)), col0)
+            with loop(b, 0, w, name="st") as j:
+                Y.store(yacc.scalar(b.add(j, i64(t * BW))), b.add(yrow, j))
+
+    def blocks(r0, nr):
+        def rows(blk, w):
+            full = b.sub(nr, b.urem(nr, i64(RT)))
+            with loop(b, 0, full, RT, name="rt") as rl:
+                tile(blk, w, r0, rl, RT)
+            with loop(b, full, nr, name="r1") as rl:
+                tile(blk, w, r0, rl, 1)
+
+        with loop(b, k.begin, k.end, name="item") as blk:
+            if L.nblk > 1 and L.last != BW:
+                with b.if_else(b.icmp_signed("==", blk, i64(L.nblk - 1))) as (tail, body):
+                    with tail:
+                        rows(blk, L.last)
+                    with body:
+                        rows(blk, BW)
+            else:
+                rows(blk, L.last if L.nblk == 1 else BW)
+
+    return blocks, L.nblk
