@@ -314,6 +314,8 @@ def emit_conv2d(k: Kernel, node: Node, epilogue=None):
     ``epilogue(value, n)``, if given, maps each f32 vector of n output lanes to the
     values stored (codegen/fused.py: an activation applied before the store)."""
     out_w = node.outputs[0].type.shape[3]
+    if k.target.name == "riscv64":
+        return _emit_conv_rows(k, conv_plan(node, 1), epilogue)
     return _emit_conv_direct(k, conv_plan(node, vector_lanes(k, out_w)), epilogue)
 
 
@@ -390,6 +392,143 @@ def _emit_conv_direct(k: Kernel, p: ConvPlan, epilogue=None):
     return items, max(1, MIN_PARALLEL_WORK // work)
 
 
+# --- riscv64: output rows in scalar loops ------------------------------------------------
+#
+# On riscv64 conv2d and the pools accumulate whole output rows in stack arrays, tap by
+# tap, in scalar loops over the output columns; LLVM vectorizes those loops length-
+# agnostically (vsetvli strip-mining; strided loads for stride > 1), so the kernels use
+# whatever VLEN the core has.  The in-bounds columns of each tap are a static range: one
+# loop over the columns every tap covers takes all taps at once, then short loops take
+# each tap's columns at the borders.  No reassociation: results do not depend on VLEN.
+
+def tap_columns(aw: Axis, t: int) -> tuple[int, int]:
+    """[first, last) output columns whose tap t lands inside the row."""
+    off = t * aw.dilation - aw.pad
+    first = max(0, -(off // aw.stride)) if off < 0 else 0          # ceil(-off / stride)
+    last = min(aw.out, (aw.size - 1 - off) // aw.stride + 1) if aw.size - 1 >= off else 0
+    return first, max(first, last)
+
+
+def column_runs(aw: Axis, taps) -> list[tuple[int, int, list[int]]]:
+    """(first, last, taps) loops covering every in-bounds (column, tap) once: the
+    columns all ``taps`` share, then each tap's columns on either side."""
+    cols = {t: tap_columns(aw, t) for t in taps}
+    lo, hi = max((c[0] for c in cols.values()), default=0), min((c[1] for c in cols.values()), default=0)
+    if lo >= hi:
+        return [(a, e, [t]) for t, (a, e) in cols.items() if a < e]
+    runs = [(lo, hi, list(taps))]
+    for t, (a, e) in cols.items():
+        runs += [(a, lo, [t])] if a < lo else []
+        runs += [(hi, e, [t])] if hi < e else []
+    return runs
+
+
+def _row_arrays(k: Kernel, n: int, width: int, name: str):
+    from .matmul import Access, _stack_array
+    return [Access(k, _stack_array(k, width, f"{name}{i}"), dt.f32, 1) for i in range(n)]
+
+
+def _emit_conv_rows(k: Kernel, p: ConvPlan, epilogue=None):
+    b = k.b
+    ah, aw, d = p.ah, p.aw, p.dtype
+    x_ptr, w_ptr = k.args[0], k.args[1]
+    bias_ptr = k.args[2] if p.has_bias else None
+    out_ptr = k.args[-1]
+    kk = ah.taps * aw.taps
+    cb = max(c for c in range(1, 5) if p.cog % c == 0) if p.cog else 1   # channels sharing each x load
+    n_blocks = p.c_out // cb
+    items = p.n * n_blocks * ah.out
+    if items == 0 or aw.out == 0:
+        k.finish()
+        return 0, 1
+    rows = _row_arrays(k, cb, aw.out, "orow")
+    runs = column_runs(aw, range(aw.taps))
+    with loop(b, k.begin, k.end, name="item") as item:
+        n, blk, oh = decompose(b, item, [p.n, n_blocks, ah.out])
+        co0 = b.mul(blk, i64(cb))
+        g = b.udiv(co0, i64(p.cog))
+        x_base = b.mul(b.add(b.mul(n, i64(p.c_in)), b.mul(g, i64(p.cig))), i64(ah.size * aw.size))
+        w_base = b.mul(co0, i64(p.cig * kk))
+        o_base = b.add(b.mul(b.add(b.mul(n, i64(p.c_out)), co0), i64(ah.out * aw.out)), b.mul(oh, i64(aw.out)))
+        ih0 = b.sub(b.mul(oh, i64(ah.stride)), i64(ah.pad))
+        kh_lo, kh_hi = tap_range(b, ih0, ah, 0, ah.size)
+        init = [load_elem(b, bias_ptr, d, b.add(co0, i64(c))) if bias_ptr is not None else fconst(F32, 0.0)
+                for c in range(cb)]
+        with loop(b, 0, aw.out, name="ow0") as ow:
+            for c in range(cb):
+                rows[c].store(init[c], ow)
+        with loop(b, 0, p.cig, name="ci") as ci:
+            with loop(b, kh_lo, kh_hi, name="kh") as kh:
+                ih = b.add(ih0, b.mul(kh, i64(ah.dilation)))
+                x_row = b.add(b.add(x_base, b.mul(ci, i64(ah.size * aw.size))), b.mul(ih, i64(aw.size)))
+                w_row = b.add(w_base, b.add(b.mul(ci, i64(kk)), b.mul(kh, i64(aw.taps))))
+                ws = {(c, t): load_elem(b, w_ptr, d, b.add(w_row, i64(c * p.cig * kk + t)))
+                      for c in range(cb) for t in range(aw.taps)}
+                for first, last, taps in runs:
+                    with loop(b, first, last, name="ow") as ow:
+                        x_at = b.add(x_row, b.mul(ow, i64(aw.stride)))
+                        xs = [load_elem(b, x_ptr, d, b.add(x_at, i64(t * aw.dilation - aw.pad))) for t in taps]
+                        for c in range(cb):
+                            acc = rows[c].scalar(ow)
+                            for t, xv in zip(taps, xs):
+                                acc = call_intrinsic(k, "fmuladd", xv, ws[c, t], acc)
+                            rows[c].store(acc, ow)
+        with loop(b, 0, aw.out, name="ows") as ow:
+            for c in range(cb):
+                value = rows[c].scalar(ow)
+                store_elem(b, epilogue(value, 1) if epilogue else value, out_ptr, d,
+                           b.add(o_base, b.add(i64(c * ah.out * aw.out), ow)))
+    k.finish()
+    work = cb * aw.out * max(1, p.cig * kk)
+    return items, max(1, MIN_PARALLEL_WORK // work)
+
+
+def _emit_pool_rows(k: Kernel, node: Node, kind: str, ah: Axis, aw: Axis, include_pad: bool):
+    b = k.b
+    x, d = node.inputs[0].type, node.inputs[0].type.dtype
+    planes = x.shape[0] * x.shape[1]
+    is_max = kind == "max"
+    x_ptr, out_ptr = k.args
+    (row,) = _row_arrays(k, 1, aw.out, "prow")
+    runs = column_runs(aw, range(aw.taps))
+    if not is_max:   # columns counted per output column (static), as an f32 table
+        count = aw.inside_count if include_pad else lambda o: len(aw.valid(o))
+        tab_ty = ir.ArrayType(F32, aw.out)
+        tab = ir.GlobalVariable(k.module, tab_ty, f"{k.name}.cols")
+        tab.global_constant, tab.linkage = True, "private"
+        tab.initializer = ir.Constant(tab_ty, [ir.Constant(F32, float(count(o))) for o in range(aw.out)])
+    with loop(b, k.begin, k.end, name="item") as item:
+        plane, oh = decompose(b, item, [planes, ah.out])
+        ih0 = b.sub(b.mul(oh, i64(ah.stride)), i64(ah.pad))
+        kh_lo, kh_hi = tap_range(b, ih0, ah, 0, ah.size)
+        x_base = b.mul(plane, i64(ah.size * aw.size))
+        o_base = b.add(b.mul(plane, i64(ah.out * aw.out)), b.mul(oh, i64(aw.out)))
+        with loop(b, 0, aw.out, name="ow0") as ow:
+            row.store(fconst(F32, -math.inf if is_max else 0.0), ow)
+        with loop(b, kh_lo, kh_hi, name="kh") as kh:
+            x_row = b.add(x_base, b.mul(b.add(ih0, b.mul(kh, i64(ah.dilation))), i64(aw.size)))
+            for first, last, taps in runs:
+                with loop(b, first, last, name="ow") as ow:
+                    x_at = b.add(x_row, b.mul(ow, i64(aw.stride)))
+                    acc = row.scalar(ow)
+                    for t in taps:
+                        xv = load_elem(b, x_ptr, d, b.add(x_at, i64(t * aw.dilation - aw.pad)))
+                        # maximum propagates NaN, as numpy's max does
+                        acc = call_intrinsic(k, "maximum", acc, xv) if is_max else b.fadd(acc, xv)
+                    row.store(acc, ow)
+        if not is_max:
+            lo, hi = tap_range(b, ih0, ah, -ah.pad, ah.size + ah.pad_end) if include_pad else (kh_lo, kh_hi)
+            n_rows = b.sub(hi, lo)
+            n_rows = b.sitofp(b.select(b.icmp_signed("<", n_rows, i64(0)), i64(0), n_rows), F32)
+        with loop(b, 0, aw.out, name="ows") as ow:
+            val = row.scalar(ow)
+            if not is_max:
+                val = b.fdiv(val, b.fmul(n_rows, b.load(gep(b, tab, F32, ow), typ=F32)))
+            store_elem(b, val, out_ptr, d, b.add(o_base, ow))
+    k.finish()
+    return planes * ah.out, max(1, MIN_PARALLEL_WORK // (aw.out * ah.taps * aw.taps))
+
+
 # --- pooling ------------------------------------------------------------------------------
 
 POOL_UNROLL = 4  # independent accumulator vectors per pooling tile
@@ -409,6 +548,8 @@ def _emit_pool(k: Kernel, node: Node, kind: str):
         return 0, 1
     is_max = kind == "max"
     include_pad = not is_max and a["count_include_pad"]
+    if k.target.name == "riscv64":
+        return _emit_pool_rows(k, node, kind, ah, aw, include_pad)
     lanes = vector_lanes(k, aw.out)
     # avgpool divisor per column: in-bounds taps, or taps within the explicit pads
     cols = None if is_max else (aw.inside_count if include_pad else lambda o: len(aw.valid(o)))
