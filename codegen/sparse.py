@@ -58,6 +58,7 @@ is what the bsr 1xC blocks remove (one broadcast and one FMA per C values).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -211,6 +212,9 @@ class _Emit:
     def __init__(self, k: Kernel, L: Layout):
         self.k, self.L, self.b = k, L, k.b
         self.lanes = k.target.fixed_lanes(32)
+        # riscv64 with V: the M = 1 kernels are scalar loops whose sums may be reassociated,
+        # which LLVM vectorizes length-agnostically (the sums' rounding then depends on VLEN)
+        self.vla = k.target.name == "riscv64" and k.target.has_vector
         blob = k.args[1]
         b = self.b
         self.ptr_base = blob
@@ -221,6 +225,11 @@ class _Emit:
         self.S = Access(k, k.args[2], L.sdtype, 1) if L.quant else None
 
     # --- plumbing -------------------------------------------------------------------
+
+    def fmadd(self, x, y, acc):
+        """x*y + acc (f32 scalars), which LLVM may reassociate across a loop's iterations."""
+        fn = self.k.intrinsic("llvm.fmuladd.f32", F32, [F32] * 3)
+        return self.b.call(fn, [x, y, acc], fastmath=("reassoc", "contract"))
 
     def ptr_at(self, j):
         b, ty = self.b, self.L.ptype
@@ -410,13 +419,11 @@ class _Emit:
             return [fma(k, self.vals_at(e, P), xv, accs[0])]
 
         p0, p1 = self.ptr_at(j), self.ptr_at(b.add(j, i64(1)))
-        if k.target.name == "riscv64" and k.target.has_vector:
-            # one scalar multiply-add per entry, reassociable: LLVM vectorizes the loop length-
+        if self.vla:
+            # one reassociable multiply-add per entry: LLVM vectorizes the loop length-
             # agnostically (indexed loads of x, vector FMAs, one reduction per column)
-            fn = k.intrinsic("llvm.fmuladd.f32", F32, [F32] * 3)
-            acc = fold_loop(b, p0, p1, [ir.Constant(F32, 0.0)], lambda e, a: [b.call(
-                fn, [self.vals_at(e, 1), XS.scalar(self.idx_at(e)), a[0]], fastmath=("reassoc", "contract"))],
-                name="e")[0]
+            acc = fold_loop(b, p0, p1, [ir.Constant(F32, 0.0)],
+                            lambda e, a: [self.fmadd(self.vals_at(e, 1), XS.scalar(self.idx_at(e)), a[0])], name="e")[0]
             self.store(acc, i64(0), j)
             return
         acc = self.entries(p0, p1, 1, 4 if self.lanes > 1 else 1, fconst(vt, 0.0), step)[0]
@@ -443,6 +450,20 @@ class _Emit:
             return [fma(k, self.vals_at(b.mul(e, i64(T)), T), xv, accs[0])]
 
         p0, p1 = self.ptr_at(j), self.ptr_at(b.add(j, i64(1)))
+        if self.vla:
+            # T reassociable scalar sums over the entries: LLVM vectorizes the loop length-
+            # agnostically (a segment load of the blocks' values, a gather of x per row)
+            def sums(e, accs):
+                k0 = b.mul(self.idx_at(e), i64(R))
+                xr = [XS.scalar(b.add(k0, i64(r)) if r else k0) for r in range(R)]
+                return [self.fmadd(self.vals_at(b.add(b.mul(e, i64(T)), i64(i)), 1), xr[i // C], a)
+                        for i, a in enumerate(accs)]
+            accs = fold_loop(b, p0, p1, [ir.Constant(F32, 0.0)] * T, sums, name="e")
+            outs = [functools.reduce(b.fadd, accs[c::C]) for c in range(C)]
+            for c, v in enumerate(outs):
+                with self.column_guard(j, c):
+                    self.store(v, i64(0), b.add(b.mul(j, i64(C)), i64(c)))
+            return
         unroll = max(1, min(4, 8 // max(1, cdiv(T, self.lanes)))) if self.lanes > 1 else 1
         acc = self.entries(p0, p1, 1, unroll, fconst(vt, 0.0), step)[0]
         if C == 1:

@@ -67,6 +67,8 @@ from ..ir.sparsity import holds, parse_format
 from .kernel import F16, F32, I1, I8, I16, I32, PTR, Kernel, elem_bytes, fconst, fold_loop, gep, i64, loop, splat
 from .lower import emitter, packer
 from .matmul import Access, _stack_array, fma
+from .matmul_q_rows import uses_rows
+from .sparse_nm_rows import emit_nm_rows, pack_nm_rows
 
 VL = 8            # columns per column vector (fixed: packed constants do not depend on the target)
 CB = 4            # column vectors per block
@@ -113,6 +115,27 @@ class NMLayout:
                           f"({self.group}) to be a multiple of M={self.m} (a run must not straddle two groups)")
 
 
+def nm_slots(L: NMLayout, w: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, positions), each [runs, N slots, width] (columns past w's zero): slot s
+    of a run holds its s-th nonzero in row order; the rest value 0 at position 0."""
+    m, n, R = L.m, L.n, L.R
+    wp = np.zeros((R * m, width), w.dtype)
+    wp[:L.K, :L.N] = w
+    wr = wp.reshape(R, m, width)
+    pos = np.zeros((R, n, width), np.uint8)
+    vals = np.zeros((R, n, width), w.dtype)
+    seen = np.zeros((R, width), np.int8)   # nonzeros met so far in each run
+    for i in range(m):
+        row = wr[:, i, :]
+        nzi = row != 0
+        for s in range(n):
+            hit = nzi & (seen == s)
+            np.copyto(pos[:, s], i, where=hit)
+            np.copyto(vals[:, s], row, where=hit)
+        seen += nzi
+    return vals, pos
+
+
 @packer("matmul:nm", "matmul_q:nm", inputs=(1,))
 def pack_nm(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
     """The packed weight (layout in the module docstring); other inputs (x,
@@ -124,22 +147,10 @@ def pack_nm(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
     why = holds(L.fmt, w) if w.size else None   # (nm_counts cannot reshape an [K, 0] weight)
     if why is not None:
         raise IRError(f"{node.op} {node.output.name!r}: {why}")
-    m, n, R, Np = L.m, L.n, L.R, L.nblk * NB
-    wp = np.zeros((R * m, Np), w.dtype)
-    wp[:L.K, :L.N] = w
-    wr = wp.reshape(R, m, Np)
-    # Slot s of a run takes its s-th nonzero (row order); the rest stay value 0 at position 0.
-    pos = np.zeros((R, n, Np), np.uint8)
-    vals = np.zeros((R, n, Np), w.dtype)
-    seen = np.zeros((R, Np), np.int8)   # nonzeros met so far in each run
-    for i in range(m):
-        row = wr[:, i, :]
-        nzi = row != 0
-        for s in range(n):
-            hit = nzi & (seen == s)
-            np.copyto(pos[:, s], i, where=hit)
-            np.copyto(vals[:, s], row, where=hit)
-        seen += nzi
+    if uses_rows(target):
+        return pack_nm_rows(L, *nm_slots(L, w, L.N))
+    n, R, Np = L.n, L.R, L.nblk * NB
+    vals, pos = nm_slots(L, w, Np)
 
     def blocked(v):  # [R, n, Np] -> [nblk, R, CB, n, VL]
         return v.reshape(R, n, L.nblk, CB, VL).transpose(2, 0, 3, 1, 4)
@@ -163,6 +174,8 @@ def pack_nm(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
 @emitter("matmul:nm", "matmul_q:nm")
 def emit_nm(k: Kernel, node: Node):
     L = NMLayout(node)
+    if uses_rows(k.target):
+        return emit_nm_rows(k, node, L)
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N, m, n = L.K, L.N, L.m, L.n
     rows = math.prod(x_t.shape[:-1])  # W is shared: every leading dim folds into rows

@@ -109,7 +109,7 @@ def spmv(fmt: str, quant: bool = False):
 # what the RVV hot loop must hold: loads, FMAs, and for csr / N:M an indexed load (the gather of x)
 SPARSE_HOT = [("csr", False, ("vle", "vluxei", "vfmacc|vfmadd")), ("csr", True, ("vle", "vluxei", "vfmacc|vfmadd")),
               ("nm2:4", False, ("vle", "vluxei", "vfmacc|vfmadd")), ("bsr1x8", False, ("vle", "vfmacc|vfmadd"))]
-VLA_SPARSE = {"csr"}   # formats whose kernels are vector-length agnostic so far (bsr, N:M: fixed width)
+
 
 
 @pytest.mark.parametrize("fmt, quant, wanted", SPARSE_HOT, ids=["csr-f32", "csr-int8", "nm2:4-f32", "bsr1x8-f32"])
@@ -117,8 +117,7 @@ def test_spmv_hot_loop_is_vectorized(fmt, quant, wanted):
     g = spmv(fmt, quant)
     kernel = "k0_matmul_q" if quant else "k0_matmul"
     loop_asm = hot_loop(kernel_asm(compile_for(g, "riscv64"), "riscv64", kernel))
-    if fmt in VLA_SPARSE:
-        assert VLA.search(loop_asm), f"no vector-length-agnostic vsetvli in the hot loop:\n{loop_asm}"
+    assert VLA.search(loop_asm), f"no vector-length-agnostic vsetvli in the hot loop:\n{loop_asm}"
     hot = opcodes(loop_asm)
     for w in wanted:
         assert any(o.startswith(tuple(w.split("|"))) for o in hot), (w, sorted(hot))

@@ -152,6 +152,13 @@ def test_targets(target, fmt, kind):
     run_cases(target, fmt, kind, RISCV_CASES, K=21, N=11)
 
 
+@pytest.mark.parametrize("fmt,kind", [("csr", "f32"), ("csr", "q8"), ("bsr1x8", "f32"), ("bsr4x4", "f16"),
+                                      ("bsr8x1", "q8")])
+def test_riscv_long_columns(fmt, kind):
+    """Columns of many entries: riscv64's M = 1 loops run several strips at any VLEN."""
+    run_cases("riscv64", fmt, kind, [(0.5, 1), (0.2, 1), (0.5, 6)], K=301, N=37, seed=3)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty(fmt):
     """K = 0 (y is zeros), N = 0, M = 0, and K = N = 1."""

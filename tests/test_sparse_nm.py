@@ -104,6 +104,17 @@ def test_targets_quantized(target):
     check(*qgraph((1,), 72, 40, "nm4:8", "i4", 24), target)
 
 
+@pytest.mark.parametrize("target", ["riscv64", "riscv64-scalar"])
+def test_riscv_row_layout(target):
+    """riscv64's row layout (codegen/sparse_nm_rows.py): several 512-column blocks and a
+    narrow last one, 2- and 4-bit positions, a short last run, i4 halves, row tiles of 4
+    and a part tile, group-wise i4 scales."""
+    check(*fgraph((5,), 37, 1100, "nm2:4", "f32", seed=2), target)
+    check(*fgraph((1,), 30, 523, "nm3:7", "f16", seed=3), target)
+    check(*qgraph((6,), 48, 1030, "nm2:4", "i4", 24, seed=4), target)
+    check(*qgraph((1,), 40, 515, "nm1:8", "i8", 40, seed=5), target)
+
+
 @pytest.mark.parametrize("shape,K,N", [((0,), 8, 8), ((2,), 0, 8), ((2,), 8, 0), ((3, 0), 12, 5)])
 def test_empty(shape, K, N):
     check(*fgraph(shape, K, N, "nm2:4"))
