@@ -136,8 +136,10 @@ def emit_rows(k: Kernel, node: Node):
                 group_pass(wblk, w, xrow, rt, b.add(k0, kk), U)
             for u in range(glen - glen % U, glen):
                 group_pass(wblk, w, xrow, rt, b.add(k0, i64(u)), 1)
-            xsum = [fold_loop(b, 0, glen, [zero], lambda i, a, r=r: [b.fadd(a[0], X.scalar(b.add(xrow[r], b.add(k0, i))))],
-                              name="xs")[0] for r in range(rt)] if has_zeros else None
+            def xs(r):   # sum of the group's x in row r (the zero points' term)
+                return fold_loop(b, 0, glen, [zero], lambda i, a: [b.fadd(a[0], X.scalar(b.add(xrow[r], b.add(k0, i))))],
+                                 name="xs")[0]
+            xsum = [xs(r) for r in range(rt)] if has_zeros else None
             with loop(b, 0, w, name="c") as j:
                 col = b.add(b.add(b.mul(g, i64(N)), col0), j)
                 s = S.scalar(col)

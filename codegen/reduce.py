@@ -146,6 +146,9 @@ def blocks(k: Kernel, start, stop, lanes: int, body):
     elements at j, j+w, ... — U vectors at a time, then single vectors, then
     scalars (w = 1)."""
     b = k.b
+    if lanes == 1:   # scalar code (riscv64): one plain loop, for LLVM to vectorize and unroll
+        _maybe_loop(b, start, stop, 1, lambda j: body(j, 1, 1), "tail")
+        return
     s1 = _round_down(b, start, stop, U * lanes)
     _maybe_loop(b, start, s1, U * lanes, lambda j: body(j, lanes, U), "blk")
     s2 = s1

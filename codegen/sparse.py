@@ -49,6 +49,11 @@ per-call stack scratch, so no block reads past K and f16 x is widened once:
   when its row group changes (the weights stream once per group).
 * When even one row of x would not fit SCRATCH_BYTES (K > 128 Ki), the M > 1
   code runs one row at a time reading x directly (correct, not fast).
+* riscv64 with V: every row of x runs the M = 1 kernels, written there as
+  scalar loops over a column's entries whose sums may be reassociated, which
+  LLVM vectorizes length-agnostically (csr: an indexed load of x and a vector
+  FMA per strip of entries; bsr RxC: a segment load of the blocks' values, R
+  indexed loads, R*C FMAs); their rounding then depends on VLEN.
 
 Measured (Zen 3, 2 cores shared with other work; benchmarks/sparse.py): one
 thread streams the csr f32 M = 1 kernel from DRAM at ~9.7 GB/s of packed
@@ -226,6 +231,10 @@ class _Emit:
 
     # --- plumbing -------------------------------------------------------------------
 
+    def xbase(self, g):
+        """Where row group g's x starts in the scratch."""
+        return self.b.mul(g, i64(self.L.Kpad * self.MBP)) if self.inner else i64(0)
+
     def fmadd(self, x, y, acc):
         """x*y + acc (f32 scalars), which LLVM may reassociate across a loop's iterations."""
         fn = self.k.intrinsic("llvm.fmuladd.f32", F32, [F32] * 3)
@@ -330,7 +339,7 @@ class _Emit:
         nch = len(chunks) - 1
         cap = SCRATCH_BYTES // max(1, 4 * L.Kpad)
         self.direct = cap < 1
-        if L.M == 1 and not self.direct:
+        if (L.M == 1 or self.vla) and not self.direct:   # riscv64 with V: row after row
             self.RG = self.MBP = 1
             body = self.gemv_csr if L.csr else self.gemv_bsr
         elif self.direct:
@@ -422,9 +431,10 @@ class _Emit:
         if self.vla:
             # one reassociable multiply-add per entry: LLVM vectorizes the loop length-
             # agnostically (indexed loads of x, vector FMAs, one reduction per column)
-            acc = fold_loop(b, p0, p1, [ir.Constant(F32, 0.0)],
-                            lambda e, a: [self.fmadd(self.vals_at(e, 1), XS.scalar(self.idx_at(e)), a[0])], name="e")[0]
-            self.store(acc, i64(0), j)
+            xb = self.xbase(g)
+            acc = fold_loop(b, p0, p1, [ir.Constant(F32, 0.0)], lambda e, a: [
+                self.fmadd(self.vals_at(e, 1), XS.scalar(b.add(xb, self.idx_at(e))), a[0])], name="e")[0]
+            self.store(acc, g, j)
             return
         acc = self.entries(p0, p1, 1, 4 if self.lanes > 1 else 1, fconst(vt, 0.0), step)[0]
         self.store(hsum(k, acc), i64(0), j)
@@ -453,8 +463,10 @@ class _Emit:
         if self.vla:
             # T reassociable scalar sums over the entries: LLVM vectorizes the loop length-
             # agnostically (a segment load of the blocks' values, a gather of x per row)
+            xb = self.xbase(g)
+
             def sums(e, accs):
-                k0 = b.mul(self.idx_at(e), i64(R))
+                k0 = b.add(xb, b.mul(self.idx_at(e), i64(R)))
                 xr = [XS.scalar(b.add(k0, i64(r)) if r else k0) for r in range(R)]
                 return [self.fmadd(self.vals_at(b.add(b.mul(e, i64(T)), i64(i)), 1), xr[i // C], a)
                         for i, a in enumerate(accs)]
@@ -462,7 +474,7 @@ class _Emit:
             outs = [functools.reduce(b.fadd, accs[c::C]) for c in range(C)]
             for c, v in enumerate(outs):
                 with self.column_guard(j, c):
-                    self.store(v, i64(0), b.add(b.mul(j, i64(C)), i64(c)))
+                    self.store(v, g, b.add(b.mul(j, i64(C)), i64(c)))
             return
         unroll = max(1, min(4, 8 // max(1, cdiv(T, self.lanes)))) if self.lanes > 1 else 1
         acc = self.entries(p0, p1, 1, unroll, fconst(vt, 0.0), step)[0]

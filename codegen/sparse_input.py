@@ -5,7 +5,7 @@ most of a decoding step's FFN activations are exactly zero).
 Row k of b is N contiguous values, so skipping it skips whole cache lines: at
 90% zeros about a tenth of b is streamed.  Work items are spans of columns
 (the GEMV's split: two threads read disjoint halves of every needed row).
-Per item: clear f32 accumulator rows acc[M, span] on the stack; walk K in
+Per item: clear f32 accumulator rows acc[m][span] on the stack (one array each); walk K in
 chunks, first listing the chunk's used k (a[:, k] != 0 in some row of a: the
 union over the M rows, one row of b serving them all; branch-free
 compaction into a stack list), then adding the used rows GROUP at a time,
@@ -53,12 +53,14 @@ def emit_matmul_sparse_input(k: Kernel, node):
         return 0, 1
     b = k.b
     ap, bp, yp = k.args
-    lanes = k.target.fixed_lanes(32)
+    lanes = k.target.lanes(32)
     span = span_for(rows, n, lanes)
     nblk = cdiv(n, span)
     tail = n - (nblk - 1) * span
     chunk = min(CHUNK, kk)
-    acc = stack_array(k, F32, rows * span)
+    # one accumulator row per row of a, each its own array: LLVM then knows a row's
+    # stores never meet another row's loads (riscv64's scalable vectorization needs it)
+    accs = [stack_array(k, F32, span) for _ in range(rows)]
     idx = stack_array(k, I64, chunk)
     count = entry_alloca(k, I64)
     zero = fconst(F32, 0.0)
@@ -73,17 +75,17 @@ def emit_matmul_sparse_input(k: Kernel, node):
             for jj in groups_at(b, j, wd, c):
                 ws = [load_elem(b, bp, d, b.add(bt, jj), wd) for bt in base]
                 for m in range(rows):
-                    at = b.add(jj, i64(m * width))
-                    s = [load_elem(b, acc, dt.f32, at, wd), None]
+                    s = [load_elem(b, accs[m], dt.f32, jj, wd), None]
                     for t, wv in enumerate(ws):
                         xv = splat(b, xs[m][t], wd) if wd > 1 else xs[m][t]
                         s[t % 2] = b.fmul(xv, wv) if s[t % 2] is None else fma(k, xv, wv, s[t % 2])
-                    store_elem(b, s[0] if s[1] is None else b.fadd(s[0], s[1]), acc, dt.f32, at, wd)
+                    store_elem(b, s[0] if s[1] is None else b.fadd(s[0], s[1]), accs[m], dt.f32, jj, wd)
 
         blocks(k, 0, width, lanes, body)
 
     def item(c0, width: int):
-        fill(k, rows * width, acc, 0.0)
+        for acc in accs:
+            fill(k, width, acc, 0.0)
         with loop(b, 0, kk, chunk, name="chunk") as k0:
             # the used rows of this chunk of K, in order (branch-free compaction)
             b.store(i64(0), count)
@@ -103,7 +105,7 @@ def emit_matmul_sparse_input(k: Kernel, node):
                 update([b.load(gep(b, idx, I64, g), typ=I64)], width, c0)
         for r in range(rows):
             with loop(b, 0, width, name="st") as c:
-                v = b.load(gep(b, acc, F32, b.add(c, i64(r * width))), typ=F32)
+                v = b.load(gep(b, accs[r], F32, c), typ=F32)
                 store_elem(b, v, yp, d, b.add(b.add(c0, c), i64(r * n)))
 
     with loop(b, k.begin, k.end, name="item") as blk:

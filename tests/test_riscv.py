@@ -111,7 +111,6 @@ SPARSE_HOT = [("csr", False, ("vle", "vluxei", "vfmacc|vfmadd")), ("csr", True, 
               ("nm2:4", False, ("vle", "vluxei", "vfmacc|vfmadd")), ("bsr1x8", False, ("vle", "vfmacc|vfmadd"))]
 
 
-
 @pytest.mark.parametrize("fmt, quant, wanted", SPARSE_HOT, ids=["csr-f32", "csr-int8", "nm2:4-f32", "bsr1x8-f32"])
 def test_spmv_hot_loop_is_vectorized(fmt, quant, wanted):
     g = spmv(fmt, quant)
@@ -124,6 +123,76 @@ def test_spmv_hot_loop_is_vectorized(fmt, quant, wanted):
     scalar = kernel_asm(compile_for(g, "riscv64-scalar"), "riscv64-scalar", kernel)
     assert not VECTOR.findall(scalar), "vector instructions in the rv64gc build"
     assert {"fmadd.s", "fmul.s"} & opcodes(hot_loop(scalar))
+
+
+def _family_graphs():
+    """One graph per kernel family, rows wide enough (>= 64) that LLVM keeps them as loops
+    (a loop of a few dozen iterations may be fully unrolled and SLP-vectorized at a fixed
+    width instead: correct at any VLEN, but vsetivli)."""
+    rng = np.random.default_rng(1)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+
+    def g(name, fn):
+        b = sqk.GraphBuilder(name)
+        return b.output(fn(b))
+
+    def fused_gemm(b):
+        return b.gelu(b.add(b.matmul(b.input("x", (9, 80)), b.const(r(80, 100))), b.const(r(100))))
+
+    from test_llm import _attn_graph
+    return {
+        "elementwise": (g("ew", lambda b: b.mul(b.exp(b.input("x", (3, 300))), b.input("y", (3, 300)))),
+                        "vfmul|vfmacc|vfmadd"),
+        "reduce_sum": (g("rs", lambda b: b.reduce_sum(b.input("x", (5, 300)), axes=[1])), "vfadd|vfredusum|vfredosum"),
+        "softmax": (g("sm", lambda b: b.softmax(b.input("x", (5, 300)), axis=-1)),
+                    "vfadd|vfredusum|vfredosum|vfmul|vfdiv"),
+        "layernorm": (g("ln", lambda b: b.layernorm(b.input("x", (5, 300)), b.const(r(300)), b.const(r(300)))),
+                      "vfadd|vfmul|vfmacc|vfsub|vfredusum|vfredosum"),
+        "gemm_f32": (g("mm", lambda b: b.matmul(b.input("x", (33, 65)), b.const(r(65, 200)))), "vfmacc|vfmadd"),
+        "gemm_fused_epilogue": (g("mmf", fused_gemm), "vfmacc|vfmadd"),
+        "matmul_q_i4_gemm": (gemv_q_rows(4, 9), "vfmacc|vfmadd"),
+        "conv2d": (g("conv", lambda b: b.relu(b.conv2d(b.input("x", (1, 4, 6, 90)), b.const(r(8, 4, 3, 3)),
+                                                        pads=(1, 1, 1, 1)))), "vfmacc|vfmadd"),
+        "maxpool2d": (g("mp", lambda b: b.maxpool2d(b.input("x", (1, 2, 6, 150)), kernel=(3, 3), strides=(1, 2),
+                                                    pads=(1, 1, 1, 1))), "vfmax|vmfeq|vmerge"),
+        "avgpool2d": (g("ap", lambda b: b.avgpool2d(b.input("x", (1, 2, 6, 150)), kernel=(3, 3), pads=(1, 1, 1, 1))),
+                      "vfadd"),
+        "global_avgpool": (g("gap", lambda b: b.global_avgpool(b.input("x", (1, 3, 20, 20)))),
+                           "vfadd|vfredusum|vfredosum"),
+        "attention_decode": (_attn_graph(16, 4, 200, 64), "vfmacc|vfmadd|vfmul|vfredusum|vfredosum"),
+        "rope": (g("rope", lambda b: b.rope(b.input("x", (1, 8, 128)), b.input("p", (1,), "i64"))),
+                 "vfmul|vfmacc|vfmadd|vfnmsac|vfmsac|vfsub"),
+        "sparse_input": (g("spin", lambda b: b.matmul_sparse_input(b.input("a", (2, 256)), b.input("w", (256, 300)))),
+                         "vfmacc|vfmadd"),
+    }
+
+
+def gemv_q_rows(bits: int, rows: int):
+    from sqk.compiler.quantize import quantize_weight
+
+    q, s, _ = quantize_weight(np.random.default_rng(0).standard_normal((256, 200)).astype(np.float32), bits=bits,
+                              group=32)
+    b = sqk.GraphBuilder(f"mq{bits}")
+    return b.output(b.matmul_q(b.input("x", (rows, 256)), b.const(q, f"i{bits}"), b.const(s, "f32"), group=32))
+
+
+FAMILIES = _family_graphs()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_kernel_family_is_vector_length_agnostic(family, riscv_tools):
+    """Each kernel of a family's graph has a loop whose strips take a register-AVL vsetvli
+    and that does the family's arithmetic (GEMV, matmul_q GEMV and SpMV: the tests above)."""
+    g, wanted = FAMILIES[family]
+    m = sqk.compile(g, target="riscv64")
+    asm = assembly(m.llvm_ir, get_target("riscv64"))
+    kernels = re.findall(r"^(k\d+_\w+):\n(.*?)\.Lfunc_end", asm, re.M | re.S)
+    assert kernels
+    for name, body in kernels:
+        loops = [lp.group(2) for lp in LOOP.finditer(body)]
+        good = [lp for lp in loops
+                if VLA.search(lp) and any(o.startswith(tuple(wanted.split("|"))) for o in opcodes(lp))]
+        assert good, f"{family}: kernel {name} has no vector-length-agnostic loop doing {wanted}"
 
 
 @pytest.mark.slow
