@@ -18,7 +18,9 @@ conv2d keeps a tile of accumulators in registers: CB output channels x U
 vectors of the output width; each input vector loaded serves the CB
 channels, each weight broadcast the U vectors.  This is the direct path; a
 GEMM-based one can be added as another ``_emit_conv_*`` chosen by
-``emit_conv2d`` from the ConvPlan.
+``emit_conv2d`` from the ConvPlan.  riscv64 has its own: output rows in
+scalar loops that LLVM vectorizes length-agnostically (``_emit_conv_rows``,
+``_emit_pool_rows``; global_avgpool is scalar loops there anyway).
 """
 from __future__ import annotations
 
@@ -189,7 +191,7 @@ def for_tiles(b: ir.IRBuilder, tiles: Tiles, body) -> None:
 def vector_lanes(k: Kernel, out_width: int) -> int:
     """Lanes for rows of ``out_width`` columns: the target's f32 vector, or
     less for narrow rows (a power of two at least the width)."""
-    return min(k.target.fixed_lanes(32), pow2_at_least(out_width))
+    return min(k.target.lanes(32), pow2_at_least(out_width))
 
 
 def tap_range(b: ir.IRBuilder, start, ax: Axis, lo: int, hi: int):

@@ -31,12 +31,17 @@ panel all K rows of its columns contiguous, zero-padded past N:
     the same bytes as plain storage plus the padding, widened on load)
 
 so a K block of a panel is one contiguous KC x PACK_NR run, the stack panel's
-layout.  Packed constants do not depend on the target (packers do not see
-it), so PACK_NR is one every target's micro-tile width divides
+layout.  PACK_NR is one every x86 micro-tile width divides
 (``tile_shape(..., panel=PACK_NR)``): 48 columns are 3 vectors of 16 f32 on
-AVX-512 (an 8x3 tile: one micro-tile per panel row), and on AVX2 and
-riscv64 (8 lanes, 4x3 tiles) and scalar code (4 columns) the micro-tile reads
-a sub-panel of 24 or 4 columns with a row stride of 48.  Without run-time
+AVX-512 (an 8x3 tile: one micro-tile per panel row), and on AVX2 (8 lanes,
+4x3 tiles) the micro-tile reads a sub-panel of 24 columns with a row stride
+of 48.
+
+riscv64 (``streams``): every matmul takes the row-streaming kernel, in tiles
+of STREAM_MAX_M rows of a (work items too), b read as stored.  Its column
+loops are scalar code there, which LLVM's loop vectorizer turns into
+vector-length-agnostic strips (``vsetvli``); the register-tiled micro-kernel
+needs fixed-width vectors, so riscv64 packs nothing.  Without run-time
 packing, few-row GEMMs (M up to a few dozen) run up to ~1.9x faster;
 large square ones about as fast as with run-time packing (within 5%).
 
@@ -161,11 +166,9 @@ def tile_shape(target, lanes: int = 0, panel: int = 0) -> tuple[int, int]:
 
     The tile takes MR*NR accumulators plus NR loaded vectors of b and one
     broadcast of a; all must fit the vector register file: 16 on AVX2, 32 on
-    AVX-512.  riscv64's 256-bit vectors span two RVV registers at the minimum
-    VLEN of 128 bits, which again leaves 16.  Scalar code (lanes == 1) has 32
-    FP registers.  The most accumulators win, then the fewest loads per step
+    AVX-512.  Scalar code (lanes == 1) has 32 FP registers.  The most accumulators win, then the fewest loads per step
     (MR + NR): 4x3 on AVX2 (measured ~8% faster than 6x2), 6x4 on AVX-512."""
-    lanes = lanes or target.fixed_lanes(32)
+    lanes = lanes or target.lanes(32)
     if lanes == 1:
         assert not panel or panel % 4 == 0
         return 4, 4
@@ -329,7 +332,7 @@ def gemm_blocking(target, M: int, K: int, N: int, batch: int = 1, dtype=dt.f32, 
     Item tiles are at most GEMM_MC x GEMM_NC (f16: the f32 partial-sum tile on
     the stack is capped), cut evenly; a product big enough to share gets at
     least MIN_ITEMS items, so threads are balanced."""
-    lanes = min(target.fixed_lanes(32), PACK_LANES) if packed else target.fixed_lanes(32)
+    lanes = min(target.lanes(32), PACK_LANES) if packed else target.lanes(32)
     MR, NR = tile_shape(target, lanes, PACK_NR if packed else 0)
     NRL = NR * lanes
     most_m, most_n = (GEMM_MC, GEMM_NC) if dtype is dt.f32 else GEMM_F16_TILE

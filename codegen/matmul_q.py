@@ -39,9 +39,9 @@ caps two cores near 14 GB/s of int4: below DRAM speed.  The int8-activation
 mode at the end of this file (``activations=int8``, other numerics) is the
 way past that.
 
-The layout is the same on every target (VL = 8 i32 lanes: one AVX2 or
-256-bit RVV register; LLVM splits it into scalars on riscv64 without V), so
-packed constants do not depend on the target.
+riscv64 (with or without V) reads a row layout instead, with kernels of
+scalar loops that LLVM vectorizes length-agnostically (codegen/matmul_q_rows.py,
+both activation modes): the packers see the target.
 """
 from __future__ import annotations
 

@@ -22,6 +22,11 @@ Kernel: work items are (block, tile of up to RT rows of x), block major.  Per
 group, for U rows of q at a time, the column loop adds x[r, k] * q[k, j] into
 f32 group sums on the stack for the RT rows (each weight decoded once for the
 tile); then y[r, j] += scale * (sum - zero * sum_k x[r, k]).
+
+activations=int8 (``i8act_blocks``): the caller quantizes x (codegen/matmul_q.py,
+the reference's rounding); the column loops add xq * q exactly in i32 (RVV:
+vwmul / vwmacc from i16), and per group y += f32(d * scale) * f32(sum - zero *
+sum(xq)), unfused: bit for bit the reference.
 """
 from __future__ import annotations
 

@@ -216,7 +216,7 @@ def emit_sparse(k: Kernel, node: Node):
 class _Emit:
     def __init__(self, k: Kernel, L: Layout):
         self.k, self.L, self.b = k, L, k.b
-        self.lanes = k.target.fixed_lanes(32)
+        self.lanes = k.target.lanes(32)
         # riscv64 with V: the M = 1 kernels are scalar loops whose sums may be reassociated,
         # which LLVM vectorizes length-agnostically (the sums' rounding then depends on VLEN)
         self.vla = k.target.name == "riscv64" and k.target.has_vector

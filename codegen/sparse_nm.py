@@ -32,8 +32,8 @@ and row, the run's x values are a small table and each lane selects its own:
   ``vpermilps`` with the broadcast plane word shifted right per lane (it reads
   the low 2 bits of each lane: no masking); M <= 8: ``vpermps``; M <= 16: two
   ``vpermps`` and a blend on bit 3.
-* elsewhere (riscv64, with or without V): a masked gather of x[k0 + pos]
-  (RVV: an indexed load; scalar: one load per weight).
+* riscv64 (with or without V): a row layout of its own and scalar loops that
+  LLVM vectorizes length-agnostically (codegen/sparse_nm_rows.py).
 
 Per VL stored values (4 * VL dense weights) the 2:4 GEMV loop is one value
 load (i8: vpmovsxbd + vcvtdq2ps; i4: half a vpmovsxbd, vpsrad or vpand +
@@ -70,7 +70,7 @@ from .matmul import Access, _stack_array, fma
 from .matmul_q_rows import uses_rows
 from .sparse_nm_rows import emit_nm_rows, pack_nm_rows
 
-VL = 8            # columns per column vector (fixed: packed constants do not depend on the target)
+VL = 8            # columns per column vector (riscv64 reads another layout: sparse_nm_rows.py)
 CB = 4            # column vectors per block
 NB = VL * CB      # columns per block (work item)
 MCH = 16          # rows of x per work item at most

@@ -35,14 +35,7 @@ class Target:
         vectorizer makes them vector-length agnostic (scalable vectors, a
         ``vsetvli`` per strip with the elements left as AVL), so they use the
         whole register of whatever VLEN the core has."""
-        return 1 if self.name == "riscv64" else self.fixed_lanes(bits)
-
-    def fixed_lanes(self, bits: int) -> int:
-        """Lanes of fixed-width vectors (``vector_bits`` wide), for the kernels
-        still written that way on riscv64 too (register tiles the vectorizer
-        cannot form: GEMM, conv2d, sparse): correct for any VLEN >= 128, but
-        they use 256 bits of it (``vsetivli``)."""
-        return max(1, self.vector_bits // bits) if self.has_vector else 1
+        return max(1, self.vector_bits // bits) if self.has_vector and self.name != "riscv64" else 1
 
     @functools.cached_property
     def machine(self) -> llvm.TargetMachine:
@@ -75,8 +68,10 @@ RISCV_TRIPLE = "riscv64-unknown-linux-gnu"
 
 @functools.lru_cache(maxsize=None)
 def riscv64_target(vector: bool = True) -> Target:
-    # rv64gc (+v): fixed-width LLVM vectors of 256 bits lower to RVV register
-    # groups, and stay correct for any VLEN >= 128 (Zvl128b is implied by V).
+    # rv64gc (+v).  Kernels are scalar loops here (lanes() is 1): with V, LLVM
+    # vectorizes them length-agnostically.  vector_bits is the fixed width of
+    # what LLVM may still vectorize at a fixed width (fully unrolled short
+    # loops): correct for any VLEN >= 128 (Zvl128b is implied by V).
     feats = "+m,+a,+f,+d,+c,+zicsr,+zifencei" + (",+v" if vector else ",-v")
     return Target("riscv64", RISCV_TRIPLE, "generic-rv64", feats, 256 if vector else 64)
 

@@ -35,12 +35,13 @@ def assert_close(out: np.ndarray, ref: np.ndarray, rtol: float | None = None, wh
                                    equal_nan=True)
 
 
-# The qemu configurations every riscv64 (RVV) module runs under.  Kernels are vector-length
-# agnostic: a float reduction the vectorizer reassociates (sparse dot products) sums in an
-# order that depends on VLEN, so float outputs must agree within the dtype's tolerance
-# (integer ones exactly); agnostic tails and masks filled with 1s expose code that leans
-# on them.
-RVV_CONFIGS = [(256, "rvv_ta_all_1s=on,rvv_ma_all_1s=on"), (128, "")] + \
+# The qemu configurations every riscv64 (RVV) module runs under (SQK_TEST_EXTRA_VLEN adds
+# more, e.g. 1024).  Kernels are vector-length agnostic: a float reduction the vectorizer
+# reassociates (sparse dot products) sums in an order that depends on VLEN, so float
+# outputs must agree within the dtype's tolerance (integer ones exactly); agnostic tails
+# and masks filled with 1s expose code that leans on them.
+ALL_1S = "rvv_ta_all_1s=on,rvv_ma_all_1s=on"
+RVV_CONFIGS = [(256, ALL_1S), (128, ""), (512, ALL_1S)] + \
     [(int(v), "") for v in os.environ.get("SQK_TEST_EXTRA_VLEN", "").split(",") if v]
 
 
