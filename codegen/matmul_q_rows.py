@@ -51,7 +51,37 @@ def uses_rows(target) -> bool:
     return target is not None and target.name == "riscv64"
 
 
+def by_width(b, blk, nblk: int, last: int, fn):
+    """fn(w) for column block ``blk`` (an i64): w = BW, or ``last`` for the last of the
+    ``nblk`` blocks (static code for each width)."""
+    if nblk > 1 and last != BW:
+        with b.if_else(b.icmp_signed("==", blk, i64(nblk - 1))) as (tail, body):
+            with tail:
+                fn(last)
+            with body:
+                fn(BW)
+    else:
+        fn(last if nblk == 1 else BW)
+
+
+def by_rows(b, tile, rows: int, fn):
+    """fn(rt) for row tile ``tile`` (an i64) of ``rows`` rows cut in tiles of RT."""
+    ntiles = cdiv(rows, RT)
+    last = rows - (ntiles - 1) * RT
+    if last == RT:
+        fn(RT)
+        return
+    with b.if_else(b.icmp_signed("==", tile, i64(ntiles - 1))) as (tail, body):
+        with tail:
+            fn(last)
+        with body:
+            if ntiles > 1:
+                fn(RT)
+
+
 class RowLayout:
+    """Sizes of the row layout of one matmul_q node."""
+
     def __init__(self, node: Node):
         q = node.inputs[1].type
         self.K, self.N = q.shape
@@ -141,9 +171,10 @@ def emit_rows(k: Kernel, node: Node):
                 group_pass(wblk, w, xrow, rt, b.add(k0, kk), U)
             for u in range(glen - glen % U, glen):
                 group_pass(wblk, w, xrow, rt, b.add(k0, i64(u)), 1)
+
             def xs(r):   # sum of the group's x in row r (the zero points' term)
-                return fold_loop(b, 0, glen, [zero], lambda i, a: [b.fadd(a[0], X.scalar(b.add(xrow[r], b.add(k0, i))))],
-                                 name="xs")[0]
+                return fold_loop(b, 0, glen, [zero],
+                                 lambda i, a: [b.fadd(a[0], X.scalar(b.add(xrow[r], b.add(k0, i))))], name="xs")[0]
             xsum = [xs(r) for r in range(rt)] if has_zeros else None
             with loop(b, 0, w, name="c") as j:
                 col = b.add(b.add(b.mul(g, i64(N)), col0), j)
@@ -167,29 +198,9 @@ def emit_rows(k: Kernel, node: Node):
                 Y.store(yacc.scalar(b.add(j, i64(r * BW))), b.add(yrow, j))
 
     with loop(b, k.begin, k.end, name="item") as item:
-        blk = b.udiv(item, i64(ntiles))
-        m0 = b.mul(b.urem(item, i64(ntiles)), i64(RT))
-        last_tile = rows - (ntiles - 1) * RT
-
-        def blocks(rt):
-            if L.nblk > 1 and L.last != BW:
-                with b.if_else(b.icmp_signed("==", blk, i64(L.nblk - 1))) as (tail, body):
-                    with tail:
-                        tile(blk, L.last, m0, rt)
-                    with body:
-                        tile(blk, BW, m0, rt)
-            else:
-                tile(blk, L.last if L.nblk == 1 else BW, m0, rt)
-
-        if last_tile != RT:
-            with b.if_else(b.icmp_signed("==", b.urem(item, i64(ntiles)), i64(ntiles - 1))) as (tail, body):
-                with tail:
-                    blocks(last_tile)
-                with body:
-                    if ntiles > 1:
-                        blocks(RT)
-        else:
-            blocks(RT)
+        blk, ti = b.udiv(item, i64(ntiles)), b.urem(item, i64(ntiles))
+        m0 = b.mul(ti, i64(RT))
+        by_rows(b, ti, rows, lambda rt: by_width(b, blk, L.nblk, L.last, lambda w: tile(blk, w, m0, rt)))
     k.finish()
     item_bytes = K * L.row_bytes(BW)
     return L.nblk * ntiles, max(1, -(-MIN_PARALLEL_BYTES // max(1, item_bytes)))
@@ -305,13 +316,6 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
                 tile(blk, w, r0, rl, 1)
 
         with loop(b, k.begin, k.end, name="item") as blk:
-            if L.nblk > 1 and L.last != BW:
-                with b.if_else(b.icmp_signed("==", blk, i64(L.nblk - 1))) as (tail, body):
-                    with tail:
-                        rows(blk, L.last)
-                    with body:
-                        rows(blk, BW)
-            else:
-                rows(blk, L.last if L.nblk == 1 else BW)
+            by_width(b, blk, L.nblk, L.last, lambda w: rows(blk, w))
 
     return blocks, L.nblk

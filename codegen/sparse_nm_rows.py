@@ -7,7 +7,7 @@ column and run of M rows, its nonzeros in row order, then value 0 at
 position 0); same numerics (f32 sums in run order, integer values scaled
 per column, or per group for group-wise i4).
 
-Row layout (``pack_nm_rows``): columns in blocks of BW = 512 (the last one
+Row layout (``pack_nm_rows``): columns in blocks of BW = 512 columns (the last one
 narrower, w columns, padded to a multiple of 8 with zero columns), block
 after block, each block run after run and slot after slot:
 
@@ -31,9 +31,8 @@ from llvmlite import ir
 from ..ir import dtypes as dt
 from .kernel import F32, I8, I64, Kernel, fconst, gep, i64, lltype, loop
 from .matmul import Access, _stack_array, cdiv, fma
+from .matmul_q_rows import BW, RT, by_rows, by_width
 
-BW = 512    # columns per block
-RT = 4      # rows of x per tile
 MIN_PARALLEL_BYTES = 1 << 17
 
 
@@ -180,30 +179,9 @@ def emit_nm_rows(k: Kernel, node, L):
                 Y.store(v, b.add(yrow, c))
 
     with loop(b, k.begin, k.end, name="item") as item:
-        blk = b.udiv(item, i64(ntiles))
-        ti = b.urem(item, i64(ntiles))
+        blk, ti = b.udiv(item, i64(ntiles)), b.urem(item, i64(ntiles))
         m0 = b.mul(ti, i64(RT))
-
-        def blocks(rt):
-            if Rw.nblk > 1 and Rw.last != BW:
-                with b.if_else(b.icmp_signed("==", blk, i64(Rw.nblk - 1))) as (tail, body):
-                    with tail:
-                        tile(blk, Rw.last, m0, rt)
-                    with body:
-                        tile(blk, BW, m0, rt)
-            else:
-                tile(blk, Rw.last if Rw.nblk == 1 else BW, m0, rt)
-
-        last_rt = rows - (ntiles - 1) * RT
-        if last_rt != RT:
-            with b.if_else(b.icmp_signed("==", ti, i64(ntiles - 1))) as (tail, body):
-                with tail:
-                    blocks(last_rt)
-                with body:
-                    if ntiles > 1:
-                        blocks(RT)
-        else:
-            blocks(RT)
+        by_rows(b, ti, rows, lambda rt: by_width(b, blk, Rw.nblk, Rw.last, lambda w: tile(blk, w, m0, rt)))
     k.finish()
     item_bytes = L.R * n * (Rw.vrow(BW) + Rw.prow(BW))
     return Rw.nblk * ntiles, max(1, cdiv(MIN_PARALLEL_BYTES, max(1, item_bytes)))
