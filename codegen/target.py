@@ -17,7 +17,7 @@ class Target:
     triple: str
     cpu: str
     features: str          # LLVM feature string, e.g. "+avx2,+fma,-avx512f"
-    vector_bits: int       # width of the vectors the kernels are written for
+    vector_bits: int       # width of the fixed-width vectors kernels are written with (0: scalar loops)
     data_layout: str = ""
 
     @property
@@ -35,7 +35,7 @@ class Target:
         vectorizer makes them vector-length agnostic (scalable vectors, a
         ``vsetvli`` per strip with the elements left as AVL), so they use the
         whole register of whatever VLEN the core has."""
-        return max(1, self.vector_bits // bits) if self.has_vector and self.name != "riscv64" else 1
+        return max(1, self.vector_bits // bits) if self.has_vector else 1
 
     @functools.cached_property
     def machine(self) -> llvm.TargetMachine:
@@ -68,12 +68,12 @@ RISCV_TRIPLE = "riscv64-unknown-linux-gnu"
 
 @functools.lru_cache(maxsize=None)
 def riscv64_target(vector: bool = True) -> Target:
-    # rv64gc (+v).  Kernels are scalar loops here (lanes() is 1): with V, LLVM
-    # vectorizes them length-agnostically.  vector_bits is the fixed width of
-    # what LLVM may still vectorize at a fixed width (fully unrolled short
-    # loops): correct for any VLEN >= 128 (Zvl128b is implied by V).
+    # rv64gc (+v).  Kernels are scalar loops here (vector_bits 0, lanes() 1):
+    # with V, LLVM vectorizes them length-agnostically (Zvl128b, implied by V,
+    # is all it assumes: a short loop it vectorizes at a fixed width instead
+    # stays correct for any VLEN >= 128).
     feats = "+m,+a,+f,+d,+c,+zicsr,+zifencei" + (",+v" if vector else ",-v")
-    return Target("riscv64", RISCV_TRIPLE, "generic-rv64", feats, 256 if vector else 64)
+    return Target("riscv64", RISCV_TRIPLE, "generic-rv64", feats, 0)
 
 
 def get_target(name: str, **options) -> Target:
