@@ -8,9 +8,11 @@ threads and the fewest worth giving one thread.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 from llvmlite import ir
 
 from ..ir.graph import Graph, Node, Value
@@ -204,6 +206,7 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
 
     consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
     steps: list[Step] = []
+    shared: dict[tuple, tuple[str, int, int]] = {}   # kernel_signature -> (symbol, range, grain)
     nodes = [n for n in graph.nodes if n.op != "const" and not is_view(n, buffers)]
     for n in nodes:
         fn = EMITTERS.get(kernel_key(n))
@@ -213,10 +216,20 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
                                 + f" on target {target.name}")
         name = f"k{len(steps)}_{n.op}"
         ids = [buf(v) for v in n.inputs + n.outputs]
-        k = Kernel(module, name, len(ids), target, aliased=frozenset(j for j, b in enumerate(ids) if ids.count(b) > 1))
-        k.consts = [consts.get(v) for v in n.inputs]
-        rng, grain = fn(k, n)
-        steps.append(Step(name, tuple(ids), rng, max(1, grain), getattr(k, "index_error", "")))
+        aliased = frozenset(j for j, b in enumerate(ids) if ids.count(b) > 1)
+        node_consts = [consts.get(v) for v in n.inputs]
+        sig = kernel_signature(n, aliased, node_consts)
+        if sig in shared:   # the same kernel as an earlier step's: a call to it
+            first, rng, grain = shared[sig]
+            _forward(module, name, module.globals[first])
+            steps.append(Step(name, tuple(ids), rng, grain))
+        else:
+            k = Kernel(module, name, len(ids), target, aliased=aliased)
+            k.consts = node_consts
+            rng, grain = fn(k, n)
+            steps.append(Step(name, tuple(ids), rng, max(1, grain), getattr(k, "index_error", "")))
+            if not steps[-1].index_error:   # its message names this node's values: not shared
+                shared[sig] = (name, rng, max(1, grain))
         if progress is not None:
             progress(len(steps), len(nodes))
     # An output that is also an input, a constant or another output gets its own copy
@@ -236,6 +249,31 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
         seen.add(v)
     _program_table(module, graph, buf_list, steps, arena_bytes, const_bytes, target)
     return module, steps
+
+
+def kernel_signature(n: Node, aliased: frozenset, consts: list) -> tuple:
+    """What a kernel emitted for ``n`` depends on: the node without its value names
+    (ir.text.node_signature), which arguments share a buffer, which inputs are
+    constants, and for sparse formats (whose kernels are cut from the weight's
+    nonzeros, ``Kernel.consts``) the constants' values.  Nodes of equal signatures,
+    like the layers of a transformer, share one kernel: it is emitted and optimized
+    once."""
+    from ..ir.text import node_signature
+
+    body = n.attrs.get("body")
+    reads_values = any(":" in kernel_key(m) for m in [n] + (list(body.nodes) if isinstance(body, Graph) else []))
+    values = tuple(None if c is None else hashlib.blake2b(np.ascontiguousarray(c).tobytes(), digest_size=16).digest()
+                   for c in consts) if reads_values else ()
+    return node_signature(n), aliased, tuple(c is not None for c in consts), values
+
+
+def _forward(module: ir.Module, name: str, target_fn: ir.Function) -> None:
+    """Kernel ``name``: a call of ``target_fn`` (an identical kernel), kept out of line."""
+    fn = ir.Function(module, target_fn.function_type, name)
+    fn.attributes.add("nounwind")
+    target_fn.attributes.add("noinline")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    b.ret(b.call(target_fn, list(fn.args)))
 
 
 def _program_table(module, graph, buf_list, steps, arena_bytes, const_bytes, target):

@@ -106,6 +106,27 @@ def print_graph(g: Graph, inline_limit: int | None = 16, canonical: bool = False
     return "\n".join(lines) + "\n"
 
 
+def _anonymous(body: Graph) -> str:
+    """A body's canonical text without its own names: the graph's (unique to each fused
+    group) and its inputs' (kept by the canonical form), which become %in0, %in1 ...;
+    constants inside print their values (a kernel compiles them in)."""
+    text = re.sub(r"^graph @[\w.]*\(", "graph @(", print_graph(body, None, True))   # constants inline
+    for j, v in enumerate(body.inputs):
+        text = re.sub(rf"%{re.escape(v.name)}(?![\w.])", f"%in{j}", text)
+    # the canonical numbers skip the input names: renumber them in order of appearance
+    order: dict[str, str] = {}
+    return re.sub(r"%(\d+)(?![\w.])", lambda m: "%" + order.setdefault(m.group(1), f"v{len(order)}"), text)
+
+
+def node_signature(n: Node) -> str:
+    """``n`` as text without value names: op, attributes (a body in canonical form,
+    unnamed) and the types of its inputs and outputs.  Nodes with the same signature
+    compute the same function of their inputs (codegen shares one kernel between them)."""
+    attrs = ", ".join(f"{k}={_anonymous(v) if isinstance(v, Graph) else _attr(v)}" for k, v in n.attrs.items())
+    ins = ", ".join("-" if v is None else str(v.type) for v in n.inputs)
+    return f"{n.op}({ins}) {{{attrs}}} : " + ", ".join(str(v.type) for v in n.outputs)
+
+
 # --- parsing ---------------------------------------------------------------------------
 
 _TOKEN = re.compile(r"""

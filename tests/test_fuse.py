@@ -363,3 +363,41 @@ def test_in_place_needs_same_shape_and_element_size():
     assert plan.buffers[u] == plan.buffers[t]
     assert plan.buffers[w] != plan.buffers[u] and plan.buffers[c] != plan.buffers[w]
     assert plan_memory(g, in_place=False).buffers[u] != plan.buffers[t]
+
+
+def _layers(sparse="dense", n=3, seed=0):
+    """n identical-shape layers (matmul + bias + gelu, fused), each with its own weights."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder("layers")
+    x = b.input("x", (5, 64))
+    for _ in range(n):
+        w = rng.standard_normal((64, 64)).astype(np.float32) / 8
+        if sparse != "dense":
+            w[rng.random(w.shape) < 0.8] = 0
+        x = b.gelu(b.add(b.matmul(x, b.const(w), sparse=sparse), b.const(rng.standard_normal(64).astype(np.float32))))
+    return b.output(x)
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64"])
+def test_identical_layers_share_one_kernel(target):
+    """Layers of equal signature (codegen.lower.kernel_signature) are emitted once: the
+    later steps call the first one's kernel; outputs still equal the reference."""
+    import re
+
+    g = _layers()
+    _, m = run_fused(g, {"x": rand((5, 64))}, target, rtol=1e-4)
+    bodies = re.findall(r'^define[^@\n]*@"?(k\d+_\w+)\.body"?\(', m.llvm_ir, re.M)
+    assert len(bodies) == 1, bodies
+    for later in ("k1_fused", "k2_fused"):
+        fn = m.llvm_ir[re.search(rf'define i32 @"?{later}"?\(', m.llvm_ir).start():]
+        assert re.match(r'[^{]*\{\s*entry:\s*%"?[\w.]+"? = call i32 @"?k0_fused"?\(', fn), fn[:300]
+
+
+def test_sparse_layers_are_not_shared():
+    """A sparse kernel is cut from its weight's nonzeros: equal shapes, other weights,
+    other kernels (the signature hashes the values)."""
+    import re
+
+    g = _layers("csr")
+    _, m = run_fused(g, {"x": rand((5, 64))}, rtol=1e-4)
+    assert len(re.findall(r'^define[^@\n]*@"?k\d+_matmul\.body"?\(', m.llvm_ir, re.M)) == 3
