@@ -252,12 +252,13 @@ def test_int8_activations_i8_exact_k16384(target):
     np.testing.assert_array_equal(got, sqk.reference(g, x=x))
 
 
-def test_int8_activations_i8_group_beyond_i32():
+@pytest.mark.parametrize("target", ["host", "riscv64"])
+def test_int8_activations_i8_group_beyond_i32(target):
     """A group so long (140000 rows) that 128 * 127 * K overflows i32: the
     kernel sums spans of it in i64 (``i32_span``)."""
     g, x, dot = extreme_i8(140000)
     assert abs(dot).max() > 2**31
-    got = sqk.compile(g)(x=x)
+    got = compile_for(g, target)(x=x)
     np.testing.assert_array_equal(got[:2], dot.astype(np.float32))
     np.testing.assert_array_equal(got, sqk.reference(g, x=x))
 
@@ -358,7 +359,8 @@ def test_int8_activations_static_bad_scale(kw, message):
                    b.const(np.ones((1, 2), np.float32)), group=8, **kw)
 
 
-def test_int8_activations_i8_zeros_group_beyond_i32():
+@pytest.mark.parametrize("target", ["host", "riscv64"])
+def test_int8_activations_i8_zeros_group_beyond_i32(target):
     """i8 zero points with |q - z| = 255 over a 70000-row group: sum xq * (q - z)
     reaches 127 * 255 * 70000 > 2^31 (sum xq * q and z * sum xq each fit i32,
     their difference does not), so the kernel sums spans in i64
@@ -374,7 +376,7 @@ def test_int8_activations_i8_zeros_group_beyond_i32():
                             group=K, activations="int8", act_scale=1.0))
     dot = x.astype(np.int64)[:1] @ (q.astype(np.int64) - z.astype(np.int64))
     assert dot[0, 0] > 2**31
-    got = sqk.compile(g)(x=x)
+    got = compile_for(g, target)(x=x)
     np.testing.assert_array_equal(got, sqk.reference(g, x=x))
     assert got[0, 0] == np.float32(dot[0, 0])
 
