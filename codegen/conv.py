@@ -425,9 +425,31 @@ def column_runs(aw: Axis, taps) -> list[tuple[int, int, list[int]]]:
     return runs
 
 
+ROW_CHUNK = 4096   # output columns a row loop keeps on the stack at once (16 KiB per row)
+
+
 def _row_arrays(k: Kernel, n: int, width: int, name: str):
     from .matmul import Access, _stack_array
-    return [Access(k, _stack_array(k, width, f"{name}{i}"), dt.f32, 1) for i in range(n)]
+    return [Access(k, _stack_array(k, min(width, ROW_CHUNK), f"{name}{i}"), dt.f32, 1) for i in range(n)]
+
+
+def _column_chunks(b: ir.IRBuilder, width: int, body):
+    """body(c0, c1) for column chunks [c0, c1) of at most ROW_CHUNK (i64 values): one
+    chunk (constants) for rows that fit, else a loop, so wide rows do not overflow
+    the stack."""
+    if width <= ROW_CHUNK:
+        body(i64(0), i64(width))
+        return
+    with loop(b, 0, width, ROW_CHUNK, name="chunk") as c0:
+        c1 = b.add(c0, i64(ROW_CHUNK))
+        body(c0, b.select(b.icmp_signed("<", c1, i64(width)), c1, i64(width)))
+
+
+def _clamp_run(b: ir.IRBuilder, first: int, last: int, c0, c1):
+    """The run [first, last) within the chunk [c0, c1)."""
+    lo = b.select(b.icmp_signed(">", c0, i64(first)), c0, i64(first))
+    hi = b.select(b.icmp_signed("<", c1, i64(last)), c1, i64(last))
+    return lo, hi
 
 
 def _emit_conv_rows(k: Kernel, p: ConvPlan, epilogue=None):
@@ -456,30 +478,35 @@ def _emit_conv_rows(k: Kernel, p: ConvPlan, epilogue=None):
         kh_lo, kh_hi = tap_range(b, ih0, ah, 0, ah.size)
         init = [load_elem(b, bias_ptr, d, b.add(co0, i64(c))) if bias_ptr is not None else fconst(F32, 0.0)
                 for c in range(cb)]
-        with loop(b, 0, aw.out, name="ow0") as ow:
-            for c in range(cb):
-                rows[c].store(init[c], ow)
-        with loop(b, 0, p.cig, name="ci") as ci:
-            with loop(b, kh_lo, kh_hi, name="kh") as kh:
-                ih = b.add(ih0, b.mul(kh, i64(ah.dilation)))
-                x_row = b.add(b.add(x_base, b.mul(ci, i64(ah.size * aw.size))), b.mul(ih, i64(aw.size)))
-                w_row = b.add(w_base, b.add(b.mul(ci, i64(kk)), b.mul(kh, i64(aw.taps))))
-                ws = {(c, t): load_elem(b, w_ptr, d, b.add(w_row, i64(c * p.cig * kk + t)))
-                      for c in range(cb) for t in range(aw.taps)}
-                for first, last, taps in runs:
-                    with loop(b, first, last, name="ow") as ow:
-                        x_at = b.add(x_row, b.mul(ow, i64(aw.stride)))
-                        xs = [load_elem(b, x_ptr, d, b.add(x_at, i64(t * aw.dilation - aw.pad))) for t in taps]
-                        for c in range(cb):
-                            acc = rows[c].scalar(ow)
-                            for t, xv in zip(taps, xs):
-                                acc = call_intrinsic(k, "fmuladd", xv, ws[c, t], acc)
-                            rows[c].store(acc, ow)
-        with loop(b, 0, aw.out, name="ows") as ow:
-            for c in range(cb):
-                value = rows[c].scalar(ow)
-                store_elem(b, epilogue(value, 1) if epilogue else value, out_ptr, d,
-                           b.add(o_base, b.add(i64(c * ah.out * aw.out), ow)))
+
+        def chunk(c0, c1):   # output columns [c0, c1), at rows[c][ow - c0]
+            with loop(b, c0, c1, name="ow0") as ow:
+                for c in range(cb):
+                    rows[c].store(init[c], b.sub(ow, c0))
+            with loop(b, 0, p.cig, name="ci") as ci:
+                with loop(b, kh_lo, kh_hi, name="kh") as kh:
+                    ih = b.add(ih0, b.mul(kh, i64(ah.dilation)))
+                    x_row = b.add(b.add(x_base, b.mul(ci, i64(ah.size * aw.size))), b.mul(ih, i64(aw.size)))
+                    w_row = b.add(w_base, b.add(b.mul(ci, i64(kk)), b.mul(kh, i64(aw.taps))))
+                    ws = {(c, t): load_elem(b, w_ptr, d, b.add(w_row, i64(c * p.cig * kk + t)))
+                          for c in range(cb) for t in range(aw.taps)}
+                    for first, last, taps in runs:
+                        with loop(b, *_clamp_run(b, first, last, c0, c1), name="ow") as ow:
+                            x_at = b.add(x_row, b.mul(ow, i64(aw.stride)))
+                            xs = [load_elem(b, x_ptr, d, b.add(x_at, i64(t * aw.dilation - aw.pad))) for t in taps]
+                            at = b.sub(ow, c0)
+                            for c in range(cb):
+                                acc = rows[c].scalar(at)
+                                for t, xv in zip(taps, xs):
+                                    acc = call_intrinsic(k, "fmuladd", xv, ws[c, t], acc)
+                                rows[c].store(acc, at)
+            with loop(b, c0, c1, name="ows") as ow:
+                for c in range(cb):
+                    value = rows[c].scalar(b.sub(ow, c0))
+                    store_elem(b, epilogue(value, 1) if epilogue else value, out_ptr, d,
+                               b.add(o_base, b.add(i64(c * ah.out * aw.out), ow)))
+
+        _column_chunks(b, aw.out, chunk)
     k.finish()
     work = cb * aw.out * max(1, p.cig * kk)
     return items, max(1, MIN_PARALLEL_WORK // work)
@@ -505,28 +532,32 @@ def _emit_pool_rows(k: Kernel, node: Node, kind: str, ah: Axis, aw: Axis, includ
         kh_lo, kh_hi = tap_range(b, ih0, ah, 0, ah.size)
         x_base = b.mul(plane, i64(ah.size * aw.size))
         o_base = b.add(b.mul(plane, i64(ah.out * aw.out)), b.mul(oh, i64(aw.out)))
-        with loop(b, 0, aw.out, name="ow0") as ow:
-            row.store(fconst(F32, -math.inf if is_max else 0.0), ow)
-        with loop(b, kh_lo, kh_hi, name="kh") as kh:
-            x_row = b.add(x_base, b.mul(b.add(ih0, b.mul(kh, i64(ah.dilation))), i64(aw.size)))
-            for first, last, taps in runs:
-                with loop(b, first, last, name="ow") as ow:
-                    x_at = b.add(x_row, b.mul(ow, i64(aw.stride)))
-                    acc = row.scalar(ow)
-                    for t in taps:
-                        xv = load_elem(b, x_ptr, d, b.add(x_at, i64(t * aw.dilation - aw.pad)))
-                        # maximum propagates NaN, as numpy's max does
-                        acc = call_intrinsic(k, "maximum", acc, xv) if is_max else b.fadd(acc, xv)
-                    row.store(acc, ow)
         if not is_max:
             lo, hi = tap_range(b, ih0, ah, -ah.pad, ah.size + ah.pad_end) if include_pad else (kh_lo, kh_hi)
             n_rows = b.sub(hi, lo)
             n_rows = b.sitofp(b.select(b.icmp_signed("<", n_rows, i64(0)), i64(0), n_rows), F32)
-        with loop(b, 0, aw.out, name="ows") as ow:
-            val = row.scalar(ow)
-            if not is_max:
-                val = b.fdiv(val, b.fmul(n_rows, b.load(gep(b, tab, F32, ow), typ=F32)))
-            store_elem(b, val, out_ptr, d, b.add(o_base, ow))
+
+        def chunk(c0, c1):   # output columns [c0, c1), at row[ow - c0]
+            with loop(b, c0, c1, name="ow0") as ow:
+                row.store(fconst(F32, -math.inf if is_max else 0.0), b.sub(ow, c0))
+            with loop(b, kh_lo, kh_hi, name="kh") as kh:
+                x_row = b.add(x_base, b.mul(b.add(ih0, b.mul(kh, i64(ah.dilation))), i64(aw.size)))
+                for first, last, taps in runs:
+                    with loop(b, *_clamp_run(b, first, last, c0, c1), name="ow") as ow:
+                        x_at = b.add(x_row, b.mul(ow, i64(aw.stride)))
+                        acc = row.scalar(b.sub(ow, c0))
+                        for t in taps:
+                            xv = load_elem(b, x_ptr, d, b.add(x_at, i64(t * aw.dilation - aw.pad)))
+                            # maximum propagates NaN, as numpy's max does
+                            acc = call_intrinsic(k, "maximum", acc, xv) if is_max else b.fadd(acc, xv)
+                        row.store(acc, b.sub(ow, c0))
+            with loop(b, c0, c1, name="ows") as ow:
+                val = row.scalar(b.sub(ow, c0))
+                if not is_max:
+                    val = b.fdiv(val, b.fmul(n_rows, b.load(gep(b, tab, F32, ow), typ=F32)))
+                store_elem(b, val, out_ptr, d, b.add(o_base, ow))
+
+        _column_chunks(b, aw.out, chunk)
     k.finish()
     return planes * ah.out, max(1, MIN_PARALLEL_WORK // (aw.out * ah.taps * aw.taps))
 

@@ -307,8 +307,9 @@ def emit_matmul_q(k: Kernel, node: Node):
 # unfused, in group order: bit for bit the reference.  On AVX2 the integer dot
 # products are vpmaddubsw + vpmaddwd (64 i4 weights per ~8 vector instructions
 # against ~24 on the f32 path), or with VNNI (AVX-512 VNNI + VL, AVX-VNNI)
-# vpdpbusd (64 i4 weights per ~4); elsewhere plain i32 vector multiply-adds on
-# the same layout (LLVM vectorizes them for RVV).
+# vpdpbusd (64 i4 weights per ~4); hosts without AVX2 plain i32 vector
+# multiply-adds on the same layout.  riscv64 reads the row layout instead
+# (matmul_q_rows.i8act_blocks), quantizing x with the code below.
 #
 # Slab layout (``pack_i8act``): q as [N/64 blocks * 2 quads][K'/8][4 slabs][8
 # rows of k], where K' pads every group to GP = group rounded up to 8 rows (so a

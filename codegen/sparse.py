@@ -36,7 +36,7 @@ per-call stack scratch, so no block reads past K and f16 x is widened once:
   values and one FMA; 4 independent accumulators, one horizontal sum per
   column.  The gather (``GATHER``): on x86, 8 index loads into integer
   registers and 8 loads into the lanes (faster on Zen 3 than vgatherdps);
-  on RVV ``llvm.masked.gather`` (an indexed load); scalar code on rv64gc.
+  scalar code on rv64gc; RVV: see the riscv64 item below.
 * M = 1, bsr: a block is one FMA of R*C lanes: x[kb*R : kb*R+R] loaded
   contiguously and repeated C times against the block's values (no gather);
   the R partial sums of each column are added at the end of the column block.
@@ -83,7 +83,7 @@ COLUMN_COST = 32             # per column block, in bytes-equivalent (loop and s
 MIN_PARALLEL_BYTES = 1 << 17  # fewest packed bytes worth waking another thread for
 SCRATCH_BYTES = 1 << 19      # x scratch on the stack at most (threads have 8 MiB stacks)
 MB_MAX = {1: 16, 4: 8, 8: 8}  # rows of x per row group, by C (accumulators fit 16 registers)
-# M = 1 csr, how 8 entries read x: "auto" (x86: "scalar"; RVV: "masked"), "scalar"
+# M = 1 csr, how 8 entries read x: "auto" (x86: "scalar"; other vector hosts: "masked"), "scalar"
 # (8 index loads into integer registers, 8 loads into lanes), "x86" (vgatherdps),
 # "masked" (llvm.masked.gather; on Zen 3 LLVM scalarizes it through vector
 # index arithmetic: 30 instructions per 8).  Measured on Zen 3, one thread, 90%:

@@ -43,12 +43,12 @@ for i8, 56 for i4; llvm-mca (Zen 3) puts the i8 loop at ~22 cycles per 80
 bytes; measured with one thread and the weights in L3, ~15 GB/s (i8) and
 ~8 GB/s (i4).  So little work per byte keeps few loads in flight: the
 integer and f16 loops prefetch PREFETCH_BYTES ahead in software (i8 2:4 from
-DRAM, one thread: 10 -> 14 GB/s).  On RVV the gather loop is vle32 + vsrl +
-vand + vluxei32 + vfmadd per VL values.
+DRAM, one thread: 10 -> 14 GB/s).  (Hosts without AVX2 take a masked gather
+of x[k0 + pos] instead.)
 
 Register tiles: one row of x takes the whole block (4 column vectors x 2
-accumulator sets on x86; 2 column vectors per pass on the gather path, RVV
-vectors being register pairs at VLEN 128); several rows go ROWS_TILE at a
+accumulator sets on x86; 2 column vectors per pass on the gather path);
+several rows go ROWS_TILE at a
 time over one column vector, re-reading segments of SEG_RUNS runs from L1.
 Integer values are scaled per column at the end (per channel) or per group
 into the f32 row sums on the stack (i4 group-wise).
@@ -75,7 +75,7 @@ CB = 4            # column vectors per block
 NB = VL * CB      # columns per block (work item)
 MCH = 16          # rows of x per work item at most
 ROWS_TILE = 3     # rows of x sharing each weight vector (x86: 2 sets x 3 rows + 3 tables + 4 temporaries)
-GATHER_CV = 2     # column vectors per pass of one row on the gather path (RVV: 2 registers per vector)
+GATHER_CV = 2     # column vectors per pass of one row on the gather path (hosts without AVX2)
 SEG_RUNS = 32     # runs per segment when several row tiles re-read it (from L1)
 PREFETCH_BYTES = 2048   # software prefetch distance in the value stream (the positions: as many runs)
 PREFETCH_MAX_RUN = 128  # ... for value bytes per run of a block up to this (not f32 2:4: 256)

@@ -11,12 +11,12 @@ Row layout (``pack_nm_rows``): columns in blocks of BW = 512 columns (the last o
 narrower, w columns, padded to a multiple of 8 with zero columns), block
 after block, each block run after run and slot after slot:
 
-* values: per (run, slot) a row of the block's columns in the value dtype
-  (f32, f16, i8); i4: w/2 bytes, byte j holding column j in the low nibble
-  and column j + w/2 in the high one (two's complement);
+* values: per (run, slot) a row of the block's wp columns (w padded) in the
+  value dtype (f32, f16, i8); i4: wp/2 bytes, byte j holding column j in the
+  low nibble and column j + wp/2 in the high one (two's complement);
 * positions (after the values, at a multiple of 64 bytes): per (run, slot)
-  w * pb / 8 bytes of pb-bit fields (pb = 2 bits for M <= 4, else 4): byte j
-  holds column j + f * w/F in field f (F = 8 / pb fields).
+  wp * pb / 8 bytes of pb-bit fields (pb = 2 bits for M <= 4, else 4): byte j
+  holds column j + f * wp/F in field f (F = 8 / pb fields).
 
 A loop runs over a segment of columns that share their position field and
 i4 half, so every column is decoded with constant shifts.

@@ -103,13 +103,22 @@ def load_model(path: str) -> tuple[Graph, dict | None]:
     with open(ir_path) as f:
         text = f.read()
     return _with_blob_constants(text, os.path.join(path, manifest["constants"]["file"]),
-                                manifest["constants"]["bytes"], path), manifest
+                                manifest["constants"]["bytes"], path, manifest_target(manifest)), manifest
 
 
 _CONST_REF = re.compile(r"^\s*%[A-Za-z0-9_.]+ = const @([A-Za-z0-9_.]+) : (\w+)\[([\d,]*)\]", re.M)
 
 
-def _with_blob_constants(text: str, blob_path: str, blob_bytes: int, where: str) -> Graph:
+def manifest_target(manifest: dict):
+    """The Target an artifact was compiled for, as far as its packed layouts go
+    (riscv64 with or without V; anything else lays constants out as the host)."""
+    from ..codegen.target import get_target
+
+    t = manifest.get("target", {})
+    return get_target("riscv64", vector=bool(t.get("vector", True))) if t.get("name") == "riscv64" else None
+
+
+def _with_blob_constants(text: str, blob_path: str, blob_bytes: int, where: str, target=None) -> Graph:
     """Parse ``text`` taking each ``@name`` constant from the constants blob at
     the offset the memory planner gave it.  Only the plain storage layout can
     be read back: a constant its kernel reads packed is refused."""
@@ -123,7 +132,7 @@ def _with_blob_constants(text: str, blob_path: str, blob_bytes: int, where: str)
     const_vals = {n.output: n.attrs["value"] for n in g.nodes if n.op == "const"}
     for n in g.nodes:  # packers that pack only some constants (e.g. matmul: GEMM, not GEMV) say None
         fn = PACKERS.get(kernel_key(n))
-        if fn and any(v in const_vals and fn(n, i, const_vals[v]) is not None for i, v in enumerate(n.inputs)):
+        if fn and any(v in const_vals and fn(n, i, const_vals[v], target) is not None for i, v in enumerate(n.inputs)):
             raise ValueError(f"{where}: {n.op} {n.output.name!r} reads its constants in a kernel-specific "
                              "layout that cannot be read back from constants.bin; give the IR file the "
                              "artifact was compiled from (with its .npz) instead")

@@ -111,8 +111,11 @@ def _anonymous(body: Graph) -> str:
     group) and its inputs' (kept by the canonical form), which become %in0, %in1 ...;
     constants inside print their values (a kernel compiles them in)."""
     text = re.sub(r"^graph @[\w.]*\(", "graph @(", print_graph(body, None, True))   # constants inline
-    for j, v in enumerate(body.inputs):
-        text = re.sub(rf"%{re.escape(v.name)}(?![\w.])", f"%in{j}", text)
+    # every input at once (one at a time, an input called "in0" would meet a renamed one)
+    index = {v.name: j for j, v in enumerate(body.inputs)}
+    if index:
+        names = "|".join(re.escape(n) for n in sorted(index, key=len, reverse=True))
+        text = re.sub(rf"%({names})(?![\w.])", lambda m: f"%in{index[m.group(1)]}", text)
     # the canonical numbers skip the input names: renumber them in order of appearance
     order: dict[str, str] = {}
     return re.sub(r"%(\d+)(?![\w.])", lambda m: "%" + order.setdefault(m.group(1), f"v{len(order)}"), text)

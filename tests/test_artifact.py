@@ -163,3 +163,23 @@ def test_threads_setting(saved):
     for n in (1, 2, 3):
         out = sqk.load(path, threads=n)(x=X)
         np.testing.assert_allclose(out[0], sqk.reference(g, x=X)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64"])
+def test_artifact_ir_reads_back_in_its_targets_layout(tmp_path, target):
+    """``sqk dump`` of an artifact reads its constants back from constants.bin when they
+    are stored plain, which depends on the target: a GEMM's constant b is packed on the
+    host (refused, with a hint) but plain on riscv64 (read back)."""
+    from sqk.compiler.dump import load_model
+
+    w = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+    b = sqk.GraphBuilder("g")
+    g = b.output(b.matmul(b.input("x", (8, 16)), b.const(w)))
+    compile_for(g, target).save(str(tmp_path / "a"))
+    if target == "host":
+        with pytest.raises(ValueError, match="kernel-specific layout"):
+            load_model(str(tmp_path / "a"))
+        return
+    g2, manifest = load_model(str(tmp_path / "a"))
+    assert manifest["target"]["name"] == "riscv64"
+    np.testing.assert_array_equal(next(n.attrs["value"] for n in g2.nodes if n.op == "const"), w)

@@ -257,3 +257,25 @@ def test_column_runs(size, taps, stride, dilation, pad, pad_end):
     ax = Axis(size, taps, stride, dilation, pad, pad_end, out)
     seen = [(o, t) for first, last, ts in column_runs(ax, range(taps)) for o in range(first, last) for t in ts]
     assert sorted(seen) == sorted((o, t) for o in range(out) for t in ax.valid(o))
+
+
+@pytest.mark.parametrize("target", ["riscv64", "riscv64-scalar"])
+def test_riscv_rows_in_column_chunks(target, monkeypatch):
+    """riscv64's row loops keep at most ROW_CHUNK output columns on the stack: wider rows
+    go chunk by chunk (an odd chunk of 37 here, so runs and borders straddle chunks)."""
+    import sqk.codegen.conv as conv
+
+    monkeypatch.setattr(conv, "ROW_CHUNK", 37)
+    names = ["3x3_pad1_wide", "3x3_stride2_wide", "stride3_dil2", "rect_kernel", "1x1_wide"]
+    pools = ["max_3x3_s1_p1_wide", "avg_ceil_asym_incl", "avg_f16_incl"]
+    b = sqk.GraphBuilder("chunks")
+    outs, ins = [], {}
+    for name in names:
+        y, i = add_conv(b, name, *CONV_CASES[name])
+        outs.append(b.relu(y))   # a fused epilogue too
+        ins.update(i)
+    for name in pools:
+        y, i = add_pool(b, name, *POOL_CASES[name])
+        outs.append(y)
+        ins.update(i)
+    check(b.output(*outs), ins, target)

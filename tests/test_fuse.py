@@ -401,3 +401,17 @@ def test_sparse_layers_are_not_shared():
     g = _layers("csr")
     _, m = run_fused(g, {"x": rand((5, 64))}, rtol=1e-4)
     assert len(re.findall(r'^define[^@\n]*@"?k\d+_matmul\.body"?\(', m.llvm_ir, re.M)) == 3
+
+
+def test_signature_renames_body_inputs_at_once():
+    """Body inputs keep their outer names; one called "in0" must not meet the placeholder
+    the first input is renamed to: (x - in0) + x and (x - in0) + in0 are other kernels."""
+    from sqk.ir.text import node_signature
+
+    b = GraphBuilder("g")
+    x, y = b.input("x", (8,)), b.input("in0", (8,))
+    g = b.output(b.add(b.sub(x, y), x), b.add(b.sub(x, y), y))
+    inputs = {"x": np.arange(8, dtype=np.float32), "in0": np.full(8, 10, np.float32)}
+    gf, m = run_fused(g, inputs)
+    a, c = fused_nodes(gf)
+    assert node_signature(a) != node_signature(c)
