@@ -149,14 +149,12 @@ def _cmd_compile(a) -> None:
 def _model_graph(a):
     """(graph, pipeline, target) of MODEL: an artifact's final IR runs no
     passes unless --pipeline is given, and compiles for the artifact's target."""
-    from .dump import load_model
+    from .dump import load_model, target_name
 
     g, manifest = load_model(a.model)
     if manifest is None:
         return g, a.pipeline, getattr(a, "target", None) or "host"
-    t = manifest["target"]
-    target = t["name"] + ("-scalar" if t["name"] == "riscv64" and not t.get("vector", True) else "")
-    return g, a.pipeline if a.pipeline is not None else "", getattr(a, "target", None) or target
+    return g, a.pipeline if a.pipeline is not None else "", getattr(a, "target", None) or target_name(manifest)
 
 
 def _cmd_dump(a) -> None:
@@ -177,13 +175,14 @@ def _cmd_dump(a) -> None:
 
 
 def _cmd_viz(a) -> None:
+    from ..codegen.target import get_target
     from .dump import run_pipeline
     from .viz import write
 
-    g, pipeline, _ = _model_graph(a)
+    g, pipeline, target = _model_graph(a)
     if a.after:
         g = run_pipeline(g, pipeline, a.after)
-    kind = write(g, a.output)
+    kind = write(g, a.output, get_target(target))   # packed sizes as the target lays them out
     print(f"wrote {a.output} ({kind}, {sum(n.op != 'const' for n in g.nodes)} ops)")
 
 

@@ -92,6 +92,7 @@ def load_model(path: str) -> tuple[Graph, dict | None]:
         if os.path.isdir(path):
             raise FileNotFoundError(f"{path}: a directory without manifest.json (not an sqk artifact)")
         return load_ir(path), None
+    from ..codegen.target import get_target
     from ..runtime.module import read_manifest
 
     manifest = read_manifest(path)
@@ -103,19 +104,16 @@ def load_model(path: str) -> tuple[Graph, dict | None]:
     with open(ir_path) as f:
         text = f.read()
     return _with_blob_constants(text, os.path.join(path, manifest["constants"]["file"]),
-                                manifest["constants"]["bytes"], path, manifest_target(manifest)), manifest
+                                manifest["constants"]["bytes"], path, get_target(target_name(manifest))), manifest
 
 
 _CONST_REF = re.compile(r"^\s*%[A-Za-z0-9_.]+ = const @([A-Za-z0-9_.]+) : (\w+)\[([\d,]*)\]", re.M)
 
 
-def manifest_target(manifest: dict):
-    """The Target an artifact was compiled for, as far as its packed layouts go
-    (riscv64 with or without V; anything else lays constants out as the host)."""
-    from ..codegen.target import get_target
-
-    t = manifest.get("target", {})
-    return get_target("riscv64", vector=bool(t.get("vector", True))) if t.get("name") == "riscv64" else None
+def target_name(manifest: dict) -> str:
+    """The target (as ``sqk.compile`` names it) an artifact was compiled for."""
+    t = manifest["target"]
+    return t["name"] + ("-scalar" if t["name"] == "riscv64" and not t.get("vector", True) else "")
 
 
 def _with_blob_constants(text: str, blob_path: str, blob_bytes: int, where: str, target=None) -> Graph:

@@ -80,26 +80,27 @@ def weight_formats(graph: Graph) -> dict[Value, str]:
     return out
 
 
-def stored_sizes(graph: Graph) -> dict[Value, int]:
+def stored_sizes(graph: Graph, target=None) -> dict[Value, int]:
     """Bytes each constant takes in the artifact: packed by its kernel when it
-    is (quantized codes, sparse formats), else its type's bytes."""
+    is (quantized codes, sparse formats; as ``target`` lays them out, None: the
+    host), else its type's bytes."""
     sizes = {n.output: n.output.type.nbytes for n in graph.nodes if n.op == "const"}
     try:
         from ..codegen.lower import pack_constants
 
-        sizes.update({v: len(b) for v, b in pack_constants(graph).items()})
+        sizes.update({v: len(b) for v, b in pack_constants(graph, target).items()})
     except Exception:  # no codegen for a node yet: the picture still shows the logical sizes
         pass
     return sizes
 
 
 class _Dot:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, target=None):
         self.lines: list[str] = []
         self.edges: list[str] = []  # written last, at the top level: an edge inside a cluster would pull
         self.count = 0              # its other end into that cluster
         self.formats = weight_formats(graph)
-        self.sizes = stored_sizes(graph)
+        self.sizes = stored_sizes(graph, target)
 
     def new_id(self) -> str:
         self.count += 1
@@ -170,9 +171,10 @@ class _Dot:
         self.lines.append(f"{indent}}}")
 
 
-def to_dot(graph: Graph) -> str:
-    """Graphviz DOT text of ``graph`` (see the module docstring)."""
-    d = _Dot(graph)
+def to_dot(graph: Graph, target=None) -> str:
+    """Graphviz DOT text of ``graph`` (see the module docstring); constants' sizes as
+    ``target`` stores them (None: the host)."""
+    d = _Dot(graph, target)
     d.lines += [f"digraph {_q(graph.name)} {{",
                 f"  label={_q(f'@{graph.name}')}; labelloc=t; rankdir=TB;",
                 '  node [fontname="Helvetica", fontsize=10];',
@@ -231,13 +233,13 @@ def to_html(graph: Graph, dot_text: str | None = None) -> str:
             "</body></html>\n")
 
 
-def write(graph: Graph, path: str) -> str:
+def write(graph: Graph, path: str, target=None) -> str:
     """Write the picture of ``graph`` to ``path``, its kind chosen by the
     extension; returns the kind written."""
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if ext not in TEXT + RENDERED + ("html", "htm"):
         raise VizError(f"{path}: unknown picture kind {ext!r}; use .svg, .png, .pdf, .dot or .html")
-    dot_text = to_dot(graph)
+    dot_text = to_dot(graph, target)
     data = (dot_text.encode() if ext in TEXT else to_html(graph, dot_text).encode() if ext in ("html", "htm")
             else render(dot_text, ext))
     with open(path, "wb") as f:

@@ -420,3 +420,18 @@ def test_cli_subprocess_has_no_progress_on_a_pipe(mlp_path, tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "wrote" in r.stdout and "\r" not in r.stdout
     assert os.listdir(tmp_path / "d") == ["007_asm.s"]
+
+
+def test_viz_sizes_follow_the_target():
+    """Packed sizes are the target's: int4 [64, 70] weights take 2 host column blocks of
+    64 x 32 bytes, and on riscv64 64 rows of 35 bytes (two columns a byte)."""
+    from sqk.codegen.target import get_target
+
+    rng = np.random.default_rng(0)
+    b = sqk.GraphBuilder("q")
+    y = b.matmul_q(b.input("x", (1, 64)), b.const(rng.integers(-8, 8, (64, 70)).astype(np.int8), "i4"),
+                   b.const(np.ones((2, 70), np.float32)), group=32)
+    g = b.output(y)
+    w = next(n.output for n in g.nodes if n.op == "const" and n.output.dtype.name == "i4")
+    assert viz.stored_sizes(g)[w] == 2 * 64 * 32
+    assert viz.stored_sizes(g, get_target("riscv64"))[w] == 64 * 35
