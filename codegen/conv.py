@@ -268,6 +268,44 @@ def _axes(x_shape, kernel, strides, pads, dilations, out_hw):
             Axis(w, kernel[1], strides[1], dilations[1], pads[1], pads[3], out_hw[1]))
 
 
+def conv_item(b: ir.IRBuilder, item, p, cb: int):
+    """Where work item ``item`` (n, block of cb output channels, oh) of conv plan p
+    starts: (co0, x offset of its group's first input channel, w offset of channel
+    co0, out offset of (n, co0, oh), ih0 = oh*stride - pad, and the in-bounds kernel
+    rows [kh_lo, kh_hi))."""
+    ah, aw = p.ah, p.aw
+    n, blk, oh = decompose(b, item, [p.n, p.c_out // cb, ah.out])
+    co0 = b.mul(blk, i64(cb))
+    g = b.udiv(co0, i64(p.cog))
+    x_base = b.mul(b.add(b.mul(n, i64(p.c_in)), b.mul(g, i64(p.cig))), i64(ah.size * aw.size))
+    w_base = b.mul(co0, i64(p.cig * ah.taps * aw.taps))
+    o_base = b.add(b.mul(b.add(b.mul(n, i64(p.c_out)), co0), i64(ah.out * aw.out)), b.mul(oh, i64(aw.out)))
+    ih0 = b.sub(b.mul(oh, i64(ah.stride)), i64(ah.pad))
+    return (co0, x_base, w_base, o_base, ih0, *tap_range(b, ih0, ah, 0, ah.size))
+
+
+def pool_columns(aw: Axis, include_pad: bool):
+    """avgpool's divisor per output column: in-bounds taps, or taps within the explicit pads."""
+    return aw.inside_count if include_pad else lambda o: len(aw.valid(o))
+
+
+def pool_item(b: ir.IRBuilder, item, planes: int, ah: Axis, aw: Axis, avg: bool, include_pad: bool):
+    """Where pooling work item ``item`` (plane, oh) starts: (x offset of the plane, out
+    offset of the row, ih0, in-bounds kernel rows [kh_lo, kh_hi), and for avg the rows
+    counted in the divisor as f32 (they depend on oh, known at run time), else None)."""
+    plane, oh = decompose(b, item, [planes, ah.out])
+    ih0 = b.sub(b.mul(oh, i64(ah.stride)), i64(ah.pad))
+    kh_lo, kh_hi = tap_range(b, ih0, ah, 0, ah.size)
+    x_base = b.mul(plane, i64(ah.size * aw.size))
+    o_base = b.add(b.mul(plane, i64(ah.out * aw.out)), b.mul(oh, i64(aw.out)))
+    n_rows = None
+    if avg:   # divisor = rows counted x columns counted
+        lo, hi = tap_range(b, ih0, ah, -ah.pad, ah.size + ah.pad_end) if include_pad else (kh_lo, kh_hi)
+        n_rows = b.sub(hi, lo)
+        n_rows = b.sitofp(b.select(b.icmp_signed("<", n_rows, i64(0)), i64(0), n_rows), F32)
+    return x_base, o_base, ih0, kh_lo, kh_hi, n_rows
+
+
 # --- conv2d -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -331,23 +369,14 @@ def _emit_conv_direct(k: Kernel, p: ConvPlan, epilogue=None):
     w_co_stride = p.cig * kk                # between output channels in w
     x_c_stride = ah.size * aw.size          # between input channels in x
     o_c_stride = ah.out * aw.out            # between output channels in out
-    n_blocks = p.c_out // p.cb
-    items = p.n * n_blocks * ah.out
+    items = p.n * (p.c_out // p.cb) * ah.out
     if items == 0 or aw.out == 0:
         k.finish()
         return 0, 1
     vt = vtype(F32, lanes)
 
     with loop(b, k.begin, k.end, name="item") as item:
-        n, blk, oh = decompose(b, item, [p.n, n_blocks, ah.out])
-        co0 = b.mul(blk, i64(p.cb))
-        g = b.udiv(co0, i64(p.cog))
-        # x offset of (n, first input channel of the group), w offset of channel co0
-        x_base = b.mul(b.add(b.mul(n, i64(p.c_in)), b.mul(g, i64(p.cig))), i64(x_c_stride))
-        w_base = b.mul(co0, i64(w_co_stride))
-        o_base = b.add(b.mul(b.add(b.mul(n, i64(p.c_out)), co0), i64(o_c_stride)), b.mul(oh, i64(aw.out)))
-        ih0 = b.sub(b.mul(oh, i64(ah.stride)), i64(ah.pad))
-        kh_lo, kh_hi = tap_range(b, ih0, ah, 0, ah.size)
+        co0, x_base, w_base, o_base, ih0, kh_lo, kh_hi = conv_item(b, item, p, p.cb)
         init = []
         for c in range(p.cb):
             v = load_elem(b, bias_ptr, d, b.add(co0, i64(c))) if bias_ptr is not None else fconst(F32, 0.0)
@@ -460,22 +489,14 @@ def _emit_conv_rows(k: Kernel, p: ConvPlan, epilogue=None):
     out_ptr = k.args[-1]
     kk = ah.taps * aw.taps
     cb = max(c for c in range(1, 5) if p.cog % c == 0) if p.cog else 1   # channels sharing each x load
-    n_blocks = p.c_out // cb
-    items = p.n * n_blocks * ah.out
+    items = p.n * (p.c_out // cb) * ah.out
     if items == 0 or aw.out == 0:
         k.finish()
         return 0, 1
     rows = _row_arrays(k, cb, aw.out, "orow")
     runs = column_runs(aw, range(aw.taps))
     with loop(b, k.begin, k.end, name="item") as item:
-        n, blk, oh = decompose(b, item, [p.n, n_blocks, ah.out])
-        co0 = b.mul(blk, i64(cb))
-        g = b.udiv(co0, i64(p.cog))
-        x_base = b.mul(b.add(b.mul(n, i64(p.c_in)), b.mul(g, i64(p.cig))), i64(ah.size * aw.size))
-        w_base = b.mul(co0, i64(p.cig * kk))
-        o_base = b.add(b.mul(b.add(b.mul(n, i64(p.c_out)), co0), i64(ah.out * aw.out)), b.mul(oh, i64(aw.out)))
-        ih0 = b.sub(b.mul(oh, i64(ah.stride)), i64(ah.pad))
-        kh_lo, kh_hi = tap_range(b, ih0, ah, 0, ah.size)
+        co0, x_base, w_base, o_base, ih0, kh_lo, kh_hi = conv_item(b, item, p, cb)
         init = [load_elem(b, bias_ptr, d, b.add(co0, i64(c))) if bias_ptr is not None else fconst(F32, 0.0)
                 for c in range(cb)]
 
@@ -521,21 +542,13 @@ def _emit_pool_rows(k: Kernel, node: Node, kind: str, ah: Axis, aw: Axis, includ
     (row,) = _row_arrays(k, 1, aw.out, "prow")
     runs = column_runs(aw, range(aw.taps))
     if not is_max:   # columns counted per output column (static), as an f32 table
-        count = aw.inside_count if include_pad else lambda o: len(aw.valid(o))
+        count = pool_columns(aw, include_pad)
         tab_ty = ir.ArrayType(F32, aw.out)
         tab = ir.GlobalVariable(k.module, tab_ty, f"{k.name}.cols")
         tab.global_constant, tab.linkage = True, "private"
         tab.initializer = ir.Constant(tab_ty, [ir.Constant(F32, float(count(o))) for o in range(aw.out)])
     with loop(b, k.begin, k.end, name="item") as item:
-        plane, oh = decompose(b, item, [planes, ah.out])
-        ih0 = b.sub(b.mul(oh, i64(ah.stride)), i64(ah.pad))
-        kh_lo, kh_hi = tap_range(b, ih0, ah, 0, ah.size)
-        x_base = b.mul(plane, i64(ah.size * aw.size))
-        o_base = b.add(b.mul(plane, i64(ah.out * aw.out)), b.mul(oh, i64(aw.out)))
-        if not is_max:
-            lo, hi = tap_range(b, ih0, ah, -ah.pad, ah.size + ah.pad_end) if include_pad else (kh_lo, kh_hi)
-            n_rows = b.sub(hi, lo)
-            n_rows = b.sitofp(b.select(b.icmp_signed("<", n_rows, i64(0)), i64(0), n_rows), F32)
+        x_base, o_base, ih0, kh_lo, kh_hi, n_rows = pool_item(b, item, planes, ah, aw, not is_max, include_pad)
 
         def chunk(c0, c1):   # output columns [c0, c1), at row[ow - c0]
             with loop(b, c0, c1, name="ow0") as ow:
@@ -584,24 +597,15 @@ def _emit_pool(k: Kernel, node: Node, kind: str):
     if k.target.name == "riscv64":
         return _emit_pool_rows(k, node, kind, ah, aw, include_pad)
     lanes = vector_lanes(k, aw.out)
-    # avgpool divisor per column: in-bounds taps, or taps within the explicit pads
-    cols = None if is_max else (aw.inside_count if include_pad else lambda o: len(aw.valid(o)))
+    cols = None if is_max else pool_columns(aw, include_pad)
     tiles = plan_tiles(aw, lanes, max(1, min(POOL_UNROLL, -(-aw.out // lanes))), cols)
     fill = -math.inf if is_max else 0.0
     vt = vtype(F32, lanes)
     x_ptr, out_ptr = k.args
     with loop(b, k.begin, k.end, name="item") as item:
-        plane, oh = decompose(b, item, [planes, ah.out])
-        ih0 = b.sub(b.mul(oh, i64(ah.stride)), i64(ah.pad))
-        kh_lo, kh_hi = tap_range(b, ih0, ah, 0, ah.size)
-        x_base = b.mul(plane, i64(ah.size * aw.size))
-        o_base = b.add(b.mul(plane, i64(ah.out * aw.out)), b.mul(oh, i64(aw.out)))
-        if not is_max:
-            # divisor = rows counted x columns counted; rows depend on oh (run time)
-            lo, hi = tap_range(b, ih0, ah, -ah.pad, ah.size + ah.pad_end) if include_pad else (kh_lo, kh_hi)
-            n_rows = b.sub(hi, lo)
-            n_rows = b.sitofp(b.select(b.icmp_signed("<", n_rows, i64(0)), i64(0), n_rows), F32)
-            n_rows = splat(b, n_rows, lanes) if lanes > 1 else n_rows
+        x_base, o_base, ih0, kh_lo, kh_hi, n_rows = pool_item(b, item, planes, ah, aw, not is_max, include_pad)
+        if not is_max and lanes > 1:
+            n_rows = splat(b, n_rows, lanes)
 
         def tile(ow0, grp: Group):
             live = {j: v for j, v in enumerate(grp.vecs) if v is not None}
