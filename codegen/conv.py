@@ -35,6 +35,7 @@ from .elementwise import MIN_PARALLEL_WORK
 from .kernel import (F32, I1, I32, Kernel, call_intrinsic, fconst, gep, hsum, i64, load_elem, load_vec, loop,
                      lltype, splat, store_elem, vtype, widen)
 from .lower import emitter
+from .matmul import Access, _stack_array, imin
 
 # Accumulator vectors a conv2d tile keeps in registers (16 vector registers on AVX2).
 ACC_BUDGET = 8
@@ -458,7 +459,6 @@ ROW_CHUNK = 4096   # output columns a row loop keeps on the stack at once (16 Ki
 
 
 def _row_arrays(k: Kernel, n: int, width: int, name: str):
-    from .matmul import Access, _stack_array
     return [Access(k, _stack_array(k, min(width, ROW_CHUNK), f"{name}{i}"), dt.f32, 1) for i in range(n)]
 
 
@@ -470,15 +470,12 @@ def _column_chunks(b: ir.IRBuilder, width: int, body):
         body(i64(0), i64(width))
         return
     with loop(b, 0, width, ROW_CHUNK, name="chunk") as c0:
-        c1 = b.add(c0, i64(ROW_CHUNK))
-        body(c0, b.select(b.icmp_signed("<", c1, i64(width)), c1, i64(width)))
+        body(c0, imin(b, b.add(c0, i64(ROW_CHUNK)), width))
 
 
 def _clamp_run(b: ir.IRBuilder, first: int, last: int, c0, c1):
     """The run [first, last) within the chunk [c0, c1)."""
-    lo = b.select(b.icmp_signed(">", c0, i64(first)), c0, i64(first))
-    hi = b.select(b.icmp_signed("<", c1, i64(last)), c1, i64(last))
-    return lo, hi
+    return b.select(b.icmp_signed(">", c0, i64(first)), c0, i64(first)), imin(b, c1, last)
 
 
 def _emit_conv_rows(k: Kernel, p: ConvPlan, epilogue=None):

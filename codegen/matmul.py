@@ -105,8 +105,8 @@ GEMV_KB = 8
 # 32.7 ms, 4 KiB 22.8 ms), so the runtime may not cut a GEMV finer than this
 # (but always in two at the least).
 GEMV_MIN_SEGMENT = 4096
-# Packed constant b: columns per panel, 3 vectors of PACK_LANES f32 (the layout
-# is fixed: packed constants do not depend on the target; see the docstring).
+# Packed constant b: columns per panel, 3 vectors of PACK_LANES f32 (one layout for
+# every x86 host; riscv64 packs nothing: see the docstring).
 PACK_LANES = 16
 PACK_NR = 3 * PACK_LANES
 
@@ -166,8 +166,9 @@ def tile_shape(target, lanes: int = 0, panel: int = 0) -> tuple[int, int]:
 
     The tile takes MR*NR accumulators plus NR loaded vectors of b and one
     broadcast of a; all must fit the vector register file: 16 on AVX2, 32 on
-    AVX-512.  Scalar code (lanes == 1) has 32 FP registers.  The most accumulators win, then the fewest loads per step
-    (MR + NR): 4x3 on AVX2 (measured ~8% faster than 6x2), 6x4 on AVX-512."""
+    AVX-512.  Scalar code (lanes == 1) has 32 FP registers.  The most accumulators
+    win, then the fewest loads per step (MR + NR): 4x3 on AVX2 (measured ~8% faster
+    than 6x2), 6x4 on AVX-512."""
     lanes = lanes or target.lanes(32)
     if lanes == 1:
         assert not panel or panel % 4 == 0

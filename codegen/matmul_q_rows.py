@@ -51,6 +51,13 @@ def uses_rows(target) -> bool:
     return target is not None and target.name == "riscv64"
 
 
+def load_q(b, ptr, index, i4: bool, hi: bool = False):
+    """The i8 q at byte ``index`` of ``ptr``; i4: the byte's low nibble (hi: its high
+    one), sign-extended by shifts."""
+    v = b.load(gep(b, ptr, I8, index), typ=I8)
+    return b.ashr(v if hi else b.shl(v, ir.Constant(I8, 4)), ir.Constant(I8, 4)) if i4 else v
+
+
 def by_width(b, blk, nblk: int, last: int, fn):
     """fn(w) for column block ``blk`` (an i64): w = BW, or ``last`` for the last of the
     ``nblk`` blocks (static code for each width)."""
@@ -134,10 +141,7 @@ def emit_rows(k: Kernel, node: Node):
 
     def decode(wrow, j, hi: bool):
         """Column j (hi: j + h) of a block row, as f32."""
-        v = b.load(gep(b, W, I8, b.add(wrow, j)), typ=I8)
-        if L.bits == 4:
-            v = b.ashr(v if hi else b.shl(v, ir.Constant(I8, 4)), ir.Constant(I8, 4))
-        return b.sitofp(v, F32)
+        return b.sitofp(load_q(b, W, b.add(wrow, j), L.bits == 4, hi), F32)
 
     def group_pass(wblk, w, xrow, rt, k0, nk):
         """gsum[r, :w] += sum over rows k0 .. k0+nk of x[r, k] * q[k, :w]."""
@@ -229,10 +233,7 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
     at = lambda ptr, ty, i: gep(b, ptr, ty, i)  # noqa: E731
 
     def decode(wrow, j, hi: bool):
-        v = b.load(gep(b, k.args[1], I8, b.add(wrow, j)), typ=I8)
-        if L.bits == 4:
-            v = b.ashr(v if hi else b.shl(v, ir.Constant(I8, 4)), ir.Constant(I8, 4))
-        return b.sext(v, I32)
+        return b.sext(load_q(b, k.args[1], b.add(wrow, j), L.bits == 4, hi), I32)
 
     def span_pass(wblk, w, rls, xbase, k0, nk):
         """iacc[r, :w] += sum over rows k0 .. k0+nk of xq[r, k] * q[k, :w] (i32)."""

@@ -31,7 +31,7 @@ from llvmlite import ir
 from ..ir import dtypes as dt
 from .kernel import F32, I8, I64, Kernel, fconst, gep, i64, lltype, loop
 from .matmul import Access, _stack_array, cdiv, fma
-from .matmul_q_rows import BW, RT, by_rows, by_width
+from .matmul_q_rows import BW, RT, by_rows, by_width, load_q
 
 MIN_PARALLEL_BYTES = 1 << 17
 
@@ -114,9 +114,7 @@ def emit_nm_rows(k: Kernel, node, L):
     def value(vbase, c, j, half):
         """Column c (j within its segment's bytes) of a value row, as f32."""
         if L.vdt is dt.i4:
-            v = b.load(gep(b, W, I8, b.add(vbase, j)), typ=I8)
-            v = b.ashr(v if half else b.shl(v, ir.Constant(I8, 4)), ir.Constant(I8, 4))
-            return b.sitofp(v, F32)
+            return b.sitofp(load_q(b, W, b.add(vbase, j), True, half), F32)
         v = b.load(gep(b, gep(b, W, I8, vbase), vty, c), typ=vty)   # vbase: bytes
         return b.sitofp(v, F32) if L.vdt is dt.i8 else b.fpext(v, F32) if L.vdt is dt.f16 else v
 
