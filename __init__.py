@@ -32,10 +32,10 @@ def from_onnx(path_or_model, input_shapes=None, **options):
 
 
 def __getattr__(name):
-    if name == "llm":  # the step-by-step decoder (compiler/llm.py), loaded on first use
-        from .compiler import llm
+    if name == "llm":  # the LLM layer (llm/), loaded on first use
+        import importlib  # not `from . import llm`: that asks this __getattr__ again
 
-        return llm
+        return importlib.import_module(".llm", __name__)
     # OnnxImportError lives with the importer, loaded on first use (the runtime needs no compiler).
     if name == "OnnxImportError":
         from .compiler.frontends.onnx import OnnxImportError

@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 import sqk
-from sqk.compiler.llm import Decoder, LlamaConfig, random_weights, reference_logits
+from sqk.llm import Decoder, LlamaConfig, random_weights, reference_logits
 from sqk.compiler.probe import read_bandwidth
 from sqk.ir.reference import run_reference
 

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from sqk.compiler.llm import Decoder, LlamaConfig, reference_logits
+from sqk.llm import Decoder, LlamaConfig, reference_logits
 
 target = sys.argv[1] if len(sys.argv) > 1 else "host"
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 16

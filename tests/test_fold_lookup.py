@@ -7,7 +7,7 @@ import pytest
 from harness import assert_close, check, rand
 
 import sqk
-from sqk.compiler.llm import Decoder, LlamaConfig, random_weights, reference_logits
+from sqk.llm import Decoder, LlamaConfig, random_weights, reference_logits
 
 FOLD = "fold_constants,fold_lookup_experts,dce"
 CFG = LlamaConfig(vocab=61, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, ffn=48, max_seq=8,

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from harness import assert_close, check, compile_for, rand, target_param
 
 import sqk
-from sqk.compiler.llm import Decoder, LlamaConfig, random_weights, reference_logits
+from sqk.llm import Decoder, LlamaConfig, random_weights, reference_logits
 from sqk.ir.graph import IRError
 
 

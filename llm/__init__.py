@@ -1,0 +1,14 @@
+"""sqk.llm: large language models on sqk -- the decoder graph, its compiled
+Module with the KV cache as state, and (growing) loaders, tokenizer,
+sampling and evaluation.
+
+Layout (DESIGN.md, "Real models"): file formats are frontends
+(compiler/frontends/); this package holds the LLM layer itself:
+
+- ``decoder``: ``LlamaConfig``, ``build_decoder`` (one step's graph),
+  ``reference_logits`` (an independent numpy model), ``Decoder``.
+
+Loading an LLM artifact and generating needs the runtime only (numpy, cffi,
+tokenizers), not llvmlite: modules here import the compiler lazily.
+"""
+from .decoder import Decoder, LlamaConfig, build_decoder, random_weights, reference_logits, state_names  # noqa: F401

@@ -1,0 +1,201 @@
+"""A Llama-style decoder, step by step, with the KV cache kept in the runtime.
+
+``build_decoder(cfg, weights)`` makes the graph of one decoding step::
+
+    token i64[1], pos i64[1], k_cache.L / v_cache.L f32[Hkv, S, D] (L < layers)
+    x = embed[token]
+    per layer: h = rmsnorm(x); q, k, v = h @ wq, h @ wk, h @ wv; rope(q), rope(k) at pos;
+               o, k_cache.L', v_cache.L' = attention_decode(q, k, v, k_cache.L, v_cache.L, pos)
+               x += o @ wo;  x += swiglu(rmsnorm(x) @ w1, rmsnorm(x) @ w3) @ w2
+               with lookup_experts = E > 0 (Mixture of Lookup Experts, MoLE):
+               x += softmax(rmsnorm(x) @ mole_router) @ concat_e(relu(e0 @ mole_up.e) @ mole_down.e)
+               where e0 = embed[token]: the experts see only the token's embedding, so the
+               ``fold_lookup_experts`` pass can turn them into one lookup table per layer
+    logits = rmsnorm(x) @ lm_head           -> outputs: logits, then every updated cache
+
+``Decoder`` compiles it once with the caches as state (``compile(state=...)``):
+the Module owns them, each call passes only the token and the position, and
+attention_decode writes the new K/V rows straight into the Module's arrays (on
+the host; riscv64 round-trips them through the runner's files).
+``reference_logits`` is an independent numpy model of the same network: full
+causal attention over the whole prefix, recomputed from scratch.
+
+Reached as ``sqk.llm`` (the package llm/; ``sqk.compiler.llm`` still imports it);
+examples/llama_decode.py runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ir.builder import GraphBuilder
+from ..ir.graph import Graph
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab: int = 256
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    ffn: int = 128
+    max_seq: int = 32          # KV cache length S
+    theta: float = 10000.0
+    eps: float = 1e-5
+    lookup_experts: int = 0    # MoLE experts per layer (0: none)
+    lookup_ffn: int = 0        # their FFN width
+
+
+def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """f32 weights, N(0, 1/fan_in) matrices and norm scales near 1."""
+    rng = np.random.default_rng(seed)
+    h, qd, kvd = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+
+    def mat(k, n):  # drawn in f32: no float64 temporaries for large models
+        m = rng.standard_normal((k, n), dtype=np.float32)
+        m *= np.float32(1 / np.sqrt(k))
+        return m
+
+    def norm(n):
+        return (1 + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+    w = {"embed": rng.standard_normal((cfg.vocab, h), dtype=np.float32)}
+    for i in range(cfg.layers):
+        w.update({f"attn_norm.{i}": norm(h), f"wq.{i}": mat(h, qd), f"wk.{i}": mat(h, kvd), f"wv.{i}": mat(h, kvd),
+                  f"wo.{i}": mat(qd, h), f"ffn_norm.{i}": norm(h), f"w1.{i}": mat(h, cfg.ffn),
+                  f"w3.{i}": mat(h, cfg.ffn), f"w2.{i}": mat(cfg.ffn, h)})
+        for e in range(cfg.lookup_experts):
+            w[f"mole_up.{i}.{e}"], w[f"mole_down.{i}.{e}"] = mat(h, cfg.lookup_ffn), mat(cfg.lookup_ffn, h)
+        if cfg.lookup_experts:
+            w[f"mole_router.{i}"] = mat(h, cfg.lookup_experts)
+    w["final_norm"], w["lm_head"] = norm(h), mat(h, cfg.vocab)
+    return w
+
+
+def state_names(cfg: LlamaConfig) -> list[str]:
+    return [f"{kv}_cache.{i}" for i in range(cfg.layers) for kv in ("k", "v")]
+
+
+def build_decoder(cfg: LlamaConfig, weights: dict[str, np.ndarray]) -> Graph:
+    """The graph of one decoding step (module docstring)."""
+    b = GraphBuilder("llama_decode")
+    c = {name: b.const(a, "f32", name=name.replace(".", "_")) for name, a in weights.items()}
+    token, pos = b.input("token", (1,), "i64"), b.input("pos", (1,), "i64")
+    cache = (cfg.kv_heads, cfg.max_seq, cfg.head_dim)
+    caches = {n: b.input(n, cache) for n in state_names(cfg)}
+    hq, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
+
+    def rope(v, heads):
+        r = b.rope(b.reshape(v, shape=(1, heads, d)), pos, theta=cfg.theta)
+        return b.reshape(r, shape=(heads, d))
+
+    x = emb = b.gather(c["embed"], token)                               # [1, H]
+    new_caches = []
+    for i in range(cfg.layers):
+        h = b.rmsnorm(x, c[f"attn_norm.{i}"], eps=cfg.eps)
+        q = rope(b.matmul(h, c[f"wq.{i}"]), hq)
+        k = rope(b.matmul(h, c[f"wk.{i}"]), hkv)
+        v = b.reshape(b.matmul(h, c[f"wv.{i}"]), shape=(hkv, d))
+        o, kc, vc = b.attention_decode(q, k, v, caches[f"k_cache.{i}"], caches[f"v_cache.{i}"], pos)
+        new_caches += [kc, vc]
+        x = b.add(x, b.matmul(b.reshape(o, shape=(1, hq * d)), c[f"wo.{i}"]))
+        h = b.rmsnorm(x, c[f"ffn_norm.{i}"], eps=cfg.eps)
+        ff = b.swiglu(b.matmul(h, c[f"w1.{i}"]), b.matmul(h, c[f"w3.{i}"]))
+        x = b.add(x, b.matmul(ff, c[f"w2.{i}"]))
+        if cfg.lookup_experts:   # routed on the hidden state, experts fed by the embedding
+            experts = [b.matmul(b.relu(b.matmul(emb, c[f"mole_up.{i}.{e}"])), c[f"mole_down.{i}.{e}"])
+                       for e in range(cfg.lookup_experts)]
+            route = b.softmax(b.matmul(h, c[f"mole_router.{i}"]))                  # [1, E]
+            x = b.add(x, b.matmul(route, b.concat(*experts, axis=0)))             # [1, E] @ [E, H]
+    logits = b.matmul(b.rmsnorm(x, c["final_norm"], eps=cfg.eps), c["lm_head"], name="logits")
+    return b.output(logits, *new_caches)
+
+
+def reference_logits(cfg: LlamaConfig, weights: dict[str, np.ndarray], tokens) -> np.ndarray:
+    """Logits [T, vocab] of every prefix of ``tokens`` (positions 0..T-1): plain
+    numpy, causal attention over the whole sequence at once, no cache."""
+    w = weights
+    t = len(tokens)
+    hq, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
+
+    def rms(x, s):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(cfg.eps)) * s
+
+    inv = (cfg.theta ** (-np.arange(d // 2) * 2.0 / d)).astype(np.float32)
+    ang = np.arange(t, dtype=np.float32)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]       # [T, 1, D/2]
+
+    def rope(x):  # [T, heads, D], rotate-half
+        x1, x2 = x[..., :d // 2], x[..., d // 2:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    x = w["embed"][np.asarray(tokens)]
+    mask = np.triu(np.full((t, t), -np.inf, np.float32), 1)
+    for i in range(cfg.layers):
+        h = rms(x, w[f"attn_norm.{i}"])
+        q = rope((h @ w[f"wq.{i}"]).reshape(t, hq, d))
+        k = np.repeat(rope((h @ w[f"wk.{i}"]).reshape(t, hkv, d)), hq // hkv, axis=1)
+        v = np.repeat((h @ w[f"wv.{i}"]).reshape(t, hkv, d), hq // hkv, axis=1)
+        s = np.einsum("qhd,khd->hqk", q, k) / np.float32(np.sqrt(d)) + mask
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        o = np.einsum("hqk,khd->qhd", p, v).reshape(t, hq * d)
+        x = x + o @ w[f"wo.{i}"]
+        h = rms(x, w[f"ffn_norm.{i}"])
+        g = h @ w[f"w1.{i}"]
+        x = x + (g / (1 + np.exp(-g)) * (h @ w[f"w3.{i}"])) @ w[f"w2.{i}"]
+        if cfg.lookup_experts:
+            e0 = w["embed"][np.asarray(tokens)]
+            r = h @ w[f"mole_router.{i}"]
+            r = np.exp(r - r.max(-1, keepdims=True))
+            r /= r.sum(-1, keepdims=True)
+            for e in range(cfg.lookup_experts):
+                x = x + r[:, e:e + 1] * (np.maximum(e0 @ w[f"mole_up.{i}.{e}"], 0) @ w[f"mole_down.{i}.{e}"])
+    return (rms(x, w["final_norm"]) @ w["lm_head"]).astype(np.float32)
+
+
+class Decoder:
+    """A compiled decoder stepping one token at a time; the KV caches live in
+    ``module.state`` between steps.  ``step(token)`` returns the logits
+    [vocab] of the next token at the current position and advances it."""
+
+    def __init__(self, cfg: LlamaConfig, weights: dict[str, np.ndarray] | None = None, target: str = "host",
+                 seed: int = 0, **compile_options):
+        from ..compiler.driver import compile
+
+        self.cfg = cfg
+        self.weights = weights if weights is not None else random_weights(cfg, seed)
+        self.graph = build_decoder(cfg, self.weights)
+        self.module = compile(self.graph, target=target, state=state_names(cfg), **compile_options)
+        self.pos = 0
+
+    def reset(self) -> None:
+        """Start a new sequence: zero the caches, position 0."""
+        self.module.reset_state()
+        self.pos = 0
+
+    def step(self, token: int) -> np.ndarray:
+        if not 0 <= int(token) < self.cfg.vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.cfg.vocab})")
+        if self.pos >= self.cfg.max_seq:
+            raise ValueError(f"position {self.pos} is beyond the KV cache length {self.cfg.max_seq}: "
+                             "reset() to start a new sequence")
+        logits = self.module(token=np.array([token], np.int64), pos=np.array([self.pos], np.int64))
+        self.pos += 1
+        return logits[0]
+
+    def generate(self, prompt, n: int) -> list[int]:
+        """Feed ``prompt`` (token ids), then decode ``n`` tokens greedily (argmax)."""
+        if not len(prompt):
+            raise ValueError("generate needs a prompt of at least one token")
+        for tok in prompt:
+            logits = self.step(tok)
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(logits)))
+            if len(out) < n:
+                logits = self.step(out[-1])
+        return out
