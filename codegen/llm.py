@@ -90,7 +90,8 @@ def memcpy(k: Kernel, dst, dst_off, src, src_off, nbytes):
 @emitter("rope")
 def emit_rope(k: Kernel, n):
     """One work item per (leading index, token): its cos/sin row (D/2 libm
-    calls) is computed once and applied to every head."""
+    calls) is computed once and applied to every head.  The frequencies are a
+    constant global, or the optional inv_freq input when the node has one."""
     x, pos = n.inputs[0].type, n.inputs[1].type
     d = x.dtype
     dd = x.shape[-1]
@@ -103,12 +104,15 @@ def emit_rope(k: Kernel, n):
         k.finish()
         return 0, 1
     b = k.b
-    src, pp, dst = k.args
+    src, pp, dst = k.args[0], k.args[1], k.args[-1]
     per_token = pos.shape == (t,) and t != 1
-    inv = ir.GlobalVariable(k.module, ir.ArrayType(F32, max(1, half)), k.name + ".inv_freq")
-    inv.global_constant, inv.linkage = True, "private"
-    inv.initializer = ir.Constant(ir.ArrayType(F32, max(1, half)),
-                                  [float(v) for v in rope_inv_freq(dd, n.attrs["theta"])] or [0.0])
+    if len(n.inputs) > 2:
+        inv = k.args[2]
+    else:
+        inv = ir.GlobalVariable(k.module, ir.ArrayType(F32, max(1, half)), k.name + ".inv_freq")
+        inv.global_constant, inv.linkage = True, "private"
+        inv.initializer = ir.Constant(ir.ArrayType(F32, max(1, half)),
+                                      [float(v) for v in rope_inv_freq(dd, n.attrs["theta"])] or [0.0])
     interleaved = n.attrs["style"] == "interleaved"
     cs, sn = stack_array(k, F32, half), stack_array(k, F32, half)
     with loop(b, k.begin, k.end, name="item") as item:

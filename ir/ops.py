@@ -967,7 +967,7 @@ def rope_pairs(d: int, style: str) -> tuple[np.ndarray, np.ndarray]:
     return (i, i + d // 2) if style == "half" else (2 * i, 2 * i + 1)
 
 
-@defop("rope", "x pos", {"theta": Attr("float", 10000.0), "style": Attr("str", "half")})
+@defop("rope", "x pos inv_freq", {"theta": Attr("float", 10000.0), "style": Attr("str", "half")}, optional=1)
 class Rope:
     """Rotary position embedding of x[..., T, H, D] (or x[T, D]: one head) at
     integer positions: pos of shape () or (1,) is the start (token t is at
@@ -975,10 +975,12 @@ class Rope:
     i < D/2 with angle a = f32(p) * f32(theta ** (-2i/D)) (one f32 product):
     y1 = x1 cos a - x2 sin a, y2 = x2 cos a + x1 sin a, in f32.
     style="half" (Llama, HF rotate_half): the pair is (i, i + D/2);
-    style="interleaved" (GPT-J): (2i, 2i + 1).  D must be even."""
+    style="interleaved" (GPT-J): (2i, 2i + 1).  D must be even.
+    ``inv_freq`` (optional, f32[D/2]) replaces theta ** (-2i/D) for frequencies
+    a model computes otherwise (Llama 3's rope scaling); theta is then unused."""
 
     @staticmethod
-    def infer(x, pos, theta, style):
+    def infer(x, pos, inv_freq=None, *, theta, style):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(pos, (dt.i64, dt.i32), "pos")
         _need(style in ("half", "interleaved"), f'rope style must be "half" or "interleaved", got {style!r}')
@@ -987,14 +989,18 @@ class Rope:
         _need(theta > 0, f"rope theta must be positive, got {theta}")
         t = x.shape[-2] if x.rank == 2 else x.shape[-3]
         _need(pos.shape in ((), (1,), (t,)), f"rope pos must have shape (), (1,) or (T,) = ({t},), got {pos.shape}")
+        if inv_freq is not None:
+            _need(inv_freq.dtype is dt.f32 and inv_freq.shape == (x.shape[-1] // 2,),
+                  f"rope inv_freq must be f32[{x.shape[-1] // 2}] (D/2), got {inv_freq}")
         return [x]
 
     @staticmethod
-    def reference(x, pos, theta, style):
+    def reference(x, pos, inv_freq=None, *, theta, style):
         d = x.shape[-1]
         xs = x.reshape(x.shape[:-1] + (1, d)) if x.ndim == 2 else x  # [T, D] -> [T, 1, D]
         t = xs.shape[-3]
-        ang = rope_positions(pos, t).astype(np.float32)[:, None] * rope_inv_freq(d, theta)[None, :]
+        inv = rope_inv_freq(d, theta) if inv_freq is None else np.asarray(inv_freq, np.float32)
+        ang = rope_positions(pos, t).astype(np.float32)[:, None] * inv[None, :]
         c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]   # [T, 1, D/2]
         i1, i2 = rope_pairs(d, style)
         y = xs.astype(np.float32)

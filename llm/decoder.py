@@ -35,6 +35,9 @@ from ..ir.graph import Graph
 
 @dataclass(frozen=True)
 class LlamaConfig:
+    """Shape and numerics of a Llama-family decoder (Llama 2/3, Mistral,
+    SmolLM, TinyLlama, Qwen2: what ``compiler/frontends/hf.py`` and ``gguf.py``
+    read from a checkpoint).  The defaults are a tiny random test model."""
     vocab: int = 256
     hidden: int = 64
     layers: int = 2
@@ -47,6 +50,41 @@ class LlamaConfig:
     eps: float = 1e-5
     lookup_experts: int = 0    # MoLE experts per layer (0: none)
     lookup_ffn: int = 0        # their FFN width
+    # what real checkpoints add
+    qkv_bias: bool = False     # q/k/v projections with biases bq/bk/bv (Qwen2)
+    tie_embeddings: bool = False   # the lm_head is the embedding table (weights: "lm_head" only)
+    rope_style: str = "half"   # "interleaved": GGUF llama weights, whose Q/K rows llama.cpp permuted
+    rope_scaling: tuple = ()   # ("llama3", factor, low_freq_factor, high_freq_factor, original_context)
+    bos_id: int | None = None
+    eos_ids: tuple = ()        # token ids that end generation
+    context_length: int = 0    # the model's trained context (max_position_embeddings); 0: unknown
+    sliding_window: int = 0    # Mistral's attention window (0: none); max_seq may not exceed it
+    arch: str = "llama"
+
+
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray | None:
+    """The rope inverse frequencies f32[head_dim/2] when the config changes
+    them (Llama 3 rope scaling), else None (the rope op's theta ** (-2i/D)).
+
+    Llama 3, as transformers computes it (f32): wavelength 2 pi / f; bands
+    longer than original / low_freq_factor are divided by ``factor``, shorter
+    than original / high_freq_factor kept, and those between blended with
+    s = (original / wavelength - low) / (high - low): (1 - s) f / factor + s f."""
+    if not cfg.rope_scaling:
+        return None
+    kind, factor, low, high, orig = cfg.rope_scaling
+    if kind != "llama3":
+        raise ValueError(f"rope scaling {kind!r} is not supported (only llama3)")
+    d = cfg.head_dim
+    f32 = np.float32
+    inv = f32(1.0) / (f32(cfg.theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(f32) / f32(d)))
+    wavelen = f32(2 * np.pi) / inv
+    low_wl, high_wl = f32(orig / low), f32(orig / high)
+    scaled = np.where(wavelen > low_wl, inv / f32(factor), inv).astype(f32)
+    smooth = ((f32(orig) / wavelen - f32(low)) / (f32(high) - f32(low))).astype(f32)
+    blended = ((f32(1) - smooth) * scaled / f32(factor) + smooth * scaled).astype(f32)
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return np.where(medium, blended, scaled).astype(f32)
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -79,98 +117,206 @@ def state_names(cfg: LlamaConfig) -> list[str]:
     return [f"{kv}_cache.{i}" for i in range(cfg.layers) for kv in ("k", "v")]
 
 
-def build_decoder(cfg: LlamaConfig, weights: dict[str, np.ndarray]) -> Graph:
-    """The graph of one decoding step (module docstring)."""
+@dataclass(frozen=True)
+class QuantWeight:
+    """A pre-quantized [K, N] weight as matmul_q's inputs, kept as the file
+    stores it (GGUF blocks): w[k, n] = (q[k, n] - zeros[k // group, n]) *
+    scales[k // group, n]; ``q_dtype`` "i8" or "i4" (q holds the values)."""
+    q: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray | None = None
+    group: int = 32
+    q_dtype: str = "i8"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def dequantize(self) -> np.ndarray:
+        from ..ir.ops import dequantize_weight
+        return dequantize_weight(self.q, self.scales, self.zeros, self.group)
+
+
+def as_f32(w) -> np.ndarray:
+    """A weight as f32 values (a QuantWeight dequantized)."""
+    return w.dequantize() if isinstance(w, QuantWeight) else np.asarray(w, np.float32)
+
+
+def embedding_table(weights) -> np.ndarray:
+    """The [vocab, hidden] f32 embedding: "embed", or the tied lm_head's transpose."""
+    return as_f32(weights["embed"]) if "embed" in weights else as_f32(weights["lm_head"]).T
+
+
+def build_decoder(cfg: LlamaConfig, weights: dict) -> Graph:
+    """The graph of one decoding step (module docstring).  ``weights`` maps
+    names to arrays (f32, or anything numpy converts to it) or QuantWeight
+    (a matmul_q); biases "bq.L", "bk.L", "bv.L" with ``cfg.qkv_bias``.
+    Without "embed" the lm_head [hidden, vocab] is also the embedding table
+    (tied): the gather reads column ``token`` of that one constant, which the
+    artifact stores once for the decode graph (GEMV reads b as stored)."""
     b = GraphBuilder("llama_decode")
-    c = {name: b.const(a, "f32", name=name.replace(".", "_")) for name, a in weights.items()}
+    consts = {}
+
+    def const(name, dtype="f32", arr=None):
+        key = (name, dtype)
+        if key not in consts:
+            consts[key] = b.const(weights[name] if arr is None else arr, dtype, name=name.replace(".", "_"))
+        return consts[key]
+
+    def linear(x, name):
+        w = weights[name]
+        if not isinstance(w, QuantWeight):
+            return b.matmul(x, const(name))
+        ins = [const(name, w.q_dtype, w.q), const(name + ".scales", None, w.scales)]
+        if w.zeros is not None:
+            ins.append(const(name + ".zeros", w.q_dtype, w.zeros))
+        return b.matmul_q(x, *ins, group=w.group)
+
     token, pos = b.input("token", (1,), "i64"), b.input("pos", (1,), "i64")
     cache = (cfg.kv_heads, cfg.max_seq, cfg.head_dim)
     caches = {n: b.input(n, cache) for n in state_names(cfg)}
     hq, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
+    inv = rope_frequencies(cfg)
+    inv_c = [] if inv is None else [b.const(inv, "f32", name="rope_inv_freq")]
 
     def rope(v, heads):
-        r = b.rope(b.reshape(v, shape=(1, heads, d)), pos, theta=cfg.theta)
+        r = b.rope(b.reshape(v, shape=(1, heads, d)), pos, *inv_c, theta=cfg.theta, style=cfg.rope_style)
         return b.reshape(r, shape=(heads, d))
 
-    x = emb = b.gather(c["embed"], token)                               # [1, H]
+    def proj(h, i, kind):
+        y = linear(h, f"w{kind}.{i}")
+        return b.add(y, const(f"b{kind}.{i}")) if cfg.qkv_bias else y
+
+    x = emb = embed(b, cfg, weights, const, token)                      # [1, H]
     new_caches = []
     for i in range(cfg.layers):
-        h = b.rmsnorm(x, c[f"attn_norm.{i}"], eps=cfg.eps)
-        q = rope(b.matmul(h, c[f"wq.{i}"]), hq)
-        k = rope(b.matmul(h, c[f"wk.{i}"]), hkv)
-        v = b.reshape(b.matmul(h, c[f"wv.{i}"]), shape=(hkv, d))
+        h = b.rmsnorm(x, const(f"attn_norm.{i}"), eps=cfg.eps)
+        q = rope(proj(h, i, "q"), hq)
+        k = rope(proj(h, i, "k"), hkv)
+        v = b.reshape(proj(h, i, "v"), shape=(hkv, d))
         o, kc, vc = b.attention_decode(q, k, v, caches[f"k_cache.{i}"], caches[f"v_cache.{i}"], pos)
         new_caches += [kc, vc]
-        x = b.add(x, b.matmul(b.reshape(o, shape=(1, hq * d)), c[f"wo.{i}"]))
-        h = b.rmsnorm(x, c[f"ffn_norm.{i}"], eps=cfg.eps)
-        ff = b.swiglu(b.matmul(h, c[f"w1.{i}"]), b.matmul(h, c[f"w3.{i}"]))
-        x = b.add(x, b.matmul(ff, c[f"w2.{i}"]))
+        x = b.add(x, linear(b.reshape(o, shape=(1, hq * d)), f"wo.{i}"))
+        h = b.rmsnorm(x, const(f"ffn_norm.{i}"), eps=cfg.eps)
+        ff = b.swiglu(linear(h, f"w1.{i}"), linear(h, f"w3.{i}"))
+        x = b.add(x, linear(ff, f"w2.{i}"))
         if cfg.lookup_experts:   # routed on the hidden state, experts fed by the embedding
-            experts = [b.matmul(b.relu(b.matmul(emb, c[f"mole_up.{i}.{e}"])), c[f"mole_down.{i}.{e}"])
+            experts = [b.matmul(b.relu(b.matmul(emb, const(f"mole_up.{i}.{e}"))), const(f"mole_down.{i}.{e}"))
                        for e in range(cfg.lookup_experts)]
-            route = b.softmax(b.matmul(h, c[f"mole_router.{i}"]))                  # [1, E]
+            route = b.softmax(b.matmul(h, const(f"mole_router.{i}")))                  # [1, E]
             x = b.add(x, b.matmul(route, b.concat(*experts, axis=0)))             # [1, E] @ [E, H]
-    logits = b.matmul(b.rmsnorm(x, c["final_norm"], eps=cfg.eps), c["lm_head"], name="logits")
+    logits = linear(b.rmsnorm(x, const("final_norm"), eps=cfg.eps), "lm_head")
     return b.output(logits, *new_caches)
 
 
-def reference_logits(cfg: LlamaConfig, weights: dict[str, np.ndarray], tokens) -> np.ndarray:
+def embed(b: GraphBuilder, cfg: LlamaConfig, weights: dict, const, token):
+    """x [1, H] of ``token``: a row of "embed" [V, H], or (tied) column
+    ``token`` of the lm_head [H, V]; of a QuantWeight lm_head (i8, groups
+    dividing H) the column's q and scales are gathered and multiplied here,
+    so the one quantized table serves both."""
+    if "embed" in weights:
+        return b.gather(const("embed"), token)
+    w = weights["lm_head"]
+    if not isinstance(w, QuantWeight):
+        return b.reshape(b.gather(const("lm_head"), token, axis=1), shape=(1, cfg.hidden))
+    if w.q_dtype != "i8" or cfg.hidden % w.group:
+        raise ValueError(f"a tied {w.q_dtype} lm_head with group {w.group} cannot serve as the embedding: "
+                         "give the weights an \"embed\" table")
+    g = cfg.hidden // w.group
+    def f32(v):
+        return v if v.dtype.name == "f32" else b.cast(v, to="f32")
+
+    q = f32(b.gather(const("lm_head", "i8", w.q), token, axis=1))                     # [H, 1]
+    sc = f32(b.gather(const("lm_head.scales", None, w.scales), token, axis=1))         # [G, 1]
+    q = b.reshape(q, shape=(g, w.group))
+    if w.zeros is not None:
+        z = f32(b.gather(const("lm_head.zeros", w.q_dtype, w.zeros), token, axis=1))
+        q = b.sub(q, z)
+    return b.reshape(b.mul(q, sc), shape=(1, cfg.hidden))
+
+
+def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
     """Logits [T, vocab] of every prefix of ``tokens`` (positions 0..T-1): plain
-    numpy, causal attention over the whole sequence at once, no cache."""
+    numpy, causal attention over the whole sequence at once, no cache;
+    QuantWeight matrices dequantized in numpy."""
     w = weights
     t = len(tokens)
     hq, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
 
     def rms(x, s):
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(cfg.eps)) * s
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(cfg.eps)) * as_f32(s)
 
-    inv = (cfg.theta ** (-np.arange(d // 2) * 2.0 / d)).astype(np.float32)
+    def lin(x, name):
+        return x @ as_f32(w[name])
+
+    def proj(x, i, kind):
+        y = lin(x, f"w{kind}.{i}")
+        return y + as_f32(w[f"b{kind}.{i}"]) if cfg.qkv_bias else y
+
+    inv = rope_frequencies(cfg)
+    inv = (cfg.theta ** (-np.arange(d // 2) * 2.0 / d)).astype(np.float32) if inv is None else inv
     ang = np.arange(t, dtype=np.float32)[:, None] * inv[None, :]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]       # [T, 1, D/2]
+    i1, i2 = (np.arange(d // 2), np.arange(d // 2) + d // 2) if cfg.rope_style == "half" else \
+        (np.arange(0, d, 2), np.arange(1, d, 2))
 
-    def rope(x):  # [T, heads, D], rotate-half
-        x1, x2 = x[..., :d // 2], x[..., d // 2:]
-        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    def rope(x):  # [T, heads, D]: pairs (i1, i2) rotated
+        y = np.empty_like(x)
+        x1, x2 = x[..., i1], x[..., i2]
+        y[..., i1], y[..., i2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return y
 
-    x = w["embed"][np.asarray(tokens)]
+    table = embedding_table(w)
+    x = table[np.asarray(tokens)]
     mask = np.triu(np.full((t, t), -np.inf, np.float32), 1)
     for i in range(cfg.layers):
         h = rms(x, w[f"attn_norm.{i}"])
-        q = rope((h @ w[f"wq.{i}"]).reshape(t, hq, d))
-        k = np.repeat(rope((h @ w[f"wk.{i}"]).reshape(t, hkv, d)), hq // hkv, axis=1)
-        v = np.repeat((h @ w[f"wv.{i}"]).reshape(t, hkv, d), hq // hkv, axis=1)
+        q = rope(proj(h, i, "q").reshape(t, hq, d))
+        k = np.repeat(rope(proj(h, i, "k").reshape(t, hkv, d)), hq // hkv, axis=1)
+        v = np.repeat(proj(h, i, "v").reshape(t, hkv, d), hq // hkv, axis=1)
         s = np.einsum("qhd,khd->hqk", q, k) / np.float32(np.sqrt(d)) + mask
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         o = np.einsum("hqk,khd->qhd", p, v).reshape(t, hq * d)
-        x = x + o @ w[f"wo.{i}"]
+        x = x + lin(o, f"wo.{i}")
         h = rms(x, w[f"ffn_norm.{i}"])
-        g = h @ w[f"w1.{i}"]
-        x = x + (g / (1 + np.exp(-g)) * (h @ w[f"w3.{i}"])) @ w[f"w2.{i}"]
+        g = lin(h, f"w1.{i}")
+        x = x + lin(g / (1 + np.exp(-g)) * lin(h, f"w3.{i}"), f"w2.{i}")
         if cfg.lookup_experts:
-            e0 = w["embed"][np.asarray(tokens)]
+            e0 = table[np.asarray(tokens)]
             r = h @ w[f"mole_router.{i}"]
             r = np.exp(r - r.max(-1, keepdims=True))
             r /= r.sum(-1, keepdims=True)
             for e in range(cfg.lookup_experts):
                 x = x + r[:, e:e + 1] * (np.maximum(e0 @ w[f"mole_up.{i}.{e}"], 0) @ w[f"mole_down.{i}.{e}"])
-    return (rms(x, w["final_norm"]) @ w["lm_head"]).astype(np.float32)
+    return lin(rms(x, w["final_norm"]), "lm_head").astype(np.float32)
 
 
 class Decoder:
-    """A compiled decoder stepping one token at a time; the KV caches live in
-    ``module.state`` between steps.  ``step(token)`` returns the logits
-    [vocab] of the next token at the current position and advances it."""
+    """A compiled decoder; the KV caches live in ``module.state`` between
+    calls.  ``step(token)`` returns the logits [vocab] of the next token at
+    the current position and advances it; ``prefill(ids)`` feeds a prompt;
+    ``generate`` and ``chat`` decode text (with a ``tokenizer``).
+    ``sqk.llm.load`` makes one from a model's files (``keep_weights=False``:
+    the graph and the weights are dropped once compiled, the artifact's
+    memory-mapped constants are the one copy left)."""
 
-    def __init__(self, cfg: LlamaConfig, weights: dict[str, np.ndarray] | None = None, target: str = "host",
-                 seed: int = 0, **compile_options):
+    def __init__(self, cfg: LlamaConfig, weights: dict | None = None, target: str = "host",
+                 seed: int = 0, tokenizer=None, keep_weights: bool = True, **compile_options):
         from ..compiler.driver import compile
 
         self.cfg = cfg
+        self.tokenizer = tokenizer
         self.weights = weights if weights is not None else random_weights(cfg, seed)
         self.graph = build_decoder(cfg, self.weights)
         self.module = compile(self.graph, target=target, state=state_names(cfg), **compile_options)
+        if not keep_weights:
+            self.weights = self.graph = self.module.ir = None
         self.pos = 0
+
+    @property
+    def config(self) -> LlamaConfig:
+        return self.cfg
 
     def reset(self) -> None:
         """Start a new sequence: zero the caches, position 0."""
@@ -187,15 +333,67 @@ class Decoder:
         self.pos += 1
         return logits[0]
 
-    def generate(self, prompt, n: int) -> list[int]:
-        """Feed ``prompt`` (token ids), then decode ``n`` tokens greedily (argmax)."""
-        if not len(prompt):
-            raise ValueError("generate needs a prompt of at least one token")
-        for tok in prompt:
+    def prefill(self, ids) -> np.ndarray:
+        """Feed ``ids`` at the current position; the logits [vocab] after the last."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        if self.pos + len(ids) > self.cfg.max_seq:
+            raise ValueError(f"a prompt of {len(ids)} tokens at position {self.pos} does not fit the KV cache of "
+                             f"{self.cfg.max_seq} positions (load with a larger max_seq=, or reset())")
+        for t in ids:
+            logits = self.step(t)
+        return logits
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop=None, stream=None) -> list[int]:
+        """Continue the sequence in the cache with ``prompt`` (text, encoded by
+        the tokenizer with its special tokens, or token ids), then decode up to
+        ``max_new_tokens`` tokens (``llm/sampling.py``: greedy at temperature 0,
+        else sampled with ``top_k`` / ``top_p`` from a generator seeded by
+        ``seed``).  Stops after a token of ``stop`` (default: the config's EOS
+        ids; that token is not returned) or when the cache is full.
+        ``stream(token_id, text_piece)`` is called for each new token (the
+        piece is "" without a tokenizer).  Returns the new tokens; reset()
+        starts a new sequence."""
+        from .sampling import Rng, sample
+
+        ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        stop = set(self.cfg.eos_ids if stop is None else ([stop] if isinstance(stop, int) else stop))
+        rng = Rng(seed) if temperature > 0 else None
+        logits = self.prefill(ids)
+        out: list[int] = []
+        text = ""
+        while len(out) < max_new_tokens:
+            tok = sample(logits, temperature, top_k, top_p, rng)
+            if tok in stop:
+                break
+            out.append(tok)
+            if stream is not None:
+                piece = ""
+                if self.tokenizer is not None:
+                    full = self.tokenizer.decode(out)
+                    if not full.endswith("\ufffd"):       # hold back half a UTF-8 character
+                        piece, text = full[len(text):], full
+                stream(tok, piece)
+            if len(out) == max_new_tokens or self.pos >= self.cfg.max_seq:
+                break
             logits = self.step(tok)
-        out = []
-        for _ in range(n):
-            out.append(int(np.argmax(logits)))
-            if len(out) < n:
-                logits = self.step(out[-1])
         return out
+
+    def chat(self, messages, **generate_kwargs) -> str:
+        """The reply to ``messages`` ([{"role": ..., "content": ...}]) with the
+        tokenizer's chat template, from a fresh sequence; ``generate_kwargs``
+        as for generate (max_new_tokens, temperature, ...)."""
+        tok = self._need_tokenizer()
+        self.reset()
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special=False)
+        return tok.decode(self.generate(ids, **generate_kwargs))
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this Decoder has no tokenizer: give token ids, or load a model whose files have one")
+        return self.tokenizer
+
+    def _encode(self, text: str) -> list[int]:
+        return self._need_tokenizer().encode(text)
