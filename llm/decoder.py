@@ -79,37 +79,55 @@ def state_names(cfg: LlamaConfig) -> list[str]:
     return [f"{kv}_cache.{i}" for i in range(cfg.layers) for kv in ("k", "v")]
 
 
-def build_decoder(cfg: LlamaConfig, weights: dict[str, np.ndarray]) -> Graph:
-    """The graph of one decoding step (module docstring)."""
-    b = GraphBuilder("llama_decode")
+def build_decoder(cfg: LlamaConfig, weights: dict[str, np.ndarray], tokens: int = 1, kv_dtype: str = "f32") -> Graph:
+    """The graph of one decoding step (module docstring), or with ``tokens=T > 1``
+    of a prefill chunk: token i64[T] at positions pos..pos+T-1 (pos the start),
+    every projection a GEMM with M = T, attention_decode over the chunk writing
+    its T cache rows, and the logits [1, vocab] of the last token only.
+    ``kv_dtype``: the caches' dtype, "f32" or "f16" (rounded on write, widened
+    on read; the math stays f32)."""
+    if tokens < 1:
+        raise ValueError(f"build_decoder needs tokens >= 1, got {tokens}")
+    if tokens > cfg.max_seq:
+        raise ValueError(f"a chunk of {tokens} tokens does not fit in the KV cache of length {cfg.max_seq}")
+    if kv_dtype not in ("f32", "f16"):
+        raise ValueError(f'kv_dtype must be "f32" or "f16", got {kv_dtype!r}')
+    b = GraphBuilder("llama_decode" if tokens == 1 else f"llama_prefill{tokens}")
     c = {name: b.const(a, "f32", name=name.replace(".", "_")) for name, a in weights.items()}
-    token, pos = b.input("token", (1,), "i64"), b.input("pos", (1,), "i64")
+    token, pos = b.input("token", (tokens,), "i64"), b.input("pos", (1,), "i64")
     cache = (cfg.kv_heads, cfg.max_seq, cfg.head_dim)
-    caches = {n: b.input(n, cache) for n in state_names(cfg)}
+    caches = {n: b.input(n, cache, kv_dtype) for n in state_names(cfg)}
     hq, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
+    lead = () if tokens == 1 else (tokens,)   # one token: q[Hq, D]; a chunk: q[T, Hq, D]
 
     def rope(v, heads):
-        r = b.rope(b.reshape(v, shape=(1, heads, d)), pos, theta=cfg.theta)
-        return b.reshape(r, shape=(heads, d))
+        r = b.rope(b.reshape(v, shape=(tokens, heads, d)), pos, theta=cfg.theta)
+        return b.reshape(r, shape=(heads, d)) if tokens == 1 else r
 
-    x = emb = b.gather(c["embed"], token)                               # [1, H]
+    x = emb = b.gather(c["embed"], token)                               # [T, H]
     new_caches = []
     for i in range(cfg.layers):
         h = b.rmsnorm(x, c[f"attn_norm.{i}"], eps=cfg.eps)
         q = rope(b.matmul(h, c[f"wq.{i}"]), hq)
         k = rope(b.matmul(h, c[f"wk.{i}"]), hkv)
-        v = b.reshape(b.matmul(h, c[f"wv.{i}"]), shape=(hkv, d))
+        v = b.reshape(b.matmul(h, c[f"wv.{i}"]), shape=lead + (hkv, d))
         o, kc, vc = b.attention_decode(q, k, v, caches[f"k_cache.{i}"], caches[f"v_cache.{i}"], pos)
         new_caches += [kc, vc]
-        x = b.add(x, b.matmul(b.reshape(o, shape=(1, hq * d)), c[f"wo.{i}"]))
+        x = b.add(x, b.matmul(b.reshape(o, shape=(tokens, hq * d)), c[f"wo.{i}"]))
         h = b.rmsnorm(x, c[f"ffn_norm.{i}"], eps=cfg.eps)
         ff = b.swiglu(b.matmul(h, c[f"w1.{i}"]), b.matmul(h, c[f"w3.{i}"]))
         x = b.add(x, b.matmul(ff, c[f"w2.{i}"]))
         if cfg.lookup_experts:   # routed on the hidden state, experts fed by the embedding
             experts = [b.matmul(b.relu(b.matmul(emb, c[f"mole_up.{i}.{e}"])), c[f"mole_down.{i}.{e}"])
                        for e in range(cfg.lookup_experts)]
-            route = b.softmax(b.matmul(h, c[f"mole_router.{i}"]))                  # [1, E]
-            x = b.add(x, b.matmul(route, b.concat(*experts, axis=0)))             # [1, E] @ [E, H]
+            route = b.softmax(b.matmul(h, c[f"mole_router.{i}"]))                  # [T, E]
+            if tokens == 1:
+                x = b.add(x, b.matmul(route, b.concat(*experts, axis=0)))         # [1, E] @ [E, H]
+            else:                                                                 # per row: sum_e route[:, e] * expert_e
+                for e, ex in enumerate(experts):
+                    x = b.add(x, b.mul(b.slice(route, starts=(e,), ends=(e + 1,), axes=(1,)), ex))
+    if tokens > 1:
+        x = b.slice(x, starts=(tokens - 1,), ends=(tokens,), axes=(0,))
     logits = b.matmul(b.rmsnorm(x, c["final_norm"], eps=cfg.eps), c["lm_head"], name="logits")
     return b.output(logits, *new_caches)
 
@@ -157,25 +175,61 @@ def reference_logits(cfg: LlamaConfig, weights: dict[str, np.ndarray], tokens) -
     return (rms(x, w["final_norm"]) @ w["lm_head"]).astype(np.float32)
 
 
+def chunk_sizes(n: int, chunk: int) -> list[int]:
+    """How ``prefill`` splits n prompt tokens: chunks of ``chunk`` tokens, then
+    the rest as decreasing powers of two (45 with chunk 32: 32, 8, 4, 1), so at
+    most log2(chunk) + 2 distinct lengths, each compiled once, ever arise; no
+    token is padded or computed twice."""
+    out = [chunk] * (n // chunk)
+    rest = n % chunk
+    while rest:
+        out.append(1 << (rest.bit_length() - 1))
+        rest -= out[-1]
+    return out
+
+
 class Decoder:
-    """A compiled decoder stepping one token at a time; the KV caches live in
-    ``module.state`` between steps.  ``step(token)`` returns the logits
-    [vocab] of the next token at the current position and advances it."""
+    """A compiled decoder: ``prefill(ids)`` runs a prompt in chunks of up to
+    ``prefill_chunk`` tokens per call (one Module per chunk length, compiled
+    when first needed), ``step(token)`` one token at a time; both return the
+    logits [vocab] of the next token and advance the position.  All the
+    modules share one set of KV caches (``module.state``, the step module's;
+    ``kv_dtype="f16"`` stores them in f16)."""
 
     def __init__(self, cfg: LlamaConfig, weights: dict[str, np.ndarray] | None = None, target: str = "host",
-                 seed: int = 0, **compile_options):
+                 seed: int = 0, kv_dtype: str = "f32", prefill_chunk: int = 64, **compile_options):
         from ..compiler.driver import compile
 
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.cfg = cfg
         self.weights = weights if weights is not None else random_weights(cfg, seed)
-        self.graph = build_decoder(cfg, self.weights)
+        self.kv_dtype = kv_dtype
+        self.prefill_chunk = min(prefill_chunk, cfg.max_seq)
+        self.target, self.compile_options = target, compile_options
+        self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype)
         self.module = compile(self.graph, target=target, state=state_names(cfg), **compile_options)
+        self.chunk_modules: dict[int, object] = {1: self.module}   # chunk length -> Module
         self.pos = 0
 
     def reset(self) -> None:
         """Start a new sequence: zero the caches, position 0."""
         self.module.reset_state()
         self.pos = 0
+
+    def chunk_module(self, tokens: int):
+        """The Module of a ``tokens``-long chunk (compiled on first use), its
+        state the step module's arrays."""
+        m = self.chunk_modules.get(tokens)
+        if m is None:
+            from ..compiler.driver import compile
+
+            g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype)
+            m = compile(g, target=self.target, state=state_names(self.cfg), **self.compile_options)
+            m.share_state(self.module)
+            any(m.share_constants(o) for o in self.chunk_modules.values())  # one mapping per weight layout
+            self.chunk_modules[tokens] = m
+        return m
 
     def step(self, token: int) -> np.ndarray:
         if not 0 <= int(token) < self.cfg.vocab:
@@ -187,12 +241,31 @@ class Decoder:
         self.pos += 1
         return logits[0]
 
+    def prefill(self, ids) -> np.ndarray:
+        """Run the tokens ``ids`` from the current position, in chunks
+        (``chunk_sizes``) of one compiled call each; returns the logits [vocab]
+        of the last one."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not ids.size:
+            raise ValueError("prefill needs at least one token")
+        bad = ids[(ids < 0) | (ids >= self.cfg.vocab)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.cfg.vocab})")
+        if self.pos + ids.size > self.cfg.max_seq:
+            raise ValueError(f"{ids.size} tokens from position {self.pos} go beyond the KV cache length "
+                             f"{self.cfg.max_seq}: reset() to start a new sequence")
+        start = 0
+        for t in chunk_sizes(ids.size, self.prefill_chunk):
+            logits = self.chunk_module(t)(token=ids[start:start + t], pos=np.array([self.pos], np.int64))
+            self.pos += t
+            start += t
+        return logits[0]
+
     def generate(self, prompt, n: int) -> list[int]:
-        """Feed ``prompt`` (token ids), then decode ``n`` tokens greedily (argmax)."""
+        """Prefill ``prompt`` (token ids), then decode ``n`` tokens greedily (argmax)."""
         if not len(prompt):
             raise ValueError("generate needs a prompt of at least one token")
-        for tok in prompt:
-            logits = self.step(tok)
+        logits = self.prefill(prompt)
         out = []
         for _ in range(n):
             out.append(int(np.argmax(logits)))
