@@ -1062,13 +1062,18 @@ class TopK:
 
 @defop("attention_decode", "q k_new v_new k_cache v_cache pos")
 class AttentionDecode:
-    """One decoding step of causal attention over a KV cache.
-    q[Hq, D]; k_new, v_new [Hkv, D]; k_cache, v_cache [Hkv, S, D]; pos i64 of
-    shape () or (1,).  Writes k_new/v_new at row pos of the caches (results 1
-    and 2: the updated caches), then query head g attends over rows 0..pos of
-    kv head g // (Hq/Hkv) (grouped-query attention, Llama's repeat_interleave
-    order): out[g] = softmax(q[g] . k[t] / sqrt(D)) @ v[t], softmax stable
-    (max subtracted), all in f32.  pos outside [0, S) is a run-time error.
+    """Causal attention of T new tokens over a KV cache: one decoding step
+    (T = 1) or a prefill chunk.  q[Hq, D] (one token) or q[T, Hq, D];
+    k_new, v_new [Hkv, D] or [T, Hkv, D] (as q); k_cache, v_cache [Hkv, S, D];
+    pos i64 of shape () or (1,), the position of the first token.  Writes
+    k_new/v_new at rows pos..pos+T-1 of the caches (results 1 and 2: the
+    updated caches), then query head g of token i attends over rows
+    0..pos+i of kv head g // (Hq/Hkv) (grouped-query attention, Llama's
+    repeat_interleave order): out[i, g] = softmax(q[i, g] . k[t] / sqrt(D)) @ v[t],
+    softmax stable (max subtracted), all in f32.  The caches may have another
+    float dtype than q, k_new, v_new (an f16 cache of f32 activations): the new
+    rows are rounded to it on write and every row widened to f32 on read.
+    Rows outside [0, S) (pos < 0 or pos + T > S) are a run-time error.
     The compiled kernel updates the caches in place when the memory planner
     lets it (a state input, or an intermediate read last here; see
     compiler/memory.py) and copies them otherwise."""
@@ -1077,39 +1082,51 @@ class AttentionDecode:
 
     @staticmethod
     def infer(q, k_new, v_new, k_cache, v_cache, pos):
-        d = _same_dtype([q, k_new, v_new, k_cache, v_cache])
+        d = _same_dtype([q, k_new, v_new])
+        _same_dtype([k_cache, v_cache])
         _dtypes(q, dt.FLOATS, "q")
+        _dtypes(k_cache, dt.FLOATS, "k_cache")
         _dtypes(pos, (dt.i64, dt.i32), "pos")
         _need(pos.shape in ((), (1,)), f"attention_decode pos must have shape () or (1,), got {pos.shape}")
-        _need(q.rank == 2 and k_cache.rank == 3, f"attention_decode needs q[Hq, D] and k_cache[Hkv, S, D], got "
-              f"{q.shape} and {k_cache.shape}")
+        _need(q.rank in (2, 3) and k_cache.rank == 3, f"attention_decode needs q[Hq, D] or q[T, Hq, D] and "
+              f"k_cache[Hkv, S, D], got {q.shape} and {k_cache.shape}")
         hkv, s, dd = k_cache.shape
-        hq = q.shape[0]
-        _need(q.shape[1] == dd and dd >= 1, f"attention_decode: q {q.shape} and k_cache {k_cache.shape} differ in D")
+        hq = q.shape[-2]
+        lead = q.shape[:-2]                    # () or (T,)
+        _need(q.shape[-1] == dd and dd >= 1, f"attention_decode: q {q.shape} and k_cache {k_cache.shape} differ in D")
         _need(v_cache.shape == k_cache.shape, f"attention_decode: v_cache {v_cache.shape} != k_cache {k_cache.shape}")
-        _need(k_new.shape == (hkv, dd) and v_new.shape == (hkv, dd),
-              f"attention_decode: k_new {k_new.shape} and v_new {v_new.shape} must be ({hkv}, {dd})")
+        _need(k_new.shape == lead + (hkv, dd) and v_new.shape == lead + (hkv, dd),
+              f"attention_decode: k_new {k_new.shape} and v_new {v_new.shape} must be {lead + (hkv, dd)}")
         _need(hkv >= 1 and s >= 1 and hq % hkv == 0,
               f"attention_decode: Hq={hq} must be a multiple of Hkv={hkv} (>= 1), and S={s} >= 1")
+        _need(all(t <= s for t in lead), f"attention_decode: a chunk of {lead[0] if lead else 1} tokens does not "
+              f"fit in the KV cache of length {s}")
         return [TensorType(d, q.shape), k_cache, v_cache]
 
     @staticmethod
     def reference(q, k_new, v_new, k_cache, v_cache, pos):
         hkv, s, d = k_cache.shape
+        t = 1 if q.ndim == 2 else q.shape[0]
+        hq = q.shape[-2]
         p = int(np.asarray(pos).reshape(-1)[0])
-        if not 0 <= p < s:
+        if t == 1 and not 0 <= p < s:
             raise IndexError(f"attention_decode: position {p} is outside the KV cache of length {s}")
+        if not 0 <= p <= s - t:
+            raise IndexError(f"attention_decode: positions {p}..{p + t - 1} are outside the KV cache of length {s}")
         kc, vc = k_cache.copy(), v_cache.copy()
-        kc[:, p], vc[:, p] = k_new, v_new
-        g = q.shape[0] // hkv
+        kc[:, p:p + t] = k_new.reshape(t, hkv, d).transpose(1, 0, 2)   # rounded to the cache's dtype
+        vc[:, p:p + t] = v_new.reshape(t, hkv, d).transpose(1, 0, 2)
+        g = hq // hkv
         scale = np.float32(1.0 / math.sqrt(d))
-        out = np.empty(q.shape, np.float32)
-        for h in range(q.shape[0]):
-            kv = h // g
-            sc = (kc[kv, :p + 1].astype(np.float32) @ q[h].astype(np.float32)) * scale
-            e = np.exp(sc - sc.max())
-            out[h] = (e / e.sum()) @ vc[kv, :p + 1].astype(np.float32)
-        return [out.astype(q.dtype), kc, vc]
+        qs = q.reshape(t, hq, d).astype(np.float32)
+        out = np.empty((t, hq, d), np.float32)
+        for i in range(t):
+            for h in range(hq):
+                kv = h // g
+                sc = (kc[kv, :p + i + 1].astype(np.float32) @ qs[i, h]) * scale
+                e = np.exp(sc - sc.max())
+                out[i, h] = (e / e.sum()) @ vc[kv, :p + i + 1].astype(np.float32)
+        return [out.reshape(q.shape).astype(q.dtype), kc, vc]
 
 
 def moe_route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -147,14 +147,27 @@ def embedding_table(weights) -> np.ndarray:
     return as_f32(weights["embed"]) if "embed" in weights else as_f32(weights["lm_head"]).T
 
 
-def build_decoder(cfg: LlamaConfig, weights: dict) -> Graph:
-    """The graph of one decoding step (module docstring).  ``weights`` maps
-    names to arrays (f32, or anything numpy converts to it) or QuantWeight
-    (a matmul_q); biases "bq.L", "bk.L", "bv.L" with ``cfg.qkv_bias``.
-    Without "embed" the lm_head [hidden, vocab] is also the embedding table
-    (tied): the gather reads column ``token`` of that one constant, which the
-    artifact stores once for the decode graph (GEMV reads b as stored)."""
-    b = GraphBuilder("llama_decode")
+def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f32") -> Graph:
+    """The graph of one decoding step (module docstring), or with ``tokens=T > 1``
+    of a prefill chunk: token i64[T] at positions pos..pos+T-1 (pos the start),
+    every projection a GEMM with M = T, attention_decode over the chunk writing
+    its T cache rows, and the logits [1, vocab] of the last token only.
+    ``kv_dtype``: the caches' dtype, "f32" or "f16" (rounded on write, widened
+    on read; the math stays f32).
+
+    ``weights`` maps names to arrays (f32, or anything numpy converts to it) or
+    QuantWeight (a matmul_q); biases "bq.L", "bk.L", "bv.L" with
+    ``cfg.qkv_bias``.  Without "embed" the lm_head [hidden, vocab] is also the
+    embedding table (tied): the gather reads columns of that one constant,
+    which the decode graph's artifact stores once (its GEMV reads b as
+    stored; a GEMM of a prefill chunk reads it packed, a layout of its own)."""
+    if tokens < 1:
+        raise ValueError(f"build_decoder needs tokens >= 1, got {tokens}")
+    if tokens > cfg.max_seq:
+        raise ValueError(f"a chunk of {tokens} tokens does not fit in the KV cache of length {cfg.max_seq}")
+    if kv_dtype not in ("f32", "f16"):
+        raise ValueError(f'kv_dtype must be "f32" or "f16", got {kv_dtype!r}')
+    b = GraphBuilder("llama_decode" if tokens == 1 else f"llama_prefill{tokens}")
     consts = {}
 
     def const(name, dtype="f32", arr=None):
@@ -169,70 +182,82 @@ def build_decoder(cfg: LlamaConfig, weights: dict) -> Graph:
             return b.matmul(x, const(name))
         ins = [const(name, w.q_dtype, w.q), const(name + ".scales", None, w.scales)]
         if w.zeros is not None:
-            ins.append(const(name + ".zeros", w.q_dtype, w.zeros))
+            ins.append(const(name + ".zeros", None if w.zeros.dtype.kind == "f" else w.q_dtype, w.zeros))
         return b.matmul_q(x, *ins, group=w.group)
 
-    token, pos = b.input("token", (1,), "i64"), b.input("pos", (1,), "i64")
+    token, pos = b.input("token", (tokens,), "i64"), b.input("pos", (1,), "i64")
     cache = (cfg.kv_heads, cfg.max_seq, cfg.head_dim)
-    caches = {n: b.input(n, cache) for n in state_names(cfg)}
+    caches = {n: b.input(n, cache, kv_dtype) for n in state_names(cfg)}
     hq, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
+    lead = () if tokens == 1 else (tokens,)   # one token: q[Hq, D]; a chunk: q[T, Hq, D]
     inv = rope_frequencies(cfg)
     inv_c = [] if inv is None else [b.const(inv, "f32", name="rope_inv_freq")]
 
     def rope(v, heads):
-        r = b.rope(b.reshape(v, shape=(1, heads, d)), pos, *inv_c, theta=cfg.theta, style=cfg.rope_style)
-        return b.reshape(r, shape=(heads, d))
+        r = b.rope(b.reshape(v, shape=(tokens, heads, d)), pos, *inv_c, theta=cfg.theta, style=cfg.rope_style)
+        return b.reshape(r, shape=(heads, d)) if tokens == 1 else r
 
     def proj(h, i, kind):
         y = linear(h, f"w{kind}.{i}")
         return b.add(y, const(f"b{kind}.{i}")) if cfg.qkv_bias else y
 
-    x = emb = embed(b, cfg, weights, const, token)                      # [1, H]
+    x = emb = embed(b, cfg, weights, const, token)                      # [T, H]
     new_caches = []
     for i in range(cfg.layers):
         h = b.rmsnorm(x, const(f"attn_norm.{i}"), eps=cfg.eps)
         q = rope(proj(h, i, "q"), hq)
         k = rope(proj(h, i, "k"), hkv)
-        v = b.reshape(proj(h, i, "v"), shape=(hkv, d))
+        v = b.reshape(proj(h, i, "v"), shape=lead + (hkv, d))
         o, kc, vc = b.attention_decode(q, k, v, caches[f"k_cache.{i}"], caches[f"v_cache.{i}"], pos)
         new_caches += [kc, vc]
-        x = b.add(x, linear(b.reshape(o, shape=(1, hq * d)), f"wo.{i}"))
+        x = b.add(x, linear(b.reshape(o, shape=(tokens, hq * d)), f"wo.{i}"))
         h = b.rmsnorm(x, const(f"ffn_norm.{i}"), eps=cfg.eps)
         ff = b.swiglu(linear(h, f"w1.{i}"), linear(h, f"w3.{i}"))
         x = b.add(x, linear(ff, f"w2.{i}"))
         if cfg.lookup_experts:   # routed on the hidden state, experts fed by the embedding
             experts = [b.matmul(b.relu(b.matmul(emb, const(f"mole_up.{i}.{e}"))), const(f"mole_down.{i}.{e}"))
                        for e in range(cfg.lookup_experts)]
-            route = b.softmax(b.matmul(h, const(f"mole_router.{i}")))                  # [1, E]
-            x = b.add(x, b.matmul(route, b.concat(*experts, axis=0)))             # [1, E] @ [E, H]
+            route = b.softmax(b.matmul(h, const(f"mole_router.{i}")))                  # [T, E]
+            if tokens == 1:
+                x = b.add(x, b.matmul(route, b.concat(*experts, axis=0)))         # [1, E] @ [E, H]
+            else:                                                                 # per row: sum_e route[:, e] * expert_e
+                for e, ex in enumerate(experts):
+                    x = b.add(x, b.mul(b.slice(route, starts=(e,), ends=(e + 1,), axes=(1,)), ex))
+    if tokens > 1:
+        x = b.slice(x, starts=(tokens - 1,), ends=(tokens,), axes=(0,))
     logits = linear(b.rmsnorm(x, const("final_norm"), eps=cfg.eps), "lm_head")
     return b.output(logits, *new_caches)
 
 
-def embed(b: GraphBuilder, cfg: LlamaConfig, weights: dict, const, token):
-    """x [1, H] of ``token``: a row of "embed" [V, H], or (tied) column
-    ``token`` of the lm_head [H, V]; of a QuantWeight lm_head (i8, groups
-    dividing H) the column's q and scales are gathered and multiplied here,
+def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, token):
+    """x [T, H] of the ``token`` ids [T]: rows of "embed" [V, H], or (tied)
+    columns of the lm_head [H, V]; of a QuantWeight lm_head (i8, groups
+    dividing H) the columns' q and scales are gathered and multiplied here,
     so the one quantized table serves both."""
     if "embed" in weights:
         return b.gather(const("embed"), token)
+    t, h = token.type.shape[0], cfg.hidden
+
+    def rows(cols):  # [H, T] -> [T, H]
+        return b.reshape(cols, shape=(1, h)) if t == 1 else b.transpose(cols, perm=(1, 0))
+
     w = weights["lm_head"]
     if not isinstance(w, QuantWeight):
-        return b.reshape(b.gather(const("lm_head"), token, axis=1), shape=(1, cfg.hidden))
-    if w.q_dtype != "i8" or cfg.hidden % w.group:
+        return rows(b.gather(const("lm_head"), token, axis=1))
+    if w.q_dtype != "i8" or h % w.group or (w.zeros is not None and w.zeros.dtype.kind == "f"):
         raise ValueError(f"a tied {w.q_dtype} lm_head with group {w.group} cannot serve as the embedding: "
                          "give the weights an \"embed\" table")
-    g = cfg.hidden // w.group
+
     def f32(v):
         return v if v.dtype.name == "f32" else b.cast(v, to="f32")
 
-    q = f32(b.gather(const("lm_head", "i8", w.q), token, axis=1))                     # [H, 1]
-    sc = f32(b.gather(const("lm_head.scales", None, w.scales), token, axis=1))         # [G, 1]
-    q = b.reshape(q, shape=(g, w.group))
+    g = h // w.group
+    q = b.reshape(f32(b.gather(const("lm_head", "i8", w.q), token, axis=1)), shape=(g, w.group, t))
+    sc = b.reshape(f32(b.gather(const("lm_head.scales", None, w.scales), token, axis=1)), shape=(g, 1, t))
     if w.zeros is not None:
         z = f32(b.gather(const("lm_head.zeros", w.q_dtype, w.zeros), token, axis=1))
-        q = b.sub(q, z)
-    return b.reshape(b.mul(q, sc), shape=(1, cfg.hidden))
+        q = b.sub(q, b.reshape(z, shape=(g, 1, t)))
+    return rows(b.reshape(b.mul(q, sc), shape=(h, t)))
 
 
 def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
@@ -292,26 +317,44 @@ def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
     return lin(rms(x, w["final_norm"]), "lm_head").astype(np.float32)
 
 
-class Decoder:
-    """A compiled decoder; the KV caches live in ``module.state`` between
-    calls.  ``step(token)`` returns the logits [vocab] of the next token at
-    the current position and advances it; ``prefill(ids)`` feeds a prompt;
-    ``generate`` and ``chat`` decode text (with a ``tokenizer``).
-    ``sqk.llm.load`` makes one from a model's files (``keep_weights=False``:
-    the graph and the weights are dropped once compiled, the artifact's
-    memory-mapped constants are the one copy left)."""
+def chunk_sizes(n: int, chunk: int) -> list[int]:
+    """How ``prefill`` splits n prompt tokens: chunks of ``chunk`` tokens, then
+    the rest as decreasing powers of two (45 with chunk 32: 32, 8, 4, 1), so at
+    most log2(chunk) + 2 distinct lengths, each compiled once, ever arise; no
+    token is padded or computed twice."""
+    out = [chunk] * (n // chunk)
+    rest = n % chunk
+    while rest:
+        out.append(1 << (rest.bit_length() - 1))
+        rest -= out[-1]
+    return out
 
-    def __init__(self, cfg: LlamaConfig, weights: dict | None = None, target: str = "host",
-                 seed: int = 0, tokenizer=None, keep_weights: bool = True, **compile_options):
+
+class Decoder:
+    """A compiled decoder: ``prefill(ids)`` runs a prompt in chunks of up to
+    ``prefill_chunk`` tokens per call (one Module per chunk length, compiled
+    when first needed), ``step(token)`` one token at a time; both return the
+    logits [vocab] of the next token and advance the position.  All the
+    modules share one set of KV caches (``module.state``, the step module's;
+    ``kv_dtype="f16"`` stores them in f16).  ``generate`` and ``chat`` decode
+    text with a ``tokenizer`` (llm/tokenizer.py).  ``sqk.llm.load`` makes one
+    from a model's files."""
+
+    def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
+                 kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, **compile_options):
         from ..compiler.driver import compile
 
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.weights = weights if weights is not None else random_weights(cfg, seed)
-        self.graph = build_decoder(cfg, self.weights)
+        self.kv_dtype = kv_dtype
+        self.prefill_chunk = min(prefill_chunk, cfg.max_seq)
+        self.target, self.compile_options = target, compile_options
+        self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype)
         self.module = compile(self.graph, target=target, state=state_names(cfg), **compile_options)
-        if not keep_weights:
-            self.weights = self.graph = self.module.ir = None
+        self.chunk_modules: dict[int, object] = {1: self.module}   # chunk length -> Module
         self.pos = 0
 
     @property
@@ -322,6 +365,20 @@ class Decoder:
         """Start a new sequence: zero the caches, position 0."""
         self.module.reset_state()
         self.pos = 0
+
+    def chunk_module(self, tokens: int):
+        """The Module of a ``tokens``-long chunk (compiled on first use), its
+        state the step module's arrays."""
+        m = self.chunk_modules.get(tokens)
+        if m is None:
+            from ..compiler.driver import compile
+
+            g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype)
+            m = compile(g, target=self.target, state=state_names(self.cfg), **self.compile_options)
+            m.share_state(self.module)
+            any(m.share_constants(o) for o in self.chunk_modules.values())  # one mapping per weight layout
+            self.chunk_modules[tokens] = m
+        return m
 
     def step(self, token: int) -> np.ndarray:
         if not 0 <= int(token) < self.cfg.vocab:
@@ -334,38 +391,50 @@ class Decoder:
         return logits[0]
 
     def prefill(self, ids) -> np.ndarray:
-        """Feed ``ids`` at the current position; the logits [vocab] after the last."""
-        ids = [int(t) for t in ids]
-        if not ids:
+        """Run the tokens ``ids`` from the current position, in chunks
+        (``chunk_sizes``) of one compiled call each; returns the logits [vocab]
+        of the last one."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not ids.size:
             raise ValueError("prefill needs at least one token")
-        if self.pos + len(ids) > self.cfg.max_seq:
-            raise ValueError(f"a prompt of {len(ids)} tokens at position {self.pos} does not fit the KV cache of "
-                             f"{self.cfg.max_seq} positions (load with a larger max_seq=, or reset())")
-        for t in ids:
-            logits = self.step(t)
-        return logits
+        bad = ids[(ids < 0) | (ids >= self.cfg.vocab)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.cfg.vocab})")
+        if self.pos + ids.size > self.cfg.max_seq:
+            raise ValueError(f"{ids.size} tokens from position {self.pos} go beyond the KV cache length "
+                             f"{self.cfg.max_seq}: reset() to start a new sequence")
+        start = 0
+        for t in chunk_sizes(ids.size, self.prefill_chunk):
+            logits = self.chunk_module(t)(token=ids[start:start + t], pos=np.array([self.pos], np.int64))
+            self.pos += t
+            start += t
+        return logits[0]
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None, stream=None) -> list[int]:
         """Continue the sequence in the cache with ``prompt`` (text, encoded by
-        the tokenizer with its special tokens, or token ids), then decode up to
-        ``max_new_tokens`` tokens (``llm/sampling.py``: greedy at temperature 0,
-        else sampled with ``top_k`` / ``top_p`` from a generator seeded by
-        ``seed``).  Stops after a token of ``stop`` (default: the config's EOS
-        ids; that token is not returned) or when the cache is full.
-        ``stream(token_id, text_piece)`` is called for each new token (the
-        piece is "" without a tokenizer).  Returns the new tokens; reset()
-        starts a new sequence."""
-        from .sampling import Rng, sample
-
+        the tokenizer with its special tokens, or token ids; prefilled in
+        chunks), then decode up to ``max_new_tokens`` tokens (llm/sampling.py:
+        greedy at temperature 0, else sampled with ``top_k`` / ``top_p`` from a
+        generator seeded by ``seed``).  Stops before a token of ``stop``
+        (default: the config's EOS ids; that token is not returned) or when the
+        cache is full.  ``stream(token_id, text_piece)`` is called for each new
+        token (the piece is "" without a tokenizer).  Returns the new tokens;
+        reset() starts a new sequence."""
         ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         stop = set(self.cfg.eos_ids if stop is None else ([stop] if isinstance(stop, int) else stop))
-        rng = Rng(seed) if temperature > 0 else None
+        if temperature == 0:
+            pick = lambda logits: int(np.argmax(logits))   # noqa: E731  (sample's greedy: lowest id of ties)
+        else:
+            from .sampling import Rng, sample
+
+            rng = Rng(seed)
+            pick = lambda logits: sample(logits, temperature, top_k, top_p, rng)  # noqa: E731
         logits = self.prefill(ids)
         out: list[int] = []
         text = ""
         while len(out) < max_new_tokens:
-            tok = sample(logits, temperature, top_k, top_p, rng)
+            tok = pick(logits)
             if tok in stop:
                 break
             out.append(tok)

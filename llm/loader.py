@@ -21,7 +21,7 @@ from .decoder import Decoder, LlamaConfig
 from .errors import LLMLoadError
 
 KV_BUDGET = 256 << 20
-KV_BYTES = {"f32": 4}
+KV_BYTES = {"f32": 4, "f16": 2}
 
 
 def kv_bytes_per_position(cfg: LlamaConfig, kv_dtype: str = "f32") -> int:
@@ -80,5 +80,7 @@ def load(path, *, target: str = "host", max_seq: int | None = None, kv_dtype: st
     cfg = dataclasses.replace(cfg, max_seq=choose_max_seq(cfg, max_seq, kv_dtype, path))
     if tokenizer is not None and not cfg.eos_ids and tokenizer.eos_ids:
         cfg = dataclasses.replace(cfg, eos_ids=tuple(tokenizer.eos_ids))
-    return Decoder(cfg, weights, target=target, threads=threads, tokenizer=tokenizer, keep_weights=False,
-                   **compile_options)
+    dec = Decoder(cfg, weights, target=target, threads=threads, tokenizer=tokenizer, kv_dtype=kv_dtype,
+                  **compile_options)
+    dec.graph = dec.module.ir = None   # their constants are copies; the weights stay memory-mapped views
+    return dec
