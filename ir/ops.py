@@ -451,10 +451,15 @@ class MatMul:
 
 
 def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int) -> np.ndarray:
-    """f32 weights of a group-quantized [K, N] matrix: (q - zero) * scale, where
-    rows k of group k // group share one scale (and zero point) per column."""
+    """f32 weights of a group-quantized [K, N] matrix, rows k of group k // group
+    sharing one scale (and zero point or minimum) per column: (q - zero) * scale
+    with integer zero points; (q + 8) * scale + minimum with float ``zeros``
+    (minimums, i4 q), the product exact and the sum rounded once to f32, as
+    GGUF's Q4_1 / Q4_K."""
     idx = np.arange(q.shape[0]) // group
     w = q.astype(np.float32)
+    if zeros is not None and zeros.dtype.kind == "f":
+        return (w + np.float32(8)) * scales.astype(np.float32)[idx] + zeros.astype(np.float32)[idx]
     if zeros is not None:
         w = w - zeros.astype(np.float32)[idx]
     return w * scales.astype(np.float32)[idx]
@@ -535,7 +540,17 @@ class MatMulQ:
 
     ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
     non-dense format needs symmetric weights (no zeros), activations="none",
-    and for i8 per-channel scales (group >= K)."""
+    and for i8 per-channel scales (group >= K).
+
+    ``zeros`` in a float dtype (f32 / f16 [groups, N], i4 q only) are minimums
+    instead of zero points, the "scale and minimum" form of GGUF's Q4_1 and
+    Q4_K: w[k, n] = (q[k, n] + 8) * scales[g, n] + zeros[g, n], i.e. q holds
+    the unsigned 4-bit code u as u - 8, and the product (exact) is summed with
+    the minimum in one f32 rounding, as ggml's d * u + m.  Kernels
+    add minimum * sum(x over the group) once per group and column: the
+    integer-code loops are those of the other schemes.  Not with
+    activations="int8" (the minimums are not integers).  ir/blocks.py maps
+    GGUF's blocks onto these operands (``to_matmul_q``)."""
 
     @staticmethod
     def infer(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
@@ -554,9 +569,15 @@ class MatMulQ:
         groups = -(-k // group)
         _need(scales.shape == (groups, n), f"matmul_q scales shape {scales.shape} must be ({groups}, {n}) "
               f"for K={k}, group={group}")
-        if zeros is not None:
+        if zeros is not None and zeros.dtype in dt.FLOATS:
+            _need(zeros.shape == scales.shape,
+                  f"matmul_q minimums (float zeros) must be [{', '.join(map(str, scales.shape))}], got {zeros}")
+            _need(q.dtype is dt.i4, f"matmul_q float minimums (zeros) need i4 weights, got {q.dtype}")
+            _need(activations == "none", "matmul_q with float minimums (zeros) needs activations=none "
+                  "(int8 activations are not supported with minimums)")
+        elif zeros is not None:
             _need(zeros.dtype == q.dtype and zeros.shape == scales.shape,
-                  f"matmul_q zeros must be {q.dtype}{list(scales.shape)}, got {zeros}")
+                  f"matmul_q zeros must be {q.dtype}{list(scales.shape)} (or float minimums), got {zeros}")
         _sparse_weight("matmul_q", sparse, q)
         if sparse != "dense":
             _need(zeros is None and activations == "none",
