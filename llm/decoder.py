@@ -55,6 +55,7 @@ class LlamaConfig:
     tie_embeddings: bool = False   # the lm_head is the embedding table (weights: "lm_head" only)
     rope_style: str = "half"   # "interleaved": GGUF llama weights, whose Q/K rows llama.cpp permuted
     rope_scaling: tuple = ()   # ("llama3", factor, low_freq_factor, high_freq_factor, original_context)
+    #                            or ("freq_factors", f_0, ..., f_{D/2-1}) (GGUF rope_freqs)
     bos_id: int | None = None
     eos_ids: tuple = ()        # token ids that end generation
     context_length: int = 0    # the model's trained context (max_position_embeddings); 0: unknown
@@ -69,14 +70,18 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray | None:
     Llama 3, as transformers computes it (f32): wavelength 2 pi / f; bands
     longer than original / low_freq_factor are divided by ``factor``, shorter
     than original / high_freq_factor kept, and those between blended with
-    s = (original / wavelength - low) / (high - low): (1 - s) f / factor + s f."""
+    s = (original / wavelength - low) / (high - low): (1 - s) f / factor + s f.
+    GGUF frequency factors: theta ** (-2i/D) / f_i (f32)."""
     if not cfg.rope_scaling:
         return None
+    d = cfg.head_dim
+    f32 = np.float32
+    if cfg.rope_scaling[0] == "freq_factors":   # GGUF's rope_freqs: divisors of the plain frequencies
+        from ..ir.ops import rope_inv_freq
+        return (rope_inv_freq(d, cfg.theta) / np.asarray(cfg.rope_scaling[1:], f32)).astype(f32)
     kind, factor, low, high, orig = cfg.rope_scaling
     if kind != "llama3":
         raise ValueError(f"rope scaling {kind!r} is not supported (only llama3)")
-    d = cfg.head_dim
-    f32 = np.float32
     inv = f32(1.0) / (f32(cfg.theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(f32) / f32(d)))
     wavelen = f32(2 * np.pi) / inv
     low_wl, high_wl = f32(orig / low), f32(orig / high)
@@ -423,28 +428,19 @@ class Decoder:
         reset() starts a new sequence."""
         ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         stop = set(self.cfg.eos_ids if stop is None else ([stop] if isinstance(stop, int) else stop))
-        if temperature == 0:
-            pick = lambda logits: int(np.argmax(logits))   # noqa: E731  (sample's greedy: lowest id of ties)
-        else:
-            from .sampling import Rng, sample
+        from .sampling import Rng, sample
 
-            rng = Rng(seed)
-            pick = lambda logits: sample(logits, temperature, top_k, top_p, rng)  # noqa: E731
+        rng = Rng(seed) if temperature > 0 else None
         logits = self.prefill(ids)
         out: list[int] = []
-        text = ""
+        pieces = self.tokenizer.stream() if stream is not None and self.tokenizer is not None else None
         while len(out) < max_new_tokens:
-            tok = pick(logits)
+            tok = sample(logits, temperature, top_k, top_p, rng)
             if tok in stop:
                 break
             out.append(tok)
             if stream is not None:
-                piece = ""
-                if self.tokenizer is not None:
-                    full = self.tokenizer.decode(out)
-                    if not full.endswith("\ufffd"):       # hold back half a UTF-8 character
-                        piece, text = full[len(text):], full
-                stream(tok, piece)
+                stream(tok, pieces.step(tok) if pieces is not None else "")
             if len(out) == max_new_tokens or self.pos >= self.cfg.max_seq:
                 break
             logits = self.step(tok)
@@ -456,8 +452,7 @@ class Decoder:
         as for generate (max_new_tokens, temperature, ...)."""
         tok = self._need_tokenizer()
         self.reset()
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special=False)
-        return tok.decode(self.generate(ids, **generate_kwargs))
+        return tok.decode(self.generate(tok.encode_chat(messages), **generate_kwargs))
 
     def _need_tokenizer(self):
         if self.tokenizer is None:

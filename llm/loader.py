@@ -68,7 +68,7 @@ def load(path, *, target: str = "host", max_seq: int | None = None, kv_dtype: st
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             from .tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.from_dir(path)
+            tokenizer = Tokenizer.from_hf_dir(path)
     elif os.path.isfile(path) and is_gguf(path):
         from ..compiler.frontends.gguf import load_gguf
 
