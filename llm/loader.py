@@ -21,6 +21,9 @@ from .decoder import Decoder, LlamaConfig
 from .errors import LLMLoadError
 
 KV_BUDGET = 256 << 20
+# checkpoints are dense: without quantize/sparsify options, skip select_format's density scan of
+# every weight (seconds per compile on a 135M model, and it picks dense for them anyway)
+DENSE_PIPELINE = "fold_constants,dce,fuse"
 KV_BYTES = {"f32": 4, "f16": 2}
 
 
@@ -80,6 +83,8 @@ def load(path, *, target: str = "host", max_seq: int | None = None, kv_dtype: st
     cfg = dataclasses.replace(cfg, max_seq=choose_max_seq(cfg, max_seq, kv_dtype, path))
     if tokenizer is not None and not cfg.eos_ids and tokenizer.eos_ids:
         cfg = dataclasses.replace(cfg, eos_ids=tuple(tokenizer.eos_ids))
+    if not any(k in compile_options for k in ("pipeline", "quantize", "sparsify", "force", "formats")):
+        compile_options["pipeline"] = DENSE_PIPELINE
     dec = Decoder(cfg, weights, target=target, threads=threads, tokenizer=tokenizer, kv_dtype=kv_dtype,
                   **compile_options)
     dec.graph = dec.module.ir = None   # their constants are copies; the weights stay memory-mapped views
