@@ -398,6 +398,10 @@ def test_spm_gguf_matches_transformers_and_llama_cpp(spm_gguf):
         assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True) == text.replace("<|user|>", "").replace("</s>", "")
         if "<" not in text:      # llama.cpp's algorithm on plain text (it also splits at special tokens)
             assert ids == [1] + _spm_llama_cpp(tokens, scores, text), text
+    for text in SPM_TEXTS:                  # streaming: the leading '▁' strip and byte fallback included
+        ids, s = tok.encode(text), tok.stream()
+        assert "".join(s.step(i) for i in ids) == tok.decode(ids)
+    assert Tokenizer.load(spm_gguf).encode(SPM_TEXTS[1]) == tok.encode(SPM_TEXTS[1])
     assert 260 in tok.encode("a<tool>b") and tok.decode(tok.encode("a<tool>b")) == "a<tool>b"   # user-defined: kept
     assert any(3 <= i < 259 for i in tok.encode("🚀"))                        # byte fallback
     chat = [{"role": "user", "content": "hi"}, {"role": "user", "content": "yo"}]
