@@ -42,14 +42,21 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# tokenizer.ggml.pre -> (split, ignore_merges, llama.cpp's add_bos default). split: a regex applied
-# before the byte-level mapping, "digits" (each digit alone, then GPT-2's regex: SmolLM and
-# StarCoder, whose merges never join digits), or None (GPT-2's regex alone).
+_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# tokenizer.ggml.pre -> (split, ignore_merges, llama.cpp's add_bos default), grouped as llama.cpp
+# groups them. split: a regex applied before the byte-level mapping; "digits": each \p{N} alone,
+# then GPT-2's regex (SmolLM, StarCoder, ...: their merges never join digits); None: GPT-2's regex.
+# "default" (a file older than the key) gets GPT-2's regex, as transformers reads it.
 PRE_TOKENIZERS = {
     **{name: (_LLAMA3, True, True) for name in ("llama3", "llama-v3", "llama-bpe", "falcon3")},
-    **{name: (_QWEN2, False, False) for name in ("qwen2", "deepseek-r1-qwen")},
-    **{name: ("digits", False, False) for name in ("smollm", "starcoder", "refact", "codeshell")},
-    **{name: (None, False, False) for name in ("gpt-2", "gpt2", "default")},
+    "tekken": (_TEKKEN, True, True),
+    **{name: (_QWEN2, False, False) for name in ("qwen2", "deepseek-r1-qwen", "stablelm2")},
+    **{name: ("digits", False, False) for name in ("smollm", "starcoder", "refact", "command-r", "codeshell",
+                                                   "exaone")},
+    **{name: (None, False, False) for name in ("gpt-2", "gpt2", "mpt", "olmo", "jais", "default")},
 }
 
 # Token texts llama.cpp treats as end of generation besides the EOS id (llama-vocab.cpp)

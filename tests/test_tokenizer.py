@@ -447,13 +447,13 @@ def _bpe_vocab(pre: str):
     return tok, tokens, types, merges
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "smollm"])
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "smollm", "tekken"])
 def test_byte_level_gguf_pre_tokenizers(pre, tmp_path):
     ref, tokens, types, merges = _bpe_vocab(pre)
     p = _write_gguf(tmp_path / f"{pre}.gguf", model="gpt2", tokens=tokens, types=types, merges=merges, pre=pre,
                     bos=1, eos=2, template="{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}")
     tok = Tokenizer.from_gguf(p)
-    expect_bos = pre == "llama-bpe"                 # llama.cpp adds BOS for Llama 3 vocabularies by default
+    expect_bos = pre in ("llama-bpe", "tekken")     # llama.cpp adds BOS for these by default
     assert tok.bos_id == 1 and tok.eos_ids[0] == 2 and 0 in tok.eos_ids
     hf = _hf_gguf_tokenizer(p) if pre != "smollm" else None      # transformers has no 'smollm' entry
     for text in TEXTS + NUMERIC + ["<|im_start|>hi<think>x<|im_end|>"]:
@@ -471,6 +471,7 @@ def test_pre_tokenizer_regexes_are_transformers_and_llama_cpp_ones():
     from transformers.integrations.gguf import gguf_tokenizer_mapping as m
     assert PRE_TOKENIZERS["llama-bpe"][0] == m.GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]
     assert PRE_TOKENIZERS["qwen2"][0] == m.GGUF_PRE_TOKENIZER_SPLITS["qwen2"]
+    assert PRE_TOKENIZERS["tekken"][0] == m.GGUF_PRE_TOKENIZER_SPLITS["tekken"]
 
 
 def test_gguf_errors(tmp_path):
@@ -508,3 +509,37 @@ def test_gguf_errors(tmp_path):
         Tokenizer.from_gguf(tmp_path / "missing.gguf")
     with pytest.raises(TypeError, match="path or a gguf.GGUFReader"):
         Tokenizer.from_gguf(42)
+
+
+def test_spm_gguf_with_merges_listed(spm_gguf, tmp_path):
+    """A 'llama' vocabulary whose file lists merges uses them as they are (here: the ones its scores imply)."""
+    tokens, types, scores = _spm_vocab()
+    merges = [f"{a} {b}" for a, b in merges_from_scores({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)))]
+    p = _write_gguf(tmp_path / "merges.gguf", model="llama", tokens=tokens, types=types, merges=merges,
+                    bos=1, eos=2, unk=0)
+    listed, scored = Tokenizer.from_gguf(p), Tokenizer.from_gguf(spm_gguf)
+    for text in SPM_TEXTS:
+        assert listed.encode(text) == scored.encode(text), text
+
+
+def test_llama3_ignores_merges_for_whole_words(tmp_path):
+    """llama.cpp (and Llama 3's tokenizer.json) take a pre-token that is itself a token whole."""
+    tokens, types, merges = ["a", "b", "c", "ab", "bc", "abc"], [1] * 6, ["b c", "a b"]
+    ids = {}
+    for pre in ("llama-bpe", "gpt-2"):
+        tok = Tokenizer.from_gguf(_write_gguf(tmp_path / f"{pre}.gguf", model="gpt2", tokens=tokens, types=types,
+                                              merges=merges, pre=pre))
+        ids[pre] = tok.encode("abc", add_special=False)
+    assert ids == {"llama-bpe": [5], "gpt-2": [0, 4]}
+
+
+def test_transformers_saved_directory(smol, smol_hf, tmp_path):
+    """The files transformers' save_pretrained writes (tokenizer_config.json with added_tokens_decoder,
+    chat_template.jinja, ...) read back to the same tokenizer."""
+    smol_hf.save_pretrained(str(tmp_path))
+    tok = Tokenizer.from_hf_dir(tmp_path)
+    assert (tok.bos_id, tok.eos_ids[0]) == (smol_hf.bos_token_id, smol_hf.eos_token_id)
+    for text in TEXTS:
+        assert tok.encode(text) == smol_hf.encode(text) == smol.encode(text), text
+    for chat in SMOL_CHATS:
+        assert tok.apply_chat_template(chat) == smol_hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
