@@ -59,7 +59,7 @@ PRE_TOKENIZERS = {
     **{name: (None, False, False) for name in ("gpt-2", "gpt2", "mpt", "olmo", "jais", "default")},
 }
 
-# Token texts llama.cpp treats as end of generation besides the EOS id (llama-vocab.cpp)
+# Token texts llama.cpp treats as end of generation besides the EOS/EOT/EOM ids (llama-vocab.cpp)
 EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
              "<EOT>", "<|end_of_text|>", "<end_of_utterance>")
 
@@ -168,6 +168,8 @@ class Tokenizer:
                                     "a tokenizer.json file or a .gguf file")
         if p.suffix.lower() == ".gguf" or _is_gguf(p):
             return cls.from_gguf(p)
+        if p.name == "tokenizer.json":          # with the configs beside it
+            return cls.from_hf_dir(p.parent)
         return cls.from_file(p)
 
     @classmethod
@@ -261,8 +263,7 @@ class Tokenizer:
         _add_special(backend, specials)
         _set_post_processor(backend, bos if f.get("tokenizer.ggml.add_bos_token", add_bos_default) else None,
                             eos if f.get("tokenizer.ggml.add_eos_token", False) else None, where=where)
-        eog = [ids["eot"], ids["eom"]] + [i for i, (t, ty) in enumerate(zip(tokens, types))
-                                          if ty in (CONTROL, USER_DEFINED) and t in EOG_TEXTS]
+        eog = [ids["eot"], ids["eom"]] + [i for i, t in enumerate(tokens) if t in EOG_TEXTS]
         return cls(backend, bos_token=bos, eos_token=eos, eos_ids=[i for i in eog if i is not None],
                    chat_template=f.get("tokenizer.chat_template"), vocab_size=len(tokens),
                    special_tokens={"unk_token": text(ids["unknown"]), "pad_token": text(ids["padding"])},
@@ -430,8 +431,7 @@ class _GGUFFields:
         field = self.fields.get(key)
         if field is None:
             return default
-        value = field.contents()
-        return value
+        return field.contents()
 
     def require(self, key: str):
         value = self.get(key)

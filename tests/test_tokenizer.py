@@ -215,6 +215,7 @@ def test_trained_bpe_dir_matches_transformers(bpe_dir):
     hf = transformers.AutoTokenizer.from_pretrained(str(bpe_dir))
     tok = Tokenizer.from_hf_dir(bpe_dir)
     assert tok.bos_id == hf.bos_token_id == 1 and tok.eos_ids == (2, 4)
+    assert Tokenizer.load(bpe_dir / "tokenizer.json").chat_template == LLAMA2_STYLE     # the configs beside it
     for text in TEXTS + NUMERIC + ["<|user|>hi<|assistant|>ok</s>"]:
         ids = tok.encode(text)
         assert ids == hf.encode(text) and ids[0] == 1, text
