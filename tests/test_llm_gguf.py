@@ -13,7 +13,6 @@ import sqk
 from harness import assert_close
 from sqk.ir import blocks
 from sqk.llm import LLMLoadError, reference_logits
-from sqk.llm.decoder import LlamaConfig
 
 gguf = pytest.importorskip("gguf")
 
@@ -74,14 +73,14 @@ def write_gguf(path, kind, tied=False, arch="llama", eos=None, embd_kind=None, s
         if how == "vector":
             a = (1 + 0.1 * rng.standard_normal(k_)).astype(np.float32)
             k = "F32"
-        data = encode(k, a if how != "vector" else a, rng)
+        data = encode(k, a, rng)
         raw_dtype = None if k in ("F32", "F16") else ggml_type(k)
         w.add_tensor(name, data, raw_dtype=raw_dtype)      # quantized: uint8 [N, row bytes]
         deq = blocks.dequantize(k, data, (n_, k_) if how != "vector" else (k_,))
         ref[ours] = deq if how == "vector" else (deq if how == "rows" else deq.T)
         return deq
 
-    embd = add("token_embd.weight", "embed", (v, h), "rows", embd_kind or kind)
+    add("token_embd.weight", "embed", (v, h), "rows", embd_kind or kind)
     for i in range(d["layers"]):
         p = f"blk.{i}."
         add(p + "attn_norm.weight", f"attn_norm.{i}", (1, h), "vector")
@@ -108,10 +107,6 @@ def write_gguf(path, kind, tied=False, arch="llama", eos=None, embd_kind=None, s
     w.write_tensors_to_file()
     w.close()
     return ref
-
-
-def config_of(dec) -> LlamaConfig:
-    return dec.config
 
 
 @pytest.mark.parametrize("kind", TYPES)

@@ -238,4 +238,4 @@ def test_unsupported_tensor_dtype_and_missing_tensor(tmp_path, llama_dir):
         sqk.llm.load(tmp_path)
     save_file({"model.norm.weight": np.zeros(63, np.float32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(LLMLoadError, match=r"'model.norm.weight' has shape \[63\], the config says \[64\]"):
-        load_hf(str(tmp_path)) if False else sqk.llm.load(tmp_path)
+        sqk.llm.load(tmp_path)

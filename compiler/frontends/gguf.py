@@ -65,10 +65,7 @@ def open_gguf(path: str):
 
 def field(reader, key: str, default=None):
     f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+    return default if f is None else f.contents()
 
 
 class GGUFWeights(Mapping):
