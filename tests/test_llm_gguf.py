@@ -138,11 +138,14 @@ def test_gguf_quantized_weights_keep_the_blocks(tmp_path):
 
 
 def test_gguf_prefill_qwen2_biases(tmp_path):
+    """Qwen2 (q/k/v biases, rope "half") with a tied Q8_0 table, prefilled in
+    chunks of 4 and 1 (the embedding columns of several tokens at once)."""
     path = tmp_path / "q.gguf"
-    ref_w = write_gguf(path, "Q8_0", arch="qwen2", eos=7)
+    ref_w = write_gguf(path, "Q8_0", arch="qwen2", eos=7, tied=True)
     dec = sqk.llm.load(path, max_seq=16)
     cfg = dec.config
     assert cfg.arch == "qwen2" and cfg.qkv_bias and cfg.rope_style == "half" and cfg.eos_ids == (7,)
+    assert cfg.tie_embeddings
     out = dec.generate(TOKENS, 6, stop=[])                    # prefill in one chunk, then steps
     ref = reference_logits(cfg, ref_w, TOKENS + out)
     assert out == [int(np.argmax(r)) for r in ref[len(TOKENS) - 1:-1]]
