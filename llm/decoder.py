@@ -343,10 +343,13 @@ class Decoder:
     modules share one set of KV caches (``module.state``, the step module's;
     ``kv_dtype="f16"`` stores them in f16).  ``generate`` and ``chat`` decode
     text with a ``tokenizer`` (llm/tokenizer.py).  ``sqk.llm.load`` makes one
-    from a model's files."""
+    from a model's files, with ``keep_ir=False``: the graphs, whose constants
+    copy the weights, are dropped once compiled (``weights`` stays: a loader's
+    mapping reads the memory-mapped file again for a new chunk length)."""
 
     def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
-                 kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, **compile_options):
+                 kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, keep_ir: bool = True,
+                 **compile_options):
         from ..compiler.driver import compile
 
         if prefill_chunk < 1:
@@ -360,6 +363,9 @@ class Decoder:
         self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype)
         self.module = compile(self.graph, target=target, state=state_names(cfg), **compile_options)
         self.chunk_modules: dict[int, object] = {1: self.module}   # chunk length -> Module
+        self.keep_ir = keep_ir   # False: drop each compiled graph (its constants copy the weights)
+        if not keep_ir:
+            self.graph = self.module.ir = None
         self.pos = 0
 
     @property
@@ -381,6 +387,8 @@ class Decoder:
             g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype)
             m = compile(g, target=self.target, state=state_names(self.cfg), **self.compile_options)
             m.share_state(self.module)
+            if not self.keep_ir:
+                m.ir = None
             any(m.share_constants(o) for o in self.chunk_modules.values())  # one mapping per weight layout
             self.chunk_modules[tokens] = m
         return m

@@ -85,7 +85,5 @@ def load(path, *, target: str = "host", max_seq: int | None = None, kv_dtype: st
         cfg = dataclasses.replace(cfg, eos_ids=tuple(tokenizer.eos_ids))
     if not any(k in compile_options for k in ("pipeline", "quantize", "sparsify", "force", "formats")):
         compile_options["pipeline"] = DENSE_PIPELINE
-    dec = Decoder(cfg, weights, target=target, threads=threads, tokenizer=tokenizer, kv_dtype=kv_dtype,
-                  **compile_options)
-    dec.graph = dec.module.ir = None   # their constants are copies; the weights stay memory-mapped views
-    return dec
+    return Decoder(cfg, weights, target=target, threads=threads, tokenizer=tokenizer, kv_dtype=kv_dtype,
+                   keep_ir=False, **compile_options)
