@@ -111,7 +111,7 @@ def write_gguf(path, kind, tied=False, arch="llama", eos=None, embd_kind=None, s
 
 @pytest.mark.parametrize("kind", TYPES)
 def test_gguf_types_match_dequantized_reference(tmp_path, kind):
-    tied = kind in ("Q8_0", "F16", "Q4_1", "Q6_K")        # tied: Q8_0/F16 gathered from the lm_head's table
+    tied = kind in ("Q8_0", "F16", "Q4_1", "Q6_K")        # Q4_1 tied: an f32 copy for the gather
     path = tmp_path / f"m-{kind}.gguf"
     ref_w = write_gguf(path, kind, tied=tied, seed=TYPES.index(kind))
     dec = sqk.llm.load(path)
@@ -135,6 +135,13 @@ def test_gguf_quantized_weights_keep_the_blocks(tmp_path):
     assert "embed" in w and w["embed"].dtype == np.float32         # Q4_1 blocks cannot be gathered: an f32 copy
     g = sqk.llm.build_decoder(cfg, w)
     assert sum(n.op == "matmul_q" for n in g.nodes) == 7 * cfg.layers + 1
+    for kind in ("Q8_0", "Q6_K"):                              # i8 codes: one table, gathered and multiplied
+        write_gguf(tmp_path / f"{kind}.gguf", kind, tied=True)
+        cfg, w, _ = load_gguf(str(tmp_path / f"{kind}.gguf"))
+        assert "embed" not in w
+        g = sqk.llm.build_decoder(cfg, w, tokens=3)
+        table = next(n.output for n in g.nodes if n.op == "const" and n.output.name == "lm_head")
+        assert sorted(n.op for n in g.nodes if table in n.inputs) == ["gather", "matmul_q"]
 
 
 def test_gguf_prefill_qwen2_biases(tmp_path):

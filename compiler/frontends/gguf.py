@@ -11,9 +11,10 @@ is a transposed view).  Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices become
 ``matmul_q`` weights (``ir.blocks.to_matmul_q``): the file's codes and
 scales as they are, never dequantized and requantized.  ``token_embd`` is
 the embedding; without an ``output`` tensor it is also the lm_head (tied):
-one table, gathered column by column when it is F32/F16/BF16 or Q8_0; of
-another quantized type the gather reads a dequantized f32 copy (the lm_head
-keeps the blocks).  An untied quantized ``token_embd`` is dequantized to
+one table, gathered column by column when it is F32/F16/BF16, Q8_0 or Q6_K
+(i8 codes: ``llm.decoder.embed`` dequantizes the gathered columns); of a
+4-bit type the gather reads a dequantized f32 copy (the lm_head keeps the
+blocks).  An untied quantized ``token_embd`` is dequantized to
 f32 (the gather reads one row per token).
 
 Q/K row order: llama.cpp's converter permutes the rows of attn_q and attn_k
@@ -43,6 +44,7 @@ from ...llm.errors import LLMLoadError
 
 ARCHS = ("llama", "qwen2")
 FLOATS = ("F32", "F16", "BF16")
+GATHERED = FLOATS + ("Q8_0", "Q6_K")   # tied tables the embedding gathers from (i8 codes, no minimums)
 
 
 def open_gguf(path: str):
@@ -152,7 +154,7 @@ def weight_names(cfg: LlamaConfig, tensors: dict) -> dict[str, tuple[str, str]]:
     embd = tensors["token_embd.weight"].tensor_type.name
     if cfg.tie_embeddings:
         names["lm_head"] = ("token_embd.weight", "matrix")
-        if embd not in FLOATS and embd != "Q8_0":   # the gather cannot read these blocks: an f32 copy
+        if embd not in GATHERED:       # the gather cannot read these blocks: an f32 copy
             names["embed"] = ("token_embd.weight", "rows")
     else:
         names["embed"] = ("token_embd.weight", "rows")
