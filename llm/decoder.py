@@ -13,10 +13,17 @@
                ``fold_lookup_experts`` pass can turn them into one lookup table per layer
     logits = rmsnorm(x) @ lm_head           -> outputs: logits, then every updated cache
 
-``Decoder`` compiles it once with the caches as state (``compile(state=...)``):
-the Module owns them, each call passes only the token and the position, and
-attention_decode writes the new K/V rows straight into the Module's arrays (on
-the host; riscv64 round-trips them through the runner's files).
+``build_decoder(cfg, weights, tokens=T)`` is the same network over a chunk of
+T prompt tokens at pos..pos+T-1 (GEMMs with M = T, attention_decode writing T
+rows with causal attention inside the chunk), returning the last token's
+logits only.
+
+``Decoder`` compiles the step once with the caches as state
+(``compile(state=...)``): the Module owns them, each call passes only the
+token and the position, and attention_decode writes the new K/V rows straight
+into the Module's arrays (on the host; riscv64 round-trips them through the
+runner's files).  ``Decoder.prefill`` compiles a module per chunk length when
+first needed, each sharing those state arrays (``Module.share_state``).
 ``reference_logits`` is an independent numpy model of the same network: full
 causal attention over the whole prefix, recomputed from scratch.
 
@@ -123,7 +130,7 @@ def build_decoder(cfg: LlamaConfig, weights: dict[str, np.ndarray], tokens: int 
             route = b.softmax(b.matmul(h, c[f"mole_router.{i}"]))                  # [T, E]
             if tokens == 1:
                 x = b.add(x, b.matmul(route, b.concat(*experts, axis=0)))         # [1, E] @ [E, H]
-            else:                                                                 # per row: sum_e route[:, e] * expert_e
+            else:                                                   # per row: sum_e route[:, e] * expert_e
                 for e, ex in enumerate(experts):
                     x = b.add(x, b.mul(b.slice(route, starts=(e,), ends=(e + 1,), axes=(1,)), ex))
     if tokens > 1:

@@ -185,8 +185,9 @@ def _chunk_graph(t, hq, hkv, s, d, dtype="f32", kv=None):
 
 def _chunk_inputs(t, hq, hkv, s, d, pos, seed=0, dtype="f32", kv=None):
     r, lead = _rng(seed), ((t,) if t else ())
-    return dict(q=rand(lead + (hq, d), dtype, r), kn=rand(lead + (hkv, d), dtype, r), vn=rand(lead + (hkv, d), dtype, r),
-                kc=rand((hkv, s, d), kv or dtype, r), vc=rand((hkv, s, d), kv or dtype, r), pos=np.array([pos]))
+    return dict(q=rand(lead + (hq, d), dtype, r), kn=rand(lead + (hkv, d), dtype, r),
+                vn=rand(lead + (hkv, d), dtype, r), kc=rand((hkv, s, d), kv or dtype, r),
+                vc=rand((hkv, s, d), kv or dtype, r), pos=np.array([pos]))
 
 
 def _check_chunk(m, g, ins, what):
@@ -253,7 +254,7 @@ def test_attention_chunk_state(target):
     bad = dict(ins, q=ins["q"][None].repeat(4, 0), kn=ins["kn"][None].repeat(4, 0), vn=ins["vn"][None].repeat(4, 0))
     for p in (9, -1):
         with pytest.raises(sqk.SqkRuntimeError, match=r"a chunk of 4 tokens from position %pos must lie in the KV "
-                                                      rf"cache of length 12 \(positions in \[0, 8\]\) \(got pos = \[{p}\]\)"):
+                           rf"cache of length 12 \(positions in \[0, 8\]\) \(got pos = \[{p}\]\)"):
             mc(**dict(bad, pos=np.array([p])))
     assert np.array_equal(mc.state["kc"], kc)          # a failed chunk wrote nothing
     with pytest.raises(IndexError, match=r"positions 9..12 are outside the KV cache of length 12"):
