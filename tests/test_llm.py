@@ -387,22 +387,12 @@ def test_decode_riscv64():
 PCFG = LlamaConfig(vocab=97, hidden=32, layers=2, heads=6, kv_heads=2, head_dim=8, ffn=48, max_seq=24)
 
 
-def test_chunk_sizes():
-    from sqk.llm.decoder import chunk_sizes
-    assert chunk_sizes(45, 32) == [32, 8, 4, 1]
-    assert chunk_sizes(64, 32) == [32, 32]
-    assert chunk_sizes(7, 100) == [4, 2, 1]
-    assert chunk_sizes(13, 6) == [6, 6, 1]
-    for n in range(1, 70):
-        assert sum(chunk_sizes(n, 16)) == n and len(set(chunk_sizes(n, 16))) <= 6
-
-
 @pytest.fixture(scope="module")
 def prefill_decoder():
     return Decoder(PCFG, seed=2, prefill_chunk=8)
 
 
-@pytest.mark.parametrize("n", [8, 16, 19])          # chunk 8 divides the prompt, and does not (8 + 8 + 2 + 1)
+@pytest.mark.parametrize("n", [8, 16, 17, 19])     # chunks of 8: whole; 8 + 8 + 1 step; 8 + 8 + 3 padded to 8
 def test_prefill_matches_reference_and_steps(prefill_decoder, n):
     dec = prefill_decoder
     tokens = [int(t) for t in _rng(n).integers(0, PCFG.vocab, n + 3)]
@@ -415,23 +405,29 @@ def test_prefill_matches_reference_and_steps(prefill_decoder, n):
     assert dec.pos == n
     assert_close(logits, ref[n - 1], 1e-4, what=f"prefill logits of {n} tokens vs reference")
     assert_close(logits, steps[-1], 1e-4, what=f"prefill logits of {n} tokens vs token by token")
-    for name, a in dec.module.state.items():           # the caches the steps would have written
-        assert_close(a, k_steps[name], 1e-4, what=name)
-        assert not a[:, n:].any(), f"{name}: rows past the prompt written"
-    for i in range(n, n + 3):                          # decoding continues on the prefilled caches
-        assert_close(dec.step(tokens[i]), ref[i], 1e-4, what=f"step {i} after prefill")
-    assert sorted(dec.chunk_modules) == sorted({1, 8} | {c for c in (2, 4) if n % 8 & c})
+    for name, a in dec.module.state.items():           # the rows the steps wrote
+        assert_close(a[:, :n], k_steps[name][:, :n], 1e-4, what=name)
+    assert dec.module.state["k_cache.0"][:, n:].any() == (n == 19)   # padding wrote rows 19..23
+    for i in range(n, n + 3):                          # decoding continues on the prefilled caches,
+        assert_close(dec.step(tokens[i]), ref[i], 1e-4, what=f"step {i} after prefill")   # padding rewritten
+    assert list(dec.chunk_modules) == [8]
 
 
 def test_prefill_twice_and_generate(prefill_decoder):
     """A second prefill continues from the current position (a multi-turn
-    prompt); generate prefills, then decodes greedily."""
+    prompt), over the padding the first one wrote; near the cache's end a
+    piece runs token by token; generate prefills, then decodes greedily."""
     dec = prefill_decoder
     tokens = [5, 60, 2, 96, 33, 7, 1, 80, 44, 12, 3]
     ref = reference_logits(PCFG, dec.weights, tokens)
     dec.reset()
-    dec.prefill(tokens[:6])
+    dec.prefill(tokens[:6])                            # 6 tokens padded to 8: rows 6, 7 hold padding
     assert_close(dec.prefill(tokens[6:]), ref[-1], 1e-4, what="second prefill")
+    long = [int(t) for t in _rng(7).integers(0, PCFG.vocab, 22)]
+    ref = reference_logits(PCFG, dec.weights, long)
+    dec.reset()
+    dec.prefill(long[:18])
+    assert_close(dec.prefill(long[18:]), ref[-1], 1e-4, what="4 tokens at 18: 18 + 8 > 24, token by token")
     dec.reset()
     out = dec.generate(tokens[:9], 4)
     full = reference_logits(PCFG, dec.weights, tokens[:9] + out)
@@ -449,10 +445,14 @@ def test_prefill_errors(prefill_decoder):
     with pytest.raises(ValueError, match="5 tokens from position 20 go beyond the KV cache length 24"):
         dec.prefill([1] * 5)
     assert dec.pos == 20
-    m = dec.chunk_module(8)                            # the kernels check the position too
+    m = dec.chunk_module(8)                            # the kernels check the position and the row too
     with pytest.raises(sqk.SqkRuntimeError, match=r"a chunk of 8 tokens from position %pos must lie in the KV "
                                                    r"cache of length 24 \(positions in \[0, 16\]\)"):
-        m(token=np.arange(8), pos=np.array([17]))
+        m(token=np.arange(8), pos=np.array([17]), last=np.array([7]))
+    with pytest.raises(sqk.SqkRuntimeError, match=r"gather: every id in %last must lie in \[-8, 8\)"):
+        m(token=np.arange(8), pos=np.array([0]), last=np.array([8]))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        dec.chunk_module(1)
     with pytest.raises(ValueError, match="a chunk of 25 tokens does not fit in the KV cache of length 24"):
         build_decoder(PCFG, dec.weights, tokens=25)
 
@@ -484,6 +484,6 @@ def test_prefill_riscv64():
     dec = Decoder(cfg, w, target="riscv64", prefill_chunk=4, kv_dtype="f16")
     tokens = [3, 30, 7, 1, 22, 9, 14]
     ref = reference_logits(cfg, w, tokens)
-    assert_close(dec.prefill(tokens[:6]), ref[5], 2e-3, what="riscv64 prefill (4 + 2)")
+    assert_close(dec.prefill(tokens[:6]), ref[5], 2e-3, what="riscv64 prefill (4, then 2 padded to 4)")
     assert_close(dec.step(tokens[6]), ref[6], 2e-3, what="riscv64 step after prefill")
-    assert dec.module.state["k_cache.0"][:, :7].any() and not dec.module.state["k_cache.0"][:, 7:].any()
+    assert list(dec.chunk_modules) == [4] and dec.module.state["k_cache.0"].all()   # row 7: padding
