@@ -487,3 +487,17 @@ def test_prefill_riscv64():
     assert_close(dec.prefill(tokens[:6]), ref[5], 2e-3, what="riscv64 prefill (4, then 2 padded to 4)")
     assert_close(dec.step(tokens[6]), ref[6], 2e-3, what="riscv64 step after prefill")
     assert list(dec.chunk_modules) == [4] and dec.module.state["k_cache.0"].all()   # row 7: padding
+
+
+def test_prefill_lookup_experts():
+    """MoLE's experts over a chunk (per row: route[:, e] * expert_e), with and
+    without fold_lookup_experts (which folds only the one-token step)."""
+    cfg = LlamaConfig(vocab=97, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, ffn=48, max_seq=16,
+                      lookup_experts=3, lookup_ffn=16)
+    w = random_weights(cfg, 5)
+    tokens = [int(t) for t in _rng(3).integers(0, cfg.vocab, 13)]
+    ref = reference_logits(cfg, w, tokens)
+    for opts in ({}, {"pipeline": "fold_constants,fold_lookup_experts,select_format,dce,fuse"}):
+        dec = Decoder(cfg, w, prefill_chunk=8, **opts)
+        assert_close(dec.prefill(tokens[:12]), ref[11], 1e-4, what=f"MoLE prefill {opts}")
+        assert_close(dec.step(tokens[12]), ref[12], 1e-4, what=f"MoLE step after prefill {opts}")
