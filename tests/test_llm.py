@@ -277,6 +277,12 @@ def test_attention_f16_cache(target, t):
         assert_close(out, ref, what=f"T={t} pos {pos}")
 
 
+@pytest.mark.parametrize("t", [0, 5])
+def test_attention_f16_activations_f32_cache(t):
+    g = _chunk_graph(t, 4, 2, 9, 8, dtype="f16", kv="f32")
+    check(g, _chunk_inputs(t, 4, 2, 9, 8, 3, dtype="f16", kv="f32"), "host")
+
+
 def test_attention_chunk_errors():
     b = sqk.GraphBuilder("e")
     q, kc = b.input("q", (3, 4, 8)), b.input("kc", (2, 8, 8))
