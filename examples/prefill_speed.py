@@ -2,7 +2,7 @@
 random-weight decoder of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads,
 3 kv heads, head_dim 64, ffn 1536, vocab 49152), f32 and int4 g32 weights.
 A quick measurement, not a benchmark: one process, no peers, best of a few runs.
-Run: python examples/prefill_speed.py [--prompt 128] [--chunk 128] [--threads 2] [--quant f32,int4]"""
+Run: python examples/prefill_speed.py [--prompt 128] [--chunk 128] [--threads 2] [--quant f32,int4,int4+a8]"""
 import argparse
 import time
 
@@ -23,7 +23,9 @@ cfg = LlamaConfig(vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, head_
 w = random_weights(cfg, 0)
 prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab, a.prompt)]
 for quant in a.quant.split(","):
-    opts = {} if quant == "f32" else {"quantize": quant, "group": 32}
+    opts = {} if quant == "f32" else {"quantize": quant.split("+")[0], "group": 32}
+    if quant.endswith("+a8"):                      # e.g. int4+a8: int8 activations, integer dot products
+        opts["activations"] = "int8"
     t0 = time.perf_counter()
     dec = Decoder(cfg, w, threads=a.threads, prefill_chunk=a.chunk, **opts)
     t_step = time.perf_counter() - t0

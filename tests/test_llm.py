@@ -261,6 +261,23 @@ def test_attention_chunk_state(target):
         sqk.reference(chunk, kc=kc, vc=vc, **dict(bad, pos=np.array([9])))
 
 
+def test_share_state_and_constants():
+    small, big = (sqk.compile(_chunk_graph(4, 2, 1, s, 8), state=["kc", "vc"]) for s in (8, 9))
+    with pytest.raises(ValueError, match=r"cannot share state 'kc': this module has float32\[1, 9, 8\], "
+                                         r"the other float32\[1, 8, 8\]"):
+        big.share_state(small)
+    with pytest.raises(ValueError, match="cannot share state 'kc'.* the other none"):
+        small.share_state(sqk.compile(_chunk_graph(4, 2, 1, 8, 8)))
+    def scaled(v):
+        b = sqk.GraphBuilder("c")
+        return sqk.compile(b.output(b.matmul(b.input("x", (2, 8)), b.const(np.full((8, 8), v, np.float32)))))
+
+    one, two, again = scaled(1), scaled(2), scaled(1)
+    assert not one.share_constants(two)                # other bytes: each keeps its own
+    assert again.share_constants(one) and again._consts_path == one._consts_path
+    assert_close(again(x=np.ones((2, 8), np.float32)), np.full((2, 8), 8, np.float32))
+
+
 @pytest.mark.parametrize("target,t", [("host", 0), ("host", 6), ("riscv64", 0), ("riscv64", 6)])
 def test_attention_f16_cache(target, t):
     """f16 caches of f32 activations: rows rounded on write (exactly as the
