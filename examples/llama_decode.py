@@ -17,7 +17,7 @@ dec = Decoder(cfg, target=target)
 print(f"compiled {len(dec.module.manifest['kernels'])} kernels for {target} in {time.perf_counter() - t0:.1f} s; "
       f"state: {', '.join(dec.module.state)}")
 prompt = [1, 42, 7]
-dec.prefill(prompt)             # compiles the prompt's chunk lengths (2 and 1) before the timing
+dec.prefill(prompt)             # compiles a prefill chunk's module, if the prompt takes one, before the timing
 dec.reset()
 t0 = time.perf_counter()
 out = dec.generate(prompt, n)   # the prompt in one call per chunk, then n - 1 steps

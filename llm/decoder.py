@@ -13,10 +13,17 @@
                ``fold_lookup_experts`` pass can turn them into one lookup table per layer
     logits = rmsnorm(x) @ lm_head           -> outputs: logits, then every updated cache
 
-``Decoder`` compiles it once with the caches as state (``compile(state=...)``):
-the Module owns them, each call passes only the token and the position, and
-attention_decode writes the new K/V rows straight into the Module's arrays (on
-the host; riscv64 round-trips them through the runner's files).
+``build_decoder(cfg, weights, tokens=T)`` is the same network over a chunk of
+T prompt tokens at pos..pos+T-1 (GEMMs with M = T, attention_decode writing T
+rows with causal attention inside the chunk), returning the last token's
+logits only.
+
+``Decoder`` compiles the step once with the caches as state
+(``compile(state=...)``): the Module owns them, each call passes only the
+token and the position, and attention_decode writes the new K/V rows straight
+into the Module's arrays (on the host; riscv64 round-trips them through the
+runner's files).  ``Decoder.prefill`` compiles a module per chunk length when
+first needed, each sharing those state arrays (``Module.share_state``).
 ``reference_logits`` is an independent numpy model of the same network: full
 causal attention over the whole prefix, recomputed from scratch.
 
@@ -156,7 +163,9 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     """The graph of one decoding step (module docstring), or with ``tokens=T > 1``
     of a prefill chunk: token i64[T] at positions pos..pos+T-1 (pos the start),
     every projection a GEMM with M = T, attention_decode over the chunk writing
-    its T cache rows, and the logits [1, vocab] of the last token only.
+    its T cache rows, and the logits [1, vocab] of one token only, the row
+    ``last`` (i64[1], an input: a chunk padded past the prompt's end returns
+    the logits of its last real token).
     ``kv_dtype``: the caches' dtype, "f32" or "f16" (rounded on write, widened
     on read; the math stays f32).
 
@@ -225,11 +234,11 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
             route = b.softmax(b.matmul(h, const(f"mole_router.{i}")))                  # [T, E]
             if tokens == 1:
                 x = b.add(x, b.matmul(route, b.concat(*experts, axis=0)))         # [1, E] @ [E, H]
-            else:                                                                 # per row: sum_e route[:, e] * expert_e
+            else:                                                   # per row: sum_e route[:, e] * expert_e
                 for e, ex in enumerate(experts):
                     x = b.add(x, b.mul(b.slice(route, starts=(e,), ends=(e + 1,), axes=(1,)), ex))
     if tokens > 1:
-        x = b.slice(x, starts=(tokens - 1,), ends=(tokens,), axes=(0,))
+        x = b.gather(x, b.input("last", (1,), "i64"))
     logits = linear(b.rmsnorm(x, const("final_norm"), eps=cfg.eps), "lm_head")
     return b.output(logits, *new_caches)
 
@@ -322,30 +331,31 @@ def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
     return lin(rms(x, w["final_norm"]), "lm_head").astype(np.float32)
 
 
-def chunk_sizes(n: int, chunk: int) -> list[int]:
-    """How ``prefill`` splits n prompt tokens: chunks of ``chunk`` tokens, then
-    the rest as decreasing powers of two (45 with chunk 32: 32, 8, 4, 1), so at
-    most log2(chunk) + 2 distinct lengths, each compiled once, ever arise; no
-    token is padded or computed twice."""
-    out = [chunk] * (n // chunk)
-    rest = n % chunk
-    while rest:
-        out.append(1 << (rest.bit_length() - 1))
-        rest -= out[-1]
-    return out
-
-
 class Decoder:
-    """A compiled decoder: ``prefill(ids)`` runs a prompt in chunks of up to
-    ``prefill_chunk`` tokens per call (one Module per chunk length, compiled
-    when first needed), ``step(token)`` one token at a time; both return the
-    logits [vocab] of the next token and advance the position.  All the
-    modules share one set of KV caches (``module.state``, the step module's;
-    ``kv_dtype="f16"`` stores them in f16).  ``generate`` and ``chat`` decode
-    text with a ``tokenizer`` (llm/tokenizer.py).  ``sqk.llm.load`` makes one
-    from a model's files, with ``keep_ir=False``: the graphs, whose constants
-    copy the weights, are dropped once compiled (``weights`` stays: a loader's
-    mapping reads the memory-mapped file again for a new chunk length)."""
+    """A compiled decoder: ``prefill(ids)`` runs a prompt in chunks of
+    ``prefill_chunk`` tokens, one compiled call each, ``step(token)`` one token
+    at a time; both return the logits [vocab] of the next token and advance
+    the position.  The chunk's Module is compiled when first needed and shares
+    the step Module's KV caches (``module.state``; ``kv_dtype="f16"`` stores
+    them in f16) and, when the packed weights are the same bytes, its
+    constants file.
+
+    A prompt's last, shorter piece of r tokens is padded to a whole chunk
+    (token 0 at the positions after it; the chunk returns row r-1's logits)
+    rather than given a module of its own: one compiled chunk length, however
+    long the prompts.  The padding writes cache rows past the prompt's end,
+    which nothing reads before they are written again: a position's row is
+    rewritten by the call that processes the real token there, and attention
+    reads only rows up to its own tokens.  Padding costs up to a chunk of
+    computation per prefill, so a piece shorter than ``prefill_chunk // 8``
+    tokens, or one whose padded chunk would run past the cache's end, runs
+    token by token instead.
+
+    ``generate`` and ``chat`` decode text with a ``tokenizer``
+    (llm/tokenizer.py).  ``sqk.llm.load`` makes one from a model's files, with
+    ``keep_ir=False``: the graphs, whose constants copy the weights, are dropped
+    once compiled (``weights`` stays: a loader's mapping reads the
+    memory-mapped file again when the chunk module is compiled)."""
 
     def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
                  kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, keep_ir: bool = True,
@@ -362,7 +372,7 @@ class Decoder:
         self.target, self.compile_options = target, compile_options
         self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype)
         self.module = compile(self.graph, target=target, state=state_names(cfg), **compile_options)
-        self.chunk_modules: dict[int, object] = {1: self.module}   # chunk length -> Module
+        self.chunk_modules: dict[int, object] = {}   # chunk length -> Module
         self.keep_ir = keep_ir   # False: drop each compiled graph (its constants copy the weights)
         if not keep_ir:
             self.graph = self.module.ir = None
@@ -378,8 +388,10 @@ class Decoder:
         self.pos = 0
 
     def chunk_module(self, tokens: int):
-        """The Module of a ``tokens``-long chunk (compiled on first use), its
-        state the step module's arrays."""
+        """The Module of a ``tokens``-long chunk, tokens > 1 (compiled on first
+        use; inputs token, pos, last), its state the step module's arrays."""
+        if tokens < 2:
+            raise ValueError(f"a prefill chunk has at least 2 tokens, got {tokens}: step() runs one")
         m = self.chunk_modules.get(tokens)
         if m is None:
             from ..compiler.driver import compile
@@ -389,7 +401,7 @@ class Decoder:
             m.share_state(self.module)
             if not self.keep_ir:
                 m.ir = None
-            any(m.share_constants(o) for o in self.chunk_modules.values())  # one mapping per weight layout
+            any(m.share_constants(o) for o in [self.module, *self.chunk_modules.values()])  # one mapping per layout
             self.chunk_modules[tokens] = m
         return m
 
@@ -404,9 +416,9 @@ class Decoder:
         return logits[0]
 
     def prefill(self, ids) -> np.ndarray:
-        """Run the tokens ``ids`` from the current position, in chunks
-        (``chunk_sizes``) of one compiled call each; returns the logits [vocab]
-        of the last one."""
+        """Run the tokens ``ids`` from the current position in chunks of
+        ``prefill_chunk`` (the last one padded, or token by token: class
+        docstring); returns the logits [vocab] of the last one."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not ids.size:
             raise ValueError("prefill needs at least one token")
@@ -416,12 +428,20 @@ class Decoder:
         if self.pos + ids.size > self.cfg.max_seq:
             raise ValueError(f"{ids.size} tokens from position {self.pos} go beyond the KV cache length "
                              f"{self.cfg.max_seq}: reset() to start a new sequence")
-        start = 0
-        for t in chunk_sizes(ids.size, self.prefill_chunk):
-            logits = self.chunk_module(t)(token=ids[start:start + t], pos=np.array([self.pos], np.int64))
-            self.pos += t
-            start += t
-        return logits[0]
+        c = self.prefill_chunk
+        for i in range(0, ids.size, c):
+            piece = ids[i:i + c]
+            r = piece.size
+            if c < 2 or r < max(2, c // 8) or self.pos + c > self.cfg.max_seq:
+                for tok in piece:
+                    logits = self.step(int(tok))
+                continue
+            token = np.zeros(c, np.int64)
+            token[:r] = piece
+            logits = self.chunk_module(c)(token=token, pos=np.array([self.pos], np.int64),
+                                          last=np.array([r - 1], np.int64))[0]
+            self.pos += r
+        return logits
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None, stream=None) -> list[int]:
