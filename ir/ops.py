@@ -810,6 +810,32 @@ class Gather:
         return [np.take(table, np.where(ids < 0, ids + n, ids), axis=axis)]
 
 
+@defop("gather_q", "ids q scales zeros", {"group": Attr("int")}, optional=1)
+class GatherQ:
+    """Rows ``ids`` of the table W[N, K] = dequantize(q, scales, zeros, group).T,
+    the weight of a matmul_q x @ W.T with the same q, scales and zeros
+    (``dequantize_weight``: integer zero points or float minimums): f32
+    [*ids.shape, K], every value exactly the dequantized weight.  It reads those
+    constants in matmul_q's packed layout, so a tied embedding and lm_head
+    (GGUF's token_embd serving both) are stored once.  Negative ids count from
+    the end, as in gather."""
+
+    @staticmethod
+    def infer(ids, q, scales, zeros=None, *, group):
+        _dtypes(ids, (dt.i64, dt.i32), "ids")
+        x = TensorType(dt.f32, (1, q.shape[0]) if q.rank == 2 else (1,))
+        MatMulQ.infer(x, q, scales, zeros, group=group)   # the same weight operands
+        return [TensorType(dt.f32, ids.shape + (q.shape[0],))]
+
+    @staticmethod
+    def reference(ids, q, scales, zeros=None, *, group):
+        n = q.shape[1]
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"gather_q: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
+        w = dequantize_weight(q, scales, zeros, group)
+        return [np.ascontiguousarray(w.T[np.where(ids < 0, ids + n, ids)])]
+
+
 @defop("cast", "x", {"to": Attr("dtype")})
 class Cast:
     """Convert dtype (floats to ints truncate toward zero; to bool: x != 0)."""

@@ -182,3 +182,53 @@ def test_text_ir_roundtrip(name, tmp_path):
     g2 = load_ir(tmp_path / "g.sqkir")
     assert print_graph(g2, inline_limit=None) == text
     np.testing.assert_array_equal(sqk.reference(g2, **inputs), sqk.reference(g, **inputs))
+
+
+def tied_graph(name, N, K, ids, seed=0, int_zeros=False):
+    """h = gather_q(ids) of a GGUF table, logits = h @ table.T (matmul_q): the
+    tied embedding / lm_head, one set of constants."""
+    rng = np.random.default_rng(seed)
+    if int_zeros:   # matmul_q's own asymmetric i4 scheme
+        ins = [(rng.integers(-8, 8, (K, N)).astype(np.int8), "i4"),
+               (rng.uniform(0.01, 0.1, (K // 32, N)).astype(np.float32), "f32"),
+               (rng.integers(-8, 8, (K // 32, N)).astype(np.int8), "i4")]
+        attrs = {"group": 32}
+    else:
+        m = blocks.to_matmul_q(name, random_blocks(name, N, K, rng), (N, K))
+        ins, attrs = m["inputs"], m["attrs"]
+    b = sqk.GraphBuilder("tied")
+    i = b.input("ids", (len(ids),), "i64")
+    consts = [b.const(a, d) for a, d in ins]
+    h = b.gather_q(i, *consts, **attrs)
+    g = b.output(h, b.matmul_q(h, *consts, **attrs))
+    return g, {"ids": np.asarray(ids, np.int64)}
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
+@pytest.mark.parametrize("name", FORMATS + ("asym-i4",))
+def test_gather_q_tied(target, name):
+    """gather_q's rows equal the dequantized table exactly (every column position of
+    the packed layouts: the fields of a host word, both nibbles of a row byte, the
+    last narrow block), and a tied table is stored once."""
+    K = blocks.TYPES.get(name, blocks.TYPES["Q4_0"]).block
+    N = 515 if target != "host" else 131
+    ids = list(range(N - 1, -1, -1)) + [-1, -N]
+    g, inputs = tied_graph(name, N, K, ids, int_zeros=name == "asym-i4")
+    m = compile_for(g, target)
+    rows, logits = m(**inputs)
+    want_rows, want_logits = sqk.reference(g, **inputs)
+    np.testing.assert_array_equal(bits(rows), bits(want_rows))
+    assert_close(logits, want_logits)
+    from sqk.codegen.lower import unshare_packed_constants
+    from sqk.codegen.target import get_target
+    t = get_target("riscv64" if target.startswith("riscv") else "host")
+    assert unshare_packed_constants(g, t) is g   # no copy: both readers take the same bytes
+
+
+def test_gather_q_bad_id():
+    g, _ = tied_graph("Q8_0", 40, 32, [0])
+    m = sqk.compile(g)
+    with pytest.raises(Exception, match="gather_q: every id"):
+        m(ids=np.array([40], np.int64))
+    with pytest.raises(IndexError):
+        sqk.reference(g, ids=np.array([-41], np.int64))
