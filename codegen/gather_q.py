@@ -11,9 +11,10 @@ time goes):
 * host (codegen/matmul_q.py): column n sits in block n // 64, column vector
   cv = (n % 64) // 8, lane n % 8; field e of the lane's word(s) holds q + 2^(bits-1)
   below the top field, q in two's complement in it; scales, zeros (+ off_e) and
-  minimums blocked [N/64][groups][64];
+  minimums blocked [N/64][groups][64], supers [N/64][super-blocks][2][64];
 * riscv64 (codegen/matmul_q_rows.py): block n // 512, byte j of a block row (i8)
-  or the low / high nibble of byte j / j - h (i4); scales, minimums plain, zeros i8.
+  or the low / high nibble of byte j / j - h (i4); scales, minimums, supers
+  plain, zeros i8.
 
 Each weight is then (q - zero) * scale, or (q + 8) * scale + minimum: the
 reference's arithmetic, so the rows equal ``dequantize_weight`` bit for bit.
@@ -31,7 +32,7 @@ from .matmul import Access
 from .matmul_q import NB, VL, QLayout, pack_matmul_q
 from .matmul_q_rows import BW, RowLayout, uses_rows
 
-packer("gather_q", inputs=(1, 2, 3))(pack_matmul_q)
+packer("gather_q", inputs=(1, 2, 3, 4))(pack_matmul_q)
 
 
 @emitter("gather_q")
@@ -46,8 +47,12 @@ def emit_gather_q(k: Kernel, node):
     idp, W, out = k.args[0], k.args[1], k.args[-1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, 1)
     zeros = node.inputs[3] if len(node.inputs) > 3 else None
-    mins = zeros is not None and zeros.type.dtype in dt.FLOATS
+    supers = len(node.inputs) > 4          # two-level: u8 scales and zeros times supers
+    mins = zeros is not None and (zeros.type.dtype in dt.FLOATS or supers)
     Z = Access(k, k.args[3], zeros.type.dtype, 1) if mins else None
+    SUP = Access(k, k.args[4], node.inputs[4].type.dtype, 1) if supers else None
+    per_super = max(1, node.attrs.get("super_group", 0) // group)
+    nsuper = node.inputs[4].type.shape[0] if supers else 0
     i4 = node.inputs[1].type.dtype is dt.i4
     half = 8 if i4 else 128
     fail = k.fail(SQK_ERR_INDEX)
@@ -59,7 +64,9 @@ def emit_gather_q(k: Kernel, node):
     def column(n):
         """Column n's (byte of q at k = 0, bytes from one k to the next, right shift
         of its field in the byte, whether it is the host word's top field (None on
-        the row layout), index of its scale in group 0, index step per group)."""
+        the row layout), index of its scale in group 0, index step per group,
+        index of its supers in super-block 0, step per super-block, step from
+        d to dmin)."""
         if rows:
             L = RowLayout(node)
             blk, j = b.udiv(n, i64(BW)), b.urem(n, i64(BW))
@@ -72,7 +79,7 @@ def emit_gather_q(k: Kernel, node):
                 shift = b.select(hi, i64(4), i64(0))
             else:
                 byte, shift = j, i64(0)
-            return b.add(base, byte), rb, shift, None, n, i64(N)
+            return b.add(base, byte), rb, shift, None, n, i64(N), b.mul(n, i64(2)), 2 * N, 1
         L = QLayout(node)
         blk, c = b.udiv(n, i64(NB)), b.urem(n, i64(NB))
         cv, lane = b.udiv(c, i64(VL)), b.urem(c, i64(VL))
@@ -84,7 +91,8 @@ def emit_gather_q(k: Kernel, node):
         else:
             base, shift = b.add(base, e), i64(0)
         top = b.icmp_signed("==", e, i64(L.fields - 1))
-        return base, i64(row), shift, top, b.add(b.mul(blk, i64(groups * NB)), c), i64(NB)
+        return (base, i64(row), shift, top, b.add(b.mul(blk, i64(groups * NB)), c), i64(NB),
+                b.add(b.mul(blk, i64(nsuper * 2 * NB)), c), 2 * NB, NB)
 
     with loop(b, k.begin, k.end, name="item") as item:
         idx = b.load(gep(b, idp, lltype(ids_t.dtype), item), typ=lltype(ids_t.dtype))
@@ -94,7 +102,7 @@ def emit_gather_q(k: Kernel, node):
         ok = b.append_basic_block("in_range")
         b.cbranch(b.icmp_unsigned("<", idx, i64(N)), ok, fail)
         b.position_at_end(ok)
-        base, stride, shift, top, s0, gstride = column(idx)
+        base, stride, shift, top, s0, gstride, sup0, sstride, dmin = column(idx)
         shift8 = b.trunc(shift, I8)
         # host fields below the top hold q + half: flipping that bit gives q in two's complement
         flip = b.select(top, ir.Constant(I8, 0), ir.Constant(I8, half - 256 if half == 128 else half)) \
@@ -109,10 +117,16 @@ def emit_gather_q(k: Kernel, node):
             if i4:   # sign-extend the nibble
                 v = b.ashr(b.shl(v, ir.Constant(I8, 4)), ir.Constant(I8, 4))
             q = b.sext(v, I32)
-            col = b.add(s0, b.mul(b.udiv(kk, i64(group)), gstride))
+            g = b.udiv(kk, i64(group))
+            col = b.add(s0, b.mul(g, gstride))
             s = S.scalar(col)
+            mn = Z.scalar(col) if mins else None
+            if supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
+                sup = b.add(sup0, b.mul(b.udiv(g, i64(per_super)), i64(sstride)))
+                s = b.fmul(SUP.scalar(sup), b.uitofp(s, F32))
+                mn = b.fmul(SUP.scalar(b.add(sup, i64(dmin))), b.uitofp(mn, F32))
             if mins:   # (q + 8) * scale + minimum: the product exact, one rounding
-                w = b.fadd(b.fmul(b.sitofp(b.add(q, ir.Constant(I32, 8)), F32), s), Z.scalar(col))
+                w = b.fadd(b.fmul(b.sitofp(b.add(q, ir.Constant(I32, 8)), F32), s), mn)
             else:
                 if zeros is not None:   # host: stored as zero + off_e
                     z = b.sext(b.load(gep(b, k.args[3], zty, col), typ=zty), I32)

@@ -21,8 +21,10 @@ Then ``sitofp(word & (mask << bits*e))`` is exactly ``(q + off_e) * 2^(bits*e)``
 kernel subtracts ``off_e * sum(x)`` per group and scales by ``2^-(bits*e)``.
 Scales are stored [N/NB][groups][NB] in their own dtype; zero points, when
 present, as ``zeros + off_e`` in [N/NB][groups][NB] (i8 for i4 weights, i16
-for i8); float minimums (GGUF's Q4_1 / Q4_K) like the scales.  Padding columns
-(N not a multiple of NB) hold q = 0, scale 0.
+for i8); float minimums (GGUF's Q4_1) like the scales; two-level scales
+(GGUF's Q4_K: u8 sub-scales and sub-minimums like the scales, supers as
+[N/NB][super-blocks][2][NB]).  Padding columns (N not a multiple of NB) hold
+q = 0, scale 0.
 
 Kernel: work items are (column block, chunk of up to MCH rows of x), block
 major, so two threads stream disjoint weight bytes.  Per group of K rows a
@@ -90,7 +92,11 @@ class QLayout:
         self.groups = s.shape[0]
         self.nblk = -(-self.N // NB)
         zeros = node.inputs[3] if len(node.inputs) > 3 else None
-        self.has_mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # float zeros: minimums
+        self.has_supers = len(node.inputs) > 4            # two-level: u8 scales and zeros times supers
+        self.nsuper = node.inputs[4].type.shape[0] if self.has_supers else 0
+        self.per_super = node.attrs.get("super_group", 0) // self.group   # groups per super-block
+        # float zeros (or two-level): minimums, the code being q + 8
+        self.has_mins = zeros is not None and (zeros.type.dtype in dt.FLOATS or self.has_supers)
         self.has_zeros = zeros is not None and not self.has_mins
         self.zero_np = np.int8 if self.bits == 4 else np.int16
 
@@ -110,10 +116,10 @@ class QLayout:
         return np.ascontiguousarray(out.reshape(r, self.nblk, NB).transpose(1, 0, 2))
 
 
-@packer("matmul_q", inputs=(1, 2, 3))
+@packer("matmul_q", inputs=(1, 2, 3, 4))
 def pack_matmul_q(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
-    """Bytes of input ``index`` (q, scales or zeros) as the kernel reads them
-    (layout in the module docstring; activations=int8: ``pack_i8act``)."""
+    """Bytes of input ``index`` (q, scales, zeros or supers) as the kernel reads
+    them (layout in the module docstring; activations=int8: ``pack_i8act``)."""
     if uses_rows(target):
         return pack_rows(node, index, a)
     if node.attrs.get("activations", "none") == "int8":
@@ -121,6 +127,10 @@ def pack_matmul_q(node: Node, index: int, a: np.ndarray, target=None) -> bytes |
     L = QLayout(node)
     if index == 0:
         return None
+    if index == 4:   # supers [S, N, 2] -> [N/NB][S][2][NB]
+        a = np.asarray(a)
+        flat = np.ascontiguousarray(a.transpose(0, 2, 1)).reshape(2 * a.shape[0], a.shape[1])
+        return L.blocked(flat).astype(a.dtype.newbyteorder("<")).tobytes()
     if index == 2 or (index == 3 and L.has_mins):
         return L.blocked(np.asarray(a)).astype(np.asarray(a).dtype.newbyteorder("<")).tobytes()
     cv_off = np.array([L.offset(L.field(cv)[1]) for cv in range(NCV)], np.int32).repeat(VL)  # per column of a block
@@ -160,6 +170,7 @@ def emit_matmul_q(k: Kernel, node: Node):
     W = k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
     MINS = Access(k, k.args[3], node.inputs[3].type.dtype, VL) if L.has_mins else None
+    SUP = Access(k, k.args[4], node.inputs[4].type.dtype, VL) if L.has_supers else None
     zty = ir.VectorType(ir.IntType(L.bits * 2), VL)  # zero points: i8 / i16
     Y = Access(k, k.args[-1], y_t.dtype, VL)
     YACC = Access(k, _stack_array(k, MCH * NB, "yacc"), dt.f32, VL)
@@ -236,7 +247,15 @@ def emit_matmul_q(k: Kernel, node: Node):
         for cv in cvs:
             e = L.field(cv)[1]
             col = b.add(sblk, b.add(b.mul(g, i64(NB)), i64(cv * VL)))
-            s = S.load(col)
+            if L.has_supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
+                blk = b.udiv(sblk, i64(L.groups * NB))
+                sup = b.add(b.mul(blk, i64(L.nsuper * 2 * NB)),
+                            b.add(b.mul(b.udiv(g, i64(L.per_super)), i64(2 * NB)), i64(cv * VL)))
+                s = b.fmul(SUP.load(sup), b.uitofp(S.load(col), fvec))
+                mins = b.fmul(SUP.load(b.add(sup, i64(NB))), b.uitofp(MINS.load(col), fvec))
+            else:
+                s = S.load(col)
+                mins = MINS.load(col) if L.has_mins else None
             sp = b.fmul(s, fconst(fvec, 2.0 ** -(L.bits * e)))  # exact: a power of two
             if L.has_zeros:
                 z = b.load(gep(b, k.args[3], zty.element, col), typ=zty, align=L.bits // 4)
@@ -244,7 +263,6 @@ def emit_matmul_q(k: Kernel, node: Node):
             else:   # minimums: the code is q + 8, so field e's offset is off_e - 8
                 off = L.offset(e) - (8 if L.has_mins else 0)
                 soff = b.fmul(s, fconst(fvec, float(off))) if off else None
-            mins = MINS.load(col) if L.has_mins else None
             for t in range(mr):
                 pos = i64((m0 + t) * NB + cv * VL)
                 y = fma(k, sp, vals[i], YACC.load(pos))
