@@ -363,7 +363,9 @@ def emit_matmul_q(k: Kernel, node: Node):
 #   i64 sums being per span).
 #
 # Scales as [slabs][groups][8], zero points the same in i8 (i4: z + 8, the
-# offset the nibbles carry).  Columns padded to a multiple of 64.
+# offset the nibbles carry), float minimums the same in their dtype (the nibbles'
+# q + 8 being the code, nothing is subtracted; (d * minimum) * sum(xq) is added
+# per group).  Columns padded to a multiple of 64.
 #
 # Kernel: per column block, register tiles of up to ROWS_I8_* rows x QUAD
 # slabs (32 columns): each chunk's weight words are loaded and decoded
@@ -407,7 +409,7 @@ def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
     i4 = node.inputs[1].type.dtype is dt.i4
     if index in (2, 3):
         a = np.asarray(a)
-        if index == 3:  # i8 zero points; i4 ones as z + 8, matching the offset encoding of q
+        if index == 3 and a.dtype.kind != "f":  # i8 zero points; i4 ones as z + 8, as the nibbles (minimums as is)
             a = (a.astype(np.int16) + (8 if i4 else 0)).astype(np.int8)
         s = np.zeros((a.shape[0], nslab * SLAB), a.dtype)
         s[:, :N] = a
@@ -442,7 +444,9 @@ def emit_i8act(k: Kernel, node: Node):
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N, G, GP = i8_geometry(node)
     group = node.attrs["group"]
-    has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+    zeros = node.inputs[3] if len(node.inputs) > 3 else None
+    mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # minimums: the nibbles' q + 8 is the code
+    has_zeros = zeros is not None and not mins
     act_scale = float(np.float32(node.attrs.get("act_scale", 0.0)))  # the reference's f32 step; 0: dynamic
     bits = 4 if node.inputs[1].type.dtype is dt.i4 else 8
     rows = math.prod(x_t.shape[:-1])
@@ -473,6 +477,7 @@ def emit_i8act(k: Kernel, node: Node):
     roundeven = k.intrinsic("llvm.roundeven.f32", F32, [F32])
     X, W = Access(k, k.args[0], x_t.dtype, 1), k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
+    MINS = Access(k, k.args[3], zeros.type.dtype, VL) if mins else None
     Y = Access(k, k.args[-1], y_t.dtype, VL)
     rch = max(1, min(rows, XQ_STACK // max(KP, 1)))   # rows quantized per chunk
     if rch < rows and rch >= rt:
@@ -659,6 +664,7 @@ def emit_i8act(k: Kernel, node: Node):
             cols = [b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB))) for sl in slabs]
             svals = [S.load(col) for col in cols]
             zvs = [b.load(gep(b, k.args[3], I8, col), typ=v8i8, align=1) for col in cols] if has_zeros else None
+            mvals = [MINS.load(col) for col in cols] if mins else None
             # xu: sum_k (xq + 128) q = sum_k xq q + 128 sum_k q, modulo 2^32 like the final sum
             corr = [b.load(gep(b, W, I8, b.add(i64(nslab * KP * 8), b.mul(col, i64(4)))), typ=v8i32, align=1)
                     for col in cols] if xu else None
@@ -674,7 +680,7 @@ def emit_i8act(k: Kernel, node: Node):
                     if has_zeros:
                         off = (b.mul(b.sext(xsum, i64v), b.sext(zvs[j2], i64v)) if wide
                                else b.mul(xsum, b.sext(zvs[j2], v8i32)))
-                    elif bits == 4:
+                    elif bits == 4 and not mins:
                         off = b.shl(xsum, ir.Constant(v8i32, [3] * 8))
                         off = b.sext(off, i64v) if wide else off
                     else:
@@ -687,6 +693,8 @@ def emit_i8act(k: Kernel, node: Node):
                     dot = b.sitofp(dot, fvec)  # exact integer, rounded once to f32
                     # product and sum each rounded to f32, unfused: the reference's order of operations
                     out[i] = b.fadd(yacc[i], b.fmul(sc, dot))
+                    if mins:   # + (d * minimum) * sum(xq), unfused as the reference
+                        out[i] = b.fadd(out[i], b.fmul(b.fmul(dv, mvals[j2]), b.sitofp(xsum, fvec)))
             return out
 
         yacc = fold_loop(b, 0, G, [fconst(fvec, 0.0)] * (QUAD * nr), group_step, name="gq")

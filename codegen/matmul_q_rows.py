@@ -243,7 +243,10 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
     I32, I64 = ir.IntType(32), ir.IntType(64)
     S = Access(k, k.args[2], node.inputs[2].type.dtype, 1)
     Y = Access(k, k.args[-1], node.outputs[0].type.dtype, 1)
-    has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+    zeros = node.inputs[3] if len(node.inputs) > 3 else None
+    mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # minimums: the code is q + 8
+    MINS = Access(k, k.args[3], zeros.type.dtype, 1) if mins else None
+    has_zeros = zeros is not None and not mins
     wide = group > span
     iacc = _stack_array(k, RT * BW, "iacc")
     lacc = _stack_array(k, 2 * RT * BW, "lacc") if wide else None
@@ -310,11 +313,18 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
                 for t, r in enumerate(rls):
                     rg = b.add(b.mul(r, i64(G)), g)
                     dot = b.load(at(lacc if wide else iacc, ty, b.add(j, i64(t * BW))), typ=ty)
+                    xs = b.load(at(qsum, I32, rg), typ=I32)
                     if z is not None:   # i32 arithmetic wraps: exact whenever the final value fits
-                        dot = b.sub(dot, b.mul(z, b.sext(b.load(at(qsum, I32, rg), typ=I32), ty)))
-                    sc = b.fmul(b.load(at(dq, F32, rg), typ=F32), s)
+                        dot = b.sub(dot, b.mul(z, b.sext(xs, ty)))
+                    if mins:            # sum xq * (q + 8)
+                        dot = b.add(dot, b.shl(b.sext(xs, ty), ir.Constant(ty, 3)))
+                    dv = b.load(at(dq, F32, rg), typ=F32)
+                    sc = b.fmul(dv, s)
                     a = b.add(j, i64(t * BW))
-                    yacc.store(b.fadd(yacc.scalar(a), b.fmul(sc, b.sitofp(dot, F32))), a)
+                    y = b.fadd(yacc.scalar(a), b.fmul(sc, b.sitofp(dot, F32)))
+                    if mins:            # + (d * minimum) * sum(xq), unfused as the reference
+                        y = b.fadd(y, b.fmul(b.fmul(dv, MINS.scalar(col)), b.sitofp(xs, F32)))
+                    yacc.store(y, a)
 
         full = K // group
         with loop(b, 0, full, name="g") as g:

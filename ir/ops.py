@@ -508,13 +508,19 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
     ``quantize_rows_i8`` (dynamic, or static with ``act_scale`` > 0), then per
     row and group g, dot_g = sum_k xq * (q - zero) exactly (integers), and
     y = sum_g (d_g * scale_g) * dot_g accumulated in f32 over g in order, each
-    product and sum rounded to f32 (no fused multiply-add).  Returns f32 [R, N]."""
+    product and sum rounded to f32 (no fused multiply-add).  With float
+    ``zeros`` (minimums, i4 q): dot_g = sum_k xq * (q + 8), and after each
+    group's term y += (d_g * minimum_g) * sum_k xq, each step rounded to f32.
+    Returns f32 [R, N]."""
     r, k = x.shape
     n = q.shape[1]
     groups = -(-k // group)
     xq, d = quantize_rows_i8(x.astype(np.float32), group, act_scale)
     w = q.astype(np.int64)
-    if zeros is not None:
+    mins = zeros is not None and zeros.dtype.kind == "f"
+    if mins:
+        w = w + 8
+    elif zeros is not None:
         w = w - zeros.astype(np.int64)[np.arange(k) // group]
     y = np.zeros((r, n), np.float32)
     for g in range(groups):
@@ -522,6 +528,10 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
         dot = (xq[:, ks].astype(np.int64) @ w[ks]).astype(np.float32)
         coef = d[:, g:g + 1] * scales[g].astype(np.float32)[None, :]   # f32 products
         y = (y + coef * dot).astype(np.float32)
+        if mins:
+            mcoef = d[:, g:g + 1] * zeros[g].astype(np.float32)[None, :]
+            xs = xq[:, ks].astype(np.int64).sum(axis=1).astype(np.float32)[:, None]
+            y = (y + mcoef * xs).astype(np.float32)
     return y
 
 
@@ -558,8 +568,9 @@ class MatMulQ:
     the unsigned 4-bit code u as u - 8, and the product (exact) is summed with
     the minimum in one f32 rounding, as ggml's d * u + m.  Kernels
     add minimum * sum(x over the group) once per group and column: the
-    integer-code loops are those of the other schemes.  Not with
-    activations="int8" (the minimums are not integers).
+    integer-code loops are those of the other schemes.  With
+    activations="int8", y += (d * minimum) * sum(xq) after each group's term
+    (``matmul_q_i8act``).
 
     ``supers`` (f32 / f16 [ceil(K / super_group), N, 2]) make the scales
     two-level, as GGUF's K-quants' super-blocks: with i4 q, u8 ``scales`` and
@@ -597,8 +608,6 @@ class MatMulQ:
             _need(zeros.shape == scales.shape,
                   f"matmul_q minimums (float zeros) must be [{', '.join(map(str, scales.shape))}], got {zeros}")
             _need(q.dtype is dt.i4, f"matmul_q float minimums (zeros) need i4 weights, got {q.dtype}")
-            _need(activations == "none", "matmul_q with float minimums (zeros) needs activations=none "
-                  "(int8 activations are not supported with minimums)")
         elif zeros is not None:
             _need(zeros.dtype == q.dtype and zeros.shape == scales.shape,
                   f"matmul_q zeros must be {q.dtype}{list(scales.shape)} (or float minimums), got {zeros}")
