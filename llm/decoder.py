@@ -131,22 +131,28 @@ def state_names(cfg: LlamaConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """A pre-quantized [K, N] weight as matmul_q's inputs, kept as the file
-    stores it (GGUF blocks): w[k, n] = (q[k, n] - zeros[k // group, n]) *
-    scales[k // group, n]; ``q_dtype`` "i8" or "i4" (q holds the values)."""
-    q: np.ndarray
-    scales: np.ndarray
-    zeros: np.ndarray | None = None
-    group: int = 32
-    q_dtype: str = "i8"
+    """A pre-quantized [K, N] weight as matmul_q's operands, kept as the file
+    stores them (GGUF blocks, ``ir.blocks.to_matmul_q``): ``operands`` are
+    (array, sqk dtype) pairs for q, scales and, when the scheme has them,
+    zeros and supers; ``attrs`` matmul_q's group (and super_group)."""
+    operands: tuple
+    attrs: dict
+
+    @classmethod
+    def from_blocks(cls, ggml_type, raw, shape) -> "QuantWeight":
+        """The matmul_q weight [K, N] of a GGML matrix stored [N, K] (raw: uint8 rows)."""
+        from ..ir.blocks import to_matmul_q
+        m = to_matmul_q(ggml_type, raw, shape)
+        return cls(tuple(m["inputs"]), dict(m["attrs"]))
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.q.shape
+        return self.operands[0][0].shape
 
     def dequantize(self) -> np.ndarray:
         from ..ir.ops import dequantize_weight
-        return dequantize_weight(self.q, self.scales, self.zeros, self.group)
+        q, scales, zeros, supers = [a for a, _ in self.operands] + [None] * (4 - len(self.operands))
+        return dequantize_weight(q, scales, zeros, self.attrs["group"], supers, self.attrs.get("super_group", 0))
 
 
 def as_f32(w) -> np.ndarray:
@@ -190,14 +196,14 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
             consts[key] = b.const(weights[name] if arr is None else arr, dtype, name=name.replace(".", "_"))
         return consts[key]
 
+    def quant_operands(name, w):   # one constant per operand, shared by every reader
+        return [const(name + suffix, d, a) for suffix, (a, d) in zip(("", ".scales", ".zeros", ".supers"), w.operands)]
+
     def linear(x, name):
         w = weights[name]
         if not isinstance(w, QuantWeight):
             return b.matmul(x, const(name))
-        ins = [const(name, w.q_dtype, w.q), const(name + ".scales", None, w.scales)]
-        if w.zeros is not None:
-            ins.append(const(name + ".zeros", None if w.zeros.dtype.kind == "f" else w.q_dtype, w.zeros))
-        return b.matmul_q(x, *ins, group=w.group)
+        return b.matmul_q(x, *quant_operands(name, w), **w.attrs)
 
     token, pos = b.input("token", (tokens,), "i64"), b.input("pos", (1,), "i64")
     cache = (cfg.kv_heads, cfg.max_seq, cfg.head_dim)
@@ -215,7 +221,7 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
         y = linear(h, f"w{kind}.{i}")
         return b.add(y, const(f"b{kind}.{i}")) if cfg.qkv_bias else y
 
-    x = emb = embed(b, cfg, weights, const, token)                      # [T, H]
+    x = emb = embed(b, cfg, weights, const, quant_operands, token)      # [T, H]
     new_caches = []
     for i in range(cfg.layers):
         h = b.rmsnorm(x, const(f"attn_norm.{i}"), eps=cfg.eps)
@@ -243,35 +249,18 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     return b.output(logits, *new_caches)
 
 
-def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, token):
+def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, quant_operands, token):
     """x [T, H] of the ``token`` ids [T]: rows of "embed" [V, H], or (tied)
-    columns of the lm_head [H, V]; of a QuantWeight lm_head (i8, groups
-    dividing H) the columns' q and scales are gathered and multiplied here,
-    so the one quantized table serves both."""
+    columns of the lm_head [H, V]: of a float table by ``gather`` on axis 1,
+    of a QuantWeight by ``gather_q``, which reads the lm_head's matmul_q
+    constants in their packed layout (the table is stored once)."""
     if "embed" in weights:
         return b.gather(const("embed"), token)
-    t, h = token.type.shape[0], cfg.hidden
-
-    def rows(cols):  # [H, T] -> [T, H]
-        return b.reshape(cols, shape=(1, h)) if t == 1 else b.transpose(cols, perm=(1, 0))
-
     w = weights["lm_head"]
-    if not isinstance(w, QuantWeight):
-        return rows(b.gather(const("lm_head"), token, axis=1))
-    if w.q_dtype != "i8" or h % w.group or (w.zeros is not None and w.zeros.dtype.kind == "f"):
-        raise ValueError(f"a tied {w.q_dtype} lm_head with group {w.group} cannot serve as the embedding: "
-                         "give the weights an \"embed\" table")
-
-    def f32(v):
-        return v if v.dtype.name == "f32" else b.cast(v, to="f32")
-
-    g = h // w.group
-    q = b.reshape(f32(b.gather(const("lm_head", "i8", w.q), token, axis=1)), shape=(g, w.group, t))
-    sc = b.reshape(f32(b.gather(const("lm_head.scales", None, w.scales), token, axis=1)), shape=(g, 1, t))
-    if w.zeros is not None:
-        z = f32(b.gather(const("lm_head.zeros", w.q_dtype, w.zeros), token, axis=1))
-        q = b.sub(q, b.reshape(z, shape=(g, 1, t)))
-    return rows(b.reshape(b.mul(q, sc), shape=(h, t)))
+    if isinstance(w, QuantWeight):
+        return b.gather_q(token, *quant_operands("lm_head", w), **w.attrs)
+    cols = b.gather(const("lm_head"), token, axis=1)                    # [H, T]
+    return b.reshape(cols, shape=(1, cfg.hidden)) if token.type.shape[0] == 1 else b.transpose(cols, perm=(1, 0))
 
 
 def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
