@@ -7,11 +7,12 @@ model directory (``hf.load_hf``: config.json + safetensors) or a GGUF file
 KV cache length: ``max_seq`` defaults to the model's context length, capped
 so the cache takes at most ``KV_BUDGET`` bytes (256 MiB): per position it
 holds K and V rows of every layer, 2 * layers * kv_heads * head_dim values
-(4 bytes each in f32, 2 with ``kv_dtype="f16"``).  SmolLM2-135M (30 layers, 3 KV heads of 64) needs
-45 KiB per position, so its 8192-position context is capped at 5825 (all
-8192 with an f16 cache); a Llama-3-8B (32 layers, 8 KV heads of 128) at 1024.  A
-model that states no context gets 2048 at most.  Give ``max_seq=`` to
-choose (a Mistral sliding window caps it too: the window is not applied).
+(4 bytes each in f32, 2 with ``kv_dtype="f16"``).  SmolLM2-135M (30 layers,
+3 KV heads of 64) needs 45 KiB per position, so its 8192-position context
+is capped at 5825 (all 8192 with an f16 cache); a Llama-3-8B (32 layers, 8
+KV heads of 128) at 1024.  A model that states no context gets 2048 at
+most.  Give ``max_seq=`` to choose (a Mistral sliding window caps it too:
+the window is not applied).
 """
 from __future__ import annotations
 
