@@ -1,8 +1,9 @@
 """Choosing the next token from logits: greedy, top-k, top-p (nucleus), temperature.
 
 Every step is specified exactly, in IEEE double arithmetic without fused multiply-adds, so that
-a C implementation (the RISC-V runner's generate mode) draws the same token from the same seed,
-bit for bit. ``sample(logits, temperature, top_k, top_p, rng)``:
+a C implementation draws the same token from the same seed, bit for bit: runtime/sqk_sample.c is
+that twin (``sqk_sample``, for the runner's generate mode), held against this module on the host
+and on riscv64 by tests/test_sampling.py. ``sample(logits, temperature, top_k, top_p, rng)``:
 
 1. Validation. ``logits`` is 1-D, float, non-empty, no NaN and no +inf (-inf masks a token);
    at least one finite entry. ``temperature`` finite >= 0; ``top_k`` None or an int >= 1;
