@@ -45,14 +45,17 @@ def _offline():
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _hf_gguf_tokenizer(path: Path):
-    """transformers' own conversion of a GGUF file's tokenizer, or a skip saying why not."""
-    transformers = pytest.importorskip("transformers")
-    _offline()
+def _hf_gguf_tokenizer(path: Path, required: bool = True):
+    """transformers' own conversion of a GGUF file's tokenizer; when it is not available, a skip
+    saying why (``required``) or None (the caller's other checks still run)."""
     try:
+        import transformers
+        _offline()
         return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # pragma: no cover - depends on the installed transformers
-        pytest.skip(f"transformers cannot convert {path.name}'s tokenizer here: {type(e).__name__}: {e}")
+        if required:
+            pytest.skip(f"transformers cannot convert {path.name}'s tokenizer here: {type(e).__name__}: {e}")
+        return None
 
 
 # --- the real SmolLM2-135M-Instruct GGUF ('gpt2' vocabulary, pre-tokenizer 'smollm') ----------------
@@ -391,12 +394,13 @@ SPM_TEXTS = ["the quick brown fox", "hello  world\n über 🚀 x", "there thread
 def test_spm_gguf_matches_transformers_and_llama_cpp(spm_gguf):
     tokens, _, scores = _spm_vocab()
     tok = Tokenizer.from_gguf(spm_gguf)
-    hf = _hf_gguf_tokenizer(spm_gguf)
+    hf = _hf_gguf_tokenizer(spm_gguf, required=False)
     assert tok.vocab_size == len(tokens) and tok.bos_id == 1 and tok.eos_ids == (2,)
     for text in SPM_TEXTS:
         ids = tok.encode(text)
-        assert ids == hf.encode(text), text
-        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True) == text.replace("<|user|>", "").replace("</s>", "")
+        assert tok.decode(ids) == text.replace("<|user|>", "").replace("</s>", "")
+        if hf is not None:
+            assert ids == hf.encode(text) and tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
         if "<" not in text:      # llama.cpp's algorithm on plain text (it also splits at special tokens)
             assert ids == [1] + _spm_llama_cpp(tokens, scores, text), text
     for text in SPM_TEXTS:                  # streaming: the leading '▁' strip and byte fallback included
@@ -406,8 +410,9 @@ def test_spm_gguf_matches_transformers_and_llama_cpp(spm_gguf):
     assert 260 in tok.encode("a<tool>b") and tok.decode(tok.encode("a<tool>b")) == "a<tool>b"   # user-defined: kept
     assert any(3 <= i < 259 for i in tok.encode("🚀"))                        # byte fallback
     chat = [{"role": "user", "content": "hi"}, {"role": "user", "content": "yo"}]
-    assert tok.apply_chat_template(chat) == hf.apply_chat_template(chat, tokenize=False) == \
-        "<s><|user|>hi</s><s><|user|>yo</s>"
+    assert tok.apply_chat_template(chat) == "<s><|user|>hi</s><s><|user|>yo</s>"
+    if hf is not None:
+        assert tok.apply_chat_template(chat) == hf.apply_chat_template(chat, tokenize=False)
 
 
 def test_spm_merges_from_scores_order():
@@ -456,7 +461,7 @@ def test_byte_level_gguf_pre_tokenizers(pre, tmp_path):
     tok = Tokenizer.from_gguf(p)
     expect_bos = pre in ("llama-bpe", "tekken")     # llama.cpp adds BOS for these by default
     assert tok.bos_id == 1 and tok.eos_ids[0] == 2 and 0 in tok.eos_ids
-    hf = _hf_gguf_tokenizer(p) if pre != "smollm" else None      # transformers has no 'smollm' entry
+    hf = _hf_gguf_tokenizer(p, required=False) if pre != "smollm" else None   # transformers has no 'smollm' entry
     for text in TEXTS + NUMERIC + ["<|im_start|>hi<think>x<|im_end|>"]:
         ids = tok.encode(text, add_special=False)
         assert ids == ref.encode(text).ids, (pre, text)              # the vocabulary's own tokenizer
