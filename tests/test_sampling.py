@@ -333,3 +333,13 @@ def test_c_sampler_matches_python_on_riscv64(tmp_path, riscv_tools):
     cases, bad = _c_cases()
     exe = _build([riscv_tools["gcc"], "-static", "-march=rv64gc", "-mabi=lp64d"], tmp_path)
     assert _run_c([riscv_tools["qemu"], exe], cases, bad) == _python_lines(cases)
+
+
+def test_full_sort_equals_a_stable_argsort():
+    from sqk.llm.sampling import _sorted_ids
+    g = np.random.default_rng(4)
+    for l in [g.standard_normal(5000).astype(np.float32), np.round(g.standard_normal(3000) * 3).astype(np.float32),
+              np.array([0.0, -0.0, -np.inf, 1.0, -0.0, 0.0, -np.inf, -1.0, 3.4e38, -3.4e38, 1e-45, -1e-45]),
+              g.standard_normal(100)]:                       # float64 values: the argsort fallback
+        l = np.asarray(l, np.float64)
+        assert np.array_equal(_sorted_ids(l), np.argsort(-l, kind="stable"))
