@@ -237,7 +237,9 @@ class Decoder:
             g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype)
             m = compile(g, target=self.target, state=state_names(self.cfg), **self.compile_options)
             m.share_state(self.module)
-            any(m.share_constants(o) for o in [self.module, *self.chunk_modules.values()])  # one mapping per layout
+            for other in [self.module, *self.chunk_modules.values()]:   # one mapping per weight layout
+                if m.share_constants(other):
+                    break
             self.chunk_modules[tokens] = m
         return m
 
