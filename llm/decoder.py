@@ -390,7 +390,9 @@ class Decoder:
             m.share_state(self.module)
             if not self.keep_ir:
                 m.ir = None
-            any(m.share_constants(o) for o in [self.module, *self.chunk_modules.values()])  # one mapping per layout
+            for other in [self.module, *self.chunk_modules.values()]:   # one mapping per weight layout
+                if m.share_constants(other):
+                    break
             self.chunk_modules[tokens] = m
         return m
 
