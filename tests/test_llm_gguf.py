@@ -121,7 +121,7 @@ def test_gguf_types_match_dequantized_reference(tmp_path, kind):
     ref = reference_logits(cfg, ref_w, TOKENS)
     dec.reset()
     got = np.stack([dec.step(t) for t in TOKENS])
-    assert_close(got, ref, 1e-4, what=f"{kind} logits")
+    assert_close(got, ref, what=f"{kind} logits")          # f32 rounding: 2e-5 of the largest logit
     assert [int(np.argmax(r)) for r in got] == [int(np.argmax(r)) for r in ref]
 
 
