@@ -82,6 +82,7 @@ class OpDef:
     # place and return it as the output (the memory planner decides; see
     # compiler/memory.py).  The reference semantics stay functional.
     aliases: dict[int, int] = None
+    kind: str = ""                   # the op's family (KINDS), read by passes instead of lists of names
 
     def __post_init__(self):
         if self.aliases is None:
@@ -118,13 +119,37 @@ class OpDef:
 
 OPS: dict[str, OpDef] = {}
 
+# Op families (an op class's ``KIND``).  Passes ask the family, never a list of op names:
+# fusion and memory planning read "elementwise", so a new op of that family fuses with
+# no change to them.
+KINDS = {
+    # y[i] = f(x[i], ...) of the inputs broadcast (numpy rules) to y's shape, computed in
+    # the input dtype (f16 through f32): fusion composes these into one loop or into a
+    # matmul / conv2d epilogue, so codegen has a per-element function of each, for every
+    # dtype the op takes (codegen/elementwise.py; tests/test_layering.py checks it).
+    "elementwise": "arithmetic per element with broadcasting",
+    "predicate": "comparisons, logic and selection per element (bool results or conditions)",
+    "movement": "elements moved or copied, no arithmetic (reshape, transpose, slice, ...)",
+    "index": "elements read at indices given at run time",
+    "reduction": "reduction over axes",
+    "normalization": "a reduction along an axis applied back to it (softmax, norms)",
+    "contraction": "matrix products (dense, quantized, sparse)",
+    "window": "sliding-window ops over images (convolution, pooling)",
+    "composite": "a kernel of its own for a block of several steps (rope, attention, MoE, fused, ...)",
+    "source": "no inputs: a constant",
+}
+
 
 def defop(name: str, inputs: str, attrs: dict[str, Attr] | None = None, optional: int = 0):
-    """Register a class with ``infer`` and ``reference`` functions as op ``name``."""
+    """Register a class with ``infer`` and ``reference`` functions (and ``KIND``, its
+    family in KINDS; ``ALIASES`` when outputs may update inputs in place) as op ``name``."""
 
     def wrap(cls):
+        kind = getattr(cls, "KIND", "")
+        if kind not in KINDS:
+            raise TypeError(f"op {name}: KIND must be one of {', '.join(KINDS)}, got {kind!r}")
         OPS[name] = OpDef(name, tuple(inputs.split()), optional, attrs or {},
-                          cls.infer, cls.reference, (cls.__doc__ or "").strip(), getattr(cls, "ALIASES", {}))
+                          cls.infer, cls.reference, (cls.__doc__ or "").strip(), getattr(cls, "ALIASES", {}), kind)
         return cls
 
     return wrap
@@ -217,6 +242,7 @@ BINARY: dict[str, tuple[tuple[DType, ...], Callable]] = {
 def _def_unary(name, allowed, fn):
     class Unary:
         __doc__ = f"elementwise {name}"
+        KIND = "elementwise"
 
         @staticmethod
         def infer(x):
@@ -233,6 +259,7 @@ def _def_unary(name, allowed, fn):
 def _def_binary(name, allowed, fn):
     class Binary:
         __doc__ = f"elementwise {name} with numpy broadcasting"
+        KIND = "elementwise"
 
         @staticmethod
         def infer(a, b):
@@ -269,6 +296,7 @@ COMPARE: dict[str, tuple[tuple[DType, ...], Callable]] = {
 def _def_compare(name, allowed, fn):
     class Compare:
         __doc__ = f"elementwise {name} with numpy broadcasting; bool result (NaN compares false)"
+        KIND = "predicate"
 
         @staticmethod
         def infer(a, b):
@@ -291,6 +319,8 @@ for _n, (_allowed, _fn) in COMPARE.items():
 class LogicalAnd:
     """a and b of bools with numpy broadcasting."""
 
+    KIND = "predicate"
+
     @staticmethod
     def infer(a, b):
         _dtypes(a, (dt.bool_,), "a"), _dtypes(b, (dt.bool_,), "b")
@@ -304,6 +334,8 @@ class LogicalAnd:
 @defop("logical_not", "x")
 class LogicalNot:
     """not x, of bools."""
+
+    KIND = "predicate"
 
     @staticmethod
     def infer(x):
@@ -319,6 +351,8 @@ class LogicalNot:
 class IsNaN:
     """x != x of floats, as bool."""
 
+    KIND = "predicate"
+
     @staticmethod
     def infer(x):
         _dtypes(x, dt.FLOATS)
@@ -332,6 +366,8 @@ class IsNaN:
 @defop("where", "cond a b")
 class Where:
     """cond ? a : b elementwise, all three broadcast (numpy rules); values copied exactly."""
+
+    KIND = "predicate"
 
     @staticmethod
     def infer(cond, a, b):
@@ -350,6 +386,8 @@ class Expand:
     """x broadcast (numpy rules, both ways) with ``shape``: the result has shape
     broadcast(x.shape, shape), so a 1 in ``shape`` keeps x's dim (ONNX Expand)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, shape):
         _need(x.dtype is not dt.i4, "expand of i4 is not supported")
@@ -366,6 +404,8 @@ class GatherElements:
     """y[i0..] = x[i0.., ids[i0..], ..] with ids replacing the index on ``axis``
     (np.take_along_axis); y has ids' shape; ids count from the end when negative
     and must lie in [-n, n); every other dim of ids is at most x's."""
+
+    KIND = "index"
 
     @staticmethod
     def infer(x, ids, axis):
@@ -394,6 +434,8 @@ class GatherElements:
 class Gelu:
     """GELU; approximate="none" (erf form) or "tanh"."""
 
+    KIND = "elementwise"
+
     @staticmethod
     def infer(x, approximate):
         _dtypes(x, dt.FLOATS)
@@ -408,6 +450,8 @@ class Gelu:
 @defop("const", "", {"value": Attr("array")})
 class Const:
     """A constant tensor; its data lives in attrs["value"]."""
+
+    KIND = "source"
 
     @staticmethod
     def infer(value):
@@ -431,6 +475,8 @@ class MatMul:
     """a[..., M, K] @ b[..., K, N] with broadcasting of the batch dims.
     ``sparse`` (ir/sparsity.py) is how the kernel stores a constant 2-D b
     (dense, csr, bsrRxC, nmN:M); it does not change the result."""
+
+    KIND = "contraction"
 
     @staticmethod
     def infer(a, b, sparse="dense"):
@@ -537,6 +583,8 @@ class MatMulQ:
     non-dense format needs symmetric weights (no zeros), activations="none",
     and for i8 per-channel scales (group >= K)."""
 
+    KIND = "contraction"
+
     @staticmethod
     def infer(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
         _dtypes(x, dt.FLOATS, "x")
@@ -582,6 +630,8 @@ class MatMulQ:
 class Softmax:
     """softmax along one axis."""
 
+    KIND = "normalization"
+
     @staticmethod
     def infer(x, axis):
         _dtypes(x, dt.FLOATS)
@@ -598,6 +648,8 @@ class Softmax:
 @defop("layernorm", "x scale bias", {"axis": Attr("int", -1), "eps": Attr("float", 1e-5)}, optional=1)
 class LayerNorm:
     """(x - mean) / sqrt(var + eps) * scale + bias over the dims from axis on."""
+
+    KIND = "normalization"
 
     @staticmethod
     def infer(x, scale, bias=None, *, axis, eps):
@@ -625,6 +677,8 @@ class LayerNorm:
 class RMSNorm:
     """x / sqrt(mean(x^2) + eps) * scale over the dims from axis on."""
 
+    KIND = "normalization"
+
     @staticmethod
     def infer(x, scale, *, axis, eps):
         return LayerNorm.infer(x, scale, None, axis=axis, eps=eps)
@@ -650,6 +704,7 @@ def _reduce_axes(rank: int, axes) -> tuple[int, ...]:
 def _def_reduce(name, fn, allowed):
     class Reduce:
         __doc__ = f"{name} over axes (all when empty)"
+        KIND = "reduction"
 
         @staticmethod
         def infer(x, axes, keepdims):
@@ -680,6 +735,8 @@ _def_reduce("reduce_max", np.max, dt.NUMERIC)
 class Reshape:
     """Same elements, new static shape (one dim may be -1)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, shape):
         return [TensorType(x.dtype, resolve_shape(x.shape, shape))]
@@ -705,6 +762,8 @@ def resolve_shape(src: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ..
 class Transpose:
     """Permute dims (reverse them when perm is empty)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, perm):
         p = perm or tuple(reversed(range(x.rank)))
@@ -719,6 +778,8 @@ class Transpose:
 @defop("concat", "xs*", {"axis": Attr("int")})
 class Concat:
     """Join tensors along axis."""
+
+    KIND = "movement"
 
     @staticmethod
     def infer(*xs, axis):
@@ -757,6 +818,8 @@ def slice_ranges(shape, starts, ends, axes, steps) -> list[tuple[int, int, int]]
 class Slice:
     """x[start:end:step] on the given axes (ONNX Slice semantics, clamped)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, starts, ends, axes, steps):
         rs = slice_ranges(x.shape, starts, ends, axes, steps)
@@ -772,6 +835,8 @@ class Slice:
 @defop("gather", "table ids", {"axis": Attr("int", 0)})
 class Gather:
     """table.take(ids, axis): embedding lookup; negative ids count from the end."""
+
+    KIND = "index"
 
     @staticmethod
     def infer(table, ids, axis):
@@ -792,6 +857,8 @@ class Gather:
 @defop("cast", "x", {"to": Attr("dtype")})
 class Cast:
     """Convert dtype (floats to ints truncate toward zero; to bool: x != 0)."""
+
+    KIND = "elementwise"
 
     @staticmethod
     def infer(x, to):
@@ -827,6 +894,8 @@ def _check2(name, v, n=2):
 class Conv2d:
     """NCHW convolution; w is [C_out, C_in/groups, KH, KW]; pads are
     (top, left, bottom, right)."""
+
+    KIND = "window"
 
     @staticmethod
     def infer(x, w, bias=None, *, strides, pads, dilations, groups):
@@ -905,6 +974,8 @@ def _windows(x, kernel, strides, pads, ceil_mode, fill, dilations=(1, 1)):
 class MaxPool2d:
     """Max over windows (padding never wins)."""
 
+    KIND = "window"
+
     @staticmethod
     def infer(x, kernel, strides, pads, ceil_mode, dilations):
         _check2("dilations", dilations)
@@ -921,6 +992,8 @@ class AvgPool2d:
     """Mean over windows; count_include_pad counts explicit padding (never the
     extra ceil_mode overhang) in the divisor."""
 
+    KIND = "window"
+
     @staticmethod
     def infer(x, kernel, strides, pads, ceil_mode, count_include_pad):
         return [TensorType(x.dtype, _pool_infer(x, kernel, strides, pads, ceil_mode))]
@@ -935,6 +1008,8 @@ class AvgPool2d:
 @defop("global_avgpool", "x")
 class GlobalAvgPool:
     """Mean over H and W: [N, C, H, W] -> [N, C, 1, 1]."""
+
+    KIND = "window"
 
     @staticmethod
     def infer(x):
@@ -977,6 +1052,8 @@ class Rope:
     style="half" (Llama, HF rotate_half): the pair is (i, i + D/2);
     style="interleaved" (GPT-J): (2i, 2i + 1).  D must be even."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(x, pos, theta, style):
         _dtypes(x, dt.FLOATS, "x")
@@ -1009,6 +1086,8 @@ class Rope:
 class SwiGLU:
     """silu(gate) * up = gate * sigmoid(gate) * up elementwise (same shapes), in f32."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(gate, up):
         d = _same_dtype([gate, up])
@@ -1040,6 +1119,8 @@ class TopK:
     first; equal values keep the lower index first; NaN ranks above +inf (NaNs
     among themselves by index).  indices are i64; k <= the axis size."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(x, k):
         _dtypes(x, dt.FLOATS, "x")
@@ -1066,6 +1147,8 @@ class AttentionDecode:
     The compiled kernel updates the caches in place when the memory planner
     lets it (a state input, or an intermediate read last here; see
     compiler/memory.py) and copies them otherwise."""
+
+    KIND = "composite"
 
     ALIASES = {1: 3, 2: 4}
 
@@ -1125,6 +1208,8 @@ class MoE:
     in f32.  The kernel reads only the chosen experts' weights (it branches on
     the ids at run time).  1 <= k <= E."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(x, router_w, w1, w3, w2, k):
         _same_dtype([x, router_w, w1, w3, w2])
@@ -1164,6 +1249,8 @@ class MatMulSparseInput:
     by the ``sparse_activations`` pass).  Equal to matmul, except that a skipped
     row is never read: a non-finite b[k] there adds 0, not NaN."""
 
+    KIND = "contraction"
+
     @staticmethod
     def infer(a, b):
         d = _same_dtype([a, b])
@@ -1187,6 +1274,8 @@ class Fused:
     the inputs bind to body's inputs in order, the results are body's outputs.
     The body holds no constants (they stay inputs of the fused node), so the
     side table of the text form stays flat."""
+
+    KIND = "composite"
 
     @staticmethod
     def infer(*xs, body):
