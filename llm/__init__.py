@@ -12,3 +12,7 @@ Loading an LLM artifact and generating needs the runtime only (numpy, cffi,
 tokenizers), not llvmlite: modules here import the compiler lazily.
 """
 from .decoder import Decoder, LlamaConfig, build_decoder, random_weights, reference_logits, state_names  # noqa: F401
+
+from .. import lazy_submodules as _lazy
+
+__getattr__, __dir__ = _lazy(__name__, __path__)  # sqk.X.module works after `import sqk`

@@ -151,7 +151,7 @@ def test_input_shapes():
 
 def test_missing_onnx_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
-    with pytest.raises(ImportError, match=r"pip install 'sqk\[onnx\]'"):
+    with pytest.raises(ImportError, match=r"pip install onnx \(or, in the sqk checkout, pip install -e '\.\[onnx\]'\)"):
         sqk.from_onnx("model.onnx")
 
 

@@ -30,7 +30,8 @@ from ..onnx_nbits import from_matmul_nbits
 # The opsets the importer is written and tested against; newer model opsets are
 # accepted when every op they use resolves to a definition the importer knows.
 OPSET_MIN, OPSET_MAX = 13, 21
-INSTALL_HINT = "pip install 'sqk[onnx]'"
+# sqk is installed from its checkout (it is not on a package index): onnx alone, or the extra
+INSTALL_HINT = "pip install onnx (or, in the sqk checkout, pip install -e '.[onnx]')"
 
 # ONNX TensorProto element types the IR has.
 _DTYPES = {1: dt.f32, 2: dt.u8, 3: dt.i8, 6: dt.i32, 7: dt.i64, 9: dt.bool_, 10: dt.f16}
