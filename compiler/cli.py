@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("compile", help="compile an IR text model into an artifact directory")
+    c = sub.add_parser("compile", help="compile a model (IR text or ONNX) into an artifact directory")
     c.add_argument("model", help="IR text file (a .npz side table beside it holds large constants) or an ONNX model "
                                  "(.onnx)")
     _input_shape_arg(c)
@@ -140,7 +140,6 @@ def _input_shapes(items) -> dict:
 
 def _cmd_compile(a) -> None:
     import sqk
-
     from .dump import is_artifact, load_model
 
     if is_artifact(a.model):

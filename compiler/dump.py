@@ -104,7 +104,7 @@ def load_model(path: str, input_shapes: dict | None = None) -> tuple[Graph, dict
         try:
             head.decode("utf-8")
         except UnicodeDecodeError as e:
-            if e.start < len(head) - 4:  # not a multi-byte character cut by the 4096-byte read
+            if len(head) < 4096 or e.start < len(head) - 4:  # not a character cut by the 4096-byte read
                 raise ValueError(_not_a_model(path, head)) from None
         return load_ir(path), None
     from ..codegen.target import get_target
@@ -123,8 +123,10 @@ def load_model(path: str, input_shapes: dict | None = None) -> tuple[Graph, dict
 
 
 def _not_a_model(path: str, head: bytes) -> str:
-    what = ("a numpy array, not a model (inputs go to `sqk run ARTIFACT --input NAME=FILE.npy`)"
-            if head.startswith(b"\x93NUMPY") else "a binary file, not an IR text file (an ONNX model must be named *.onnx)")
+    if head.startswith(b"\x93NUMPY"):
+        what = "a numpy array, not a model (inputs go to `sqk run ARTIFACT --input NAME=FILE.npy`)"
+    else:
+        what = "a binary file, not an IR text file (an ONNX model must be named *.onnx)"
     return (f"{path}: {what}; MODEL is an IR text file (sqk.save_ir writes one), an ONNX model (.onnx) or, for "
             f"dump, viz and info, an artifact directory")
 

@@ -73,7 +73,8 @@ def test_named_outputs(tmp_path):
     x2 = b2.input("x", (2, 3))
     g2 = b2.output(b2.neg(x2), b2.tanh(x2), names=["a", "b"])
     assert [v.name for v in g2.outputs] == ["a", "b"]
-    for bad, msg in ((lambda b, x: b.output(y=x), "is an input"), (lambda b, x: b.output(x, names=["a", "b"]), "2 names"),
+    for bad, msg in ((lambda b, x: b.output(y=x), "is an input"),
+                     (lambda b, x: b.output(x, names=["a", "b"]), "2 names"),
                      (lambda b, x: b.output(b.neg(x), names=["x"]), "already used"),
                      (lambda b, x: b.output(b.neg(x), names=["a b"]), "cannot be written")):
         bb = sqk.GraphBuilder("bad")
