@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import sqk
-from harness import assert_close, check, compile_for, host_without, rand, target_param
+from harness import assert_close, check, compile_for, host_isa, host_without, rand, target_param
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqk.codegen.lower import pack_constants
@@ -172,8 +172,9 @@ def test_int8_activations_semantics():
     assert y.tolist() == [[16.5], [0.0]]
 
 
+@host_isa
 @pytest.mark.parametrize("M", [1, 3, 16, 20])
-def test_int8_activations_rows_and_chunks(M):
+def test_int8_activations_rows_and_chunks(host_isa, M):
     """Row counts and K large enough that x is quantized in several row chunks
     (at most 64 KiB of int8 x on the stack per chunk)."""
     g, inputs = i8graph((M,), 4096 if M == 20 else 96, 80, 32, seed=M)
@@ -417,9 +418,10 @@ def test_int8_activations_dot_instructions(mode, monkeypatch):
         np.testing.assert_array_equal(got, sqk.reference(g, **inputs))
 
 
+@host_isa
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 7, 8, 9, 17])
 @pytest.mark.parametrize("qdt,zeros", [("i4", False), ("i4", True), ("i8", False), ("i8", True)])
-def test_int8_activations_register_tile_rows(qdt, zeros, M):
+def test_int8_activations_register_tile_rows(host_isa, qdt, zeros, M):
     """Row counts around the register tile (4 rows with AVX-512, 2 with AVX2, then
     one tile each of the halves for the rest): bit for bit the reference."""
     g, inputs = int8_graph((M,), 200, 100, 64 if qdt == "i4" else 200, qdt, zeros, 0.0 if M % 2 else 0.03,
@@ -428,10 +430,27 @@ def test_int8_activations_register_tile_rows(qdt, zeros, M):
     assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
 
 
+@host_isa
 @pytest.mark.parametrize("qdt", ["i4", "i8"])
-def test_int8_activations_row_chunks_of_tiles(qdt):
+def test_int8_activations_row_chunks_of_tiles(host_isa, qdt):
     """K = 1500 per channel: 43 rows of int8 x fit the stack, chunks are cut to
     40 (whole tiles), the last chunk of 10 rows ends in part tiles."""
     g, inputs = int8_graph((50,), 1500, 70, 1500, qdt, zeros=qdt == "i8", seed=11)
     got, want = sqk.compile(g)(**inputs), sqk.reference(g, **inputs)
     assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
+
+
+def test_host_avx2_masks_a_wider_host(monkeypatch):
+    """harness.host_avx2 (the host_avx2 runs) on an AVX-512 VNNI host: the features
+    are off and the vector width is AVX2's, so kernels take their AVX2 paths."""
+    import dataclasses
+
+    import sqk.codegen.target as T
+    from harness import host_avx2
+
+    wide = dataclasses.replace(T.host_target(), features="+avx,+avx2,+fma,+avx512f,+avx512vl,+avx512vnni,+avxvnni",
+                               vector_bits=512)
+    monkeypatch.setattr(T, "host_target", lambda: wide)
+    t = host_avx2(monkeypatch)
+    assert t.enabled_features == ["avx", "avx2", "fma"] and t.vector_bits == 256
+    assert T.get_target("host") is t and T.get_target("riscv64-scalar") == T.riscv64_target(vector=False)
