@@ -186,14 +186,16 @@ def test_int8_activations_empty(shape, K, N):
     check(*i8graph(shape, K, N, 32))
 
 
+@host_isa
 @settings(max_examples=10, deadline=None)
 @given(m=st.integers(1, 17), k=st.integers(1, 150), n=st.integers(1, 140), group=st.sampled_from([1, 5, 8, 32, 0]),
        xdt=st.sampled_from(["f32", "f16"]))
-def test_int8_activations_random_shapes(m, k, n, group, xdt):
+def test_int8_activations_random_shapes(host_isa, m, k, n, group, xdt):
     check(*i8graph((m,), k, n, group or k, xdt, seed=m * 1000 + k))
 
 
-def test_int8_activations_threads():
+@host_isa
+def test_int8_activations_threads(host_isa):
     g, inputs = i8graph((2,), 512, 1000, 32, seed=3)
     m = sqk.compile(g, threads=2)
     assert_close(m(**inputs), sqk.reference(g, **inputs))
@@ -217,9 +219,10 @@ def test_int8_activations_i8_weights(target, case):
     check(*i8graph(shape, K, N, group, xdt, sdt, qdt="i8"), target)
 
 
+@host_isa
 @settings(max_examples=8, deadline=None)
 @given(m=st.integers(1, 17), k=st.integers(1, 150), n=st.integers(1, 140), group=st.sampled_from([1, 5, 8, 32, 0]))
-def test_int8_activations_i8_weights_random_shapes(m, k, n, group):
+def test_int8_activations_i8_weights_random_shapes(host_isa, m, k, n, group):
     check(*i8graph((m,), k, n, group or k, seed=m * 1000 + k, qdt="i8"))
 
 
@@ -310,10 +313,11 @@ def test_int8_activations_bit_exact(target, case):
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), np.abs(got - want).max()
 
 
+@host_isa
 @settings(max_examples=10, deadline=None)
 @given(m=st.integers(1, 9), k=st.integers(1, 150), n=st.integers(1, 140), group=st.sampled_from([1, 5, 8, 32, 0]),
        qdt=st.sampled_from(["i4", "i8"]), zeros=st.booleans(), act_scale=st.sampled_from([0.0, 0.003, 0.07]))
-def test_int8_activations_bit_exact_random_shapes(m, k, n, group, qdt, zeros, act_scale):
+def test_int8_activations_bit_exact_random_shapes(host_isa, m, k, n, group, qdt, zeros, act_scale):
     g, inputs = int8_graph((m,), k, n, group or k, qdt, zeros, act_scale, seed=m * 1000 + k)
     np.testing.assert_array_equal(sqk.compile(g)(**inputs), sqk.reference(g, **inputs))
 
