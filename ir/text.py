@@ -255,7 +255,10 @@ class _Parser:
             return self.number(tok)
         if tok[0] == "string":
             self.take()
-            return json.loads(tok[1])
+            try:
+                return json.loads(tok[1])
+            except ValueError as e:   # an escape JSON lacks: \x, \u12
+                raise self.error(f"bad string literal {tok[1]}: {e.args[0].split(':')[0]}", tok) from None
         if tok[0] == "ident":
             self.take()
             return {"true": True, "false": False}.get(tok[1], tok[1])

@@ -508,6 +508,7 @@ def test_good_text_parses():
     ("  return %1\n}\n", "  return %1\n}\njunk\n", 6, 1, "found 'junk'"),
     # no OverflowError, RecursionError or silent inf: limits named at the fault
     ("axis=1", "axis=inf", 3, 26, "attribute 'axis' must be int, got inf"),
+    ("axis=1", 'axis="\\x"', 3, 26, 'bad string literal "\\x": Invalid \\escape'),
     ("axis=1", "axis=[1, 1e999]", 3, 30, "number 1e999 is beyond the float range (write inf for infinity)"),
     ("axis=1", "axis=99999999999999999999", 3, 26, "integer 99999999999999999999 is beyond int64"),
     ("axis=1", "axis=" + "[" * 2000, 3, 26 + 64, "lists and graphs nested more than 64 deep"),
@@ -714,8 +715,8 @@ def test_random_graphs_roundtrip(g, inline_limit):
 
 FUZZ_PIECES = ["[", "]", "{", "}", "(", ")", ",", ":", "=", "->", "%0", "%x", "@w", "graph", "graph @r() -> f32[1] {",
                "return", "inf", "-inf", "nan", "1e999", "-1", "0", "1.5", "9223372036854775808", "4611686018427387904",
-               "99999999999999999999", '"s"', '"\\u0000"', "true", "f32", "i4", "bool", "i64[3]", "\n", " ", "#",
-               "\\", "\x00", "é", "١"]
+               "99999999999999999999", '"s"', '"\\u0000"', '"\\x"', '"\\u12"', '"\\ud800"', "true", "f32", "i4",
+               "bool", "i64[3]", "\n", " ", "#", "\\", "\x00", "é", "١"]
 
 
 def _op_texts():
@@ -728,7 +729,7 @@ def _op_texts():
 
 OP_TEXTS = _op_texts()
 
-edit = st.tuples(st.sampled_from(["delete", "insert", "replace", "copy"]), st.integers(0, 1 << 16),
+edit = st.tuples(st.sampled_from(["delete", "insert", "replace", "copy", "value"]), st.integers(0, 1 << 16),
                  st.integers(0, 1 << 16), st.integers(1, 24), st.sampled_from(FUZZ_PIECES))
 
 
@@ -742,6 +743,12 @@ def mutate(text: str, edits) -> str:
             s = s[:i] + piece + s[i:]
         elif kind == "replace":
             s = s[:i] + piece + s[i + 1:]
+        elif kind == "value":   # an attribute's value (after "name=") becomes the piece
+            at = [m.end() for m in re.finditer(r"\w=", s)]
+            if at:
+                a = at[i % len(at)]
+                end = re.compile(r"[,}\n]").search(s, a)
+                s = s[:a] + piece + s[end.start() if end else len(s):]
         else:
             s = s[:i] + s[j:j + n] + s[i:]
     return s
