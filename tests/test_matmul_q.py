@@ -338,24 +338,24 @@ def test_int8_activations_static_semantics():
 
 
 
-NONFINITE_CASES = [  # (x shape without K, K, N, group, q dtype, zeros, act_scale)
-    ((6,), 100, 70, 32, "i4", False, 0.0),      # dynamic; a NaN or inf in the vector part and in the tail
-    ((6,), 70, 33, 7, "i8", True, 0.0),         # group not a multiple of 8, zero points
-    ((6,), 100, 70, 32, "i4", True, 0.0234),    # static: NaN -> NaN row, +-inf saturate
-    ((2, 3), 131, 65, 131, "i8", False, 0.02),  # static, one group per row
+NONFINITE_CASES = [  # (x shape without K, K, N, group, q dtype, zeros, act_scale, x dtype)
+    ((6,), 100, 70, 32, "i4", False, 0.0, "f32"),      # dynamic; a NaN or inf in the vector part and in the tail
+    ((6,), 70, 33, 7, "i8", True, 0.0, "f16"),         # group not a multiple of 8, zero points, f16 x
+    ((6,), 100, 70, 32, "i4", True, 0.0234, "f32"),    # static: NaN -> NaN row, +-inf saturate
+    ((2, 3), 131, 65, 131, "i8", False, 0.02, "f16"),  # static, one group per row
 ]
 
 
 @target_param
-@pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: f"{c[4]}-K{c[1]}-g{c[3]}-z{int(c[5])}-s{c[6]}")
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: f"{c[4]}-K{c[1]}-g{c[3]}-z{int(c[5])}-s{c[6]}-{c[7]}")
 def test_int8_activations_non_finite(target, case):
     """NaN and +-inf in x (quantize_rows_i8's rule): a row holding a NaN gives NaN
     outputs, and so does one holding +-inf with dynamic scales (no finite step
     quantizes it); with a static scale +-inf saturate at +-127 like any large value.
     The kernels agree with the reference on every target: NaN where it is NaN, bit
     for bit elsewhere (rows 0 and 5 stay finite)."""
-    shape, K, N, group, qdt, zeros, act_scale = case
-    g, inputs = int8_graph(shape, K, N, group, qdt, zeros, act_scale, seed=K)
+    shape, K, N, group, qdt, zeros, act_scale, xdt = case
+    g, inputs = int8_graph(shape, K, N, group, qdt, zeros, act_scale, xdt, seed=K)
     x = inputs["x"].reshape(-1, K)
     x[0] = np.random.default_rng(1).uniform(-3, 3, K)
     x[1, 3], x[2, K - 1], x[3, 9], x[3, K // 2], x[4, 0] = np.nan, np.nan, np.inf, -np.inf, -np.inf
