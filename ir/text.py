@@ -496,6 +496,9 @@ def load_ir(path) -> Graph:
         text = f.read()
     consts = None
     if os.path.exists(f"{path}.npz"):
-        with np.load(f"{path}.npz", allow_pickle=False) as z:
-            consts = {k: z[k] for k in z.files}
+        try:
+            with np.load(f"{path}.npz", allow_pickle=False) as z:
+                consts = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:   # truncated, not a zip, pickled
+            raise IRError(f"{path}.npz: cannot read the constants beside the IR: {type(e).__name__}: {e}") from None
     return parse_ir(text, consts)

@@ -410,6 +410,20 @@ def test_load_ir_without_its_side_table(tmp_path):
         sqk.load_ir(str(tmp_path / "m.sqkir"))
 
 
+
+def test_load_ir_with_a_damaged_side_table(tmp_path):
+    """A truncated .npz, or one holding a pickled object array: an IRError naming the file."""
+    g = big_graph()
+    path = str(tmp_path / "m.sqkir")
+    sqk.save_ir(g, path)
+    data = (tmp_path / "m.sqkir.npz").read_bytes()
+    (tmp_path / "m.sqkir.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(IRError, match=r"m\.sqkir\.npz: cannot read the constants beside the IR"):
+        sqk.load_ir(path)
+    np.savez(tmp_path / "m.sqkir.npz", w=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(IRError, match=r"m\.sqkir\.npz: cannot read the constants .*allow_pickle"):
+        sqk.load_ir(path)
+
 # --- structural equality ----------------------------------------------------------------------
 
 def chain(names, input_name="x", gname="g", const=1.0):
