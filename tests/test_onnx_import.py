@@ -355,7 +355,8 @@ def _fuzz_models():
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     mlp = model([h.make_node("MatMul", ["x", "W1"], ["m1"]), h.make_node("Add", ["m1", "b1"], ["a1"]),
                  h.make_node("Relu", ["a1"], ["r1"]), h.make_node("Softmax", ["r1"], ["y"], axis=-1)],
-                [vi("x", ["n", 16])], [vi("y", ["n", 12])], [nh.from_array(f(16, 12), "W1"), nh.from_array(f(12), "b1")])
+                [vi("x", ["n", 16])], [vi("y", ["n", 12])],
+                [nh.from_array(f(16, 12), "W1"), nh.from_array(f(12), "b1")])
     conv = model([h.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
                   h.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2]),
                   h.make_node("Reshape", ["p", "shape"], ["r"]), h.make_node("Transpose", ["r"], ["y"], perm=[1, 0])],
@@ -366,7 +367,8 @@ def _fuzz_models():
                     h.make_node("Slice", ["m", "st", "en"], ["s"]), h.make_node("Cast", ["s"], ["y"], to=T.FLOAT16)],
                    [vi("ids", [2, 3], T.INT64)], [vi("y", None, T.FLOAT16)],
                    [nh.from_array(f(10, 6), "E"), nh.from_array(np.array([-1], np.int64), "axes"),
-                    nh.from_array(np.array([0], np.int64), "st"), nh.from_array(np.array([2], np.int64), "en")], opset=18)
+                    nh.from_array(np.array([0], np.int64), "st"), nh.from_array(np.array([2], np.int64), "en")],
+                   opset=18)
     return [mlp, conv, gather]
 
 
