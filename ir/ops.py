@@ -16,7 +16,7 @@ import numpy as np
 
 from . import dtypes as dt
 from .dtypes import DType
-from .graph import Graph, IRError, TensorType
+from .graph import INT64_MAX, INT64_MIN, Graph, IRError, TensorType
 from .sparsity import parse_format
 
 REQUIRED = object()
@@ -32,7 +32,7 @@ class Attr:
         """Coerce ``value`` to the canonical Python form of this kind."""
         try:
             if self.kind == "int":
-                if isinstance(value, bool) or int(value) != value:
+                if isinstance(value, bool) or int(value) != value or not INT64_MIN <= int(value) <= INT64_MAX:
                     raise ValueError
                 return int(value)
             if self.kind == "float":
@@ -47,7 +47,7 @@ class Attr:
                 return value
             if self.kind == "ints":
                 vals = tuple(value)
-                if any(isinstance(v, bool) or int(v) != v for v in vals):
+                if any(isinstance(v, bool) or int(v) != v or not INT64_MIN <= int(v) <= INT64_MAX for v in vals):
                     raise ValueError
                 return tuple(int(v) for v in vals)
             if self.kind == "floats":
@@ -60,9 +60,12 @@ class Attr:
                 if not isinstance(value, Graph):
                     raise ValueError
                 return value
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: int(inf)
             pass
-        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}")
+        big = [v for v in (value if isinstance(value, (tuple, list)) else (value,))
+               if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX]
+        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}"
+                      + (f" ({big[0]} is beyond int64)" if big else ""))
 
 
 @dataclass(frozen=True)
@@ -516,21 +519,29 @@ def quantize_rows_i8(x: np.ndarray, group: int, act_scale: float = 0.0) -> tuple
     d = max|x_group| / 127 and xq = round-half-even(x / d) in [-127, 127], all
     in f32; a group with d = 0 gets xq = 0.  Static (act_scale > 0): d =
     f32(act_scale) everywhere and xq = clip(round-half-even(x / d), -127, 127)
-    (saturating; +-inf saturate too).  Returns (xq int32 [R, K], d f32 [R, groups])."""
+    (saturating; +-inf saturate too).  Non-finite values: a group that no
+    finite step quantizes -- one holding a NaN, or (dynamic) a +-inf, whose
+    step would be inf -- gets d = NaN and xq = 0, so every output of its row
+    is NaN.  Returns (xq int32 [R, K], d f32 [R, groups])."""
     r, k = x.shape
     groups = -(-k // group)
-    if act_scale > 0:
-        s = np.float32(act_scale)
-        with np.errstate(over="ignore"):
-            xq = np.clip(np.round(x.astype(np.float32) / s), np.float32(-127), np.float32(127))
-        return xq.astype(np.int32), np.full((r, groups), s, np.float32)
     xp = np.zeros((r, groups * group), np.float32)
     xp[:, :k] = x
     xb = xp.reshape(r, groups, group)
-    d = np.abs(xb).max(axis=2) / np.float32(127)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        xq = np.where(d[..., None] > 0, np.round(xb / d[..., None]), np.float32(0))
-    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d.astype(np.float32)
+    bad = (np.isnan(xb) if act_scale > 0 else ~np.isfinite(xb)).any(axis=2)   # [R, groups]
+    if act_scale > 0:
+        s = np.float32(act_scale)
+        with np.errstate(over="ignore", invalid="ignore"):
+            xq = np.clip(np.round(xb / s), np.float32(-127), np.float32(127))
+        d = np.full((r, groups), s, np.float32)
+    else:
+        with np.errstate(invalid="ignore"):
+            d = np.abs(xb).max(axis=2) / np.float32(127)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            xq = np.round(xb / d[..., None])
+    d = np.where(bad, np.float32(np.nan), d).astype(np.float32)
+    xq = np.where((d > 0)[..., None], xq, np.float32(0))
+    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d
 
 
 def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
@@ -572,12 +583,15 @@ class MatMulQ:
     [-127, 127] (a group with d = 0 contributes 0); then
     y = sum_groups (d * scale) * sum_k xq * (q - zero), the inner sums exact
     in integers, the outer in f32 (``matmul_q_i8act``).  Other numerics than
-    "none" (activation rounding), chosen explicitly.
+    "none" (activation rounding), chosen explicitly.  A row of x holding a NaN
+    or +-inf gives a row of NaN outputs (its group's step d is NaN: no finite
+    step quantizes it), where float matmul could give +-inf.
 
     ``act_scale`` (activations="int8" only): 0.0 (default) is the dynamic
     quantization above; > 0 is a static, calibrated per-tensor scale: d =
     f32(act_scale) for every row and group, xq = clip(round-half-even(x / d),
-    -127, 127) (saturating), and y as above with that d.
+    -127, 127) (saturating, +-inf too), and y as above with that d (a NaN in a
+    row still makes the row's outputs NaN).
 
     ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
     non-dense format needs symmetric weights (no zeros), activations="none",
