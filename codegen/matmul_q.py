@@ -493,29 +493,35 @@ def emit_i8act(k: Kernel, node: Node):
     XV = Access(k, k.args[0], x_t.dtype, VL)
 
     def group_amax(xbase, glen):
-        """max |x[xbase : xbase+glen]| (NaN ignored), VL lanes at a time: the scalar
-        compare-select chain costs its latency per element (LLVM does not reorder it).
-        Exact in any order: a maximum of non-negative, non-NaN values."""
+        """max |x[xbase : xbase+glen]| VL lanes at a time (the scalar compare-select
+        chain costs its latency per element; LLVM does not reorder it), or NaN when
+        the group holds a NaN or +-inf (``quantize_rows_i8``): beside the maximum
+        (NaN ignored: exact in any order), a sum of x * 0, which is 0 unless some x
+        is not finite, then NaN for good."""
         nv = glen - glen % VL
         zv = fconst(fvec, 0.0)
 
         def vmax(i, a):
-            v = b.call(k.intrinsic("llvm.fabs.v8f32", fvec, [fvec]), [XV.load(b.add(xbase, i))])
-            return [b.select(b.fcmp_ordered(">", v, a[0]), v, a[0])]
+            x = XV.load(b.add(xbase, i))
+            v = b.call(k.intrinsic("llvm.fabs.v8f32", fvec, [fvec]), [x])
+            return [b.select(b.fcmp_ordered(">", v, a[0]), v, a[0]), b.fadd(a[1], b.fmul(x, zv))]
 
-        m = zero_f
+        m, nf = zero_f, zero_f
         if nv:
-            acc = fold_loop(b, 0, nv, [zv], vmax, step=VL, name="amaxv")[0]
+            acc, nfv = fold_loop(b, 0, nv, [zv, zv], vmax, step=VL, name="amaxv")
             for j in range(VL):
                 e = b.extract_element(acc, ir.Constant(I32, j))
                 m = b.select(b.fcmp_ordered(">", e, m), e, m)
+                nf = b.fadd(nf, b.extract_element(nfv, ir.Constant(I32, j)))
         for i in range(nv, glen):
-            m = call_fabs_max(k, m, X.scalar(b.add(xbase, i64(i))))
-        return m
+            x = X.scalar(b.add(xbase, i64(i)))
+            m = call_fabs_max(k, m, x)
+            nf = b.fadd(nf, b.fmul(x, zero_f))
+        return b.select(b.fcmp_unordered("uno", nf, nf), ir.Constant(F32, float("nan")), m)
 
     def quant_group(xbase, qbase, rg, glen):
         """Quantize x[xbase : xbase+glen] into xq[qbase : qbase+GP] (zero padded)."""
-        if act_scale:   # static: a constant step, saturating at +-127
+        if act_scale:   # static: a constant step, saturating at +-127 (NaN: the group's d is NaN, below)
             d = ir.Constant(F32, act_scale)
 
             def code(v):
@@ -524,7 +530,7 @@ def emit_i8act(k: Kernel, node: Node):
                 # and a vfcvt.rtz (which qemu 7.2 mistranslates in some sequences: an assertion)
                 v = b.call(fmax, [b.call(fmin, [v, ir.Constant(F32, 127.0)]), ir.Constant(F32, -127.0)])
                 return b.fptosi(b.call(roundeven, [v]), I32)
-        else:           # dynamic: d = max|x| / 127, so |x / d| <= 127 already
+        else:           # dynamic: d = max|x| / 127, so |x / d| <= 127 already (d NaN: xq = 0)
             amax = group_amax(xbase, glen)
             d = b.fdiv(amax, ir.Constant(F32, 127.0))
             pos = b.fcmp_ordered(">", d, zero_f)
@@ -533,14 +539,18 @@ def emit_i8act(k: Kernel, node: Node):
                 return b.select(pos, b.fptosi(b.call(roundeven, [v]), I32), zero_i)
 
         def quant(i, acc):
-            qi = code(b.fdiv(X.scalar(b.add(xbase, i)), d))
+            xv = X.scalar(b.add(xbase, i))
+            qi = code(b.fdiv(xv, d))
             qs = b.add(qi, ir.Constant(I32, 128)) if xu else qi   # xu: u8 codes (padding 0 meets q = 0)
             b.store(b.trunc(qs, I8), gep(b, xq, I8, b.add(qbase, i)))
-            return [b.add(acc[0], qi)]
+            nan = [b.or_(acc[1], b.zext(b.fcmp_unordered("uno", xv, xv), I32))] if act_scale else []
+            return [b.add(acc[0], qi), *nan]
 
-        s = fold_loop(b, 0, glen, [zero_i], quant, name="quant")[0]
+        s, *nan = fold_loop(b, 0, glen, [zero_i] + [zero_i] * bool(act_scale), quant, name="quant")
         for i in range(glen, GP):
             b.store(ir.Constant(I8, 0), gep(b, xq, I8, b.add(qbase, i64(i))))
+        if nan:         # static: a NaN in the group makes its d NaN (its codes then never count)
+            d = b.select(b.icmp_unsigned("!=", nan[0], zero_i), ir.Constant(F32, float("nan")), d)
         b.store(d, gep(b, dq, F32, rg))
         b.store(s, gep(b, qsum, I32, rg))
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import dtypes as dt
 from .dtypes import DType
-from .graph import Graph, IRError, TensorType
+from .graph import INT64_MAX, INT64_MIN, Graph, IRError, TensorType
 from .sparsity import parse_format
 
 REQUIRED = object()
@@ -32,7 +32,7 @@ class Attr:
         """Coerce ``value`` to the canonical Python form of this kind."""
         try:
             if self.kind == "int":
-                if isinstance(value, bool) or int(value) != value:
+                if isinstance(value, bool) or int(value) != value or not INT64_MIN <= int(value) <= INT64_MAX:
                     raise ValueError
                 return int(value)
             if self.kind == "float":
@@ -47,7 +47,7 @@ class Attr:
                 return value
             if self.kind == "ints":
                 vals = tuple(value)
-                if any(isinstance(v, bool) or int(v) != v for v in vals):
+                if any(isinstance(v, bool) or int(v) != v or not INT64_MIN <= int(v) <= INT64_MAX for v in vals):
                     raise ValueError
                 return tuple(int(v) for v in vals)
             if self.kind == "floats":
@@ -60,9 +60,12 @@ class Attr:
                 if not isinstance(value, Graph):
                     raise ValueError
                 return value
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: int(inf)
             pass
-        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}")
+        big = [v for v in (value if isinstance(value, (tuple, list)) else (value,))
+               if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX]
+        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}"
+                      + (f" ({big[0]} is beyond int64)" if big else ""))
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class OpDef:
     # place and return it as the output (the memory planner decides; see
     # compiler/memory.py).  The reference semantics stay functional.
     aliases: dict[int, int] = None
+    kind: str = ""                   # the op's family (KINDS), read by passes instead of lists of names
 
     def __post_init__(self):
         if self.aliases is None:
@@ -118,13 +122,37 @@ class OpDef:
 
 OPS: dict[str, OpDef] = {}
 
+# Op families (an op class's ``KIND``).  Passes ask the family, never a list of op names:
+# fusion and memory planning read "elementwise", so a new op of that family fuses with
+# no change to them.
+KINDS = {
+    # y[i] = f(x[i], ...) of the inputs broadcast (numpy rules) to y's shape, computed in
+    # the input dtype (f16 through f32): fusion composes these into one loop or into a
+    # matmul / conv2d epilogue, so codegen has a per-element function of each, for every
+    # dtype the op takes (codegen/elementwise.py; tests/test_layering.py checks it).
+    "elementwise": "arithmetic per element with broadcasting",
+    "predicate": "comparisons, logic and selection per element (bool results or conditions)",
+    "movement": "elements moved or copied, no arithmetic (reshape, transpose, slice, ...)",
+    "index": "elements read at indices given at run time",
+    "reduction": "reduction over axes",
+    "normalization": "a reduction along an axis applied back to it (softmax, norms)",
+    "contraction": "matrix products (dense, quantized, sparse)",
+    "window": "sliding-window ops over images (convolution, pooling)",
+    "composite": "a kernel of its own for a block of several steps (rope, attention, MoE, fused, ...)",
+    "source": "no inputs: a constant",
+}
+
 
 def defop(name: str, inputs: str, attrs: dict[str, Attr] | None = None, optional: int = 0):
-    """Register a class with ``infer`` and ``reference`` functions as op ``name``."""
+    """Register a class with ``infer`` and ``reference`` functions (and ``KIND``, its
+    family in KINDS; ``ALIASES`` when outputs may update inputs in place) as op ``name``."""
 
     def wrap(cls):
+        kind = getattr(cls, "KIND", "")
+        if kind not in KINDS:
+            raise TypeError(f"op {name}: KIND must be one of {', '.join(KINDS)}, got {kind!r}")
         OPS[name] = OpDef(name, tuple(inputs.split()), optional, attrs or {},
-                          cls.infer, cls.reference, (cls.__doc__ or "").strip(), getattr(cls, "ALIASES", {}))
+                          cls.infer, cls.reference, (cls.__doc__ or "").strip(), getattr(cls, "ALIASES", {}), kind)
         return cls
 
     return wrap
@@ -217,6 +245,7 @@ BINARY: dict[str, tuple[tuple[DType, ...], Callable]] = {
 def _def_unary(name, allowed, fn):
     class Unary:
         __doc__ = f"elementwise {name}"
+        KIND = "elementwise"
 
         @staticmethod
         def infer(x):
@@ -233,6 +262,7 @@ def _def_unary(name, allowed, fn):
 def _def_binary(name, allowed, fn):
     class Binary:
         __doc__ = f"elementwise {name} with numpy broadcasting"
+        KIND = "elementwise"
 
         @staticmethod
         def infer(a, b):
@@ -269,6 +299,7 @@ COMPARE: dict[str, tuple[tuple[DType, ...], Callable]] = {
 def _def_compare(name, allowed, fn):
     class Compare:
         __doc__ = f"elementwise {name} with numpy broadcasting; bool result (NaN compares false)"
+        KIND = "predicate"
 
         @staticmethod
         def infer(a, b):
@@ -291,6 +322,8 @@ for _n, (_allowed, _fn) in COMPARE.items():
 class LogicalAnd:
     """a and b of bools with numpy broadcasting."""
 
+    KIND = "predicate"
+
     @staticmethod
     def infer(a, b):
         _dtypes(a, (dt.bool_,), "a"), _dtypes(b, (dt.bool_,), "b")
@@ -304,6 +337,8 @@ class LogicalAnd:
 @defop("logical_not", "x")
 class LogicalNot:
     """not x, of bools."""
+
+    KIND = "predicate"
 
     @staticmethod
     def infer(x):
@@ -319,6 +354,8 @@ class LogicalNot:
 class IsNaN:
     """x != x of floats, as bool."""
 
+    KIND = "predicate"
+
     @staticmethod
     def infer(x):
         _dtypes(x, dt.FLOATS)
@@ -332,6 +369,8 @@ class IsNaN:
 @defop("where", "cond a b")
 class Where:
     """cond ? a : b elementwise, all three broadcast (numpy rules); values copied exactly."""
+
+    KIND = "predicate"
 
     @staticmethod
     def infer(cond, a, b):
@@ -350,6 +389,8 @@ class Expand:
     """x broadcast (numpy rules, both ways) with ``shape``: the result has shape
     broadcast(x.shape, shape), so a 1 in ``shape`` keeps x's dim (ONNX Expand)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, shape):
         _need(x.dtype is not dt.i4, "expand of i4 is not supported")
@@ -366,6 +407,8 @@ class GatherElements:
     """y[i0..] = x[i0.., ids[i0..], ..] with ids replacing the index on ``axis``
     (np.take_along_axis); y has ids' shape; ids count from the end when negative
     and must lie in [-n, n); every other dim of ids is at most x's."""
+
+    KIND = "index"
 
     @staticmethod
     def infer(x, ids, axis):
@@ -394,6 +437,8 @@ class GatherElements:
 class Gelu:
     """GELU; approximate="none" (erf form) or "tanh"."""
 
+    KIND = "elementwise"
+
     @staticmethod
     def infer(x, approximate):
         _dtypes(x, dt.FLOATS)
@@ -408,6 +453,8 @@ class Gelu:
 @defop("const", "", {"value": Attr("array")})
 class Const:
     """A constant tensor; its data lives in attrs["value"]."""
+
+    KIND = "source"
 
     @staticmethod
     def infer(value):
@@ -431,6 +478,8 @@ class MatMul:
     """a[..., M, K] @ b[..., K, N] with broadcasting of the batch dims.
     ``sparse`` (ir/sparsity.py) is how the kernel stores a constant 2-D b
     (dense, csr, bsrRxC, nmN:M); it does not change the result."""
+
+    KIND = "contraction"
 
     @staticmethod
     def infer(a, b, sparse="dense"):
@@ -485,21 +534,29 @@ def quantize_rows_i8(x: np.ndarray, group: int, act_scale: float = 0.0) -> tuple
     d = max|x_group| / 127 and xq = round-half-even(x / d) in [-127, 127], all
     in f32; a group with d = 0 gets xq = 0.  Static (act_scale > 0): d =
     f32(act_scale) everywhere and xq = clip(round-half-even(x / d), -127, 127)
-    (saturating; +-inf saturate too).  Returns (xq int32 [R, K], d f32 [R, groups])."""
+    (saturating; +-inf saturate too).  Non-finite values: a group that no
+    finite step quantizes -- one holding a NaN, or (dynamic) a +-inf, whose
+    step would be inf -- gets d = NaN and xq = 0, so every output of its row
+    is NaN.  Returns (xq int32 [R, K], d f32 [R, groups])."""
     r, k = x.shape
     groups = -(-k // group)
-    if act_scale > 0:
-        s = np.float32(act_scale)
-        with np.errstate(over="ignore"):
-            xq = np.clip(np.round(x.astype(np.float32) / s), np.float32(-127), np.float32(127))
-        return xq.astype(np.int32), np.full((r, groups), s, np.float32)
     xp = np.zeros((r, groups * group), np.float32)
     xp[:, :k] = x
     xb = xp.reshape(r, groups, group)
-    d = np.abs(xb).max(axis=2) / np.float32(127)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        xq = np.where(d[..., None] > 0, np.round(xb / d[..., None]), np.float32(0))
-    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d.astype(np.float32)
+    bad = (np.isnan(xb) if act_scale > 0 else ~np.isfinite(xb)).any(axis=2)   # [R, groups]
+    if act_scale > 0:
+        s = np.float32(act_scale)
+        with np.errstate(over="ignore", invalid="ignore"):
+            xq = np.clip(np.round(xb / s), np.float32(-127), np.float32(127))
+        d = np.full((r, groups), s, np.float32)
+    else:
+        with np.errstate(invalid="ignore"):
+            d = np.abs(xb).max(axis=2) / np.float32(127)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            xq = np.round(xb / d[..., None])
+    d = np.where(bad, np.float32(np.nan), d).astype(np.float32)
+    xq = np.where((d > 0)[..., None], xq, np.float32(0))
+    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d
 
 
 def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
@@ -551,12 +608,15 @@ class MatMulQ:
     [-127, 127] (a group with d = 0 contributes 0); then
     y = sum_groups (d * scale) * sum_k xq * (q - zero), the inner sums exact
     in integers, the outer in f32 (``matmul_q_i8act``).  Other numerics than
-    "none" (activation rounding), chosen explicitly.
+    "none" (activation rounding), chosen explicitly.  A row of x holding a NaN
+    or +-inf gives a row of NaN outputs (its group's step d is NaN: no finite
+    step quantizes it), where float matmul could give +-inf.
 
     ``act_scale`` (activations="int8" only): 0.0 (default) is the dynamic
     quantization above; > 0 is a static, calibrated per-tensor scale: d =
     f32(act_scale) for every row and group, xq = clip(round-half-even(x / d),
-    -127, 127) (saturating), and y as above with that d.
+    -127, 127) (saturating, +-inf too), and y as above with that d (a NaN in a
+    row still makes the row's outputs NaN).
 
     ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
     non-dense format needs symmetric weights (no zeros), activations="none",
@@ -582,6 +642,8 @@ class MatMulQ:
     4.5 (the 6-bit fields take a byte each).  Kernels compute scale and
     minimum once per group and column.  ir/blocks.py maps GGUF's blocks onto
     these operands (``to_matmul_q``)."""
+
+    KIND = "contraction"
 
     @staticmethod
     def infer(x, q, scales, zeros=None, supers=None, *, group, activations="none", sparse="dense", act_scale=0.0,
@@ -656,6 +718,8 @@ class MatMulQ:
 class Softmax:
     """softmax along one axis."""
 
+    KIND = "normalization"
+
     @staticmethod
     def infer(x, axis):
         _dtypes(x, dt.FLOATS)
@@ -672,6 +736,8 @@ class Softmax:
 @defop("layernorm", "x scale bias", {"axis": Attr("int", -1), "eps": Attr("float", 1e-5)}, optional=1)
 class LayerNorm:
     """(x - mean) / sqrt(var + eps) * scale + bias over the dims from axis on."""
+
+    KIND = "normalization"
 
     @staticmethod
     def infer(x, scale, bias=None, *, axis, eps):
@@ -699,6 +765,8 @@ class LayerNorm:
 class RMSNorm:
     """x / sqrt(mean(x^2) + eps) * scale over the dims from axis on."""
 
+    KIND = "normalization"
+
     @staticmethod
     def infer(x, scale, *, axis, eps):
         return LayerNorm.infer(x, scale, None, axis=axis, eps=eps)
@@ -724,6 +792,7 @@ def _reduce_axes(rank: int, axes) -> tuple[int, ...]:
 def _def_reduce(name, fn, allowed):
     class Reduce:
         __doc__ = f"{name} over axes (all when empty)"
+        KIND = "reduction"
 
         @staticmethod
         def infer(x, axes, keepdims):
@@ -754,6 +823,8 @@ _def_reduce("reduce_max", np.max, dt.NUMERIC)
 class Reshape:
     """Same elements, new static shape (one dim may be -1)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, shape):
         return [TensorType(x.dtype, resolve_shape(x.shape, shape))]
@@ -779,6 +850,8 @@ def resolve_shape(src: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ..
 class Transpose:
     """Permute dims (reverse them when perm is empty)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, perm):
         p = perm or tuple(reversed(range(x.rank)))
@@ -793,6 +866,8 @@ class Transpose:
 @defop("concat", "xs*", {"axis": Attr("int")})
 class Concat:
     """Join tensors along axis."""
+
+    KIND = "movement"
 
     @staticmethod
     def infer(*xs, axis):
@@ -831,6 +906,8 @@ def slice_ranges(shape, starts, ends, axes, steps) -> list[tuple[int, int, int]]
 class Slice:
     """x[start:end:step] on the given axes (ONNX Slice semantics, clamped)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, starts, ends, axes, steps):
         rs = slice_ranges(x.shape, starts, ends, axes, steps)
@@ -846,6 +923,8 @@ class Slice:
 @defop("gather", "table ids", {"axis": Attr("int", 0)})
 class Gather:
     """table.take(ids, axis): embedding lookup; negative ids count from the end."""
+
+    KIND = "index"
 
     @staticmethod
     def infer(table, ids, axis):
@@ -893,6 +972,8 @@ class GatherQ:
 class Cast:
     """Convert dtype (floats to ints truncate toward zero; to bool: x != 0)."""
 
+    KIND = "elementwise"
+
     @staticmethod
     def infer(x, to):
         _need(to in dt.IO and x.dtype in dt.IO, f"cast from {x.dtype} to {to} is not supported")
@@ -927,6 +1008,8 @@ def _check2(name, v, n=2):
 class Conv2d:
     """NCHW convolution; w is [C_out, C_in/groups, KH, KW]; pads are
     (top, left, bottom, right)."""
+
+    KIND = "window"
 
     @staticmethod
     def infer(x, w, bias=None, *, strides, pads, dilations, groups):
@@ -1005,6 +1088,8 @@ def _windows(x, kernel, strides, pads, ceil_mode, fill, dilations=(1, 1)):
 class MaxPool2d:
     """Max over windows (padding never wins)."""
 
+    KIND = "window"
+
     @staticmethod
     def infer(x, kernel, strides, pads, ceil_mode, dilations):
         _check2("dilations", dilations)
@@ -1021,6 +1106,8 @@ class AvgPool2d:
     """Mean over windows; count_include_pad counts explicit padding (never the
     extra ceil_mode overhang) in the divisor."""
 
+    KIND = "window"
+
     @staticmethod
     def infer(x, kernel, strides, pads, ceil_mode, count_include_pad):
         return [TensorType(x.dtype, _pool_infer(x, kernel, strides, pads, ceil_mode))]
@@ -1035,6 +1122,8 @@ class AvgPool2d:
 @defop("global_avgpool", "x")
 class GlobalAvgPool:
     """Mean over H and W: [N, C, H, W] -> [N, C, 1, 1]."""
+
+    KIND = "window"
 
     @staticmethod
     def infer(x):
@@ -1079,6 +1168,8 @@ class Rope:
     ``inv_freq`` (optional, f32[D/2]) replaces theta ** (-2i/D) for frequencies
     a model computes otherwise (Llama 3's rope scaling); theta is then unused."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(x, pos, inv_freq=None, *, theta, style):
         _dtypes(x, dt.FLOATS, "x")
@@ -1115,6 +1206,8 @@ class Rope:
 class SwiGLU:
     """silu(gate) * up = gate * sigmoid(gate) * up elementwise (same shapes), in f32."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(gate, up):
         d = _same_dtype([gate, up])
@@ -1145,6 +1238,8 @@ class TopK:
     """(values, indices) of the k largest entries along the last axis, largest
     first; equal values keep the lower index first; NaN ranks above +inf (NaNs
     among themselves by index).  indices are i64; k <= the axis size."""
+
+    KIND = "composite"
 
     @staticmethod
     def infer(x, k):
@@ -1177,6 +1272,8 @@ class AttentionDecode:
     The compiled kernel updates the caches in place when the memory planner
     lets it (a state input, or an intermediate read last here; see
     compiler/memory.py) and copies them otherwise."""
+
+    KIND = "composite"
 
     ALIASES = {1: 3, 2: 4}
 
@@ -1248,6 +1345,8 @@ class MoE:
     in f32.  The kernel reads only the chosen experts' weights (it branches on
     the ids at run time).  1 <= k <= E."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(x, router_w, w1, w3, w2, k):
         _same_dtype([x, router_w, w1, w3, w2])
@@ -1287,6 +1386,8 @@ class MatMulSparseInput:
     by the ``sparse_activations`` pass).  Equal to matmul, except that a skipped
     row is never read: a non-finite b[k] there adds 0, not NaN."""
 
+    KIND = "contraction"
+
     @staticmethod
     def infer(a, b):
         d = _same_dtype([a, b])
@@ -1310,6 +1411,8 @@ class Fused:
     the inputs bind to body's inputs in order, the results are body's outputs.
     The body holds no constants (they stay inputs of the fused node), so the
     side table of the text form stays flat."""
+
+    KIND = "composite"
 
     @staticmethod
     def infer(*xs, body):
