@@ -952,6 +952,8 @@ class GatherQ:
     (GGUF's token_embd serving both) are stored once.  Negative ids count from
     the end, as in gather."""
 
+    KIND = "index"
+
     @staticmethod
     def infer(ids, q, scales, zeros=None, supers=None, *, group, super_group=0):
         _dtypes(ids, (dt.i64, dt.i32), "ids")
