@@ -13,6 +13,7 @@ if __name__ == "sqk":
     from .ir import (DType, Graph, GraphBuilder, IRError, Node, ParseError, TensorType, Value,  # noqa: F401
                      load_ir, parse_ir, reference, save_ir, verify)
     from .runtime.module import Module, SqkRuntimeError, load  # noqa: F401
+    from .runtime.abi import ArtifactError  # noqa: F401
 
 
 def compile(graph, target="host", pipeline=None, dump_after=None, dump_dir=None, threads=None, **options):

@@ -93,7 +93,7 @@ def load_model(path: str) -> tuple[Graph, dict | None]:
             raise FileNotFoundError(f"{path}: a directory without manifest.json (not an sqk artifact)")
         return load_ir(path), None
     from ..codegen.target import get_target
-    from ..runtime.module import read_manifest
+    from ..runtime.module import artifact_file, read_manifest
 
     manifest = read_manifest(path)
     ir_path = os.path.join(path, "model.sqkir")
@@ -103,7 +103,7 @@ def load_model(path: str) -> tuple[Graph, dict | None]:
         return load_ir(ir_path), manifest
     with open(ir_path) as f:
         text = f.read()
-    return _with_blob_constants(text, os.path.join(path, manifest["constants"]["file"]),
+    return _with_blob_constants(text, artifact_file(path, manifest["constants"]["file"]),
                                 manifest["constants"]["bytes"], path, get_target(target_name(manifest))), manifest
 
 

@@ -126,23 +126,24 @@ def validate_manifest(m, where: str = "manifest.json") -> dict:
         raise ArtifactError(f"{where}: artifact format version {shown}, this sqk reads version {FORMAT_VERSION} "
                             f"(the integer); recompile the model")
     c.get(m, "name", "name", str)
-    c.get(m, "sqk_version", "sqk_version", str, optional=True)
-    c.get(m, "pipeline", "pipeline", str, optional=True)
+    c.get(m, "sqk_version", "sqk_version", str)
+    c.get(m, "pipeline", "pipeline", str)
     t = c.get(m, "target", "target", dict)
     c.get(t, "name", "target.name", str)
     c.get(t, "triple", "target.triple", str)
-    c.get(t, "cpu", "target.cpu", str, optional=True)
+    c.get(t, "cpu", "target.cpu", str)
     feats = c.get(t, "required_features", "target.required_features", list, optional=True) or []
     for i, f in enumerate(feats):
         if not isinstance(f, str):
             c.fail(f"target.required_features[{i}]", f"{f!r} is not a string")
     if "vlen" in t:
         c.int(t["vlen"], "target.vlen", 32, 65536)
+    if "vector" in t and not isinstance(t["vector"], bool):
+        c.fail("target.vector", f"{t['vector']!r} is not true or false")
     ins, outs = c.tensors(m, "inputs"), c.tensors(m, "outputs")
     c.get(m, "arena_bytes", "arena_bytes", int)
-    c.get(m, "intermediate_bytes", "intermediate_bytes", int, optional=True)
-    if "threads" in m:
-        c.int(m["threads"], "threads", 0, 1 << 20)
+    c.get(m, "intermediate_bytes", "intermediate_bytes", int)
+    c.int(c.get(m, "threads", "threads", int), "threads", 0, 1 << 20)
     for j, k in enumerate(c.get(m, "kernels", "kernels", list)):
         f = f"kernels[{j}]"
         if not isinstance(k, dict):
