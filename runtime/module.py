@@ -30,7 +30,7 @@ import numpy as np
 
 from ..ir.dtypes import BY_CODE
 from ..ir.reference import check_inputs
-from .abi import (ABI_VERSION, ERR_INDEX, FORMAT_VERSION, IO_DTYPES, ArtifactError, artifact_file,  # noqa: F401
+from .abi import (ABI_VERSION, BUF_OUTPUT, ERR_INDEX, FORMAT_VERSION, IO_DTYPES, ArtifactError, artifact_file,  # noqa: F401
                   check_elf, manifest_hash, tensor_nbytes, validate_manifest)
 from .profile import Profile
 
@@ -155,6 +155,17 @@ def check_program(ffi, prog, m: dict, where: str) -> None:
             for f in ("name", "dtype", "shape", "bytes"):
                 if mine[f] != code[f]:
                     fail(f"{key}[{j}].{f}" if f != "bytes" else f"{key}[{j}] (dtype and shape)", mine[f], code[f])
+    # A state output is updated in its input's memory, so the code has no buffer in the
+    # output itself; every other output is written through one (codegen/lower.py).
+    written = {prog.buffers[i].index for i in range(prog.n_buffers) if prog.buffers[i].kind == BUF_OUTPUT}
+    state_out = {s["output"] for s in m.get("state", [])}
+    for j, t in enumerate(m["outputs"]):
+        if t["name"] in state_out and j in written:
+            fail(f"state[{[s['output'] for s in m['state']].index(t['name'])}].output", repr(t["name"]),
+                 "an output the code writes itself, not a state updated in its input's memory")
+        if t["name"] not in state_out and j not in written and m["target"]["name"] == "host" \
+                and tensor_nbytes(t["dtype"], t["shape"]):
+            fail(f"outputs[{j}]", "not a state", "a state output updated in an input's memory")
     if m["arena_bytes"] != prog.arena_bytes:
         fail("arena_bytes", m["arena_bytes"], prog.arena_bytes)
     if m["constants"]["bytes"] != prog.const_bytes:

@@ -339,6 +339,8 @@ EDITS = {
     "arena_smaller": lambda m, p, o: m.update(arena_bytes=0),
     "kernel_not_dict": lambda m, p, o: m["kernels"].__setitem__(0, "k0"),
     "state_unknown": lambda m, p, o: m["state"][0].update(input="nope"),
+    "state_dropped": lambda m, p, o: m.pop("state"),
+    "state_claimed": lambda m, p, o: m["state"].append({"input": "q", "output": "0"}),  # both 128 bytes
 }
 
 REPRODUCERS = [  # (artifact, edit, rehash, message the ArtifactError must match)
@@ -364,6 +366,9 @@ REPRODUCERS = [  # (artifact, edit, rehash, message the ArtifactError must match
     ("mlp", "arena_smaller", True, r"arena_bytes is 0, the code's program table has"),
     ("mlp", "kernel_not_dict", True, r"manifest field kernels\[0\]: expected an object, got str"),
     ("attn", "state_unknown", True, r"state\[0\]\.input: 'nope' is not an input"),
+    ("attn", "state_dropped", True, r"outputs\[1\] is not a state, the code's program table has a state output"),
+    ("attn", "state_claimed", True, r"state\[2\]\.output is '0', the code's program table has an output the "
+                                    r"code writes itself"),
 ]
 
 
