@@ -11,6 +11,11 @@ the compiler).  An artifact directory holds
     constants.bin    packed constants, 64-byte aligned, memory-mapped
     report.json      the compile report (quantization, sparsity), when a
                      pass made one: ``Module.report`` (``read_report``)
+
+Loading checks the manifest against its schema (``abi.validate_manifest``),
+keeps every file it names inside the directory, checks the hashes, and holds
+the manifest against the program table of the code (``check_program``): see
+the README's "Security model".
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import numpy as np
 
 from ..ir.dtypes import BY_CODE
 from ..ir.reference import check_inputs
-from .abi import (ABI_VERSION, BUF_OUTPUT, ERR_INDEX, FORMAT_VERSION, IO_DTYPES, ArtifactError, artifact_file,  # noqa: F401
+from .abi import (ABI_VERSION, BUF_OUTPUT, ERR_INDEX, FORMAT_VERSION, IO_DTYPES, ArtifactError, artifact_file,
                   check_elf, manifest_hash, tensor_nbytes, validate_manifest)
 from .profile import Profile
 
@@ -158,13 +163,12 @@ def check_program(ffi, prog, m: dict, where: str) -> None:
     # A state output is updated in its input's memory, so the code has no buffer in the
     # output itself; every other output is written through one (codegen/lower.py).
     written = {prog.buffers[i].index for i in range(prog.n_buffers) if prog.buffers[i].kind == BUF_OUTPUT}
-    state_out = {s["output"] for s in m.get("state", [])}
+    state_out = {s["output"]: k for k, s in enumerate(m.get("state", []))}
     for j, t in enumerate(m["outputs"]):
         if t["name"] in state_out and j in written:
-            fail(f"state[{[s['output'] for s in m['state']].index(t['name'])}].output", repr(t["name"]),
+            fail(f"state[{state_out[t['name']]}].output", repr(t["name"]),
                  "an output the code writes itself, not a state updated in its input's memory")
-        if t["name"] not in state_out and j not in written and m["target"]["name"] == "host" \
-                and tensor_nbytes(t["dtype"], t["shape"]):
+        if t["name"] not in state_out and j not in written and tensor_nbytes(t["dtype"], t["shape"]):
             fail(f"outputs[{j}]", "not a state", "a state output updated in an input's memory")
     if m["arena_bytes"] != prog.arena_bytes:
         fail("arena_bytes", m["arena_bytes"], prog.arena_bytes)
