@@ -221,6 +221,13 @@ def read_report(path: str, manifest: dict, verify: bool = True) -> ArtifactRepor
         raise ArtifactError(f"{rpath}: corrupt report ({e!r})") from None
 
 
+def runner_output_file(name: str) -> str:
+    """The file the riscv64 runner writes output ``name`` to (runner.c's
+    output_path): characters outside [A-Za-z0-9_.-], and a leading '.', become '_'."""
+    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in "_-" or (b == 46 and i)) else "_"
+                   for i, b in enumerate(name.encode())) + ".npy"
+
+
 class Module:
     """A compiled model.  Call it with keyword arrays: ``m(x=arr)`` returns an
     array (a tuple for several outputs)."""
@@ -405,9 +412,14 @@ class Module:
                 stdout.append(r.stdout)
             outs = []
             for name, dtype, shape in self._out_specs:
-                a = np.load(os.path.join(tmp, f"{name}.npy"), allow_pickle=False)
+                try:
+                    a = np.load(os.path.join(tmp, runner_output_file(name)), allow_pickle=False)
+                except (OSError, ValueError) as e:
+                    raise SqkRuntimeError(f"riscv64 runner wrote no readable output {name!r} ({e}); the manifest "
+                                          "does not describe this runner") from None
                 if a.dtype != dtype or a.shape != shape:
-                    raise SqkRuntimeError(f"runner wrote {name} as {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}")
+                    raise SqkRuntimeError(f"runner wrote {name} as {a.dtype}{list(a.shape)}, "
+                                          f"expected {dtype}{list(shape)}")
                 outs.append(a)
             return outs
 

@@ -24,6 +24,7 @@ import pytest
 import sqk
 from sqk.runtime import abi
 from sqk.runtime.module import ArtifactError, SqkRuntimeError, clean_stale_saves
+from conftest import require_riscv
 from harness import compile_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -256,8 +257,8 @@ def _judge(case: dict, res: dict) -> str | None:
     """Why ``res`` is not acceptable for ``case`` (None: it is)."""
     if res["outcome"] == "bad":
         return res["detail"]
-    if res["outcome"] == "call-error":
-        return f"loaded, then the call failed: {res['detail']}"
+    if res["outcome"] == "call-error" and not (case.get("runner") and res["detail"].startswith("SqkRuntimeError")):
+        return f"loaded, then the call failed: {res['detail']}"  # (the riscv64 runner refuses at run time)
     if res["outcome"] == "differs":
         # new constants under a recomputed hash are a different model, not a corrupt one
         changed_weights = case.get("file") == "constants.bin" and case.get("rehash") and case["how"] != "symlink_out"
@@ -294,6 +295,18 @@ def test_tampered_files(artifacts, tmp_path):
 @pytest.mark.slow
 def test_tampered_manifest_fields_all(artifacts, tmp_path):
     _check_all(manifest_cases(artifacts, wide=True), tmp_path)
+
+
+@pytest.mark.slow
+def test_tampered_riscv_manifest_fields(tmp_path):
+    """riscv64: the runner checks every tensor against its own table at each run, so a
+    tampered manifest is refused at load or by the runner (SqkRuntimeError), never run."""
+    require_riscv()
+    path = str(tmp_path / "rv.sqk")
+    compile_for(mlp(), "riscv64").save(path)
+    cases = [dict(c, runner=True) for c in _sample(manifest_cases({"rv": path}, wide=False), 150)]
+    results = _check_all(cases, tmp_path)
+    assert sum(r["outcome"] == "call-error" for r in results) > 0  # the runner's own refusals
 
 
 # --- the issue's reproducers, by name -----------------------------------------------------
@@ -339,6 +352,7 @@ EDITS = {
     "arena_smaller": lambda m, p, o: m.update(arena_bytes=0),
     "kernel_not_dict": lambda m, p, o: m["kernels"].__setitem__(0, "k0"),
     "state_unknown": lambda m, p, o: m["state"][0].update(input="nope"),
+    "output_renamed": lambda m, p, o: m["outputs"][1].update(name="../../x"),
     "state_dropped": lambda m, p, o: m.pop("state"),
     "state_claimed": lambda m, p, o: m["state"].append({"input": "q", "output": "0"}),  # both 128 bytes
 }
@@ -422,7 +436,8 @@ def test_riscv_runner_refuses_tampered_artifacts(tmp_path):
     cases = [("output_shape_1x1", r"runner wrote 1 as float32\[2, 16\], expected float32\[1, 1\]"),
              ("input_shape_1x1", r"input 'x': expected shape f32 \[2,24\], found f32 \[1,1\]|expected shape"),
              ("drop_input", r"missing input 'x'"),
-             ("output_dtype_i8", r"runner wrote 1 as float32\[2, 16\], expected int8\[2, 16\]")]
+             ("output_dtype_i8", r"runner wrote 1 as float32\[2, 16\], expected int8\[2, 16\]"),
+             ("output_renamed", r"runner wrote no readable output '\.\./\.\./x'")]
     for edit, msg in cases:
         dst = str(tmp_path / edit)
         shutil.copytree(path, dst)
