@@ -512,16 +512,36 @@ class Module:
             if os.path.isdir(path):
                 if not os.path.isfile(os.path.join(path, "manifest.json")):
                     raise FileExistsError(f"{path} exists and is not an sqk artifact; not overwriting it")
-                old = path + f".old{os.getpid()}"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
+                if not _exchange(tmp, path):  # no atomic swap here: two renames
+                    old = path + f".old{os.getpid()}"
+                    os.replace(path, old)
+                    os.replace(tmp, path)
+                    shutil.rmtree(old, ignore_errors=True)
+                # else tmp now holds the old artifact: removed below
             else:
                 os.replace(tmp, path)
         finally:
             os.close(lock)
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE), so an
+    artifact being overwritten is never missing; False where that is unsupported."""
+    import ctypes
+    import errno
+
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 SAVE_PREFIX = ".sqk-save-"

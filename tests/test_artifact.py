@@ -139,6 +139,7 @@ def test_save_never_leaves_half_written(saved, tmp_path):
     m.save(out)
     m.save(out)
     assert sqk.load(out)(x=X)[0].shape == (2, 24)
+    assert sorted(os.listdir(tmp_path)) == ["a.sqk", "keep"]  # no .old or .sqk-save-* left
 
 
 def test_failed_compile_writes_nothing(tmp_path):
