@@ -522,7 +522,9 @@ class Module:
                 os.replace(tmp, path)
         finally:
             os.close(lock)
-            if os.path.isdir(tmp):
+            if os.path.islink(tmp):  # path was a symlink, swapped out: the link goes, not its target
+                os.unlink(tmp)
+            elif os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
