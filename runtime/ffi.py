@@ -69,7 +69,7 @@ def _ext_suffix() -> str:
 
 def _extra_cflags() -> str:
     """$SQK_RUNTIME_CFLAGS: extra compiler flags for the runtime (e.g. -fsanitize=address,
-    see tests/asan.sh); part of the cache key, so each set of flags has its own build."""
+    see .ci/asan); part of the cache key, so each set of flags has its own build."""
     return os.environ.get("SQK_RUNTIME_CFLAGS", "")
 
 
