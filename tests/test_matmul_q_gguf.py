@@ -351,3 +351,25 @@ def test_int8_activations_q4_1_without_avx2(monkeypatch):
     xv = rand((2, 64), "f32", rng, -1, 1)
     (q, _), (s, _), (z, _) = m["inputs"]
     np.testing.assert_array_equal(sqk.compile(g)(x=xv), matmul_q_i8act(xv, q, s, z, 32))
+
+
+def test_q8_0_int8_activations_stored_bytes():
+    """Q8_0 with int8 activations keeps the file's 8.5 bits per weight on hosts
+    without VNNI (the VNNI kernel's 128 * sum q correction is packed only there)."""
+    import dataclasses
+
+    from sqk.codegen.target import get_target
+
+    rng = np.random.default_rng(7)
+    N, K = 64, 128
+    raw = random_blocks("Q8_0", N, K, rng)
+    m = blocks.to_matmul_q("Q8_0", raw, (N, K))
+    b = sqk.GraphBuilder("q8")
+    x = b.input("x", (1, K))
+    g = b.output(b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), activations="int8", **m["attrs"]))
+    host = get_target("host")
+    plain = dataclasses.replace(host, features=",".join(
+        "-" + f[1:] if f in ("+avxvnni", "+avx512vnni") else f for f in host.features.split(",")))
+    vnni = dataclasses.replace(host, features=host.features + ",+avx2,+avxvnni")
+    assert sum(len(v) for v in pack_constants(g, plain).values()) == raw.nbytes
+    assert sum(len(v) for v in pack_constants(g, vnni).values()) == raw.nbytes + N * K // 8
