@@ -25,7 +25,8 @@ an unsigned code, all arithmetic in f32:
 
 Every product above is exact in f32 (at most 11 + 7 + 5 significant bits), so
 the only rounding is Q4_1's and Q4_K's final add: the ``matmul_q`` forms below
-give bit for bit the same weights (``ir.ops.dequantize_weight``).
+give bit for bit the same weights (``ir.ops.dequantize_weight``), and
+``gather_q`` with the same operands gives rows of the table (a tied embedding).
 """
 from __future__ import annotations
 
@@ -162,8 +163,10 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
 
     ``raw``: uint8 [N, row_bytes] (one row per output feature, as in the file);
     ``shape``: (N, K), K a multiple of the type's block (else IRError, as for
-    wrong row bytes).  Returns ``{"inputs": [(array, dtype), ...], "attrs": {...}}``
-    for ``matmul_q``'s q [K, N], scales [K / group, N] and, for Q4_1, float
+    wrong row bytes).  From ``gguf.GGUFReader``: ``to_matmul_q(t.tensor_type,
+    t.data, t.shape[::-1])`` (the reader's shape is GGML's (K, N) order).
+    Returns ``{"inputs": [(array, dtype), ...], "attrs": {...}}`` for
+    ``matmul_q``'s q [K, N], scales [K / group, N] and, for Q4_1, float
     minimums (the ``zeros`` operand in float), for Q4_K the two-level operands
     (``supers``, attribute ``super_group``): build the node with
 

@@ -245,15 +245,15 @@ def test_gather_q_bad_id():
 
 
 @pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q6_K"])
 def test_int8_activations(target, name):
-    """int8 activations: Q8_0 and Q4_0 as matmul_q's own symmetric schemes, Q4_1 with
+    """int8 activations: Q8_0, Q4_0 and Q6_K as matmul_q's own symmetric schemes, Q4_1 with
     its minimums applied as (d * minimum) * sum(xq) per group; bit for bit
     ir.ops.matmul_q_i8act (written out here for Q4_1 from ggml's values)."""
     from sqk.ir.ops import matmul_q_i8act, quantize_rows_i8
 
     rng = np.random.default_rng(4)
-    N, K = 67 if target == "host" else 515, 96
+    N, K = 67 if target == "host" else 515, 256 if name == "Q6_K" else 96
     raw = random_blocks(name, N, K, rng)
     m = blocks.to_matmul_q(name, raw, (N, K))
     b = sqk.GraphBuilder("i8act")
@@ -261,7 +261,7 @@ def test_int8_activations(target, name):
     g = b.output(b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), activations="int8", **m["attrs"]))
     xv = rand((3, K), "f32", rng, -1, 1)
     arrays = [a for a, _ in m["inputs"]]
-    want = matmul_q_i8act(xv, arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, 32)
+    want = matmul_q_i8act(xv, arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, m["attrs"]["group"])
     np.testing.assert_array_equal(compile_for(g, target)(x=xv), want)
     if name == "Q4_1":   # the same from the file's fields: u, d, m per block
         blk = raw.reshape(N, K // 32, 20)
