@@ -373,3 +373,31 @@ def test_q8_0_int8_activations_stored_bytes():
     vnni = dataclasses.replace(host, features=host.features + ",+avx2,+avxvnni")
     assert sum(len(v) for v in pack_constants(g, plain).values()) == raw.nbytes
     assert sum(len(v) for v in pack_constants(g, vnni).values()) == raw.nbytes + N * K // 8
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64-scalar"])
+@pytest.mark.parametrize("K, group, super_group", [(100, 32, 0), (300, 32, 256), (320, 64, 128), (40, 16, 32)])
+def test_minimums_any_shape(target, K, group, super_group):
+    """Float minimums and two-level scales on shapes GGUF never has but the op
+    accepts: a short last group, a short last super-block; gather_q alike."""
+    rng = np.random.default_rng(K)
+    N, G = 70, -(-K // group)
+    b = sqk.GraphBuilder("mins")
+    x = b.input("x", (3, K))
+    ops = [b.const(rng.integers(-8, 8, (K, N)).astype(np.int8), "i4")]
+    if super_group:
+        ops += [b.const(rng.integers(0, 64, (G, N)).astype(np.uint8), "u8"),
+                b.const(rng.integers(0, 64, (G, N)).astype(np.uint8), "u8"),
+                b.const(rng.uniform(-0.01, 0.01, (-(-K // super_group), N, 2)).astype(np.float16), "f16")]
+    else:
+        ops += [b.const(rng.uniform(0.01, 0.1, (G, N)).astype(np.float32), "f32"),
+                b.const(rng.uniform(-1, 1, (G, N)).astype(np.float16), "f16")]
+    attrs = {"group": group, "super_group": super_group}
+    ids = b.input("ids", (4,), "i64")
+    g = b.output(b.matmul_q(x, *ops, **attrs), b.gather_q(ids, *ops, **attrs))
+    inputs = {"x": rand((3, K), "f32", rng, -1, 1), "ids": np.array([0, 69, 8, -7], np.int64)}
+    m = compile_for(g, target)
+    y, rows = m(**inputs)
+    want_y, want_rows = sqk.reference(g, **inputs)
+    assert_close(y, want_y)
+    np.testing.assert_array_equal(bits(rows), bits(want_rows))
