@@ -184,7 +184,8 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
       (d * sc) + (-dmin) * m; 4.625 bits per weight against the file's 4.5 (the
       6-bit sc and m take a byte each);
     * Q6_K: q = code - 32 (i8), group 16, scales = d * sc in f32 (exact): 10 bits
-      per weight against the file's 6.5625 (no 6-bit storage yet).
+      per weight against the file's 6.5625 (matmul_q has no 6-bit codes; the
+      ``matmul_ggml`` op reads Q6_K's blocks as stored: ``matmul`` below picks it).
     F32 / F16 / BF16 are not matmul_q weights (``dequantize`` gives their floats)."""
     t = block_type(ggml_type)
     if t.name not in QUANTIZED:
@@ -226,3 +227,17 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
         ins = [(kn(_q6k_codes(blk)), "i8"), (kn(d), "f32")]
         group = 16
     return {"inputs": ins, "attrs": {"group": group}}
+
+
+def matmul(b, x, ggml_type, raw, shape, **matmul_q_attrs):
+    """x @ W.T for a GGML matrix W (``raw``, ``shape`` as ``to_matmul_q``) on the
+    GraphBuilder ``b``, storing the file's bytes where a kernel can: Q6_K as
+    ``matmul_ggml`` on its blocks (6.5625 bits per weight; float activations
+    only), every other type as ``matmul_q`` on ``to_matmul_q``'s operands
+    (``matmul_q_attrs``: e.g. activations="int8")."""
+    t = block_type(ggml_type)
+    if t.name == "Q6_K" and matmul_q_attrs.get("activations", "none") == "none":
+        a, n, k = _rows(t, raw, shape)
+        return b.matmul_ggml(x, b.const(a, "u8"), type="Q6_K")
+    m = to_matmul_q(t, raw, shape)
+    return b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), **m["attrs"], **matmul_q_attrs)

@@ -401,3 +401,38 @@ def test_minimums_any_shape(target, K, group, super_group):
     want_y, want_rows = sqk.reference(g, **inputs)
     assert_close(y, want_y)
     np.testing.assert_array_equal(bits(rows), bits(want_rows))
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
+@pytest.mark.parametrize("M, N, nb, xdt", [(1, 67, 1, "f32"), (3, 33, 2, "f32"), (17, 5, 1, "f16"), (6, 1, 3, "f32")])
+def test_matmul_ggml_q6_k(target, M, N, nb, xdt):
+    """Q6_K kept as its blocks (matmul_ggml): equal to numpy's dequantize-then-matmul
+    within f32 rounding, the artifact's constants the file's bytes."""
+    K = 256 * nb
+    rng = np.random.default_rng(M * N)
+    raw = random_blocks("Q6_K", N, K, rng)
+    b = sqk.GraphBuilder("q6k")
+    x = b.input("x", (M, K), xdt)
+    g = b.output(blocks.matmul(b, x, "Q6_K", raw, (N, K)))
+    assert [n.op for n in g.nodes if n.op != "const"] == ["matmul_ggml"]
+    inputs = {"x": rand((M, K), xdt, rng, -1, 1)}
+    m = check(g, inputs, target)
+    if xdt == "f32":
+        w = blocks.dequantize("Q6_K", raw, (N, K))
+        assert_close(m(**inputs), (inputs["x"].astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32))
+    if target == "host":
+        assert m.manifest["constants"]["bytes"] < raw.nbytes + 64
+
+
+def test_matmul_ggml_bad_input():
+    b = sqk.GraphBuilder("bad")
+    x = b.input("x", (1, 256))
+    with pytest.raises(IRError, match="type must be Q6_K"):
+        b.matmul_ggml(x, b.const(np.zeros((2, 144), np.uint8), "u8"), type="Q4_K")
+    with pytest.raises(IRError, match="K / 256 \\* 210 bytes per row"):
+        b.matmul_ggml(x, b.const(np.zeros((2, 200), np.uint8), "u8"), type="Q6_K")
+    with pytest.raises(IRError, match="K a multiple of 256"):
+        b.matmul_ggml(b.input("x2", (1, 200)), b.const(np.zeros((2, 210), np.uint8), "u8"), type="Q6_K")
+    # int8 activations: Q6_K through matmul_q instead
+    y = blocks.matmul(b, x, "Q6_K", np.zeros((2, 210), np.uint8), (2, 256), activations="int8")
+    assert y.type.shape == (1, 2)
