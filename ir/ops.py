@@ -942,6 +942,37 @@ class Gather:
         return [np.take(table, np.where(ids < 0, ids + n, ids), axis=axis)]
 
 
+@defop("matmul_ggml", "x blocks", {"type": Attr("str")})
+class MatMulGGML:
+    """x[..., M, K] @ W.T with W[N, K] a GGML matrix kept as its file's blocks:
+    ``blocks`` u8 [N, K / 256 * 210], one row per output feature (ir/blocks.py
+    has the layout), dequantized in registers exactly as ggml does (W =
+    ``ir.blocks.dequantize(type, blocks, (N, K))``), f32 accumulation.  For
+    the formats whose codes matmul_q cannot store at the file's size: type
+    "Q6_K" (6-bit codes, 6.5625 bits per weight stored, as the file); the
+    others are matmul_q operands (``ir.blocks.to_matmul_q``)."""
+
+    @staticmethod
+    def infer(x, blocks, type):
+        from .blocks import TYPES
+        _dtypes(x, dt.FLOATS, "x")
+        _need(type == "Q6_K", f"matmul_ggml type must be Q6_K (other GGML types are matmul_q weights: "
+              f"ir.blocks.to_matmul_q), got {type!r}")
+        _need(blocks.dtype is dt.u8 and blocks.rank == 2, f"matmul_ggml blocks must be u8 [N, row bytes], got {blocks}")
+        t = TYPES[type]
+        k = x.shape[-1] if x.rank >= 2 else -1
+        _need(x.rank >= 2 and k % t.block == 0 and blocks.shape[1] == k // t.block * t.nbytes,
+              f"matmul_ggml {type}: x {x.shape} needs K a multiple of {t.block} and blocks of "
+              f"K / {t.block} * {t.nbytes} bytes per row, got {blocks.shape}")
+        return [TensorType(x.dtype, x.shape[:-1] + (blocks.shape[0],))]
+
+    @staticmethod
+    def reference(x, blocks, type):
+        from .blocks import dequantize
+        w = dequantize(type, blocks, (blocks.shape[0], x.shape[-1]))
+        return [np.matmul(x.astype(np.float32), w.T).astype(x.dtype)]
+
+
 @defop("gather_q", "ids q scales zeros supers", {"group": Attr("int"), "super_group": Attr("int", 0)}, optional=2)
 class GatherQ:
     """Rows ``ids`` of the table W[N, K] = dequantize(q, scales, zeros, group).T,
