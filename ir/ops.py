@@ -952,6 +952,8 @@ class MatMulGGML:
     "Q6_K" (6-bit codes, 6.5625 bits per weight stored, as the file); the
     others are matmul_q operands (``ir.blocks.to_matmul_q``)."""
 
+    KIND = "contraction"
+
     @staticmethod
     def infer(x, blocks, type):
         from .blocks import TYPES
