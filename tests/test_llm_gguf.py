@@ -279,3 +279,18 @@ def test_smollm2_q4_1_greedy_and_text():
     assert out == [int(np.argmax(r)) for r in ref[len(ids) - 1:-1]]
     reply = dec.chat(messages, max_new_tokens=24)
     assert "Paris" in reply, reply
+
+
+@pytest.mark.slow
+def test_smollm2_chunked_prefill():
+    """The default load (prompts prefilled in chunks of 64, the 30-layer chunk
+    module compiled too): the same greedy tokens as the numpy model."""
+    path = smollm2_path()
+    pytest.importorskip("sqk.llm.tokenizer")
+    dec = sqk.llm.load(path, max_seq=128)
+    ids = dec.tokenizer.encode_chat([{"role": "user", "content": "Name three colors of the rainbow."}])
+    assert len(ids) >= 8                                      # long enough for a chunk
+    out = dec.generate(ids, 12, stop=[])
+    ref = reference_logits(dec.config, dequantized_weights(path, dec.config), ids + out)
+    assert out == [int(np.argmax(r)) for r in ref[len(ids) - 1:-1]]
+    assert 64 in dec.chunk_modules
