@@ -894,6 +894,34 @@ class MatMulGGML:
         return [np.matmul(x.astype(np.float32), w.T).astype(x.dtype)]
 
 
+@defop("gather_ggml", "ids blocks", {"type": Attr("str")})
+class GatherGGML:
+    """Rows ``ids`` of a GGML table W[N, K] kept as its file's blocks (type
+    "Q6_K", as ``matmul_ggml``, reading the same packed constant: a tied Q6_K
+    token_embd is stored once): f32 [*ids.shape, K], exactly
+    ``ir.blocks.dequantize``'s values.  Negative ids count from the end."""
+
+    @staticmethod
+    def infer(ids, blocks, type):
+        from .blocks import TYPES
+        _dtypes(ids, (dt.i64, dt.i32), "ids")
+        _need(type == "Q6_K", f"gather_ggml type must be Q6_K (other GGML types: gather_q), got {type!r}")
+        t = TYPES[type]
+        _need(blocks.dtype is dt.u8 and blocks.rank == 2 and blocks.shape[1] % t.nbytes == 0,
+              f"gather_ggml blocks must be u8 [N, K / {t.block} * {t.nbytes}], got {blocks}")
+        return [TensorType(dt.f32, ids.shape + (blocks.shape[1] // t.nbytes * t.block,))]
+
+    @staticmethod
+    def reference(ids, blocks, type):
+        from .blocks import TYPES, dequantize
+        n = blocks.shape[0]
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"gather_ggml: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
+        rows = blocks[np.where(ids < 0, ids + n, ids).reshape(-1)]
+        k = blocks.shape[1] // TYPES[type].nbytes * TYPES[type].block
+        return [dequantize(type, rows, (rows.shape[0], k)).reshape(ids.shape + (k,))]
+
+
 @defop("gather_q", "ids q scales zeros supers", {"group": Attr("int"), "super_group": Attr("int", 0)}, optional=2)
 class GatherQ:
     """Rows ``ids`` of the table W[N, K] = dequantize(q, scales, zeros, group).T,

@@ -436,3 +436,51 @@ def test_matmul_ggml_bad_input():
     # int8 activations: Q6_K through matmul_q instead
     y = blocks.matmul(b, x, "Q6_K", np.zeros((2, 210), np.uint8), (2, 256), activations="int8")
     assert y.type.shape == (1, 2)
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
+def test_gather_ggml_tied_q6_k(target):
+    """A tied Q6_K token_embd (llama.cpp's Q4_K_M of tied models): gather_ggml and
+    matmul_ggml read one stored table; rows exactly the dequantized values."""
+    rng = np.random.default_rng(8)
+    N, K = 37, 512
+    raw = random_blocks("Q6_K", N, K, rng)
+    b = sqk.GraphBuilder("tied6")
+    table = b.const(raw, "u8")
+    h = b.gather_ggml(b.input("ids", (5,), "i64"), table, type="Q6_K")
+    g = b.output(h, b.matmul_ggml(h, table, type="Q6_K"))
+    inputs = {"ids": np.array([0, 36, 5, -1, -37], np.int64)}
+    m = compile_for(g, target)
+    rows, logits = m(**inputs)
+    want_rows, want_logits = sqk.reference(g, **inputs)
+    np.testing.assert_array_equal(bits(rows), bits(blocks.dequantize("Q6_K", raw, (N, K))[[0, 36, 5, 36, 0]]))
+    np.testing.assert_array_equal(bits(rows), bits(want_rows))
+    assert_close(logits, want_logits)
+    from sqk.codegen.lower import unshare_packed_constants
+    from sqk.codegen.target import get_target
+    assert unshare_packed_constants(g, get_target("riscv64" if target.startswith("riscv") else "host")) is g
+    if target == "host":
+        with pytest.raises(Exception, match="gather_ggml: every id"):
+            m(ids=np.array([0, 0, 0, 0, 37], np.int64))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_weight_tied(name):
+    """blocks.Weight: one table for gather and matmul whatever the type; float
+    types are refused (they are plain constants)."""
+    rng = np.random.default_rng(9)
+    N, K = 40, blocks.TYPES[name].block
+    raw = random_blocks(name, N, K, rng)
+    b = sqk.GraphBuilder("w")
+    wt = blocks.Weight(b, name, raw, (N, K), name="tok")
+    h = wt.gather(b.input("ids", (2,), "i64"))
+    g = b.output(h, wt.matmul(h))
+    nconst = sum(n.op == "const" for n in g.nodes)
+    assert nconst == (1 if name == "Q6_K" else len(blocks.to_matmul_q(name, raw, (N, K))["inputs"]))
+    inputs = {"ids": np.array([3, -1], np.int64)}
+    rows, logits = sqk.compile(g)(**inputs)
+    w = blocks.dequantize(name, raw, (N, K))
+    np.testing.assert_array_equal(bits(rows), bits(w[[3, -1]]))
+    assert_close(logits, (rows.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32))
+    with pytest.raises(IRError, match="float type"):
+        blocks.Weight(b, "F16", np.zeros((2, 32), np.float16), (2, 32)).matmul(h)
