@@ -990,6 +990,8 @@ class GatherGGML:
     token_embd is stored once): f32 [*ids.shape, K], exactly
     ``ir.blocks.dequantize``'s values.  Negative ids count from the end."""
 
+    KIND = "index"
+
     @staticmethod
     def infer(ids, blocks, type):
         from .blocks import TYPES
