@@ -18,6 +18,7 @@ from .. import __version__
 from ..ir.graph import Graph
 from ..ir.verify import verify
 from ..runtime.module import ARTIFACT_FORMAT, Module, cpuinfo_name, host_cpu_flags, sha256_file
+from .calibration import Calibration, CalibrationError
 from .cost import kernel_costs
 from .dump import dump_codegen
 from .memory import plan_memory, state_pairs
@@ -111,8 +112,12 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
         if not quant:
             raise PipelineError("calibration_data= needs a quantize pass or a sparsify pass (quantize=..., "
                                 "sparsify=... or one in pipeline=)")
+        try:   # one collection of layer inputs, shared by the passes
+            calib = Calibration.of(calibration_data)
+        except CalibrationError as e:
+            raise PipelineError(str(e)) from None
         for i in quant:
-            passes[i] = passes[i].with_calibration(calibration_data)
+            passes[i] = passes[i].with_calibration(calib)
     bar = Progress(progress)  # erased when done, and on an error before the message shows
     log = bar.wrap_log(log)
     pm = PassManager(passes, dump_after=dump_after, dump_dir=dump_dir, log=log, progress=bar, codegen=True)
