@@ -153,8 +153,9 @@ class Calibration:
             raise CalibrationError(f"--calibration {path}: holds no arrays")
         counts = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
         if None in counts.values() or len(set(counts.values())) != 1 or 0 in counts.values():
+            shapes = ", ".join(f"{k}{list(a.shape)}" for k, a in arrays.items())
             raise CalibrationError(f"--calibration {path}: every array needs the same leading sample axis "
-                                   f"(S >= 1); got shapes " + ", ".join(f"{k}{list(a.shape)}" for k, a in arrays.items()))
+                                   f"(S >= 1); got shapes {shapes}")
         n = next(iter(counts.values()))
         return Calibration([{k: np.ascontiguousarray(a[i]) for k, a in arrays.items()} for i in range(n)],
                            source=f"{path} ({n} samples)")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
-
 
 class LayerReport(list):
     """Rows (dicts) of one pass, one per weight: ``layer``, ``shape``,
@@ -67,31 +65,3 @@ def combine_reports(reports: list) -> LayerReport | CompileReport | None:
     if all(type(r) is type(reports[0]) for r in reports):
         return type(reports[0])(row for r in reports for row in r)
     return CompileReport(reports)
-
-
-def layer_inputs(graph, uses: dict, calibration_data, seed: int, samples: int, error) -> dict:
-    """Each weight's layer input rows [rows, K] (float64 or the reference's
-    dtype): for every weight ``w`` in ``uses`` (weight -> the matmul nodes
-    reading it), the left operands of its matmuls over the calibration samples
-    through the reference interpreter, or ``samples`` seeded standard-normal
-    rows without calibration data.  ``error(msg)`` builds the exception for
-    a bad sample."""
-    if calibration_data is None:
-        out = {}
-        for i, w in enumerate(uses):
-            rng = np.random.default_rng([seed, i])
-            out[w] = rng.standard_normal((samples, w.shape[0]))
-        return out
-    from ...ir.reference import run_reference
-
-    rows: dict = {w: [] for w in uses}
-    for i, sample in enumerate(calibration_data):
-        if not isinstance(sample, dict):
-            raise error(f"calibration sample {i}: expected a dict of input arrays, got {type(sample).__name__}")
-        try:
-            env = run_reference(graph, sample, keep_all=True)
-        except (ValueError, TypeError) as e:
-            raise error(f"calibration sample {i}: {e}") from None
-        for w, users in uses.items():
-            rows[w].extend(env[n.inputs[0]].reshape(-1, w.shape[0]) for n in users)
-    return {w: np.concatenate(r) for w, r in rows.items()}
