@@ -111,6 +111,7 @@ class Calibration:
         self.samples = list(samples)
         self.source = source or f"calibration_data ({len(self.samples)} samples)"
         self._stats: dict[str, LayerStats] = {}
+        self._outputs: list | None = None   # the fp32 graph's outputs per sample (first collection)
 
     @staticmethod
     def of(data) -> Calibration | None:
@@ -131,6 +132,8 @@ class Calibration:
                     env = run_reference(graph, sample, keep_all=True)
                 except (ValueError, TypeError) as e:
                     raise CalibrationError(f"calibration sample {i}: {e}") from None
+                if self._outputs is None or len(self._outputs) < len(self.samples):
+                    self._outputs = (self._outputs or []) + [[env[v] for v in graph.outputs]]
                 for x, st in new.items():
                     a = env[x]
                     if not np.isfinite(a).all():
@@ -138,6 +141,16 @@ class Calibration:
                     st.add(a)
             self._stats.update((x.name, st) for x, st in new.items())
         return {x: self._stats[x.name] for x in xs}
+
+    def fp32_outputs(self, graph) -> list:
+        """The outputs of ``graph`` (the fp32 model) on each sample: those of
+        the first collection (passes collect on the graph before they change
+        it), else run now."""
+        if self._outputs is None or len(self._outputs) < len(self.samples):
+            from ..ir.reference import run_reference
+
+            self._outputs = [run_reference(graph, s) for s in self.samples]
+        return self._outputs
 
     @staticmethod
     def load_npz(path: str) -> Calibration:

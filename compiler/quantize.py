@@ -209,6 +209,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group: int 
       scales are the published "static groups" variant: fitted once on the
       original weights, each row quantized with its own group's scale.
 
+    Weights that are exactly zero (pruned by an earlier sparsify) stay zero:
+    their codes are the zero point, and the solver compensates for them as
+    for any other rounding, so the sparsity pattern survives.
+
     Returns (q, scales, zeros) as :func:`quantize_weight`."""
     w, group = _check(w, bits, group, scheme, scale_dtype, name)
     k, n = w.shape
@@ -241,6 +245,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group: int 
                          f"damp={damp}; raise damp") from None
     if not np.isfinite(hinv).all():
         raise ValueError(f"quantize {name}: the calibration Hessian is too ill-conditioned (damp={damp}); raise damp")
+    pinned = W == 0      # zeros stay zeros (a pruned weight: sparsify ran first), their error compensated
     q_out = np.empty((n, k))
     step = block if act_order else -(-block // group) * group    # batches aligned to groups
     for i1 in range(0, k, step):
@@ -258,6 +263,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group: int 
             s64 = scales[g].astype(np.float64)
             z = None if zeros is None else zeros[g]
             q = group_codes(W1[None, None, :, i], scales[g][None], None if z is None else z[None], bits)[0, 0]
+            q = np.where(pinned[:, col], 0.0 if z is None else z, q)   # a pruned weight stays exactly zero
             q_out[:, perm[col]] = q
             deq = (q if z is None else q - z) * s64
             e = (W1[:, i] - deq) / hinv[col, col]

@@ -52,7 +52,7 @@ from ...ir.ops import OPS, matmul_q_i8act
 from .. import quantize as qm
 from ..calibration import Calibration, CalibrationError, LayerStats, random_stats
 from . import Pass, register
-from .report import LayerReport
+from .report import LayerReport, format_end_to_end
 
 WEIGHTS = {"int8": 8, "int4": 4}
 ACTIVATIONS = ("none", "int8")
@@ -470,7 +470,7 @@ class QuantReport(LayerReport):
         lines.append(f"{len(self.quantized())} of {len(self)} weights quantized"
                      + (f", kept in float: {', '.join(self.kept())}" if self.kept() else "")
                      + f"; weight bytes {fb / 2**20:.2f} MiB -> {qb / 2**20:.2f} MiB")
-        return "\n".join(lines)
+        return "\n".join(lines) + format_end_to_end(self.end_to_end)
 
     def __str__(self) -> str:
         return self.format()

@@ -59,7 +59,7 @@ from ..calibration import CalibrationError, LayerStats, random_stats
 from ..quantize import output_error
 from . import Pass, register
 from .quantize import _calibration, _fresh, split_names
-from .report import LayerReport
+from .report import LayerReport, format_end_to_end
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global")
@@ -480,4 +480,4 @@ class SparsityReport(LayerReport):
         lines.append(f"{len(self.pruned())} of {len(self)} weights pruned"
                      + (f", skipped: {', '.join(self.skipped())}" if self.skipped() else "")
                      + f"; zeros {before:.1%} -> {after:.1%} of weight elements")
-        return "\n".join(lines)
+        return "\n".join(lines) + format_end_to_end(self.end_to_end)
