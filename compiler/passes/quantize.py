@@ -3,7 +3,19 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
 
     quantize{weights=int8|int4, group=N, scheme=sym|asym, scale_dtype=f32|f16,
              skip=w1|w2, max_error=0.02, activations=none|int8,
-             calibration=dynamic|minmax|percentile|mse, percentile=99.99, seed=0, samples=16}
+             calibration=dynamic|minmax|percentile|mse, percentile=99.99, seed=0, samples=16,
+             method=rtn|gptq|awq|imatrix, damp=0.01, act_order=false}
+
+- ``method``: how codes and scales are chosen. ``rtn`` rounds to nearest
+  (``compiler.quantize.quantize_weight``); ``gptq``, ``awq`` and ``imatrix``
+  read the layer's calibration inputs (required) and produce the same
+  matmul_q schemes (``gptq_quantize``, ``awq_scales``, ``imatrix_quantize``;
+  ``damp`` and ``act_order`` are GPTQ's).  AWQ scales W by s per input
+  channel and folds 1/s into x's producer where exact (a norm's scale and
+  bias, a matmul weight's columns, x read only by these layers), else
+  inserts ``mul(x, 1/s)``; a weight read by matmuls of different inputs
+  stays in float.  A layer a method cannot handle stays in float with the
+  reason in the report's status.
 
 - ``weights=int8`` (default) is per output channel unless ``group`` is given;
   ``weights=int4`` is group-wise along K, ``group`` defaulting to 32.  A group
@@ -32,11 +44,13 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
 Report plumbing: passes stay ``Graph -> Graph``; the pass records its report
 on itself (``self.report``, a :class:`QuantReport`) as a side channel that the
 driver reads after the pipeline ran (``Module.report``).  Calibration inputs
-reach it the same way: ``with_calibration(data)`` returns a copy carrying
-``[{input: array}, ...]`` samples.  Each layer's error is measured in
-isolation: the layer's fp32 input (from the reference interpreter over the
-calibration samples, or seeded standard-normal rows [samples, K] without
-them) through the float weight and through the dequantized weight.
+reach it the same way: ``with_calibration(data)`` returns a copy carrying a
+``compiler.calibration.Calibration`` (one per compile, shared with sparsify:
+each layer input's statistics are gathered once).  Each layer's error is
+measured in isolation: the layer's fp32 input (from the reference interpreter
+over the calibration samples, at most a bounded even-stride sample of the
+rows, or seeded standard-normal rows [samples, K] without them) through the
+float weight and through the dequantized weight.
 """
 from __future__ import annotations
 

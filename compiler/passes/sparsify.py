@@ -1,11 +1,18 @@
-"""The ``sparsify`` pass: magnitude pruning of constant matmul weights, and a
-per-layer accuracy report.  Pruning changes values only: how a weight is
+"""The ``sparsify`` pass: pruning of constant matmul weights (magnitude, or
+calibration-aware Wanda / SparseGPT), and a per-layer accuracy report.  Pruning changes values only: how a weight is
 stored (dense, csr, bsrRxC, nmN:M) is ``select_format``'s choice, made after
 quantization from the weights' actual structure (``compile(sparsify=...)``
 runs it; a hand-written pipeline should end with ``select_format``).
 
-    sparsify{pattern=unstructured|N:M|block=RxC, sparsity=0.5, method=magnitude,
-             scope=layer|global, skip=w1|w2, seed=0, samples=16}
+    sparsify{pattern=unstructured|N:M|block=RxC, sparsity=0.5, method=magnitude|wanda|sparsegpt,
+             scope=layer|global, skip=w1|w2, seed=0, samples=16, damp=0.01}
+
+``method=magnitude`` ranks by |w| as below; ``wanda`` and ``sparsegpt``
+(:func:`wanda_prune`, :func:`sparsegpt_prune`) rank with the layer's inputs
+over the calibration data (required; shared with quantize through
+``compiler.calibration``), per layer only (``scope=layer``); SparseGPT also
+updates the weights it keeps, and a layer whose Hessian it cannot factor
+is left unpruned, the report saying why.
 
 Every matmul(x, W) with a constant 2-D float W (K rows along the reduction,
 N output columns) is pruned; the constant keeps its dense shape with zeros:
@@ -39,9 +46,10 @@ matmul (or returned) is not changed: the matmuls get a pruned copy named
 The report (``self.report``, a :class:`SparsityReport`, read by the driver
 as ``Module.report``) measures each layer in isolation, as quantize's does:
 the layer's input (calibration samples through the reference interpreter,
-``with_calibration(data)``; else ``samples`` seeded standard-normal rows)
-through the unpruned and the pruned weight, in float64: relative L2 error
-and cosine of the outputs.
+``with_calibration(data)``, at most ``calibration.MAX_ROWS``-ish rows of
+them; else ``samples`` seeded standard-normal rows) through the unpruned and
+the pruned weight, in float64: relative L2 error and cosine of the outputs,
+and for wanda/sparsegpt magnitude's error on the same rows.
 """
 from __future__ import annotations
 
