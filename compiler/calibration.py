@@ -33,7 +33,7 @@ class LayerStats:
     xtx: np.ndarray = None        # [K, K] float64: sum over rows of x^T x (GPTQ/SparseGPT Hessian, up to 2/rows)
     sum_sq: np.ndarray = None     # [K] float64: sum of x^2 per input channel
     sum_abs: np.ndarray = None    # [K] float64: sum of |x| per input channel
-    amax: float = 0.0             # max |x| over all rows (static minmax activation scales)
+    chan_amax: np.ndarray = None  # [K]: max |x| per input channel over all rows (static minmax scales)
     kept: list = field(default_factory=list)   # row blocks kept (the input's dtype), at most ~2 MAX_ROWS rows
     stride: int = 1               # every stride-th row is kept
 
@@ -41,6 +41,7 @@ class LayerStats:
         self.xtx = np.zeros((self.k, self.k))
         self.sum_sq = np.zeros(self.k)
         self.sum_abs = np.zeros(self.k)
+        self.chan_amax = np.zeros(self.k)
 
     def add(self, x: np.ndarray) -> None:
         raw = np.asarray(x).reshape(-1, self.k)
@@ -50,7 +51,7 @@ class LayerStats:
         self.xtx += x.T @ x
         self.sum_sq += np.square(x).sum(axis=0)
         self.sum_abs += np.abs(x).sum(axis=0)
-        self.amax = max(self.amax, float(np.abs(x).max(initial=0.0)))
+        self.chan_amax = np.maximum(self.chan_amax, np.abs(x).max(axis=0, initial=0.0))
         self.kept.append(raw[start::self.stride].copy())   # as the layer saw it (f32 rows of an f32 graph)
         if sum(len(b) for b in self.kept) > 2 * MAX_ROWS:   # halve what is kept: every other row
             every = np.concatenate(self.kept)[::2]
@@ -67,7 +68,7 @@ class LayerStats:
             out.xtx += p.xtx
             out.sum_sq += p.sum_sq
             out.sum_abs += p.sum_abs
-            out.amax = max(out.amax, p.amax)
+            out.chan_amax = np.maximum(out.chan_amax, p.chan_amax)
             out.kept.append(p.sample)
         return out
 
@@ -75,6 +76,11 @@ class LayerStats:
     def hessian(self) -> np.ndarray:
         """H = 2 X^T X / rows (GPTQ's normalization; methods are invariant to the factor)."""
         return self.xtx * (2.0 / max(self.rows, 1))
+
+    @property
+    def amax(self) -> float:
+        """max |x| over all rows."""
+        return float(self.chan_amax.max(initial=0.0))
 
     @property
     def mean_sq(self) -> np.ndarray:

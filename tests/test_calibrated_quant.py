@@ -334,3 +334,19 @@ def test_calibration_npz_and_cli(tmp_path):
     assert rc in (0, None)
     rep = sqk.load(str(tmp_path / "out.sqk")).report
     assert all(r["method"] == "imatrix" for r in rep.get("quantize")) and "end to end on" in rep.format()
+
+
+@pytest.mark.parametrize("calibration", ["dynamic", "minmax", "mse"])
+def test_awq_with_int8_activations(calibration):
+    """The static activation scale is that of AWQ's scaled input x / s, and the
+    report's error is the op's own int8 numerics on it."""
+    g, data = net(), samples()
+    q, report = run_pass(f"quantize{{weights=int4,method=awq,activations=int8,calibration={calibration}}}", g, data)
+    assert report.quantized() == ["w1", "w3", "w2"]
+    if calibration == "minmax":   # the first layer's input is exactly fp32's x / s (folded into the norm)
+        first = next(n for n in q.nodes if n.op == "matmul_q")
+        x = np.concatenate([run_reference(q, d, keep_all=True)[first.inputs[0]] for d in data])
+        assert first.attrs["act_scale"] == pytest.approx(float(np.abs(x).max()) / 127, rel=1e-5)
+    rtn, _ = run_pass(f"quantize{{weights=int4,activations=int8,calibration={calibration}}}", g, data)
+    err = lambda h: sum(np.linalg.norm(run_reference(h, d)[0] - run_reference(g, d)[0]) for d in data)  # noqa: E731
+    assert err(q) < err(rtn) * 1.05

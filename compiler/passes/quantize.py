@@ -246,7 +246,7 @@ class Quantize(Pass):
                 report.append({**row, "weights": w.dtype.name, "rel_l2": None, "cosine": None, "bytes": fbytes,
                                "status": f"kept {w.dtype.name}: {self.method} cannot apply: {why}"})
                 continue
-            scales = {m: self._act_scale(stats[m.inputs[0]], w.name) for m in uses[w]} if self.static else {}
+            scales = {m: self._act_scale(stats[m.inputs[0]], w.name, inv) for m in uses[w]} if self.static else {}
             rel, cos = self._layer_error([(x, scales.get(m, 0.0)) for x, m in xs], arr, q, s, z, group)
             if self.method != "rtn":
                 rq, rs, rz = qm.quantize_weight(const_value[w] if inv is None else prod[w].attrs["value"],
@@ -322,9 +322,13 @@ class Quantize(Pass):
             return qm.imatrix_quantize(arr, st.mean_sq, **args)
         return qm.quantize_weight(arr, **args)
 
-    def _act_scale(self, st: LayerStats, name: str) -> float:
-        """The static activation scale of a matmul input (minmax from the max of all rows)."""
-        x = np.array([st.amax]) if self.calibration == "minmax" else st.sample
+    def _act_scale(self, st: LayerStats, name: str, inv=None) -> float:
+        """The static activation scale of a matmul input (minmax: from the max
+        of all rows; else from the kept rows), times ``inv`` (AWQ's 1/s) when given."""
+        if self.calibration == "minmax":
+            x = st.chan_amax if inv is None else st.chan_amax * inv
+        else:
+            x = st.sample if inv is None else st.sample * inv
         return qm.activation_scale(x, self.calibration, self.percentile, name=name)
 
     def _stats(self, graph: Graph, uses: dict) -> dict:
