@@ -342,7 +342,7 @@ class Quantize(Pass):
         except CalibrationError as e:
             raise _error(str(e)) from None
 
-    def _awq(self, graph: Graph, uses: dict, skip: list, stats: dict, const_value: dict) -> dict:
+    def _awq(self, graph: Graph, uses: dict, skip: list, stats: dict, const_value: dict) -> tuple:
         """AWQ for every group of weights reading one input x: search s, set
         ``const_value`` of each weight to W * s and fold 1/s into x's producer
         where exact (a norm's scale (and bias) vector, a matmul's weight
