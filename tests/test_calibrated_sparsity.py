@@ -172,3 +172,20 @@ def test_sparsegpt_that_cannot_factor_keeps_the_layer():
     _, report = run_pass("sparsify{method=sparsegpt,damp=0}", net(), samples(1))
     kept = [r for r in report if r["status"].startswith("kept")]
     assert kept and all("not positive definite" in r["status"] for r in kept)
+
+
+def test_cli_sparsify_method(tmp_path, capsys):
+    from sqk.compiler.cli import main
+    from sqk.ir.text import save_ir
+
+    g, data = net(), samples(3)
+    np.savez(tmp_path / "calib.npz", x=np.stack([d["x"] for d in data]))
+    save_ir(g, str(tmp_path / "net.sqkir"))
+    main(["compile", str(tmp_path / "net.sqkir"), "-o", str(tmp_path / "out.sqk"), "--sparsify", "2:4",
+          "--sparsify-method", "wanda", "--calibration", str(tmp_path / "calib.npz"), "--quiet"])
+    rep = sqk.load(str(tmp_path / "out.sqk")).report
+    rows = rep.get("sparsify")
+    assert [r["method"] for r in rows] == ["wanda"] * 3 and all(r["rel_l2"] < r["rel_l2_magnitude"] for r in rows)
+    rc = main(["compile", str(tmp_path / "net.sqkir"), "-o", str(tmp_path / "o2.sqk"), "--sparsify", "2:4",
+               "--sparsify-method", "sparsegpt", "--quiet"])   # no --calibration: an error naming the method
+    assert rc == 1 and "method=sparsegpt needs calibration data" in capsys.readouterr().err
