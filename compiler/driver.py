@@ -5,7 +5,6 @@ module that owns it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import numpy as np
 from .. import __version__
 from ..ir.graph import Graph
 from ..ir.verify import verify
+from ..runtime.abi import manifest_hash
 from ..runtime.module import ARTIFACT_FORMAT, Module, cpuinfo_name, host_cpu_flags, sha256_file
 from .calibration import Calibration, CalibrationError
 from .cost import kernel_costs
@@ -300,8 +300,7 @@ def write_report(path: str, report) -> dict:
 
 def write_manifest(out: str, manifest: dict) -> None:
     """Write ``out``/manifest.json with its content hash (over everything else in it)."""
-    manifest.pop("content_hash", None)
-    manifest["content_hash"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    manifest["content_hash"] = manifest_hash(manifest)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import dtypes as dt
 from .dtypes import DType
-from .graph import Graph, IRError, TensorType
+from .graph import INT64_MAX, INT64_MIN, Graph, IRError, TensorType
 from .sparsity import parse_format
 
 REQUIRED = object()
@@ -32,7 +32,7 @@ class Attr:
         """Coerce ``value`` to the canonical Python form of this kind."""
         try:
             if self.kind == "int":
-                if isinstance(value, bool) or int(value) != value:
+                if isinstance(value, bool) or int(value) != value or not INT64_MIN <= int(value) <= INT64_MAX:
                     raise ValueError
                 return int(value)
             if self.kind == "float":
@@ -47,7 +47,7 @@ class Attr:
                 return value
             if self.kind == "ints":
                 vals = tuple(value)
-                if any(isinstance(v, bool) or int(v) != v for v in vals):
+                if any(isinstance(v, bool) or int(v) != v or not INT64_MIN <= int(v) <= INT64_MAX for v in vals):
                     raise ValueError
                 return tuple(int(v) for v in vals)
             if self.kind == "floats":
@@ -60,9 +60,12 @@ class Attr:
                 if not isinstance(value, Graph):
                     raise ValueError
                 return value
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: int(inf)
             pass
-        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}")
+        big = [v for v in (value if isinstance(value, (tuple, list)) else (value,))
+               if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX]
+        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}"
+                      + (f" ({big[0]} is beyond int64)" if big else ""))
 
 
 @dataclass(frozen=True)
@@ -496,11 +499,26 @@ class MatMul:
         return [np.matmul(a, b)]
 
 
-def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int) -> np.ndarray:
-    """f32 weights of a group-quantized [K, N] matrix: (q - zero) * scale, where
-    rows k of group k // group share one scale (and zero point) per column."""
+def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int,
+                      supers: np.ndarray | None = None, super_group: int = 0) -> np.ndarray:
+    """f32 weights of a group-quantized [K, N] matrix, rows k of group k // group
+    sharing one scale (and zero point or minimum) per column: (q - zero) * scale
+    with integer zero points; (q + 8) * scale + minimum with float ``zeros``
+    (minimums, i4 q), the product exact and the sum rounded once to f32, as
+    GGUF's Q4_1.  Two-level (``supers`` [K / super_group, N, 2], GGUF's Q4_K):
+    scale = supers[k // super_group, n, 0] * scales and minimum = supers[...,
+    1] * zeros (u8 sub-scales and sub-minimums; exact f32 products), then as
+    with float minimums."""
     idx = np.arange(q.shape[0]) // group
     w = q.astype(np.float32)
+    if supers is not None:
+        sidx = np.arange(q.shape[0]) // super_group
+        sup = supers.astype(np.float32)[sidx]
+        s = sup[..., 0] * scales.astype(np.float32)[idx]
+        m = sup[..., 1] * zeros.astype(np.float32)[idx]
+        return (w + np.float32(8)) * s + m
+    if zeros is not None and zeros.dtype.kind == "f":
+        return (w + np.float32(8)) * scales.astype(np.float32)[idx] + zeros.astype(np.float32)[idx]
     if zeros is not None:
         w = w - zeros.astype(np.float32)[idx]
     return w * scales.astype(np.float32)[idx]
@@ -516,36 +534,56 @@ def quantize_rows_i8(x: np.ndarray, group: int, act_scale: float = 0.0) -> tuple
     d = max|x_group| / 127 and xq = round-half-even(x / d) in [-127, 127], all
     in f32; a group with d = 0 gets xq = 0.  Static (act_scale > 0): d =
     f32(act_scale) everywhere and xq = clip(round-half-even(x / d), -127, 127)
-    (saturating; +-inf saturate too).  Returns (xq int32 [R, K], d f32 [R, groups])."""
+    (saturating; +-inf saturate too).  Non-finite values: a group that no
+    finite step quantizes -- one holding a NaN, or (dynamic) a +-inf, whose
+    step would be inf -- gets d = NaN and xq = 0, so every output of its row
+    is NaN.  Returns (xq int32 [R, K], d f32 [R, groups])."""
     r, k = x.shape
     groups = -(-k // group)
-    if act_scale > 0:
-        s = np.float32(act_scale)
-        with np.errstate(over="ignore"):
-            xq = np.clip(np.round(x.astype(np.float32) / s), np.float32(-127), np.float32(127))
-        return xq.astype(np.int32), np.full((r, groups), s, np.float32)
     xp = np.zeros((r, groups * group), np.float32)
     xp[:, :k] = x
     xb = xp.reshape(r, groups, group)
-    d = np.abs(xb).max(axis=2) / np.float32(127)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        xq = np.where(d[..., None] > 0, np.round(xb / d[..., None]), np.float32(0))
-    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d.astype(np.float32)
+    bad = (np.isnan(xb) if act_scale > 0 else ~np.isfinite(xb)).any(axis=2)   # [R, groups]
+    if act_scale > 0:
+        s = np.float32(act_scale)
+        with np.errstate(over="ignore", invalid="ignore"):
+            xq = np.clip(np.round(xb / s), np.float32(-127), np.float32(127))
+        d = np.full((r, groups), s, np.float32)
+    else:
+        with np.errstate(invalid="ignore"):
+            d = np.abs(xb).max(axis=2) / np.float32(127)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            xq = np.round(xb / d[..., None])
+    d = np.where(bad, np.float32(np.nan), d).astype(np.float32)
+    xq = np.where((d > 0)[..., None], xq, np.float32(0))
+    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d
 
 
 def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
-                   group: int, act_scale: float = 0.0) -> np.ndarray:
+                   group: int, act_scale: float = 0.0, supers: np.ndarray | None = None,
+                   super_group: int = 0) -> np.ndarray:
     """matmul_q {activations=int8} on x[R, K]: x quantized by
     ``quantize_rows_i8`` (dynamic, or static with ``act_scale`` > 0), then per
     row and group g, dot_g = sum_k xq * (q - zero) exactly (integers), and
     y = sum_g (d_g * scale_g) * dot_g accumulated in f32 over g in order, each
-    product and sum rounded to f32 (no fused multiply-add).  Returns f32 [R, N]."""
+    product and sum rounded to f32 (no fused multiply-add).  With float
+    ``zeros`` (minimums, i4 q): dot_g = sum_k xq * (q + 8), and after each
+    group's term y += (d_g * minimum_g) * sum_k xq, each step rounded to f32.
+    Two-level (``supers``): scale_g and minimum_g are the exact products of
+    ``dequantize_weight``, then as with float minimums.  Returns f32 [R, N]."""
     r, k = x.shape
+    if supers is not None:   # scale = d * sub-scale, minimum = dmin * sub-minimum per group (exact)
+        sup = supers.astype(np.float32)[np.arange(scales.shape[0]) * group // super_group]
+        scales = sup[..., 0] * scales.astype(np.float32)
+        zeros = sup[..., 1] * zeros.astype(np.float32)
     n = q.shape[1]
     groups = -(-k // group)
     xq, d = quantize_rows_i8(x.astype(np.float32), group, act_scale)
     w = q.astype(np.int64)
-    if zeros is not None:
+    mins = zeros is not None and zeros.dtype.kind == "f"
+    if mins:
+        w = w + 8
+    elif zeros is not None:
         w = w - zeros.astype(np.int64)[np.arange(k) // group]
     y = np.zeros((r, n), np.float32)
     for g in range(groups):
@@ -553,12 +591,16 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
         dot = (xq[:, ks].astype(np.int64) @ w[ks]).astype(np.float32)
         coef = d[:, g:g + 1] * scales[g].astype(np.float32)[None, :]   # f32 products
         y = (y + coef * dot).astype(np.float32)
+        if mins:
+            mcoef = d[:, g:g + 1] * zeros[g].astype(np.float32)[None, :]
+            xs = xq[:, ks].astype(np.int64).sum(axis=1).astype(np.float32)[:, None]
+            y = (y + mcoef * xs).astype(np.float32)
     return y
 
 
-@defop("matmul_q", "x q scales zeros",
+@defop("matmul_q", "x q scales zeros supers",
        {"group": Attr("int"), "activations": Attr("str", "none"), "sparse": Attr("str", "dense"),
-        "act_scale": Attr("float", 0.0)}, optional=1)
+        "act_scale": Attr("float", 0.0), "super_group": Attr("int", 0)}, optional=2)
 class MatMulQ:
     """x[..., M, K] @ dequantize(q)[K, N] with weights quantized to i8 or i4:
     w[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n].  One
@@ -572,39 +614,72 @@ class MatMulQ:
     [-127, 127] (a group with d = 0 contributes 0); then
     y = sum_groups (d * scale) * sum_k xq * (q - zero), the inner sums exact
     in integers, the outer in f32 (``matmul_q_i8act``).  Other numerics than
-    "none" (activation rounding), chosen explicitly.
+    "none" (activation rounding), chosen explicitly.  A row of x holding a NaN
+    or +-inf gives a row of NaN outputs (its group's step d is NaN: no finite
+    step quantizes it), where float matmul could give +-inf.
 
     ``act_scale`` (activations="int8" only): 0.0 (default) is the dynamic
     quantization above; > 0 is a static, calibrated per-tensor scale: d =
     f32(act_scale) for every row and group, xq = clip(round-half-even(x / d),
-    -127, 127) (saturating), and y as above with that d.
+    -127, 127) (saturating, +-inf too), and y as above with that d (a NaN in a
+    row still makes the row's outputs NaN).
 
     ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
     non-dense format needs symmetric weights (no zeros), activations="none",
-    and for i8 per-channel scales (group >= K)."""
+    and for i8 per-channel scales (group >= K).
+
+    ``zeros`` in a float dtype (f32 / f16 [groups, N], i4 q only) are minimums
+    instead of zero points, the "scale and minimum" form of GGUF's Q4_1 and
+    Q4_K: w[k, n] = (q[k, n] + 8) * scales[g, n] + zeros[g, n], i.e. q holds
+    the unsigned 4-bit code u as u - 8, and the product (exact) is summed with
+    the minimum in one f32 rounding, as ggml's d * u + m.  Kernels
+    add minimum * sum(x over the group) once per group and column: the
+    integer-code loops are those of the other schemes.  With
+    activations="int8", y += (d * minimum) * sum(xq) after each group's term
+    (``matmul_q_i8act``).
+
+    ``supers`` (f32 / f16 [ceil(K / super_group), N, 2]) make the scales
+    two-level, as GGUF's K-quants' super-blocks: with i4 q, u8 ``scales`` and
+    u8 ``zeros`` (sub-scales and sub-minimums per group), super-block
+    s = k // super_group (a multiple of group) gives scale = supers[s, n, 0] *
+    scales[g, n] and minimum = supers[s, n, 1] * zeros[g, n] (exact f32
+    products), and w = (q + 8) * scale + minimum as above (and with
+    int8 activations): Q4_K is (d, -dmin)
+    over its 6-bit (sc, m), 4.625 bits per weight stored against the file's
+    4.5 (the 6-bit fields take a byte each).  Kernels compute scale and
+    minimum once per group and column.  ir/blocks.py maps GGUF's blocks onto
+    these operands (``to_matmul_q``)."""
 
     KIND = "contraction"
 
     @staticmethod
-    def infer(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
+    def infer(x, q, scales, zeros=None, supers=None, *, group, activations="none", sparse="dense", act_scale=0.0,
+              super_group=0):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(q, (dt.i8, dt.i4), "q")
-        _dtypes(scales, dt.FLOATS, "scales")
         _need(activations in ACTIVATION_MODES,
               f"matmul_q activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
-        _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
         _need(act_scale == 0 or (activations == "int8" and 0 < act_scale <= F32_MAX and np.float32(act_scale) > 0),
               f"matmul_q act_scale={act_scale!r} must be 0 (dynamic) or, with activations=int8, a positive "
               f"finite f32 scale")
+        if supers is not None:
+            return MatMulQ.infer_two_level(x, q, scales, zeros, supers, group, activations, sparse, super_group)
+        _need(super_group == 0, f"matmul_q super_group={super_group} needs supers (two-level scales)")
+        _dtypes(scales, dt.FLOATS, "scales")
+        _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
         k, n = q.shape
         _need(x.shape[-1] == k, f"matmul_q inner dimensions differ: x {x.shape} @ q {q.shape}")
         _need(group >= 1, f"matmul_q group must be >= 1, got {group}")
         groups = -(-k // group)
         _need(scales.shape == (groups, n), f"matmul_q scales shape {scales.shape} must be ({groups}, {n}) "
               f"for K={k}, group={group}")
-        if zeros is not None:
+        if zeros is not None and zeros.dtype in dt.FLOATS:
+            _need(zeros.shape == scales.shape,
+                  f"matmul_q minimums (float zeros) must be [{', '.join(map(str, scales.shape))}], got {zeros}")
+            _need(q.dtype is dt.i4, f"matmul_q float minimums (zeros) need i4 weights, got {q.dtype}")
+        elif zeros is not None:
             _need(zeros.dtype == q.dtype and zeros.shape == scales.shape,
-                  f"matmul_q zeros must be {q.dtype}{list(scales.shape)}, got {zeros}")
+                  f"matmul_q zeros must be {q.dtype}{list(scales.shape)} (or float minimums), got {zeros}")
         _sparse_weight("matmul_q", sparse, q)
         if sparse != "dense":
             _need(zeros is None and activations == "none",
@@ -615,12 +690,33 @@ class MatMulQ:
         return [TensorType(x.dtype, x.shape[:-1] + (n,))]
 
     @staticmethod
-    def reference(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
+    def infer_two_level(x, q, scales, zeros, supers, group, activations, sparse, super_group):
+        _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
+        k, n = q.shape
+        _need(x.shape[-1] == k, f"matmul_q inner dimensions differ: x {x.shape} @ q {q.shape}")
+        _need(q.dtype is dt.i4 and sparse == "dense",
+              "matmul_q with supers (two-level scales) needs i4 weights and sparse=dense")
+        _need(group >= 1 and super_group >= group and super_group % group == 0,
+              f"matmul_q super_group={super_group} must be a multiple of group={group}")
+        groups = -(-k // group)
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            _need(t is not None and t.dtype is dt.u8 and t.shape == (groups, n),
+                  f"matmul_q with supers needs u8 {name} [{groups}, {n}] (sub-scales and sub-minimums), got {t}")
+        _dtypes(supers, dt.FLOATS, "supers")
+        _need(supers.shape == (-(-k // super_group), n, 2),
+              f"matmul_q supers shape {supers.shape} must be ({-(-k // super_group)}, {n}, 2) for K={k}, "
+              f"super_group={super_group}")
+        return [TensorType(x.dtype, x.shape[:-1] + (n,))]
+
+    @staticmethod
+    def reference(x, q, scales, zeros=None, supers=None, *, group, activations="none", sparse="dense",
+                  act_scale=0.0, super_group=0):
         if activations == "int8":
             k, n = q.shape
-            y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group, act_scale)
+            y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group, act_scale,
+                               supers, super_group)
             return [y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)]
-        w = dequantize_weight(q, scales, zeros, group)
+        w = dequantize_weight(q, scales, zeros, group, supers, super_group)
         return [np.matmul(x.astype(np.float32), w).astype(x.dtype)]
 
 
@@ -854,6 +950,97 @@ class Gather:
         return [np.take(table, np.where(ids < 0, ids + n, ids), axis=axis)]
 
 
+@defop("matmul_ggml", "x blocks", {"type": Attr("str")})
+class MatMulGGML:
+    """x[..., M, K] @ W.T with W[N, K] a GGML matrix kept as its file's blocks:
+    ``blocks`` u8 [N, K / 256 * 210], one row per output feature (ir/blocks.py
+    has the layout), dequantized in registers exactly as ggml does (W =
+    ``ir.blocks.dequantize(type, blocks, (N, K))``), f32 accumulation.  For
+    the formats whose codes matmul_q cannot store at the file's size: type
+    "Q6_K" (6-bit codes, 6.5625 bits per weight stored, as the file); the
+    others are matmul_q operands (``ir.blocks.to_matmul_q``)."""
+
+    KIND = "contraction"
+
+    @staticmethod
+    def infer(x, blocks, type):
+        from .blocks import TYPES
+        _dtypes(x, dt.FLOATS, "x")
+        _need(type == "Q6_K", f"matmul_ggml type must be Q6_K (other GGML types are matmul_q weights: "
+              f"ir.blocks.to_matmul_q), got {type!r}")
+        _need(blocks.dtype is dt.u8 and blocks.rank == 2, f"matmul_ggml blocks must be u8 [N, row bytes], got {blocks}")
+        t = TYPES[type]
+        k = x.shape[-1] if x.rank >= 2 else -1
+        _need(x.rank >= 2 and k % t.block == 0 and blocks.shape[1] == k // t.block * t.nbytes,
+              f"matmul_ggml {type}: x {x.shape} needs K a multiple of {t.block} and blocks of "
+              f"K / {t.block} * {t.nbytes} bytes per row, got {blocks.shape}")
+        return [TensorType(x.dtype, x.shape[:-1] + (blocks.shape[0],))]
+
+    @staticmethod
+    def reference(x, blocks, type):
+        from .blocks import dequantize
+        w = dequantize(type, blocks, (blocks.shape[0], x.shape[-1]))
+        return [np.matmul(x.astype(np.float32), w.T).astype(x.dtype)]
+
+
+@defop("gather_ggml", "ids blocks", {"type": Attr("str")})
+class GatherGGML:
+    """Rows ``ids`` of a GGML table W[N, K] kept as its file's blocks (type
+    "Q6_K", as ``matmul_ggml``, reading the same packed constant: a tied Q6_K
+    token_embd is stored once): f32 [*ids.shape, K], exactly
+    ``ir.blocks.dequantize``'s values.  Negative ids count from the end."""
+
+    KIND = "index"
+
+    @staticmethod
+    def infer(ids, blocks, type):
+        from .blocks import TYPES
+        _dtypes(ids, (dt.i64, dt.i32), "ids")
+        _need(type == "Q6_K", f"gather_ggml type must be Q6_K (other GGML types: gather_q), got {type!r}")
+        t = TYPES[type]
+        _need(blocks.dtype is dt.u8 and blocks.rank == 2 and blocks.shape[1] % t.nbytes == 0,
+              f"gather_ggml blocks must be u8 [N, K / {t.block} * {t.nbytes}], got {blocks}")
+        return [TensorType(dt.f32, ids.shape + (blocks.shape[1] // t.nbytes * t.block,))]
+
+    @staticmethod
+    def reference(ids, blocks, type):
+        from .blocks import TYPES, dequantize
+        n = blocks.shape[0]
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"gather_ggml: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
+        rows = blocks[np.where(ids < 0, ids + n, ids).reshape(-1)]
+        k = blocks.shape[1] // TYPES[type].nbytes * TYPES[type].block
+        return [dequantize(type, rows, (rows.shape[0], k)).reshape(ids.shape + (k,))]
+
+
+@defop("gather_q", "ids q scales zeros supers", {"group": Attr("int"), "super_group": Attr("int", 0)}, optional=2)
+class GatherQ:
+    """Rows ``ids`` of the table W[N, K] = dequantize(q, scales, zeros, group).T,
+    the weight of a matmul_q x @ W.T with the same q, scales and zeros
+    (``dequantize_weight``: integer zero points or float minimums): f32
+    [*ids.shape, K], every value exactly the dequantized weight.  It reads those
+    constants in matmul_q's packed layout, so a tied embedding and lm_head
+    (GGUF's token_embd serving both) are stored once.  Negative ids count from
+    the end, as in gather."""
+
+    KIND = "index"
+
+    @staticmethod
+    def infer(ids, q, scales, zeros=None, supers=None, *, group, super_group=0):
+        _dtypes(ids, (dt.i64, dt.i32), "ids")
+        x = TensorType(dt.f32, (1, q.shape[0]) if q.rank == 2 else (1,))
+        MatMulQ.infer(x, q, scales, zeros, supers, group=group, super_group=super_group)   # the same weight operands
+        return [TensorType(dt.f32, ids.shape + (q.shape[0],))]
+
+    @staticmethod
+    def reference(ids, q, scales, zeros=None, supers=None, *, group, super_group=0):
+        n = q.shape[1]
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"gather_q: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
+        w = dequantize_weight(q, scales, zeros, group, supers, super_group)
+        return [np.ascontiguousarray(w.T[np.where(ids < 0, ids + n, ids)])]
+
+
 @defop("cast", "x", {"to": Attr("dtype")})
 class Cast:
     """Convert dtype (floats to ints truncate toward zero; to bool: x != 0)."""
@@ -1042,7 +1229,7 @@ def rope_pairs(d: int, style: str) -> tuple[np.ndarray, np.ndarray]:
     return (i, i + d // 2) if style == "half" else (2 * i, 2 * i + 1)
 
 
-@defop("rope", "x pos", {"theta": Attr("float", 10000.0), "style": Attr("str", "half")})
+@defop("rope", "x pos inv_freq", {"theta": Attr("float", 10000.0), "style": Attr("str", "half")}, optional=1)
 class Rope:
     """Rotary position embedding of x[..., T, H, D] (or x[T, D]: one head) at
     integer positions: pos of shape () or (1,) is the start (token t is at
@@ -1050,12 +1237,14 @@ class Rope:
     i < D/2 with angle a = f32(p) * f32(theta ** (-2i/D)) (one f32 product):
     y1 = x1 cos a - x2 sin a, y2 = x2 cos a + x1 sin a, in f32.
     style="half" (Llama, HF rotate_half): the pair is (i, i + D/2);
-    style="interleaved" (GPT-J): (2i, 2i + 1).  D must be even."""
+    style="interleaved" (GPT-J): (2i, 2i + 1).  D must be even.
+    ``inv_freq`` (optional, f32[D/2]) replaces theta ** (-2i/D) for frequencies
+    a model computes otherwise (Llama 3's rope scaling); theta is then unused."""
 
     KIND = "composite"
 
     @staticmethod
-    def infer(x, pos, theta, style):
+    def infer(x, pos, inv_freq=None, *, theta, style):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(pos, (dt.i64, dt.i32), "pos")
         _need(style in ("half", "interleaved"), f'rope style must be "half" or "interleaved", got {style!r}')
@@ -1064,14 +1253,18 @@ class Rope:
         _need(theta > 0, f"rope theta must be positive, got {theta}")
         t = x.shape[-2] if x.rank == 2 else x.shape[-3]
         _need(pos.shape in ((), (1,), (t,)), f"rope pos must have shape (), (1,) or (T,) = ({t},), got {pos.shape}")
+        if inv_freq is not None:
+            _need(inv_freq.dtype is dt.f32 and inv_freq.shape == (x.shape[-1] // 2,),
+                  f"rope inv_freq must be f32[{x.shape[-1] // 2}] (D/2), got {inv_freq}")
         return [x]
 
     @staticmethod
-    def reference(x, pos, theta, style):
+    def reference(x, pos, inv_freq=None, *, theta, style):
         d = x.shape[-1]
         xs = x.reshape(x.shape[:-1] + (1, d)) if x.ndim == 2 else x  # [T, D] -> [T, 1, D]
         t = xs.shape[-3]
-        ang = rope_positions(pos, t).astype(np.float32)[:, None] * rope_inv_freq(d, theta)[None, :]
+        inv = rope_inv_freq(d, theta) if inv_freq is None else np.asarray(inv_freq, np.float32)
+        ang = rope_positions(pos, t).astype(np.float32)[:, None] * inv[None, :]
         c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]   # [T, 1, D/2]
         i1, i2 = rope_pairs(d, style)
         y = xs.astype(np.float32)
@@ -1137,13 +1330,18 @@ class TopK:
 
 @defop("attention_decode", "q k_new v_new k_cache v_cache pos")
 class AttentionDecode:
-    """One decoding step of causal attention over a KV cache.
-    q[Hq, D]; k_new, v_new [Hkv, D]; k_cache, v_cache [Hkv, S, D]; pos i64 of
-    shape () or (1,).  Writes k_new/v_new at row pos of the caches (results 1
-    and 2: the updated caches), then query head g attends over rows 0..pos of
-    kv head g // (Hq/Hkv) (grouped-query attention, Llama's repeat_interleave
-    order): out[g] = softmax(q[g] . k[t] / sqrt(D)) @ v[t], softmax stable
-    (max subtracted), all in f32.  pos outside [0, S) is a run-time error.
+    """Causal attention of T new tokens over a KV cache: one decoding step
+    (T = 1) or a prefill chunk.  q[Hq, D] (one token) or q[T, Hq, D];
+    k_new, v_new [Hkv, D] or [T, Hkv, D] (as q); k_cache, v_cache [Hkv, S, D];
+    pos i64 of shape () or (1,), the position of the first token.  Writes
+    k_new/v_new at rows pos..pos+T-1 of the caches (results 1 and 2: the
+    updated caches), then query head g of token i attends over rows
+    0..pos+i of kv head g // (Hq/Hkv) (grouped-query attention, Llama's
+    repeat_interleave order): out[i, g] = softmax(q[i, g] . k[t] / sqrt(D)) @ v[t],
+    softmax stable (max subtracted), all in f32.  The caches may have another
+    float dtype than q, k_new, v_new (an f16 cache of f32 activations): the new
+    rows are rounded to it on write and every row widened to f32 on read.
+    Rows outside [0, S) (pos < 0 or pos + T > S) are a run-time error.
     The compiled kernel updates the caches in place when the memory planner
     lets it (a state input, or an intermediate read last here; see
     compiler/memory.py) and copies them otherwise."""
@@ -1154,39 +1352,51 @@ class AttentionDecode:
 
     @staticmethod
     def infer(q, k_new, v_new, k_cache, v_cache, pos):
-        d = _same_dtype([q, k_new, v_new, k_cache, v_cache])
+        d = _same_dtype([q, k_new, v_new])
+        _same_dtype([k_cache, v_cache])
         _dtypes(q, dt.FLOATS, "q")
+        _dtypes(k_cache, dt.FLOATS, "k_cache")
         _dtypes(pos, (dt.i64, dt.i32), "pos")
         _need(pos.shape in ((), (1,)), f"attention_decode pos must have shape () or (1,), got {pos.shape}")
-        _need(q.rank == 2 and k_cache.rank == 3, f"attention_decode needs q[Hq, D] and k_cache[Hkv, S, D], got "
-              f"{q.shape} and {k_cache.shape}")
+        _need(q.rank in (2, 3) and k_cache.rank == 3, f"attention_decode needs q[Hq, D] or q[T, Hq, D] and "
+              f"k_cache[Hkv, S, D], got {q.shape} and {k_cache.shape}")
         hkv, s, dd = k_cache.shape
-        hq = q.shape[0]
-        _need(q.shape[1] == dd and dd >= 1, f"attention_decode: q {q.shape} and k_cache {k_cache.shape} differ in D")
+        hq = q.shape[-2]
+        lead = q.shape[:-2]                    # () or (T,)
+        _need(q.shape[-1] == dd and dd >= 1, f"attention_decode: q {q.shape} and k_cache {k_cache.shape} differ in D")
         _need(v_cache.shape == k_cache.shape, f"attention_decode: v_cache {v_cache.shape} != k_cache {k_cache.shape}")
-        _need(k_new.shape == (hkv, dd) and v_new.shape == (hkv, dd),
-              f"attention_decode: k_new {k_new.shape} and v_new {v_new.shape} must be ({hkv}, {dd})")
+        _need(k_new.shape == lead + (hkv, dd) and v_new.shape == lead + (hkv, dd),
+              f"attention_decode: k_new {k_new.shape} and v_new {v_new.shape} must be {lead + (hkv, dd)}")
         _need(hkv >= 1 and s >= 1 and hq % hkv == 0,
               f"attention_decode: Hq={hq} must be a multiple of Hkv={hkv} (>= 1), and S={s} >= 1")
+        _need(all(t <= s for t in lead), f"attention_decode: a chunk of {lead[0] if lead else 1} tokens does not "
+              f"fit in the KV cache of length {s}")
         return [TensorType(d, q.shape), k_cache, v_cache]
 
     @staticmethod
     def reference(q, k_new, v_new, k_cache, v_cache, pos):
         hkv, s, d = k_cache.shape
+        t = 1 if q.ndim == 2 else q.shape[0]
+        hq = q.shape[-2]
         p = int(np.asarray(pos).reshape(-1)[0])
-        if not 0 <= p < s:
+        if t == 1 and not 0 <= p < s:
             raise IndexError(f"attention_decode: position {p} is outside the KV cache of length {s}")
+        if not 0 <= p <= s - t:
+            raise IndexError(f"attention_decode: positions {p}..{p + t - 1} are outside the KV cache of length {s}")
         kc, vc = k_cache.copy(), v_cache.copy()
-        kc[:, p], vc[:, p] = k_new, v_new
-        g = q.shape[0] // hkv
+        kc[:, p:p + t] = k_new.reshape(t, hkv, d).transpose(1, 0, 2)   # rounded to the cache's dtype
+        vc[:, p:p + t] = v_new.reshape(t, hkv, d).transpose(1, 0, 2)
+        g = hq // hkv
         scale = np.float32(1.0 / math.sqrt(d))
-        out = np.empty(q.shape, np.float32)
-        for h in range(q.shape[0]):
-            kv = h // g
-            sc = (kc[kv, :p + 1].astype(np.float32) @ q[h].astype(np.float32)) * scale
-            e = np.exp(sc - sc.max())
-            out[h] = (e / e.sum()) @ vc[kv, :p + 1].astype(np.float32)
-        return [out.astype(q.dtype), kc, vc]
+        qs = q.reshape(t, hq, d).astype(np.float32)
+        out = np.empty((t, hq, d), np.float32)
+        for i in range(t):
+            for h in range(hq):
+                kv = h // g
+                sc = (kc[kv, :p + i + 1].astype(np.float32) @ qs[i, h]) * scale
+                e = np.exp(sc - sc.max())
+                out[i, h] = (e / e.sum()) @ vc[kv, :p + i + 1].astype(np.float32)
+        return [out.reshape(q.shape).astype(q.dtype), kc, vc]
 
 
 def moe_route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
