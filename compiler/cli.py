@@ -3,8 +3,11 @@
     sqk compile MODEL.sqkir|MODEL.onnx -o OUT.sqk [--input-shape NAME=1x128 ...]
                 [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
                 [--quantize int8|int4 [--group N] [--scheme sym|asym] [--scale-dtype f32|f16]
-                 [--skip W1|W2] [--max-error E] [--activations none|int8]]
-                [--sparsify unstructured|N:M|block=RxC [--sparsity F]] [--format NAME:FMT ...] [--report]
+                 [--skip W1|W2] [--max-error E] [--activations none|int8]
+                 [--quantize-method rtn|gptq|awq|imatrix]]
+                [--sparsify unstructured|N:M|block=RxC [--sparsity F]
+                 [--sparsify-method magnitude|wanda|sparsegpt]] [--format NAME:FMT ...]
+                [--calibration FILE.npz] [--report]
     sqk dump MODEL [--after PASS] [--pipeline P] [--llvm | --asm [--kernel NAME] [--target T]]
     sqk viz MODEL -o graph.svg|.png|.pdf|.dot|.html [--after PASS] [--pipeline P]
     sqk run OUT.sqk --input x=x.npy ... [--output-dir D]
@@ -70,9 +73,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep in float each layer whose relative L2 output error exceeds this")
     c.add_argument("--activations", default=None, choices=("none", "int8"),
                    help="int8: quantize activations per row and group at run time (symmetric int4 or int8 weights)")
+    c.add_argument("--quantize-method", default=None, choices=("rtn", "gptq", "awq", "imatrix"),
+                   help="how weights are rounded (default rtn; the others need --calibration)")
+    c.add_argument("--calibration", default=None, metavar="FILE.npz",
+                   help="calibration samples: one array per model input, named as the input, with a leading "
+                        "sample axis (gptq/awq/imatrix/wanda/sparsegpt read them; the report measures on them)")
     c.add_argument("--sparsify", default=None, metavar="unstructured|N:M|block=RxC",
                    help="prune matmul weights by magnitude, then choose each weight's storage format "
                         "(shorthand for a pipeline with the sparsify and select_format passes)")
+    c.add_argument("--sparsify-method", default=None, choices=("magnitude", "wanda", "sparsegpt"),
+                   help="how weights are chosen for pruning (default magnitude; the others need --calibration)")
     c.add_argument("--sparsity", type=float, default=None,
                    help="fraction of zeros for unstructured and block patterns (default 0.5)")
     c.add_argument("--format", action="append", default=None, metavar="NAME:FMT", dest="force",
@@ -164,8 +174,13 @@ def _cmd_compile(a) -> None:
     qopts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group), ("scheme", a.scheme),
                                ("scale_dtype", a.scale_dtype), ("skip", a.skip), ("max_error", a.max_error),
                                ("activations", a.activations), ("sparsify", a.sparsify),
-                               ("sparsity", a.sparsity), ("force", a.force))
+                               ("sparsity", a.sparsity), ("force", a.force),
+                               ("quantize_method", a.quantize_method), ("method", a.sparsify_method))
              if v is not None}
+    if a.calibration is not None:
+        from .calibration import Calibration
+
+        qopts["calibration_data"] = Calibration.load_npz(a.calibration)
     m = sqk.compile(g, target=a.target, pipeline=a.pipeline, dump_after=a.dump_after, dump_dir=a.dump_dir,
                     threads=a.threads, log=log, progress=False if a.quiet else None, **qopts)
     if a.report:  # printed even with --quiet: it was asked for

@@ -18,10 +18,11 @@ from ..ir.graph import Graph
 from ..ir.verify import verify
 from ..runtime.abi import manifest_hash
 from ..runtime.module import ARTIFACT_FORMAT, Module, cpuinfo_name, host_cpu_flags, sha256_file
+from .calibration import Calibration, CalibrationError
 from .cost import kernel_costs
 from .dump import dump_codegen
 from .memory import plan_memory, state_pairs
-from .passes.report import combine_reports
+from .passes.report import combine_reports, end_to_end_error
 from .pipeline import DEFAULT_PIPELINE, TAIL, PassManager, PipelineError, parse_pipeline
 from .progress import Progress
 
@@ -31,7 +32,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
             log=None, quantize: str | None = None, group: int | None = None, scheme: str | None = None,
             scale_dtype: str | None = None, skip=None, max_error: float | None = None,
             activations: str | None = None, calibration: str | None = None, calibration_data=None,
-            percentile: float | None = None,
+            percentile: float | None = None, quantize_method: str | None = None,
             sparsify: str | None = None, sparsity: float | None = None, method: str | None = None,
             scope: str | None = None, force=None, formats=None,
             progress: bool | None = None, state=None) -> Module:
@@ -49,7 +50,8 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
 
     ``quantize="int8"|"int4"`` (with ``group``, ``scheme``, ``scale_dtype``,
     ``skip`` (a name or a list of weight names), ``max_error``,
-    ``activations``, ``calibration``, ``percentile``) is shorthand for the
+    ``activations``, ``calibration``, ``percentile``, ``quantize_method``:
+    "rtn" (default), "gptq", "awq" or "imatrix", the pass's ``method``) is shorthand for the
     pipeline ``fold_constants,quantize{weights=...,...},select_format,dce,fuse`` (see
     :func:`quantize_pipeline`); giving ``pipeline`` as well is an error.
     Static activation scales (``activations="int8"``, ``calibration=
@@ -61,8 +63,11 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
     ``force`` ({weight: format} or "w1:csr|w2:nm2:4") and ``formats`` (the
     candidates) go to select_format, and alone add that pass (see
     :func:`sparsify_pipeline`).
-    ``calibration_data=[{input: array}, ...]`` feeds the accuracy reports of
-    every quantize and sparsify pass.  ``Module.report`` is the report of the
+    ``calibration_data=[{input: array}, ...]`` is collected once (each
+    layer's fp32 inputs, ``compiler.calibration``) and read by every quantize
+    and sparsify pass: their methods other than rtn/magnitude need it, and
+    their reports measure on it; the report then also carries the compiled
+    graph's end-to-end error against fp32 on these samples (``end_to_end``).  ``Module.report`` is the report of the
     passes that report (quantize, sparsify, select_format): that pass's
     report when one kind ran, a ``CompileReport`` of them when several did
     (``passes/report.py``), None without any.  The artifact keeps it as
@@ -85,7 +90,8 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
         raise TypeError(f"compile() takes a sqk.Graph, got {type(graph).__name__}")
     tgt = get_target(target)
     qopts = dict(group=group, scheme=scheme, scale_dtype=scale_dtype, skip=skip, max_error=max_error,
-                 activations=activations, calibration=calibration, percentile=percentile)
+                 activations=activations, calibration=calibration, percentile=percentile,
+                 quantize_method=quantize_method)
     sopts = dict(sparsity=sparsity, method=method, scope=scope)
     if sparsify is not None or force is not None or formats is not None:
         spec = sparsify_pipeline(sparsify, **sopts, force=force, formats=formats, quantize=quantize, **qopts)
@@ -107,12 +113,17 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
         spec = DEFAULT_PIPELINE if pipeline is None else pipeline
     passes = parse_pipeline(spec)
     quant = [i for i, p in enumerate(passes) if hasattr(p, "with_calibration")]  # quantize, sparsify
+    calib = None
     if calibration_data is not None:
         if not quant:
             raise PipelineError("calibration_data= needs a quantize pass or a sparsify pass (quantize=..., "
                                 "sparsify=... or one in pipeline=)")
+        try:   # one collection of layer inputs, shared by the passes
+            calib = Calibration.of(calibration_data)
+        except CalibrationError as e:
+            raise PipelineError(str(e)) from None
         for i in quant:
-            passes[i] = passes[i].with_calibration(calibration_data)
+            passes[i] = passes[i].with_calibration(calib)
     bar = Progress(progress)  # erased when done, and on an error before the message shows
     log = bar.wrap_log(log)
     pm = PassManager(passes, dump_after=dump_after, dump_dir=dump_dir, log=log, progress=bar, codegen=True)
@@ -170,22 +181,43 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
         manifest["state"] = [{"input": v.name, "output": c[-1].name} for v, c in pairs.items()]
     if report is not None:
         manifest["report"] = write_report(os.path.join(out, "report.json"), report)
-    manifest["content_hash"] = manifest_hash(manifest)
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_manifest(out, manifest)
     with open(os.path.join(out, "model.sqkir"), "w") as f:
         f.write(g.to_text())
     m = Module(out, verify=False, threads=threads, vlen=vlen, _keep=tmp)
     m.ir = g
     m.llvm_ir = llvm_ir
+    if calib is not None and report is not None and not pairs:
+        report.end_to_end = _end_to_end(graph, g, m, tgt, calib)
+        # measured by running the module: its report (and so the manifest) is written again
+        manifest["report"] = write_report(os.path.join(out, "report.json"), report)
+        write_manifest(out, manifest)
+        m.manifest = manifest
     m.report = report
     return m
+
+
+def _end_to_end(graph: Graph, compiled: Graph, module: Module, tgt, calib) -> dict:
+    """The compiled graph's outputs against the fp32 graph's on the calibration
+    samples (the native code on the host; the reference interpreter of the
+    compiled graph, which the kernels match, for other targets)."""
+    from ..ir.reference import run_reference
+
+    if tgt.name == "host":
+        def run(sample):
+            out = module(**sample)
+            return list(out) if isinstance(out, tuple) else [out]
+    else:
+        def run(sample):
+            return run_reference(compiled, sample)
+    run.output_names = [v.name for v in compiled.outputs]
+    return end_to_end_error(calib.samples, calib.fp32_outputs(graph), run, calib.source)
 
 
 def quantize_pipeline(weights: str, group: int | None = None, scheme: str | None = None,
                       scale_dtype: str | None = None, skip=None, max_error: float | None = None,
                       activations: str | None = None, calibration: str | None = None,
-                      percentile: float | None = None) -> str:
+                      percentile: float | None = None, quantize_method: str | None = None) -> str:
     """The pipeline string ``compile(quantize=...)`` runs, e.g.
     ``quantize_pipeline("int4", group=32)`` ->
     ``"fold_constants,quantize{weights=int4,group=32},select_format,dce,fuse"``; options left
@@ -197,7 +229,7 @@ def quantize_pipeline(weights: str, group: int | None = None, scheme: str | None
     opts = [f"weights={weights}"] + [f"{k}={v}" for k, v in (
         ("group", group), ("scheme", scheme), ("scale_dtype", scale_dtype), ("skip", skip),
         ("max_error", max_error), ("activations", activations), ("calibration", calibration),
-        ("percentile", percentile)) if v is not None]
+        ("percentile", percentile), ("method", quantize_method)) if v is not None]
     for o in opts:
         if any(c in o for c in ",{}"):
             raise PipelineError(f"quantize option {o!r} cannot contain ',', '{{' or '}}'")
@@ -253,14 +285,24 @@ def sparsify_pipeline(pattern: str | None = None, sparsity: float | None = None,
 def write_report(path: str, report) -> dict:
     """Write the compile report (one pass's LayerReport or a CompileReport of
     several) as JSON: {"format": "sqk-report", "passes": [{"pass", "rows"}],
-    "text": the formatted table}, read back by ``runtime.module.read_report``
+    "text": the formatted table, "end_to_end": the whole graph's error on the
+    calibration samples, when measured}, read back by ``runtime.module.read_report``
     without the compiler.  Returns the manifest entry {"file", "sha256"}."""
     parts = [report] if hasattr(report, "pass_name") else list(report)
     data = {"format": "sqk-report", "passes": [{"pass": p.pass_name, "rows": list(p)} for p in parts],
             "text": report.format()}
+    if getattr(report, "end_to_end", None):
+        data["end_to_end"] = report.end_to_end
     with open(path, "w") as f:  # numpy scalars as Python numbers; tuples become lists
         json.dump(data, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     return {"file": os.path.basename(path), "sha256": sha256_file(path)}
+
+
+def write_manifest(out: str, manifest: dict) -> None:
+    """Write ``out``/manifest.json with its content hash (over everything else in it)."""
+    manifest["content_hash"] = manifest_hash(manifest)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
 
 
 def write_constants(path: str, plan) -> None:

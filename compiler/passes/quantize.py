@@ -3,7 +3,19 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
 
     quantize{weights=int8|int4, group=N, scheme=sym|asym, scale_dtype=f32|f16,
              skip=w1|w2, max_error=0.02, activations=none|int8,
-             calibration=dynamic|minmax|percentile|mse, percentile=99.99, seed=0, samples=16}
+             calibration=dynamic|minmax|percentile|mse, percentile=99.99, seed=0, samples=16,
+             method=rtn|gptq|awq|imatrix, damp=0.01, act_order=false}
+
+- ``method``: how codes and scales are chosen. ``rtn`` rounds to nearest
+  (``compiler.quantize.quantize_weight``); ``gptq``, ``awq`` and ``imatrix``
+  read the layer's calibration inputs (required) and produce the same
+  matmul_q schemes (``gptq_quantize``, ``awq_scales``, ``imatrix_quantize``;
+  ``damp`` and ``act_order`` are GPTQ's).  AWQ scales W by s per input
+  channel and folds 1/s into x's producer where exact (a norm's scale and
+  bias, a matmul weight's columns, x read only by these layers), else
+  inserts ``mul(x, 1/s)``; a weight read by matmuls of different inputs
+  stays in float.  A layer a method cannot handle stays in float with the
+  reason in the report's status.
 
 - ``weights=int8`` (default) is per output channel unless ``group`` is given;
   ``weights=int4`` is group-wise along K, ``group`` defaulting to 32.  A group
@@ -32,11 +44,13 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
 Report plumbing: passes stay ``Graph -> Graph``; the pass records its report
 on itself (``self.report``, a :class:`QuantReport`) as a side channel that the
 driver reads after the pipeline ran (``Module.report``).  Calibration inputs
-reach it the same way: ``with_calibration(data)`` returns a copy carrying
-``[{input: array}, ...]`` samples.  Each layer's error is measured in
-isolation: the layer's fp32 input (from the reference interpreter over the
-calibration samples, or seeded standard-normal rows [samples, K] without
-them) through the float weight and through the dequantized weight.
+reach it the same way: ``with_calibration(data)`` returns a copy carrying a
+``compiler.calibration.Calibration`` (one per compile, shared with sparsify:
+each layer input's statistics are gathered once).  Each layer's error is
+measured in isolation: the layer's fp32 input (from the reference interpreter
+over the calibration samples, at most a bounded even-stride sample of the
+rows, or seeded standard-normal rows [samples, K] without them) through the
+float weight and through the dequantized weight.
 """
 from __future__ import annotations
 
@@ -50,19 +64,29 @@ from ...ir import dtypes as dt
 from ...ir.graph import Graph, Node, TensorType, Value
 from ...ir.ops import OPS, matmul_q_i8act
 from .. import quantize as qm
+from ..calibration import Calibration, CalibrationError, LayerStats, random_stats
 from . import Pass, register
-from .report import LayerReport
+from .report import LayerReport, format_end_to_end
 
 WEIGHTS = {"int8": 8, "int4": 4}
 ACTIVATIONS = ("none", "int8")
 CALIBRATIONS = ("dynamic",) + qm.CALIBRATION_METHODS
 DEFAULT_INT4_GROUP = 32
+METHODS = ("rtn", "gptq", "awq", "imatrix")
 
 
 def _error(msg: str):
     from ..pipeline import PipelineError  # the pipeline module imports the passes package
 
     return PipelineError(msg)
+
+
+def _calibration(data) -> Calibration | None:
+    """``data`` (None, a list of {input: array} or a Calibration) as a Calibration."""
+    try:
+        return Calibration.of(data)
+    except CalibrationError as e:
+        raise _error(str(e)) from None
 
 
 def split_names(spec: str) -> list[str]:
@@ -86,6 +110,9 @@ class Quantize(Pass):
     percentile: float = 99.99
     seed: int = 0
     samples: int = 16
+    method: str = "rtn"
+    damp: float = 0.01
+    act_order: bool = False
 
     # side channel, not options (see the module docstring)
     report: ClassVar = None
@@ -120,6 +147,12 @@ class Quantize(Pass):
                          f"(got calibration={self.calibration})")
         if self.samples < 1:
             raise _error(f"{p} samples={self.samples}: expected at least 1 random input row")
+        if self.method not in METHODS:
+            raise _error(f"{p} method={self.method}: expected {', '.join(METHODS)}")
+        if not 0 <= self.damp < math.inf:
+            raise _error(f"{p} damp={self.damp}: expected a non-negative fraction of mean(diag H), e.g. 0.01")
+        if (self.damp != 0.01 or self.act_order) and self.method != "gptq":
+            raise _error(f"pass quantize: damp= and act_order= apply to method=gptq (got method={self.method})")
 
     @property
     def bits(self) -> int:
@@ -137,12 +170,10 @@ class Quantize(Pass):
         return max(min(group, k), 1)
 
     def with_calibration(self, data) -> Quantize:
-        """A copy that measures errors on ``data`` (a list of {input name: array})."""
-        if data is not None and (not isinstance(data, (list, tuple)) or not data
-                                 or not all(isinstance(d, dict) for d in data)):
-            raise _error("calibration_data must be a non-empty list of {input name: numpy array} dicts")
+        """A copy reading calibration ``data``: a list of {input name: array}
+        or a shared :class:`~sqk.compiler.calibration.Calibration`."""
         p = copy.copy(self)
-        object.__setattr__(p, "calibration_data", None if data is None else list(data))
+        object.__setattr__(p, "calibration_data", _calibration(data))
         return p
 
     def run(self, graph: Graph) -> Graph:
@@ -168,7 +199,16 @@ class Quantize(Pass):
             raise _error(f"quantize: calibration={self.calibration} chooses static activation scales from "
                          f"calibration data, and none was given: pass calibration_data=[{{input: array}}, ...] "
                          f"to sqk.compile (or use calibration=dynamic)")
-        inputs = self._layer_inputs(graph, uses)   # per matmul node
+        if self.method != "rtn" and self.calibration_data is None:
+            raise _error(f"quantize: method={self.method} needs calibration data (each layer's inputs) and none "
+                         f"was given: pass calibration_data=[{{input: array}}, ...] to sqk.compile "
+                         f"(--calibration FILE.npz on the command line), or use method=rtn")
+        stats = self._stats(graph, uses)           # per matmul input value
+        source = (self.calibration_data.source if self.calibration_data is not None
+                  else f"{self.samples} random normal rows (seed={self.seed})")
+        const_value = {w: prod[w].attrs["value"] for w in uses}
+        awq, awq_why, awq_nodes, awq_inputs = (self._awq(graph, uses, skip, stats, const_value)
+                                               if self.method == "awq" else ({}, {}, {}, {}))
 
         taken = {v.name for v in graph.values()}
         report = QuantReport()
@@ -179,19 +219,44 @@ class Quantize(Pass):
         for w in uses:
             k, n = w.shape
             fbytes = w.type.nbytes
-            row = {"layer": w.name, "shape": (k, n), "dtype": w.dtype.name, "float_bytes": fbytes}
+            row = {"layer": w.name, "shape": (k, n), "dtype": w.dtype.name, "float_bytes": fbytes,
+                   "method": self.method, "calibration": source}
             if w.name in skip:
                 report.append({**row, "weights": w.dtype.name, "rel_l2": None, "cosine": None,
                                "bytes": fbytes, "status": "skipped (skip=)"})
                 continue
             group = self.group_for(k)
             self._check_sparse(w, uses[w], group)
-            arr = prod[w].attrs["value"]
-            q, s, z = qm.quantize_weight(arr, self.bits, group, self.scheme, self.scale_dtype, name=w.name)
-            scales = {n: qm.activation_scale(inputs[n], self.calibration, self.percentile, name=w.name)
-                      for n in uses[w]} if self.static else {}
-            rel, cos = self._layer_error([(inputs[n], scales.get(n, 0.0)) for n in uses[w]], arr, q, s, z, group)
+            arr = const_value[w]
+            inv = None
+            if w in awq:
+                row["note"], inv = awq[w]     # arr is W * s (set by _awq)
+            xs = [(stats[m.inputs[0]].sample if inv is None else stats[m.inputs[0]].sample * inv, m)
+                  for m in uses[w]]
+            st = LayerStats.merged([stats[x] for x in dict.fromkeys(m.inputs[0] for m in uses[w])])
+            why = awq_why.get(w)
+            if why is None:
+                try:
+                    q, s, z = self._quantize(arr, st, group, w.name)
+                except ValueError as e:   # e.g. a Hessian GPTQ cannot factor
+                    if not str(e).startswith(f"quantize {w.name}:"):
+                        raise
+                    why = str(e).removeprefix(f"quantize {w.name}: ")
+            if why is not None:
+                report.append({**row, "weights": w.dtype.name, "rel_l2": None, "cosine": None, "bytes": fbytes,
+                               "status": f"kept {w.dtype.name}: {self.method} cannot apply: {why}"})
+                continue
+            scales = {m: self._act_scale(stats[m.inputs[0]], w.name, inv) for m in uses[w]} if self.static else {}
+            rel, cos = self._layer_error([(x, scales.get(m, 0.0)) for x, m in xs], arr, q, s, z, group)
+            if self.method != "rtn":
+                rq, rs, rz = qm.quantize_weight(const_value[w] if inv is None else prod[w].attrs["value"],
+                                                self.bits, group, self.scheme, self.scale_dtype, name=w.name)
+                xr = xs if inv is None else [(stats[m.inputs[0]].sample, m) for m in uses[w]]
+                row["rel_l2_rtn"] = self._layer_error([(x, scales.get(m, 0.0)) for x, m in xr],
+                                                      prod[w].attrs["value"], rq, rs, rz, group)[0]
             spelled = f"{self.weights} {'g' + str(group) if group < k else 'per-channel'} {self.scheme}"
+            if self.method != "rtn":
+                spelled += f" {self.method}"
             if self.activations == "int8":
                 spelled += " + i8 act" + (f" {self.calibration}" if self.static else "")
             row["act_scales"] = list(scales.values())
@@ -219,8 +284,15 @@ class Quantize(Pass):
         out_nodes = []
         still_used = {v for n in graph.nodes for v in n.inputs
                       if not (n.op == "matmul" and n.inputs[1] in replaced)} | set(graph.outputs)
+        changed = {v: a for v, a in const_value.items() if a is not prod[v].attrs["value"]}
         for node in graph.nodes:
-            if node.op == "const" and node.output in replaced:
+            for x_node in awq_nodes.get(id(node), ()):
+                out_nodes.append(x_node)        # 1/s as an explicit mul, before the first matmul reading it
+            if node.op == "const" and node.output in changed and node.output not in replaced:
+                value = np.ascontiguousarray(changed[node.output].astype(node.output.dtype.np_dtype))
+                value.setflags(write=False)
+                out_nodes.append(Node("const", (), node.outputs, {"value": value}))
+            elif node.op == "const" and node.output in replaced:
                 if node.output in still_used:
                     out_nodes.append(node)
                 out_nodes.extend(new_consts[node.output])
@@ -231,11 +303,110 @@ class Quantize(Pass):
                 attrs = OPS["matmul_q"].normalize_attrs({
                     "group": group_of[w], "activations": self.activations,
                     "sparse": node.attrs.get("sparse", "dense"), "act_scale": act_scale.get(node, 0.0)})
-                out_nodes.append(Node("matmul_q", (node.inputs[0],) + replaced[w], node.outputs, attrs))
+                out_nodes.append(Node("matmul_q", (awq_inputs.get(id(node), node.inputs[0]),) + replaced[w],
+                                      node.outputs, attrs))
+            elif node.op == "matmul" and id(node) in awq_inputs:
+                out_nodes.append(Node("matmul", (awq_inputs[id(node)],) + node.inputs[1:], node.outputs,
+                                      node.attrs))
             else:
                 out_nodes.append(node)
         object.__setattr__(self, "report", report)
         return graph.with_nodes(out_nodes)
+
+    def _quantize(self, arr, st: LayerStats, group: int, name: str):
+        """(q, scales, zeros) of one weight by ``self.method`` (AWQ's weight is W * s already)."""
+        args = dict(bits=self.bits, group=group, scheme=self.scheme, scale_dtype=self.scale_dtype, name=name)
+        if self.method == "gptq":
+            return qm.gptq_quantize(arr, st.hessian, damp=self.damp, act_order=self.act_order, **args)
+        if self.method == "imatrix":
+            return qm.imatrix_quantize(arr, st.mean_sq, **args)
+        return qm.quantize_weight(arr, **args)
+
+    def _act_scale(self, st: LayerStats, name: str, inv=None) -> float:
+        """The static activation scale of a matmul input (minmax: from the max
+        of all rows; else from the kept rows), times ``inv`` (AWQ's 1/s) when given."""
+        if self.calibration == "minmax":
+            x = st.chan_amax if inv is None else st.chan_amax * inv
+        else:
+            x = st.sample if inv is None else st.sample * inv
+        return qm.activation_scale(x, self.calibration, self.percentile, name=name)
+
+    def _stats(self, graph: Graph, uses: dict) -> dict:
+        """LayerStats per matmul input value: from the calibration samples
+        (gathered once, shared with other passes), or seeded random rows."""
+        xs = list(dict.fromkeys(m.inputs[0] for users in uses.values() for m in users))
+        if self.calibration_data is None:
+            return random_stats(xs, self.seed, self.samples)
+        try:
+            return self.calibration_data.stats(graph, xs)
+        except CalibrationError as e:
+            raise _error(str(e)) from None
+
+    def _awq(self, graph: Graph, uses: dict, skip: list, stats: dict, const_value: dict) -> tuple:
+        """AWQ for every group of weights reading one input x: search s, set
+        ``const_value`` of each weight to W * s and fold 1/s into x's producer
+        where exact (a norm's scale (and bias) vector, a matmul's weight
+        columns), else a mul by a 1/s constant.  Returns ({weight: (note, 1/s)}
+        for the weights AWQ applies to, {weight: why AWQ cannot apply},
+        {id(matmul): (const, mul) nodes to insert before it}, {id(matmul): its
+        new input value})."""
+        prod = graph.producers()
+        readers: dict[Value, list[Node]] = {}
+        for n in graph.nodes:
+            for v in n.inputs:
+                readers.setdefault(v, []).append(n)
+        outputs = set(graph.outputs)
+        by_x: dict[Value, list[Value]] = {}
+        why: dict[Value, str] = {}
+        for w, users in uses.items():
+            if w.name in skip:
+                continue
+            xs = {m.inputs[0] for m in users}
+            if len(xs) > 1:
+                why[w] = "the weight is read by matmuls of different inputs (one 1/s cannot serve them)"
+            elif any(r not in users for r in readers[w]) or w in outputs:
+                why[w] = "the weight constant is read elsewhere too (scaling it would change that use)"
+            else:
+                by_x.setdefault(users[0].inputs[0], []).append(w)
+        taken = {v.name for v in graph.values()}
+        out, nodes, inputs = {}, {}, {}
+        for x, ws in by_x.items():
+            st = stats[x]
+            group = self.group_for(x.shape[-1])
+            s, alpha, err, rtn = qm.awq_scales([const_value[w] for w in ws], st.sample, st.mean_abs, self.bits,
+                                               group, self.scheme, self.scale_dtype)
+            inv = (np.float32(1) / s).astype(np.float32)
+            for w in ws:
+                const_value[w] = (const_value[w].astype(np.float32) * s[:, None]).astype(const_value[w].dtype)
+            group_users = {id(m) for w in ws for m in uses[w]}
+            p = prod.get(x)
+            only_group = x not in outputs and all(id(r) in group_users for r in readers.get(x, []))
+            folded = None
+            if only_group and p is not None and p.op in ("rmsnorm", "layernorm") and \
+                    p.attrs["axis"] % x.type.rank == x.type.rank - 1:
+                vecs = [v for v in p.inputs[1:] if v is not None]
+                if all(prod.get(v) is not None and prod[v].op == "const" and len(readers[v]) == 1 and
+                       v not in outputs for v in vecs):
+                    for v in vecs:
+                        const_value[v] = const_value.get(v, prod[v].attrs["value"]) * inv
+                    folded = f"{p.op} {'/'.join(v.name for v in vecs)}"
+            elif only_group and p is not None and p.op == "matmul":
+                wp = p.inputs[1]
+                if prod.get(wp) is not None and prod[wp].op == "const" and wp.type.rank == 2 and \
+                        wp.dtype in dt.FLOATS and len(readers[wp]) == 1 and wp not in outputs:
+                    const_value[wp] = const_value.get(wp, prod[wp].attrs["value"]) * inv[None, :]
+                    folded = f"matmul weight {wp.name} columns"
+            note = f"awq alpha={alpha:g} ({len(ws)} layer{'s' if len(ws) > 1 else ''}), 1/s " + \
+                   (f"folded into {folded}" if folded else "as an explicit mul")
+            if not folded:
+                sv = Value(_fresh(f"{x.name}.awq_inv_scale", taken), TensorType(x.dtype, (x.shape[-1],)))
+                xv = Value(_fresh(f"{x.name}.awq", taken), x.type)
+                first = min((m for w in ws for m in uses[w]), key=lambda m: graph.nodes.index(m))
+                nodes[id(first)] = (Node("const", (), (sv,), {"value": inv.astype(x.dtype.np_dtype)}),
+                                    Node("mul", (x, sv), (xv,), {}))
+                inputs.update((id(m), xv) for w in ws for m in uses[w])
+            out.update((w, (note, inv)) for w in ws)
+        return out, why, nodes, inputs
 
     def _check_sparse(self, w: Value, users: list[Node], group: int) -> None:
         """A matmul of ``w`` stored in a non-dense format must stay readable as
@@ -267,32 +438,6 @@ class Quantize(Pass):
             got.append(matmul_q_i8act(x2, q, s, z, group, act_scale).astype(np.float64))
         return qm.output_error(np.concatenate(want), np.concatenate(got))
 
-    def _layer_inputs(self, graph: Graph, uses: dict) -> dict:
-        """Each matmul's input rows [rows, K]: from the calibration samples
-        through the reference interpreter, or seeded random rows (the same for
-        every matmul of a weight)."""
-        if self.calibration_data is None:
-            out = {}
-            for i, (w, users) in enumerate(uses.items()):
-                rng = np.random.default_rng([self.seed, i])
-                x = rng.standard_normal((self.samples, w.shape[0]))
-                out.update((n, x) for n in users)
-            return out
-        from ...ir.reference import run_reference
-
-        rows: dict[Node, list] = {n: [] for users in uses.values() for n in users}
-        for i, sample in enumerate(self.calibration_data):
-            if not isinstance(sample, dict):
-                raise _error(f"calibration sample {i}: expected a dict of input arrays, got {type(sample).__name__}")
-            try:
-                env = run_reference(graph, sample, keep_all=True)
-            except (ValueError, TypeError) as e:
-                raise _error(f"calibration sample {i}: {e}") from None
-            for w, users in uses.items():
-                for n in users:
-                    rows[n].append(env[n.inputs[0]].reshape(-1, w.shape[0]))
-        return {n: np.concatenate(r) for n, r in rows.items()}
-
 
 def _fresh(name: str, taken: set) -> str:
     base, k = name, 1
@@ -307,7 +452,10 @@ class QuantReport(LayerReport):
     used, or the float dtype kept), rel_l2, cosine (None when skipped),
     float_bytes, bytes, status ("quantized", "kept f32: ...", "skipped (skip=)"),
     act_scales (the static activation scale of each matmul of the weight;
-    empty without static calibration; absent when skipped)."""
+    empty without static calibration; absent when skipped), method (rtn,
+    gptq, awq, imatrix), calibration (where the layer inputs came from),
+    rel_l2_rtn (the error round-to-nearest gets on the same rows; methods
+    other than rtn), note (AWQ: alpha and where 1/s went)."""
 
     pass_name = "quantize"
 
@@ -328,11 +476,19 @@ class QuantReport(LayerReport):
             cos = "-" if r["cosine"] is None else f"{r['cosine']:.6f}"
             lines.append(f"{r['layer']:<20}{shape:>14}  {r['weights']:<{ww}}{rel:>10}{cos:>10}"
                          f"{r['bytes'] / 1024:>10.1f}  {r['status']}")
+        lines += [f"  {r['layer']}: {r['note']}" for r in self if r.get("note")]
+        rtn = [r for r in self if r.get("rel_l2_rtn") is not None and r["rel_l2"] is not None]
+        if rtn:
+            lines.append("rel L2 with round-to-nearest instead: " + ", ".join(
+                f"{r['layer']} {r['rel_l2_rtn']:.2e}" for r in rtn))
+        sources = sorted({r["calibration"] for r in self if r.get("calibration")})
+        if sources:
+            lines.append(f"errors measured on {'; '.join(sources)}")
         fb, qb = sum(r["float_bytes"] for r in self), sum(r["bytes"] for r in self)
         lines.append(f"{len(self.quantized())} of {len(self)} weights quantized"
                      + (f", kept in float: {', '.join(self.kept())}" if self.kept() else "")
                      + f"; weight bytes {fb / 2**20:.2f} MiB -> {qb / 2**20:.2f} MiB")
-        return "\n".join(lines)
+        return "\n".join(lines) + format_end_to_end(self.end_to_end)
 
     def __str__(self) -> str:
         return self.format()

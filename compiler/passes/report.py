@@ -17,9 +17,12 @@ import numpy as np
 
 class LayerReport(list):
     """Rows (dicts) of one pass, one per weight: ``layer``, ``shape``,
-    ``status`` and the pass's own columns.  ``pass_name`` names the pass."""
+    ``status`` and the pass's own columns.  ``pass_name`` names the pass.
+    ``end_to_end`` (set by compile() with calibration data, else None): the
+    compiled graph's outputs against fp32 (see :func:`end_to_end_error`)."""
 
     pass_name: ClassVar[str] = ""
+    end_to_end: dict | None = None
 
     def layers(self) -> list[str]:
         return [r["layer"] for r in self]
@@ -41,14 +44,17 @@ class LayerReport(list):
 class CompileReport(list):
     """The reports of several kinds of passes from one pipeline run, in
     pipeline order (one :class:`LayerReport` per pass that ran).
-    ``get(name)`` is one pass's report (rows of repeated runs concatenated)."""
+    ``get(name)`` is one pass's report (rows of repeated runs concatenated);
+    ``end_to_end`` as in LayerReport."""
+
+    end_to_end: dict | None = None
 
     def get(self, pass_name: str) -> LayerReport | None:
         parts = [r for r in self if r.pass_name == pass_name]
         return type(parts[0])(row for p in parts for row in p) if parts else None
 
     def format(self) -> str:
-        return "\n\n".join(f"{r.pass_name}:\n{r.format()}" for r in self)
+        return "\n\n".join(f"{r.pass_name}:\n{r.format()}" for r in self) + format_end_to_end(self.end_to_end)
 
     def __str__(self) -> str:
         return self.format()
@@ -69,29 +75,30 @@ def combine_reports(reports: list) -> LayerReport | CompileReport | None:
     return CompileReport(reports)
 
 
-def layer_inputs(graph, uses: dict, calibration_data, seed: int, samples: int, error) -> dict:
-    """Each weight's layer input rows [rows, K] (float64 or the reference's
-    dtype): for every weight ``w`` in ``uses`` (weight -> the matmul nodes
-    reading it), the left operands of its matmuls over the calibration samples
-    through the reference interpreter, or ``samples`` seeded standard-normal
-    rows without calibration data.  ``error(msg)`` builds the exception for
-    a bad sample."""
-    if calibration_data is None:
-        out = {}
-        for i, w in enumerate(uses):
-            rng = np.random.default_rng([seed, i])
-            out[w] = rng.standard_normal((samples, w.shape[0]))
-        return out
-    from ...ir.reference import run_reference
+def end_to_end_error(samples: list, fp32_outputs: list, run, source: str) -> dict:
+    """The whole graph's error on calibration samples: ``run(sample)`` (the
+    compiled graph: a list of output arrays) against ``fp32_outputs[i]`` (the
+    fp32 graph's outputs on sample i), per output and over all outputs
+    together: {"source", "samples", "rel_l2", "cosine", "outputs": [{"name",
+    "rel_l2", "cosine"}]}; output names come from ``run.output_names``."""
+    from ..quantize import output_error
 
-    rows: dict = {w: [] for w in uses}
-    for i, sample in enumerate(calibration_data):
-        if not isinstance(sample, dict):
-            raise error(f"calibration sample {i}: expected a dict of input arrays, got {type(sample).__name__}")
-        try:
-            env = run_reference(graph, sample, keep_all=True)
-        except (ValueError, TypeError) as e:
-            raise error(f"calibration sample {i}: {e}") from None
-        for w, users in uses.items():
-            rows[w].extend(env[n.inputs[0]].reshape(-1, w.shape[0]) for n in users)
-    return {w: np.concatenate(r) for w, r in rows.items()}
+    got = [[np.asarray(a) for a in run(s)] for s in samples]
+    per = []
+    for j, name in enumerate(run.output_names):
+        rel, cos = output_error(np.concatenate([r[j].ravel() for r in fp32_outputs]),
+                                np.concatenate([g[j].ravel() for g in got]))
+        per.append({"name": name, "rel_l2": rel, "cosine": cos})
+    rel, cos = output_error(np.concatenate([a.ravel() for r in fp32_outputs for a in r]),
+                            np.concatenate([a.ravel() for g in got for a in g]))
+    return {"source": source, "samples": len(samples), "rel_l2": rel, "cosine": cos, "outputs": per}
+
+
+def format_end_to_end(e2e: dict | None) -> str:
+    """The end-to-end lines appended to a report's table ("" without them)."""
+    if not e2e:
+        return ""
+    outs = "".join(f"\n  output {o['name']}: rel L2 {o['rel_l2']:.3e}, cosine {o['cosine']:.6f}"
+                   for o in e2e["outputs"]) if len(e2e["outputs"]) > 1 else ""
+    return (f"\nend to end on {e2e['source']}: rel L2 {e2e['rel_l2']:.3e}, cosine {e2e['cosine']:.6f} "
+            f"(compiled outputs against fp32)" + outs)

@@ -1,11 +1,18 @@
-"""The ``sparsify`` pass: magnitude pruning of constant matmul weights, and a
-per-layer accuracy report.  Pruning changes values only: how a weight is
+"""The ``sparsify`` pass: pruning of constant matmul weights (magnitude, or
+calibration-aware Wanda / SparseGPT), and a per-layer accuracy report.  Pruning changes values only: how a weight is
 stored (dense, csr, bsrRxC, nmN:M) is ``select_format``'s choice, made after
 quantization from the weights' actual structure (``compile(sparsify=...)``
 runs it; a hand-written pipeline should end with ``select_format``).
 
-    sparsify{pattern=unstructured|N:M|block=RxC, sparsity=0.5, method=magnitude,
-             scope=layer|global, skip=w1|w2, seed=0, samples=16}
+    sparsify{pattern=unstructured|N:M|block=RxC, sparsity=0.5, method=magnitude|wanda|sparsegpt,
+             scope=layer|global, skip=w1|w2, seed=0, samples=16, damp=0.01}
+
+``method=magnitude`` ranks by |w| as below; ``wanda`` and ``sparsegpt``
+(:func:`wanda_prune`, :func:`sparsegpt_prune`) rank with the layer's inputs
+over the calibration data (required; shared with quantize through
+``compiler.calibration``), per layer only (``scope=layer``); SparseGPT also
+updates the weights it keeps, and a layer whose Hessian it cannot factor
+is left unpruned, the report saying why.
 
 Every matmul(x, W) with a constant 2-D float W (K rows along the reduction,
 N output columns) is pruned; the constant keeps its dense shape with zeros:
@@ -39,9 +46,10 @@ matmul (or returned) is not changed: the matmuls get a pruned copy named
 The report (``self.report``, a :class:`SparsityReport`, read by the driver
 as ``Module.report``) measures each layer in isolation, as quantize's does:
 the layer's input (calibration samples through the reference interpreter,
-``with_calibration(data)``; else ``samples`` seeded standard-normal rows)
-through the unpruned and the pruned weight, in float64: relative L2 error
-and cosine of the outputs.
+``with_calibration(data)``, at most ``calibration.MAX_ROWS``-ish rows of
+them; else ``samples`` seeded standard-normal rows) through the unpruned and
+the pruned weight, in float64: relative L2 error and cosine of the outputs,
+and for wanda/sparsegpt magnitude's error on the same rows.
 """
 from __future__ import annotations
 
@@ -55,12 +63,13 @@ import numpy as np
 from ...ir import dtypes as dt
 from ...ir.graph import Graph, Node, Value
 from ...ir.sparsity import BSR_BLOCKS, NM_MAX_M
+from ..calibration import CalibrationError, LayerStats, random_stats
 from ..quantize import output_error
 from . import Pass, register
-from .quantize import _fresh, split_names
-from .report import LayerReport, layer_inputs
+from .quantize import _calibration, _fresh, split_names
+from .report import LayerReport, format_end_to_end
 
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global")
 
 
@@ -128,16 +137,21 @@ def parse_pattern(spec: str) -> Pattern:
 def prune_nm(w: np.ndarray, n: int, m: int) -> np.ndarray:
     """``w`` [K, N] with, in every aligned run of ``m`` rows of each column,
     only the ``n`` largest |w| kept (ties: the earlier row); same dtype."""
-    k, cols = w.shape
+    return np.where(nm_keep(np.abs(w.astype(np.float64)), n, m), w, w.dtype.type(0)).astype(w.dtype)
+
+
+def nm_keep(score: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Mask [K, N]: in every aligned run of ``m`` rows of each column, the
+    ``n`` largest ``score`` (>= 0; ties: the earlier row); a last short run keeps at most n."""
+    k, cols = score.shape
     runs = -(-k // m)
     mag = np.full((runs * m, cols), -1.0)   # padding rows rank after every real one
-    mag[:k] = np.abs(w.astype(np.float64))
+    mag[:k] = score
     mag = mag.reshape(runs, m, cols)
     order = np.argsort(-mag, axis=1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(m)[None, :, None], order.shape), axis=1)
-    keep = (rank < n).reshape(runs * m, cols)[:k]
-    return np.where(keep, w, w.dtype.type(0)).astype(w.dtype)
+    return (rank < n).reshape(runs * m, cols)[:k]
 
 
 def _block_norms(w: np.ndarray, r: int, c: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +172,14 @@ def prune_blocks(ws: list[np.ndarray], r: int, c: int, sparsity: float) -> list[
     their total (fewer on a tie); ties between norms go to the earlier block
     (row-major, weights in order).  One weight: per-layer pruning; several:
     one global threshold."""
-    stats = [_block_norms(w, r, c) for w in ws]
+    return [np.where(mask, w.dtype.type(0), w).astype(w.dtype)
+            for w, mask in zip(ws, block_masks(ws, r, c, sparsity))]
+
+
+def block_masks(scores: list[np.ndarray], r: int, c: int, sparsity: float) -> list[np.ndarray]:
+    """The masks (True: pruned) :func:`prune_blocks` applies, ranking the
+    blocks by the L2 norm of ``scores`` (the weights themselves for magnitude)."""
+    stats = [_block_norms(w, r, c) for w in scores]
     norms = np.concatenate([s[0].ravel() for s in stats])
     counts = np.concatenate([s[1].ravel() for s in stats])
     order = np.argsort(norms, kind="stable")
@@ -167,12 +188,98 @@ def prune_blocks(ws: list[np.ndarray], r: int, c: int, sparsity: float) -> list[
     pruned = np.zeros(norms.size, bool)
     pruned[order[:take]] = True
     out, pos = [], 0
-    for w, (bn, _) in zip(ws, stats):
+    for w, (bn, _) in zip(scores, stats):
         mask = pruned[pos:pos + bn.size].reshape(bn.shape)
         pos += bn.size
-        full = np.repeat(np.repeat(mask, r, axis=0), c, axis=1)[:w.shape[0], :w.shape[1]]
-        out.append(np.where(full, w.dtype.type(0), w).astype(w.dtype))
+        out.append(np.repeat(np.repeat(mask, r, axis=0), c, axis=1)[:w.shape[0], :w.shape[1]])
     return out
+
+
+def wanda_prune(w: np.ndarray, col_norm: np.ndarray, pattern: Pattern, sparsity: float) -> np.ndarray:
+    """Wanda (Sun et al. 2023): score |w_kn| * ||x_k||_2 (``col_norm`` [K],
+    the layer input's L2 norm per channel over the calibration rows), pruned
+    without any update: ``unstructured``: in every output column n, the
+    int(K * sparsity) lowest scores (the paper's per-output comparison group);
+    ``N:M``: the N highest scores of every aligned run of M rows stay;
+    ``block``: the blocks of lowest score norm, per layer."""
+    score = np.abs(w.astype(np.float64)) * np.asarray(col_norm, np.float64)[:, None]
+    if pattern.kind == "nm":
+        keep = nm_keep(score, pattern.n, pattern.m)
+    elif pattern.kind == "block":
+        keep = ~block_masks([score], pattern.r, pattern.c, sparsity)[0]
+    else:
+        order = np.argsort(score, axis=0, kind="stable")
+        keep = np.ones(w.shape, bool)
+        np.put_along_axis(keep, order[:int(w.shape[0] * sparsity)], False, axis=0)
+    return np.where(keep, w, w.dtype.type(0)).astype(w.dtype)
+
+
+SPARSEGPT_BLOCK = 128   # columns per lazy batch (SparseGPT's Bs; masks of unstructured/block patterns chosen per batch)
+
+
+def sparsegpt_prune(w: np.ndarray, hessian: np.ndarray, pattern: Pattern, sparsity: float,
+                    damp: float = 0.01, block: int = SPARSEGPT_BLOCK, name: str = "weight") -> np.ndarray:
+    """SparseGPT (Frantar & Alistarh 2023) of ``w`` [K, N] for a layer whose
+    inputs have Hessian ``hessian`` [K, K]: the GPTQ solver with pruning in
+    place of rounding.  Rows k of w (the paper's columns) are visited in
+    order; a pruned weight's error is spread over the rows not yet visited
+    through the Cholesky factor of H^-1 (dampened by ``damp`` * mean diag H),
+    in lazy batches of ``block`` rows.  Masks by the score w^2 / [H^-1]_kk^2:
+
+    - ``unstructured``: per batch, the round(sparsity * size) lowest scores
+      of the batch (all outputs together, as the paper's adaptive mask);
+    - ``N:M``: when a run of M rows starts, the M - N lowest of each column
+      (a last short run of r rows prunes r - N when r > N); batches are
+      whole runs;
+    - ``block=RxC``: per batch (whole R-row tiles), the R x C tiles of
+      lowest score norm, nearest ``sparsity`` of the batch.
+
+    Returns the pruned and updated weight, ``w``'s dtype."""
+    k, n = w.shape
+    h = np.array(hessian, np.float64)
+    if h.shape != (k, k) or not np.isfinite(h).all():
+        raise ValueError(f"sparsify {name}: hessian must be a finite [{k}, {k}] matrix, got {list(h.shape)}")
+    W = w.astype(np.float64).T.copy()            # [N, K]: the paper's orientation
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    try:
+        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        raise ValueError(f"sparsify {name}: the calibration Hessian is not positive definite even with "
+                         f"damp={damp}; raise damp") from None
+    unit = {"nm": pattern.m, "block": pattern.r}.get(pattern.kind, 1)
+    step = -(-block // unit) * unit
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        W1 = W[:, i1:i2].copy()
+        err1 = np.zeros((n, i2 - i1))
+        d = np.diag(hinv)[i1:i2]
+        mask = np.zeros(W1.shape, bool)
+        if pattern.kind == "unstructured":
+            score = (np.square(W1) / np.square(d)[None, :]).ravel()
+            mask.ravel()[np.argsort(score, kind="stable")[:int(round(score.size * sparsity))]] = True
+        elif pattern.kind == "block":
+            score = np.sqrt(np.square(W1) / np.square(d)[None, :]).T     # [rows of the batch, N]
+            mask = block_masks([score], pattern.r, pattern.c, sparsity)[0].T
+        for i in range(i2 - i1):
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                run = W1[:, i:i + pattern.m]
+                drop = run.shape[1] - pattern.n
+                if drop > 0:
+                    score = np.square(run) / np.square(d[i:i + pattern.m])[None, :]
+                    low = np.argsort(score, axis=1, kind="stable")[:, :drop]
+                    np.put_along_axis(mask[:, i:i + pattern.m], low, True, axis=1)
+            col = i1 + i
+            q = np.where(mask[:, i], 0.0, W1[:, i])
+            e = (W1[:, i] - q) / hinv[col, col]
+            W1[:, i:] -= np.outer(e, hinv[col, col:i2])
+            W1[:, i] = q
+            err1[:, i] = e
+        W[:, i1:i2] = W1
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return W.T.astype(w.dtype)
 
 
 def zero_fraction(w: np.ndarray) -> float:
@@ -193,6 +300,7 @@ class Sparsify(Pass):
     skip: str = ""
     seed: int = 0
     samples: int = 16
+    damp: float = 0.01
 
     # side channel, not options (see passes/quantize.py)
     report: ClassVar = None
@@ -217,14 +325,19 @@ class Sparsify(Pass):
             raise _error(f"{p} skip={self.skip}: separate names with '|' or ';'")
         if self.samples < 1:
             raise _error(f"{p} samples={self.samples}: expected at least 1 random input row")
+        if self.method != "magnitude" and self.scope != "layer":
+            raise _error(f"{p} scope={self.scope}: applies to method=magnitude only ({self.method} ranks weights "
+                         f"by their own layer's inputs)")
+        if not 0 <= self.damp < float("inf"):
+            raise _error(f"{p} damp={self.damp}: expected a non-negative fraction of mean(diag H), e.g. 0.01")
+        if self.damp != 0.01 and self.method != "sparsegpt":
+            raise _error(f"pass sparsify: damp= applies to method=sparsegpt (got method={self.method})")
 
     def with_calibration(self, data) -> Sparsify:
-        """A copy that measures errors on ``data`` (a list of {input name: array})."""
-        if data is not None and (not isinstance(data, (list, tuple)) or not data
-                                 or not all(isinstance(d, dict) for d in data)):
-            raise _error("calibration_data must be a non-empty list of {input name: numpy array} dicts")
+        """A copy reading calibration ``data``: a list of {input name: array}
+        or a shared :class:`~sqk.compiler.calibration.Calibration`."""
         p = copy.copy(self)
-        object.__setattr__(p, "calibration_data", None if data is None else list(data))
+        object.__setattr__(p, "calibration_data", _calibration(data))
         return p
 
     def prune(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -263,21 +376,50 @@ class Sparsify(Pass):
                 raise _error(f"sparsify: constant {w.name} has non-finite weights; cannot rank NaN/Inf by magnitude")
 
         todo = [w for w in uses if w.name not in skip]
-        pruned = dict(zip(todo, self.prune([prod[w].attrs["value"] for w in todo])))
-        inputs = layer_inputs(graph, {w: uses[w] for w in todo}, self.calibration_data, self.seed, self.samples,
-                              _error)
+        if self.method != "magnitude" and self.calibration_data is None:
+            raise _error(f"sparsify: method={self.method} needs calibration data (each layer's inputs) and none "
+                         f"was given: pass calibration_data=[{{input: array}}, ...] to sqk.compile "
+                         f"(--calibration FILE.npz on the command line), or use method=magnitude")
+        xs = list(dict.fromkeys(m.inputs[0] for w in todo for m in uses[w]))
+        if self.calibration_data is None:
+            by_x = random_stats(xs, self.seed, self.samples)
+            source = f"{self.samples} random normal rows (seed={self.seed})"
+        else:
+            try:
+                by_x = self.calibration_data.stats(graph, xs)
+            except CalibrationError as e:
+                raise _error(str(e)) from None
+            source = self.calibration_data.source
+        stats = {w: LayerStats.merged([by_x[x] for x in dict.fromkeys(m.inputs[0] for m in uses[w])]) for w in todo}
+        arrays = [prod[w].attrs["value"] for w in todo]
+        magnitude = dict(zip(todo, self.prune(arrays)))
+        pruned, why = {}, {}
+        for w, a in zip(todo, arrays):
+            if self.method == "magnitude":
+                pruned[w] = magnitude[w]
+            elif self.method == "wanda":
+                pruned[w] = wanda_prune(a, stats[w].col_norm, pat, self.sparsity)
+            else:
+                try:
+                    pruned[w] = sparsegpt_prune(a, stats[w].hessian, pat, self.sparsity, self.damp, name=w.name)
+                except ValueError as e:
+                    why[w] = str(e).removeprefix(f"sparsify {w.name}: ")
         report = SparsityReport()
         for w in uses:
             arr = prod[w].attrs["value"]
             row = {"layer": w.name, "shape": w.shape, "dtype": w.dtype.name, "pattern": str(pat),
-                   "zeros_before": zero_fraction(arr)}
+                   "zeros_before": zero_fraction(arr), "method": self.method, "calibration": source}
             if w not in pruned:
-                report.append({**row, "zeros": row["zeros_before"], "rel_l2": None, "cosine": None,
-                               "format": None, "status": "skipped (skip=)"})
+                report.append({**row, "zeros": row["zeros_before"], "rel_l2": None, "cosine": None, "format": None,
+                               "status": f"kept: {self.method} cannot apply: {why[w]}" if w in why
+                               else "skipped (skip=)"})
                 continue
             new = pruned[w]
-            x = np.asarray(inputs[w], np.float64)
+            x = np.asarray(stats[w].sample, np.float64)
             rel, cos = output_error(x @ arr.astype(np.float64), x @ new.astype(np.float64))
+            if self.method != "magnitude":
+                row["rel_l2_magnitude"] = output_error(x @ arr.astype(np.float64),
+                                                       x @ magnitude[w].astype(np.float64))[0]
             fmt = pat.format if np.count_nonzero(new) < new.size else None
             report.append({**row, "zeros": zero_fraction(new), "rel_l2": rel, "cosine": cos, "format": fmt,
                            "status": "pruned" if fmt else "pruned (no zeros)"})
@@ -333,10 +475,17 @@ class SparsityReport(LayerReport):
             cos = "-" if r["cosine"] is None else f"{r['cosine']:.6f}"
             lines.append(f"{r['layer']:<20}{shape:>14}  {r['pattern']:<14}{zeros:>15}{rel:>10}{cos:>10}  "
                          f"{r['format'] or '-':<9} {r['status']}")
+        mag = [r for r in self if r.get("rel_l2_magnitude") is not None]
+        if mag:
+            lines.append("rel L2 with magnitude pruning instead: " + ", ".join(
+                f"{r['layer']} {r['rel_l2_magnitude']:.2e}" for r in mag))
+        sources = sorted({r["calibration"] for r in self if r.get("calibration")})
+        if sources:
+            lines.append(f"errors measured on {'; '.join(sources)}")
         size = sum(int(np.prod(r["shape"])) for r in self)
         before = sum(r["zeros_before"] * np.prod(r["shape"]) for r in self) / size if size else 0.0
         after = sum(r["zeros"] * np.prod(r["shape"]) for r in self) / size if size else 0.0
         lines.append(f"{len(self.pruned())} of {len(self)} weights pruned"
                      + (f", skipped: {', '.join(self.skipped())}" if self.skipped() else "")
                      + f"; zeros {before:.1%} -> {after:.1%} of weight elements")
-        return "\n".join(lines)
+        return "\n".join(lines) + format_end_to_end(self.end_to_end)
