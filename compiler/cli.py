@@ -11,7 +11,12 @@
     sqk info OUT.sqk|MODEL
     sqk demo [--target T]
     sqk bench OUT.sqk [--runs N] [--threads N] [--probe-mib M]
+<<<<<<< HEAD
     sqk --version
+=======
+    sqk generate MODEL_DIR|MODEL.gguf --prompt TEXT [-n 64] [--temperature T] [--top-k K] [--top-p P]
+                 [--seed S] [--threads N] [--max-seq S] [--chat]
+>>>>>>> h/loaders
 
 MODEL is an IR text file, an ONNX model (.onnx; dump, viz and info take
 --input-shape as compile does) or, for dump, viz and info, an artifact
@@ -115,6 +120,18 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="compile and run the built-in examples, check and time them")
     m.add_argument("--target", default="host")
+
+    g = sub.add_parser("generate", help="generate text with an LLM: a Hugging Face model directory or a GGUF file")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the context, within 256 MiB)")
+    g.add_argument("--chat", action="store_true", help="the prompt is a user message in the model's chat template")
     return p
 
 
@@ -283,6 +300,35 @@ def _cmd_bench(a) -> None:
     print(bench(a.artifact, runs=a.runs, threads=a.threads, probe_mib=a.probe_mib))
 
 
+def _cmd_generate(a) -> None:
+    """Stream the text, then the prefill and decode speeds (stderr)."""
+    import sqk
+    from ..llm.decoder import chunk_sizes
+
+    t0 = time.perf_counter()
+    dec = sqk.llm.load(a.model, max_seq=a.max_seq, threads=a.threads)
+    tok = dec.tokenizer
+    if tok is None:
+        raise ValueError(f"{a.model} has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")
+    ids = tok.encode_chat([{"role": "user", "content": a.prompt}]) if a.chat else tok.encode(a.prompt)
+    for t in sorted(set(chunk_sizes(len(ids), dec.prefill_chunk))):   # compile before timing
+        dec.chunk_module(t)
+    print(f"loaded and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if not a.chat:
+        print(a.prompt, end="", flush=True)
+    times = []
+    t0 = time.perf_counter()
+    out = dec.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                       seed=a.seed, stream=lambda t, text: (times.append(time.perf_counter()),
+                                                            print(text, end="", flush=True)))
+    print()
+    if times:
+        pre = times[0] - t0      # the prompt's prefill and the first token's sampling
+        rate = f"{(len(out) - 1) / (times[-1] - times[0]):.1f}" if len(out) > 1 else "-"
+        print(f"prefill {len(ids)} tokens: {len(ids) / pre:.1f} tokens/s; decode {len(out)} tokens: {rate} tokens/s",
+              file=sys.stderr)
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status: 0, 1 on any error (one line
     on stderr), 130 on Ctrl-C, 141 when stdout is a pipe closed early."""
@@ -290,8 +336,12 @@ def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
         {"compile": _cmd_compile, "dump": _cmd_dump, "run": _cmd_run, "info": _cmd_info,
+<<<<<<< HEAD
          "demo": _cmd_demo, "bench": _cmd_bench, "viz": _cmd_viz}[args.cmd](args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
+=======
+         "demo": _cmd_demo, "bench": _cmd_bench, "viz": _cmd_viz, "generate": _cmd_generate}[args.cmd](args)
+>>>>>>> h/loaders
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
