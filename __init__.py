@@ -47,6 +47,7 @@ _LAZY = {
     "compiler": (".compiler", None),
     "codegen": (".codegen", None),
     "llm": (".llm", None),
+    "load_llm": (".llm", "load"),   # sqk.llm.load
 }
 
 
@@ -55,23 +56,12 @@ def __getattr__(name):
         raise AttributeError(f"module 'sqk' has no attribute {name!r}")
     import importlib  # not `from . import x`: that asks this __getattr__ again
 
-<<<<<<< HEAD
     module, attr = _LAZY[name]
     value = importlib.import_module(module, __name__)
     if attr is not None:
         value = getattr(value, attr)
     globals()[name] = value
     return value
-=======
-        return importlib.import_module(".llm", __name__)
-    if name == "load_llm":  # sqk.llm.load
-        import importlib
-
-        return importlib.import_module(".llm", __name__).load
-    # OnnxImportError lives with the importer, loaded on first use (the runtime needs no compiler).
-    if name == "OnnxImportError":
-        from .compiler.frontends.onnx import OnnxImportError
->>>>>>> h/loaders
 
 
 def __dir__():

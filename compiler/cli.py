@@ -11,12 +11,9 @@
     sqk info OUT.sqk|MODEL
     sqk demo [--target T]
     sqk bench OUT.sqk [--runs N] [--threads N] [--probe-mib M]
-<<<<<<< HEAD
-    sqk --version
-=======
     sqk generate MODEL_DIR|MODEL.gguf --prompt TEXT [-n 64] [--temperature T] [--top-k K] [--top-p P]
                  [--seed S] [--threads N] [--max-seq S] [--chat]
->>>>>>> h/loaders
+    sqk --version
 
 MODEL is an IR text file, an ONNX model (.onnx; dump, viz and info take
 --input-shape as compile does) or, for dump, viz and info, an artifact
@@ -336,12 +333,8 @@ def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
         {"compile": _cmd_compile, "dump": _cmd_dump, "run": _cmd_run, "info": _cmd_info,
-<<<<<<< HEAD
-         "demo": _cmd_demo, "bench": _cmd_bench, "viz": _cmd_viz}[args.cmd](args)
-        sys.stdout.flush()  # a closed pipe shows here, not at exit
-=======
          "demo": _cmd_demo, "bench": _cmd_bench, "viz": _cmd_viz, "generate": _cmd_generate}[args.cmd](args)
->>>>>>> h/loaders
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
