@@ -362,6 +362,24 @@ class Decoder:
         self.chunk_modules: dict[int, object] = {1: self.module}   # chunk length -> Module
         self.pos = 0
 
+    @classmethod
+    def from_modules(cls, cfg: LlamaConfig, modules: dict, tokenizer=None, kv_dtype: str = "f32",
+                     prefill_chunk: int | None = None) -> "Decoder":
+        """A Decoder over modules compiled before ({chunk length: Module}, 1 the
+        step; an LLM artifact's, llm/artifact.py): no weights, no compiler, so
+        every length ``chunk_sizes`` gives for ``prefill_chunk`` must be there."""
+        self = cls.__new__(cls)
+        self.cfg, self.tokenizer, self.weights, self.kv_dtype = cfg, tokenizer, None, kv_dtype
+        self.prefill_chunk = prefill_chunk or max(modules)
+        self.module, self.graph = modules[1], None
+        self.target, self.compile_options = self.module.target, {}
+        self.chunk_modules = dict(modules)
+        for m in modules.values():
+            if m is not self.module:
+                m.share_state(self.module)
+        self.pos = 0
+        return self
+
     @property
     def config(self) -> LlamaConfig:
         return self.cfg
@@ -375,6 +393,9 @@ class Decoder:
         """The Module of a ``tokens``-long chunk (compiled on first use), its
         state the step module's arrays."""
         m = self.chunk_modules.get(tokens)
+        if m is None and self.weights is None:
+            raise ValueError(f"this Decoder has no module for chunks of {tokens} tokens and no weights to compile "
+                             f"one (it has {sorted(self.chunk_modules)})")
         if m is None:
             from ..compiler.driver import compile
 
