@@ -10,6 +10,8 @@ A directory::
                       tokenizer files with their sha256
     decode/           the one-token step: an artifact (manifest.json, model.so or runner)
     prefill64/ ...    one per prefill chunk length (``chunk_lengths``), the same kind
+    generate          riscv64: the runner with every module and a generate mode
+                      (runtime/runner_generate.c; a board generates with it alone)
     constants.bin     the packed weights, stored once: the modules' manifests all name
                       content the same (they are compiled from one set of weights in one
                       layout); modules whose constants differ get constants-N.bin files
@@ -84,12 +86,19 @@ def save_llm(dec: Decoder, path) -> None:
             d = dec.tokenizer.save(os.path.join(tmp, "tokenizer"))
             tokenizer = {"dir": "tokenizer",
                          "files": {f: sha256_file(os.path.join(d, f)) for f in sorted(os.listdir(d))}}
+        generate = None
+        if dec.module.target != "host":   # the runner that generates in one process (llm/native.py)
+            from .native import generate_runner
+
+            shutil.copyfile(generate_runner(dec), os.path.join(tmp, "generate"))
+            os.chmod(os.path.join(tmp, "generate"), 0o755)
+            generate = {"file": "generate", "sha256": sha256_file(os.path.join(tmp, "generate"))}
         from .. import __version__
 
         index = {"format": "sqk-llm", "format_version": LLM_FORMAT, "sqk_version": __version__,
                  "target": dec.module.target, "config": config_to_json(dec.cfg), "kv_dtype": dec.kv_dtype,
                  "prefill_chunk": dec.prefill_chunk, "modules": entries, "constants": consts,
-                 "tokenizer": tokenizer}
+                 "tokenizer": tokenizer, "generate": generate}
         with open(os.path.join(tmp, INDEX), "w") as f:   # written last: its presence means complete
             json.dump(index, f, indent=1)
         if os.path.isdir(path):
@@ -190,8 +199,19 @@ def load_llm(path, *, target: str | None = None, max_seq: int | None = None, kv_
     want = set(chunk_lengths(int(index["prefill_chunk"])))
     if set(modules) != want:
         raise ArtifactError(f"{where}: modules for chunk lengths {sorted(modules)}, prefill needs {sorted(want)}")
-    return Decoder.from_modules(cfg, modules, tokenizer=load_tokenizer(path, index, verify),
-                                kv_dtype=index["kv_dtype"], prefill_chunk=int(index["prefill_chunk"]))
+    dec = Decoder.from_modules(cfg, modules, tokenizer=load_tokenizer(path, index, verify),
+                               kv_dtype=index["kv_dtype"], prefill_chunk=int(index["prefill_chunk"]))
+    gen = index.get("generate")
+    if gen is not None:
+        p = os.path.join(path, gen["file"])
+        if not os.path.isfile(p):
+            raise ArtifactError(f"{path}: the generate runner {gen['file']} is missing (partial artifact)")
+        if verify and sha256_file(p) != gen["sha256"]:
+            raise ArtifactError(f"{p}: content hash does not match {INDEX} (corrupt or modified)")
+        dec.generate_runner = p
+    elif dec.target != "host":
+        raise ArtifactError(f"{where}: a {dec.target} artifact without its generate runner (partial artifact)")
+    return dec
 
 
 def load_tokenizer(path: str, index: dict, verify: bool):

@@ -421,6 +421,16 @@ class Decoder:
         (``chunk_sizes``) of one compiled call each; returns the logits [vocab]
         of the last one."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.check_prompt(ids)
+        start = 0
+        for t in chunk_sizes(ids.size, self.prefill_chunk):
+            logits = self.chunk_module(t)(token=ids[start:start + t], pos=np.array([self.pos], np.int64))
+            self.pos += t
+            start += t
+        return logits[0]
+
+    def check_prompt(self, ids: np.ndarray) -> None:
+        """ValueError unless ``ids`` (int64 [n]) are n >= 1 vocabulary ids that fit in the cache from pos."""
         if not ids.size:
             raise ValueError("prefill needs at least one token")
         bad = ids[(ids < 0) | (ids >= self.cfg.vocab)]
@@ -429,12 +439,6 @@ class Decoder:
         if self.pos + ids.size > self.cfg.max_seq:
             raise ValueError(f"{ids.size} tokens from position {self.pos} go beyond the KV cache length "
                              f"{self.cfg.max_seq}: reset() to start a new sequence")
-        start = 0
-        for t in chunk_sizes(ids.size, self.prefill_chunk):
-            logits = self.chunk_module(t)(token=ids[start:start + t], pos=np.array([self.pos], np.int64))
-            self.pos += t
-            start += t
-        return logits[0]
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None, stream=None) -> list[int]:
@@ -446,9 +450,14 @@ class Decoder:
         (default: the config's EOS ids; that token is not returned) or when the
         cache is full.  ``stream(token_id, text_piece)`` is called for each new
         token (the piece is "" without a tokenizer).  Returns the new tokens;
-        reset() starts a new sequence."""
+        reset() starts a new sequence.  riscv64, from position 0: the whole
+        generation runs in one runner process (llm/native.py)."""
         ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         stop = set(self.cfg.eos_ids if stop is None else ([stop] if isinstance(stop, int) else stop))
+        if self.target != "host" and self.pos == 0 and getattr(self, "native_generate", True):
+            from .native import generate_native
+
+            return generate_native(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stream)
         from .sampling import Rng, sample
 
         rng = Rng(seed) if temperature > 0 else None
