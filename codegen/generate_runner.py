@@ -16,18 +16,18 @@ import shutil
 
 from .emit import _run, cached, object_code
 
-TOKEN, POS, LOGITS = -2, -3, -2   # runtime/runner_generate.c's LLM_TOKEN, LLM_POS, LLM_LOGITS
+TOKEN, POS, LAST, LOGITS = -2, -3, -4, -2   # runtime/runner_generate.c's LLM_TOKEN, LLM_POS, LLM_LAST, LLM_LOGITS
 
 
 def slots(manifest: dict, state: list[str]) -> tuple[list[int], list[int]]:
     """(per input, per output) of a module's manifest: the KV state slot (the index
     in ``state``) each reads or updates, or TOKEN / POS / LOGITS."""
     updates = {s["output"]: s["input"] for s in manifest.get("state", [])}
-    ins = [TOKEN if t["name"] == "token" else POS if t["name"] == "pos" else state.index(t["name"])
-           for t in manifest["inputs"]]
+    named = {"token": TOKEN, "pos": POS, "last": LAST}
+    ins = [named[t["name"]] if t["name"] in named else state.index(t["name"]) for t in manifest["inputs"]]
     outs = [state.index(updates[t["name"]]) if t["name"] in updates else LOGITS for t in manifest["outputs"]]
-    if outs.count(LOGITS) != 1 or sorted(ins).count(TOKEN) != 1 or ins.count(POS) != 1:
-        raise ValueError(f"{manifest['name']}: not a decoder program (token, pos, state -> logits, state)")
+    if outs.count(LOGITS) != 1 or ins.count(TOKEN) != 1 or ins.count(POS) != 1 or ins.count(LAST) > 1:
+        raise ValueError(f"{manifest['name']}: not a decoder program (token, pos[, last], state -> logits, state)")
     return ins, outs
 
 

@@ -496,14 +496,24 @@ class MatMul:
         return [np.matmul(a, b)]
 
 
-def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int) -> np.ndarray:
+def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int,
+                      supers: np.ndarray | None = None, super_group: int = 0) -> np.ndarray:
     """f32 weights of a group-quantized [K, N] matrix, rows k of group k // group
     sharing one scale (and zero point or minimum) per column: (q - zero) * scale
     with integer zero points; (q + 8) * scale + minimum with float ``zeros``
     (minimums, i4 q), the product exact and the sum rounded once to f32, as
-    GGUF's Q4_1 / Q4_K."""
+    GGUF's Q4_1.  Two-level (``supers`` [K / super_group, N, 2], GGUF's Q4_K):
+    scale = supers[k // super_group, n, 0] * scales and minimum = supers[...,
+    1] * zeros (u8 sub-scales and sub-minimums; exact f32 products), then as
+    with float minimums."""
     idx = np.arange(q.shape[0]) // group
     w = q.astype(np.float32)
+    if supers is not None:
+        sidx = np.arange(q.shape[0]) // super_group
+        sup = supers.astype(np.float32)[sidx]
+        s = sup[..., 0] * scales.astype(np.float32)[idx]
+        m = sup[..., 1] * zeros.astype(np.float32)[idx]
+        return (w + np.float32(8)) * s + m
     if zeros is not None and zeros.dtype.kind == "f":
         return (w + np.float32(8)) * scales.astype(np.float32)[idx] + zeros.astype(np.float32)[idx]
     if zeros is not None:
@@ -544,13 +554,19 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
     ``quantize_rows_i8`` (dynamic, or static with ``act_scale`` > 0), then per
     row and group g, dot_g = sum_k xq * (q - zero) exactly (integers), and
     y = sum_g (d_g * scale_g) * dot_g accumulated in f32 over g in order, each
-    product and sum rounded to f32 (no fused multiply-add).  Returns f32 [R, N]."""
+    product and sum rounded to f32 (no fused multiply-add).  With float
+    ``zeros`` (minimums, i4 q): dot_g = sum_k xq * (q + 8), and after each
+    group's term y += (d_g * minimum_g) * sum_k xq, each step rounded to f32.
+    Returns f32 [R, N]."""
     r, k = x.shape
     n = q.shape[1]
     groups = -(-k // group)
     xq, d = quantize_rows_i8(x.astype(np.float32), group, act_scale)
     w = q.astype(np.int64)
-    if zeros is not None:
+    mins = zeros is not None and zeros.dtype.kind == "f"
+    if mins:
+        w = w + 8
+    elif zeros is not None:
         w = w - zeros.astype(np.int64)[np.arange(k) // group]
     y = np.zeros((r, n), np.float32)
     for g in range(groups):
@@ -558,12 +574,16 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
         dot = (xq[:, ks].astype(np.int64) @ w[ks]).astype(np.float32)
         coef = d[:, g:g + 1] * scales[g].astype(np.float32)[None, :]   # f32 products
         y = (y + coef * dot).astype(np.float32)
+        if mins:
+            mcoef = d[:, g:g + 1] * zeros[g].astype(np.float32)[None, :]
+            xs = xq[:, ks].astype(np.int64).sum(axis=1).astype(np.float32)[:, None]
+            y = (y + mcoef * xs).astype(np.float32)
     return y
 
 
-@defop("matmul_q", "x q scales zeros",
+@defop("matmul_q", "x q scales zeros supers",
        {"group": Attr("int"), "activations": Attr("str", "none"), "sparse": Attr("str", "dense"),
-        "act_scale": Attr("float", 0.0)}, optional=1)
+        "act_scale": Attr("float", 0.0), "super_group": Attr("int", 0)}, optional=2)
 class MatMulQ:
     """x[..., M, K] @ dequantize(q)[K, N] with weights quantized to i8 or i4:
     w[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n].  One
@@ -594,16 +614,31 @@ class MatMulQ:
     the unsigned 4-bit code u as u - 8, and the product (exact) is summed with
     the minimum in one f32 rounding, as ggml's d * u + m.  Kernels
     add minimum * sum(x over the group) once per group and column: the
-    integer-code loops are those of the other schemes.  Not with
-    activations="int8" (the minimums are not integers).  ir/blocks.py maps
-    GGUF's blocks onto these operands (``to_matmul_q``)."""
+    integer-code loops are those of the other schemes.  With
+    activations="int8", y += (d * minimum) * sum(xq) after each group's term
+    (``matmul_q_i8act``).
+
+    ``supers`` (f32 / f16 [ceil(K / super_group), N, 2]) make the scales
+    two-level, as GGUF's K-quants' super-blocks: with i4 q, u8 ``scales`` and
+    u8 ``zeros`` (sub-scales and sub-minimums per group), super-block
+    s = k // super_group (a multiple of group) gives scale = supers[s, n, 0] *
+    scales[g, n] and minimum = supers[s, n, 1] * zeros[g, n] (exact f32
+    products), and w = (q + 8) * scale + minimum as above: Q4_K is (d, -dmin)
+    over its 6-bit (sc, m), 4.625 bits per weight stored against the file's
+    4.5 (the 6-bit fields take a byte each).  Kernels compute scale and
+    minimum once per group and column.  ir/blocks.py maps GGUF's blocks onto
+    these operands (``to_matmul_q``)."""
 
     KIND = "contraction"
 
     @staticmethod
-    def infer(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
+    def infer(x, q, scales, zeros=None, supers=None, *, group, activations="none", sparse="dense", act_scale=0.0,
+              super_group=0):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(q, (dt.i8, dt.i4), "q")
+        if supers is not None:
+            return MatMulQ.infer_two_level(x, q, scales, zeros, supers, group, activations, sparse, super_group)
+        _need(super_group == 0, f"matmul_q super_group={super_group} needs supers (two-level scales)")
         _dtypes(scales, dt.FLOATS, "scales")
         _need(activations in ACTIVATION_MODES,
               f"matmul_q activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
@@ -621,8 +656,6 @@ class MatMulQ:
             _need(zeros.shape == scales.shape,
                   f"matmul_q minimums (float zeros) must be [{', '.join(map(str, scales.shape))}], got {zeros}")
             _need(q.dtype is dt.i4, f"matmul_q float minimums (zeros) need i4 weights, got {q.dtype}")
-            _need(activations == "none", "matmul_q with float minimums (zeros) needs activations=none "
-                  "(int8 activations are not supported with minimums)")
         elif zeros is not None:
             _need(zeros.dtype == q.dtype and zeros.shape == scales.shape,
                   f"matmul_q zeros must be {q.dtype}{list(scales.shape)} (or float minimums), got {zeros}")
@@ -636,12 +669,32 @@ class MatMulQ:
         return [TensorType(x.dtype, x.shape[:-1] + (n,))]
 
     @staticmethod
-    def reference(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
+    def infer_two_level(x, q, scales, zeros, supers, group, activations, sparse, super_group):
+        _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
+        k, n = q.shape
+        _need(x.shape[-1] == k, f"matmul_q inner dimensions differ: x {x.shape} @ q {q.shape}")
+        _need(q.dtype is dt.i4 and activations == "none" and sparse == "dense",
+              "matmul_q with supers (two-level scales) needs i4 weights, activations=none and sparse=dense")
+        _need(group >= 1 and super_group >= group and super_group % group == 0,
+              f"matmul_q super_group={super_group} must be a multiple of group={group}")
+        groups = -(-k // group)
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            _need(t is not None and t.dtype is dt.u8 and t.shape == (groups, n),
+                  f"matmul_q with supers needs u8 {name} [{groups}, {n}] (sub-scales and sub-minimums), got {t}")
+        _dtypes(supers, dt.FLOATS, "supers")
+        _need(supers.shape == (-(-k // super_group), n, 2),
+              f"matmul_q supers shape {supers.shape} must be ({-(-k // super_group)}, {n}, 2) for K={k}, "
+              f"super_group={super_group}")
+        return [TensorType(x.dtype, x.shape[:-1] + (n,))]
+
+    @staticmethod
+    def reference(x, q, scales, zeros=None, supers=None, *, group, activations="none", sparse="dense",
+                  act_scale=0.0, super_group=0):
         if activations == "int8":
             k, n = q.shape
             y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group, act_scale)
             return [y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)]
-        w = dequantize_weight(q, scales, zeros, group)
+        w = dequantize_weight(q, scales, zeros, group, supers, super_group)
         return [np.matmul(x.astype(np.float32), w).astype(x.dtype)]
 
 
@@ -873,6 +926,34 @@ class Gather:
         if ids.size and (ids.min() < -n or ids.max() >= n):
             raise IndexError(f"gather: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
         return [np.take(table, np.where(ids < 0, ids + n, ids), axis=axis)]
+
+
+@defop("gather_q", "ids q scales zeros supers", {"group": Attr("int"), "super_group": Attr("int", 0)}, optional=2)
+class GatherQ:
+    """Rows ``ids`` of the table W[N, K] = dequantize(q, scales, zeros, group).T,
+    the weight of a matmul_q x @ W.T with the same q, scales and zeros
+    (``dequantize_weight``: integer zero points or float minimums): f32
+    [*ids.shape, K], every value exactly the dequantized weight.  It reads those
+    constants in matmul_q's packed layout, so a tied embedding and lm_head
+    (GGUF's token_embd serving both) are stored once.  Negative ids count from
+    the end, as in gather."""
+
+    KIND = "index"
+
+    @staticmethod
+    def infer(ids, q, scales, zeros=None, supers=None, *, group, super_group=0):
+        _dtypes(ids, (dt.i64, dt.i32), "ids")
+        x = TensorType(dt.f32, (1, q.shape[0]) if q.rank == 2 else (1,))
+        MatMulQ.infer(x, q, scales, zeros, supers, group=group, super_group=super_group)   # the same weight operands
+        return [TensorType(dt.f32, ids.shape + (q.shape[0],))]
+
+    @staticmethod
+    def reference(ids, q, scales, zeros=None, supers=None, *, group, super_group=0):
+        n = q.shape[1]
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"gather_q: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
+        w = dequantize_weight(q, scales, zeros, group, supers, super_group)
+        return [np.ascontiguousarray(w.T[np.where(ids < 0, ids + n, ids)])]
 
 
 @defop("cast", "x", {"to": Attr("dtype")})

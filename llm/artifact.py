@@ -9,7 +9,7 @@ A directory::
                       manifest content hash, constants file) and the constants and
                       tokenizer files with their sha256
     decode/           the one-token step: an artifact (manifest.json, model.so or runner)
-    prefill64/ ...    one per prefill chunk length (``chunk_lengths``), the same kind
+    prefill64/        the prefill chunk (Decoder.prefill pads a prompt's last piece to it)
     generate          riscv64: the runner with every module and a generate mode
                       (runtime/runner_generate.c; a board generates with it alone)
     constants.bin     the packed weights, stored once: the modules' manifests all name
@@ -43,9 +43,9 @@ def is_llm_artifact(path) -> bool:
 
 
 def chunk_lengths(prefill_chunk: int) -> list[int]:
-    """Every chunk length ``chunk_sizes(n, prefill_chunk)`` can give for any n: the
-    chunk and the powers of two below it (1 is the step)."""
-    return sorted({prefill_chunk} | {1 << i for i in range(prefill_chunk.bit_length()) if 1 << i < prefill_chunk})
+    """The modules' token counts: 1 (the step) and the padded prefill chunk
+    (Decoder.prefill) when it has 2 tokens or more."""
+    return [1] + ([prefill_chunk] if prefill_chunk >= 2 else [])
 
 
 def module_dir(tokens: int) -> str:
@@ -58,7 +58,7 @@ def save_llm(dec: Decoder, path) -> None:
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not is_llm_artifact(path):
         raise FileExistsError(f"{path} exists and is not an sqk LLM artifact; not overwriting it")
-    mods = {t: dec.chunk_module(t) for t in chunk_lengths(dec.prefill_chunk)}
+    mods = decoder_modules(dec)
     parent = os.path.dirname(path) or "."
     tmp = tempfile.mkdtemp(prefix=".sqk-llm-", dir=parent)
     try:
@@ -111,6 +111,11 @@ def save_llm(dec: Decoder, path) -> None:
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def decoder_modules(dec: Decoder) -> dict:
+    """{token count: Module} of ``dec``: the step and its prefill chunk (compiled now if need be)."""
+    return {t: dec.module if t == 1 else dec.chunk_module(t) for t in chunk_lengths(dec.prefill_chunk)}
 
 
 def config_to_json(cfg: LlamaConfig) -> dict:

@@ -37,9 +37,9 @@ def generate_runner(dec) -> str:
     if getattr(dec, "generate_runner", None) is None:
         from ..codegen.generate_runner import link_generate_runner
         from ..codegen.target import get_target
-        from .artifact import chunk_lengths
+        from .artifact import decoder_modules
 
-        mods = {t: dec.chunk_module(t) for t in chunk_lengths(dec.prefill_chunk)}
+        mods = decoder_modules(dec)
         dec.generate_runner = link_generate_runner(mods, constants_files(mods)[0], state_names(dec.cfg),
                                                    dec.cfg.max_seq, get_target(dec.target))
     return dec.generate_runner
@@ -55,9 +55,9 @@ def generate_native(dec, ids: list[int], max_new_tokens: int, temperature: float
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     runner = generate_runner(dec)
-    from .artifact import chunk_lengths
+    from .artifact import decoder_modules
 
-    _, files = constants_files({t: dec.chunk_modules[t] for t in chunk_lengths(dec.prefill_chunk)})
+    _, files = constants_files(decoder_modules(dec))
     cmd = dec.module.runner_command()[:-1] + [runner, "--generate", "--prompt-ids", ",".join(map(str, ids)),
                                               "-n", str(max_new_tokens), "--stop", ",".join(map(str, sorted(stop)))]
     if temperature > 0:

@@ -5,20 +5,21 @@
  *
  * runner.c includes this file when built with -DSQK_RUNNER_GENERATE (it uses that file's
  * helpers: die, xalloc, read_consts, write_npy, check_cpu). sqk links such a runner for a
- * riscv64 decoder (codegen/generate_runner.py) with the decoder's programs, one per chunk
- * length (1: the step; each other one a prefill chunk), and a table naming them:
+ * riscv64 decoder (codegen/generate_runner.py) with the decoder's programs (0: the one-token
+ * step; 1, when there is one: the prefill chunk) and a table naming them:
  *
- *   sqk_llm_n_programs, sqk_llm_tokens[p]     the programs and their chunk lengths
+ *   sqk_llm_n_programs, sqk_llm_tokens[p]     the programs and their token counts
  *   sqk_llm_programs[p], sqk_llm_consts[p]    the program, the index of its --consts file
- *   sqk_llm_in_slot[p][i]                     input i: a KV state slot, or LLM_TOKEN / LLM_POS
+ *   sqk_llm_in_slot[p][i]                     input i: a KV state slot, or LLM_TOKEN / LLM_POS / LLM_LAST
  *   sqk_llm_out_slot[p][o]                    output o: the slot it updates, or LLM_LOGITS
  *   sqk_llm_n_slots, sqk_llm_max_seq
  *
- * The prompt is split as llm/decoder.py's chunk_sizes splits it (the largest program's chunks,
- * then the rest by the largest lengths that fit: powers of two when they are all there), each
- * chunk one run; then each new token is drawn by sqk_sample (runtime/sqk_sample.c: greedy at
- * temperature 0, else the same draws as llm/sampling.py from the same --seed) and run through
- * the step. A token of --stop ends generation (not printed), as does a full KV cache. Each new
+ * The prompt is prefilled as llm/decoder.py's Decoder.prefill does it: in pieces of the chunk
+ * program's length C, the last one padded with token 0 (input `last` names its final real row),
+ * or token by token through the step for a piece shorter than max(2, C / 8) or one whose padded
+ * chunk would pass the cache's end. Then each new token is drawn by sqk_sample
+ * (runtime/sqk_sample.c: greedy at temperature 0, else the same draws as llm/sampling.py from
+ * the same --seed) and run through the step. A token of --stop ends generation (not printed), as does a full KV cache. Each new
  * id is printed on its own line of stdout as soon as it is drawn. --state-dir writes the KV
  * state after the last run (DIR/NAME.npy, the step program's input names) and DIR/pos.txt;
  * --timing prints "prefill N tokens S s, decode M tokens S s" on stderr.
@@ -32,6 +33,7 @@
 
 #define LLM_TOKEN (-2)
 #define LLM_POS (-3)
+#define LLM_LAST (-4)
 #define LLM_LOGITS (-2)
 #define MAX_CONSTS 16
 
@@ -92,15 +94,17 @@ typedef struct {
     int64_t vocab, pos;
 } llm_run;
 
-/* Run program p on tokens[0..t) at position r->pos; the logits land in r->logits. */
-static void run_program(llm_run *r, int64_t p, const int64_t *tokens) {
+/* Run program p on tokens[0..C) (C its length) at position r->pos, `last` the row whose logits
+ * it returns (a chunk's; the step has none); then advance the position by `advance`. */
+static void run_program(llm_run *r, int64_t p, const int64_t *tokens, int64_t last, int64_t advance) {
     const sqk_program *prog = sqk_llm_programs[p];
     void *ins[64], *outs[64];
     if (prog->n_inputs > 64 || prog->n_outputs > 64) die(EXIT_RUNTIME, "the decoder has too many inputs");
     int64_t pos = r->pos;
     for (int64_t i = 0; i < prog->n_inputs; i++) {
         int64_t s = sqk_llm_in_slot[p][i];
-        ins[i] = s == LLM_TOKEN ? (void *)tokens : s == LLM_POS ? (void *)&pos : r->state[s];
+        ins[i] = s == LLM_TOKEN ? (void *)tokens : s == LLM_POS ? (void *)&pos : s == LLM_LAST ? (void *)&last
+                                                                                             : r->state[s];
     }
     for (int64_t o = 0; o < prog->n_outputs; o++) {
         int64_t s = sqk_llm_out_slot[p][o];
@@ -121,19 +125,24 @@ static void run_program(llm_run *r, int64_t p, const int64_t *tokens) {
             r->spare[s] = t;
         }
     }
-    r->pos += sqk_llm_tokens[p];
+    r->pos += advance;
 }
 
-/* Prefill ids[0..n) by the largest chunk length that fits each time: llm/decoder.py's chunk_sizes
- * when the lengths are the chunk and the powers of two below it. */
+/* Prefill ids[0..n) as Decoder.prefill does (this file's header). */
 static void prefill(llm_run *r, const int64_t *ids, int64_t n) {
-    for (int64_t at = 0; at < n;) {
-        int64_t best = 0; /* the step: length 1 */
-        for (int64_t p = 1; p < sqk_llm_n_programs; p++)
-            if (sqk_llm_tokens[p] <= n - at && sqk_llm_tokens[p] > sqk_llm_tokens[best]) best = p;
-        run_program(r, best, ids + at);
-        at += sqk_llm_tokens[best];
+    int64_t chunk = sqk_llm_n_programs > 1 ? 1 : 0, c = sqk_llm_tokens[chunk];
+    int64_t *padded = xalloc(c * (int64_t)sizeof *padded, "the prefill chunk");
+    for (int64_t i = 0; i < n; i += c) {
+        int64_t rest = n - i < c ? n - i : c;
+        if (c < 2 || rest < (c / 8 > 2 ? c / 8 : 2) || r->pos + c > sqk_llm_max_seq) {
+            for (int64_t j = 0; j < rest; j++) run_program(r, 0, ids + i + j, 0, 1);
+            continue;
+        }
+        memset(padded, 0, (size_t)c * sizeof *padded);
+        memcpy(padded, ids + i, (size_t)rest * sizeof *padded);
+        run_program(r, chunk, padded, rest - 1, rest);
     }
+    free(padded);
 }
 
 static void write_state(llm_run *r, const char *dir) {
@@ -155,8 +164,9 @@ static void write_state(llm_run *r, const char *dir) {
 }
 
 static int generate_main(int argc, char **argv) {
-    if (sqk_llm_n_programs < 1 || sqk_llm_tokens[0] != 1)
-        die(EXIT_RUNTIME, "this runner's decoder table is inconsistent (no one-token step first)");
+    if (sqk_llm_n_programs < 1 || sqk_llm_n_programs > 2 || sqk_llm_tokens[0] != 1 ||
+        (sqk_llm_n_programs == 2 && sqk_llm_tokens[1] < 2))
+        die(EXIT_RUNTIME, "this runner's decoder table is inconsistent (the one-token step, then a chunk)");
     const sqk_program *step = sqk_llm_programs[0];
     int64_t vocab = -1;
     for (int64_t o = 0; o < step->n_outputs; o++)
@@ -264,7 +274,7 @@ static int generate_main(int argc, char **argv) {
         made++;
         t2 = now_s();
         if (made == n_new || r.pos >= sqk_llm_max_seq) break;
-        run_program(&r, 0, &tok);
+        run_program(&r, 0, &tok, 0, 1);
     }
     if (timing)
         fprintf(stderr, "prefill %" PRId64 " tokens %.6f s, decode %lld tokens %.6f s\n", n_prompt, t1 - t0, made,

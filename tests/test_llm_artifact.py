@@ -17,7 +17,7 @@ from sqk.runtime.module import ArtifactError
 
 from test_llm_hf import text_dir  # noqa: F401  (a fixture: tiny Llama + word-level tokenizer.json)
 
-PROMPT = "w5 w17 w42 w7 w9 w11 w3"     # 8 ids with BOS: chunks 4 + 4 at prefill_chunk=4
+PROMPT = "w5 w17 w42 w7 w9 w11"        # 7 ids with BOS: a chunk of 4, then 3 padded to 4 (prefill_chunk=4)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def art(text_dir, tmp_path_factory):  # noqa: F811
 
 def test_artifact_layout(art):
     index = json.loads((art / "llm.json").read_text())
-    assert [m["tokens"] for m in index["modules"]] == [1, 2, 4]
-    assert sorted(os.listdir(art)) == ["constants.bin", "decode", "llm.json", "prefill2", "prefill4", "tokenizer"]
-    assert len(index["constants"]) == 1          # one weights file for all three modules
+    assert [m["tokens"] for m in index["modules"]] == [1, 4]
+    assert sorted(os.listdir(art)) == ["constants.bin", "decode", "llm.json", "prefill4", "tokenizer"]
+    assert len(index["constants"]) == 1          # one weights file for both modules
     for m in index["modules"]:
         assert sorted(os.listdir(art / m["dir"])) == ["manifest.json", "model.so"]
     assert index["config"]["max_seq"] == 32 and index["prefill_chunk"] == 4
@@ -104,9 +104,9 @@ def test_artifact_refusals(art, tmp_path):
     refused(a, "content hash does not match llm.json")
 
     a = copy(art, tmp_path / "3")      # a module of another compile put in its place
-    shutil.rmtree(a / "prefill2")
-    shutil.copytree(a / "prefill4", a / "prefill2")
-    refused(a, "prefill2: its manifest is not the one llm.json names")
+    shutil.rmtree(a / "prefill4")
+    shutil.copytree(a / "decode", a / "prefill4")
+    refused(a, "prefill4: its manifest is not the one llm.json names")
 
     a = copy(art, tmp_path / "4")
     shutil.rmtree(a / "prefill4")

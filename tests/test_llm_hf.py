@@ -289,3 +289,21 @@ def test_cli_generate(text_dir, capsys):
     assert re.search(r"prefill 3 tokens: [\d.]+ tokens/s; decode \d+ tokens: ([\d.]+|-) tokens/s", err), err
     assert main(["generate", str(text_dir / "nope"), "--prompt", "x"]) == 1
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_max_seq_budget():
+    from sqk.llm.loader import KV_BUDGET, choose_max_seq, kv_bytes_per_position
+
+    smol = LlamaConfig(layers=30, heads=9, kv_heads=3, head_dim=64, context_length=8192)
+    assert kv_bytes_per_position(smol) == 46080 and KV_BUDGET == 256 << 20
+    assert choose_max_seq(smol, None) == 5825 and choose_max_seq(smol, None, "f16") == 8192
+    llama3 = LlamaConfig(layers=32, heads=32, kv_heads=8, head_dim=128, context_length=131072)
+    assert choose_max_seq(llama3, None) == 1024 and choose_max_seq(llama3, None, "f16") == 2048
+    assert choose_max_seq(LlamaConfig(context_length=64), None) == 64 and choose_max_seq(LlamaConfig(), None) == 2048
+    assert choose_max_seq(smol, 100000) == 100000                    # asked for: the budget is only the default
+    mistral = LlamaConfig(context_length=32768, sliding_window=4096)
+    assert choose_max_seq(mistral, None) == 4096
+    with pytest.raises(LLMLoadError, match="max_seq=5000 exceeds the model's sliding attention window of 4096"):
+        choose_max_seq(mistral, 5000, where="m")
+    with pytest.raises(ValueError, match="max_seq must be a positive int"):
+        choose_max_seq(smol, 0)

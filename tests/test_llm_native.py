@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import sqk
@@ -15,7 +14,7 @@ from sqk.llm import Decoder, LlamaConfig, random_weights
 from sqk.llm.native import constants_files, generate_runner
 
 CFG = LlamaConfig(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, ffn=48, max_seq=24)
-PROMPT = [3, 17, 42, 5, 9, 11, 1]            # chunks 4, 2, 1 at prefill_chunk=4
+PROMPT = [3, 17, 42, 5, 9, 11, 1]            # a chunk of 4, then 3 padded to 4 (prefill_chunk=4)
 SAMPLED = dict(temperature=1.5, top_k=20, top_p=0.9, seed=123)
 
 
@@ -125,4 +124,4 @@ print(json.dumps(out))
     index = json.loads((tmp_path / "rv.sqk" / "llm.json").read_text())
     assert index["target"] == "riscv64" and index["generate"]["file"] == "generate"
     assert len(index["constants"]) == 1
-    np.testing.assert_equal(sorted(m["tokens"] for m in index["modules"]), [1, 2, 4])
+    assert sorted(m["tokens"] for m in index["modules"]) == [1, 4]
