@@ -10,8 +10,9 @@ A directory::
                       tokenizer files with their sha256
     decode/           the one-token step: an artifact (manifest.json, model.so or runner)
     prefill64/        the prefill chunk (Decoder.prefill pads a prompt's last piece to it)
-    generate          riscv64: the runner with every module and a generate mode
-                      (runtime/runner_generate.c; a board generates with it alone)
+    runner            riscv64: the runner of both modules with a generate mode
+                      (runtime/runner_generate.c): ``./runner --generate --prompt-ids
+                      1,2,3 -n 32 --consts constants.bin`` on a board, no Python
     constants.bin     the packed weights, stored once: the modules' manifests all name
                       content the same (they are compiled from one set of weights in one
                       layout); modules whose constants differ get constants-N.bin files
@@ -90,9 +91,9 @@ def save_llm(dec: Decoder, path) -> None:
         if dec.module.target != "host":   # the runner that generates in one process (llm/native.py)
             from .native import generate_runner
 
-            shutil.copyfile(generate_runner(dec), os.path.join(tmp, "generate"))
-            os.chmod(os.path.join(tmp, "generate"), 0o755)
-            generate = {"file": "generate", "sha256": sha256_file(os.path.join(tmp, "generate"))}
+            shutil.copyfile(generate_runner(dec), os.path.join(tmp, "runner"))
+            os.chmod(os.path.join(tmp, "runner"), 0o755)
+            generate = {"file": "runner", "sha256": sha256_file(os.path.join(tmp, "runner"))}
         from .. import __version__
 
         index = {"format": "sqk-llm", "format_version": LLM_FORMAT, "sqk_version": __version__,

@@ -29,13 +29,13 @@ def test_generate_equals_host(decoders, monkeypatch):
     host, rv = decoders
     runs = []
     monkeypatch.setattr(rv.module, "_run_runner", lambda *a, **k: runs.append(a))   # the per-call path
-    for kw in ({}, SAMPLED):
+    for prompt, kw in ((PROMPT[:5], {}), (PROMPT, {}), (PROMPT, SAMPLED)):   # 4 + a step; 4 + 3 padded
         host.reset()
         rv.reset()
         streamed = []
-        want = host.generate(PROMPT, 10, **kw)
-        assert rv.generate(PROMPT, 10, stream=lambda t, s: streamed.append(t), **kw) == want == streamed
-        assert rv.pos == host.pos == len(PROMPT) + 9
+        want = host.generate(prompt, 10, **kw)
+        assert rv.generate(prompt, 10, stream=lambda t, s: streamed.append(t), **kw) == want == streamed
+        assert rv.pos == host.pos == len(prompt) + 9
     assert runs == []                        # one generate-runner process per call, no other
     monkeypatch.undo()
     for name, a in host.module.state.items():                      # the KV state came back
@@ -122,6 +122,6 @@ print(json.dumps(out))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1]) == want
     index = json.loads((tmp_path / "rv.sqk" / "llm.json").read_text())
-    assert index["target"] == "riscv64" and index["generate"]["file"] == "generate"
+    assert index["target"] == "riscv64" and index["generate"]["file"] == "runner"
     assert len(index["constants"]) == 1
     assert sorted(m["tokens"] for m in index["modules"]) == [1, 4]
