@@ -280,7 +280,11 @@ def _cmd_info(a) -> None:
         return _model_info(a)
     if a.input_shape:
         raise ValueError("--input-shape applies to ONNX models (.onnx) only")
+    from ..llm.artifact import is_llm_artifact
     from ..runtime.module import read_manifest
+
+    if is_llm_artifact(a.artifact):
+        return _llm_info(a.artifact)
 
     m = read_manifest(a.artifact)
     t = m["target"]
@@ -297,6 +301,28 @@ def _cmd_info(a) -> None:
     print(f"kernels    {len(m['kernels'])}: " + " ".join(k["name"] for k in m["kernels"]))
     print(f"pipeline   {m['pipeline']}")
     print(f"hash       {m['content_hash']}")
+
+
+def _llm_info(path: str) -> None:
+    """``sqk info model.sqk`` of an LLM artifact: its llm.json and modules."""
+    from ..llm.artifact import read_index
+    from ..runtime.module import read_manifest
+
+    index = read_index(path)
+    c = index["config"]
+    print(f"llm        {c['arch']}: {c['layers']} layers, hidden {c['hidden']}, heads {c['heads']}/{c['kv_heads']} x "
+          f"{c['head_dim']}, ffn {c['ffn']}, vocab {c['vocab']}  (sqk {index['sqk_version']})")
+    print(f"target     {index['target']}")
+    print(f"kv cache   {c['max_seq']} positions, {index['kv_dtype']}; prefill chunk {index['prefill_chunk']}")
+    for e in index["modules"]:
+        m = read_manifest(os.path.join(path, e["dir"]))
+        print(f"module     {e['dir']}: {e['tokens']} token(s), {len(m['kernels'])} kernels, "
+              f"arena {m['arena_bytes']} bytes")
+    for f in index["constants"]:
+        print(f"constants  {f['file']}: {f['bytes']} bytes")
+    print(f"tokenizer  {'yes' if index.get('tokenizer') else 'none'}")
+    if index.get("generate"):
+        print(f"runner     {index['generate']['file']} (--generate)")
 
 
 def _model_info(a) -> None:

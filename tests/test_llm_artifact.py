@@ -64,10 +64,13 @@ print(json.dumps({{"ids": ids, "sampled": sampled, "text": dec.tokenizer.decode(
     assert got["seconds"] < 10      # about a second on an idle machine; the suite shares its cores
 
 
-def test_cli_generate_on_artifact(art, capsys):
+def test_cli_generate_and_info_on_artifact(art, capsys):
     assert main(["generate", str(art), "--prompt", "w5 w17 w42", "-n", "5"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("w5 w17 w42") and "tokens/s" in err
+    assert main(["info", str(art)]) == 0
+    out = capsys.readouterr().out
+    assert "llama: 2 layers" in out and "module     prefill4: 4 token(s)" in out and "tokenizer  yes" in out
 
 
 def copy(art, tmp_path):
