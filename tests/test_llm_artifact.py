@@ -73,6 +73,16 @@ def test_cli_generate_and_info_on_artifact(art, capsys):
     assert "llama: 2 layers" in out and "module     prefill4: 4 token(s)" in out and "tokenizer  yes" in out
 
 
+def test_quantized_artifact(text_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "q.sqk"
+    assert main(["compile", str(text_dir), "-o", str(out), "--max-seq", "16", "--prefill-chunk", "4",
+                 "--quantize", "int8", "--quiet"]) == 0
+    manifest = json.loads((out / "decode" / "manifest.json").read_text())
+    assert "quantize{weights=int8}" in manifest["pipeline"]
+    dec = sqk.llm.load(text_dir, max_seq=16, prefill_chunk=4, quantize="int8")
+    assert sqk.llm.load(out).generate(PROMPT, 6, stop=[]) == dec.generate(PROMPT, 6, stop=[])
+
+
 def copy(art, tmp_path):
     dst = tmp_path / "copy.sqk"
     shutil.copytree(art, dst)

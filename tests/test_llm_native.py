@@ -43,6 +43,17 @@ def test_generate_equals_host(decoders, monkeypatch):
     assert_close(rv.step(want[-1]), host.step(want[-1]), 1e-4, what="a step after generate")
 
 
+def test_generate_f16_cache():
+    require_riscv()
+    w = random_weights(CFG, 3)
+    host = Decoder(CFG, w, prefill_chunk=8, kv_dtype="f16")
+    rv = Decoder(CFG, w, target="riscv64", prefill_chunk=8, kv_dtype="f16")
+    assert rv.generate(PROMPT, 8) == host.generate(PROMPT, 8)
+    for name, a in host.module.state.items():
+        assert rv.module.state[name].dtype == a.dtype == "float16"
+        assert_close(rv.module.state[name].astype("float32"), a.astype("float32"), 2e-3, what=name)
+
+
 def test_generate_stop_and_full_cache(decoders):
     host, rv = decoders
     host.reset()
@@ -125,3 +136,18 @@ print(json.dumps(out))
     assert index["target"] == "riscv64" and index["generate"]["file"] == "runner"
     assert len(index["constants"]) == 1
     assert sorted(m["tokens"] for m in index["modules"]) == [1, 4]
+
+
+def test_riscv64_gguf_like_smollm2(tmp_path):
+    """SmolLM2's tensor types (Q4_1 projections, a tied Q8_0 token_embd read by gather_q) on riscv64."""
+    require_riscv()
+    pytest.importorskip("gguf")
+    from test_llm_gguf import TOKENS, write_gguf
+
+    write_gguf(tmp_path / "m.gguf", "Q4_1", tied=True, embd_kind="Q8_0")
+    host = sqk.llm.load(tmp_path / "m.gguf", max_seq=32, prefill_chunk=4)
+    rv = sqk.llm.load(tmp_path / "m.gguf", max_seq=32, prefill_chunk=4, target="riscv64")
+    assert_close(rv.prefill(TOKENS), host.prefill(TOKENS), 1e-5, what="riscv64 prefill logits")
+    host.reset()
+    rv.reset()
+    assert rv.generate(TOKENS, 8, stop=[]) == host.generate(TOKENS, 8, stop=[])
