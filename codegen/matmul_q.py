@@ -123,7 +123,7 @@ def pack_matmul_q(node: Node, index: int, a: np.ndarray, target=None) -> bytes |
     if uses_rows(target):
         return pack_rows(node, index, a)
     if node.attrs.get("activations", "none") == "int8":
-        return pack_i8act(node, index, a)
+        return pack_i8act(node, index, a, target)
     L = QLayout(node)
     if index == 0:
         return None
@@ -357,7 +357,8 @@ def emit_matmul_q(k: Kernel, node: Node):
 #   below the i16 saturation.  With VNNI it is simpler: x is stored as u8
 #   codes xq + 128 and vpdpbusd takes q as it is (signed), no vpabsb/vpsignb;
 #   after the i8 data the packer stores 128 * sum_k q per slab, group and
-#   column ([slabs][groups][8] i32, modulo 2^32) and the kernel subtracts it
+#   column ([slabs][groups][8] i32, modulo 2^32; only for VNNI hosts,
+#   ``u8_activations``) and the kernel subtracts it
 #   per group: everything wraps modulo 2^32 and the final sum fits i32, so
 #   it is exact (groups longer than ``i32_span`` keep the vpsignb form, their
 #   i64 sums being per span).
@@ -401,7 +402,19 @@ def i32_span(bits: int, zeros: bool = False) -> int:
     return (2**31 - 1) // per_row // 8 * 8
 
 
-def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
+def u8_activations(node: Node, target) -> bool:
+    """Whether the int8-activation kernel takes x as u8 codes (xq + 128) against
+    signed i8 q: on VNNI hosts, groups within one i32 span.  Only that kernel
+    reads the 128 * sum_k q the packer then appends (32 bits per group and
+    column: at group 32, one bit per weight, so other hosts do without)."""
+    feats = set(target.enabled_features) if target is not None else set()
+    vnni = "avx2" in feats and ("avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats)
+    zeros = node.inputs[3] if len(node.inputs) > 3 else None
+    has_zeros = zeros is not None and zeros.type.dtype not in dt.FLOATS
+    return vnni and node.inputs[1].type.dtype is dt.i8 and i8_geometry(node)[3] <= i32_span(8, has_zeros)
+
+
+def pack_i8act(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
     """Packed q, scales and zero points of matmul_q {activations=int8} (layout above)."""
     K, N, G, GP = i8_geometry(node)
     group = node.attrs["group"]
@@ -430,7 +443,7 @@ def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
             cs[:, :N] = np.add.reduceat(np.asarray(a).astype(np.int8, copy=False), np.arange(G) * group, axis=0,
                                         dtype=np.int64) * 128
         cs = (cs & 0xFFFFFFFF).astype("<u4").reshape(G, nslab, SLAB).transpose(1, 0, 2)   # [slab, g, c]
-        return data + np.ascontiguousarray(cs).tobytes()
+        return data + np.ascontiguousarray(cs).tobytes() if u8_activations(node, target) else data
     u[rows, :N] = (qb + np.uint8(8)) & 0xF
     u = u.reshape(G * GP // 8, 2, 4, nslab // QUAD, QUAD, SLAB)   # [j, half, t, quad, slab, c]
     byte = u[:, 0] | (u[:, 1] << 4)                               # [j, t, quad, slab, c]
@@ -472,7 +485,7 @@ def emit_i8act(k: Kernel, node: Node):
     spans = [(c, min(GP // 8, c + span)) for c in range(0, GP // 8, span)] or [(0, 0)]
     # i8 weights on VNNI: x stored as u8 (xq + 128) against signed q, the packer's 128 * sum q
     # subtracted per group (one span: that correction is per group, not per span)
-    xu = vnni and bits == 8 and len(spans) == 1
+    xu = u8_activations(node, k.target)   # = vnni and bits == 8 and len(spans) == 1
     rt = (ROWS_I8_AVX512 if "avx512f" in feats else ROWS_I8_AVX2) if avx2 else 1   # rows per register tile
     roundeven = k.intrinsic("llvm.roundeven.f32", F32, [F32])
     X, W = Access(k, k.args[0], x_t.dtype, 1), k.args[1]
@@ -493,29 +506,35 @@ def emit_i8act(k: Kernel, node: Node):
     XV = Access(k, k.args[0], x_t.dtype, VL)
 
     def group_amax(xbase, glen):
-        """max |x[xbase : xbase+glen]| (NaN ignored), VL lanes at a time: the scalar
-        compare-select chain costs its latency per element (LLVM does not reorder it).
-        Exact in any order: a maximum of non-negative, non-NaN values."""
+        """max |x[xbase : xbase+glen]| VL lanes at a time (the scalar compare-select
+        chain costs its latency per element; LLVM does not reorder it), or NaN when
+        the group holds a NaN or +-inf (``quantize_rows_i8``): beside the maximum
+        (NaN ignored: exact in any order), a sum of x * 0, which is 0 unless some x
+        is not finite, then NaN for good."""
         nv = glen - glen % VL
         zv = fconst(fvec, 0.0)
 
         def vmax(i, a):
-            v = b.call(k.intrinsic("llvm.fabs.v8f32", fvec, [fvec]), [XV.load(b.add(xbase, i))])
-            return [b.select(b.fcmp_ordered(">", v, a[0]), v, a[0])]
+            x = XV.load(b.add(xbase, i))
+            v = b.call(k.intrinsic("llvm.fabs.v8f32", fvec, [fvec]), [x])
+            return [b.select(b.fcmp_ordered(">", v, a[0]), v, a[0]), b.fadd(a[1], b.fmul(x, zv))]
 
-        m = zero_f
+        m, nf = zero_f, zero_f
         if nv:
-            acc = fold_loop(b, 0, nv, [zv], vmax, step=VL, name="amaxv")[0]
+            acc, nfv = fold_loop(b, 0, nv, [zv, zv], vmax, step=VL, name="amaxv")
             for j in range(VL):
                 e = b.extract_element(acc, ir.Constant(I32, j))
                 m = b.select(b.fcmp_ordered(">", e, m), e, m)
+                nf = b.fadd(nf, b.extract_element(nfv, ir.Constant(I32, j)))
         for i in range(nv, glen):
-            m = call_fabs_max(k, m, X.scalar(b.add(xbase, i64(i))))
-        return m
+            x = X.scalar(b.add(xbase, i64(i)))
+            m = call_fabs_max(k, m, x)
+            nf = b.fadd(nf, b.fmul(x, zero_f))
+        return b.select(b.fcmp_unordered("uno", nf, nf), ir.Constant(F32, float("nan")), m)
 
     def quant_group(xbase, qbase, rg, glen):
         """Quantize x[xbase : xbase+glen] into xq[qbase : qbase+GP] (zero padded)."""
-        if act_scale:   # static: a constant step, saturating at +-127
+        if act_scale:   # static: a constant step, saturating at +-127 (NaN: the group's d is NaN, below)
             d = ir.Constant(F32, act_scale)
 
             def code(v):
@@ -524,7 +543,7 @@ def emit_i8act(k: Kernel, node: Node):
                 # and a vfcvt.rtz (which qemu 7.2 mistranslates in some sequences: an assertion)
                 v = b.call(fmax, [b.call(fmin, [v, ir.Constant(F32, 127.0)]), ir.Constant(F32, -127.0)])
                 return b.fptosi(b.call(roundeven, [v]), I32)
-        else:           # dynamic: d = max|x| / 127, so |x / d| <= 127 already
+        else:           # dynamic: d = max|x| / 127, so |x / d| <= 127 already (d NaN: xq = 0)
             amax = group_amax(xbase, glen)
             d = b.fdiv(amax, ir.Constant(F32, 127.0))
             pos = b.fcmp_ordered(">", d, zero_f)
@@ -533,14 +552,18 @@ def emit_i8act(k: Kernel, node: Node):
                 return b.select(pos, b.fptosi(b.call(roundeven, [v]), I32), zero_i)
 
         def quant(i, acc):
-            qi = code(b.fdiv(X.scalar(b.add(xbase, i)), d))
+            xv = X.scalar(b.add(xbase, i))
+            qi = code(b.fdiv(xv, d))
             qs = b.add(qi, ir.Constant(I32, 128)) if xu else qi   # xu: u8 codes (padding 0 meets q = 0)
             b.store(b.trunc(qs, I8), gep(b, xq, I8, b.add(qbase, i)))
-            return [b.add(acc[0], qi)]
+            nan = [b.or_(acc[1], b.zext(b.fcmp_unordered("uno", xv, xv), I32))] if act_scale else []
+            return [b.add(acc[0], qi), *nan]
 
-        s = fold_loop(b, 0, glen, [zero_i], quant, name="quant")[0]
+        s, *nan = fold_loop(b, 0, glen, [zero_i] + [zero_i] * bool(act_scale), quant, name="quant")
         for i in range(glen, GP):
             b.store(ir.Constant(I8, 0), gep(b, xq, I8, b.add(qbase, i64(i))))
+        if nan:         # static: a NaN in the group makes its d NaN (its codes then never count)
+            d = b.select(b.icmp_unsigned("!=", nan[0], zero_i), ir.Constant(F32, float("nan")), d)
         b.store(d, gep(b, dq, F32, rg))
         b.store(s, gep(b, qsum, I32, rg))
 

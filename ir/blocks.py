@@ -25,7 +25,8 @@ an unsigned code, all arithmetic in f32:
 
 Every product above is exact in f32 (at most 11 + 7 + 5 significant bits), so
 the only rounding is Q4_1's and Q4_K's final add: the ``matmul_q`` forms below
-give bit for bit the same weights (``ir.ops.dequantize_weight``).
+give bit for bit the same weights (``ir.ops.dequantize_weight``), and
+``gather_q`` with the same operands gives rows of the table (a tied embedding).
 """
 from __future__ import annotations
 
@@ -162,8 +163,10 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
 
     ``raw``: uint8 [N, row_bytes] (one row per output feature, as in the file);
     ``shape``: (N, K), K a multiple of the type's block (else IRError, as for
-    wrong row bytes).  Returns ``{"inputs": [(array, dtype), ...], "attrs": {...}}``
-    for ``matmul_q``'s q [K, N], scales [K / group, N] and, for Q4_1, float
+    wrong row bytes).  From ``gguf.GGUFReader``: ``to_matmul_q(t.tensor_type,
+    t.data, t.shape[::-1])`` (the reader's shape is GGML's (K, N) order).
+    Returns ``{"inputs": [(array, dtype), ...], "attrs": {...}}`` for
+    ``matmul_q``'s q [K, N], scales [K / group, N] and, for Q4_1, float
     minimums (the ``zeros`` operand in float), for Q4_K the two-level operands
     (``supers``, attribute ``super_group``): build the node with
 
@@ -181,7 +184,8 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
       (d * sc) + (-dmin) * m; 4.625 bits per weight against the file's 4.5 (the
       6-bit sc and m take a byte each);
     * Q6_K: q = code - 32 (i8), group 16, scales = d * sc in f32 (exact): 10 bits
-      per weight against the file's 6.5625 (no 6-bit storage yet).
+      per weight against the file's 6.5625 (matmul_q has no 6-bit codes; the
+      ``matmul_ggml`` op reads Q6_K's blocks as stored: ``matmul`` below picks it).
     F32 / F16 / BF16 are not matmul_q weights (``dequantize`` gives their floats)."""
     t = block_type(ggml_type)
     if t.name not in QUANTIZED:
@@ -189,8 +193,12 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
     a, n, k = _rows(t, raw, shape)
     blk = a.reshape(n, k // t.block, t.nbytes)
 
-    def kn(x):  # [N, K'] -> [K', N]
-        return np.ascontiguousarray(x.reshape(n, -1).T)
+    def kn(x):  # [N, K'] -> [K', N], in strips of rows (twice numpy's plain transposed copy)
+        x = x.reshape(n, -1)
+        out = np.empty(x.shape[::-1], x.dtype)
+        for i in range(0, n, 256):
+            out[:, i:i + 256] = x[i:i + 256].T
+        return out
 
     def f16(b):
         return kn(np.ascontiguousarray(b).view("<f2")[..., 0].astype(np.float16))
@@ -219,3 +227,17 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
         ins = [(kn(_q6k_codes(blk)), "i8"), (kn(d), "f32")]
         group = 16
     return {"inputs": ins, "attrs": {"group": group}}
+
+
+def matmul(b, x, ggml_type, raw, shape, **matmul_q_attrs):
+    """x @ W.T for a GGML matrix W (``raw``, ``shape`` as ``to_matmul_q``) on the
+    GraphBuilder ``b``, storing the file's bytes where a kernel can: Q6_K as
+    ``matmul_ggml`` on its blocks (6.5625 bits per weight; float activations
+    only), every other type as ``matmul_q`` on ``to_matmul_q``'s operands
+    (``matmul_q_attrs``: e.g. activations="int8")."""
+    t = block_type(ggml_type)
+    if t.name == "Q6_K" and matmul_q_attrs.get("activations", "none") == "none":
+        a, n, k = _rows(t, raw, shape)
+        return b.matmul_ggml(x, b.const(a, "u8"), type="Q6_K")
+    m = to_matmul_q(t, raw, shape)
+    return b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), **m["attrs"], **matmul_q_attrs)

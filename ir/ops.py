@@ -16,7 +16,7 @@ import numpy as np
 
 from . import dtypes as dt
 from .dtypes import DType
-from .graph import Graph, IRError, TensorType
+from .graph import INT64_MAX, INT64_MIN, Graph, IRError, TensorType
 from .sparsity import parse_format
 
 REQUIRED = object()
@@ -32,7 +32,7 @@ class Attr:
         """Coerce ``value`` to the canonical Python form of this kind."""
         try:
             if self.kind == "int":
-                if isinstance(value, bool) or int(value) != value:
+                if isinstance(value, bool) or int(value) != value or not INT64_MIN <= int(value) <= INT64_MAX:
                     raise ValueError
                 return int(value)
             if self.kind == "float":
@@ -47,7 +47,7 @@ class Attr:
                 return value
             if self.kind == "ints":
                 vals = tuple(value)
-                if any(isinstance(v, bool) or int(v) != v for v in vals):
+                if any(isinstance(v, bool) or int(v) != v or not INT64_MIN <= int(v) <= INT64_MAX for v in vals):
                     raise ValueError
                 return tuple(int(v) for v in vals)
             if self.kind == "floats":
@@ -60,9 +60,12 @@ class Attr:
                 if not isinstance(value, Graph):
                     raise ValueError
                 return value
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: int(inf)
             pass
-        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}")
+        big = [v for v in (value if isinstance(value, (tuple, list)) else (value,))
+               if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX]
+        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}"
+                      + (f" ({big[0]} is beyond int64)" if big else ""))
 
 
 @dataclass(frozen=True)
@@ -531,21 +534,29 @@ def quantize_rows_i8(x: np.ndarray, group: int, act_scale: float = 0.0) -> tuple
     d = max|x_group| / 127 and xq = round-half-even(x / d) in [-127, 127], all
     in f32; a group with d = 0 gets xq = 0.  Static (act_scale > 0): d =
     f32(act_scale) everywhere and xq = clip(round-half-even(x / d), -127, 127)
-    (saturating; +-inf saturate too).  Returns (xq int32 [R, K], d f32 [R, groups])."""
+    (saturating; +-inf saturate too).  Non-finite values: a group that no
+    finite step quantizes -- one holding a NaN, or (dynamic) a +-inf, whose
+    step would be inf -- gets d = NaN and xq = 0, so every output of its row
+    is NaN.  Returns (xq int32 [R, K], d f32 [R, groups])."""
     r, k = x.shape
     groups = -(-k // group)
-    if act_scale > 0:
-        s = np.float32(act_scale)
-        with np.errstate(over="ignore"):
-            xq = np.clip(np.round(x.astype(np.float32) / s), np.float32(-127), np.float32(127))
-        return xq.astype(np.int32), np.full((r, groups), s, np.float32)
     xp = np.zeros((r, groups * group), np.float32)
     xp[:, :k] = x
     xb = xp.reshape(r, groups, group)
-    d = np.abs(xb).max(axis=2) / np.float32(127)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        xq = np.where(d[..., None] > 0, np.round(xb / d[..., None]), np.float32(0))
-    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d.astype(np.float32)
+    bad = (np.isnan(xb) if act_scale > 0 else ~np.isfinite(xb)).any(axis=2)   # [R, groups]
+    if act_scale > 0:
+        s = np.float32(act_scale)
+        with np.errstate(over="ignore", invalid="ignore"):
+            xq = np.clip(np.round(xb / s), np.float32(-127), np.float32(127))
+        d = np.full((r, groups), s, np.float32)
+    else:
+        with np.errstate(invalid="ignore"):
+            d = np.abs(xb).max(axis=2) / np.float32(127)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            xq = np.round(xb / d[..., None])
+    d = np.where(bad, np.float32(np.nan), d).astype(np.float32)
+    xq = np.where((d > 0)[..., None], xq, np.float32(0))
+    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d
 
 
 def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
@@ -597,12 +608,15 @@ class MatMulQ:
     [-127, 127] (a group with d = 0 contributes 0); then
     y = sum_groups (d * scale) * sum_k xq * (q - zero), the inner sums exact
     in integers, the outer in f32 (``matmul_q_i8act``).  Other numerics than
-    "none" (activation rounding), chosen explicitly.
+    "none" (activation rounding), chosen explicitly.  A row of x holding a NaN
+    or +-inf gives a row of NaN outputs (its group's step d is NaN: no finite
+    step quantizes it), where float matmul could give +-inf.
 
     ``act_scale`` (activations="int8" only): 0.0 (default) is the dynamic
     quantization above; > 0 is a static, calibrated per-tensor scale: d =
     f32(act_scale) for every row and group, xq = clip(round-half-even(x / d),
-    -127, 127) (saturating), and y as above with that d.
+    -127, 127) (saturating, +-inf too), and y as above with that d (a NaN in a
+    row still makes the row's outputs NaN).
 
     ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
     non-dense format needs symmetric weights (no zeros), activations="none",
@@ -926,6 +940,39 @@ class Gather:
         if ids.size and (ids.min() < -n or ids.max() >= n):
             raise IndexError(f"gather: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
         return [np.take(table, np.where(ids < 0, ids + n, ids), axis=axis)]
+
+
+@defop("matmul_ggml", "x blocks", {"type": Attr("str")})
+class MatMulGGML:
+    """x[..., M, K] @ W.T with W[N, K] a GGML matrix kept as its file's blocks:
+    ``blocks`` u8 [N, K / 256 * 210], one row per output feature (ir/blocks.py
+    has the layout), dequantized in registers exactly as ggml does (W =
+    ``ir.blocks.dequantize(type, blocks, (N, K))``), f32 accumulation.  For
+    the formats whose codes matmul_q cannot store at the file's size: type
+    "Q6_K" (6-bit codes, 6.5625 bits per weight stored, as the file); the
+    others are matmul_q operands (``ir.blocks.to_matmul_q``)."""
+
+    KIND = "contraction"
+
+    @staticmethod
+    def infer(x, blocks, type):
+        from .blocks import TYPES
+        _dtypes(x, dt.FLOATS, "x")
+        _need(type == "Q6_K", f"matmul_ggml type must be Q6_K (other GGML types are matmul_q weights: "
+              f"ir.blocks.to_matmul_q), got {type!r}")
+        _need(blocks.dtype is dt.u8 and blocks.rank == 2, f"matmul_ggml blocks must be u8 [N, row bytes], got {blocks}")
+        t = TYPES[type]
+        k = x.shape[-1] if x.rank >= 2 else -1
+        _need(x.rank >= 2 and k % t.block == 0 and blocks.shape[1] == k // t.block * t.nbytes,
+              f"matmul_ggml {type}: x {x.shape} needs K a multiple of {t.block} and blocks of "
+              f"K / {t.block} * {t.nbytes} bytes per row, got {blocks.shape}")
+        return [TensorType(x.dtype, x.shape[:-1] + (blocks.shape[0],))]
+
+    @staticmethod
+    def reference(x, blocks, type):
+        from .blocks import dequantize
+        w = dequantize(type, blocks, (blocks.shape[0], x.shape[-1]))
+        return [np.matmul(x.astype(np.float32), w.T).astype(x.dtype)]
 
 
 @defop("gather_q", "ids q scales zeros supers", {"group": Attr("int"), "super_group": Attr("int", 0)}, optional=2)

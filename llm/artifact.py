@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 
-from ..runtime.module import ArtifactError, Module, sha256_file
+from ..runtime.module import ArtifactError, Module, manifest_hash, sha256_file
 from .decoder import Decoder, LlamaConfig
 
 LLM_FORMAT = 1
@@ -191,7 +191,9 @@ def load_llm(path, *, target: str | None = None, max_seq: int | None = None, kv_
         d = os.path.join(path, e["dir"])
         if not os.path.isfile(os.path.join(d, "manifest.json")):
             raise ArtifactError(f"{path}: module {e['dir']} is missing (partial artifact)")
-        m = Module(d, verify=False, threads=threads, constants=consts[e["constants"]])
+        m = Module(d, verify=False, threads=threads, constants=consts[e["constants"]])   # hashed here, once
+        if verify and manifest_hash(m.manifest) != m.manifest.get("content_hash"):
+            raise ArtifactError(f"{d}: manifest.json does not match its content_hash (corrupt or modified)")
         if m.manifest.get("content_hash") != e["content_hash"]:
             raise ArtifactError(f"{d}: its manifest is not the one {INDEX} names (a module of another compile: "
                                 "stale artifact); recompile the model")
