@@ -149,13 +149,27 @@ def read_index(path: str) -> dict:
         raise ArtifactError(f"{ipath}: LLM artifact format version {index.get('format_version')}, this sqk reads "
                             f"version {LLM_FORMAT}; recompile the model")
     try:
+        names = []   # (directory, name): every file of the artifact
         for e in index["modules"]:
-            int(e["tokens"]), e["dir"], e["content_hash"], index["constants"][e["constants"]]
+            int(e["tokens"]), e["content_hash"], index["constants"][e["constants"]]
+            names.append((path, e["dir"]))
         for c in index["constants"]:
-            c["file"], int(c["bytes"]), c["sha256"]
+            int(c["bytes"]), c["sha256"]
+            names.append((path, c["file"]))
         index["target"], index["config"], index["kv_dtype"], int(index["prefill_chunk"])
+        tok = index.get("tokenizer")
+        if tok is not None:
+            names += [(path, tok["dir"])] + [(os.path.join(path, str(tok["dir"])), f) for f in tok["files"]]
+        if index.get("generate") is not None:
+            names.append((path, index["generate"]["file"]))
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ArtifactError(f"{ipath}: incomplete index ({e!r})") from None
+    for where, name in names:   # each directly inside its directory, through any symlinks
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ArtifactError(f"{ipath}: {name!r} is not a file name inside the artifact")
+        real = os.path.realpath(os.path.join(where, name))
+        if os.path.exists(real) and os.path.dirname(real) != os.path.realpath(where):
+            raise ArtifactError(f"{ipath}: {name} resolves to {real}, outside the artifact directory")
     return index
 
 

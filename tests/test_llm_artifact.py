@@ -135,6 +135,17 @@ def test_artifact_refusals(art, tmp_path):
     (a / "llm.json").write_text(json.dumps(index))
     refused(a, "format version 99")
 
+    for field, bad in (("dir", "../x"), ("dir", "..")):
+        a = copy(art, tmp_path / f"7{bad}".replace("/", "_"))
+        index = json.loads((a / "llm.json").read_text())
+        index["modules"][0][field] = bad
+        (a / "llm.json").write_text(json.dumps(index))
+        refused(a, "is not a file name inside the artifact")
+    a = copy(art, tmp_path / "8")
+    (a / "constants.bin").unlink()
+    os.symlink(art / "constants.bin", a / "constants.bin")         # a file elsewhere, through a symlink
+    refused(a, "outside the artifact directory")
+
     assert main(["compile", str(art), "-o", str(tmp_path / "x.sqk")]) == 1   # an artifact is no source
 
 
