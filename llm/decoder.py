@@ -359,6 +359,9 @@ class Decoder:
     once compiled (``weights`` stays: a loader's mapping reads the
     memory-mapped file again when the chunk module is compiled)."""
 
+    native_generate = True   # riscv64: generate() in the runner's generate mode (llm/native.py)
+    generate_runner = None   # its executable: an LLM artifact's, or linked on first use
+
     def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
                  kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, keep_ir: bool = True,
                  **compile_options):
@@ -482,10 +485,11 @@ class Decoder:
         cache is full.  ``stream(token_id, text_piece)`` is called for each new
         token (the piece is "" without a tokenizer).  Returns the new tokens;
         reset() starts a new sequence.  riscv64, from position 0: the whole
-        generation runs in one runner process (llm/native.py)."""
+        generation runs in one runner process (llm/native.py; ``native_generate
+        = False`` runs one per chunk and token instead)."""
         ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         stop = set(self.cfg.eos_ids if stop is None else ([stop] if isinstance(stop, int) else stop))
-        if self.target != "host" and self.pos == 0 and getattr(self, "native_generate", True):
+        if self.target != "host" and self.pos == 0 and self.native_generate:
             from .native import generate_native
 
             return generate_native(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stream)

@@ -34,7 +34,7 @@ def constants_files(modules: dict) -> tuple[dict, list[str]]:
 def generate_runner(dec) -> str:
     """The decoder's generate runner: the artifact's, or linked from its modules
     (every chunk length compiled first)."""
-    if getattr(dec, "generate_runner", None) is None:
+    if dec.generate_runner is None:
         from ..codegen.generate_runner import link_generate_runner
         from ..codegen.target import get_target
         from .artifact import decoder_modules
@@ -76,7 +76,8 @@ def generate_native(dec, ids: list[int], max_new_tokens: int, temperature: float
             proc = subprocess.Popen(cmd + ["--state-dir", tmp], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
         except FileNotFoundError as e:
-            raise SqkRuntimeError(f"cannot start the riscv64 generate runner ({e}): apt-get install qemu-user") from None
+            raise SqkRuntimeError(f"cannot start the riscv64 generate runner ({e}): apt-get install qemu-user") \
+                from None
         with proc:
             for line in proc.stdout:
                 tok = int(line)

@@ -19,16 +19,17 @@
  * or token by token through the step for a piece shorter than max(2, C / 8) or one whose padded
  * chunk would pass the cache's end. Then each new token is drawn by sqk_sample
  * (runtime/sqk_sample.c: greedy at temperature 0, else the same draws as llm/sampling.py from
- * the same --seed) and run through the step. A token of --stop ends generation (not printed), as does a full KV cache. Each new
- * id is printed on its own line of stdout as soon as it is drawn. --state-dir writes the KV
- * state after the last run (DIR/NAME.npy, the step program's input names) and DIR/pos.txt;
- * --timing prints "prefill N tokens S s, decode M tokens S s" on stderr.
+ * the same --seed) and run through the step. A token of --stop ends generation (not printed), as
+ * does a full KV cache. Each new id is printed on its own line of stdout as soon as it is drawn.
+ * --state-dir writes the KV state after the last run (DIR/NAME.npy, the step program's input
+ * names) and DIR/pos.txt; --timing prints "prefill N tokens S s, decode M tokens S s" on stderr.
  *
  * The programs' state outputs are buffers of their own (the runner exchanges no state with
  * the caller), so each slot has two buffers that swap after every run: nothing is copied.
  */
 #include "sqk_sample.h"
 
+#include <math.h>
 #include <time.h>
 
 #define LLM_TOKEN (-2)
@@ -198,7 +199,8 @@ static int generate_main(int argc, char **argv) {
         else if (strcmp(opt, "--state-dir") == 0) state_dir = val;
         else if (strcmp(opt, "--temperature") == 0) {
             temperature = parse_double(opt, val);
-            if (!(temperature >= 0.0) || temperature > 1e300) die(EXIT_USAGE, "--temperature must be >= 0, got '%s'", val);
+            if (!(temperature >= 0.0) || isinf(temperature))
+                die(EXIT_USAGE, "--temperature must be a finite number >= 0, got '%s'", val);
         } else if (strcmp(opt, "--top-p") == 0) {
             top_p = parse_double(opt, val);
             if (!(top_p > 0.0 && top_p <= 1.0)) die(EXIT_USAGE, "--top-p must be in (0, 1], got '%s'", val);

@@ -92,6 +92,7 @@ def test_runner_generate_cli(decoders):
         (["--prompt-ids", "1,x"], "comma-separated token ids"),
         (["--prompt-ids", ",".join(["1"] * 25)], "the prompt has 25 tokens, the KV cache holds 24"),
         (["--prompt-ids", "1", "--temperature", "0.5"], "needs --seed"),
+        (["--prompt-ids", "1", "--temperature", "inf", "--seed", "1"], "--temperature must be a finite number"),
         (["--prompt-ids", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--prompt-ids", "1", "-n", "-1"], "-n needs a whole number >= 0"),
         (["--prompt-ids", "1", "--seed", "-3"], "--seed needs a whole number"),
