@@ -34,7 +34,9 @@ import math
 import numpy as np
 from llvmlite import ir
 
-from .kernel import F16, F32, I8, I32, Kernel, fconst, fold_loop, gep, hsum, i64, loop, splat
+from ..ir import dtypes as dt
+from .gather import SQK_ERR_INDEX
+from .kernel import F16, F32, I8, I32, I64, Kernel, fconst, fold_loop, gep, hsum, i64, lltype, loop, splat
 from .lower import emitter, packer
 from .matmul import Access, cdiv, fma
 from .matmul_q_rows import RT, by_rows
@@ -46,7 +48,7 @@ CHAINS = 4          # independent accumulators per tile (FMA latency), split ove
 MIN_PARALLEL_BYTES = 1 << 17
 
 
-@packer("matmul_ggml", inputs=(1,))
+@packer("matmul_ggml", "gather_ggml", inputs=(1,))
 def pack_matmul_ggml(node, index: int, a: np.ndarray, target=None) -> bytes | None:
     """The blocks with each 32-byte run of ql and qh transposed (module docstring)."""
     if index != 1:
@@ -58,6 +60,38 @@ def pack_matmul_ggml(node, index: int, a: np.ndarray, target=None) -> bytes | No
     return blk.tobytes()
 
 
+def decode_super_block(k: Kernel, W, base, each):
+    """Decode the (packed) Q6_K super-block at byte ``base`` of ``W``: calls
+    ``each(offset, w)`` for its 32 fields in order, w an <8 x f32> of the
+    weights offset .. offset + 7 of the super-block (exact: ggml's values)."""
+    b = k.b
+    v32i8, v8i32, fvec = ir.VectorType(I8, 32), ir.VectorType(I32, VL), ir.VectorType(F32, VL)
+
+    def run(at):
+        return b.load(gep(b, W, I8, b.add(base, i64(at))), typ=v32i8, align=1)
+
+    def const8(v):
+        return ir.Constant(v32i8, [v] * 32)
+
+    d = b.fpext(b.load(gep(b, W, I8, b.add(base, i64(208))), typ=F16, align=1), F32)
+    for h in range(2):
+        ql = [run(64 * h + 32 * r) for r in range(2)]
+        qh = run(128 + 32 * h)
+        for i in range(4):
+            lo = b.lshr(ql[i % 2], const8(4)) if i >= 2 else b.and_(ql[i % 2], const8(15))
+            hi = b.and_(b.lshr(qh, const8(2 * i)) if i else qh, const8(3))
+            # q = code - 32 in [-32, 32) per byte; field e sign-extended by two shifts
+            words = b.bitcast(b.sub(b.or_(lo, b.shl(hi, const8(4))), const8(32)), v8i32)
+            for half in range(2):   # the chunk's two groups of 16: fields 0, 1 and 2, 3
+                g = 8 * h + 2 * i + half
+                sc = b.load(gep(b, W, I8, b.add(base, i64(192 + g))), typ=I8)
+                ds = splat(b, b.fmul(d, b.sitofp(sc, F32)), VL)
+                for e in (2 * half, 2 * half + 1):
+                    v = b.shl(words, ir.Constant(v8i32, [24 - 8 * e] * VL)) if e < 3 else words
+                    q = b.sitofp(b.ashr(v, ir.Constant(v8i32, [24] * VL)), fvec)
+                    each(128 * h + 32 * i + 8 * e, b.fmul(q, ds))             # (code - 32) * ds, exact
+
+
 @emitter("matmul_ggml")
 def emit_matmul_ggml(k: Kernel, node):
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
@@ -67,20 +101,11 @@ def emit_matmul_ggml(k: Kernel, node):
         k.finish()
         return 0, 1
     b = k.b
-    W = k.args[1]
     X = Access(k, k.args[0], x_t.dtype, VL)
     Y = Access(k, k.args[-1], y_t.dtype, 1)
     row_bytes = K // QK * BLOCK
     ntiles = cdiv(rows, RT)
-    v32i8 = ir.VectorType(I8, 32)
-    v8i32 = ir.VectorType(I32, VL)
     fvec = ir.VectorType(F32, VL)
-
-    def run(at):
-        return b.load(gep(b, W, I8, at), typ=v32i8, align=1)
-
-    def const8(v):
-        return ir.Constant(v32i8, [v] * 32)
 
     def tile(n, m0, rt):
         xrow = [b.mul(b.add(m0, i64(t)), i64(K)) for t in range(rt)]
@@ -88,31 +113,15 @@ def emit_matmul_ggml(k: Kernel, node):
         chains = max(1, CHAINS // rt)   # accumulators per row: field f adds into chain f % chains
 
         def super_block(sb, accs):
-            base = b.add(wrow, b.mul(sb, i64(BLOCK)))
-            d = b.fpext(b.load(gep(b, W, I8, b.add(base, i64(208))), typ=F16, align=1), F32)
             out = list(accs)
-            f = 0
-            for h in range(2):
-                ql = [run(b.add(base, i64(64 * h + 32 * r))) for r in range(2)]
-                qh = run(b.add(base, i64(128 + 32 * h)))
-                for i in range(4):
-                    lo = b.lshr(ql[i % 2], const8(4)) if i >= 2 else b.and_(ql[i % 2], const8(15))
-                    hi = b.and_(b.lshr(qh, const8(2 * i)) if i else qh, const8(3))
-                    # q = code - 32 in [-32, 32) per byte; field e sign-extended by two shifts
-                    words = b.bitcast(b.sub(b.or_(lo, b.shl(hi, const8(4))), const8(32)), v8i32)
-                    for half in range(2):   # the chunk's two groups of 16: fields 0, 1 and 2, 3
-                        g = 8 * h + 2 * i + half
-                        sc = b.load(gep(b, W, I8, b.add(base, i64(192 + g))), typ=I8)
-                        ds = splat(b, b.fmul(d, b.sitofp(sc, F32)), VL)
-                        for e in (2 * half, 2 * half + 1):
-                            v = b.shl(words, ir.Constant(v8i32, [24 - 8 * e] * VL)) if e < 3 else words
-                            q = b.sitofp(b.ashr(v, ir.Constant(v8i32, [24] * VL)), fvec)
-                            w = b.fmul(q, ds)                                     # (code - 32) * ds, exact
-                            k0 = b.add(b.mul(sb, i64(QK)), i64(128 * h + 32 * i + 8 * e))
-                            c = f % chains
-                            for t in range(rt):
-                                out[t * chains + c] = fma(k, X.load(b.add(xrow[t], k0)), w, out[t * chains + c])
-                            f += 1
+
+            def each(off, w):
+                c = off // 8 % chains
+                k0 = b.add(b.mul(sb, i64(QK)), i64(off))
+                for t in range(rt):
+                    out[t * chains + c] = fma(k, X.load(b.add(xrow[t], k0)), w, out[t * chains + c])
+
+            decode_super_block(k, k.args[1], b.add(wrow, b.mul(sb, i64(BLOCK))), each)
             return out
 
         accs = fold_loop(b, 0, K // QK, [fconst(fvec, 0.0)] * (rt * chains), super_block, name="sb")
@@ -125,3 +134,34 @@ def emit_matmul_ggml(k: Kernel, node):
         by_rows(b, ti, rows, lambda rt: tile(n, b.mul(ti, i64(RT)), rt))
     k.finish()
     return N * ntiles, max(1, -(-MIN_PARALLEL_BYTES // max(1, row_bytes)))
+
+
+@emitter("gather_ggml")
+def emit_gather_ggml(k: Kernel, node):
+    """Rows ``ids`` of the table, decoded from the same packed blocks (an id out
+    of [-N, N) returns SQK_ERR_INDEX)."""
+    ids_t, (N, rb) = node.inputs[0].type, node.inputs[1].type.shape
+    K = rb // BLOCK * QK
+    if ids_t.size * K == 0:
+        k.finish()
+        return 0, 1
+    b = k.b
+    idp, out = k.args[0], k.args[-1]
+    O = Access(k, out, dt.f32, VL)
+    fail = k.fail(SQK_ERR_INDEX)
+    k.index_error = (f"gather_ggml: every id in %{node.inputs[0].name} must lie in [{-N}, {N}), the rows of "
+                     f"%{node.inputs[1].name} (e.g. the vocabulary)")
+    with loop(b, k.begin, k.end, name="item") as item:
+        idx = b.load(gep(b, idp, lltype(ids_t.dtype), item), typ=lltype(ids_t.dtype))
+        if ids_t.dtype is not dt.i64:
+            idx = b.sext(idx, I64)
+        idx = b.select(b.icmp_signed("<", idx, i64(0)), b.add(idx, i64(N)), idx)
+        ok = b.append_basic_block("in_range")
+        b.cbranch(b.icmp_unsigned("<", idx, i64(N)), ok, fail)
+        b.position_at_end(ok)
+        with loop(b, 0, K // QK, name="sb") as sb:
+            o0 = b.add(b.mul(item, i64(K)), b.mul(sb, i64(QK)))
+            decode_super_block(k, k.args[1], b.add(b.mul(idx, i64(rb)), b.mul(sb, i64(BLOCK))),
+                               lambda off, w: O.store(w, b.add(o0, i64(off))))
+    k.finish()
+    return ids_t.size, max(1, 4096 // max(1, K))

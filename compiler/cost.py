@@ -85,7 +85,7 @@ def node_cost(node: Node, stored_bytes: dict | None = None, consts: dict | None 
     op, out = node.op, outs[0] if outs else None
     if op == "gather":  # the ids, and one table row per output row
         in_bytes = _nbytes(node.inputs[1], stored_bytes) + out.type.nbytes
-    elif op == "gather_q":  # the ids, and (at most) the f32 output's bytes of codes and scales
+    elif op in ("gather_q", "gather_ggml"):  # the ids, and (at most) the f32 output's bytes of codes and scales
         in_bytes = _nbytes(node.inputs[0], stored_bytes) + out.type.nbytes
     elif op == "slice":
         in_bytes = out.type.nbytes

@@ -229,15 +229,47 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
     return {"inputs": ins, "attrs": {"group": group}}
 
 
+class Weight:
+    """A GGML matrix W[N, K] as constants of a GraphBuilder ``b``, made once and
+    shared by every node reading it: ``matmul(x)`` = x @ W.T and ``gather(ids)``
+    = W[ids] (a tied embedding and lm_head store one table).  Q6_K is kept as
+    its blocks (matmul_ggml / gather_ggml: the file's 6.5625 bits per weight),
+    every other type as matmul_q operands (``to_matmul_q``: matmul_q /
+    gather_q); ``matmul(x, activations="int8")`` on Q6_K uses matmul_q
+    operands (made on first use: then stored too)."""
+
+    def __init__(self, b, ggml_type, raw, shape, name: str | None = None):
+        self.b, self.type, self.name = b, block_type(ggml_type), name
+        self.raw, self.shape = raw, tuple(int(s) for s in shape)
+        self._blocks = self._q = None
+
+    def _const(self, a, d, i):
+        return self.b.const(a, d, name=None if self.name is None else f"{self.name}{i}")
+
+    def _operands(self):
+        if self._q is None:
+            m = to_matmul_q(self.type, self.raw, self.shape)
+            self._q = ([self._const(a, d, f".{i}") for i, (a, d) in enumerate(m["inputs"])], m["attrs"])
+        return self._q
+
+    def _raw_blocks(self):
+        if self._blocks is None:
+            self._blocks = self._const(_rows(self.type, self.raw, self.shape)[0], "u8", "")
+        return self._blocks
+
+    def matmul(self, x, activations: str = "none"):
+        if self.type.name == "Q6_K" and activations == "none":
+            return self.b.matmul_ggml(x, self._raw_blocks(), type="Q6_K")
+        ops, attrs = self._operands()
+        return self.b.matmul_q(x, *ops, activations=activations, **attrs)
+
+    def gather(self, ids):
+        if self.type.name == "Q6_K":
+            return self.b.gather_ggml(ids, self._raw_blocks(), type="Q6_K")
+        ops, attrs = self._operands()
+        return self.b.gather_q(ids, *ops, **attrs)
+
+
 def matmul(b, x, ggml_type, raw, shape, **matmul_q_attrs):
-    """x @ W.T for a GGML matrix W (``raw``, ``shape`` as ``to_matmul_q``) on the
-    GraphBuilder ``b``, storing the file's bytes where a kernel can: Q6_K as
-    ``matmul_ggml`` on its blocks (6.5625 bits per weight; float activations
-    only), every other type as ``matmul_q`` on ``to_matmul_q``'s operands
-    (``matmul_q_attrs``: e.g. activations="int8")."""
-    t = block_type(ggml_type)
-    if t.name == "Q6_K" and matmul_q_attrs.get("activations", "none") == "none":
-        a, n, k = _rows(t, raw, shape)
-        return b.matmul_ggml(x, b.const(a, "u8"), type="Q6_K")
-    m = to_matmul_q(t, raw, shape)
-    return b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), **m["attrs"], **matmul_q_attrs)
+    """x @ W.T for a GGML matrix W used once (``Weight`` to share it)."""
+    return Weight(b, ggml_type, raw, shape).matmul(x, **matmul_q_attrs)

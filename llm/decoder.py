@@ -142,14 +142,13 @@ class QuantWeight:
     shape: tuple = ()          # (K, N)
 
     @classmethod
-    def from_blocks(cls, ggml_type, raw, shape, gather: bool = False) -> "QuantWeight":
+    def from_blocks(cls, ggml_type, raw, shape) -> "QuantWeight":
         """The weight [K, N] of a GGML matrix stored [N, K] (raw: uint8 rows):
         ``matmul_ggml`` on the blocks where a kernel reads them (Q6_K), else
-        matmul_q operands; ``gather``: matmul_q operands always (a tied table,
-        which gather_q reads)."""
+        matmul_q operands (as ``ir.blocks.Weight`` chooses)."""
         from ..ir.blocks import block_type, to_matmul_q
         n, k = shape
-        if block_type(ggml_type).name == "Q6_K" and not gather:
+        if block_type(ggml_type).name == "Q6_K":
             return cls(((np.asarray(raw).reshape(n, -1).view(np.uint8), "u8"),), {"type": "Q6_K"},
                        "matmul_ggml", (k, n))
         m = to_matmul_q(ggml_type, raw, shape)
@@ -262,16 +261,13 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
 def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, quant_operands, token):
     """x [T, H] of the ``token`` ids [T]: rows of "embed" [V, H], or (tied)
     columns of the lm_head [H, V]: of a float table by ``gather`` on axis 1,
-    of a QuantWeight by ``gather_q``, which reads the lm_head's matmul_q
-    constants in their packed layout (the table is stored once)."""
+    of a QuantWeight by ``gather_q`` / ``gather_ggml``, which read the
+    lm_head's constants in their packed layout (the table is stored once)."""
     if "embed" in weights:
         return b.gather(const("embed"), token)
     w = weights["lm_head"]
-    if isinstance(w, QuantWeight):
-        if w.op != "matmul_q":
-            raise ValueError(f"a tied lm_head read by {w.op} cannot serve as the embedding: build it with "
-                             "QuantWeight.from_blocks(..., gather=True), or give the weights an \"embed\" table")
-        return b.gather_q(token, *quant_operands("lm_head", w), **w.attrs)
+    if isinstance(w, QuantWeight):      # matmul_q -> gather_q, matmul_ggml -> gather_ggml
+        return b.op(w.op.replace("matmul", "gather"), token, *quant_operands("lm_head", w), **w.attrs)
     cols = b.gather(const("lm_head"), token, axis=1)                    # [H, T]
     return b.reshape(cols, shape=(1, cfg.hidden)) if token.type.shape[0] == 1 else b.transpose(cols, perm=(1, 0))
 

@@ -75,6 +75,8 @@ OP_CASES = {
     "gather_q": lambda b: [b.gather_q(b.const(np.array([2, -1, 0])), b.const(np.arange(15).reshape(5, 3) % 16 - 8,
                                                                              "i4"),
                                       b.const(rand((2, 3), "f16")), b.const(rand((2, 3))), group=4)],
+    "gather_ggml": lambda b: [b.gather_ggml(b.const(np.array([1, -2])), b.const(np.arange(630).reshape(3, 210) % 7,
+                                                                               "u8"), type="Q6_K")],
     "matmul_ggml": lambda b: [b.matmul_ggml(b.input("x", (2, 256)), b.const(np.arange(420).reshape(2, 210) % 7,
                                                                              "u8"), type="Q6_K")],
     "softmax": lambda b: [b.softmax(b.input("x", (2, 3, 4)), axis=-2)],

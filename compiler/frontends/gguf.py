@@ -11,12 +11,11 @@ is a transposed view).  Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices become
 ``matmul_q`` weights (``QuantWeight.from_blocks``: ``ir.blocks.to_matmul_q``):
 the file's codes and scales as they are, never dequantized and requantized;
 Q6_K matrices are ``matmul_ggml`` on the file's blocks (6.5625 bits per
-weight, as stored) unless the embedding reads them too (tied: matmul_q
-operands, which gather_q reads).
+weight, as stored).
 ``token_embd`` is the embedding; without an ``output`` tensor it is also the
 lm_head (tied): one table, which the embedding reads with ``gather`` (float
-types, column by column) or ``gather_q`` (quantized: rows of the matmul_q
-weight from its packed constants), so it is stored once.  An untied
+types, column by column) or ``gather_q`` / ``gather_ggml`` (quantized: rows
+of the weight from its packed constants), so it is stored once.  An untied
 quantized ``token_embd`` is dequantized to f32 (the gather reads one row per
 token; gather_q would need the matmul_q packing of a table no matmul reads).
 
@@ -102,7 +101,7 @@ class GGUFWeights(Mapping):
             if how == "vector":
                 return self._floats(t, kind).reshape(-1)
             if how in ("matrix", "table") and kind in QUANTIZED:
-                return QuantWeight.from_blocks(kind, t.data, (n, k), gather=how == "table")
+                return QuantWeight.from_blocks(kind, t.data, (n, k))
             if how in ("matrix", "table"):
                 return self._floats(t, kind).reshape(n, k).T
             return self._floats(t, kind).reshape(n, k)            # "rows": the [V, H] embedding as stored
