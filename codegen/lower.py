@@ -71,10 +71,27 @@ def packer(*keys: str, inputs: tuple[int, ...]):
     return wrap
 
 
-def unshare_packed_constants(graph: Graph, target=None) -> Graph:
+def packed_bytes(key: str, n: Node, i: int, value, target, memo: dict | None):
+    """PACKERS[key](n, i, value, target), or None when ``key`` packs nothing.
+    ``memo`` (one dict per compile, shared by ``unshare_packed_constants`` and
+    ``pack_constants``) keeps each result, so a large weight is packed once:
+    keyed by the node's output and the constant's array, both alive (held by the
+    graph) for as long as the dict is used."""
+    if key not in PACKERS:
+        return None
+    if memo is None:
+        return PACKERS[key](n, i, value, target)
+    k = (key, i, n.outputs[0], id(value))
+    if k not in memo:
+        memo[k] = PACKERS[key](n, i, value, target)
+    return memo[k]
+
+
+def unshare_packed_constants(graph: Graph, target=None, memo: dict | None = None) -> Graph:
     """``graph`` with a copy of a constant for each reader that needs another
     layout of it than its first reader (packed one way or another, plain, or
-    as a graph output): every constant then has one layout (``pack_constants``)."""
+    as a graph output): every constant then has one layout (``pack_constants``;
+    ``memo``: see ``packed_bytes``)."""
     from . import elementwise  # noqa: F401  (registers emitters and packers)
     from . import families  # noqa: F401
 
@@ -91,7 +108,7 @@ def unshare_packed_constants(graph: Graph, target=None) -> Graph:
             for i, v in enumerate(ins):
                 if v not in consts:
                     continue
-                data = PACKERS[key](n, i, consts[v].attrs["value"], target) if key in PACKERS else None
+                data = packed_bytes(key, n, i, consts[v].attrs["value"], target, memo)
                 seen = layouts.setdefault(v, [data])
                 j = next((j for j, d in enumerate(seen) if d == data), None)
                 if j is None:
@@ -117,10 +134,10 @@ def unshare_packed_constants(graph: Graph, target=None) -> Graph:
     return graph.with_nodes(out)
 
 
-def pack_constants(graph: Graph, target=None) -> dict[Value, bytes]:
+def pack_constants(graph: Graph, target=None, memo: dict | None = None) -> dict[Value, bytes]:
     """Kernel-specific bytes of each constant whose consumer packs it.  A packed
     constant must have no other reader (another op or a graph output would read
-    the packed bytes as plain storage)."""
+    the packed bytes as plain storage).  ``memo``: see ``packed_bytes``."""
     from . import elementwise  # noqa: F401  (registers emitters and packers)
     from . import families  # noqa: F401
 
@@ -136,7 +153,7 @@ def pack_constants(graph: Graph, target=None) -> dict[Value, bytes]:
         for i, v in enumerate(n.inputs):
             if v not in consts:
                 continue
-            data = PACKERS[key](n, i, consts[v], target) if key in PACKERS else None
+            data = packed_bytes(key, n, i, consts[v], target, memo)
             readers.setdefault(v, []).append(n.op if data is None else f"{n.op} (packed)")
             if data is not None:
                 if v in packed and packed[v] != data:

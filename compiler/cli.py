@@ -1,5 +1,7 @@
 """The ``sqk`` command line.
 
+    sqk compile MODEL_DIR|MODEL.gguf -o OUT.sqk [--target T] [--max-seq S] [--prefill-chunk C] [--kv-dtype f32|f16]
+                [--quantize int8|int4 ...]   (an LLM artifact; default: the file's own quantization)
     sqk compile MODEL.sqkir|MODEL.onnx -o OUT.sqk [--input-shape NAME=1x128 ...]
                 [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
                 [--quantize int8|int4 [--group N] [--scheme sym|asym] [--scale-dtype f32|f16]
@@ -89,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="store weight NAME as FMT (dense, csr, bsrRxC, nmN:M); repeatable (select_format's force)")
     c.add_argument("--report", action="store_true",
                    help="print the per-layer quantization, pruning and format tables")
+    c.add_argument("--max-seq", type=int, default=None,
+                   help="LLM: KV cache length (default: the context, within 256 MiB)")
+    c.add_argument("--prefill-chunk", type=int, default=None, help="LLM: tokens per prefill call (default 64)")
+    c.add_argument("--kv-dtype", default=None, choices=("f32", "f16"), help="LLM: KV cache dtype (default f32)")
 
     d = sub.add_parser("dump", help="print a model's IR, optionally after running passes, or its LLVM IR or assembly")
     d.add_argument("model", help="IR text file, ONNX model (.onnx), or an artifact directory (its final IR)")
@@ -166,21 +172,32 @@ def _cmd_compile(a) -> None:
     import sqk
     from .dump import is_artifact, load_model
 
-    if is_artifact(a.model):
-        raise ValueError(f"{a.model} is a compiled artifact; compile the model it came from (an IR text file "
-                         "or an ONNX model)")
-    g, _ = load_model(a.model, _input_shapes(a.input_shape))
-    log = None if a.quiet else (lambda line: print(line))
+    from ..llm.artifact import is_llm_artifact
+    from ..llm.loader import is_gguf
+
+    if is_artifact(a.model) or is_llm_artifact(a.model):
+        raise ValueError(f"{a.model} is a compiled artifact; compile the model it came from (an IR text file, "
+                         "an ONNX model, a Hugging Face model directory or a GGUF file)")
     qopts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group), ("scheme", a.scheme),
                                ("scale_dtype", a.scale_dtype), ("skip", a.skip), ("max_error", a.max_error),
                                ("activations", a.activations), ("sparsify", a.sparsify),
                                ("sparsity", a.sparsity), ("force", a.force),
                                ("quantize_method", a.quantize_method), ("method", a.sparsify_method))
              if v is not None}
+    if os.path.isdir(a.model) or is_gguf(a.model):
+        if a.calibration is not None:
+            raise ValueError("--calibration (input samples as .npz) applies to graphs (IR text or ONNX), "
+                             "not to LLMs")
+        return _compile_llm(a, qopts)
+    llm_only = [f"--{k}" for k in ("max_seq", "prefill_chunk", "kv_dtype") if getattr(a, k) is not None]
+    if llm_only:
+        raise ValueError(f"{', '.join(llm_only).replace('_', '-')} apply to LLMs (a model directory or a GGUF file)")
     if a.calibration is not None:
         from .calibration import Calibration
 
         qopts["calibration_data"] = Calibration.load_npz(a.calibration)
+    g, _ = load_model(a.model, _input_shapes(a.input_shape))
+    log = None if a.quiet else (lambda line: print(line))
     m = sqk.compile(g, target=a.target, pipeline=a.pipeline, dump_after=a.dump_after, dump_dir=a.dump_dir,
                     threads=a.threads, log=log, progress=False if a.quiet else None, **qopts)
     if a.report:  # printed even with --quiet: it was asked for
@@ -190,6 +207,26 @@ def _cmd_compile(a) -> None:
     if not a.quiet:
         print(f"wrote {a.output} ({m.manifest['target']['name']}, {len(m.manifest['kernels'])} kernels, "
               f"arena {m.manifest['arena_bytes']} bytes)")
+
+
+def _compile_llm(a, qopts) -> None:
+    """``sqk compile MODEL_DIR|MODEL.gguf``: the decoder's step and prefill-chunk
+    modules, tokenizer and config as an LLM artifact (llm/artifact.py)."""
+    import sqk
+    from ..llm.artifact import chunk_lengths, save_llm
+
+    if a.pipeline is not None or a.dump_after is not None or a.input_shape:
+        raise ValueError("--pipeline, --dump-after and --input-shape do not apply to an LLM (give --quantize)")
+    t0 = time.perf_counter()
+    opts = dict(qopts, prefill_chunk=a.prefill_chunk) if a.prefill_chunk is not None else qopts
+    dec = sqk.llm.load(a.model, target=a.target, max_seq=a.max_seq, kv_dtype=a.kv_dtype, threads=a.threads,
+                       progress=False if a.quiet else None, **opts)
+    save_llm(dec, a.output)
+    if not a.quiet:
+        c = dec.cfg
+        print(f"wrote {a.output} ({dec.target}, {c.arch} {c.layers} layers, vocab {c.vocab}, max_seq {c.max_seq}, "
+              f"chunks {chunk_lengths(dec.prefill_chunk)}, tokenizer {'yes' if dec.tokenizer else 'none'}) "
+              f"in {time.perf_counter() - t0:.1f} s")
 
 
 def _model_graph(a):
@@ -261,7 +298,11 @@ def _cmd_info(a) -> None:
         return _model_info(a)
     if a.input_shape:
         raise ValueError("--input-shape applies to ONNX models (.onnx) only")
+    from ..llm.artifact import is_llm_artifact
     from ..runtime.module import read_manifest
+
+    if is_llm_artifact(a.artifact):
+        return _llm_info(a.artifact)
 
     m = read_manifest(a.artifact)
     t = m["target"]
@@ -278,6 +319,28 @@ def _cmd_info(a) -> None:
     print(f"kernels    {len(m['kernels'])}: " + " ".join(k["name"] for k in m["kernels"]))
     print(f"pipeline   {m['pipeline']}")
     print(f"hash       {m['content_hash']}")
+
+
+def _llm_info(path: str) -> None:
+    """``sqk info model.sqk`` of an LLM artifact: its llm.json and modules."""
+    from ..llm.artifact import read_index
+    from ..runtime.module import read_manifest
+
+    index = read_index(path)
+    c = index["config"]
+    print(f"llm        {c['arch']}: {c['layers']} layers, hidden {c['hidden']}, heads {c['heads']}/{c['kv_heads']} x "
+          f"{c['head_dim']}, ffn {c['ffn']}, vocab {c['vocab']}  (sqk {index['sqk_version']})")
+    print(f"target     {index['target']}")
+    print(f"kv cache   {c['max_seq']} positions, {index['kv_dtype']}; prefill chunk {index['prefill_chunk']}")
+    for e in index["modules"]:
+        m = read_manifest(os.path.join(path, e["dir"]))
+        print(f"module     {e['dir']}: {e['tokens']} token(s), {len(m['kernels'])} kernels, "
+              f"arena {m['arena_bytes']} bytes")
+    for f in index["constants"]:
+        print(f"constants  {f['file']}: {f['bytes']} bytes")
+    print(f"tokenizer  {'yes' if index.get('tokenizer') else 'none'}")
+    if index.get("generate"):
+        print(f"runner     {index['generate']['file']} (--generate)")
 
 
 def _model_info(a) -> None:
@@ -322,8 +385,9 @@ def _cmd_generate(a) -> None:
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")
     ids = tok.encode_chat([{"role": "user", "content": a.prompt}]) if a.chat else tok.encode(a.prompt)
-    dec.prefill(ids)     # compiles the prefill chunk's module (when the prompt uses one) before the timing
-    dec.reset()
+    if dec.target == "host":   # riscv64 generates in one runner process, its modules built already
+        dec.prefill(ids)     # compiles the prefill chunk's module (when the prompt uses one) before the timing
+        dec.reset()
     print(f"loaded and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if not a.chat:
         print(a.prompt, end="", flush=True)

@@ -7,8 +7,12 @@ Layout (DESIGN.md, "Real models"): file formats are frontends
 
 - ``decoder``: ``LlamaConfig``, ``build_decoder`` (one step's graph),
   ``reference_logits`` (an independent numpy model), ``Decoder``.
-- ``loader``: ``load(path)`` -> Decoder of a Hugging Face directory or a GGUF
-  file (readers in compiler/frontends/hf.py and gguf.py); ``LLMLoadError``.
+- ``loader``: ``load(path)`` -> Decoder of a Hugging Face directory, a GGUF
+  file (readers in compiler/frontends/hf.py and gguf.py) or an LLM artifact;
+  ``LLMLoadError``.
+- ``artifact``: LLM artifacts (``sqk compile MODEL -o model.sqk``): ``save_llm``,
+  ``load_llm``.
+- ``native``: riscv64 generation in one runner process (the runner's generate mode).
 
 Loading an LLM artifact and generating needs the runtime only (numpy, cffi,
 tokenizers), not llvmlite: modules here import the compiler lazily.

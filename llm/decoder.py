@@ -355,6 +355,9 @@ class Decoder:
     once compiled (``weights`` stays: a loader's mapping reads the
     memory-mapped file again when the chunk module is compiled)."""
 
+    native_generate = True   # riscv64: generate() in the runner's generate mode (llm/native.py)
+    generate_runner = None   # its executable: an LLM artifact's, or linked on first use
+
     def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
                  kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, keep_ir: bool = True,
                  **compile_options):
@@ -376,6 +379,23 @@ class Decoder:
             self.graph = self.module.ir = None
         self.pos = 0
 
+    @classmethod
+    def from_modules(cls, cfg: LlamaConfig, modules: dict, tokenizer=None, kv_dtype: str = "f32",
+                     prefill_chunk: int = 1) -> "Decoder":
+        """A Decoder over modules compiled before ({1: the step, prefill_chunk:
+        its chunk when >= 2}; an LLM artifact's, llm/artifact.py): no weights,
+        no compiler."""
+        self = cls.__new__(cls)
+        self.cfg, self.tokenizer, self.weights, self.kv_dtype = cfg, tokenizer, None, kv_dtype
+        self.prefill_chunk, self.keep_ir = prefill_chunk, False
+        self.module, self.graph = modules[1], None
+        self.target, self.compile_options = self.module.target, {}
+        self.chunk_modules = {t: m for t, m in modules.items() if t != 1}
+        for m in self.chunk_modules.values():
+            m.share_state(self.module)
+        self.pos = 0
+        return self
+
     @property
     def config(self) -> LlamaConfig:
         return self.cfg
@@ -391,6 +411,9 @@ class Decoder:
         if tokens < 2:
             raise ValueError(f"a prefill chunk has at least 2 tokens, got {tokens}: step() runs one")
         m = self.chunk_modules.get(tokens)
+        if m is None and self.weights is None:
+            raise ValueError(f"this Decoder has no module for chunks of {tokens} tokens and no weights to compile "
+                             f"one (it has {sorted(self.chunk_modules)})")
         if m is None:
             from ..compiler.driver import compile
 
@@ -420,14 +443,7 @@ class Decoder:
         ``prefill_chunk`` (the last one padded, or token by token: class
         docstring); returns the logits [vocab] of the last one."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if not ids.size:
-            raise ValueError("prefill needs at least one token")
-        bad = ids[(ids < 0) | (ids >= self.cfg.vocab)]
-        if bad.size:
-            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.cfg.vocab})")
-        if self.pos + ids.size > self.cfg.max_seq:
-            raise ValueError(f"{ids.size} tokens from position {self.pos} go beyond the KV cache length "
-                             f"{self.cfg.max_seq}: reset() to start a new sequence")
+        self.check_prompt(ids)
         c = self.prefill_chunk
         for i in range(0, ids.size, c):
             piece = ids[i:i + c]
@@ -443,6 +459,17 @@ class Decoder:
             self.pos += r
         return logits
 
+    def check_prompt(self, ids: np.ndarray) -> None:
+        """ValueError unless ``ids`` (int64 [n]) are n >= 1 vocabulary ids that fit in the cache from pos."""
+        if not ids.size:
+            raise ValueError("prefill needs at least one token")
+        bad = ids[(ids < 0) | (ids >= self.cfg.vocab)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.cfg.vocab})")
+        if self.pos + ids.size > self.cfg.max_seq:
+            raise ValueError(f"{ids.size} tokens from position {self.pos} go beyond the KV cache length "
+                             f"{self.cfg.max_seq}: reset() to start a new sequence")
+
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None, stream=None) -> list[int]:
         """Continue the sequence in the cache with ``prompt`` (text, encoded by
@@ -453,9 +480,15 @@ class Decoder:
         (default: the config's EOS ids; that token is not returned) or when the
         cache is full.  ``stream(token_id, text_piece)`` is called for each new
         token (the piece is "" without a tokenizer).  Returns the new tokens;
-        reset() starts a new sequence."""
+        reset() starts a new sequence.  riscv64, from position 0: the whole
+        generation runs in one runner process (llm/native.py; ``native_generate
+        = False`` runs one per chunk and token instead)."""
         ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         stop = set(self.cfg.eos_ids if stop is None else ([stop] if isinstance(stop, int) else stop))
+        if self.target != "host" and self.pos == 0 and self.native_generate:
+            from .native import generate_native
+
+            return generate_native(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stream)
         from .sampling import Rng, sample
 
         rng = Rng(seed) if temperature > 0 else None

@@ -56,13 +56,22 @@ def is_gguf(path: str) -> bool:
         return False
 
 
-def load(path, *, target: str = "host", max_seq: int | None = None, kv_dtype: str = "f32",
+def load(path, *, target: str | None = None, max_seq: int | None = None, kv_dtype: str | None = None,
          threads: int | None = None, **compile_options) -> Decoder:
-    """A Decoder for the model at ``path``: a Hugging Face model directory or a
-    GGUF file.  ``max_seq``: the KV cache length (module docstring);
-    ``compile_options`` go to ``sqk.compile`` (e.g. ``quantize="int8"``).
-    Unsupported or broken files raise LLMLoadError naming the file."""
+    """A Decoder for the model at ``path``: a Hugging Face model directory, a
+    GGUF file, or an LLM artifact written by ``sqk compile`` (llm/artifact.py:
+    loaded without the compiler; ``target``, ``max_seq`` and ``kv_dtype`` are
+    its own, others are refused).  ``target``: "host" (default) or "riscv64";
+    ``max_seq``: the KV cache length (module docstring); ``kv_dtype``: "f32"
+    (default) or "f16"; ``compile_options`` go to ``sqk.compile`` (e.g.
+    ``quantize="int8"``).  Unsupported or broken files raise LLMLoadError
+    naming the file."""
     path = os.fspath(path)
+    from .artifact import is_llm_artifact, load_llm
+
+    if is_llm_artifact(path) or os.path.isdir(os.path.join(path, "decode")):   # the latter: a partial one
+        return load_llm(path, target=target, max_seq=max_seq, kv_dtype=kv_dtype, threads=threads, **compile_options)
+    target, kv_dtype = target or "host", kv_dtype or "f32"
     if kv_dtype not in KV_BYTES:
         raise ValueError(f"kv_dtype must be one of {', '.join(KV_BYTES)}, got {kv_dtype!r}")
     if os.path.isdir(path):

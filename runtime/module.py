@@ -233,13 +233,14 @@ class Module:
     array (a tuple for several outputs)."""
 
     def __init__(self, path: str, *, verify: bool = True, threads: int | None = None,
-                 vlen: int | None = None, _keep=None):
+                 vlen: int | None = None, constants: str | None = None, _keep=None):
         self.path = os.path.abspath(path)
         self.manifest = m = read_manifest(self.path)
         _check_target(m["target"])
         self._keep = _keep  # a TemporaryDirectory owned by a freshly compiled module
         code = artifact_file(self.path, m["code"]["file"])
-        consts = artifact_file(self.path, m["constants"]["file"])
+        # ``constants``: the file kept elsewhere, e.g. the one an LLM artifact's modules share
+        consts = os.path.abspath(constants) if constants else artifact_file(self.path, m["constants"]["file"])
         for what, p in (("code", code), ("constants", consts)):
             if not os.path.isfile(p):
                 raise ArtifactError(f"{self.path}: {what} file {os.path.basename(p)} is missing")

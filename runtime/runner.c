@@ -419,7 +419,14 @@ static void print_help(const char *argv0) {
            "  --threads N        worker threads (default 0: $SQK_NUM_THREADS or all CPUs)\n"
            "  --runs N           run the model N times (default 1); outputs are the last run's\n"
            "  --profile          after each run print 'profile RUN STEP NS NAME' per step\n"
-           "  --info             print the model's inputs, outputs and sizes, then exit\n\n"
+           "  --info             print the model's inputs, outputs and sizes, then exit\n"
+#ifdef SQK_RUNNER_GENERATE
+           "  --generate --prompt-ids ID,... [-n N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
+           "      [--stop ID,...] [--consts FILE ...] [--state-dir DIR] [--timing]\n"
+           "                     (first option) prefill the prompt, then decode up to N tokens (default 32;\n"
+           "                     greedy at temperature 0), printing each new id on a line\n"
+#endif
+           "\n"
            "Exit codes: 0 ok, 2 usage/input error, 3 runtime error, 4 missing CPU feature.\n\n");
     print_tensors(stdout, "input", p->inputs, p->n_inputs);
     print_tensors(stdout, "output", p->outputs, p->n_outputs);
@@ -436,8 +443,15 @@ static void output_path(char *buf, size_t size, const char *dir, const char *nam
     snprintf(buf + n, size - (size_t)n, ".npy");
 }
 
+#ifdef SQK_RUNNER_GENERATE
+#include "runner_generate.c" /* --generate: an LLM's prefill and decode loop (that file's header) */
+#endif
+
 int main(int argc, char **argv) {
     const sqk_program *p = &sqk_model;
+#ifdef SQK_RUNNER_GENERATE
+    if (argc > 1 && strcmp(argv[1], "--generate") == 0) return generate_main(argc, argv);
+#endif
     const char *consts_path = NULL, *out_dir = ".";
     long long threads = 0, runs = 1;
     int info = 0, profile = 0;

@@ -54,9 +54,23 @@ def open_gguf(path: str):
         from gguf import GGUFReader
     except ImportError:
         raise LLMLoadError(f"{path}: reading GGUF files needs the gguf package (pip install 'sqk[llm]')") from None
+
+    class Reader(GGUFReader):
+        """The reader over a plain ndarray view of its memory map: the same bytes without
+        np.memmap's bookkeeping on each of the ~10^6 slices that parse a vocabulary's
+        strings (3.5x faster on SmolLM2's 49k tokens and merges)."""
+
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, v):
+            self._data = v.view(np.ndarray) if isinstance(v, np.memmap) else v
+
     size = os.path.getsize(path)
     try:
-        reader = GGUFReader(path, "r")
+        reader = Reader(path, "r")
     except Exception as e:   # the reader raises ValueError, IndexError, ... on a cut or garbled file
         raise LLMLoadError(f"{path}: truncated or malformed GGUF file ({type(e).__name__}: {e})") from None
     for t in reader.tensors:
