@@ -9,6 +9,9 @@ Layout (DESIGN.md, "Real models"): file formats are frontends
   ``reference_logits`` (an independent numpy model), ``Decoder``.
 - ``loader``: ``load(path)`` -> Decoder of a Hugging Face directory or a GGUF
   file (readers in compiler/frontends/hf.py and gguf.py); ``LLMLoadError``.
+- ``perplexity``: ``perplexity(decoder, text, ctx=, stride=, base=)`` as
+  llama.cpp's llama-perplexity, with KL divergence / top-1 agreement against a
+  base (``fp32_decoder``); ``offline_text()`` an English text to measure on.
 
 Loading an LLM artifact and generating needs the runtime only (numpy, cffi,
 tokenizers), not llvmlite: modules here import the compiler lazily.
@@ -17,6 +20,7 @@ from .decoder import (Decoder, LlamaConfig, QuantWeight, build_decoder, random_w
                       reference_logits, state_names)
 from .errors import LLMLoadError  # noqa: F401
 from .loader import load  # noqa: F401
+from .perplexity import PerplexityResult, fp32_decoder, offline_text, perplexity  # noqa: F401
 
 from .. import lazy_submodules as _lazy
 
