@@ -353,7 +353,8 @@ def _cmd_perplexity(a) -> None:
     elif a.kl_base is not None:
         base = sqk.llm.load(a.kl_base, max_seq=a.ctx, threads=a.threads)
     t0 = time.perf_counter()
-    r = sqk.llm.perplexity(dec, text, ctx=a.ctx, stride=a.stride, base=base, chunks=a.chunks)
+    r = sqk.llm.perplexity(dec, text, ctx=a.ctx, stride=a.stride, base=base, chunks=a.chunks,
+                           progress=lambda i, n, ppl: print(f"[{i}/{n}] {ppl:.4f}", file=sys.stderr, flush=True))
     print(r)
     print(f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
 

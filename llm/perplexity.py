@@ -156,13 +156,15 @@ def windows(n_tokens: int, ctx: int, stride: int | None, add_bos: bool) -> tuple
 
 
 def perplexity(decoder: Decoder, text, ctx: int = 512, stride: int | None = None, base: Decoder | None = None,
-               chunks: int | None = None) -> PerplexityResult:
+               chunks: int | None = None, progress=None) -> PerplexityResult:
     """Perplexity of ``decoder`` on ``text`` (a str, tokenized by the decoder's
     tokenizer, or token ids) with windows of ``ctx`` tokens, as llama.cpp's
     llama-perplexity (module docstring); ``stride``: its --ppl-stride mode;
     ``chunks``: at most this many windows (llama.cpp's --chunks).  ``base``: a
     decoder to compare against at every scored position (mean KL divergence
-    and top-1 agreement; e.g. ``fp32_decoder(decoder)``)."""
+    and top-1 agreement; e.g. ``fp32_decoder(decoder)``).  ``progress(i, n,
+    ppl)`` is called after each window i (1..n) with the running perplexity, as
+    llama.cpp prints "[i]ppl," per chunk."""
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 3:
         raise ValueError(f"ctx must be an int >= 3 (a window scores ctx - 1 - ctx // 2 tokens), got {ctx!r}")
     if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or not 0 < stride < ctx):
@@ -185,7 +187,7 @@ def perplexity(decoder: Decoder, text, ctx: int = 512, stride: int | None = None
     bos_id = decoder.tokenizer.bos_id if bos else None
     s = dict.fromkeys(("nll", "nll2", "bnll", "bnll2", "kld", "kld2", "top"), 0.0)
     count = 0
-    for start in starts:
+    for i, start in enumerate(starts):
         window = ids[start:start + ctx]
         if bos_id is not None:
             window = [bos_id] + window[1:]
@@ -206,6 +208,8 @@ def perplexity(decoder: Decoder, text, ctx: int = 512, stride: int | None = None
             s["kld2"] += (kld * kld).sum()
             s["top"] += float((lp.argmax(-1) == logits_b.argmax(-1)).sum())
         count += target.size
+        if progress is not None:
+            progress(i + 1, len(starts), math.exp(s["nll"] / count))
     m, err = mean_and_error(s["nll"], s["nll2"], count)
     ppl = math.exp(m)
     r = PerplexityResult(ppl, ppl * err, m, count, len(starts), len(ids), ctx, stride)

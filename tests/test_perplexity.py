@@ -54,7 +54,9 @@ def test_perplexity_equals_numpy(dec, ctx, stride):
 
 
 def test_chunks_limits_windows(dec):
-    r = perplexity(dec, IDS, ctx=8, chunks=2)
+    seen = []
+    r = perplexity(dec, IDS, ctx=8, chunks=2, progress=lambda i, n, ppl: seen.append((i, n, ppl)))
+    assert [s[:2] for s in seen] == [(1, 2), (2, 2)] and seen[-1][2] == pytest.approx(r.ppl)
     assert r.windows == 2 and r.ppl == pytest.approx(numpy_ppl(CFG, W, IDS[:16], 8)[0], rel=1e-4)
 
 
@@ -145,7 +147,8 @@ def test_cli_perplexity(bos_dir, capsys):
     text = str(bos_dir / "text.txt")
     assert main(["perplexity", str(bos_dir), "--text", text, "--ctx", "16", "--quantize", "int8",
                  "--kl-base", "fp32"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "[4/4] " in err
     assert "71 tokens, 4 windows of 16" in out and "Final estimate: PPL = " in out
     assert "Mean KLD" in out and "Same top p" in out
     assert main(["perplexity", str(bos_dir), "--text", text, "--ctx", "64"]) == 1
