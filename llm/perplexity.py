@@ -164,7 +164,8 @@ def perplexity(decoder: Decoder, text, ctx: int = 512, stride: int | None = None
     decoder to compare against at every scored position (mean KL divergence
     and top-1 agreement; e.g. ``fp32_decoder(decoder)``).  ``progress(i, n,
     ppl)`` is called after each window i (1..n) with the running perplexity, as
-    llama.cpp prints "[i]ppl," per chunk."""
+    llama.cpp prints "[i]ppl," per chunk.  Each window resets the decoders'
+    sequences (their caches hold the last window afterwards)."""
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 3:
         raise ValueError(f"ctx must be an int >= 3 (a window scores ctx - 1 - ctx // 2 tokens), got {ctx!r}")
     if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or not 0 < stride < ctx):
