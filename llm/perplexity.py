@@ -226,14 +226,15 @@ def perplexity(decoder: Decoder, text, ctx: int = 512, stride: int | None = None
 def fp32_decoder(decoder: Decoder, **compile_options) -> Decoder:
     """The fp32 model of ``decoder``: its weights as f32 (pre-quantized file
     blocks dequantized), compiled without quantization, same config, tokenizer,
-    cache dtype and target; ``compile_options`` default to the decoder's own
-    threads and the dense pipeline."""
+    cache dtype and target.  ``compile_options`` go to ``compile`` (the
+    decoder's threads by default; e.g. ``quantize="int4"``: sqk's quantization
+    of those f32 weights, to compare with the fp32 one)."""
     from .loader import DENSE_PIPELINE
 
-    opts = {"pipeline": DENSE_PIPELINE}
-    if "threads" in decoder.compile_options:
-        opts["threads"] = decoder.compile_options["threads"]
+    opts = {"threads": decoder.compile_options["threads"]} if "threads" in decoder.compile_options else {}
     opts.update(compile_options)
+    if not any(k in opts for k in ("pipeline", "quantize", "sparsify", "force", "formats")):
+        opts["pipeline"] = DENSE_PIPELINE
     weights = {k: as_f32(decoder.weights[k]) for k in decoder.weights}
     return Decoder(decoder.cfg, weights, target=decoder.target, kv_dtype=decoder.kv_dtype,
                    prefill_chunk=decoder.prefill_chunk, tokenizer=decoder.tokenizer, keep_ir=False, **opts)

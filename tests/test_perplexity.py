@@ -73,6 +73,8 @@ def test_kl_against_itself_and_quantized(dec):
     assert same.kld == pytest.approx(0, abs=1e-9) and same.top1 == 1 and same.base_ppl == pytest.approx(same.ppl)
     q = Decoder(CFG, W, prefill_chunk=4, quantize="int4", group=16)
     r = perplexity(q, IDS, ctx=8, base=fp32_decoder(q))
+    q2 = fp32_decoder(dec, quantize="int4", group=16)      # the same quantization of the same weights
+    assert perplexity(q2, IDS, ctx=8).ppl == pytest.approx(r.ppl, rel=1e-5)
     assert r.kld > 1e-4 and 0 < r.top1 <= 1 and r.base_ppl == pytest.approx(same.ppl, rel=1e-4)
     assert r.ppl != pytest.approx(same.ppl, rel=1e-4)
     assert "Mean KLD" in str(r) and "Same top p" in str(r)
