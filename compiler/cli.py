@@ -18,6 +18,8 @@
     sqk bench OUT.sqk [--runs N] [--threads N] [--probe-mib M]
     sqk generate MODEL_DIR|MODEL.gguf --prompt TEXT [-n 64] [--temperature T] [--top-k K] [--top-p P]
                  [--seed S] [--threads N] [--max-seq S] [--chat]
+    sqk perplexity MODEL_DIR|MODEL.gguf --text FILE [--ctx 512] [--stride S] [--chunks N]
+                   [--quantize int8|int4 [--group N]] [--threads N] [--kl-base MODEL|fp32]
     sqk --version
 
 MODEL is an IR text file, an ONNX model (.onnx; dump, viz and info take
@@ -145,6 +147,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the context, within 256 MiB)")
     g.add_argument("--chat", action="store_true", help="the prompt is a user message in the model's chat template")
+    pp = sub.add_parser("perplexity", help="perplexity of an LLM on a text file, as llama.cpp's llama-perplexity")
+    pp.add_argument("model")
+    pp.add_argument("--text", required=True, help="the text file (UTF-8)")
+    pp.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    pp.add_argument("--stride", type=int, default=None, help="llama.cpp's --ppl-stride (default: non-overlapping)")
+    pp.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
+    pp.add_argument("--quantize", default=None, choices=("int8", "int4"), help="quantize the matmul weights")
+    pp.add_argument("--group", type=int, default=None, help="quantization group along K (int4 default 32)")
+    pp.add_argument("--threads", type=int, default=None)
+    pp.add_argument("--kl-base", default=None, metavar="MODEL|fp32",
+                    help="also the mean KL divergence and top-1 agreement against this model "
+                         "(fp32: the same weights in f32)")
     return p
 
 
@@ -404,6 +418,26 @@ def _cmd_generate(a) -> None:
               file=sys.stderr)
 
 
+def _cmd_perplexity(a) -> None:
+    """The figure with its uncertainty (and KL / top-1 against --kl-base)."""
+    import sqk
+
+    with open(a.text, encoding="utf-8") as f:
+        text = f.read()
+    opts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group)) if v is not None}
+    dec = sqk.llm.load(a.model, max_seq=a.ctx, threads=a.threads, **opts)
+    base = None
+    if a.kl_base == "fp32":
+        base = sqk.llm.fp32_decoder(dec)
+    elif a.kl_base is not None:
+        base = sqk.llm.load(a.kl_base, max_seq=a.ctx, threads=a.threads)
+    t0 = time.perf_counter()
+    r = sqk.llm.perplexity(dec, text, ctx=a.ctx, stride=a.stride, base=base, chunks=a.chunks,
+                           progress=lambda i, n, ppl: print(f"[{i}/{n}] {ppl:.4f}", file=sys.stderr, flush=True))
+    print(r)
+    print(f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status: 0, 1 on any error (one line
     on stderr), 130 on Ctrl-C, 141 when stdout is a pipe closed early."""
@@ -411,7 +445,8 @@ def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
         {"compile": _cmd_compile, "dump": _cmd_dump, "run": _cmd_run, "info": _cmd_info,
-         "demo": _cmd_demo, "bench": _cmd_bench, "viz": _cmd_viz, "generate": _cmd_generate}[args.cmd](args)
+         "demo": _cmd_demo, "bench": _cmd_bench, "viz": _cmd_viz, "generate": _cmd_generate,
+         "perplexity": _cmd_perplexity}[args.cmd](args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt:
         return 130

@@ -13,6 +13,9 @@ Layout (DESIGN.md, "Real models"): file formats are frontends
 - ``artifact``: LLM artifacts (``sqk compile MODEL -o model.sqk``): ``save_llm``,
   ``load_llm``.
 - ``native``: riscv64 generation in one runner process (the runner's generate mode).
+- ``perplexity``: ``perplexity(decoder, text, ctx=, stride=, base=)`` as
+  llama.cpp's llama-perplexity, with KL divergence / top-1 agreement against a
+  base (``fp32_decoder``); ``offline_text()`` an English text to measure on.
 
 Loading an LLM artifact and generating needs the runtime only (numpy, cffi,
 tokenizers), not llvmlite: modules here import the compiler lazily.
@@ -21,6 +24,7 @@ from .decoder import (Decoder, LlamaConfig, QuantWeight, build_decoder, random_w
                       reference_logits, state_names)
 from .errors import LLMLoadError  # noqa: F401
 from .loader import load  # noqa: F401
+from .perplexity import PerplexityResult, fp32_decoder, offline_text, perplexity  # noqa: F401
 
 from .. import lazy_submodules as _lazy
 

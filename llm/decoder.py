@@ -174,7 +174,8 @@ def embedding_table(weights) -> np.ndarray:
     return as_f32(weights["embed"]) if "embed" in weights else as_f32(weights["lm_head"]).T
 
 
-def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f32") -> Graph:
+def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f32",
+                  all_logits: bool = False) -> Graph:
     """The graph of one decoding step (module docstring), or with ``tokens=T > 1``
     of a prefill chunk: token i64[T] at positions pos..pos+T-1 (pos the start),
     every projection a GEMM with M = T, attention_decode over the chunk writing
@@ -183,6 +184,8 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     the logits of its last real token).
     ``kv_dtype``: the caches' dtype, "f32" or "f16" (rounded on write, widened
     on read; the math stays f32).
+    ``all_logits=True``: the logits [T, vocab] of every token of the chunk
+    and no ``last`` input (what perplexity scores, llm/perplexity.py).
 
     ``weights`` maps names to arrays (f32, or anything numpy converts to it) or
     QuantWeight (a matmul_q); biases "bq.L", "bk.L", "bv.L" with
@@ -252,7 +255,7 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
             else:                                                   # per row: sum_e route[:, e] * expert_e
                 for e, ex in enumerate(experts):
                     x = b.add(x, b.mul(b.slice(route, starts=(e,), ends=(e + 1,), axes=(1,)), ex))
-    if tokens > 1:
+    if tokens > 1 and not all_logits:
         x = b.gather(x, b.input("last", (1,), "i64"))
     logits = linear(b.rmsnorm(x, const("final_norm"), eps=cfg.eps), "lm_head")
     return b.output(logits, *new_caches)
@@ -373,7 +376,7 @@ class Decoder:
         self.target, self.compile_options = target, compile_options
         self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype)
         self.module = compile(self.graph, target=target, state=state_names(cfg), **compile_options)
-        self.chunk_modules: dict[int, object] = {}   # chunk length -> Module
+        self.chunk_modules: dict = {}   # chunk length (or (length, "all"): all_logits) -> Module
         self.keep_ir = keep_ir   # False: drop each compiled graph (its constants copy the weights)
         if not keep_ir:
             self.graph = self.module.ir = None
@@ -405,19 +408,21 @@ class Decoder:
         self.module.reset_state()
         self.pos = 0
 
-    def chunk_module(self, tokens: int):
+    def chunk_module(self, tokens: int, all_logits: bool = False):
         """The Module of a ``tokens``-long chunk, tokens > 1 (compiled on first
-        use; inputs token, pos, last), its state the step module's arrays."""
+        use; inputs token, pos, last), its state the step module's arrays.
+        ``all_logits``: the chunk returning every row's logits (no ``last``)."""
         if tokens < 2:
             raise ValueError(f"a prefill chunk has at least 2 tokens, got {tokens}: step() runs one")
-        m = self.chunk_modules.get(tokens)
+        key = (tokens, "all") if all_logits else tokens
+        m = self.chunk_modules.get(key)
         if m is None and self.weights is None:
-            raise ValueError(f"this Decoder has no module for chunks of {tokens} tokens and no weights to compile "
-                             f"one (it has {sorted(self.chunk_modules)})")
+            raise ValueError(f"this Decoder has no module for chunks of {tokens} tokens{' (all logits)' * all_logits} "
+                             f"and no weights to compile one (it has {sorted(self.chunk_modules, key=str)})")
         if m is None:
             from ..compiler.driver import compile
 
-            g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype)
+            g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype, all_logits=all_logits)
             m = compile(g, target=self.target, state=state_names(self.cfg), **self.compile_options)
             m.share_state(self.module)
             if not self.keep_ir:
@@ -425,7 +430,7 @@ class Decoder:
             for other in [self.module, *self.chunk_modules.values()]:   # one mapping per weight layout
                 if m.share_constants(other):
                     break
-            self.chunk_modules[tokens] = m
+            self.chunk_modules[key] = m
         return m
 
     def step(self, token: int) -> np.ndarray:
