@@ -141,6 +141,27 @@ def _sparse(name, w, m=1):
 
 
 # family -> (graph, pipeline; None: the default one): the pipeline picks the kernel (quantize, a storage format, fusion)
+def gguf_blocks():
+    """GGUF's block formats as the loader uses them (ir/blocks.py): float minimums (Q4_1),
+    two-level scales (Q4_K, also with int8 activations), Q6_K's own blocks, and row gathers
+    of a tied table from the same constants."""
+    from sqk.ir import blocks
+
+    b = GraphBuilder("gguf_blocks")
+    k, n = 512, 37
+    x, ids = b.input("x", (3, k)), b.input("ids", (2,), "i64")
+    rng = np.random.default_rng(0)
+    outs = []
+    for i, name in enumerate(("Q4_1", "Q4_K", "Q6_K")):
+        t = blocks.block_type(name)
+        raw = rng.integers(0, 256, (n, k // t.block * t.nbytes), dtype=np.uint8)
+        w = blocks.Weight(b, name, raw, (n, k), name=f"w{i}")
+        outs += [w.matmul(x), w.gather(ids)]
+        if name == "Q4_K":
+            outs.append(w.matmul(x, activations="int8"))
+    return b.output(*outs)
+
+
 FAMILIES = {
     "elementwise": (elementwise, "dce"),
     "fused_map": (fused_map, "fuse"),
@@ -164,6 +185,7 @@ FAMILIES = {
     "norms": (norms, "dce"),
     "conv": (conv, "fuse"),
     "gather": (gather, "dce"),
+    "gguf_blocks": (gguf_blocks, "dce"),
     "llm_ops": (llm_ops, "dce"),
     # whole models through the default pipeline: fusion decisions and the memory plan
     "transformer_block": (lambda: transformer_block(hidden=48, heads=4, ffn=80, tokens=5), None),
