@@ -21,6 +21,20 @@ from .lower import emitter
 SQK_ERR_INDEX = 4  # runtime/sqk_runtime.h
 
 
+def checked_id(b, idp, ids_dtype, i, rows: int, fail):
+    """ids[i] as an i64 index in [0, rows): a negative id counts from the end; anything else
+    branches to ``fail`` (SQK_ERR_INDEX).  The compare is unsigned: an id still negative after
+    wrapping is huge, so one compare covers both ends."""
+    idx = b.load(gep(b, idp, lltype(ids_dtype), i), typ=lltype(ids_dtype))
+    if ids_dtype is not dt.i64:
+        idx = b.sext(idx, I64)
+    idx = b.select(b.icmp_signed("<", idx, i64(0)), b.add(idx, i64(rows)), idx)
+    ok = b.append_basic_block("in_range")
+    b.cbranch(b.icmp_unsigned("<", idx, i64(rows)), ok, fail)
+    b.position_at_end(ok)
+    return idx
+
+
 @emitter("gather")
 def emit_gather(k: Kernel, n):
     table, ids = n.inputs[0].type, n.inputs[1].type
@@ -41,14 +55,7 @@ def emit_gather(k: Kernel, n):
                      f"axis {axis} of the table %{n.inputs[0].name} (e.g. the vocabulary)")
     with loop(b, k.begin, k.end, name="item") as item:
         o, i = (b.udiv(item, i64(nids)), b.urem(item, i64(nids))) if outer > 1 else (i64(0), item)
-        idx = b.load(gep(b, idp, lltype(ids.dtype), i), typ=lltype(ids.dtype))
-        if ids.dtype is not dt.i64:
-            idx = b.sext(idx, I64)
-        idx = b.select(b.icmp_signed("<", idx, i64(0)), b.add(idx, i64(rows)), idx)
-        ok = b.append_basic_block("in_range")
-        # unsigned: an id still negative after wrapping is huge, so one compare covers both ends
-        b.cbranch(b.icmp_unsigned("<", idx, i64(rows)), ok, fail)
-        b.position_at_end(ok)
+        idx = checked_id(b, idp, ids.dtype, i, rows, fail)
         src_row = b.add(b.mul(o, i64(rows)), idx) if outer > 1 else idx
         b.call(memcpy, [b.gep(dst, [b.mul(item, i64(row_bytes))], inbounds=True, source_etype=I8),
                         b.gep(src, [b.mul(src_row, i64(row_bytes))], inbounds=True, source_etype=I8),
@@ -84,13 +91,7 @@ def emit_gather_elements(k: Kernel, n):
                 base = b.add(base, b.mul(idx, i64(xst[d])))
         with loop(b, 0, inner, name="j") as j:
             flat = b.add(b.mul(row, i64(inner)), j)
-            idx = b.load(gep(b, idp, lltype(ids.dtype), flat), typ=lltype(ids.dtype))
-            if ids.dtype is not dt.i64:
-                idx = b.sext(idx, I64)
-            idx = b.select(b.icmp_signed("<", idx, i64(0)), b.add(idx, i64(x.shape[axis])), idx)
-            ok = b.append_basic_block("in_range")
-            b.cbranch(b.icmp_unsigned("<", idx, i64(x.shape[axis])), ok, fail)
-            b.position_at_end(ok)
+            idx = checked_id(b, idp, ids.dtype, flat, x.shape[axis], fail)
             off = b.add(base, b.mul(idx, i64(xst[axis])))
             if axis != r - 1:
                 off = b.add(off, j)

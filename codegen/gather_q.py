@@ -25,8 +25,8 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ..ir import dtypes as dt
-from .gather import SQK_ERR_INDEX
-from .kernel import F32, I8, I32, I64, Kernel, gep, i64, lltype, loop
+from .gather import SQK_ERR_INDEX, checked_id
+from .kernel import F32, I8, I32, Kernel, gep, i64, lltype, loop
 from .lower import emitter, packer
 from .matmul import Access
 from .matmul_q import NB, VL, QLayout, pack_matmul_q
@@ -95,13 +95,7 @@ def emit_gather_q(k: Kernel, node):
                 b.add(b.mul(blk, i64(nsuper * 2 * NB)), c), 2 * NB, NB)
 
     with loop(b, k.begin, k.end, name="item") as item:
-        idx = b.load(gep(b, idp, lltype(ids_t.dtype), item), typ=lltype(ids_t.dtype))
-        if ids_t.dtype is not dt.i64:
-            idx = b.sext(idx, I64)
-        idx = b.select(b.icmp_signed("<", idx, i64(0)), b.add(idx, i64(N)), idx)
-        ok = b.append_basic_block("in_range")
-        b.cbranch(b.icmp_unsigned("<", idx, i64(N)), ok, fail)
-        b.position_at_end(ok)
+        idx = checked_id(b, idp, ids_t.dtype, item, N, fail)
         base, stride, shift, top, s0, gstride, sup0, sstride, dmin = column(idx)
         shift8 = b.trunc(shift, I8)
         # host fields below the top hold q + half: flipping that bit gives q in two's complement

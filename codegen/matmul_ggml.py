@@ -35,8 +35,8 @@ import numpy as np
 from llvmlite import ir
 
 from ..ir import dtypes as dt
-from .gather import SQK_ERR_INDEX
-from .kernel import F16, F32, I8, I32, I64, Kernel, fconst, fold_loop, gep, hsum, i64, lltype, loop, splat
+from .gather import SQK_ERR_INDEX, checked_id
+from .kernel import F16, F32, I8, I32, Kernel, fconst, fold_loop, gep, hsum, i64, loop, splat
 from .lower import emitter, packer
 from .matmul import Access, cdiv, fma
 from .matmul_q_rows import RT, by_rows
@@ -152,13 +152,7 @@ def emit_gather_ggml(k: Kernel, node):
     k.index_error = (f"gather_ggml: every id in %{node.inputs[0].name} must lie in [{-N}, {N}), the rows of "
                      f"%{node.inputs[1].name} (e.g. the vocabulary)")
     with loop(b, k.begin, k.end, name="item") as item:
-        idx = b.load(gep(b, idp, lltype(ids_t.dtype), item), typ=lltype(ids_t.dtype))
-        if ids_t.dtype is not dt.i64:
-            idx = b.sext(idx, I64)
-        idx = b.select(b.icmp_signed("<", idx, i64(0)), b.add(idx, i64(N)), idx)
-        ok = b.append_basic_block("in_range")
-        b.cbranch(b.icmp_unsigned("<", idx, i64(N)), ok, fail)
-        b.position_at_end(ok)
+        idx = checked_id(b, idp, ids_t.dtype, item, N, fail)
         with loop(b, 0, K // QK, name="sb") as sb:
             o0 = b.add(b.mul(item, i64(K)), b.mul(sb, i64(QK)))
             decode_super_block(k, k.args[1], b.add(b.mul(idx, i64(rb)), b.mul(sb, i64(BLOCK))),
