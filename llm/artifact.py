@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 
-from ..runtime.module import ArtifactError, Module, manifest_hash, sha256_file
+from ..runtime.module import ArtifactError, Module, manifest_hash, replace_dir, sha256_file
 from .decoder import Decoder, LlamaConfig
 
 LLM_FORMAT = 1
@@ -102,15 +102,11 @@ def save_llm(dec: Decoder, path) -> None:
                  "tokenizer": tokenizer, "generate": generate}
         with open(os.path.join(tmp, INDEX), "w") as f:   # written last: its presence means complete
             json.dump(index, f, indent=1)
-        if os.path.isdir(path):
-            old = path + f".old{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)   # an existing artifact ends up in tmp: removed below
     finally:
-        if os.path.isdir(tmp):
+        if os.path.islink(tmp):  # path was a symlink, swapped out: the link goes, not its target
+            os.unlink(tmp)
+        elif os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -541,20 +541,26 @@ class Module:
             if os.path.isdir(path):
                 if not os.path.isfile(os.path.join(path, "manifest.json")):
                     raise FileExistsError(f"{path} exists and is not an sqk artifact; not overwriting it")
-                if not _exchange(tmp, path):  # no atomic swap here: two renames
-                    old = path + f".old{os.getpid()}"
-                    os.replace(path, old)
-                    os.replace(tmp, path)
-                    shutil.rmtree(old, ignore_errors=True)
-                # else tmp now holds the old artifact: removed below
-            else:
-                os.replace(tmp, path)
+            replace_dir(tmp, path)   # an existing artifact ends up in tmp: removed below
         finally:
             os.close(lock)
             if os.path.islink(tmp):  # path was a symlink, swapped out: the link goes, not its target
                 os.unlink(tmp)
             elif os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: str, path: str) -> None:
+    """Move the finished directory ``tmp`` to ``path``.  An existing directory there is
+    swapped atomically (``_exchange``: then ``tmp`` holds the old one, for the caller to
+    remove), or, where that is unsupported, renamed away and removed."""
+    if not os.path.isdir(path):
+        os.replace(tmp, path)
+    elif not _exchange(tmp, path):  # no atomic swap here: two renames
+        old = path + f".old{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _exchange(a: str, b: str) -> bool:
