@@ -120,9 +120,10 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
         g = pm.run(verify(graph))
         # each reporting pass records its report on itself (passes/report.py)
         report = combine_reports([getattr(p, "report", None) for p in passes])
-        g = unshare_packed_constants(g, tgt)   # a constant read in two layouts becomes two constants
+        memo = {}   # each weight packed once for both
+        g = unshare_packed_constants(g, tgt, memo)   # a constant read in two layouts becomes two constants
         pairs = state_pairs(g, [state] if isinstance(state, str) else state) if state else {}
-        plan = plan_memory(g, pack_constants(g, tgt), state=pairs)
+        plan = plan_memory(g, pack_constants(g, tgt, memo), state=pairs)
         # state updated in its input's buffer (host only: the runner copies every output)
         in_place = frozenset(c[-1] for c in pairs.values()) if tgt.name == "host" else frozenset()
         t0 = time.perf_counter()
