@@ -724,3 +724,28 @@ def test_matmul_nbits_errors():
         from_matmul_nbits(np.zeros((2, 2, 16), np.uint8), np.ones(4, F32), None, 40, 2, 32, bits=8)
     with pytest.raises(ValueError, match="only uint8 packed zero points"):
         from_matmul_nbits(np.zeros((2, 2, 16), np.uint8), np.ones(4, F32), np.ones(4, F32), 40, 2, 32)
+
+
+def test_quantize_memo_reuses_equal_layers_only():
+    """A weight quantized again with the same bytes, inputs and options (a decoder's
+    step and prefill modules) reuses the codes and the error: equal graphs and
+    reports; another weight, group or seed is quantized afresh."""
+    from sqk.compiler.passes import quantize as qp
+
+    qp._MEMO.clear()
+    spec = "quantize{weights=int4}"
+    g1, r1 = run_pipeline(two_layer(), spec)
+    assert len(qp._MEMO) == 2
+    g2, r2 = run_pipeline(two_layer(), spec)
+    assert len(qp._MEMO) == 2 and list(r1) == list(r2)
+    c1 = [n.attrs["value"] for n in g1.nodes if n.op == "const"]
+    c2 = [n.attrs["value"] for n in g2.nodes if n.op == "const"]
+    assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(c1, c2)) and len(c1) == len(c2)
+    run_pipeline(two_layer(seed=1), spec)                           # other weights
+    run_pipeline(two_layer(), "quantize{weights=int4,group=16}")    # another group
+    run_pipeline(two_layer(), "quantize{weights=int4,seed=3}")      # other input rows: another error
+    assert len(qp._MEMO) == 8
+    _, fresh = run_pipeline(two_layer(), "quantize{weights=int4,seed=3}")
+    qp._MEMO.clear()
+    _, again = run_pipeline(two_layer(), "quantize{weights=int4,seed=3}")
+    assert list(fresh) == list(again)

@@ -41,7 +41,9 @@ them) through the float weight and through the dequantized weight.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+from collections import OrderedDict
 from typing import ClassVar
 
 import numpy as np
@@ -187,10 +189,17 @@ class Quantize(Pass):
             group = self.group_for(k)
             self._check_sparse(w, uses[w], group)
             arr = prod[w].attrs["value"]
-            q, s, z = qm.quantize_weight(arr, self.bits, group, self.scheme, self.scale_dtype, name=w.name)
             scales = {n: qm.activation_scale(inputs[n], self.calibration, self.percentile, name=w.name)
                       for n in uses[w]} if self.static else {}
-            rel, cos = self._layer_error([(inputs[n], scales.get(n, 0.0)) for n in uses[w]], arr, q, s, z, group)
+            xs = [(inputs[n], scales.get(n, 0.0)) for n in uses[w]]
+            key = self._memo_key(arr, xs, group)
+            if key in _MEMO:
+                _MEMO.move_to_end(key)
+                q, s, z, rel, cos = _MEMO[key]
+            else:
+                q, s, z = qm.quantize_weight(arr, self.bits, group, self.scheme, self.scale_dtype, name=w.name)
+                rel, cos = self._layer_error(xs, arr, q, s, z, group)
+                _remember(key, (q, s, z, rel, cos))
             spelled = f"{self.weights} {'g' + str(group) if group < k else 'per-channel'} {self.scheme}"
             if self.activations == "int8":
                 spelled += " + i8 act" + (f" {self.calibration}" if self.static else "")
@@ -236,6 +245,15 @@ class Quantize(Pass):
                 out_nodes.append(node)
         object.__setattr__(self, "report", report)
         return graph.with_nodes(out_nodes)
+
+    def _memo_key(self, arr, xs, group) -> tuple:
+        """What a layer's codes, scales and error depend on: the weight's and its
+        inputs' bytes (hashed), static activation scales and the options."""
+        def digest(a):
+            a = np.ascontiguousarray(a)
+            return hashlib.sha256(a.view(np.uint8).reshape(-1)).digest(), a.shape, a.dtype.str
+        return (digest(arr), tuple((digest(x), float(sc)) for x, sc in xs), self.bits, group, self.scheme,
+                self.scale_dtype, self.activations)
 
     def _check_sparse(self, w: Value, users: list[Node], group: int) -> None:
         """A matmul of ``w`` stored in a non-dense format must stay readable as
@@ -292,6 +310,21 @@ class Quantize(Pass):
                 for n in users:
                     rows[n].append(env[n.inputs[0]].reshape(-1, w.shape[0]))
         return {n: np.concatenate(r) for n, r in rows.items()}
+
+
+# Recently quantized layers (q, scales, zeros, rel, cos), by ``Quantize._memo_key``: a decoder's
+# step and prefill-chunk modules hold the same weights, quantized and measured once.  The arrays
+# are read-only constants, shared by the graphs; at most MEMO_BYTES of them are kept.
+_MEMO: OrderedDict = OrderedDict()
+MEMO_BYTES = 256 << 20
+
+
+def _remember(key, entry) -> None:
+    _MEMO[key] = entry
+    size = lambda e: sum(a.nbytes for a in e[:3] if a is not None)   # noqa: E731
+    total = sum(size(e) for e in _MEMO.values())
+    while total > MEMO_BYTES and _MEMO:
+        total -= size(_MEMO.popitem(last=False)[1])
 
 
 def _fresh(name: str, taken: set) -> str:
