@@ -732,7 +732,7 @@ def test_quantize_memo_reuses_equal_layers_only():
     reports; another weight, group or seed is quantized afresh."""
     from sqk.compiler.passes import quantize as qp
 
-    qp._MEMO.clear()
+    qp.clear_memo()
     spec = "quantize{weights=int4}"
     g1, r1 = run_pipeline(two_layer(), spec)
     assert len(qp._MEMO) == 2
@@ -746,6 +746,14 @@ def test_quantize_memo_reuses_equal_layers_only():
     run_pipeline(two_layer(), "quantize{weights=int4,seed=3}")      # other input rows: another error
     assert len(qp._MEMO) == 8
     _, fresh = run_pipeline(two_layer(), "quantize{weights=int4,seed=3}")
-    qp._MEMO.clear()
+    qp.clear_memo()
     _, again = run_pipeline(two_layer(), "quantize{weights=int4,seed=3}")
     assert list(fresh) == list(again)
+    qp.clear_memo()
+    old, qp.MEMO_BYTES = qp.MEMO_BYTES, 48 * 40 + 40 * 4 * 2   # room for w2's codes and scales only
+    try:
+        run_pipeline(two_layer(), spec)
+        assert len(qp._MEMO) == 1 and qp._MEMO_TOTAL[0] <= qp.MEMO_BYTES
+    finally:
+        qp.MEMO_BYTES = old
+        qp.clear_memo()

@@ -37,6 +37,9 @@ reach it the same way: ``with_calibration(data)`` returns a copy carrying
 isolation: the layer's fp32 input (from the reference interpreter over the
 calibration samples, or seeded standard-normal rows [samples, K] without
 them) through the float weight and through the dequantized weight.
+A layer quantized again with the same weight bytes, inputs and options (the
+step and prefill-chunk modules of one decoder) reuses the first result
+(``_MEMO``, at most ``MEMO_BYTES`` of codes and scales kept).
 """
 from __future__ import annotations
 
@@ -316,15 +319,21 @@ class Quantize(Pass):
 # step and prefill-chunk modules hold the same weights, quantized and measured once.  The arrays
 # are read-only constants, shared by the graphs; at most MEMO_BYTES of them are kept.
 _MEMO: OrderedDict = OrderedDict()
+_MEMO_TOTAL = [0]   # bytes of the arrays in _MEMO
 MEMO_BYTES = 256 << 20
 
 
 def _remember(key, entry) -> None:
-    _MEMO[key] = entry
     size = lambda e: sum(a.nbytes for a in e[:3] if a is not None)   # noqa: E731
-    total = sum(size(e) for e in _MEMO.values())
+    _MEMO[key] = entry
+    total = _MEMO_TOTAL[0] = _MEMO_TOTAL[0] + size(entry)
     while total > MEMO_BYTES and _MEMO:
-        total -= size(_MEMO.popitem(last=False)[1])
+        total = _MEMO_TOTAL[0] = total - size(_MEMO.popitem(last=False)[1])
+
+
+def clear_memo() -> None:
+    _MEMO.clear()
+    _MEMO_TOTAL[0] = 0
 
 
 def _fresh(name: str, taken: set) -> str:
