@@ -9,6 +9,7 @@ threads and the fewest worth giving one thread.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -223,7 +224,7 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
 
     consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
     steps: list[Step] = []
-    shared: dict[tuple, tuple[str, int, int]] = {}   # kernel_signature -> (symbol, range, grain)
+    shared: dict[tuple, tuple] = {}   # kernel_signature -> (symbol, range, grain, index_error, node)
     nodes = [n for n in graph.nodes if n.op != "const" and not is_view(n, buffers)]
     for n in nodes:
         fn = EMITTERS.get(kernel_key(n))
@@ -237,16 +238,15 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
         node_consts = [consts.get(v) for v in n.inputs]
         sig = kernel_signature(n, aliased, node_consts)
         if sig in shared:   # the same kernel as an earlier step's: a call to it
-            first, rng, grain = shared[sig]
+            first, rng, grain, message, first_node = shared[sig]
             _forward(module, name, module.globals[first])
-            steps.append(Step(name, tuple(ids), rng, grain))
+            steps.append(Step(name, tuple(ids), rng, grain, rename_values(message, first_node, n)))
         else:
             k = Kernel(module, name, len(ids), target, aliased=aliased)
             k.consts = node_consts
             rng, grain = fn(k, n)
             steps.append(Step(name, tuple(ids), rng, max(1, grain), getattr(k, "index_error", "")))
-            if not steps[-1].index_error:   # its message names this node's values: not shared
-                shared[sig] = (name, rng, max(1, grain))
+            shared[sig] = (name, rng, max(1, grain), steps[-1].index_error, n)
         if progress is not None:
             progress(len(steps), len(nodes))
     # An output that is also an input, a constant or another output gets its own copy
@@ -282,6 +282,17 @@ def kernel_signature(n: Node, aliased: frozenset, consts: list) -> tuple:
     values = tuple(None if c is None else hashlib.blake2b(np.ascontiguousarray(c).tobytes(), digest_size=16).digest()
                    for c in consts) if reads_values else ()
     return node_signature(n), aliased, tuple(c is not None for c in consts), values
+
+
+def rename_values(message: str, first: Node, node: Node) -> str:
+    """``message`` about ``first`` (its values written %name) said of ``node``, a node of
+    the same signature: each of first's input/output names becomes node's at that place."""
+    pairs = {a.name: b.name for a, b in zip(first.inputs + first.outputs, node.inputs + node.outputs)
+             if a is not None and b is not None}
+    if not message or all(a == b for a, b in pairs.items()):
+        return message
+    names = "|".join(re.escape(a) for a in sorted(pairs, key=len, reverse=True))   # longest name first
+    return re.sub(rf"%({names})(?![\w])", lambda m: "%" + pairs[m.group(1)], message)
 
 
 def _forward(module: ir.Module, name: str, target_fn: ir.Function) -> None:

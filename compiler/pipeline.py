@@ -171,12 +171,12 @@ class PassManager:
             if self.progress is not None:
                 self.progress.update(f"pass {p.name}", i - 1, len(self.passes), "passes")
             t0 = time.perf_counter()
-            old, before = graph, graph.to_text(0)
+            old, before = graph, graph.to_text(0) if self.log else None   # printed only for the log
             graph = p.run(graph)
             verify(graph)
-            # the text with inline_limit=0 shows every constant as @name: compare their data too
-            changed = graph is not old and (graph.to_text(0) != before or not _same_constants(old, graph))
             if self.log:
+                # the text with inline_limit=0 shows every constant as @name: compare their data too
+                changed = graph is not old and (graph.to_text(0) != before or not _same_constants(old, graph))
                 self.log(f"[{i:02d}] {p.spelling():<24} {(time.perf_counter() - t0) * 1e3:7.1f} ms"
                          + ("" if changed else "  (unchanged)"))
             self._dump(i, p.name, graph)

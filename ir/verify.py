@@ -1,6 +1,8 @@
 """The verifier: every message names the node (line in the text form) and the problem."""
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from . import dtypes as dt
@@ -11,6 +13,11 @@ from .text import check_const
 
 class VerifyError(IRError):
     pass
+
+
+# read-only constants whose values passed check_const (each pass of a pipeline verifies the graph:
+# scanning every i4 weight each time took seconds on an LLM); entries go with their arrays
+_CHECKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def verify(g: Graph) -> Graph:
@@ -54,10 +61,13 @@ def verify(g: Graph) -> Graph:
                 if not isinstance(arr, np.ndarray) or arr.shape != t.shape or arr.dtype != t.dtype.np_dtype:
                     raise IRError(f"data {getattr(arr, 'dtype', type(arr))}{list(getattr(arr, 'shape', ()))} "
                                   f"does not match type {t}")
-                try:
-                    check_const(arr, t)
-                except ValueError as e:
-                    raise IRError(f"data does not match type {t}: {e}") from None
+                if _CHECKED.get(id(arr)) is not arr or arr.flags.writeable:
+                    try:
+                        check_const(arr, t)
+                    except ValueError as e:
+                        raise IRError(f"data does not match type {t}: {e}") from None
+                    if arr.flags.owndata and not arr.flags.writeable:   # cannot change: checked once
+                        _CHECKED[id(arr)] = arr
                 inferred = [t]
             else:
                 op.check_arity(len(n.inputs))

@@ -97,3 +97,16 @@ def test_gather_from_empty_table_fails():
     m = compile_for(b.output(b.gather(t, ids)), "host")
     with pytest.raises(sqk.SqkRuntimeError, match="gather"):
         m(t=np.zeros((0, 3), np.float32), ids=np.zeros(2, np.int64))
+
+
+def test_shared_gather_kernel_names_its_own_ids():
+    """Two gathers of one signature share a kernel (codegen/lower.py); each step's
+    out-of-range message still names its own id input."""
+    b = sqk.GraphBuilder("gather_shared")
+    t, a, c = b.input("t", (8, 4)), b.input("ida", (3,), "i64"), b.input("idc", (3,), "i64")
+    m = sqk.compile(b.output(b.gather(t, a), b.gather(t, c)), target="host")
+    table, good = rand((8, 4)), np.array([0, 7, -8], np.int64)
+    with pytest.raises(sqk.SqkRuntimeError, match=r"every id in %idc must lie in \[-8, 8\).*got idc = \[0, 8, 1\]"):
+        m(t=table, ida=good, idc=np.array([0, 8, 1], np.int64))
+    with pytest.raises(sqk.SqkRuntimeError, match=r"every id in %ida must lie in \[-8, 8\).*got ida = \[9, 0, 0\]"):
+        m(t=table, ida=np.array([9, 0, 0], np.int64), idc=good)

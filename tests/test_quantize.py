@@ -724,3 +724,4 @@ def test_matmul_nbits_errors():
         from_matmul_nbits(np.zeros((2, 2, 16), np.uint8), np.ones(4, F32), None, 40, 2, 32, bits=8)
     with pytest.raises(ValueError, match="only uint8 packed zero points"):
         from_matmul_nbits(np.zeros((2, 2, 16), np.uint8), np.ones(4, F32), np.ones(4, F32), 40, 2, 32)
+

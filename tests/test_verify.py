@@ -176,6 +176,19 @@ def test_i4_constants_in_range_verify():
     assert verify(graph([X], [c, r, node("neg", [X], [val("y", "f32", (2, 3))])]))
 
 
+def test_i4_constant_checked_again_once_writable():
+    """A read-only constant is range-checked once (verify runs after every pass);
+    one made writable again is checked again."""
+    data = np.arange(-8, 8, dtype=np.int8)
+    data.setflags(write=False)
+    c = Node("const", (), (val("c", "i4", (16,)),), {"value": data})
+    g = graph([X], [c, node("neg", [X], [val("y", "f32", (2, 3))])])
+    assert verify(g) and verify(g)
+    data.setflags(write=True)
+    data[0] = 9
+    assert "i4 values must lie in [-8, 7]" in verify_error(g)
+
+
 # --- SSA form and the graph's interface -----------------------------------------------------------
 
 def test_undefined_input():

@@ -153,14 +153,38 @@ class WeightStats:
     @classmethod
     def of(cls, w: np.ndarray, dtype: str) -> WeightStats:
         k, n = w.shape
-        per_col = np.count_nonzero(w, axis=0)
-        blocks = {(r, c): round(block_density(w, r, c) * -(-k // r) * -(-n // c)) for r, c in BSR_BLOCKS}
-        nm_max = {m: int(nm_counts(w, m).max(initial=0)) for m in NM_RUNS}
+        nz = np.asarray(w) != 0
+        per_col = np.count_nonzero(nz, axis=0)
+        if set(BSR_BLOCKS) == {(1, 4), (1, 8), (4, 1), (8, 1), (4, 4)} and NM_RUNS == (2, 4, 8, 16) and nz.size:
+            # one pass over the weight: the larger blocks and runs from the smaller ones (exact counts,
+            # those of block_density / nm_counts; seconds saved per LLM compile)
+            r4 = _pairs(_pairs(nz, 0, np.logical_or), 0, np.logical_or)           # [K/4, N]: 4x1 blocks
+            c4 = _pairs(_pairs(nz, 1, np.logical_or), 1, np.logical_or)           # [K, N/4]: 1x4 blocks
+            any_blocks = {(4, 1): r4, (8, 1): _pairs(r4, 0, np.logical_or), (1, 4): c4,
+                          (1, 8): _pairs(c4, 1, np.logical_or),
+                          (4, 4): _pairs(_pairs(r4, 1, np.logical_or), 1, np.logical_or)}
+            blocks = {rc: int(np.count_nonzero(any_blocks[rc])) for rc in BSR_BLOCKS}
+            runs, nm_max = nz.astype(np.uint8), {}
+            for m in NM_RUNS:                                                  # m = 2, 4, 8, 16 rows
+                runs = _pairs(runs, 0, np.add)
+                nm_max[m] = int(runs.max(initial=0))
+        else:
+            blocks = {(r, c): round(block_density(w, r, c) * -(-k // r) * -(-n // c)) for r, c in BSR_BLOCKS}
+            nm_max = {m: int(nm_counts(w, m).max(initial=0)) for m in NM_RUNS}
         return cls(k, n, dtype, int(per_col.sum()), int((-(-per_col // CSR_PAD) * CSR_PAD).sum()), blocks, nm_max)
 
     @property
     def density(self) -> float:
         return self.nnz / (self.k * self.n) if self.k * self.n else 1.0
+
+
+def _pairs(a: np.ndarray, axis: int, op) -> np.ndarray:
+    """``op`` of aligned pairs along ``axis`` (0 or 1) of 2-D ``a``, an odd end padded with zeros."""
+    if a.shape[axis] % 2:
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (0, 1)
+        a = np.pad(a, pad)
+    return op(a[0::2], a[1::2]) if axis == 0 else op(a[:, 0::2], a[:, 1::2])
 
 
 def _aligned(nbytes: float) -> int:
