@@ -36,6 +36,10 @@ def __getattr__(name):
         import importlib  # not `from . import llm`: that asks this __getattr__ again
 
         return importlib.import_module(".llm", __name__)
+    if name == "load_llm":  # sqk.llm.load
+        import importlib
+
+        return importlib.import_module(".llm", __name__).load
     # OnnxImportError lives with the importer, loaded on first use (the runtime needs no compiler).
     if name == "OnnxImportError":
         from .compiler.frontends.onnx import OnnxImportError

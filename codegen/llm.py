@@ -29,7 +29,7 @@ from ..ir import dtypes as dt
 from ..ir.ops import rope_inv_freq
 from .elementwise import MIN_PARALLEL_WORK, _elementwise, f_exp, f_sigmoid
 from .kernel import (F32, I1, I8, I64, PTR, Kernel, call_intrinsic, fconst, gep, i64, load_elem, load_vec,
-                     lltype, loop, splat, store_elem, store_vec)
+                     lltype, loop, narrow, splat, store_elem, store_vec, widen)
 from .lower import emitter
 from .reduce import Accumulators, Combiner, blocks, entry_alloca, get, groups_at
 
@@ -51,15 +51,17 @@ def _sv(b, v, w):
     return splat(b, v, w) if w > 1 else v
 
 
-def axpy(k: Kernel, n: int, acc, coef, src, d: dt.DType, src_base):
-    """acc[0:n] (f32 stack array) += coef * src[src_base : src_base + n] (dtype d)."""
+def axpy(k: Kernel, n: int, acc, coef, src, d: dt.DType, src_base, convert=None):
+    """acc[0:n] (f32 stack array) += coef * src[src_base : src_base + n] (dtype d),
+    each loaded element passed through ``convert(value, width)`` when given."""
     b = k.b
 
     def body(j, w, c):
         cv = _sv(b, coef, w)
         for jj in groups_at(b, j, w, c):
             a = load_vec(b, acc, F32, jj, w) if w > 1 else b.load(gep(b, acc, F32, jj), typ=F32)
-            v = b.fadd(a, b.fmul(cv, load_elem(b, src, d, b.add(src_base, jj), w)))
+            x = load_elem(b, src, d, b.add(src_base, jj), w)
+            v = b.fadd(a, b.fmul(cv, convert(x, w) if convert else x))
             store_vec(b, v, acc, F32, jj) if w > 1 else b.store(v, gep(b, acc, F32, jj))
 
     blocks(k, 0, n, k.target.lanes(32), body)
@@ -90,7 +92,8 @@ def memcpy(k: Kernel, dst, dst_off, src, src_off, nbytes):
 @emitter("rope")
 def emit_rope(k: Kernel, n):
     """One work item per (leading index, token): its cos/sin row (D/2 libm
-    calls) is computed once and applied to every head."""
+    calls) is computed once and applied to every head.  The frequencies are a
+    constant global, or the optional inv_freq input when the node has one."""
     x, pos = n.inputs[0].type, n.inputs[1].type
     d = x.dtype
     dd = x.shape[-1]
@@ -103,12 +106,15 @@ def emit_rope(k: Kernel, n):
         k.finish()
         return 0, 1
     b = k.b
-    src, pp, dst = k.args
+    src, pp, dst = k.args[0], k.args[1], k.args[-1]
     per_token = pos.shape == (t,) and t != 1
-    inv = ir.GlobalVariable(k.module, ir.ArrayType(F32, max(1, half)), k.name + ".inv_freq")
-    inv.global_constant, inv.linkage = True, "private"
-    inv.initializer = ir.Constant(ir.ArrayType(F32, max(1, half)),
-                                  [float(v) for v in rope_inv_freq(dd, n.attrs["theta"])] or [0.0])
+    if len(n.inputs) > 2:
+        inv = k.args[2]
+    else:
+        inv = ir.GlobalVariable(k.module, ir.ArrayType(F32, max(1, half)), k.name + ".inv_freq")
+        inv.global_constant, inv.linkage = True, "private"
+        inv.initializer = ir.Constant(ir.ArrayType(F32, max(1, half)),
+                                      [float(v) for v in rope_inv_freq(dd, n.attrs["theta"])] or [0.0])
     interleaved = n.attrs["style"] == "interleaved"
     cs, sn = stack_array(k, F32, half), stack_array(k, F32, half)
     with loop(b, k.begin, k.end, name="item") as item:
@@ -234,29 +240,109 @@ def emit_topk(k: Kernel, n):
 
 # --- attention_decode ----------------------------------------------------------------------------
 
+class Attention:
+    """What the attention_decode kernels share: shapes, dtypes, the scratch of
+    one work item's online softmax (G*(D+2) floats on the stack) and the loop
+    that folds a run of K/V rows into it."""
+
+    def __init__(self, k: Kernel, n):
+        q, kc = n.inputs[0].type, n.inputs[3].type
+        self.k, self.b = k, k.b
+        self.d, self.dc = q.dtype, kc.dtype                   # activations, caches
+        self.hkv, self.s, self.dd = kc.shape
+        self.hq = q.shape[-2]
+        self.grp = self.hq // self.hkv
+        self.lanes = k.target.lanes(32)
+        self.scale = float(np.float32(1.0 / math.sqrt(self.dd)))
+        self.acc = stack_array(k, F32, self.grp * self.dd)
+        self.mx, self.tot = stack_array(k, F32, self.grp), stack_array(k, F32, self.grp)
+        self.dot = Accumulators(k, Combiner("sum", dt.f32), self.lanes)
+
+    def f32_at(self, arr, i):
+        return gep(self.b, arr, F32, i)
+
+    def start(self):
+        """Empty the softmax state of the group's heads."""
+        fill(self.k, self.grp, self.mx, float("-inf"))
+        fill(self.k, self.grp, self.tot, 0.0)
+        fill(self.k, self.grp * self.dd, self.acc, 0.0)
+
+    def rows(self, t0, t1, kp, vp, src: dt.DType, row_base, q_base, qp, rounded: bool = False):
+        """Fold rows t0..t1-1 of K/V (``row_base(t)``: element offset of row t in
+        kp/vp, of dtype src) into the softmax of the group's heads (``q_base(g)``:
+        offset of head g's query in qp), each row read once for the whole group.
+        ``rounded``: the rows are not in the cache yet and are rounded to its
+        dtype as they would be stored there."""
+        k, b, d, dd = self.k, self.b, self.d, self.dd
+
+        def load(ptr, dtype, idx, w):
+            v = load_elem(b, ptr, dtype, idx, w)
+            return widen(b, narrow(b, v, self.dc, w), self.dc, w) if rounded else v
+
+        with loop(b, t0, t1, name="t") as t:
+            rb = row_base(t)
+            with loop(b, 0, self.grp, name="g") as gi:
+                qb = q_base(gi)
+                self.dot.reset()
+                blocks(k, 0, dd, self.lanes, lambda j, w, c: self.dot.add(w, c, [
+                    b.fmul(load_elem(b, qp, d, b.add(qb, jj), w), load(kp, src, b.add(rb, jj), w))
+                    for jj in groups_at(b, j, w, c)]))
+                sc = b.fmul(self.dot.result(), fconst(F32, self.scale))
+                accg = self.f32_at(self.acc, b.mul(gi, i64(dd)))
+                m_old = b.load(self.f32_at(self.mx, gi), typ=F32)
+                with b.if_then(b.fcmp_ordered(">", sc, m_old)):  # a new max: rescale what is summed so far
+                    r = f_exp(k, b.fsub(m_old, sc), 1)
+                    scale_array(k, dd, accg, r)
+                    b.store(b.fmul(b.load(self.f32_at(self.tot, gi), typ=F32), r), self.f32_at(self.tot, gi))
+                    b.store(sc, self.f32_at(self.mx, gi))
+                e = f_exp(k, b.fsub(sc, b.load(self.f32_at(self.mx, gi), typ=F32)), 1)
+                b.store(b.fadd(b.load(self.f32_at(self.tot, gi), typ=F32), e), self.f32_at(self.tot, gi))
+                if rounded:
+                    axpy(k, dd, accg, e, vp, src, rb, lambda v, w: widen(b, narrow(b, v, self.dc, w), self.dc, w))
+                else:
+                    axpy(k, dd, accg, e, vp, src, rb)
+
+    def finish(self, outp, out_base):
+        """out[out_base(g) : +D] = acc_g / sum_g for the group's heads."""
+        b, dd = self.b, self.dd
+        with loop(b, 0, self.grp, name="g") as gi:
+            inv = b.fdiv(fconst(F32, 1.0), b.load(self.f32_at(self.tot, gi), typ=F32))
+            ob = out_base(gi)
+            with loop(b, 0, dd, name="j") as j:
+                v = b.load(self.f32_at(self.acc, b.add(b.mul(gi, i64(dd)), j)), typ=F32)
+                store_elem(b, b.fmul(v, inv), outp, self.d, b.add(ob, j))
+
+    def store_rows(self, dst, dst_off, src, src_off, n: int):
+        """Copy n elements of a new K/V row (byte offsets) into a cache, rounded
+        to the cache's dtype (a memcpy when the dtypes agree)."""
+        if self.dc is self.d:
+            memcpy(self.k, dst, dst_off, src, src_off, n * self.d.bits // 8)
+            return
+        b = self.b
+        de, ce = b.udiv(src_off, i64(self.d.bits // 8)), b.udiv(dst_off, i64(self.dc.bits // 8))
+        with loop(b, 0, n, name="j") as j:
+            store_elem(b, load_elem(b, src, self.d, b.add(de, j)), dst, self.dc, b.add(ce, j))
+
+
 @emitter("attention_decode")
 def emit_attention_decode(k: Kernel, n):
-    """One work item per KV head: check pos, copy the head's cache slice when
-    the caches are not updated in place, write the new row, then one pass over
-    rows 0..pos with an online softmax (running max m, sum l, accumulator
-    acc[D] rescaled by exp(m_old - m_new) when the max grows) for all Hq/Hkv
-    query heads of the group at once: each K and V row is read from memory
-    once and reused from L1 by the group's heads.  Stack scratch: G*(D+2) floats."""
-    q, kc = n.inputs[0].type, n.inputs[3].type
+    """q[Hq, D] (one token): one work item per KV head: check pos, copy the
+    head's cache slice when the caches are not updated in place, write the new
+    row, then one pass over rows 0..pos with an online softmax (running max m,
+    sum l, accumulator acc[D] rescaled by exp(m_old - m_new) when the max
+    grows) for all Hq/Hkv query heads of the group at once: each K and V row
+    is read from memory once and reused from L1 by the group's heads.
+    q[T, Hq, D] (a prefill chunk): ``emit_attention_chunk``."""
+    if n.inputs[0].type.rank == 3:
+        return emit_attention_chunk(k, n)
     pos_t = n.inputs[5].type
-    d = q.dtype
-    hkv, s, dd = kc.shape
-    grp = q.shape[0] // hkv
-    es = d.bits // 8
     for i in (3, 4, 6 + 1, 6 + 2):  # the caches, in and out: maybe one buffer
         k.body.args[i].attributes.discard("noalias")
     b = k.b
     qp, knp, vnp, kci, vci, pp, outp, kco, vco = k.args
-    lanes = k.target.lanes(32)
-    scale = float(np.float32(1.0 / math.sqrt(dd)))
-    acc = stack_array(k, F32, grp * dd)
-    mx, tot = stack_array(k, F32, grp), stack_array(k, F32, grp)
-    dot = Accumulators(k, Combiner("sum", dt.f32), lanes)
+    at = Attention(k, n)
+    hkv, s, dd, grp = at.hkv, at.s, at.dd, at.grp
+    es, ce = at.d.bits // 8, at.dc.bits // 8
     fail = k.fail(SQK_ERR_INDEX)
     k.index_error = (f"attention_decode: the position %{n.inputs[5].name} must lie in [0, {s}), "
                      f"the KV cache length {s}")
@@ -264,50 +350,78 @@ def emit_attention_decode(k: Kernel, n):
     ok = b.append_basic_block("pos_ok")
     b.cbranch(b.icmp_unsigned("<", p, i64(s)), ok, fail)  # unsigned: a negative pos fails too
     b.position_at_end(ok)
-    slice_bytes = s * dd * es
-
-    def f32_at(arr, i):
-        return gep(b, arr, F32, i)
+    slice_bytes = s * dd * ce
 
     with loop(b, k.begin, k.end, name="h") as h:
         head_off = b.mul(h, i64(slice_bytes))
         for src, dst in ((kci, kco), (vci, vco)):
             with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(src, I64), b.ptrtoint(dst, I64))):
                 memcpy(k, dst, head_off, src, head_off, slice_bytes)
-        row_off = b.mul(b.add(b.mul(h, i64(s)), p), i64(dd * es))
-        memcpy(k, kco, row_off, knp, b.mul(h, i64(dd * es)), dd * es)
-        memcpy(k, vco, row_off, vnp, b.mul(h, i64(dd * es)), dd * es)
+        row_off = b.mul(b.add(b.mul(h, i64(s)), p), i64(dd * ce))
+        at.store_rows(kco, row_off, knp, b.mul(h, i64(dd * es)), dd)
+        at.store_rows(vco, row_off, vnp, b.mul(h, i64(dd * es)), dd)
         cache_base = b.mul(h, i64(s * dd))
-        fill(k, grp, mx, float("-inf"))
-        fill(k, grp, tot, 0.0)
-        fill(k, grp * dd, acc, 0.0)
-        with loop(b, 0, b.add(p, i64(1)), name="t") as t:
-            rb = b.add(cache_base, b.mul(t, i64(dd)))
-            with loop(b, 0, grp, name="g") as gi:
-                qb = b.mul(b.add(b.mul(h, i64(grp)), gi), i64(dd))
-                dot.reset()
-                blocks(k, 0, dd, lanes, lambda j, w, c: dot.add(w, c, [
-                    b.fmul(load_elem(b, qp, d, b.add(qb, jj), w), load_elem(b, kco, d, b.add(rb, jj), w))
-                    for jj in groups_at(b, j, w, c)]))
-                sc = b.fmul(dot.result(), fconst(F32, scale))
-                accg = f32_at(acc, b.mul(gi, i64(dd)))
-                m_old = b.load(f32_at(mx, gi), typ=F32)
-                with b.if_then(b.fcmp_ordered(">", sc, m_old)):  # a new max: rescale what is summed so far
-                    r = f_exp(k, b.fsub(m_old, sc), 1)
-                    scale_array(k, dd, accg, r)
-                    b.store(b.fmul(b.load(f32_at(tot, gi), typ=F32), r), f32_at(tot, gi))
-                    b.store(sc, f32_at(mx, gi))
-                e = f_exp(k, b.fsub(sc, b.load(f32_at(mx, gi), typ=F32)), 1)
-                b.store(b.fadd(b.load(f32_at(tot, gi), typ=F32), e), f32_at(tot, gi))
-                axpy(k, dd, accg, e, vco, d, rb)
-        with loop(b, 0, grp, name="g") as gi:
-            inv = b.fdiv(fconst(F32, 1.0), b.load(f32_at(tot, gi), typ=F32))
-            ob = b.mul(b.add(b.mul(h, i64(grp)), gi), i64(dd))
-            with loop(b, 0, dd, name="j") as j:
-                v = b.load(f32_at(acc, b.add(b.mul(gi, i64(dd)), j)), typ=F32)
-                store_elem(b, b.fmul(v, inv), outp, d, b.add(ob, j))
+        at.start()
+        at.rows(0, b.add(p, i64(1)), kco, vco, at.dc, lambda t: b.add(cache_base, b.mul(t, i64(dd))),
+                lambda gi: b.mul(b.add(b.mul(h, i64(grp)), gi), i64(dd)), qp)
+        at.finish(outp, lambda gi: b.mul(b.add(b.mul(h, i64(grp)), gi), i64(dd)))
     k.finish()
     return hkv, 1
+
+
+def emit_attention_chunk(k: Kernel, n):
+    """A chunk of T tokens at pos..pos+T-1: one work item per (KV head h, query
+    row i), h major, each for the group's Hq/Hkv query heads.  Items run
+    concurrently, so none reads what another writes: item (h, i) writes only
+    its own new row pos+i, reads rows < pos from the *input* cache (unchanged
+    by this kernel, in place or not) and rows pos..pos+i from k_new/v_new
+    (rounded to the cache's dtype, as stored); item (h, 0) copies the rows
+    outside the chunk when the caches are not updated in place."""
+    q_t, pos_t = n.inputs[0].type, n.inputs[5].type
+    for i in (3, 4, 6 + 1, 6 + 2):
+        k.body.args[i].attributes.discard("noalias")
+    b = k.b
+    qp, knp, vnp, kci, vci, pp, outp, kco, vco = k.args
+    at = Attention(k, n)
+    hkv, s, dd, grp, hq = at.hkv, at.s, at.dd, at.grp, at.hq
+    tn = q_t.shape[0]
+    es, ce = at.d.bits // 8, at.dc.bits // 8
+    if tn == 0:
+        k.finish()
+        return 0, 1
+    fail = k.fail(SQK_ERR_INDEX)
+    k.index_error = (f"attention_decode: a chunk of {tn} tokens from position %{n.inputs[5].name} must lie in "
+                     f"the KV cache of length {s} (positions in [0, {s - tn}])")
+    p = load_index(b, pp, pos_t.dtype, i64(0))
+    ok = b.append_basic_block("pos_ok")
+    b.cbranch(b.icmp_unsigned("<=", p, i64(s - tn)), ok, fail)  # unsigned: a negative pos fails too
+    b.position_at_end(ok)
+    slice_bytes = s * dd * ce
+    differ = lambda x, y: b.icmp_unsigned("!=", b.ptrtoint(x, I64), b.ptrtoint(y, I64))  # noqa: E731
+
+    with loop(b, k.begin, k.end, name="item") as item:
+        h, i = b.udiv(item, i64(tn)), b.urem(item, i64(tn))
+        head_off = b.mul(h, i64(slice_bytes))
+        with b.if_then(b.icmp_unsigned("==", i, i64(0))):
+            for src, dst in ((kci, kco), (vci, vco)):
+                with b.if_then(differ(src, dst)):
+                    memcpy(k, dst, head_off, src, head_off, b.mul(p, i64(dd * ce)))
+                    after = b.mul(b.add(p, i64(tn)), i64(dd * ce))
+                    memcpy(k, dst, b.add(head_off, after), src, b.add(head_off, after),
+                           b.sub(i64(slice_bytes), after))
+        new_row = b.add(b.mul(i, i64(hkv)), h)                          # k_new[i, h]
+        row_off = b.mul(b.add(b.mul(h, i64(s)), b.add(p, i)), i64(dd * ce))
+        at.store_rows(kco, row_off, knp, b.mul(new_row, i64(dd * es)), dd)
+        at.store_rows(vco, row_off, vnp, b.mul(new_row, i64(dd * es)), dd)
+        q_base = lambda gi: b.mul(b.add(b.mul(i, i64(hq)), b.add(b.mul(h, i64(grp)), gi)), i64(dd))  # noqa: E731
+        cache_base = b.mul(h, i64(s * dd))
+        at.start()
+        at.rows(0, p, kci, vci, at.dc, lambda t: b.add(cache_base, b.mul(t, i64(dd))), q_base, qp)
+        at.rows(0, b.add(i, i64(1)), knp, vnp, at.d, lambda t: b.mul(b.add(b.mul(t, i64(hkv)), h), i64(dd)),
+                q_base, qp, rounded=at.dc is dt.f16 and at.d is not dt.f16)
+        at.finish(outp, q_base)
+    k.finish()
+    return hkv * tn, 1
 
 
 def scale_array(k: Kernel, n: int, arr, factor):

@@ -21,14 +21,17 @@ Then ``sitofp(word & (mask << bits*e))`` is exactly ``(q + off_e) * 2^(bits*e)``
 kernel subtracts ``off_e * sum(x)`` per group and scales by ``2^-(bits*e)``.
 Scales are stored [N/NB][groups][NB] in their own dtype; zero points, when
 present, as ``zeros + off_e`` in [N/NB][groups][NB] (i8 for i4 weights, i16
-for i8).  Padding columns (N not a multiple of NB) hold q = 0, scale 0.
+for i8); float minimums (GGUF's Q4_1 / Q4_K) like the scales.  Padding columns
+(N not a multiple of NB) hold q = 0, scale 0.
 
 Kernel: work items are (column block, chunk of up to MCH rows of x), block
 major, so two threads stream disjoint weight bytes.  Per group of K rows a
 register tile of partial sums ``acc[m, cv] = sum_k x[m, k] * (q + off)[k, cv]``
 is accumulated, then folded once per group into f32 row sums on the stack:
 ``y[m, cv] += scale * (acc * 2^-(bits*e) - (zero + off_e) * sum_k x[m, k])``
-(the sums of x computed once per group and row, vectorized).  A tile is up
+(the sums of x computed once per group and row, vectorized); with minimums
+the code is q + 8, so the offset term is ``(off_e - 8) * sum_k x`` (nothing
+in the lower fields) and ``minimum * sum_k x`` is added.  A tile is up
 to ROWS_TILE rows x a few column vectors (it fits 16 vector registers with
 the masks), the block's words re-read from L1 per pass; rows of a tile share
 each converted weight vector.  (GEMV with all eight column vectors in one
@@ -86,7 +89,9 @@ class QLayout:
         self.words = NCV // self.fields            # words (of VL lanes) per row of a block
         self.groups = s.shape[0]
         self.nblk = -(-self.N // NB)
-        self.has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+        zeros = node.inputs[3] if len(node.inputs) > 3 else None
+        self.has_mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # float zeros: minimums
+        self.has_zeros = zeros is not None and not self.has_mins
         self.zero_np = np.int8 if self.bits == 4 else np.int16
 
     def field(self, cv: int) -> tuple[int, int]:
@@ -116,7 +121,7 @@ def pack_matmul_q(node: Node, index: int, a: np.ndarray, target=None) -> bytes |
     L = QLayout(node)
     if index == 0:
         return None
-    if index == 2:
+    if index == 2 or (index == 3 and L.has_mins):
         return L.blocked(np.asarray(a)).astype(np.asarray(a).dtype.newbyteorder("<")).tobytes()
     cv_off = np.array([L.offset(L.field(cv)[1]) for cv in range(NCV)], np.int32).repeat(VL)  # per column of a block
     if index == 3:
@@ -154,6 +159,7 @@ def emit_matmul_q(k: Kernel, node: Node):
     X = Access(k, k.args[0], x_t.dtype, 1)
     W = k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
+    MINS = Access(k, k.args[3], node.inputs[3].type.dtype, VL) if L.has_mins else None
     zty = ir.VectorType(ir.IntType(L.bits * 2), VL)  # zero points: i8 / i16
     Y = Access(k, k.args[-1], y_t.dtype, VL)
     YACC = Access(k, _stack_array(k, MCH * NB, "yacc"), dt.f32, VL)
@@ -235,13 +241,17 @@ def emit_matmul_q(k: Kernel, node: Node):
             if L.has_zeros:
                 z = b.load(gep(b, k.args[3], zty.element, col), typ=zty, align=L.bits // 4)
                 soff = b.fmul(s, b.sitofp(b.sext(z, wvec), fvec))
-            else:
-                soff = b.fmul(s, fconst(fvec, float(L.offset(e)))) if L.offset(e) else None
+            else:   # minimums: the code is q + 8, so field e's offset is off_e - 8
+                off = L.offset(e) - (8 if L.has_mins else 0)
+                soff = b.fmul(s, fconst(fvec, float(off))) if off else None
+            mins = MINS.load(col) if L.has_mins else None
             for t in range(mr):
                 pos = i64((m0 + t) * NB + cv * VL)
                 y = fma(k, sp, vals[i], YACC.load(pos))
                 if soff is not None:
                     y = fma(k, soff, neg[t], y)
+                if mins is not None:   # + minimum * sum of the group's x
+                    y = fma(k, mins, xsum[t], y)
                 YACC.store(y, pos)
                 i += 1
 

@@ -15,13 +15,14 @@ work item (one block) streams one contiguous run:
   low nibble and column j + h in the high nibble (two's complement; 0 past w):
   both halves decode with shifts and land in contiguous accumulators.
 
-Scales stay plain ([groups][N], their dtype); zero points are stored as one
-i8 per element ([groups][N]).
+Scales and minimums (float zeros) stay plain ([groups][N], their dtype); zero
+points are stored as one i8 per element ([groups][N]).
 
 Kernel: work items are (block, tile of up to RT rows of x), block major.  Per
 group, for U rows of q at a time, the column loop adds x[r, k] * q[k, j] into
 f32 group sums on the stack for the RT rows (each weight decoded once for the
-tile); then y[r, j] += scale * (sum - zero * sum_k x[r, k]).
+tile); then y[r, j] += scale * (sum - zero * sum_k x[r, k]), or with
+minimums y[r, j] += scale * (sum + 8 * sum_k x[r, k]) + minimum * sum_k x[r, k].
 
 activations=int8 (``i8act_blocks``): the caller quantizes x (codegen/matmul_q.py,
 the reference's rounding); the column loops add xq * q exactly in i32 (RVV:
@@ -101,8 +102,9 @@ class RowLayout:
 
 
 def pack_rows(node: Node, index: int, a: np.ndarray) -> bytes | None:
-    """q (input 1) in the row layout, zero points (input 3) as i8; scales plain."""
-    if index == 2:
+    """q (input 1) in the row layout, zero points (input 3) as i8; scales and
+    minimums (float zeros) plain."""
+    if index == 2 or node.inputs[index].type.dtype in dt.FLOATS:
         return None
     q = np.asarray(a).astype(np.int8)
     if index == 3:
@@ -133,7 +135,10 @@ def emit_rows(k: Kernel, node: Node):
     W = k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, 1)
     Y = Access(k, k.args[-1], y_t.dtype, 1)
-    has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+    zeros = node.inputs[3] if len(node.inputs) > 3 else None
+    has_mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # float zeros: minimums, q + 8 the code
+    has_zeros = zeros is not None
+    MINS = Access(k, k.args[3], zeros.type.dtype, 1) if has_mins else None
     ntiles = cdiv(rows, RT)
     gsum = Access(k, _stack_array(k, RT * BW, "gsum"), dt.f32, 1)
     yacc = Access(k, _stack_array(k, RT * BW, "yacc"), dt.f32, 1)
@@ -185,11 +190,14 @@ def emit_rows(k: Kernel, node: Node):
                 s = S.scalar(col)
                 for r in range(rt):
                     t = gsum.scalar(b.add(j, i64(r * BW)))
-                    if has_zeros:
+                    if has_mins:   # (q + 8) * scale + minimum
+                        t = fma(k, fconst(F32, 8.0), xsum[r], t)
+                    elif has_zeros:
                         z = b.sitofp(b.load(gep(b, k.args[3], I8, col), typ=I8), F32)
                         t = b.fsub(t, b.fmul(z, xsum[r]))
                     at = b.add(j, i64(r * BW))
-                    yacc.store(fma(k, s, t, yacc.scalar(at)), at)
+                    y = fma(k, s, t, yacc.scalar(at))
+                    yacc.store(fma(k, MINS.scalar(col), xsum[r], y) if has_mins else y, at)
 
         full = K // group
         with loop(b, 0, full, name="g") as g:

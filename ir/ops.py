@@ -451,10 +451,15 @@ class MatMul:
 
 
 def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int) -> np.ndarray:
-    """f32 weights of a group-quantized [K, N] matrix: (q - zero) * scale, where
-    rows k of group k // group share one scale (and zero point) per column."""
+    """f32 weights of a group-quantized [K, N] matrix, rows k of group k // group
+    sharing one scale (and zero point or minimum) per column: (q - zero) * scale
+    with integer zero points; (q + 8) * scale + minimum with float ``zeros``
+    (minimums, i4 q), the product exact and the sum rounded once to f32, as
+    GGUF's Q4_1 / Q4_K."""
     idx = np.arange(q.shape[0]) // group
     w = q.astype(np.float32)
+    if zeros is not None and zeros.dtype.kind == "f":
+        return (w + np.float32(8)) * scales.astype(np.float32)[idx] + zeros.astype(np.float32)[idx]
     if zeros is not None:
         w = w - zeros.astype(np.float32)[idx]
     return w * scales.astype(np.float32)[idx]
@@ -535,7 +540,17 @@ class MatMulQ:
 
     ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
     non-dense format needs symmetric weights (no zeros), activations="none",
-    and for i8 per-channel scales (group >= K)."""
+    and for i8 per-channel scales (group >= K).
+
+    ``zeros`` in a float dtype (f32 / f16 [groups, N], i4 q only) are minimums
+    instead of zero points, the "scale and minimum" form of GGUF's Q4_1 and
+    Q4_K: w[k, n] = (q[k, n] + 8) * scales[g, n] + zeros[g, n], i.e. q holds
+    the unsigned 4-bit code u as u - 8, and the product (exact) is summed with
+    the minimum in one f32 rounding, as ggml's d * u + m.  Kernels
+    add minimum * sum(x over the group) once per group and column: the
+    integer-code loops are those of the other schemes.  Not with
+    activations="int8" (the minimums are not integers).  ir/blocks.py maps
+    GGUF's blocks onto these operands (``to_matmul_q``)."""
 
     @staticmethod
     def infer(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
@@ -554,9 +569,15 @@ class MatMulQ:
         groups = -(-k // group)
         _need(scales.shape == (groups, n), f"matmul_q scales shape {scales.shape} must be ({groups}, {n}) "
               f"for K={k}, group={group}")
-        if zeros is not None:
+        if zeros is not None and zeros.dtype in dt.FLOATS:
+            _need(zeros.shape == scales.shape,
+                  f"matmul_q minimums (float zeros) must be [{', '.join(map(str, scales.shape))}], got {zeros}")
+            _need(q.dtype is dt.i4, f"matmul_q float minimums (zeros) need i4 weights, got {q.dtype}")
+            _need(activations == "none", "matmul_q with float minimums (zeros) needs activations=none "
+                  "(int8 activations are not supported with minimums)")
+        elif zeros is not None:
             _need(zeros.dtype == q.dtype and zeros.shape == scales.shape,
-                  f"matmul_q zeros must be {q.dtype}{list(scales.shape)}, got {zeros}")
+                  f"matmul_q zeros must be {q.dtype}{list(scales.shape)} (or float minimums), got {zeros}")
         _sparse_weight("matmul_q", sparse, q)
         if sparse != "dense":
             _need(zeros is None and activations == "none",
@@ -967,7 +988,7 @@ def rope_pairs(d: int, style: str) -> tuple[np.ndarray, np.ndarray]:
     return (i, i + d // 2) if style == "half" else (2 * i, 2 * i + 1)
 
 
-@defop("rope", "x pos", {"theta": Attr("float", 10000.0), "style": Attr("str", "half")})
+@defop("rope", "x pos inv_freq", {"theta": Attr("float", 10000.0), "style": Attr("str", "half")}, optional=1)
 class Rope:
     """Rotary position embedding of x[..., T, H, D] (or x[T, D]: one head) at
     integer positions: pos of shape () or (1,) is the start (token t is at
@@ -975,10 +996,12 @@ class Rope:
     i < D/2 with angle a = f32(p) * f32(theta ** (-2i/D)) (one f32 product):
     y1 = x1 cos a - x2 sin a, y2 = x2 cos a + x1 sin a, in f32.
     style="half" (Llama, HF rotate_half): the pair is (i, i + D/2);
-    style="interleaved" (GPT-J): (2i, 2i + 1).  D must be even."""
+    style="interleaved" (GPT-J): (2i, 2i + 1).  D must be even.
+    ``inv_freq`` (optional, f32[D/2]) replaces theta ** (-2i/D) for frequencies
+    a model computes otherwise (Llama 3's rope scaling); theta is then unused."""
 
     @staticmethod
-    def infer(x, pos, theta, style):
+    def infer(x, pos, inv_freq=None, *, theta, style):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(pos, (dt.i64, dt.i32), "pos")
         _need(style in ("half", "interleaved"), f'rope style must be "half" or "interleaved", got {style!r}')
@@ -987,14 +1010,18 @@ class Rope:
         _need(theta > 0, f"rope theta must be positive, got {theta}")
         t = x.shape[-2] if x.rank == 2 else x.shape[-3]
         _need(pos.shape in ((), (1,), (t,)), f"rope pos must have shape (), (1,) or (T,) = ({t},), got {pos.shape}")
+        if inv_freq is not None:
+            _need(inv_freq.dtype is dt.f32 and inv_freq.shape == (x.shape[-1] // 2,),
+                  f"rope inv_freq must be f32[{x.shape[-1] // 2}] (D/2), got {inv_freq}")
         return [x]
 
     @staticmethod
-    def reference(x, pos, theta, style):
+    def reference(x, pos, inv_freq=None, *, theta, style):
         d = x.shape[-1]
         xs = x.reshape(x.shape[:-1] + (1, d)) if x.ndim == 2 else x  # [T, D] -> [T, 1, D]
         t = xs.shape[-3]
-        ang = rope_positions(pos, t).astype(np.float32)[:, None] * rope_inv_freq(d, theta)[None, :]
+        inv = rope_inv_freq(d, theta) if inv_freq is None else np.asarray(inv_freq, np.float32)
+        ang = rope_positions(pos, t).astype(np.float32)[:, None] * inv[None, :]
         c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]   # [T, 1, D/2]
         i1, i2 = rope_pairs(d, style)
         y = xs.astype(np.float32)
@@ -1056,13 +1083,18 @@ class TopK:
 
 @defop("attention_decode", "q k_new v_new k_cache v_cache pos")
 class AttentionDecode:
-    """One decoding step of causal attention over a KV cache.
-    q[Hq, D]; k_new, v_new [Hkv, D]; k_cache, v_cache [Hkv, S, D]; pos i64 of
-    shape () or (1,).  Writes k_new/v_new at row pos of the caches (results 1
-    and 2: the updated caches), then query head g attends over rows 0..pos of
-    kv head g // (Hq/Hkv) (grouped-query attention, Llama's repeat_interleave
-    order): out[g] = softmax(q[g] . k[t] / sqrt(D)) @ v[t], softmax stable
-    (max subtracted), all in f32.  pos outside [0, S) is a run-time error.
+    """Causal attention of T new tokens over a KV cache: one decoding step
+    (T = 1) or a prefill chunk.  q[Hq, D] (one token) or q[T, Hq, D];
+    k_new, v_new [Hkv, D] or [T, Hkv, D] (as q); k_cache, v_cache [Hkv, S, D];
+    pos i64 of shape () or (1,), the position of the first token.  Writes
+    k_new/v_new at rows pos..pos+T-1 of the caches (results 1 and 2: the
+    updated caches), then query head g of token i attends over rows
+    0..pos+i of kv head g // (Hq/Hkv) (grouped-query attention, Llama's
+    repeat_interleave order): out[i, g] = softmax(q[i, g] . k[t] / sqrt(D)) @ v[t],
+    softmax stable (max subtracted), all in f32.  The caches may have another
+    float dtype than q, k_new, v_new (an f16 cache of f32 activations): the new
+    rows are rounded to it on write and every row widened to f32 on read.
+    Rows outside [0, S) (pos < 0 or pos + T > S) are a run-time error.
     The compiled kernel updates the caches in place when the memory planner
     lets it (a state input, or an intermediate read last here; see
     compiler/memory.py) and copies them otherwise."""
@@ -1071,39 +1103,51 @@ class AttentionDecode:
 
     @staticmethod
     def infer(q, k_new, v_new, k_cache, v_cache, pos):
-        d = _same_dtype([q, k_new, v_new, k_cache, v_cache])
+        d = _same_dtype([q, k_new, v_new])
+        _same_dtype([k_cache, v_cache])
         _dtypes(q, dt.FLOATS, "q")
+        _dtypes(k_cache, dt.FLOATS, "k_cache")
         _dtypes(pos, (dt.i64, dt.i32), "pos")
         _need(pos.shape in ((), (1,)), f"attention_decode pos must have shape () or (1,), got {pos.shape}")
-        _need(q.rank == 2 and k_cache.rank == 3, f"attention_decode needs q[Hq, D] and k_cache[Hkv, S, D], got "
-              f"{q.shape} and {k_cache.shape}")
+        _need(q.rank in (2, 3) and k_cache.rank == 3, f"attention_decode needs q[Hq, D] or q[T, Hq, D] and "
+              f"k_cache[Hkv, S, D], got {q.shape} and {k_cache.shape}")
         hkv, s, dd = k_cache.shape
-        hq = q.shape[0]
-        _need(q.shape[1] == dd and dd >= 1, f"attention_decode: q {q.shape} and k_cache {k_cache.shape} differ in D")
+        hq = q.shape[-2]
+        lead = q.shape[:-2]                    # () or (T,)
+        _need(q.shape[-1] == dd and dd >= 1, f"attention_decode: q {q.shape} and k_cache {k_cache.shape} differ in D")
         _need(v_cache.shape == k_cache.shape, f"attention_decode: v_cache {v_cache.shape} != k_cache {k_cache.shape}")
-        _need(k_new.shape == (hkv, dd) and v_new.shape == (hkv, dd),
-              f"attention_decode: k_new {k_new.shape} and v_new {v_new.shape} must be ({hkv}, {dd})")
+        _need(k_new.shape == lead + (hkv, dd) and v_new.shape == lead + (hkv, dd),
+              f"attention_decode: k_new {k_new.shape} and v_new {v_new.shape} must be {lead + (hkv, dd)}")
         _need(hkv >= 1 and s >= 1 and hq % hkv == 0,
               f"attention_decode: Hq={hq} must be a multiple of Hkv={hkv} (>= 1), and S={s} >= 1")
+        _need(all(t <= s for t in lead), f"attention_decode: a chunk of {lead[0] if lead else 1} tokens does not "
+              f"fit in the KV cache of length {s}")
         return [TensorType(d, q.shape), k_cache, v_cache]
 
     @staticmethod
     def reference(q, k_new, v_new, k_cache, v_cache, pos):
         hkv, s, d = k_cache.shape
+        t = 1 if q.ndim == 2 else q.shape[0]
+        hq = q.shape[-2]
         p = int(np.asarray(pos).reshape(-1)[0])
-        if not 0 <= p < s:
+        if t == 1 and not 0 <= p < s:
             raise IndexError(f"attention_decode: position {p} is outside the KV cache of length {s}")
+        if not 0 <= p <= s - t:
+            raise IndexError(f"attention_decode: positions {p}..{p + t - 1} are outside the KV cache of length {s}")
         kc, vc = k_cache.copy(), v_cache.copy()
-        kc[:, p], vc[:, p] = k_new, v_new
-        g = q.shape[0] // hkv
+        kc[:, p:p + t] = k_new.reshape(t, hkv, d).transpose(1, 0, 2)   # rounded to the cache's dtype
+        vc[:, p:p + t] = v_new.reshape(t, hkv, d).transpose(1, 0, 2)
+        g = hq // hkv
         scale = np.float32(1.0 / math.sqrt(d))
-        out = np.empty(q.shape, np.float32)
-        for h in range(q.shape[0]):
-            kv = h // g
-            sc = (kc[kv, :p + 1].astype(np.float32) @ q[h].astype(np.float32)) * scale
-            e = np.exp(sc - sc.max())
-            out[h] = (e / e.sum()) @ vc[kv, :p + 1].astype(np.float32)
-        return [out.astype(q.dtype), kc, vc]
+        qs = q.reshape(t, hq, d).astype(np.float32)
+        out = np.empty((t, hq, d), np.float32)
+        for i in range(t):
+            for h in range(hq):
+                kv = h // g
+                sc = (kc[kv, :p + i + 1].astype(np.float32) @ qs[i, h]) * scale
+                e = np.exp(sc - sc.max())
+                out[i, h] = (e / e.sum()) @ vc[kv, :p + i + 1].astype(np.float32)
+        return [out.reshape(q.shape).astype(q.dtype), kc, vc]
 
 
 def moe_route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

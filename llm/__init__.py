@@ -7,8 +7,13 @@ Layout (DESIGN.md, "Real models"): file formats are frontends
 
 - ``decoder``: ``LlamaConfig``, ``build_decoder`` (one step's graph),
   ``reference_logits`` (an independent numpy model), ``Decoder``.
+- ``loader``: ``load(path)`` -> Decoder of a Hugging Face directory or a GGUF
+  file (readers in compiler/frontends/hf.py and gguf.py); ``LLMLoadError``.
 
 Loading an LLM artifact and generating needs the runtime only (numpy, cffi,
 tokenizers), not llvmlite: modules here import the compiler lazily.
 """
-from .decoder import Decoder, LlamaConfig, build_decoder, random_weights, reference_logits, state_names  # noqa: F401
+from .decoder import (Decoder, LlamaConfig, QuantWeight, build_decoder, random_weights,  # noqa: F401
+                      reference_logits, state_names)
+from .errors import LLMLoadError  # noqa: F401
+from .loader import load  # noqa: F401

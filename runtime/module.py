@@ -259,6 +259,34 @@ class Module:
         arrays = check_inputs([s for s in self._in_specs if s[0] not in self._state], inputs)
         return {n: self.state[n] if n in self._state else arrays[n] for n, _, _ in self._in_specs}
 
+    def share_state(self, other: "Module") -> None:
+        """Use ``other``'s state arrays as this module's own (the same names,
+        dtypes and shapes): two programs over one state, e.g. an LLM's prefill
+        chunk and its one-token step sharing the KV caches.  Nothing is copied;
+        a call of either updates the arrays both see."""
+        mine = dict(self.state)
+        for n, a in mine.items():
+            o = other.state.get(n)
+            if o is None or o.shape != a.shape or o.dtype != a.dtype:
+                theirs = "none" if o is None else f"{o.dtype}{list(o.shape)}"
+                raise ValueError(f"cannot share state {n!r}: this module has {a.dtype}{list(a.shape)}, "
+                                 f"the other {theirs}")
+        self.state = types.MappingProxyType({n: other.state[n] for n in mine})
+
+    def share_constants(self, other: "Module") -> bool:
+        """Map ``other``'s constants file instead of this module's own when both
+        hold the same bytes (equal content hashes in the manifests), so modules
+        compiled from one set of weights (an LLM's prefill chunk lengths) keep
+        one copy in memory.  Returns whether it does; call before the first run.
+        Host only: the riscv64 runner reads its artifact directory, and maps
+        its constants in a process of its own per call anyway."""
+        if (self.target != "host" or self._native is not None
+                or self.manifest["constants"]["sha256"] != other.manifest["constants"]["sha256"]):
+            return False
+        self._consts_path = other._consts_path
+        self._consts_owner = other   # keeps a freshly compiled module's directory, and the file, alive
+        return True
+
     def reset_state(self) -> None:
         """Zero every state array (e.g. the KV caches, before a new sequence)."""
         with self._lock:

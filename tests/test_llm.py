@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from harness import assert_close, check, compile_for, rand, target_param
 
 import sqk
-from sqk.llm import Decoder, LlamaConfig, random_weights, reference_logits
+from sqk.llm import Decoder, LlamaConfig, build_decoder, random_weights, reference_logits
 from sqk.ir.graph import IRError
 
 
@@ -171,6 +171,124 @@ def test_state_errors():
         sqk.compile(g, state=["kc", "vc"])
 
 
+# --- attention_decode over a chunk of T tokens (prefill), f16 caches -------------------------------
+
+def _chunk_graph(t, hq, hkv, s, d, dtype="f32", kv=None):
+    """attention_decode of q[T, Hq, D] (t > 0) or q[Hq, D] (t = 0), caches of dtype kv."""
+    lead = (t,) if t else ()
+    b = sqk.GraphBuilder(f"chunk{t}")
+    ins = [b.input("q", lead + (hq, d), dtype), b.input("kn", lead + (hkv, d), dtype),
+           b.input("vn", lead + (hkv, d), dtype), b.input("kc", (hkv, s, d), kv or dtype),
+           b.input("vc", (hkv, s, d), kv or dtype), b.input("pos", (1,), "i64")]
+    return b.output(*b.attention_decode(*ins))
+
+
+def _chunk_inputs(t, hq, hkv, s, d, pos, seed=0, dtype="f32", kv=None):
+    r, lead = _rng(seed), ((t,) if t else ())
+    return dict(q=rand(lead + (hq, d), dtype, r), kn=rand(lead + (hkv, d), dtype, r), vn=rand(lead + (hkv, d), dtype, r),
+                kc=rand((hkv, s, d), kv or dtype, r), vc=rand((hkv, s, d), kv or dtype, r), pos=np.array([pos]))
+
+
+def _check_chunk(m, g, ins, what):
+    for v, o, r in zip(g.outputs, m(**ins), sqk.reference(g, **ins)):
+        assert_close(o, r, what=f"{v.name} {what}")
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
+@pytest.mark.parametrize("t,hq,hkv,d", [(1, 4, 2, 8), (2, 4, 4, 5), (7, 6, 2, 16), (33, 9, 3, 13)])
+def test_attention_chunk(target, t, hq, hkv, d):
+    s = 40
+    g = _chunk_graph(t, hq, hkv, s, d)
+    m = compile_for(g, target)
+    for pos in (0, 3, s - t):                          # the first rows, a later start, the chunk ending the cache
+        ins = _chunk_inputs(t, hq, hkv, s, d, pos, seed=pos)
+        before = {k: v.copy() for k, v in ins.items()}
+        _check_chunk(m, g, ins, f"T={t} at pos {pos} on {target}")
+        for k in ins:                                  # the caches are copied, not updated, without state=
+            assert np.array_equal(ins[k], before[k]), k
+
+
+def test_attention_chunk_reference():
+    """The chunk is T decoding steps: row i attends over rows 0..pos+i, causal."""
+    t, hq, hkv, s, d, pos = 5, 4, 2, 12, 8, 3
+    g, g1 = _chunk_graph(t, hq, hkv, s, d), _chunk_graph(0, hq, hkv, s, d)
+    ins = _chunk_inputs(t, hq, hkv, s, d, pos)
+    out, kc, vc = sqk.reference(g, **ins)
+    kc1, vc1 = ins["kc"], ins["vc"]
+    for i in range(t):
+        o1, kc1, vc1 = sqk.reference(g1, q=ins["q"][i], kn=ins["kn"][i], vn=ins["vn"][i], kc=kc1, vc=vc1,
+                                     pos=np.array([pos + i]))
+        assert_close(out[i], o1, 1e-6, what=f"row {i}")
+    assert np.array_equal(kc, kc1) and np.array_equal(vc, vc1)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([1, 2, 3]), st.integers(1, 12), st.integers(1, 20), st.data())
+def test_attention_chunk_shapes(hkv, ratio, s, d, data):
+    t = data.draw(st.integers(1, s))
+    pos = data.draw(st.integers(0, s - t))
+    check(_chunk_graph(t, hkv * ratio, hkv, s, d), _chunk_inputs(t, hkv * ratio, hkv, s, d, pos), "host")
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64"])
+def test_attention_chunk_state(target):
+    """Chunks and single steps in turn on the Module's caches (in place on the
+    host); a chunk past the end of the cache is a run-time error writing nothing."""
+    hq, hkv, s, d = 6, 2, 12, 8
+    chunk, step = _chunk_graph(4, hq, hkv, s, d), _chunk_graph(0, hq, hkv, s, d)
+    mc, ms = (compile_for(g, target, state=["kc", "vc"]) for g in (chunk, step))
+    if target == "host":
+        assert len(mc.manifest["kernels"]) == 1        # no cache copy
+    ms.share_state(mc._m if target == "riscv64" else mc)
+    kc, vc = np.zeros((hkv, s, d), np.float32), np.zeros((hkv, s, d), np.float32)
+    pos = 0
+    for i, (g, m) in enumerate([(chunk, mc), (step, ms), (chunk, mc), (step, ms)]):
+        ins = _chunk_inputs(g.inputs[0].type.shape[0] if g is chunk else 0, hq, hkv, s, d, pos, seed=i)
+        del ins["kc"], ins["vc"]
+        out = m(**ins)
+        ref, kc, vc = sqk.reference(g, kc=kc, vc=vc, **ins)
+        assert_close(out, ref, what=f"call {i} at pos {pos}")
+        assert np.array_equal(ms.state["kc"], kc) and np.array_equal(ms.state["vc"], vc)
+        pos += 4 if g is chunk else 1
+    bad = dict(ins, q=ins["q"][None].repeat(4, 0), kn=ins["kn"][None].repeat(4, 0), vn=ins["vn"][None].repeat(4, 0))
+    for p in (9, -1):
+        with pytest.raises(sqk.SqkRuntimeError, match=r"a chunk of 4 tokens from position %pos must lie in the KV "
+                                                      rf"cache of length 12 \(positions in \[0, 8\]\) \(got pos = \[{p}\]\)"):
+            mc(**dict(bad, pos=np.array([p])))
+    assert np.array_equal(mc.state["kc"], kc)          # a failed chunk wrote nothing
+    with pytest.raises(IndexError, match=r"positions 9..12 are outside the KV cache of length 12"):
+        sqk.reference(chunk, kc=kc, vc=vc, **dict(bad, pos=np.array([9])))
+
+
+@pytest.mark.parametrize("target,t", [("host", 0), ("host", 6), ("riscv64", 0), ("riscv64", 6)])
+def test_attention_f16_cache(target, t):
+    """f16 caches of f32 activations: rows rounded on write (exactly as the
+    reference stores them), widened on read, f32 math."""
+    hq, hkv, s, d = 4, 2, 10, 12
+    g = _chunk_graph(t, hq, hkv, s, d, kv="f16")
+    assert [v.type.dtype.name for v in g.outputs] == ["f32", "f16", "f16"]
+    m = compile_for(g, target)
+    for pos in (0, s - max(t, 1)):
+        ins = _chunk_inputs(t, hq, hkv, s, d, pos, seed=pos, kv="f16")
+        out, kc, vc = m(**ins)
+        ref, rkc, rvc = sqk.reference(g, **ins)
+        assert np.array_equal(kc, rkc) and np.array_equal(vc, rvc)   # the same f16 rounding
+        assert_close(out, ref, what=f"T={t} pos {pos}")
+
+
+def test_attention_chunk_errors():
+    b = sqk.GraphBuilder("e")
+    q, kc = b.input("q", (3, 4, 8)), b.input("kc", (2, 8, 8))
+    with pytest.raises(IRError, match=r"k_new \(2, 2, 8\) and v_new \(3, 2, 8\) must be \(3, 2, 8\)"):
+        b.attention_decode(q, b.input("kn", (2, 2, 8)), b.input("vn", (3, 2, 8)), kc, kc, b.input("p", (1,), "i64"))
+    with pytest.raises(IRError, match="a chunk of 9 tokens does not fit in the KV cache of length 8"):
+        b.attention_decode(b.input("q9", (9, 4, 8)), *[b.input(n, (9, 2, 8)) for n in ("k9", "v9")], kc, kc,
+                           b.input("p9", (1,), "i64"))
+    with pytest.raises(IRError, match="inputs must share one dtype"):
+        b.attention_decode(q, b.input("kh", (3, 2, 8), "f16"), b.input("vh", (3, 2, 8)), kc, kc,
+                           b.input("p2", (1,), "i64"))
+
+
 # --- moe --------------------------------------------------------------------------------------------
 
 def _moe(n, h, e, f, k, dtype="f32"):
@@ -261,3 +379,110 @@ def test_decode_riscv64():
     for i, t in enumerate(tokens):                    # the caches round-trip through the runner's files
         assert_close(dec.step(t), ref[i], 1e-4, what=f"riscv64 logits at step {i}")
     assert dec.module.state["k_cache.0"][:, :2].any() and not dec.module.state["k_cache.0"][:, 2:].any()
+
+
+# --- prefill: the prompt in chunks, then decoding on the same caches ----------------------------------
+
+PCFG = LlamaConfig(vocab=97, hidden=32, layers=2, heads=6, kv_heads=2, head_dim=8, ffn=48, max_seq=24)
+
+
+def test_chunk_sizes():
+    from sqk.llm.decoder import chunk_sizes
+    assert chunk_sizes(45, 32) == [32, 8, 4, 1]
+    assert chunk_sizes(64, 32) == [32, 32]
+    assert chunk_sizes(7, 100) == [4, 2, 1]
+    assert chunk_sizes(13, 6) == [6, 6, 1]
+    for n in range(1, 70):
+        assert sum(chunk_sizes(n, 16)) == n and len(set(chunk_sizes(n, 16))) <= 6
+
+
+@pytest.fixture(scope="module")
+def prefill_decoder():
+    return Decoder(PCFG, seed=2, prefill_chunk=8)
+
+
+@pytest.mark.parametrize("n", [8, 16, 19])          # chunk 8 divides the prompt, and does not (8 + 8 + 2 + 1)
+def test_prefill_matches_reference_and_steps(prefill_decoder, n):
+    dec = prefill_decoder
+    tokens = [int(t) for t in _rng(n).integers(0, PCFG.vocab, n + 3)]
+    ref = reference_logits(PCFG, dec.weights, tokens)
+    dec.reset()
+    steps = [dec.step(t) for t in tokens[:n]]
+    k_steps = {k: v.copy() for k, v in dec.module.state.items()}
+    dec.reset()
+    logits = dec.prefill(tokens[:n])
+    assert dec.pos == n
+    assert_close(logits, ref[n - 1], 1e-4, what=f"prefill logits of {n} tokens vs reference")
+    assert_close(logits, steps[-1], 1e-4, what=f"prefill logits of {n} tokens vs token by token")
+    for name, a in dec.module.state.items():           # the caches the steps would have written
+        assert_close(a, k_steps[name], 1e-4, what=name)
+        assert not a[:, n:].any(), f"{name}: rows past the prompt written"
+    for i in range(n, n + 3):                          # decoding continues on the prefilled caches
+        assert_close(dec.step(tokens[i]), ref[i], 1e-4, what=f"step {i} after prefill")
+    assert sorted(dec.chunk_modules) == sorted({1, 8} | {c for c in (2, 4) if n % 8 & c})
+
+
+def test_prefill_twice_and_generate(prefill_decoder):
+    """A second prefill continues from the current position (a multi-turn
+    prompt); generate prefills, then decodes greedily."""
+    dec = prefill_decoder
+    tokens = [5, 60, 2, 96, 33, 7, 1, 80, 44, 12, 3]
+    ref = reference_logits(PCFG, dec.weights, tokens)
+    dec.reset()
+    dec.prefill(tokens[:6])
+    assert_close(dec.prefill(tokens[6:]), ref[-1], 1e-4, what="second prefill")
+    dec.reset()
+    out = dec.generate(tokens[:9], 4)
+    full = reference_logits(PCFG, dec.weights, tokens[:9] + out)
+    assert out == [int(np.argmax(r)) for r in full[8:-1]]
+
+
+def test_prefill_errors(prefill_decoder):
+    dec = prefill_decoder
+    dec.reset()
+    with pytest.raises(ValueError, match=r"token id 97 is outside the vocabulary \[0, 97\)"):
+        dec.prefill([1, 97])
+    with pytest.raises(ValueError, match="needs at least one token"):
+        dec.prefill([])
+    dec.prefill(list(range(20)))
+    with pytest.raises(ValueError, match="5 tokens from position 20 go beyond the KV cache length 24"):
+        dec.prefill([1] * 5)
+    assert dec.pos == 20
+    m = dec.chunk_module(8)                            # the kernels check the position too
+    with pytest.raises(sqk.SqkRuntimeError, match=r"a chunk of 8 tokens from position %pos must lie in the KV "
+                                                   r"cache of length 24 \(positions in \[0, 16\]\)"):
+        m(token=np.arange(8), pos=np.array([17]))
+    with pytest.raises(ValueError, match="a chunk of 25 tokens does not fit in the KV cache of length 24"):
+        build_decoder(PCFG, dec.weights, tokens=25)
+
+
+def test_prefill_f16_cache():
+    """kv_dtype="f16": each cached K/V element carries a relative rounding error
+    of at most 2^-11 (4.9e-4); through softmax and two layers that stays within
+    the f16 tolerance (2e-3 relative to the largest logit; measured ~2e-4)."""
+    w = random_weights(PCFG, 2)
+    dec = Decoder(PCFG, w, kv_dtype="f16", prefill_chunk=8)
+    assert dec.module.state["k_cache.0"].dtype == np.float16
+    tokens = [int(t) for t in _rng(4).integers(0, PCFG.vocab, 14)]
+    ref = reference_logits(PCFG, w, tokens)
+    got = [dec.prefill(tokens[:11])] + [dec.step(t) for t in tokens[11:]]
+    for i, g in enumerate(got):
+        assert_close(g, ref[10 + i], 2e-3, what=f"f16 cache, logits at {10 + i}")
+    err = np.abs(got[0] - ref[10]).max() / np.abs(ref[10]).max()
+    assert err > 1e-6                                  # the cache does round (an f32 cache gives ~1e-7)
+    dec32 = Decoder(PCFG, w, prefill_chunk=8)
+    k16 = dec.module.state["k_cache.1"][:, :14].astype(np.float32)
+    dec32.prefill(tokens)
+    assert_close(k16, dec32.module.state["k_cache.1"][:, :14], 2e-3, what="f16 vs f32 cache")
+
+
+def test_prefill_riscv64():
+    compile_for(_attn_graph(2, 1, 2, 4), "riscv64-scalar")  # skips without the toolchain
+    cfg = LlamaConfig(vocab=31, hidden=16, layers=1, heads=4, kv_heads=2, head_dim=8, ffn=24, max_seq=8)
+    w = random_weights(cfg, 3)
+    dec = Decoder(cfg, w, target="riscv64", prefill_chunk=4, kv_dtype="f16")
+    tokens = [3, 30, 7, 1, 22, 9, 14]
+    ref = reference_logits(cfg, w, tokens)
+    assert_close(dec.prefill(tokens[:6]), ref[5], 2e-3, what="riscv64 prefill (4 + 2)")
+    assert_close(dec.step(tokens[6]), ref[6], 2e-3, what="riscv64 step after prefill")
+    assert dec.module.state["k_cache.0"][:, :7].any() and not dec.module.state["k_cache.0"][:, 7:].any()

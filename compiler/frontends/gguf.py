@@ -1,0 +1,230 @@
+"""GGUF files (llama.cpp's format) -> (LlamaConfig, weights, tokenizer) for ``sqk.llm``.
+
+Read with the ``gguf`` package's GGUFReader, which memory-maps the file.
+Architectures "llama" (Llama, Mistral, SmolLM2, TinyLlama: llama.cpp writes
+them all as "llama") and "qwen2" (q/k/v biases); the metadata
+``{arch}.block_count``, ``.embedding_length``, ... give the config.
+
+Tensors: F32 / F16 / BF16 are floats (F32 stays a view of the file; GGUF
+matrices are stored [N rows = output features, K], so sqk's [K, N] matrix
+is a transposed view).  Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices become
+``matmul_q`` weights (``ir.blocks.to_matmul_q``): the file's codes and
+scales as they are, never dequantized and requantized.  ``token_embd`` is
+the embedding; without an ``output`` tensor it is also the lm_head (tied):
+one table, gathered column by column when it is F32/F16/BF16 or Q8_0; of
+another quantized type the gather reads a dequantized f32 copy (the lm_head
+keeps the blocks).  An untied quantized ``token_embd`` is dequantized to
+f32 (the gather reads one row per token).
+
+Q/K row order: llama.cpp's converter permutes the rows of attn_q and attn_k
+of "llama" models so that each head's rotary pairs are adjacent (2i, 2i+1)
+instead of Hugging Face's (i, i + D/2).  sqk does not reorder the rows: it
+runs the rope op with ``style="interleaved"`` on them, which rotates exactly
+those pairs with the same frequencies.  q and k are permuted alike within a
+head, so q . k -- all attention uses of them -- is unchanged (up to the order
+of the float sum); v and the output projection are not permuted.  "qwen2"
+is converted without the permutation: style "half".
+
+Llama 3 files carry ``rope_freqs.weight`` (llama.cpp's frequency factors):
+the rope frequencies are then theta ** (-2i/D) / factor_i, as llama.cpp
+computes them.  Other rope scaling types are refused.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from ...ir.blocks import QUANTIZED, block_type, dequantize, to_matmul_q
+from ...ir.graph import IRError
+from ...llm.decoder import LlamaConfig, QuantWeight
+from ...llm.errors import LLMLoadError
+
+ARCHS = ("llama", "qwen2")
+FLOATS = ("F32", "F16", "BF16")
+
+
+def open_gguf(path: str):
+    """A GGUFReader of ``path``, every tensor checked to lie inside the file."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise LLMLoadError(f"{path}: reading GGUF files needs the gguf package (pip install 'sqk[llm]')") from None
+    size = os.path.getsize(path)
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:   # the reader raises ValueError, IndexError, ... on a cut or garbled file
+        raise LLMLoadError(f"{path}: truncated or malformed GGUF file ({type(e).__name__}: {e})") from None
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise LLMLoadError(f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte "
+                               f"{t.data_offset + t.n_bytes}, the file has {size}")
+    return reader
+
+
+def field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+class GGUFWeights(Mapping):
+    """sqk weight names -> f32 arrays or QuantWeight, made on lookup from the
+    memory-mapped GGUF tensors."""
+
+    def __init__(self, path: str, tensors: dict, names: dict[str, tuple[str, str]]):
+        self.path, self._tensors, self._names = path, tensors, names   # names: {sqk name: (gguf name, how)}
+
+    def __getitem__(self, name):
+        gname, how = self._names[name]
+        t = self._tensors[gname]
+        kind = t.tensor_type.name
+        n, k = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else (1, int(t.shape[0]))
+        try:
+            if how == "vector":
+                return self._floats(t, kind).reshape(-1)
+            if how == "matrix" and kind in QUANTIZED:
+                m = to_matmul_q(kind, t.data, (n, k))
+                (q, q_dtype), (scales, _), *zeros = m["inputs"]
+                return QuantWeight(q, scales, zeros[0][0] if zeros else None, m["attrs"]["group"], q_dtype)
+            if how == "matrix":
+                return self._floats(t, kind).reshape(n, k).T
+            return self._floats(t, kind).reshape(n, k)            # "rows": the [V, H] embedding as stored
+        except IRError as e:
+            raise LLMLoadError(f"{self.path}: tensor {gname!r}: {e}") from None
+
+    @staticmethod
+    def _floats(t, kind):
+        if kind == "F32":
+            return t.data.view(np.float32)
+        return dequantize(kind, t.data, tuple(int(s) for s in reversed(t.shape)))
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+def config_from_gguf(reader, path: str, tensors: dict) -> LlamaConfig:
+    arch = field(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise LLMLoadError(f"{path}: architecture {arch!r} is not supported; sqk loads {', '.join(ARCHS)}")
+
+    def need(key):
+        v = field(reader, f"{arch}.{key}")
+        if v is None:
+            raise LLMLoadError(f"{path}: metadata {arch}.{key} is missing")
+        return v
+
+    scaling = field(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise LLMLoadError(f"{path}: rope scaling {scaling!r} is not supported")
+    if "token_embd.weight" not in tensors:
+        raise LLMLoadError(f"{path}: tensor 'token_embd.weight' is missing")
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(field(reader, f"{arch}.rope.dimension_count") or field(reader, f"{arch}.attention.key_length")
+                   or hidden // heads)
+    vocab = int(tensors["token_embd.weight"].shape[1])
+    theta = float(field(reader, f"{arch}.rope.freq_base", 10000.0))
+    rope_scaling = ()
+    if "rope_freqs.weight" in tensors:
+        t = tensors["rope_freqs.weight"]
+        rope_scaling = ("freq_factors",) + tuple(float(v) for v in GGUFWeights._floats(t, t.tensor_type.name))
+    eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
+    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    ctx = int(field(reader, f"{arch}.context_length", 0))
+    kv_heads = field(reader, f"{arch}.attention.head_count_kv")
+    return LlamaConfig(
+        vocab=vocab, hidden=hidden, layers=int(need("block_count")), heads=heads,
+        kv_heads=int(kv_heads if kv_heads is not None else heads), head_dim=head_dim,
+        ffn=int(need("feed_forward_length")), theta=theta,
+        eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        qkv_bias=arch == "qwen2", tie_embeddings="output.weight" not in tensors,
+        rope_style="interleaved" if arch == "llama" else "half", rope_scaling=rope_scaling,
+        bos_id=None if bos is None else int(bos), eos_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        context_length=ctx, max_seq=max(1, ctx or 2048), arch=arch)
+
+
+def weight_names(cfg: LlamaConfig, tensors: dict) -> dict[str, tuple[str, str]]:
+    """{sqk name: (GGUF tensor name, "matrix" | "vector" | "rows")}."""
+    names = {"final_norm": ("output_norm.weight", "vector")}
+    embd = tensors["token_embd.weight"].tensor_type.name
+    if cfg.tie_embeddings:
+        names["lm_head"] = ("token_embd.weight", "matrix")
+        if embd not in FLOATS and embd != "Q8_0":   # the gather cannot read these blocks: an f32 copy
+            names["embed"] = ("token_embd.weight", "rows")
+    else:
+        names["embed"] = ("token_embd.weight", "rows")
+        names["lm_head"] = ("output.weight", "matrix")
+    for i in range(cfg.layers):
+        p = f"blk.{i}."
+        names.update({f"attn_norm.{i}": (p + "attn_norm.weight", "vector"),
+                      f"ffn_norm.{i}": (p + "ffn_norm.weight", "vector")})
+        for ours, theirs in (("wq", "attn_q"), ("wk", "attn_k"), ("wv", "attn_v"), ("wo", "attn_output"),
+                             ("w1", "ffn_gate"), ("w3", "ffn_up"), ("w2", "ffn_down")):
+            names[f"{ours}.{i}"] = (p + theirs + ".weight", "matrix")
+        if cfg.qkv_bias:
+            for kind in "qkv":
+                names[f"b{kind}.{i}"] = (p + f"attn_{kind}.bias", "vector")
+    return names
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF shapes (ggml order: [K, N], K along a row) of the named tensors."""
+    h, qd, kvd, f, v = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn, cfg.vocab
+    shapes = {"final_norm": (h,), "embed": (h, v), "lm_head": (h, v)}
+    for i in range(cfg.layers):
+        shapes.update({f"attn_norm.{i}": (h,), f"ffn_norm.{i}": (h,), f"wq.{i}": (h, qd), f"wk.{i}": (h, kvd),
+                       f"wv.{i}": (h, kvd), f"wo.{i}": (qd, h), f"w1.{i}": (h, f), f"w3.{i}": (h, f),
+                       f"w2.{i}": (f, h), f"bq.{i}": (qd,), f"bk.{i}": (kvd,), f"bv.{i}": (kvd,)})
+    return shapes
+
+
+def load_gguf(path: str, tokenizer: bool = True):
+    """(config, weights, tokenizer or None) of a GGUF file (module docstring).
+    The tokenizer comes from the file's metadata (llm/tokenizer.py), else from
+    a tokenizer.json beside the file."""
+    reader = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = config_from_gguf(reader, path, tensors)
+    names = weight_names(cfg, tensors)
+    shapes = expected_shapes(cfg)
+    for gname, _ in names.values():         # the types first: an unsupported one is the news
+        kind = tensors[gname].tensor_type.name if gname in tensors else "F32"
+        try:
+            block_type(kind)
+        except IRError:
+            raise LLMLoadError(f"{path}: tensor {gname!r} has type {kind}; sqk reads "
+                               f"{', '.join(FLOATS + QUANTIZED)}") from None
+    for ours, (gname, _) in names.items():
+        t = tensors.get(gname)
+        if t is None:
+            raise LLMLoadError(f"{path}: tensor {gname!r} is missing")
+        kind = t.tensor_type.name
+        if kind in QUANTIZED and ours.split(".")[0] in ("attn_norm", "ffn_norm", "final_norm", "bq", "bk", "bv"):
+            raise LLMLoadError(f"{path}: tensor {gname!r} is a vector of type {kind}: expected F32, F16 or BF16")
+        if tuple(int(s) for s in t.shape) != shapes[ours]:
+            raise LLMLoadError(f"{path}: tensor {gname!r} has shape {[int(s) for s in t.shape]}, the metadata "
+                               f"says {list(shapes[ours])}")
+    tok = load_tokenizer(reader, path) if tokenizer else None
+    return cfg, GGUFWeights(path, tensors, names), tok
+
+
+def load_tokenizer(reader, path: str):
+    """The GGUF's own tokenizer, else one from a tokenizer.json beside the file
+    (None when there is neither)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.json")
+    if field(reader, "tokenizer.ggml.model") is None and not os.path.exists(beside):
+        return None
+    from ...llm.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_gguf(reader)
+    except ValueError as e:
+        if os.path.exists(beside):
+            return Tokenizer.from_hf_dir(os.path.dirname(beside))
+        raise LLMLoadError(f"{path}: its tokenizer cannot be built ({e})") from None

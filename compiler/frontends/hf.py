@@ -1,0 +1,236 @@
+"""Hugging Face checkpoints -> (LlamaConfig, weights) for ``sqk.llm``.
+
+A model directory holds ``config.json``, the weights as ``model.safetensors``
+or shards named by ``model.safetensors.index.json``, and optionally
+``generation_config.json`` (EOS ids) and the tokenizer files (read by
+llm/tokenizer.py).  Architectures: LlamaForCausalLM (Llama 2/3 with
+``rope_scaling`` llama3, SmolLM/SmolLM2, TinyLlama), MistralForCausalLM and
+Qwen2ForCausalLM (q/k/v biases).  Both spellings of the rope settings are
+read: ``rope_theta`` + ``rope_scaling`` and transformers 5's ``rope_parameters``.
+
+Safetensors are read here, from the documented layout (8-byte little-endian
+header length, JSON header, then the data): every tensor is a view of one
+read-only ``np.memmap`` per file, so the weights are not copied into RAM by
+reading.  F32 tensors stay views (HF Linear weights are [out, in]: the
+[in, out] matrix sqk's matmul reads is a transposed view); F16 and BF16 are
+converted to f32 when a weight is looked up (``HFWeights``), one tensor at a
+time (bf16 -> f32 is exact; sqk's matmul computes in f32).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from ...llm.decoder import LlamaConfig
+from ...llm.errors import LLMLoadError
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+def read_safetensors(path: str) -> dict[str, tuple[np.ndarray, str]]:
+    """{name: (memory-mapped array, safetensors dtype)} of one file; BF16
+    tensors come as their raw uint16 bits."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LLMLoadError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise LLMLoadError(f"{path}: truncated safetensors file: the header claims {n} bytes, the file has "
+                               f"{size - 8} after the length")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise LLMLoadError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    base = 8 + n
+    mm = np.memmap(path, np.uint8, "r") if size > base else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            kind, shape, (lo, hi) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise LLMLoadError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if kind not in SAFETENSORS_DTYPES:
+            raise LLMLoadError(f"{path}: tensor {name!r} has dtype {kind}; sqk reads F32, F16 and BF16")
+        d = SAFETENSORS_DTYPES[kind]
+        if hi - lo != math.prod(shape) * d.itemsize or lo < 0:
+            raise LLMLoadError(f"{path}: tensor {name!r} spans bytes [{lo}, {hi}), not the "
+                               f"{math.prod(shape) * d.itemsize} bytes of {kind}{list(shape)}")
+        if base + hi > size:
+            raise LLMLoadError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {base + hi}, "
+                               f"the file has {size}")
+        out[name] = (mm[base + lo:base + hi].view(d).reshape(shape), kind)
+    return out
+
+
+def to_f32(a: np.ndarray, kind: str) -> np.ndarray:
+    """f32 values of a safetensors array (a view when it is F32 already)."""
+    if kind == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a if kind == "F32" else a.astype(np.float32)
+
+
+class HFWeights(Mapping):
+    """sqk weight names -> f32 arrays, converted on lookup from the memory-
+    mapped checkpoint tensors ([out, in] Linear weights as transposed views)."""
+
+    def __init__(self, tensors: dict[str, tuple[np.ndarray, str]], names: dict[str, tuple[str, bool]]):
+        self._tensors, self._names = tensors, names     # names: {sqk name: (hf name, transpose)}
+
+    def __getitem__(self, name):
+        hf, transpose = self._names[name]
+        a = to_f32(*self._tensors[hf])
+        return a.T if transpose else a
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+    def dtypes(self) -> set[str]:
+        return {self._tensors[hf][1] for hf, _ in self._names.values()}
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise LLMLoadError(f"{path}: missing ({what})") from None
+    except ValueError as e:
+        raise LLMLoadError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_from_hf(c: dict, where: str, generation: dict | None = None) -> LlamaConfig:
+    """LlamaConfig of a config.json dict (``where`` names it in errors);
+    ``generation`` is generation_config.json's, whose eos_token_id wins."""
+    archs = c.get("architectures") or []
+    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None) or \
+        (MODEL_TYPES.get(c.get("model_type")) if not archs else None)
+    if arch is None:
+        raise LLMLoadError(f"{where}: architecture {', '.join(archs) or c.get('model_type')!s} is not supported; "
+                           f"sqk loads {', '.join(ARCHITECTURES)}")
+
+    def need(key):
+        if key not in c:
+            raise LLMLoadError(f"{where}: {key} is missing")
+        return c[key]
+
+    if c.get("hidden_act", "silu") != "silu":
+        raise LLMLoadError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (silu only)")
+    if c.get("mlp_bias") or (arch != "qwen2" and c.get("attention_bias")):
+        raise LLMLoadError(f"{where}: biases on the MLP or the attention output projection are not supported")
+    rope = dict(c.get("rope_parameters") or {})
+    scaling = c.get("rope_scaling") or {}
+    theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    params = {**scaling, **rope}
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise LLMLoadError(f"{where}: partial_rotary_factor is not supported")
+    if kind == "default":
+        rope_scaling = ()
+    elif kind == "llama3":
+        rope_scaling = ("llama3", float(params["factor"]), float(params["low_freq_factor"]),
+                        float(params["high_freq_factor"]),
+                        float(params.get("original_max_position_embeddings") or need("max_position_embeddings")))
+    else:
+        raise LLMLoadError(f"{where}: rope scaling {kind!r} is not supported (llama3 only)")
+    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    eos = (generation or {}).get("eos_token_id", c.get("eos_token_id"))
+    eos = tuple(int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    bos = (generation or {}).get("bos_token_id", c.get("bos_token_id"))
+    return LlamaConfig(
+        vocab=int(need("vocab_size")), hidden=hidden, layers=int(need("num_hidden_layers")), heads=heads,
+        kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=int(c.get("head_dim") or hidden // heads),
+        ffn=int(need("intermediate_size")), theta=theta, eps=float(c.get("rms_norm_eps", 1e-6)),
+        qkv_bias=arch == "qwen2" or bool(c.get("attention_bias")),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)), rope_scaling=rope_scaling,
+        bos_id=None if bos is None else int(bos), eos_ids=eos,
+        context_length=int(c.get("max_position_embeddings") or 0), arch=arch,
+        max_seq=max(1, int(c.get("max_position_embeddings") or 2048)),
+        sliding_window=int(c["sliding_window"]) if c.get("sliding_window") and
+        (arch == "mistral" or c.get("use_sliding_window")) else 0)
+
+
+def weight_names(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
+    """{sqk weight name: (HF tensor name, transpose)} of a Llama-family model."""
+    names = {"final_norm": ("model.norm.weight", False)}
+    if cfg.tie_embeddings:
+        names["lm_head"] = ("model.embed_tokens.weight", True)      # [V, H] viewed as [H, V]
+    else:
+        names["embed"] = ("model.embed_tokens.weight", False)
+        names["lm_head"] = ("lm_head.weight", True)
+    for i in range(cfg.layers):
+        p = f"model.layers.{i}."
+        names.update({f"attn_norm.{i}": (p + "input_layernorm.weight", False),
+                      f"ffn_norm.{i}": (p + "post_attention_layernorm.weight", False)})
+        for ours, theirs in (("wq", "self_attn.q_proj"), ("wk", "self_attn.k_proj"), ("wv", "self_attn.v_proj"),
+                             ("wo", "self_attn.o_proj"), ("w1", "mlp.gate_proj"), ("w3", "mlp.up_proj"),
+                             ("w2", "mlp.down_proj")):
+            names[f"{ours}.{i}"] = (p + theirs + ".weight", True)
+        if cfg.qkv_bias:
+            for kind in "qkv":
+                names[f"b{kind}.{i}"] = (p + f"self_attn.{kind}_proj.bias", False)
+    return names
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The [out, in] (or vector) shape of each HF tensor ``weight_names`` names."""
+    h, qd, kvd, f, v = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn, cfg.vocab
+    shapes = {"final_norm": (h,), "embed": (v, h), "lm_head": (v, h)}
+    for i in range(cfg.layers):
+        shapes.update({f"attn_norm.{i}": (h,), f"ffn_norm.{i}": (h,), f"wq.{i}": (qd, h), f"wk.{i}": (kvd, h),
+                       f"wv.{i}": (kvd, h), f"wo.{i}": (h, qd), f"w1.{i}": (f, h), f"w3.{i}": (f, h),
+                       f"w2.{i}": (h, f), f"bq.{i}": (qd,), f"bk.{i}": (kvd,), f"bv.{i}": (kvd,)})
+    return shapes
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The weight files of a model directory: model.safetensors, or the shards
+    its index names (each checked to exist)."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        shards = sorted(set(read_json(index, "the shard index").get("weight_map", {}).values()))
+        if not shards:
+            raise LLMLoadError(f"{index}: the weight_map names no shard")
+        missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        if missing:
+            raise LLMLoadError(f"{os.path.join(path, missing[0])}: missing (a shard named in {index})")
+        return [os.path.join(path, s) for s in shards]
+    if os.path.exists(single):
+        return [single]
+    raise LLMLoadError(f"{path}: no model.safetensors or model.safetensors.index.json (the weights)")
+
+
+def load_hf(path: str) -> tuple[LlamaConfig, HFWeights]:
+    """(config, weights) of a Hugging Face model directory (module docstring);
+    the weights are memory-mapped and checked against the config's shapes."""
+    if not os.path.isdir(path):
+        raise LLMLoadError(f"{path}: not a directory")
+    cfg_path = os.path.join(path, "config.json")
+    gen_path = os.path.join(path, "generation_config.json")
+    generation = read_json(gen_path, "generation config") if os.path.exists(gen_path) else None
+    cfg = config_from_hf(read_json(cfg_path, "the model's config.json"), cfg_path, generation)
+    tensors, where = {}, {}
+    for f in safetensors_files(path):
+        for name, t in read_safetensors(f).items():
+            tensors[name], where[name] = t, f
+    names = weight_names(cfg)
+    shapes = expected_shapes(cfg)
+    for ours, (hf, _) in names.items():
+        if hf not in tensors:
+            raise LLMLoadError(f"{path}: tensor {hf!r} is missing from the safetensors files")
+        if tuple(tensors[hf][0].shape) != shapes[ours]:
+            raise LLMLoadError(f"{where[hf]}: tensor {hf!r} has shape {list(tensors[hf][0].shape)}, the config "
+                               f"says {list(shapes[ours])}")
+    return cfg, HFWeights(tensors, names)

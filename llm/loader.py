@@ -1,0 +1,91 @@
+"""``sqk.llm.load``: a model's files -> a compiled Decoder with its tokenizer.
+
+Formats (the readers are frontends, compiler/frontends/): a Hugging Face
+model directory (``hf.load_hf``: config.json + safetensors) or a GGUF file
+(``gguf.load_gguf``).
+
+KV cache length: ``max_seq`` defaults to the model's context length, capped
+so the cache takes at most ``KV_BUDGET`` bytes (256 MiB): per position it
+holds K and V rows of every layer, 2 * layers * kv_heads * head_dim values
+(4 bytes each in f32).  SmolLM2-135M (30 layers, 3 KV heads of 64) needs
+46 KiB per position, so its 8192-position context is capped at 5689; a
+Llama-3-8B (32 layers, 8 KV heads of 128) at 2048.  Give ``max_seq=`` to
+choose (a Mistral sliding window caps it too: the window is not applied).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .decoder import Decoder, LlamaConfig
+from .errors import LLMLoadError
+
+KV_BUDGET = 256 << 20
+# checkpoints are dense: without quantize/sparsify options, skip select_format's density scan of
+# every weight (seconds per compile on a 135M model, and it picks dense for them anyway)
+DENSE_PIPELINE = "fold_constants,dce,fuse"
+KV_BYTES = {"f32": 4, "f16": 2}
+
+
+def kv_bytes_per_position(cfg: LlamaConfig, kv_dtype: str = "f32") -> int:
+    """Bytes the KV cache takes per position: K and V of every layer."""
+    return 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * KV_BYTES[kv_dtype]
+
+
+def choose_max_seq(cfg: LlamaConfig, max_seq: int | None, kv_dtype: str = "f32", where: str = "") -> int:
+    """The KV cache length: ``max_seq``, or the context length within KV_BUDGET."""
+    limit = cfg.sliding_window or None
+    if max_seq is None:
+        fit = max(1, KV_BUDGET // kv_bytes_per_position(cfg, kv_dtype))
+        return min(cfg.context_length or 2048, fit, limit or fit)
+    if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq < 1:
+        raise ValueError(f"max_seq must be a positive int, got {max_seq!r}")
+    if limit and max_seq > limit:
+        raise LLMLoadError(f"{where}: max_seq={max_seq} exceeds the model's sliding attention window of {limit}, "
+                           "which sqk does not apply")
+    return max_seq
+
+
+def is_gguf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def load(path, *, target: str = "host", max_seq: int | None = None, kv_dtype: str = "f32",
+         threads: int | None = None, **compile_options) -> Decoder:
+    """A Decoder for the model at ``path``: a Hugging Face model directory or a
+    GGUF file.  ``max_seq``: the KV cache length (module docstring);
+    ``compile_options`` go to ``sqk.compile`` (e.g. ``quantize="int8"``).
+    Unsupported or broken files raise LLMLoadError naming the file."""
+    path = os.fspath(path)
+    if kv_dtype not in KV_BYTES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_BYTES)}, got {kv_dtype!r}")
+    if os.path.isdir(path):
+        from ..compiler.frontends.hf import load_hf
+
+        cfg, weights = load_hf(path)
+        tokenizer = None
+        if os.path.exists(os.path.join(path, "tokenizer.json")):
+            from .tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_hf_dir(path)
+    elif os.path.isfile(path) and is_gguf(path):
+        from ..compiler.frontends.gguf import load_gguf
+
+        cfg, weights, tokenizer = load_gguf(path)
+    elif not os.path.exists(path):
+        raise LLMLoadError(f"{path}: no such file or directory")
+    else:
+        raise LLMLoadError(f"{path}: neither a model directory (config.json + safetensors) nor a GGUF file")
+    cfg = dataclasses.replace(cfg, max_seq=choose_max_seq(cfg, max_seq, kv_dtype, path))
+    if tokenizer is not None and not cfg.eos_ids and tokenizer.eos_ids:
+        cfg = dataclasses.replace(cfg, eos_ids=tuple(tokenizer.eos_ids))
+    if not any(k in compile_options for k in ("pipeline", "quantize", "sparsify", "force", "formats")):
+        compile_options["pipeline"] = DENSE_PIPELINE
+    dec = Decoder(cfg, weights, target=target, threads=threads, tokenizer=tokenizer, kv_dtype=kv_dtype,
+                  **compile_options)
+    dec.graph = dec.module.ir = None   # their constants are copies; the weights stay memory-mapped views
+    return dec
