@@ -28,8 +28,9 @@ same after a 4096-token prompt that is not timed (full mode, SmolLM2 q4_0).
 Each repetition runs ``llama-bench -r 1`` on the file (it warms up each test
 first), then each sqk test once; the table gives medians over the
 repetitions.  sqk loads the file with ``sqk.llm.load(path, threads=N,
-max_seq=...)`` (the file's own quantization, extra options from the JSON in
-``$SQK_LLM_REAL_OPTIONS``); a cell sqk cannot fill says why ("n/a: ...").
+max_seq=..., kv_dtype="f16")`` (the file's own quantization; an f16 KV cache
+as llama-bench's default; options from the JSON in ``$SQK_LLM_REAL_OPTIONS``
+override or add to these); a cell sqk cannot fill says why ("n/a: ...").
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ DEPTH = 4096
 SETTLE = 0.3            # seconds between timed runs (see benchmarks.timeit)
 REPS = {"quick": 3, "full": 5, "1b": 3}
 SANITY_PROMPT = "The capital of France is"
+KV_DTYPE = "f16"        # llama-bench's default KV cache type (type_k = type_v = f16)
 
 
 @dataclass
@@ -154,7 +156,7 @@ def sqk_load(path: Path, threads: int, max_seq: int):
     load = getattr(llm, "load", None)
     if load is None:
         return None, "sqk.llm.load not available yet (loaders not merged)"
-    opts = json.loads(os.environ.get("SQK_LLM_REAL_OPTIONS", "{}"))
+    opts = {"kv_dtype": KV_DTYPE, **json.loads(os.environ.get("SQK_LLM_REAL_OPTIONS", "{}"))}
     t0 = time.perf_counter()
     try:
         dec = load(str(path), threads=threads, max_seq=max_seq, **opts)
@@ -244,15 +246,21 @@ def gguf_vocab(path: Path) -> int:
 # ---------------------------------------------------------------- the machine
 
 def cpu_features() -> str:
+    """The vector features that matter to both contenders (and the CPU family/model:
+    a VM's model name can be as bare as "AMD EPYC"; family 25 model 1 is Zen 3)."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            for line in f:
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip(), v.strip())
     except OSError:
         return "features unknown"
-    has = set(flags)
+    has = set(info.get("flags", "").split())
     marks = [("AVX2", "avx2"), ("FMA", "fma"), ("F16C", "f16c"), ("AVX-512", "avx512f"),
              ("AVX512-VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"), ("AVX512-BF16", "avx512_bf16")]
-    return ", ".join(f"{name} {'yes' if flag in has else 'no'}" for name, flag in marks)
+    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}): "
+            + ", ".join(f"{name} {'yes' if flag in has else 'no'}" for name, flag in marks))
 
 
 def l3_bytes() -> int | None:
@@ -314,7 +322,10 @@ def run(threads: int, quick: bool = False) -> Table:
         notes.append(f"{c.model} {c.quant}: {c.path.name}, {c.info.tensor_types}, "
                      f"{c.info.token_bytes / 2**20:.0f} MiB of weights per token{regime}{probe}{extra}")
     reps = REPS["quick" if quick else "full"]
-    notes += [f"medians of {reps} repetitions ({REPS['1b']} for the 1.1B model), sqk and llama-bench interleaved "
+    sqk_opts = {"kv_dtype": KV_DTYPE, **json.loads(os.environ.get("SQK_LLM_REAL_OPTIONS", "{}"))}
+    notes += [f"sqk.llm.load options: {sqk_opts}; llama-bench defaults otherwise (f16 KV cache, n_batch 2048, "
+              "n_ubatch 512, weights repacked where it has a layout for the type)",
+              f"medians of {reps} repetitions ({REPS['1b']} for the 1.1B model), sqk and llama-bench interleaved "
               f"per repetition; same files, {threads} threads each; GB/s = weight bytes per token x tok/s",
               "targets (issue 19): tg64 >= 1.3x llama.cpp at f32/q8_0/q4_0 on SmolLM2; 1.1B q4_0 decode >= 90% "
               "of the probe and >= 1.1x llama.cpp; pp512 >= 1.5x llama.cpp at every quant; tg64 @ d4096 >= 1.5x "
