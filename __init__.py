@@ -4,8 +4,33 @@ Build a graph (``GraphBuilder`` or ``parse_ir``), check it against the numpy
 reference (``reference``), compile it ahead of time for the host or riscv64
 (``compile``), save the artifact and ``load`` it where only numpy and cffi
 are installed.
+
+``import sqk`` loads the IR and the runtime only; ``sqk.compile``,
+``sqk.from_onnx`` and the subpackages (``sqk.compiler``, ``sqk.codegen``,
+``sqk.llm``, and their modules such as ``sqk.compiler.dump``) load on first
+use, so a deployed artifact runs without the compiler or llvmlite.
 """
 __version__ = "0.1.0"
+
+
+def lazy_submodules(name: str, path) -> tuple:
+    """``(__getattr__, __dir__)`` for package ``name``: its modules and subpackages
+    (``sqk.compiler.dump``, ``sqk.codegen.emit``, ...) import on first attribute access."""
+    import importlib
+    import pkgutil
+
+    names = {m.name for m in pkgutil.iter_modules(path)}
+
+    def getattr_(attr):
+        if attr in names:
+            return importlib.import_module(f"{name}.{attr}")
+        raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+
+    def dir_():
+        return sorted(set(vars(importlib.import_module(name))) | names)
+
+    return getattr_, dir_
+
 
 # This file is the repository's root; pytest also imports it when it collects the
 # checkout as a package (under the folder's name), where relative imports fail.
@@ -14,35 +39,30 @@ if __name__ == "sqk":
                      load_ir, parse_ir, reference, save_ir, verify)
     from .runtime.module import Module, SqkRuntimeError, load  # noqa: F401
 
-
-def compile(graph, target="host", pipeline=None, dump_after=None, dump_dir=None, threads=None, **options):
-    """Compile ``graph`` ahead of time; see :func:`sqk.compiler.compile`."""
-    from .compiler import compile as _compile
-
-    return _compile(graph, target=target, pipeline=pipeline, dump_after=dump_after,
-                    dump_dir=dump_dir, threads=threads, **options)
-
-
-def from_onnx(path_or_model, input_shapes=None, **options):
-    """Import an ONNX model as a sqk.Graph; see :func:`sqk.compiler.frontends.onnx.from_onnx`
-    (needs the onnx package: ``pip install 'sqk[onnx]'``)."""
-    from .compiler.frontends.onnx import from_onnx as _from_onnx
-
-    return _from_onnx(path_or_model, input_shapes=input_shapes, **options)
+# name -> (module, attribute or None for the module itself), imported on first use
+_LAZY = {
+    "compile": (".compiler.driver", "compile"),
+    "from_onnx": (".compiler.frontends.onnx", "from_onnx"),
+    "OnnxImportError": (".compiler.frontends.onnx", "OnnxImportError"),
+    "compiler": (".compiler", None),
+    "codegen": (".codegen", None),
+    "llm": (".llm", None),
+    "load_llm": (".llm.loader", "load"),   # sqk.llm.load
+}
 
 
 def __getattr__(name):
-    if name == "llm":  # the LLM layer (llm/), loaded on first use
-        import importlib  # not `from . import llm`: that asks this __getattr__ again
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sqk' has no attribute {name!r}")
+    import importlib  # not `from . import x`: that asks this __getattr__ again
 
-        return importlib.import_module(".llm", __name__)
-    if name == "load_llm":  # sqk.llm.load
-        import importlib
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module, __name__)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
 
-        return importlib.import_module(".llm", __name__).load
-    # OnnxImportError lives with the importer, loaded on first use (the runtime needs no compiler).
-    if name == "OnnxImportError":
-        from .compiler.frontends.onnx import OnnxImportError
 
-        return OnnxImportError
-    raise AttributeError(f"module 'sqk' has no attribute {name!r}")
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

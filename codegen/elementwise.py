@@ -16,6 +16,7 @@ from typing import Callable
 from llvmlite import ir
 
 from ..ir import dtypes as dt
+from ..ir.fusion import broadcast_strides
 from ..ir.graph import Node, TensorType
 from ..ir.ops import slice_ranges
 from .kernel import (I16, Kernel, call_intrinsic, compute_type, fconst, gep, i64, iconst,
@@ -47,10 +48,7 @@ def contiguous_strides(shape) -> list[int]:
 
 def broadcast_view(arg: int, t: TensorType, out_shape) -> View:
     """View of ``t`` broadcast (numpy rules) to ``out_shape``."""
-    pad = len(out_shape) - t.rank
-    st = contiguous_strides(t.shape)
-    strides = [0] * pad + [0 if d == 1 and o != 1 else s for d, s, o in zip(t.shape, st, out_shape[pad:])]
-    return View(arg, t.dtype, 0, strides)
+    return View(arg, t.dtype, 0, broadcast_strides(t, out_shape))
 
 
 def coalesce(shape, views):

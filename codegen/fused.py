@@ -1,24 +1,18 @@
 """The ``fused`` op: one kernel for a whole sub-graph (made by the ``fuse`` pass).
 
-Four shapes of body, told apart by :func:`body_kind`, the one predicate the
-pass and this emitter share (the pass fuses nothing this module cannot emit):
+The four shapes of body (``"map"``, ``"matmul"``, ``"conv2d"``, ``"attention"``)
+are defined with the op, in ir/fusion.py (:func:`body_kind`), which the pass
+reads too: this module emits every one of them.
 
-* ``"map"``: elementwise ops only (unary, binary with broadcasting, gelu,
-  cast), every node's result of the body's output shape.  One ``emit_map``
-  loop loads each body input once per element through its broadcast view and
-  composes the nodes' per-vector ScalarFns: intermediates stay in registers.
-* ``"matmul"``: a dense f32/f16 matmul, then elementwise nodes of its result's
-  shape and dtype (bias add, activation, residual add, scale, mask ...).  The
-  matmul kernel applies them to each output tile before its store (the
-  ``epilogue`` hook of codegen/matmul.py).  Other inputs of the epilogue are
-  read at (batch item, row, column) of the result: a view must step by a
-  fixed stride along the (folded) rows, and the batch dims must not be folded
-  into rows unless the view is linear over them.
-* ``"conv2d"``: conv2d then unary elementwise nodes (relu ...), applied to each
-  output vector before its store (the ``epilogue`` hook of codegen/conv.py).
-* ``"attention"``: matmul(q, kt), an elementwise epilogue (scale, mask),
-  softmax over the last axis, matmul with v: f32, at most ATTENTION_MAX_T
-  keys.  One work item per query row keeps its scores on the stack.
+* ``"map"``: one ``emit_map`` loop loads each body input once per element
+  through its broadcast view and composes the nodes' per-vector ScalarFns:
+  intermediates stay in registers.
+* ``"matmul"``: the matmul kernel applies the elementwise nodes to each output
+  tile before its store (the ``epilogue`` hook of codegen/matmul.py), reading
+  the other inputs at (batch item, row, column) of the result.
+* ``"conv2d"``: the unary nodes applied to each output vector before its store
+  (the ``epilogue`` hook of codegen/conv.py).
+* ``"attention"``: one work item per query row keeps its scores on the stack.
 
 A constant input of a "matmul" or "conv2d" body is stored as its anchor's
 packer lays it out (``pack_fused``: a GEMM's constant b in column panels,
@@ -35,6 +29,7 @@ import math
 from llvmlite import ir
 
 from ..ir import dtypes as dt
+from ..ir.fusion import ANCHORS, ATTENTION_MAX_T, body_kind, epilogue_strides, is_elementwise  # noqa: F401
 from ..ir.graph import Graph, Node
 from ..ir.ops import BINARY, UNARY
 from .elementwise import (
@@ -52,86 +47,24 @@ from .kernel import F16, F32, Kernel, i64, splat, vtype
 from .lower import PACKERS, UnsupportedOp, emitter, kernel_key, packer
 from .matmul import Access, Geometry, emit_matmul
 
-ANCHORS = ("matmul", "conv2d")
-
 
 def scalar_fn(n: Node) -> ScalarFn | None:
-    """The per-vector function of an elementwise node, or None when ``n`` is
-    not one the fused map can compose."""
-    if len(n.outputs) != 1 or not n.inputs:
+    """The per-vector function of an elementwise node (ir.fusion.is_elementwise),
+    or None for another node.  Every op of KIND "elementwise" has one, for each
+    dtype it takes: a missing one is a KeyError here, not a silent non-fusion."""
+    if not is_elementwise(n):
         return None
     d = n.inputs[0].dtype
-    try:
-        if n.op in UNARY and len(n.inputs) == 1:
-            return unary_fn(n.op, d)
-        if n.op in BINARY and len(n.inputs) == 2:
-            return binary_fn(n.op, d)
-    except KeyError:  # an op of the IR the elementwise tables do not have
-        return None
+    if n.op in UNARY:
+        return unary_fn(n.op, d)
+    if n.op in BINARY:
+        return binary_fn(n.op, d)
     if n.op == "gelu":
         approximate = n.attrs["approximate"]
         return lambda k, v, lanes: f_gelu(k, v[0], lanes, approximate)
     if n.op == "cast":
         return cast_fn(d, n.attrs["to"])
-    return None
-
-
-def is_elementwise(n: Node) -> bool:
-    return scalar_fn(n) is not None
-
-
-def body_kind(body: Graph) -> str | None:
-    """"map", "matmul", "conv2d" or "attention" when :func:`emit_fused` computes
-    ``body`` in one kernel (see the module docstring), else None."""
-    if len(body.outputs) != 1 or not body.nodes or any(len(n.outputs) != 1 for n in body.nodes):
-        return None
-    first = body.nodes[0]
-    if len(body.nodes) >= 3 and first.op == "matmul" and body.nodes[-2].op == "softmax":
-        return "attention" if _attention_ok(body) else None
-    if first.op not in ANCHORS:
-        shape = body.outputs[0].shape
-        if all(is_elementwise(n) and n.output.shape == shape for n in body.nodes):
-            return "map"
-        return None
-    # the anchor reads the body's first inputs in order; the rest is its epilogue
-    if tuple(body.inputs[:len(first.inputs)]) != first.inputs or len(set(first.inputs)) != len(first.inputs):
-        return None
-    y = first.output
-    rest = body.nodes[1:]
-    if any(not is_elementwise(n) or n.output.type != y.type for n in rest):
-        return None
-    if first.op == "matmul":
-        if first.attrs["sparse"] != "dense" or y.dtype not in dt.FLOATS:
-            return None
-        g = Geometry(first)
-        extra = [v for v in body.inputs if any(v in n.inputs for n in rest)]
-        return "matmul" if all(_epilogue_strides(g.out_batch, y.shape, v.type) is not None for v in extra) else None
-    # conv2d: unary nodes on the running value only (no other inputs per element)
-    if y.dtype in dt.FLOATS and all(len(n.inputs) == 1 and n.inputs[0] not in body.inputs for n in rest):
-        return "conv2d"
-    return None
-
-
-def _epilogue_strides(batch, out_shape, t) -> tuple | None:
-    """(per batch dim strides, row stride, column stride) in elements of a body
-    input of type ``t`` read at (batch item, row, column) of a matmul result of
-    ``out_shape``, whose kernel walks the batch dims ``batch`` (() when it
-    folds them into rows: Geometry.out_batch), or None when folded rows do
-    not step by one stride."""
-    st = broadcast_view(0, t, out_shape).strides
-    if len(out_shape) < 2:
-        return None
-    if batch or len(out_shape) == 2:
-        return tuple(st[:-2]), st[-2], st[-1]
-    # the batch dims were folded into M: row r of the folded [M', N] must sit at r * stride
-    dims = [(d, s) for d, s in zip(out_shape[:-1], st[:-1]) if d != 1]
-    row = dims[-1][1] if dims else 0
-    acc = row
-    for d, s in reversed(dims):
-        if s != acc:
-            return None
-        acc = s * d
-    return (), row, st[-1]
+    raise KeyError(f"codegen has no per-element function of the elementwise op {n.op}")
 
 
 # --- evaluation of the body's elementwise nodes -------------------------------------------
@@ -195,7 +128,7 @@ def _epilogue(k: Kernel, body: Graph, batch, y, nodes, result):
     """``epilogue(value, t, row, col, n, valid=None)``: ``result`` of the elementwise
     ``nodes`` at (batch item t, row, col .. col+n) of the matmul result ``y``
     (f32 ``value``), reading the other body inputs there (see _epilogue_strides)."""
-    extra = [(i, v, _epilogue_strides(batch, y.shape, v.type)) for i, v in enumerate(body.inputs)
+    extra = [(i, v, epilogue_strides(batch, y.shape, v.type)) for i, v in enumerate(body.inputs)
              if any(v in n.inputs for n in nodes)]
 
     def epilogue(value, t, row, col, n, valid=None):
@@ -246,36 +179,6 @@ def _emit_conv(k: Kernel, body: Graph):
 
 
 # --- attention ---------------------------------------------------------------------------------
-
-def _attention_ok(body: Graph) -> bool:
-    """matmul(q, kt) -> elementwise epilogue -> softmax(last axis) -> matmul(., v) in
-    f32, q, kt and v with the same batch dims, at most ATTENTION_MAX_T keys."""
-    nodes = body.nodes
-    mm1, rest, sm, mm2 = nodes[0], nodes[1:-2], nodes[-2], nodes[-1]
-    if mm2.op != "matmul" or mm2.inputs[0] is not sm.output or len(body.outputs) != 1 or \
-            body.outputs[0] is not mm2.output:
-        return False
-    q, kt = mm1.inputs
-    v = mm2.inputs[1]
-    if tuple(body.inputs[:2]) != (q, kt) or q is kt or v not in body.inputs:
-        return False
-    y = mm1.output
-    batch = q.shape[:-2]
-    if not (y.dtype is dt.f32 and q.type.rank == kt.type.rank == v.type.rank and kt.shape[:-2] == batch
-            and v.shape[:-2] == batch and v.shape[-2] == kt.shape[-1] and 1 <= kt.shape[-1] <= ATTENTION_MAX_T
-            and mm1.attrs["sparse"] == mm2.attrs["sparse"] == "dense"):
-        return False
-    if sm.attrs["axis"] % y.type.rank != y.type.rank - 1 or sm.inputs[0] is not (rest[-1].output if rest else y):
-        return False
-    if any(not is_elementwise(n) or n.output.type != y.type for n in rest):
-        return False
-    extra = [x for x in body.inputs if any(x in n.inputs for n in rest)]
-    return all(_epilogue_strides(batch, y.shape, x.type) is not None for x in extra)
-
-
-# Keys per query row the attention kernel holds (scores on the stack): short sequences.
-ATTENTION_MAX_T = 256
-
 
 def _emit_attention(k: Kernel, body: Graph):
     """One work item per query row (batch item, m): scores[j] = q[m, :] . kt[:, j]

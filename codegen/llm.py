@@ -2,7 +2,8 @@
 
 Decode-time shapes are small along the batch (one token) and long along the
 feature dims, so each kernel's work item is a token row (rope, topk, moe) or
-a KV head (attention_decode), and the inner loops over D / F / H are written
+a KV head (attention_decode; with a prefill chunk of T tokens, a KV head x
+query row), and the inner loops over D / F / H are written
 as vector blocks (``reduce.blocks``) or left for LLVM to vectorize.
 Scratch (scores, accumulators) lives in fixed-size stack arrays sized from
 the static shapes.
@@ -274,10 +275,11 @@ class Attention:
         ``rounded``: the rows are not in the cache yet and are rounded to its
         dtype as they would be stored there."""
         k, b, d, dd = self.k, self.b, self.d, self.dd
+        rnd = (lambda v, w: widen(b, narrow(b, v, self.dc, w), self.dc, w)) if rounded else None  # noqa: E731
 
         def load(ptr, dtype, idx, w):
             v = load_elem(b, ptr, dtype, idx, w)
-            return widen(b, narrow(b, v, self.dc, w), self.dc, w) if rounded else v
+            return rnd(v, w) if rnd else v
 
         with loop(b, t0, t1, name="t") as t:
             rb = row_base(t)
@@ -297,10 +299,7 @@ class Attention:
                     b.store(sc, self.f32_at(self.mx, gi))
                 e = f_exp(k, b.fsub(sc, b.load(self.f32_at(self.mx, gi), typ=F32)), 1)
                 b.store(b.fadd(b.load(self.f32_at(self.tot, gi), typ=F32), e), self.f32_at(self.tot, gi))
-                if rounded:
-                    axpy(k, dd, accg, e, vp, src, rb, lambda v, w: widen(b, narrow(b, v, self.dc, w), self.dc, w))
-                else:
-                    axpy(k, dd, accg, e, vp, src, rb)
+                axpy(k, dd, accg, e, vp, src, rb, rnd)
 
     def finish(self, outp, out_base):
         """out[out_base(g) : +D] = acc_g / sum_g for the group's heads."""

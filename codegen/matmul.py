@@ -56,6 +56,7 @@ import numpy as np
 from llvmlite import ir
 
 from ..ir import dtypes as dt
+from ..ir.fusion import batch_strides, folds_batch
 from ..ir.graph import Node
 from .kernel import (
     F32,
@@ -124,12 +125,12 @@ class Geometry:
         self.dtype = y.dtype
         self.M, self.K, self.N = a.shape[-2], a.shape[-1], b.shape[-1]
         out_batch = tuple(y.shape[:-2])
-        self.a_strides = _batch_strides(a.shape[:-2], out_batch, self.M * self.K)
-        self.b_strides = _batch_strides(b.shape[:-2], out_batch, b_matrix or self.K * self.N)
+        self.a_strides = batch_strides(a.shape[:-2], out_batch, self.M * self.K)
+        self.b_strides = batch_strides(b.shape[:-2], out_batch, b_matrix or self.K * self.N)
         self.out_batch = out_batch
-        # b shared by every batch item and a not broadcast: one [batch*M, K] @ [K, N].
-        if out_batch and not any(self.b_strides) and all(self.a_strides[i] for i, d in enumerate(out_batch)
-                                                         if d != 1):
+        # b shared by every batch item and a not broadcast: one [batch*M, K] @ [K, N]
+        # (ir.fusion.matmul_batch: a fused epilogue is addressed the same way).
+        if folds_batch(out_batch, self.a_strides, self.b_strides):
             self.M *= math.prod(out_batch)
             self.out_batch, self.a_strides, self.b_strides = (), (), ()
         self.batch = math.prod(self.out_batch)
@@ -147,16 +148,6 @@ class Geometry:
             if self.b_strides[d]:
                 b_off = b.add(b_off, b.mul(idx, i64(self.b_strides[d])))
         return a_off, b_off, y_off
-
-
-def _batch_strides(shape, out_batch, matrix_size):
-    """Per output batch dim, the element stride of an operand (0 where it broadcasts)."""
-    pad = len(out_batch) - len(shape)
-    strides, acc = [], matrix_size
-    for d in reversed(range(len(shape))):
-        strides.append(0 if shape[d] == 1 else acc)
-        acc *= shape[d]
-    return tuple([0] * pad + strides[::-1])
 
 
 def tile_shape(target, lanes: int = 0, panel: int = 0) -> tuple[int, int]:

@@ -21,8 +21,10 @@ Then ``sitofp(word & (mask << bits*e))`` is exactly ``(q + off_e) * 2^(bits*e)``
 kernel subtracts ``off_e * sum(x)`` per group and scales by ``2^-(bits*e)``.
 Scales are stored [N/NB][groups][NB] in their own dtype; zero points, when
 present, as ``zeros + off_e`` in [N/NB][groups][NB] (i8 for i4 weights, i16
-for i8); float minimums (GGUF's Q4_1 / Q4_K) like the scales.  Padding columns
-(N not a multiple of NB) hold q = 0, scale 0.
+for i8); float minimums (GGUF's Q4_1) like the scales; two-level scales
+(GGUF's Q4_K: u8 sub-scales and sub-minimums like the scales, supers as
+[N/NB][super-blocks][2][NB]).  Padding columns (N not a multiple of NB) hold
+q = 0, scale 0.
 
 Kernel: work items are (column block, chunk of up to MCH rows of x), block
 major, so two threads stream disjoint weight bytes.  Per group of K rows a
@@ -90,7 +92,11 @@ class QLayout:
         self.groups = s.shape[0]
         self.nblk = -(-self.N // NB)
         zeros = node.inputs[3] if len(node.inputs) > 3 else None
-        self.has_mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # float zeros: minimums
+        self.has_supers = len(node.inputs) > 4            # two-level: u8 scales and zeros times supers
+        self.nsuper = node.inputs[4].type.shape[0] if self.has_supers else 0
+        self.per_super = node.attrs.get("super_group", 0) // self.group   # groups per super-block
+        # float zeros (or two-level): minimums, the code being q + 8
+        self.has_mins = zeros is not None and (zeros.type.dtype in dt.FLOATS or self.has_supers)
         self.has_zeros = zeros is not None and not self.has_mins
         self.zero_np = np.int8 if self.bits == 4 else np.int16
 
@@ -110,10 +116,10 @@ class QLayout:
         return np.ascontiguousarray(out.reshape(r, self.nblk, NB).transpose(1, 0, 2))
 
 
-@packer("matmul_q", inputs=(1, 2, 3))
+@packer("matmul_q", inputs=(1, 2, 3, 4))
 def pack_matmul_q(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
-    """Bytes of input ``index`` (q, scales or zeros) as the kernel reads them
-    (layout in the module docstring; activations=int8: ``pack_i8act``)."""
+    """Bytes of input ``index`` (q, scales, zeros or supers) as the kernel reads
+    them (layout in the module docstring; activations=int8: ``pack_i8act``)."""
     if uses_rows(target):
         return pack_rows(node, index, a)
     if node.attrs.get("activations", "none") == "int8":
@@ -121,6 +127,10 @@ def pack_matmul_q(node: Node, index: int, a: np.ndarray, target=None) -> bytes |
     L = QLayout(node)
     if index == 0:
         return None
+    if index == 4:   # supers [S, N, 2] -> [N/NB][S][2][NB]
+        a = np.asarray(a)
+        flat = np.ascontiguousarray(a.transpose(0, 2, 1)).reshape(2 * a.shape[0], a.shape[1])
+        return L.blocked(flat).astype(a.dtype.newbyteorder("<")).tobytes()
     if index == 2 or (index == 3 and L.has_mins):
         return L.blocked(np.asarray(a)).astype(np.asarray(a).dtype.newbyteorder("<")).tobytes()
     cv_off = np.array([L.offset(L.field(cv)[1]) for cv in range(NCV)], np.int32).repeat(VL)  # per column of a block
@@ -160,6 +170,7 @@ def emit_matmul_q(k: Kernel, node: Node):
     W = k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
     MINS = Access(k, k.args[3], node.inputs[3].type.dtype, VL) if L.has_mins else None
+    SUP = Access(k, k.args[4], node.inputs[4].type.dtype, VL) if L.has_supers else None
     zty = ir.VectorType(ir.IntType(L.bits * 2), VL)  # zero points: i8 / i16
     Y = Access(k, k.args[-1], y_t.dtype, VL)
     YACC = Access(k, _stack_array(k, MCH * NB, "yacc"), dt.f32, VL)
@@ -236,7 +247,15 @@ def emit_matmul_q(k: Kernel, node: Node):
         for cv in cvs:
             e = L.field(cv)[1]
             col = b.add(sblk, b.add(b.mul(g, i64(NB)), i64(cv * VL)))
-            s = S.load(col)
+            if L.has_supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
+                blk = b.udiv(sblk, i64(L.groups * NB))
+                sup = b.add(b.mul(blk, i64(L.nsuper * 2 * NB)),
+                            b.add(b.mul(b.udiv(g, i64(L.per_super)), i64(2 * NB)), i64(cv * VL)))
+                s = b.fmul(SUP.load(sup), b.uitofp(S.load(col), fvec))
+                mins = b.fmul(SUP.load(b.add(sup, i64(NB))), b.uitofp(MINS.load(col), fvec))
+            else:
+                s = S.load(col)
+                mins = MINS.load(col) if L.has_mins else None
             sp = b.fmul(s, fconst(fvec, 2.0 ** -(L.bits * e)))  # exact: a power of two
             if L.has_zeros:
                 z = b.load(gep(b, k.args[3], zty.element, col), typ=zty, align=L.bits // 4)
@@ -244,7 +263,6 @@ def emit_matmul_q(k: Kernel, node: Node):
             else:   # minimums: the code is q + 8, so field e's offset is off_e - 8
                 off = L.offset(e) - (8 if L.has_mins else 0)
                 soff = b.fmul(s, fconst(fvec, float(off))) if off else None
-            mins = MINS.load(col) if L.has_mins else None
             for t in range(mr):
                 pos = i64((m0 + t) * NB + cv * VL)
                 y = fma(k, sp, vals[i], YACC.load(pos))
@@ -345,7 +363,9 @@ def emit_matmul_q(k: Kernel, node: Node):
 #   i64 sums being per span).
 #
 # Scales as [slabs][groups][8], zero points the same in i8 (i4: z + 8, the
-# offset the nibbles carry).  Columns padded to a multiple of 64.
+# offset the nibbles carry), float minimums the same in their dtype (the nibbles'
+# q + 8 being the code, nothing is subtracted; (d * minimum) * sum(xq) is added
+# per group).  Columns padded to a multiple of 64.
 #
 # Kernel: per column block, register tiles of up to ROWS_I8_* rows x QUAD
 # slabs (32 columns): each chunk's weight words are loaded and decoded
@@ -389,7 +409,7 @@ def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
     i4 = node.inputs[1].type.dtype is dt.i4
     if index in (2, 3):
         a = np.asarray(a)
-        if index == 3:  # i8 zero points; i4 ones as z + 8, matching the offset encoding of q
+        if index == 3 and a.dtype.kind != "f":  # i8 zero points; i4 ones as z + 8, as the nibbles (minimums as is)
             a = (a.astype(np.int16) + (8 if i4 else 0)).astype(np.int8)
         s = np.zeros((a.shape[0], nslab * SLAB), a.dtype)
         s[:, :N] = a
@@ -424,7 +444,9 @@ def emit_i8act(k: Kernel, node: Node):
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N, G, GP = i8_geometry(node)
     group = node.attrs["group"]
-    has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+    zeros = node.inputs[3] if len(node.inputs) > 3 else None
+    mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # minimums: the nibbles' q + 8 is the code
+    has_zeros = zeros is not None and not mins
     act_scale = float(np.float32(node.attrs.get("act_scale", 0.0)))  # the reference's f32 step; 0: dynamic
     bits = 4 if node.inputs[1].type.dtype is dt.i4 else 8
     rows = math.prod(x_t.shape[:-1])
@@ -455,6 +477,7 @@ def emit_i8act(k: Kernel, node: Node):
     roundeven = k.intrinsic("llvm.roundeven.f32", F32, [F32])
     X, W = Access(k, k.args[0], x_t.dtype, 1), k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
+    MINS = Access(k, k.args[3], zeros.type.dtype, VL) if mins else None
     Y = Access(k, k.args[-1], y_t.dtype, VL)
     rch = max(1, min(rows, XQ_STACK // max(KP, 1)))   # rows quantized per chunk
     if rch < rows and rch >= rt:
@@ -470,29 +493,35 @@ def emit_i8act(k: Kernel, node: Node):
     XV = Access(k, k.args[0], x_t.dtype, VL)
 
     def group_amax(xbase, glen):
-        """max |x[xbase : xbase+glen]| (NaN ignored), VL lanes at a time: the scalar
-        compare-select chain costs its latency per element (LLVM does not reorder it).
-        Exact in any order: a maximum of non-negative, non-NaN values."""
+        """max |x[xbase : xbase+glen]| VL lanes at a time (the scalar compare-select
+        chain costs its latency per element; LLVM does not reorder it), or NaN when
+        the group holds a NaN or +-inf (``quantize_rows_i8``): beside the maximum
+        (NaN ignored: exact in any order), a sum of x * 0, which is 0 unless some x
+        is not finite, then NaN for good."""
         nv = glen - glen % VL
         zv = fconst(fvec, 0.0)
 
         def vmax(i, a):
-            v = b.call(k.intrinsic("llvm.fabs.v8f32", fvec, [fvec]), [XV.load(b.add(xbase, i))])
-            return [b.select(b.fcmp_ordered(">", v, a[0]), v, a[0])]
+            x = XV.load(b.add(xbase, i))
+            v = b.call(k.intrinsic("llvm.fabs.v8f32", fvec, [fvec]), [x])
+            return [b.select(b.fcmp_ordered(">", v, a[0]), v, a[0]), b.fadd(a[1], b.fmul(x, zv))]
 
-        m = zero_f
+        m, nf = zero_f, zero_f
         if nv:
-            acc = fold_loop(b, 0, nv, [zv], vmax, step=VL, name="amaxv")[0]
+            acc, nfv = fold_loop(b, 0, nv, [zv, zv], vmax, step=VL, name="amaxv")
             for j in range(VL):
                 e = b.extract_element(acc, ir.Constant(I32, j))
                 m = b.select(b.fcmp_ordered(">", e, m), e, m)
+                nf = b.fadd(nf, b.extract_element(nfv, ir.Constant(I32, j)))
         for i in range(nv, glen):
-            m = call_fabs_max(k, m, X.scalar(b.add(xbase, i64(i))))
-        return m
+            x = X.scalar(b.add(xbase, i64(i)))
+            m = call_fabs_max(k, m, x)
+            nf = b.fadd(nf, b.fmul(x, zero_f))
+        return b.select(b.fcmp_unordered("uno", nf, nf), ir.Constant(F32, float("nan")), m)
 
     def quant_group(xbase, qbase, rg, glen):
         """Quantize x[xbase : xbase+glen] into xq[qbase : qbase+GP] (zero padded)."""
-        if act_scale:   # static: a constant step, saturating at +-127
+        if act_scale:   # static: a constant step, saturating at +-127 (NaN: the group's d is NaN, below)
             d = ir.Constant(F32, act_scale)
 
             def code(v):
@@ -501,7 +530,7 @@ def emit_i8act(k: Kernel, node: Node):
                 # and a vfcvt.rtz (which qemu 7.2 mistranslates in some sequences: an assertion)
                 v = b.call(fmax, [b.call(fmin, [v, ir.Constant(F32, 127.0)]), ir.Constant(F32, -127.0)])
                 return b.fptosi(b.call(roundeven, [v]), I32)
-        else:           # dynamic: d = max|x| / 127, so |x / d| <= 127 already
+        else:           # dynamic: d = max|x| / 127, so |x / d| <= 127 already (d NaN: xq = 0)
             amax = group_amax(xbase, glen)
             d = b.fdiv(amax, ir.Constant(F32, 127.0))
             pos = b.fcmp_ordered(">", d, zero_f)
@@ -510,14 +539,18 @@ def emit_i8act(k: Kernel, node: Node):
                 return b.select(pos, b.fptosi(b.call(roundeven, [v]), I32), zero_i)
 
         def quant(i, acc):
-            qi = code(b.fdiv(X.scalar(b.add(xbase, i)), d))
+            xv = X.scalar(b.add(xbase, i))
+            qi = code(b.fdiv(xv, d))
             qs = b.add(qi, ir.Constant(I32, 128)) if xu else qi   # xu: u8 codes (padding 0 meets q = 0)
             b.store(b.trunc(qs, I8), gep(b, xq, I8, b.add(qbase, i)))
-            return [b.add(acc[0], qi)]
+            nan = [b.or_(acc[1], b.zext(b.fcmp_unordered("uno", xv, xv), I32))] if act_scale else []
+            return [b.add(acc[0], qi), *nan]
 
-        s = fold_loop(b, 0, glen, [zero_i], quant, name="quant")[0]
+        s, *nan = fold_loop(b, 0, glen, [zero_i] + [zero_i] * bool(act_scale), quant, name="quant")
         for i in range(glen, GP):
             b.store(ir.Constant(I8, 0), gep(b, xq, I8, b.add(qbase, i64(i))))
+        if nan:         # static: a NaN in the group makes its d NaN (its codes then never count)
+            d = b.select(b.icmp_unsigned("!=", nan[0], zero_i), ir.Constant(F32, float("nan")), d)
         b.store(d, gep(b, dq, F32, rg))
         b.store(s, gep(b, qsum, I32, rg))
 
@@ -641,6 +674,7 @@ def emit_i8act(k: Kernel, node: Node):
             cols = [b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB))) for sl in slabs]
             svals = [S.load(col) for col in cols]
             zvs = [b.load(gep(b, k.args[3], I8, col), typ=v8i8, align=1) for col in cols] if has_zeros else None
+            mvals = [MINS.load(col) for col in cols] if mins else None
             # xu: sum_k (xq + 128) q = sum_k xq q + 128 sum_k q, modulo 2^32 like the final sum
             corr = [b.load(gep(b, W, I8, b.add(i64(nslab * KP * 8), b.mul(col, i64(4)))), typ=v8i32, align=1)
                     for col in cols] if xu else None
@@ -656,7 +690,7 @@ def emit_i8act(k: Kernel, node: Node):
                     if has_zeros:
                         off = (b.mul(b.sext(xsum, i64v), b.sext(zvs[j2], i64v)) if wide
                                else b.mul(xsum, b.sext(zvs[j2], v8i32)))
-                    elif bits == 4:
+                    elif bits == 4 and not mins:
                         off = b.shl(xsum, ir.Constant(v8i32, [3] * 8))
                         off = b.sext(off, i64v) if wide else off
                     else:
@@ -669,6 +703,8 @@ def emit_i8act(k: Kernel, node: Node):
                     dot = b.sitofp(dot, fvec)  # exact integer, rounded once to f32
                     # product and sum each rounded to f32, unfused: the reference's order of operations
                     out[i] = b.fadd(yacc[i], b.fmul(sc, dot))
+                    if mins:   # + (d * minimum) * sum(xq), unfused as the reference
+                        out[i] = b.fadd(out[i], b.fmul(b.fmul(dv, mvals[j2]), b.sitofp(xsum, fvec)))
             return out
 
         yacc = fold_loop(b, 0, G, [fconst(fvec, 0.0)] * (QUAD * nr), group_step, name="gq")

@@ -15,8 +15,9 @@ work item (one block) streams one contiguous run:
   low nibble and column j + h in the high nibble (two's complement; 0 past w):
   both halves decode with shifts and land in contiguous accumulators.
 
-Scales and minimums (float zeros) stay plain ([groups][N], their dtype); zero
-points are stored as one i8 per element ([groups][N]).
+Scales and minimums (float zeros) stay plain ([groups][N], their dtype), and
+so do two-level scales' u8 sub-scales and sub-minimums and their supers
+([super-blocks][N][2]); zero points are stored as one i8 per element ([groups][N]).
 
 Kernel: work items are (block, tile of up to RT rows of x), block major.  Per
 group, for U rows of q at a time, the column loop adds x[r, k] * q[k, j] into
@@ -104,7 +105,7 @@ class RowLayout:
 def pack_rows(node: Node, index: int, a: np.ndarray) -> bytes | None:
     """q (input 1) in the row layout, zero points (input 3) as i8; scales and
     minimums (float zeros) plain."""
-    if index == 2 or node.inputs[index].type.dtype in dt.FLOATS:
+    if index == 2 or index == 4 or node.inputs[index].type.dtype in (dt.f32, dt.f16, dt.u8):
         return None
     q = np.asarray(a).astype(np.int8)
     if index == 3:
@@ -136,9 +137,13 @@ def emit_rows(k: Kernel, node: Node):
     S = Access(k, k.args[2], node.inputs[2].type.dtype, 1)
     Y = Access(k, k.args[-1], y_t.dtype, 1)
     zeros = node.inputs[3] if len(node.inputs) > 3 else None
-    has_mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # float zeros: minimums, q + 8 the code
+    supers = len(node.inputs) > 4    # two-level: u8 scales and zeros times supers [S][N][2]
+    per_super = node.attrs.get("super_group", 0) // group
+    # float zeros (or two-level): minimums, q + 8 the code
+    has_mins = zeros is not None and (zeros.type.dtype in dt.FLOATS or supers)
     has_zeros = zeros is not None
     MINS = Access(k, k.args[3], zeros.type.dtype, 1) if has_mins else None
+    SUP = Access(k, k.args[4], node.inputs[4].type.dtype, 1) if supers else None
     ntiles = cdiv(rows, RT)
     gsum = Access(k, _stack_array(k, RT * BW, "gsum"), dt.f32, 1)
     yacc = Access(k, _stack_array(k, RT * BW, "yacc"), dt.f32, 1)
@@ -188,6 +193,11 @@ def emit_rows(k: Kernel, node: Node):
             with loop(b, 0, w, name="c") as j:
                 col = b.add(b.add(b.mul(g, i64(N)), col0), j)
                 s = S.scalar(col)
+                mn = MINS.scalar(col) if has_mins else None
+                if supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
+                    sup = b.mul(b.add(b.mul(b.udiv(g, i64(per_super)), i64(N)), b.add(col0, j)), i64(2))
+                    s = b.fmul(SUP.scalar(sup), b.uitofp(s, F32))
+                    mn = b.fmul(SUP.scalar(b.add(sup, i64(1))), b.uitofp(mn, F32))
                 for r in range(rt):
                     t = gsum.scalar(b.add(j, i64(r * BW)))
                     if has_mins:   # (q + 8) * scale + minimum
@@ -197,7 +207,7 @@ def emit_rows(k: Kernel, node: Node):
                         t = b.fsub(t, b.fmul(z, xsum[r]))
                     at = b.add(j, i64(r * BW))
                     y = fma(k, s, t, yacc.scalar(at))
-                    yacc.store(fma(k, MINS.scalar(col), xsum[r], y) if has_mins else y, at)
+                    yacc.store(fma(k, mn, xsum[r], y) if has_mins else y, at)
 
         full = K // group
         with loop(b, 0, full, name="g") as g:
@@ -233,7 +243,10 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
     I32, I64 = ir.IntType(32), ir.IntType(64)
     S = Access(k, k.args[2], node.inputs[2].type.dtype, 1)
     Y = Access(k, k.args[-1], node.outputs[0].type.dtype, 1)
-    has_zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+    zeros = node.inputs[3] if len(node.inputs) > 3 else None
+    mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # minimums: the code is q + 8
+    MINS = Access(k, k.args[3], zeros.type.dtype, 1) if mins else None
+    has_zeros = zeros is not None and not mins
     wide = group > span
     iacc = _stack_array(k, RT * BW, "iacc")
     lacc = _stack_array(k, 2 * RT * BW, "lacc") if wide else None
@@ -300,11 +313,18 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
                 for t, r in enumerate(rls):
                     rg = b.add(b.mul(r, i64(G)), g)
                     dot = b.load(at(lacc if wide else iacc, ty, b.add(j, i64(t * BW))), typ=ty)
+                    xs = b.load(at(qsum, I32, rg), typ=I32)
                     if z is not None:   # i32 arithmetic wraps: exact whenever the final value fits
-                        dot = b.sub(dot, b.mul(z, b.sext(b.load(at(qsum, I32, rg), typ=I32), ty)))
-                    sc = b.fmul(b.load(at(dq, F32, rg), typ=F32), s)
+                        dot = b.sub(dot, b.mul(z, b.sext(xs, ty)))
+                    if mins:            # sum xq * (q + 8)
+                        dot = b.add(dot, b.shl(b.sext(xs, ty), ir.Constant(ty, 3)))
+                    dv = b.load(at(dq, F32, rg), typ=F32)
+                    sc = b.fmul(dv, s)
                     a = b.add(j, i64(t * BW))
-                    yacc.store(b.fadd(yacc.scalar(a), b.fmul(sc, b.sitofp(dot, F32))), a)
+                    y = b.fadd(yacc.scalar(a), b.fmul(sc, b.sitofp(dot, F32)))
+                    if mins:            # + (d * minimum) * sum(xq), unfused as the reference
+                        y = b.fadd(y, b.fmul(b.fmul(dv, MINS.scalar(col)), b.sitofp(xs, F32)))
+                    yacc.store(y, a)
 
         full = K // group
         with loop(b, 0, full, name="g") as g:

@@ -71,13 +71,13 @@ from llvmlite import ir
 
 from ..ir import dtypes as dt
 from ..ir.graph import Node
-from ..ir.sparsity import parse_format
+from ..ir.sparsity import CSR_PAD, parse_format
 from .kernel import (F32, I1, I16, I32, I64, I8, PTR, Kernel, fconst, fold_loop, gep, hsum, i64, lltype, llvm_name,
                      loop, splat, vtype)
 from .lower import UnsupportedOp, emitter, packer
 from .matmul import Access, _stack_array, cdiv, fma
 
-P = 8                        # csr: entries per column padded to a multiple of P (one gather)
+P = CSR_PAD                  # csr: entries per column padded to a multiple of P (one gather)
 CHUNK_BYTES = 1 << 15        # packed bytes per work item (about)
 COLUMN_COST = 32             # per column block, in bytes-equivalent (loop and store overhead)
 MIN_PARALLEL_BYTES = 1 << 17  # fewest packed bytes worth waking another thread for

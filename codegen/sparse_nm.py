@@ -63,7 +63,7 @@ from llvmlite import ir
 
 from ..ir import dtypes as dt
 from ..ir.graph import IRError, Node
-from ..ir.sparsity import holds, parse_format
+from ..ir.sparsity import NM_COLUMNS, holds, parse_format
 from .kernel import F16, F32, I1, I8, I16, I32, PTR, Kernel, elem_bytes, fconst, fold_loop, gep, i64, loop, splat
 from .lower import emitter, packer
 from .matmul import Access, _stack_array, fma
@@ -71,8 +71,8 @@ from .matmul_q_rows import uses_rows
 from .sparse_nm_rows import emit_nm_rows, pack_nm_rows
 
 VL = 8            # columns per column vector (riscv64 reads another layout: sparse_nm_rows.py)
-CB = 4            # column vectors per block
-NB = VL * CB      # columns per block (work item)
+NB = NM_COLUMNS   # columns per block (work item)
+CB = NB // VL     # column vectors per block
 MCH = 16          # rows of x per work item at most
 ROWS_TILE = 3     # rows of x sharing each weight vector (x86: 2 sets x 3 rows + 3 tables + 4 temporaries)
 GATHER_CV = 2     # column vectors per pass of one row on the gather path (hosts without AVX2)

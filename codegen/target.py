@@ -58,9 +58,13 @@ def host_target() -> Target:
     llvm.initialize_native_asmprinter()
     feats = llvm.get_host_cpu_features()
     fs = feats.flatten()
-    on = {f[1:] for f in fs.split(",") if f.startswith("+")}
-    bits = 512 if "avx512f" in on else 256 if "avx2" in on or "avx" in on else 128
-    return Target("host", llvm.get_process_triple(), llvm.get_host_cpu_name(), fs, bits)
+    return Target("host", llvm.get_process_triple(), llvm.get_host_cpu_name(), fs, x86_vector_bits(fs))
+
+
+def x86_vector_bits(features: str) -> int:
+    """The vector width kernels use on x86 with these LLVM features."""
+    on = {f[1:] for f in features.split(",") if f.startswith("+")}
+    return 512 if "avx512f" in on else 256 if "avx2" in on or "avx" in on else 128
 
 
 RISCV_TRIPLE = "riscv64-unknown-linux-gnu"

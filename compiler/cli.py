@@ -8,11 +8,19 @@
     sqk dump MODEL [--after PASS] [--pipeline P] [--llvm | --asm [--kernel NAME] [--target T]]
     sqk viz MODEL -o graph.svg|.png|.pdf|.dot|.html [--after PASS] [--pipeline P]
     sqk run OUT.sqk --input x=x.npy ... [--output-dir D]
-    sqk info OUT.sqk
+    sqk info OUT.sqk|MODEL
     sqk demo [--target T]
     sqk bench OUT.sqk [--runs N] [--threads N] [--probe-mib M]
+    sqk generate MODEL_DIR|MODEL.gguf --prompt TEXT [-n 64] [--temperature T] [--top-k K] [--top-p P]
+                 [--seed S] [--threads N] [--max-seq S] [--chat]
+    sqk --version
 
-Errors print one line and exit non-zero; ``--debug`` shows the traceback.
+MODEL is an IR text file, an ONNX model (.onnx; dump, viz and info take
+--input-shape as compile does) or, for dump, viz and info, an artifact
+directory.  Errors, usage errors included, print one line (``sqk: error:
+...``) and exit 1; ``--debug`` shows the traceback.  A closed output pipe
+(``sqk info X | head -2``) ends the command quietly with exit status 141,
+as for other commands stopped by SIGPIPE.
 """
 from __future__ import annotations
 
@@ -23,16 +31,27 @@ import sys
 import time
 
 
+class UsageError(ValueError):
+    """A command line argparse refuses: reported as one line, exit 1, like any error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sqk", description="sqk: compile neural-network graphs to native kernels")
+    from .. import __version__
+
+    p = _Parser(prog="sqk", description="sqk: compile neural-network graphs to native kernels")
+    p.add_argument("--version", action="version", version=f"sqk {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("compile", help="compile an IR text model into an artifact directory")
+    c = sub.add_parser("compile", help="compile a model (IR text or ONNX) into an artifact directory")
     c.add_argument("model", help="IR text file (a .npz side table beside it holds large constants) or an ONNX model "
                                  "(.onnx)")
-    c.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x128",
-                   help="ONNX only: the shape of input NAME, or the size of symbolic dim NAME (repeatable)")
+    _input_shape_arg(c)
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (e.g. out.sqk)")
     c.add_argument("--target", default="host", help="host (default), riscv64 or riscv64-scalar")
     c.add_argument("--pipeline", default=None, help='pass pipeline, e.g. "fold_constants,dce"')
@@ -62,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the per-layer quantization, pruning and format tables")
 
     d = sub.add_parser("dump", help="print a model's IR, optionally after running passes, or its LLVM IR or assembly")
-    d.add_argument("model", help="IR text file, or an artifact directory (its final IR)")
+    d.add_argument("model", help="IR text file, ONNX model (.onnx), or an artifact directory (its final IR)")
+    _input_shape_arg(d)
     d.add_argument("--after", default=None, help="run the pipeline up to and including this pass")
     d.add_argument("--pipeline", default=None)
     level = d.add_mutually_exclusive_group()
@@ -72,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--target", default=None, help="host (default; an artifact: its own), riscv64 or riscv64-scalar")
 
     v = sub.add_parser("viz", help="draw a model's graph (Graphviz)")
-    v.add_argument("model", help="IR text file, or an artifact directory (its final IR)")
+    v.add_argument("model", help="IR text file, ONNX model (.onnx), or an artifact directory (its final IR)")
+    _input_shape_arg(v)
     v.add_argument("-o", "--output", required=True, help="graph.svg, .png, .pdf (need Graphviz), .dot or .html")
     v.add_argument("--after", default=None, help="run the pipeline up to and including this pass")
     v.add_argument("--pipeline", default=None)
@@ -82,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     r.add_argument("--output-dir", default=".")
 
-    i = sub.add_parser("info", help="print an artifact's manifest summary")
-    i.add_argument("artifact")
+    i = sub.add_parser("info", help="print an artifact's manifest summary, or a model's inputs, outputs and ops")
+    i.add_argument("artifact", metavar="ARTIFACT|MODEL")
+    _input_shape_arg(i)
 
     bn = sub.add_parser("bench", help="time each kernel of an artifact against the machine's roofline")
     bn.add_argument("artifact")
@@ -95,7 +117,24 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="compile and run the built-in examples, check and time them")
     m.add_argument("--target", default="host")
+
+    g = sub.add_parser("generate", help="generate text with an LLM: a Hugging Face model directory or a GGUF file")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the context, within 256 MiB)")
+    g.add_argument("--chat", action="store_true", help="the prompt is a user message in the model's chat template")
     return p
+
+
+def _input_shape_arg(p) -> None:
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x128",
+                   help="ONNX only: the shape of input NAME, or the size of symbolic dim NAME (repeatable)")
 
 
 def _input_shapes(items) -> dict:
@@ -113,22 +152,14 @@ def _input_shapes(items) -> dict:
     return out
 
 
-def _load_graph(path: str, input_shapes=()):
-    """A graph from IR text, or from ONNX when the file ends in .onnx."""
-    import sqk
-
-    if path.lower().endswith(".onnx"):
-        shapes = _input_shapes(input_shapes)
-        return sqk.from_onnx(path, input_shapes=shapes)
-    if input_shapes:
-        raise ValueError("--input-shape applies to ONNX models (.onnx) only")
-    return sqk.load_ir(path)
-
-
 def _cmd_compile(a) -> None:
     import sqk
+    from .dump import is_artifact, load_model
 
-    g = _load_graph(a.model, a.input_shape)
+    if is_artifact(a.model):
+        raise ValueError(f"{a.model} is a compiled artifact; compile the model it came from (an IR text file "
+                         "or an ONNX model)")
+    g, _ = load_model(a.model, _input_shapes(a.input_shape))
     log = None if a.quiet else (lambda line: print(line))
     qopts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group), ("scheme", a.scheme),
                                ("scale_dtype", a.scale_dtype), ("skip", a.skip), ("max_error", a.max_error),
@@ -151,7 +182,7 @@ def _model_graph(a):
     passes unless --pipeline is given, and compiles for the artifact's target."""
     from .dump import load_model, target_name
 
-    g, manifest = load_model(a.model)
+    g, manifest = load_model(a.model, _input_shapes(a.input_shape))
     if manifest is None:
         return g, a.pipeline, getattr(a, "target", None) or "host"
     return g, a.pipeline if a.pipeline is not None else "", getattr(a, "target", None) or target_name(manifest)
@@ -211,6 +242,10 @@ def _cmd_run(a) -> None:
 
 
 def _cmd_info(a) -> None:
+    if os.path.isfile(a.artifact):   # a model file (a missing path gets the artifact's message)
+        return _model_info(a)
+    if a.input_shape:
+        raise ValueError("--input-shape applies to ONNX models (.onnx) only")
     from ..runtime.module import read_manifest
 
     m = read_manifest(a.artifact)
@@ -230,6 +265,24 @@ def _cmd_info(a) -> None:
     print(f"hash       {m['content_hash']}")
 
 
+def _model_info(a) -> None:
+    """``sqk info MODEL``: what a model file holds (before any pass)."""
+    from collections import Counter
+
+    from .dump import load_model
+
+    g, _ = load_model(a.artifact, _input_shapes(a.input_shape))
+    consts = [n.output for n in g.nodes if n.op == "const"]
+    ops = Counter(n.op for n in g.nodes if n.op != "const")
+    print(f"model      {g.name}  (not compiled: {a.artifact})")
+    for v in g.inputs:
+        print(f"input      {v.name}: {v.type}")
+    for v in g.outputs:
+        print(f"output     {v.name}: {v.type}")
+    print(f"constants  {len(consts)}, {sum(v.type.nbytes for v in consts)} bytes")
+    print(f"ops        {sum(ops.values())}: " + " ".join(f"{op} x{k}" for op, k in ops.most_common()))
+
+
 def _cmd_demo(a) -> None:
     from .demo import run
 
@@ -244,15 +297,52 @@ def _cmd_bench(a) -> None:
     print(bench(a.artifact, runs=a.runs, threads=a.threads, probe_mib=a.probe_mib))
 
 
+def _cmd_generate(a) -> None:
+    """Stream the text, then the prefill and decode speeds (stderr)."""
+    import sqk
+
+    t0 = time.perf_counter()
+    dec = sqk.llm.load(a.model, max_seq=a.max_seq, threads=a.threads)
+    tok = dec.tokenizer
+    if tok is None:
+        raise ValueError(f"{a.model} has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")
+    ids = tok.encode_chat([{"role": "user", "content": a.prompt}]) if a.chat else tok.encode(a.prompt)
+    dec.prefill(ids)     # compiles the prefill chunk's module (when the prompt uses one) before the timing
+    dec.reset()
+    print(f"loaded and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if not a.chat:
+        print(a.prompt, end="", flush=True)
+    times = []
+    t0 = time.perf_counter()
+    out = dec.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                       seed=a.seed, stream=lambda t, text: (times.append(time.perf_counter()),
+                                                            print(text, end="", flush=True)))
+    print()
+    if times:
+        pre = times[0] - t0      # the prompt's prefill and the first token's sampling
+        rate = f"{(len(out) - 1) / (times[-1] - times[0]):.1f}" if len(out) > 1 else "-"
+        print(f"prefill {len(ids)} tokens: {len(ids) / pre:.1f} tokens/s; decode {len(out)} tokens: {rate} tokens/s",
+              file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    """Run the command line; returns the exit status: 0, 1 on any error (one line
+    on stderr), 130 on Ctrl-C, 141 when stdout is a pipe closed early."""
+    args = None
     try:
+        args = _parser().parse_args(argv)
         {"compile": _cmd_compile, "dump": _cmd_dump, "run": _cmd_run, "info": _cmd_info,
-         "demo": _cmd_demo, "bench": _cmd_bench, "viz": _cmd_viz}[args.cmd](args)
+         "demo": _cmd_demo, "bench": _cmd_bench, "viz": _cmd_viz, "generate": _cmd_generate}[args.cmd](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader left (`| head`): nothing more to say; stdout to /dev/null so the
+        # interpreter's last flush at exit cannot complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # one clear line unless --debug
-        if args.debug:
+        if args is not None and args.debug:
             raise
         print(f"sqk: error: {e}", file=sys.stderr)
         return 1

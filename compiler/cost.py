@@ -20,12 +20,13 @@ recomputes does more):
   counts its integer multiply-adds the same way.
 * conv2d: 2*N*OC*OH*OW*(IC/groups)*KH*KW (the bias add is not counted).
 * elementwise (unary, binary, gelu, cast, ...): 1 per output element.
-* reduce_*: 1 per input element; global_avgpool likewise.
+* reductions (reduce_*): 1 per input element; global_avgpool likewise.
 * maxpool2d / avgpool2d: KH*KW per output element.
 * softmax: 5 per element (max, subtract, exp, sum, divide); layernorm: 8
   (mean, subtract, square, sum, normalize, scale, bias); rmsnorm: 5.
   exp/erf count as one operation, like every elementwise function.
-* data movement (reshape, transpose, concat, slice, gather, output copies): 0.
+* data movement and indexing (ops of KIND "movement" or "index": reshape,
+  transpose, concat, slice, expand, gather, gather_elements; output copies): 0.
 * fused (a ``body`` sub-graph run as one kernel): the sum of its body nodes'
   FLOPs; its bytes are the fused node's own inputs and outputs (the
   intermediates stay in registers: that is the point of fusing).
@@ -36,9 +37,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import OPS
 from ..ir.sparsity import parse_format
 
-_MOVE = {"reshape", "transpose", "concat", "slice", "gather"}
 _PER_ELEMENT = {"softmax": 5, "layernorm": 8, "rmsnorm": 5}
 
 
@@ -84,6 +85,8 @@ def node_cost(node: Node, stored_bytes: dict | None = None, consts: dict | None 
     op, out = node.op, outs[0] if outs else None
     if op == "gather":  # the ids, and one table row per output row
         in_bytes = _nbytes(node.inputs[1], stored_bytes) + out.type.nbytes
+    elif op == "gather_q":  # the ids, and (at most) the f32 output's bytes of codes and scales
+        in_bytes = _nbytes(node.inputs[0], stored_bytes) + out.type.nbytes
     elif op == "slice":
         in_bytes = out.type.nbytes
     else:
@@ -97,11 +100,11 @@ def node_cost(node: Node, stored_bytes: dict | None = None, consts: dict | None 
     elif op in ("maxpool2d", "avgpool2d"):
         kh, kw = node.attrs["kernel"]
         flops = _size(out) * kh * kw
-    elif op.startswith("reduce_") or op == "global_avgpool":
+    elif OPS[op].kind == "reduction" or op == "global_avgpool":
         flops = _size(node.inputs[0])
     elif op in _PER_ELEMENT:
         flops = _PER_ELEMENT[op] * _size(out)
-    elif op in _MOVE:
+    elif OPS[op].kind in ("movement", "index"):
         flops = 0
     elif op == "fused":
         body = node.attrs["body"]

@@ -6,7 +6,7 @@ the LLVM IR as lowered and after O3, and the target assembly.
     kernel_section(text, "k3_matmul")             one kernel of either (codegen.emit)
 
 ``load_model(path)`` reads what the ``sqk`` command line takes as MODEL: an IR
-text file (with its .npz) or a compiled artifact directory.
+text file (with its .npz), an ONNX model or a compiled artifact directory.
 """
 from __future__ import annotations
 
@@ -83,14 +83,29 @@ def is_artifact(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json"))
 
 
-def load_model(path: str) -> tuple[Graph, dict | None]:
-    """(graph, manifest) of MODEL: an IR text file (manifest None) or an
-    artifact directory (its final IR, ``model.sqkir``, with the constants read
-    back from ``constants.bin``).  Run an artifact's graph with the empty
-    pipeline: its passes have run already."""
+def load_model(path: str, input_shapes: dict | None = None) -> tuple[Graph, dict | None]:
+    """(graph, manifest) of MODEL, what the command line takes: an IR text file
+    (with its .npz), an ONNX model (``.onnx``, sized by ``input_shapes`` as
+    ``from_onnx`` takes them) or an artifact directory (manifest: its final IR,
+    ``model.sqkir``, with the constants read back from ``constants.bin``; run
+    its graph with the empty pipeline: its passes have run already).  Anything
+    else is a ValueError that says what MODEL may be."""
+    if str(path).lower().endswith(".onnx"):
+        from .frontends.onnx import from_onnx
+
+        return from_onnx(path, input_shapes=input_shapes or None), None
+    if input_shapes:
+        raise ValueError("--input-shape applies to ONNX models (.onnx) only")
     if not is_artifact(path):
         if os.path.isdir(path):
             raise FileNotFoundError(f"{path}: a directory without manifest.json (not an sqk artifact)")
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if len(head) < 4096 or e.start < len(head) - 4:  # not a character cut by the 4096-byte read
+                raise ValueError(_not_a_model(path, head)) from None
         return load_ir(path), None
     from ..codegen.target import get_target
     from ..runtime.module import read_manifest
@@ -105,6 +120,15 @@ def load_model(path: str) -> tuple[Graph, dict | None]:
         text = f.read()
     return _with_blob_constants(text, os.path.join(path, manifest["constants"]["file"]),
                                 manifest["constants"]["bytes"], path, get_target(target_name(manifest))), manifest
+
+
+def _not_a_model(path: str, head: bytes) -> str:
+    if head.startswith(b"\x93NUMPY"):
+        what = "a numpy array, not a model (inputs go to `sqk run ARTIFACT --input NAME=FILE.npy`)"
+    else:
+        what = "a binary file, not an IR text file (an ONNX model must be named *.onnx)"
+    return (f"{path}: {what}; MODEL is an IR text file (sqk.save_ir writes one), an ONNX model (.onnx) or, for "
+            f"dump, viz and info, an artifact directory")
 
 
 _CONST_REF = re.compile(r"^\s*%[A-Za-z0-9_.]+ = const @([A-Za-z0-9_.]+) : (\w+)\[([\d,]*)\]", re.M)

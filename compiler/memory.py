@@ -153,7 +153,7 @@ def _dying_input(n: Node, v: Value, live: dict, root: dict, last_use: dict, i: i
     shape and element size as ``v`` (so the map reads each element just before
     writing the same bytes; another view of the slot among the inputs has the
     same element count, so broadcasting cannot make it read other bytes)."""
-    from ..codegen.fused import body_kind, is_elementwise
+    from ..ir.fusion import body_kind, is_elementwise
 
     if len(n.outputs) != 1 or not (is_elementwise(n) or (n.op == "fused" and body_kind(n.attrs["body"]) == "map")):
         return None

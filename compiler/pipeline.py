@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -116,6 +117,7 @@ class PassManager:
         self.log = log  # a callable taking a line, or None for quiet
         self.progress = progress
         self._cleared = False
+        self._last_dump = None   # (large constants, path) of the last graph dumped
 
     def wants(self, name: str) -> bool:
         """Whether the IR after ``name`` (a pass, "input" or a codegen level) is dumped."""
@@ -132,9 +134,22 @@ class PassManager:
             self._cleared = True
 
     def _dump(self, index: int, name: str, g: Graph):
-        if self.wants(name):
-            self._open_dump_dir()
-            save_ir(g, os.path.join(self.dump_dir, f"{index:03d}_{name}.sqkir"))
+        if not self.wants(name):
+            return
+        self._open_dump_dir()
+        path = os.path.join(self.dump_dir, f"{index:03d}_{name}.sqkir")
+        big = {k: v for k, v in g.constants.items() if v.size > _INLINE}
+        last = self._last_dump
+        if big and last and last[0].keys() == big.keys() and all(last[0][k] is v or same_data(last[0][k], v)
+                                                                  for k, v in big.items()):
+            # the weights are those of the previous dump (most passes leave them): its .npz is linked,
+            # not written again, so a dump of every pass holds each version of the weights once
+            with open(path, "w") as f:
+                f.write(g.to_text(_INLINE))
+            _link(last[1] + ".npz", path + ".npz")
+        else:
+            save_ir(g, path, _INLINE)
+        self._last_dump = (big, path)
 
     def dump_text(self, level: str, text) -> str | None:
         """Write a codegen level's text (``text`` may be a callable, called only
@@ -166,6 +181,19 @@ class PassManager:
                          + ("" if changed else "  (unchanged)"))
             self._dump(i, p.name, graph)
         return graph
+
+
+_INLINE = 16  # constants of more elements go to the dump's .npz side table
+
+
+def _link(src: str, dst: str) -> None:
+    """``dst`` a hard link to ``src`` (a copy where the file system has none)."""
+    if os.path.lexists(dst):
+        os.unlink(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _same_constants(a: Graph, b: Graph) -> bool:

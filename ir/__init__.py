@@ -7,3 +7,7 @@ from .text import ParseError, load_ir, parse_ir, save_ir  # noqa: F401
 from .verify import VerifyError, verify  # noqa: F401
 from .builder import GraphBuilder  # noqa: F401
 from .reference import reference, run_reference  # noqa: F401
+
+from .. import lazy_submodules as _lazy
+
+__getattr__, __dir__ = _lazy(__name__, __path__)  # sqk.X.module works after `import sqk`

@@ -163,8 +163,9 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
     ``raw``: uint8 [N, row_bytes] (one row per output feature, as in the file);
     ``shape``: (N, K), K a multiple of the type's block (else IRError, as for
     wrong row bytes).  Returns ``{"inputs": [(array, dtype), ...], "attrs": {...}}``
-    for ``matmul_q``'s q [K, N], scales [K / group, N] and, for Q4_1 / Q4_K,
-    float minimums (the ``zeros`` operand in float): build the node with
+    for ``matmul_q``'s q [K, N], scales [K / group, N] and, for Q4_1, float
+    minimums (the ``zeros`` operand in float), for Q4_K the two-level operands
+    (``supers``, attribute ``super_group``): build the node with
 
         m = to_matmul_q(t, raw, shape)
         y = b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), **m["attrs"])
@@ -175,13 +176,13 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
     * Q4_0: q = u - 8 (i4), scales = d (f16), group 32: 4.5 bits, as the file;
     * Q4_1: q = u - 8 (i4), scales = d (f16), minimums = m (f16), group 32:
       w = (q + 8) * d + m = d * u + m; 5 bits, as the file;
-    * Q4_K: q = u - 8 (i4), group 32, scales = d * sc and minimums = -(dmin * m)
-      in f32 (exact products): 6 bits per weight against the file's 4.5;
+    * Q4_K: q = u - 8 (i4), group 32, two-level: u8 scales = sc, u8 zeros = m,
+      supers [K / 256, N, 2] f16 = (d, -dmin), super_group 256: w = (q + 8) *
+      (d * sc) + (-dmin) * m; 4.625 bits per weight against the file's 4.5 (the
+      6-bit sc and m take a byte each);
     * Q6_K: q = code - 32 (i8), group 16, scales = d * sc in f32 (exact): 10 bits
-      per weight against the file's 6.5625.
-    The K-quants' sub-scales are thus expanded to f32 (values exact, storage
-    larger than the file's); F32 / F16 / BF16 are not matmul_q weights
-    (``dequantize`` gives their floats)."""
+      per weight against the file's 6.5625 (no 6-bit storage yet).
+    F32 / F16 / BF16 are not matmul_q weights (``dequantize`` gives their floats)."""
     t = block_type(ggml_type)
     if t.name not in QUANTIZED:
         raise IRError(f"{t.name} is a float type, not matmul_q blocks: use dequantize()")
@@ -206,12 +207,12 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
         group = 32
     elif t.name == "Q4_K":
         sc, mn = _q4k_scales(blk[..., 4:16])
-        d = _f16(blk[..., 0:2])[..., None] * sc.astype(np.float32)
-        dm = _f16(blk[..., 2:4])[..., None] * mn.astype(np.float32)
         qs = blk[..., 16:].reshape(n, k // 256, 4, 32)
         u = np.stack([qs & 0x0F, qs >> 4], axis=3).astype(np.int8) - np.int8(8)
-        ins = [(kn(u), "i4"), (kn(d), "f32"), (kn(-dm), "f32")]
-        group = 32
+        sup = np.ascontiguousarray(blk[..., 0:4]).view("<f2").astype(np.float16)       # [n, b, 2]: d, dmin
+        sup[..., 1] = -sup[..., 1]                                                    # minimum = -dmin * m
+        ins = [(kn(u), "i4"), (kn(sc), "u8"), (kn(mn), "u8"), (np.ascontiguousarray(sup.transpose(1, 0, 2)), "f16")]
+        return {"inputs": ins, "attrs": {"group": 32, "super_group": 256}}
     else:  # Q6_K
         sc = blk[..., 192:208].view(np.int8).astype(np.float32)
         d = _f16(blk[..., 208:210])[..., None] * sc

@@ -90,8 +90,36 @@ class GraphBuilder:
             return lambda *inputs, **attrs: self.op(opname, *inputs, **attrs)
         raise AttributeError(f"GraphBuilder has no op or method {opname!r}")
 
-    def output(self, *values: Value) -> Graph:
-        """Finish: the graph returning ``values`` (verified)."""
+    def output(self, *values: Value, names=None, **named: Value) -> Graph:
+        """Finish: the graph returning ``values`` (verified), then the keyword
+        ones: ``b.output(logits=y)`` or ``b.output(y, names=["logits"])`` names
+        an output (the value is renamed), which the compiled model's outputs,
+        ``sqk run``'s files (out/logits.npy) and the manifest use; unnamed
+        outputs keep their value's name (an SSA number unless given ``name=``)."""
+        if names is not None:
+            names = [names] if isinstance(names, str) else list(names)
+            if len(names) != len(values):
+                raise IRError(f"output(): {len(names)} names for {len(values)} values")
+            named = {**dict(zip(names, values)), **named}
+            values = ()
+        values = values + tuple(named.values())
         if not values:
             raise IRError("output() needs at least one value")
+        if len({id(v) for v in named.values()}) != len(named):
+            raise IRError("output(): one value under two names")
+        for name, v in named.items():
+            self._rename(v, name)
         return verify(Graph(self.name, self.inputs, self.nodes, values))
+
+    def _rename(self, v: Value, name: str) -> None:
+        if isinstance(v, Value) and v.name == name:
+            return
+        if not isinstance(v, Value) or not any(v in n.outputs for n in self.nodes):
+            raise IRError(f"output {name!r}: not a value computed by this builder"
+                          + (f" (%{v.name} is an input: outputs cannot rename inputs)" if v in self.inputs else ""))
+        if name in self._names:
+            raise IRError(f"output {name!r}: the name is already used in the graph")
+        check_name(name, "output")
+        self._names.discard(v.name)
+        self._names.add(name)
+        v.name = name  # values are immutable once in a Graph; this one is still being built

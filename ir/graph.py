@@ -6,6 +6,7 @@ graphs.  networkx is only an analysis view (``Graph.to_networkx``).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -20,6 +21,7 @@ class IRError(ValueError):
 
 
 NAME = re.compile(r"[A-Za-z0-9_.]+")  # what the text form accepts after % and @
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1   # dims, element counts, byte sizes and int attributes
 
 
 def check_name(name, what: str) -> str:
@@ -42,6 +44,14 @@ class TensorType:
         shape = tuple(int(d) for d in self.shape)
         if any(d < 0 for d in shape):
             raise IRError(f"negative dimension in shape {shape}")
+        # sizes are int64 everywhere below (numpy, the kernels, the runtime): refuse more here, not at compile
+        big = [d for d in shape if d > INT64_MAX]
+        if big:
+            raise IRError(f"dimension {big[0]} in shape {shape} is beyond int64")
+        n = math.prod(shape)
+        if max(n, self.dtype.nbytes(n)) > INT64_MAX:
+            raise IRError(f"{self.dtype}[{','.join(map(str, shape))}] holds {n} elements "
+                          f"({self.dtype.nbytes(n)} bytes), beyond int64")
         object.__setattr__(self, "shape", shape)
 
     @property

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import dtypes as dt
 from .dtypes import DType
-from .graph import Graph, IRError, TensorType
+from .graph import INT64_MAX, INT64_MIN, Graph, IRError, TensorType
 from .sparsity import parse_format
 
 REQUIRED = object()
@@ -32,7 +32,7 @@ class Attr:
         """Coerce ``value`` to the canonical Python form of this kind."""
         try:
             if self.kind == "int":
-                if isinstance(value, bool) or int(value) != value:
+                if isinstance(value, bool) or int(value) != value or not INT64_MIN <= int(value) <= INT64_MAX:
                     raise ValueError
                 return int(value)
             if self.kind == "float":
@@ -47,7 +47,7 @@ class Attr:
                 return value
             if self.kind == "ints":
                 vals = tuple(value)
-                if any(isinstance(v, bool) or int(v) != v for v in vals):
+                if any(isinstance(v, bool) or int(v) != v or not INT64_MIN <= int(v) <= INT64_MAX for v in vals):
                     raise ValueError
                 return tuple(int(v) for v in vals)
             if self.kind == "floats":
@@ -60,9 +60,12 @@ class Attr:
                 if not isinstance(value, Graph):
                     raise ValueError
                 return value
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: int(inf)
             pass
-        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}")
+        big = [v for v in (value if isinstance(value, (tuple, list)) else (value,))
+               if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX]
+        raise IRError(f"attribute {name!r} must be {self.kind}, got {value!r}"
+                      + (f" ({big[0]} is beyond int64)" if big else ""))
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class OpDef:
     # place and return it as the output (the memory planner decides; see
     # compiler/memory.py).  The reference semantics stay functional.
     aliases: dict[int, int] = None
+    kind: str = ""                   # the op's family (KINDS), read by passes instead of lists of names
 
     def __post_init__(self):
         if self.aliases is None:
@@ -118,13 +122,37 @@ class OpDef:
 
 OPS: dict[str, OpDef] = {}
 
+# Op families (an op class's ``KIND``).  Passes ask the family, never a list of op names:
+# fusion and memory planning read "elementwise", so a new op of that family fuses with
+# no change to them.
+KINDS = {
+    # y[i] = f(x[i], ...) of the inputs broadcast (numpy rules) to y's shape, computed in
+    # the input dtype (f16 through f32): fusion composes these into one loop or into a
+    # matmul / conv2d epilogue, so codegen has a per-element function of each, for every
+    # dtype the op takes (codegen/elementwise.py; tests/test_layering.py checks it).
+    "elementwise": "arithmetic per element with broadcasting",
+    "predicate": "comparisons, logic and selection per element (bool results or conditions)",
+    "movement": "elements moved or copied, no arithmetic (reshape, transpose, slice, ...)",
+    "index": "elements read at indices given at run time",
+    "reduction": "reduction over axes",
+    "normalization": "a reduction along an axis applied back to it (softmax, norms)",
+    "contraction": "matrix products (dense, quantized, sparse)",
+    "window": "sliding-window ops over images (convolution, pooling)",
+    "composite": "a kernel of its own for a block of several steps (rope, attention, MoE, fused, ...)",
+    "source": "no inputs: a constant",
+}
+
 
 def defop(name: str, inputs: str, attrs: dict[str, Attr] | None = None, optional: int = 0):
-    """Register a class with ``infer`` and ``reference`` functions as op ``name``."""
+    """Register a class with ``infer`` and ``reference`` functions (and ``KIND``, its
+    family in KINDS; ``ALIASES`` when outputs may update inputs in place) as op ``name``."""
 
     def wrap(cls):
+        kind = getattr(cls, "KIND", "")
+        if kind not in KINDS:
+            raise TypeError(f"op {name}: KIND must be one of {', '.join(KINDS)}, got {kind!r}")
         OPS[name] = OpDef(name, tuple(inputs.split()), optional, attrs or {},
-                          cls.infer, cls.reference, (cls.__doc__ or "").strip(), getattr(cls, "ALIASES", {}))
+                          cls.infer, cls.reference, (cls.__doc__ or "").strip(), getattr(cls, "ALIASES", {}), kind)
         return cls
 
     return wrap
@@ -217,6 +245,7 @@ BINARY: dict[str, tuple[tuple[DType, ...], Callable]] = {
 def _def_unary(name, allowed, fn):
     class Unary:
         __doc__ = f"elementwise {name}"
+        KIND = "elementwise"
 
         @staticmethod
         def infer(x):
@@ -233,6 +262,7 @@ def _def_unary(name, allowed, fn):
 def _def_binary(name, allowed, fn):
     class Binary:
         __doc__ = f"elementwise {name} with numpy broadcasting"
+        KIND = "elementwise"
 
         @staticmethod
         def infer(a, b):
@@ -269,6 +299,7 @@ COMPARE: dict[str, tuple[tuple[DType, ...], Callable]] = {
 def _def_compare(name, allowed, fn):
     class Compare:
         __doc__ = f"elementwise {name} with numpy broadcasting; bool result (NaN compares false)"
+        KIND = "predicate"
 
         @staticmethod
         def infer(a, b):
@@ -291,6 +322,8 @@ for _n, (_allowed, _fn) in COMPARE.items():
 class LogicalAnd:
     """a and b of bools with numpy broadcasting."""
 
+    KIND = "predicate"
+
     @staticmethod
     def infer(a, b):
         _dtypes(a, (dt.bool_,), "a"), _dtypes(b, (dt.bool_,), "b")
@@ -304,6 +337,8 @@ class LogicalAnd:
 @defop("logical_not", "x")
 class LogicalNot:
     """not x, of bools."""
+
+    KIND = "predicate"
 
     @staticmethod
     def infer(x):
@@ -319,6 +354,8 @@ class LogicalNot:
 class IsNaN:
     """x != x of floats, as bool."""
 
+    KIND = "predicate"
+
     @staticmethod
     def infer(x):
         _dtypes(x, dt.FLOATS)
@@ -332,6 +369,8 @@ class IsNaN:
 @defop("where", "cond a b")
 class Where:
     """cond ? a : b elementwise, all three broadcast (numpy rules); values copied exactly."""
+
+    KIND = "predicate"
 
     @staticmethod
     def infer(cond, a, b):
@@ -350,6 +389,8 @@ class Expand:
     """x broadcast (numpy rules, both ways) with ``shape``: the result has shape
     broadcast(x.shape, shape), so a 1 in ``shape`` keeps x's dim (ONNX Expand)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, shape):
         _need(x.dtype is not dt.i4, "expand of i4 is not supported")
@@ -366,6 +407,8 @@ class GatherElements:
     """y[i0..] = x[i0.., ids[i0..], ..] with ids replacing the index on ``axis``
     (np.take_along_axis); y has ids' shape; ids count from the end when negative
     and must lie in [-n, n); every other dim of ids is at most x's."""
+
+    KIND = "index"
 
     @staticmethod
     def infer(x, ids, axis):
@@ -394,6 +437,8 @@ class GatherElements:
 class Gelu:
     """GELU; approximate="none" (erf form) or "tanh"."""
 
+    KIND = "elementwise"
+
     @staticmethod
     def infer(x, approximate):
         _dtypes(x, dt.FLOATS)
@@ -408,6 +453,8 @@ class Gelu:
 @defop("const", "", {"value": Attr("array")})
 class Const:
     """A constant tensor; its data lives in attrs["value"]."""
+
+    KIND = "source"
 
     @staticmethod
     def infer(value):
@@ -432,6 +479,8 @@ class MatMul:
     ``sparse`` (ir/sparsity.py) is how the kernel stores a constant 2-D b
     (dense, csr, bsrRxC, nmN:M); it does not change the result."""
 
+    KIND = "contraction"
+
     @staticmethod
     def infer(a, b, sparse="dense"):
         d = _same_dtype([a, b])
@@ -450,14 +499,24 @@ class MatMul:
         return [np.matmul(a, b)]
 
 
-def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int) -> np.ndarray:
+def dequantize_weight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int,
+                      supers: np.ndarray | None = None, super_group: int = 0) -> np.ndarray:
     """f32 weights of a group-quantized [K, N] matrix, rows k of group k // group
     sharing one scale (and zero point or minimum) per column: (q - zero) * scale
     with integer zero points; (q + 8) * scale + minimum with float ``zeros``
     (minimums, i4 q), the product exact and the sum rounded once to f32, as
-    GGUF's Q4_1 / Q4_K."""
+    GGUF's Q4_1.  Two-level (``supers`` [K / super_group, N, 2], GGUF's Q4_K):
+    scale = supers[k // super_group, n, 0] * scales and minimum = supers[...,
+    1] * zeros (u8 sub-scales and sub-minimums; exact f32 products), then as
+    with float minimums."""
     idx = np.arange(q.shape[0]) // group
     w = q.astype(np.float32)
+    if supers is not None:
+        sidx = np.arange(q.shape[0]) // super_group
+        sup = supers.astype(np.float32)[sidx]
+        s = sup[..., 0] * scales.astype(np.float32)[idx]
+        m = sup[..., 1] * zeros.astype(np.float32)[idx]
+        return (w + np.float32(8)) * s + m
     if zeros is not None and zeros.dtype.kind == "f":
         return (w + np.float32(8)) * scales.astype(np.float32)[idx] + zeros.astype(np.float32)[idx]
     if zeros is not None:
@@ -475,21 +534,29 @@ def quantize_rows_i8(x: np.ndarray, group: int, act_scale: float = 0.0) -> tuple
     d = max|x_group| / 127 and xq = round-half-even(x / d) in [-127, 127], all
     in f32; a group with d = 0 gets xq = 0.  Static (act_scale > 0): d =
     f32(act_scale) everywhere and xq = clip(round-half-even(x / d), -127, 127)
-    (saturating; +-inf saturate too).  Returns (xq int32 [R, K], d f32 [R, groups])."""
+    (saturating; +-inf saturate too).  Non-finite values: a group that no
+    finite step quantizes -- one holding a NaN, or (dynamic) a +-inf, whose
+    step would be inf -- gets d = NaN and xq = 0, so every output of its row
+    is NaN.  Returns (xq int32 [R, K], d f32 [R, groups])."""
     r, k = x.shape
     groups = -(-k // group)
-    if act_scale > 0:
-        s = np.float32(act_scale)
-        with np.errstate(over="ignore"):
-            xq = np.clip(np.round(x.astype(np.float32) / s), np.float32(-127), np.float32(127))
-        return xq.astype(np.int32), np.full((r, groups), s, np.float32)
     xp = np.zeros((r, groups * group), np.float32)
     xp[:, :k] = x
     xb = xp.reshape(r, groups, group)
-    d = np.abs(xb).max(axis=2) / np.float32(127)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        xq = np.where(d[..., None] > 0, np.round(xb / d[..., None]), np.float32(0))
-    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d.astype(np.float32)
+    bad = (np.isnan(xb) if act_scale > 0 else ~np.isfinite(xb)).any(axis=2)   # [R, groups]
+    if act_scale > 0:
+        s = np.float32(act_scale)
+        with np.errstate(over="ignore", invalid="ignore"):
+            xq = np.clip(np.round(xb / s), np.float32(-127), np.float32(127))
+        d = np.full((r, groups), s, np.float32)
+    else:
+        with np.errstate(invalid="ignore"):
+            d = np.abs(xb).max(axis=2) / np.float32(127)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            xq = np.round(xb / d[..., None])
+    d = np.where(bad, np.float32(np.nan), d).astype(np.float32)
+    xq = np.where((d > 0)[..., None], xq, np.float32(0))
+    return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d
 
 
 def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
@@ -498,13 +565,19 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
     ``quantize_rows_i8`` (dynamic, or static with ``act_scale`` > 0), then per
     row and group g, dot_g = sum_k xq * (q - zero) exactly (integers), and
     y = sum_g (d_g * scale_g) * dot_g accumulated in f32 over g in order, each
-    product and sum rounded to f32 (no fused multiply-add).  Returns f32 [R, N]."""
+    product and sum rounded to f32 (no fused multiply-add).  With float
+    ``zeros`` (minimums, i4 q): dot_g = sum_k xq * (q + 8), and after each
+    group's term y += (d_g * minimum_g) * sum_k xq, each step rounded to f32.
+    Returns f32 [R, N]."""
     r, k = x.shape
     n = q.shape[1]
     groups = -(-k // group)
     xq, d = quantize_rows_i8(x.astype(np.float32), group, act_scale)
     w = q.astype(np.int64)
-    if zeros is not None:
+    mins = zeros is not None and zeros.dtype.kind == "f"
+    if mins:
+        w = w + 8
+    elif zeros is not None:
         w = w - zeros.astype(np.int64)[np.arange(k) // group]
     y = np.zeros((r, n), np.float32)
     for g in range(groups):
@@ -512,12 +585,16 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
         dot = (xq[:, ks].astype(np.int64) @ w[ks]).astype(np.float32)
         coef = d[:, g:g + 1] * scales[g].astype(np.float32)[None, :]   # f32 products
         y = (y + coef * dot).astype(np.float32)
+        if mins:
+            mcoef = d[:, g:g + 1] * zeros[g].astype(np.float32)[None, :]
+            xs = xq[:, ks].astype(np.int64).sum(axis=1).astype(np.float32)[:, None]
+            y = (y + mcoef * xs).astype(np.float32)
     return y
 
 
-@defop("matmul_q", "x q scales zeros",
+@defop("matmul_q", "x q scales zeros supers",
        {"group": Attr("int"), "activations": Attr("str", "none"), "sparse": Attr("str", "dense"),
-        "act_scale": Attr("float", 0.0)}, optional=1)
+        "act_scale": Attr("float", 0.0), "super_group": Attr("int", 0)}, optional=2)
 class MatMulQ:
     """x[..., M, K] @ dequantize(q)[K, N] with weights quantized to i8 or i4:
     w[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n].  One
@@ -531,12 +608,15 @@ class MatMulQ:
     [-127, 127] (a group with d = 0 contributes 0); then
     y = sum_groups (d * scale) * sum_k xq * (q - zero), the inner sums exact
     in integers, the outer in f32 (``matmul_q_i8act``).  Other numerics than
-    "none" (activation rounding), chosen explicitly.
+    "none" (activation rounding), chosen explicitly.  A row of x holding a NaN
+    or +-inf gives a row of NaN outputs (its group's step d is NaN: no finite
+    step quantizes it), where float matmul could give +-inf.
 
     ``act_scale`` (activations="int8" only): 0.0 (default) is the dynamic
     quantization above; > 0 is a static, calibrated per-tensor scale: d =
     f32(act_scale) for every row and group, xq = clip(round-half-even(x / d),
-    -127, 127) (saturating), and y as above with that d.
+    -127, 127) (saturating, +-inf too), and y as above with that d (a NaN in a
+    row still makes the row's outputs NaN).
 
     ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
     non-dense format needs symmetric weights (no zeros), activations="none",
@@ -548,14 +628,31 @@ class MatMulQ:
     the unsigned 4-bit code u as u - 8, and the product (exact) is summed with
     the minimum in one f32 rounding, as ggml's d * u + m.  Kernels
     add minimum * sum(x over the group) once per group and column: the
-    integer-code loops are those of the other schemes.  Not with
-    activations="int8" (the minimums are not integers).  ir/blocks.py maps
-    GGUF's blocks onto these operands (``to_matmul_q``)."""
+    integer-code loops are those of the other schemes.  With
+    activations="int8", y += (d * minimum) * sum(xq) after each group's term
+    (``matmul_q_i8act``).
+
+    ``supers`` (f32 / f16 [ceil(K / super_group), N, 2]) make the scales
+    two-level, as GGUF's K-quants' super-blocks: with i4 q, u8 ``scales`` and
+    u8 ``zeros`` (sub-scales and sub-minimums per group), super-block
+    s = k // super_group (a multiple of group) gives scale = supers[s, n, 0] *
+    scales[g, n] and minimum = supers[s, n, 1] * zeros[g, n] (exact f32
+    products), and w = (q + 8) * scale + minimum as above: Q4_K is (d, -dmin)
+    over its 6-bit (sc, m), 4.625 bits per weight stored against the file's
+    4.5 (the 6-bit fields take a byte each).  Kernels compute scale and
+    minimum once per group and column.  ir/blocks.py maps GGUF's blocks onto
+    these operands (``to_matmul_q``)."""
+
+    KIND = "contraction"
 
     @staticmethod
-    def infer(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
+    def infer(x, q, scales, zeros=None, supers=None, *, group, activations="none", sparse="dense", act_scale=0.0,
+              super_group=0):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(q, (dt.i8, dt.i4), "q")
+        if supers is not None:
+            return MatMulQ.infer_two_level(x, q, scales, zeros, supers, group, activations, sparse, super_group)
+        _need(super_group == 0, f"matmul_q super_group={super_group} needs supers (two-level scales)")
         _dtypes(scales, dt.FLOATS, "scales")
         _need(activations in ACTIVATION_MODES,
               f"matmul_q activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
@@ -573,8 +670,6 @@ class MatMulQ:
             _need(zeros.shape == scales.shape,
                   f"matmul_q minimums (float zeros) must be [{', '.join(map(str, scales.shape))}], got {zeros}")
             _need(q.dtype is dt.i4, f"matmul_q float minimums (zeros) need i4 weights, got {q.dtype}")
-            _need(activations == "none", "matmul_q with float minimums (zeros) needs activations=none "
-                  "(int8 activations are not supported with minimums)")
         elif zeros is not None:
             _need(zeros.dtype == q.dtype and zeros.shape == scales.shape,
                   f"matmul_q zeros must be {q.dtype}{list(scales.shape)} (or float minimums), got {zeros}")
@@ -588,12 +683,32 @@ class MatMulQ:
         return [TensorType(x.dtype, x.shape[:-1] + (n,))]
 
     @staticmethod
-    def reference(x, q, scales, zeros=None, *, group, activations="none", sparse="dense", act_scale=0.0):
+    def infer_two_level(x, q, scales, zeros, supers, group, activations, sparse, super_group):
+        _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
+        k, n = q.shape
+        _need(x.shape[-1] == k, f"matmul_q inner dimensions differ: x {x.shape} @ q {q.shape}")
+        _need(q.dtype is dt.i4 and activations == "none" and sparse == "dense",
+              "matmul_q with supers (two-level scales) needs i4 weights, activations=none and sparse=dense")
+        _need(group >= 1 and super_group >= group and super_group % group == 0,
+              f"matmul_q super_group={super_group} must be a multiple of group={group}")
+        groups = -(-k // group)
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            _need(t is not None and t.dtype is dt.u8 and t.shape == (groups, n),
+                  f"matmul_q with supers needs u8 {name} [{groups}, {n}] (sub-scales and sub-minimums), got {t}")
+        _dtypes(supers, dt.FLOATS, "supers")
+        _need(supers.shape == (-(-k // super_group), n, 2),
+              f"matmul_q supers shape {supers.shape} must be ({-(-k // super_group)}, {n}, 2) for K={k}, "
+              f"super_group={super_group}")
+        return [TensorType(x.dtype, x.shape[:-1] + (n,))]
+
+    @staticmethod
+    def reference(x, q, scales, zeros=None, supers=None, *, group, activations="none", sparse="dense",
+                  act_scale=0.0, super_group=0):
         if activations == "int8":
             k, n = q.shape
             y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group, act_scale)
             return [y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)]
-        w = dequantize_weight(q, scales, zeros, group)
+        w = dequantize_weight(q, scales, zeros, group, supers, super_group)
         return [np.matmul(x.astype(np.float32), w).astype(x.dtype)]
 
 
@@ -602,6 +717,8 @@ class MatMulQ:
 @defop("softmax", "x", {"axis": Attr("int", -1)})
 class Softmax:
     """softmax along one axis."""
+
+    KIND = "normalization"
 
     @staticmethod
     def infer(x, axis):
@@ -619,6 +736,8 @@ class Softmax:
 @defop("layernorm", "x scale bias", {"axis": Attr("int", -1), "eps": Attr("float", 1e-5)}, optional=1)
 class LayerNorm:
     """(x - mean) / sqrt(var + eps) * scale + bias over the dims from axis on."""
+
+    KIND = "normalization"
 
     @staticmethod
     def infer(x, scale, bias=None, *, axis, eps):
@@ -646,6 +765,8 @@ class LayerNorm:
 class RMSNorm:
     """x / sqrt(mean(x^2) + eps) * scale over the dims from axis on."""
 
+    KIND = "normalization"
+
     @staticmethod
     def infer(x, scale, *, axis, eps):
         return LayerNorm.infer(x, scale, None, axis=axis, eps=eps)
@@ -671,6 +792,7 @@ def _reduce_axes(rank: int, axes) -> tuple[int, ...]:
 def _def_reduce(name, fn, allowed):
     class Reduce:
         __doc__ = f"{name} over axes (all when empty)"
+        KIND = "reduction"
 
         @staticmethod
         def infer(x, axes, keepdims):
@@ -701,6 +823,8 @@ _def_reduce("reduce_max", np.max, dt.NUMERIC)
 class Reshape:
     """Same elements, new static shape (one dim may be -1)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, shape):
         return [TensorType(x.dtype, resolve_shape(x.shape, shape))]
@@ -726,6 +850,8 @@ def resolve_shape(src: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ..
 class Transpose:
     """Permute dims (reverse them when perm is empty)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, perm):
         p = perm or tuple(reversed(range(x.rank)))
@@ -740,6 +866,8 @@ class Transpose:
 @defop("concat", "xs*", {"axis": Attr("int")})
 class Concat:
     """Join tensors along axis."""
+
+    KIND = "movement"
 
     @staticmethod
     def infer(*xs, axis):
@@ -778,6 +906,8 @@ def slice_ranges(shape, starts, ends, axes, steps) -> list[tuple[int, int, int]]
 class Slice:
     """x[start:end:step] on the given axes (ONNX Slice semantics, clamped)."""
 
+    KIND = "movement"
+
     @staticmethod
     def infer(x, starts, ends, axes, steps):
         rs = slice_ranges(x.shape, starts, ends, axes, steps)
@@ -793,6 +923,8 @@ class Slice:
 @defop("gather", "table ids", {"axis": Attr("int", 0)})
 class Gather:
     """table.take(ids, axis): embedding lookup; negative ids count from the end."""
+
+    KIND = "index"
 
     @staticmethod
     def infer(table, ids, axis):
@@ -810,9 +942,39 @@ class Gather:
         return [np.take(table, np.where(ids < 0, ids + n, ids), axis=axis)]
 
 
+@defop("gather_q", "ids q scales zeros supers", {"group": Attr("int"), "super_group": Attr("int", 0)}, optional=2)
+class GatherQ:
+    """Rows ``ids`` of the table W[N, K] = dequantize(q, scales, zeros, group).T,
+    the weight of a matmul_q x @ W.T with the same q, scales and zeros
+    (``dequantize_weight``: integer zero points or float minimums): f32
+    [*ids.shape, K], every value exactly the dequantized weight.  It reads those
+    constants in matmul_q's packed layout, so a tied embedding and lm_head
+    (GGUF's token_embd serving both) are stored once.  Negative ids count from
+    the end, as in gather."""
+
+    KIND = "index"
+
+    @staticmethod
+    def infer(ids, q, scales, zeros=None, supers=None, *, group, super_group=0):
+        _dtypes(ids, (dt.i64, dt.i32), "ids")
+        x = TensorType(dt.f32, (1, q.shape[0]) if q.rank == 2 else (1,))
+        MatMulQ.infer(x, q, scales, zeros, supers, group=group, super_group=super_group)   # the same weight operands
+        return [TensorType(dt.f32, ids.shape + (q.shape[0],))]
+
+    @staticmethod
+    def reference(ids, q, scales, zeros=None, supers=None, *, group, super_group=0):
+        n = q.shape[1]
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"gather_q: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
+        w = dequantize_weight(q, scales, zeros, group, supers, super_group)
+        return [np.ascontiguousarray(w.T[np.where(ids < 0, ids + n, ids)])]
+
+
 @defop("cast", "x", {"to": Attr("dtype")})
 class Cast:
     """Convert dtype (floats to ints truncate toward zero; to bool: x != 0)."""
+
+    KIND = "elementwise"
 
     @staticmethod
     def infer(x, to):
@@ -848,6 +1010,8 @@ def _check2(name, v, n=2):
 class Conv2d:
     """NCHW convolution; w is [C_out, C_in/groups, KH, KW]; pads are
     (top, left, bottom, right)."""
+
+    KIND = "window"
 
     @staticmethod
     def infer(x, w, bias=None, *, strides, pads, dilations, groups):
@@ -926,6 +1090,8 @@ def _windows(x, kernel, strides, pads, ceil_mode, fill, dilations=(1, 1)):
 class MaxPool2d:
     """Max over windows (padding never wins)."""
 
+    KIND = "window"
+
     @staticmethod
     def infer(x, kernel, strides, pads, ceil_mode, dilations):
         _check2("dilations", dilations)
@@ -942,6 +1108,8 @@ class AvgPool2d:
     """Mean over windows; count_include_pad counts explicit padding (never the
     extra ceil_mode overhang) in the divisor."""
 
+    KIND = "window"
+
     @staticmethod
     def infer(x, kernel, strides, pads, ceil_mode, count_include_pad):
         return [TensorType(x.dtype, _pool_infer(x, kernel, strides, pads, ceil_mode))]
@@ -956,6 +1124,8 @@ class AvgPool2d:
 @defop("global_avgpool", "x")
 class GlobalAvgPool:
     """Mean over H and W: [N, C, H, W] -> [N, C, 1, 1]."""
+
+    KIND = "window"
 
     @staticmethod
     def infer(x):
@@ -1000,6 +1170,8 @@ class Rope:
     ``inv_freq`` (optional, f32[D/2]) replaces theta ** (-2i/D) for frequencies
     a model computes otherwise (Llama 3's rope scaling); theta is then unused."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(x, pos, inv_freq=None, *, theta, style):
         _dtypes(x, dt.FLOATS, "x")
@@ -1036,6 +1208,8 @@ class Rope:
 class SwiGLU:
     """silu(gate) * up = gate * sigmoid(gate) * up elementwise (same shapes), in f32."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(gate, up):
         d = _same_dtype([gate, up])
@@ -1066,6 +1240,8 @@ class TopK:
     """(values, indices) of the k largest entries along the last axis, largest
     first; equal values keep the lower index first; NaN ranks above +inf (NaNs
     among themselves by index).  indices are i64; k <= the axis size."""
+
+    KIND = "composite"
 
     @staticmethod
     def infer(x, k):
@@ -1098,6 +1274,8 @@ class AttentionDecode:
     The compiled kernel updates the caches in place when the memory planner
     lets it (a state input, or an intermediate read last here; see
     compiler/memory.py) and copies them otherwise."""
+
+    KIND = "composite"
 
     ALIASES = {1: 3, 2: 4}
 
@@ -1169,6 +1347,8 @@ class MoE:
     in f32.  The kernel reads only the chosen experts' weights (it branches on
     the ids at run time).  1 <= k <= E."""
 
+    KIND = "composite"
+
     @staticmethod
     def infer(x, router_w, w1, w3, w2, k):
         _same_dtype([x, router_w, w1, w3, w2])
@@ -1208,6 +1388,8 @@ class MatMulSparseInput:
     by the ``sparse_activations`` pass).  Equal to matmul, except that a skipped
     row is never read: a non-finite b[k] there adds 0, not NaN."""
 
+    KIND = "contraction"
+
     @staticmethod
     def infer(a, b):
         d = _same_dtype([a, b])
@@ -1231,6 +1413,8 @@ class Fused:
     the inputs bind to body's inputs in order, the results are body's outputs.
     The body holds no constants (they stay inputs of the fused node), so the
     side table of the text form stays flat."""
+
+    KIND = "composite"
 
     @staticmethod
     def infer(*xs, body):

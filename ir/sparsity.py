@@ -32,6 +32,10 @@ from .graph import IRError
 
 BSR_BLOCKS = ((1, 4), (1, 8), (4, 1), (8, 1), (4, 4))
 NM_MAX_M = 16
+# Packed layouts' padding, defined here for the packers (codegen/sparse.py, sparse_nm.py) and the
+# cost model that sizes them (compiler/passes/select_format.py) alike:
+CSR_PAD = 8        # csr: entries per column padded to a multiple of this (one gather of 8 lanes)
+NM_COLUMNS = 32    # nm (x86 layout): columns per packed block, N padded to a multiple of it
 
 
 @dataclass(frozen=True)

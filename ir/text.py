@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import zipfile
 
 import numpy as np
 
 from . import dtypes as dt
-from .graph import Graph, IRError, Node, TensorType, Value
+from .graph import INT64_MAX, INT64_MIN, Graph, IRError, Node, TensorType, Value
 from .ops import OPS, REQUIRED
 
 
@@ -142,7 +143,8 @@ _TOKEN = re.compile(r"""
     (?P<arrow>->) |
     (?P<ident>[A-Za-z_][A-Za-z0-9_]*) |
     (?P<punct>[(){}\[\],:=])
-""", re.VERBOSE)
+""", re.VERBOSE | re.ASCII)
+MAX_NESTING = 64   # brackets and graph regions inside one another (the parser recurses on them)
 
 
 def _found(tok) -> str:
@@ -167,6 +169,7 @@ class _Parser:
             pos = m.end()
         self.toks.append(("eof", "", line, pos - start + 1))
         self.i = 0
+        self.depth = 0
         self.constants = constants or {}
         self.env: dict[str, Value] = {}
 
@@ -219,7 +222,10 @@ class _Parser:
                 dims.append(int(t[1]))
                 if self.sep("]"):
                     break
-        return TensorType(dt.BY_NAME[tok[1]], tuple(dims))
+        try:
+            return TensorType(dt.BY_NAME[tok[1]], tuple(dims))
+        except IRError as e:   # beyond int64
+            raise self.error(str(e), tok) from None
 
     def use(self) -> Value:
         tok = self.take("value")
@@ -236,6 +242,43 @@ class _Parser:
 
     def literal(self):
         tok = self.peek()
+        if tok[1] == "[" or tok[1] == "graph":
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise self.error(f"lists and graphs nested more than {MAX_NESTING} deep", tok)
+            try:
+                return self._nested(tok)
+            finally:
+                self.depth -= 1
+        if tok[0] == "number":
+            self.take()
+            return self.number(tok)
+        if tok[0] == "string":
+            self.take()
+            try:
+                return json.loads(tok[1])
+            except ValueError as e:   # an escape JSON lacks: \x, \u12
+                raise self.error(f"bad string literal {tok[1]}: {e.args[0].split(':')[0]}", tok) from None
+        if tok[0] == "ident":
+            self.take()
+            return {"true": True, "false": False}.get(tok[1], tok[1])
+        raise self.error("expected a value (number, string, true/false, name, [list] or graph @name(...) {...})")
+
+    def number(self, tok):
+        """An int within int64, or a float; a finite spelling too large for a
+        double (1e999) is an error, not inf."""
+        s = tok[1]
+        if re.fullmatch(r"[-+]?\d+", s):
+            v = int(s)
+            if not INT64_MIN <= v <= INT64_MAX:
+                raise self.error(f"integer {s} is beyond int64", tok)
+            return v
+        v = float(s)
+        if math.isinf(v) and "inf" not in s:
+            raise self.error(f"number {s} is beyond the float range (write inf for infinity)", tok)
+        return v
+
+    def _nested(self, tok):
         if tok[1] == "[":
             self.take()
             items = []
@@ -245,19 +288,10 @@ class _Parser:
                     if self.sep("]"):
                         break
             return tuple(items)
-        if tok[0] == "number":
-            self.take()
-            s = tok[1]
-            return int(s) if re.fullmatch(r"[-+]?\d+", s) else float(s)
-        if tok[0] == "string":
-            self.take()
-            return json.loads(tok[1])
-        if tok[0] == "ident":
-            if tok[1] == "graph" and self.toks[self.i + 1][0] == "ref":
-                return self.graph(nested=True)
-            self.take()
-            return {"true": True, "false": False}.get(tok[1], tok[1])
-        raise self.error("expected a value (number, string, true/false, name, [list] or graph @name(...) {...})")
+        if self.toks[self.i + 1][0] == "ref":
+            return self.graph(nested=True)
+        self.take()
+        return "graph"
 
     def graph(self, nested: bool = False) -> Graph:
         """``graph @name(inputs) -> types { nodes return values }``; a ``nested``
@@ -402,7 +436,15 @@ def _as_array(data, t: TensorType) -> np.ndarray:
         arr = np.array(data, dtype=np.float64 if t.dtype.is_float else object)
         if arr.size != t.size:
             raise ValueError(f"{arr.size} values for type {t} ({t.size} elements)")
-        arr = arr.astype(t.dtype.np_dtype).reshape(t.shape)
+        wide = arr
+        with np.errstate(over="ignore"):
+            arr = arr.astype(t.dtype.np_dtype).reshape(t.shape)
+        if t.dtype.is_float:   # rounds to inf in the dtype: an error unless written as inf
+            over = np.isinf(arr.reshape(-1)) & np.isfinite(wide)
+            if over.any():
+                big = f"{float(np.finfo(t.dtype.np_dtype).max):.8g}"
+                raise ValueError(f"{float(wide[over][0])!r} is beyond the range of {t.dtype} (largest {big}; "
+                                 f"write inf for infinity)")
     else:
         arr = data
         if arr.shape != t.shape or arr.dtype != t.dtype.np_dtype:
@@ -454,6 +496,9 @@ def load_ir(path) -> Graph:
         text = f.read()
     consts = None
     if os.path.exists(f"{path}.npz"):
-        with np.load(f"{path}.npz", allow_pickle=False) as z:
-            consts = {k: z[k] for k in z.files}
+        try:
+            with np.load(f"{path}.npz", allow_pickle=False) as z:
+                consts = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:   # truncated, not a zip, pickled
+            raise IRError(f"{path}.npz: cannot read the constants beside the IR: {type(e).__name__}: {e}") from None
     return parse_ir(text, consts)

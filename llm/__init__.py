@@ -17,3 +17,7 @@ from .decoder import (Decoder, LlamaConfig, QuantWeight, build_decoder, random_w
                       reference_logits, state_names)
 from .errors import LLMLoadError  # noqa: F401
 from .loader import load  # noqa: F401
+
+from .. import lazy_submodules as _lazy
+
+__getattr__, __dir__ = _lazy(__name__, __path__)  # sqk.X.module works after `import sqk`

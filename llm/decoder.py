@@ -13,10 +13,17 @@
                ``fold_lookup_experts`` pass can turn them into one lookup table per layer
     logits = rmsnorm(x) @ lm_head           -> outputs: logits, then every updated cache
 
-``Decoder`` compiles it once with the caches as state (``compile(state=...)``):
-the Module owns them, each call passes only the token and the position, and
-attention_decode writes the new K/V rows straight into the Module's arrays (on
-the host; riscv64 round-trips them through the runner's files).
+``build_decoder(cfg, weights, tokens=T)`` is the same network over a chunk of
+T prompt tokens at pos..pos+T-1 (GEMMs with M = T, attention_decode writing T
+rows with causal attention inside the chunk), returning the last token's
+logits only.
+
+``Decoder`` compiles the step once with the caches as state
+(``compile(state=...)``): the Module owns them, each call passes only the
+token and the position, and attention_decode writes the new K/V rows straight
+into the Module's arrays (on the host; riscv64 round-trips them through the
+runner's files).  ``Decoder.prefill`` compiles a module per chunk length when
+first needed, each sharing those state arrays (``Module.share_state``).
 ``reference_logits`` is an independent numpy model of the same network: full
 causal attention over the whole prefix, recomputed from scratch.
 
@@ -124,22 +131,28 @@ def state_names(cfg: LlamaConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """A pre-quantized [K, N] weight as matmul_q's inputs, kept as the file
-    stores it (GGUF blocks): w[k, n] = (q[k, n] - zeros[k // group, n]) *
-    scales[k // group, n]; ``q_dtype`` "i8" or "i4" (q holds the values)."""
-    q: np.ndarray
-    scales: np.ndarray
-    zeros: np.ndarray | None = None
-    group: int = 32
-    q_dtype: str = "i8"
+    """A pre-quantized [K, N] weight as matmul_q's operands, kept as the file
+    stores them (GGUF blocks, ``ir.blocks.to_matmul_q``): ``operands`` are
+    (array, sqk dtype) pairs for q, scales and, when the scheme has them,
+    zeros and supers; ``attrs`` matmul_q's group (and super_group)."""
+    operands: tuple
+    attrs: dict
+
+    @classmethod
+    def from_blocks(cls, ggml_type, raw, shape) -> "QuantWeight":
+        """The matmul_q weight [K, N] of a GGML matrix stored [N, K] (raw: uint8 rows)."""
+        from ..ir.blocks import to_matmul_q
+        m = to_matmul_q(ggml_type, raw, shape)
+        return cls(tuple(m["inputs"]), dict(m["attrs"]))
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.q.shape
+        return self.operands[0][0].shape
 
     def dequantize(self) -> np.ndarray:
         from ..ir.ops import dequantize_weight
-        return dequantize_weight(self.q, self.scales, self.zeros, self.group)
+        q, scales, zeros, supers = [a for a, _ in self.operands] + [None] * (4 - len(self.operands))
+        return dequantize_weight(q, scales, zeros, self.attrs["group"], supers, self.attrs.get("super_group", 0))
 
 
 def as_f32(w) -> np.ndarray:
@@ -156,7 +169,9 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     """The graph of one decoding step (module docstring), or with ``tokens=T > 1``
     of a prefill chunk: token i64[T] at positions pos..pos+T-1 (pos the start),
     every projection a GEMM with M = T, attention_decode over the chunk writing
-    its T cache rows, and the logits [1, vocab] of the last token only.
+    its T cache rows, and the logits [1, vocab] of one token only, the row
+    ``last`` (i64[1], an input: a chunk padded past the prompt's end returns
+    the logits of its last real token).
     ``kv_dtype``: the caches' dtype, "f32" or "f16" (rounded on write, widened
     on read; the math stays f32).
 
@@ -181,14 +196,14 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
             consts[key] = b.const(weights[name] if arr is None else arr, dtype, name=name.replace(".", "_"))
         return consts[key]
 
+    def quant_operands(name, w):   # one constant per operand, shared by every reader
+        return [const(name + suffix, d, a) for suffix, (a, d) in zip(("", ".scales", ".zeros", ".supers"), w.operands)]
+
     def linear(x, name):
         w = weights[name]
         if not isinstance(w, QuantWeight):
             return b.matmul(x, const(name))
-        ins = [const(name, w.q_dtype, w.q), const(name + ".scales", None, w.scales)]
-        if w.zeros is not None:
-            ins.append(const(name + ".zeros", None if w.zeros.dtype.kind == "f" else w.q_dtype, w.zeros))
-        return b.matmul_q(x, *ins, group=w.group)
+        return b.matmul_q(x, *quant_operands(name, w), **w.attrs)
 
     token, pos = b.input("token", (tokens,), "i64"), b.input("pos", (1,), "i64")
     cache = (cfg.kv_heads, cfg.max_seq, cfg.head_dim)
@@ -206,7 +221,7 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
         y = linear(h, f"w{kind}.{i}")
         return b.add(y, const(f"b{kind}.{i}")) if cfg.qkv_bias else y
 
-    x = emb = embed(b, cfg, weights, const, token)                      # [T, H]
+    x = emb = embed(b, cfg, weights, const, quant_operands, token)      # [T, H]
     new_caches = []
     for i in range(cfg.layers):
         h = b.rmsnorm(x, const(f"attn_norm.{i}"), eps=cfg.eps)
@@ -225,44 +240,27 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
             route = b.softmax(b.matmul(h, const(f"mole_router.{i}")))                  # [T, E]
             if tokens == 1:
                 x = b.add(x, b.matmul(route, b.concat(*experts, axis=0)))         # [1, E] @ [E, H]
-            else:                                                                 # per row: sum_e route[:, e] * expert_e
+            else:                                                   # per row: sum_e route[:, e] * expert_e
                 for e, ex in enumerate(experts):
                     x = b.add(x, b.mul(b.slice(route, starts=(e,), ends=(e + 1,), axes=(1,)), ex))
     if tokens > 1:
-        x = b.slice(x, starts=(tokens - 1,), ends=(tokens,), axes=(0,))
+        x = b.gather(x, b.input("last", (1,), "i64"))
     logits = linear(b.rmsnorm(x, const("final_norm"), eps=cfg.eps), "lm_head")
     return b.output(logits, *new_caches)
 
 
-def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, token):
+def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, quant_operands, token):
     """x [T, H] of the ``token`` ids [T]: rows of "embed" [V, H], or (tied)
-    columns of the lm_head [H, V]; of a QuantWeight lm_head (i8, groups
-    dividing H) the columns' q and scales are gathered and multiplied here,
-    so the one quantized table serves both."""
+    columns of the lm_head [H, V]: of a float table by ``gather`` on axis 1,
+    of a QuantWeight by ``gather_q``, which reads the lm_head's matmul_q
+    constants in their packed layout (the table is stored once)."""
     if "embed" in weights:
         return b.gather(const("embed"), token)
-    t, h = token.type.shape[0], cfg.hidden
-
-    def rows(cols):  # [H, T] -> [T, H]
-        return b.reshape(cols, shape=(1, h)) if t == 1 else b.transpose(cols, perm=(1, 0))
-
     w = weights["lm_head"]
-    if not isinstance(w, QuantWeight):
-        return rows(b.gather(const("lm_head"), token, axis=1))
-    if w.q_dtype != "i8" or h % w.group or (w.zeros is not None and w.zeros.dtype.kind == "f"):
-        raise ValueError(f"a tied {w.q_dtype} lm_head with group {w.group} cannot serve as the embedding: "
-                         "give the weights an \"embed\" table")
-
-    def f32(v):
-        return v if v.dtype.name == "f32" else b.cast(v, to="f32")
-
-    g = h // w.group
-    q = b.reshape(f32(b.gather(const("lm_head", "i8", w.q), token, axis=1)), shape=(g, w.group, t))
-    sc = b.reshape(f32(b.gather(const("lm_head.scales", None, w.scales), token, axis=1)), shape=(g, 1, t))
-    if w.zeros is not None:
-        z = f32(b.gather(const("lm_head.zeros", w.q_dtype, w.zeros), token, axis=1))
-        q = b.sub(q, b.reshape(z, shape=(g, 1, t)))
-    return rows(b.reshape(b.mul(q, sc), shape=(h, t)))
+    if isinstance(w, QuantWeight):
+        return b.gather_q(token, *quant_operands("lm_head", w), **w.attrs)
+    cols = b.gather(const("lm_head"), token, axis=1)                    # [H, T]
+    return b.reshape(cols, shape=(1, cfg.hidden)) if token.type.shape[0] == 1 else b.transpose(cols, perm=(1, 0))
 
 
 def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
@@ -322,31 +320,35 @@ def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
     return lin(rms(x, w["final_norm"]), "lm_head").astype(np.float32)
 
 
-def chunk_sizes(n: int, chunk: int) -> list[int]:
-    """How ``prefill`` splits n prompt tokens: chunks of ``chunk`` tokens, then
-    the rest as decreasing powers of two (45 with chunk 32: 32, 8, 4, 1), so at
-    most log2(chunk) + 2 distinct lengths, each compiled once, ever arise; no
-    token is padded or computed twice."""
-    out = [chunk] * (n // chunk)
-    rest = n % chunk
-    while rest:
-        out.append(1 << (rest.bit_length() - 1))
-        rest -= out[-1]
-    return out
-
-
 class Decoder:
-    """A compiled decoder: ``prefill(ids)`` runs a prompt in chunks of up to
-    ``prefill_chunk`` tokens per call (one Module per chunk length, compiled
-    when first needed), ``step(token)`` one token at a time; both return the
-    logits [vocab] of the next token and advance the position.  All the
-    modules share one set of KV caches (``module.state``, the step module's;
-    ``kv_dtype="f16"`` stores them in f16).  ``generate`` and ``chat`` decode
-    text with a ``tokenizer`` (llm/tokenizer.py).  ``sqk.llm.load`` makes one
-    from a model's files."""
+    """A compiled decoder: ``prefill(ids)`` runs a prompt in chunks of
+    ``prefill_chunk`` tokens, one compiled call each, ``step(token)`` one token
+    at a time; both return the logits [vocab] of the next token and advance
+    the position.  The chunk's Module is compiled when first needed and shares
+    the step Module's KV caches (``module.state``; ``kv_dtype="f16"`` stores
+    them in f16) and, when the packed weights are the same bytes, its
+    constants file.
+
+    A prompt's last, shorter piece of r tokens is padded to a whole chunk
+    (token 0 at the positions after it; the chunk returns row r-1's logits)
+    rather than given a module of its own: one compiled chunk length, however
+    long the prompts.  The padding writes cache rows past the prompt's end,
+    which nothing reads before they are written again: a position's row is
+    rewritten by the call that processes the real token there, and attention
+    reads only rows up to its own tokens.  Padding costs up to a chunk of
+    computation per prefill, so a piece shorter than ``prefill_chunk // 8``
+    tokens, or one whose padded chunk would run past the cache's end, runs
+    token by token instead.
+
+    ``generate`` and ``chat`` decode text with a ``tokenizer``
+    (llm/tokenizer.py).  ``sqk.llm.load`` makes one from a model's files, with
+    ``keep_ir=False``: the graphs, whose constants copy the weights, are dropped
+    once compiled (``weights`` stays: a loader's mapping reads the
+    memory-mapped file again when the chunk module is compiled)."""
 
     def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
-                 kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, **compile_options):
+                 kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, keep_ir: bool = True,
+                 **compile_options):
         from ..compiler.driver import compile
 
         if prefill_chunk < 1:
@@ -359,7 +361,10 @@ class Decoder:
         self.target, self.compile_options = target, compile_options
         self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype)
         self.module = compile(self.graph, target=target, state=state_names(cfg), **compile_options)
-        self.chunk_modules: dict[int, object] = {1: self.module}   # chunk length -> Module
+        self.chunk_modules: dict[int, object] = {}   # chunk length -> Module
+        self.keep_ir = keep_ir   # False: drop each compiled graph (its constants copy the weights)
+        if not keep_ir:
+            self.graph = self.module.ir = None
         self.pos = 0
 
     @property
@@ -372,8 +377,10 @@ class Decoder:
         self.pos = 0
 
     def chunk_module(self, tokens: int):
-        """The Module of a ``tokens``-long chunk (compiled on first use), its
-        state the step module's arrays."""
+        """The Module of a ``tokens``-long chunk, tokens > 1 (compiled on first
+        use; inputs token, pos, last), its state the step module's arrays."""
+        if tokens < 2:
+            raise ValueError(f"a prefill chunk has at least 2 tokens, got {tokens}: step() runs one")
         m = self.chunk_modules.get(tokens)
         if m is None:
             from ..compiler.driver import compile
@@ -381,7 +388,11 @@ class Decoder:
             g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype)
             m = compile(g, target=self.target, state=state_names(self.cfg), **self.compile_options)
             m.share_state(self.module)
-            any(m.share_constants(o) for o in self.chunk_modules.values())  # one mapping per weight layout
+            if not self.keep_ir:
+                m.ir = None
+            for other in [self.module, *self.chunk_modules.values()]:   # one mapping per weight layout
+                if m.share_constants(other):
+                    break
             self.chunk_modules[tokens] = m
         return m
 
@@ -396,9 +407,9 @@ class Decoder:
         return logits[0]
 
     def prefill(self, ids) -> np.ndarray:
-        """Run the tokens ``ids`` from the current position, in chunks
-        (``chunk_sizes``) of one compiled call each; returns the logits [vocab]
-        of the last one."""
+        """Run the tokens ``ids`` from the current position in chunks of
+        ``prefill_chunk`` (the last one padded, or token by token: class
+        docstring); returns the logits [vocab] of the last one."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not ids.size:
             raise ValueError("prefill needs at least one token")
@@ -408,12 +419,20 @@ class Decoder:
         if self.pos + ids.size > self.cfg.max_seq:
             raise ValueError(f"{ids.size} tokens from position {self.pos} go beyond the KV cache length "
                              f"{self.cfg.max_seq}: reset() to start a new sequence")
-        start = 0
-        for t in chunk_sizes(ids.size, self.prefill_chunk):
-            logits = self.chunk_module(t)(token=ids[start:start + t], pos=np.array([self.pos], np.int64))
-            self.pos += t
-            start += t
-        return logits[0]
+        c = self.prefill_chunk
+        for i in range(0, ids.size, c):
+            piece = ids[i:i + c]
+            r = piece.size
+            if c < 2 or r < max(2, c // 8) or self.pos + c > self.cfg.max_seq:
+                for tok in piece:
+                    logits = self.step(int(tok))
+                continue
+            token = np.zeros(c, np.int64)
+            token[:r] = piece
+            logits = self.chunk_module(c)(token=token, pos=np.array([self.pos], np.int64),
+                                          last=np.array([r - 1], np.int64))[0]
+            self.pos += r
+        return logits
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None, stream=None) -> list[int]:

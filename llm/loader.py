@@ -7,10 +7,12 @@ model directory (``hf.load_hf``: config.json + safetensors) or a GGUF file
 KV cache length: ``max_seq`` defaults to the model's context length, capped
 so the cache takes at most ``KV_BUDGET`` bytes (256 MiB): per position it
 holds K and V rows of every layer, 2 * layers * kv_heads * head_dim values
-(4 bytes each in f32).  SmolLM2-135M (30 layers, 3 KV heads of 64) needs
-46 KiB per position, so its 8192-position context is capped at 5689; a
-Llama-3-8B (32 layers, 8 KV heads of 128) at 2048.  Give ``max_seq=`` to
-choose (a Mistral sliding window caps it too: the window is not applied).
+(4 bytes each in f32, 2 with ``kv_dtype="f16"``).  SmolLM2-135M (30 layers,
+3 KV heads of 64) needs 45 KiB per position, so its 8192-position context
+is capped at 5825 (all 8192 with an f16 cache); a Llama-3-8B (32 layers, 8
+KV heads of 128) at 1024.  A model that states no context gets 2048 at
+most.  Give ``max_seq=`` to choose (a Mistral sliding window caps it too:
+the window is not applied).
 """
 from __future__ import annotations
 
@@ -85,7 +87,5 @@ def load(path, *, target: str = "host", max_seq: int | None = None, kv_dtype: st
         cfg = dataclasses.replace(cfg, eos_ids=tuple(tokenizer.eos_ids))
     if not any(k in compile_options for k in ("pipeline", "quantize", "sparsify", "force", "formats")):
         compile_options["pipeline"] = DENSE_PIPELINE
-    dec = Decoder(cfg, weights, target=target, threads=threads, tokenizer=tokenizer, kv_dtype=kv_dtype,
-                  **compile_options)
-    dec.graph = dec.module.ir = None   # their constants are copies; the weights stay memory-mapped views
-    return dec
+    return Decoder(cfg, weights, target=target, threads=threads, tokenizer=tokenizer, kv_dtype=kv_dtype,
+                   keep_ir=False, **compile_options)

@@ -1,8 +1,9 @@
 """Choosing the next token from logits: greedy, top-k, top-p (nucleus), temperature.
 
 Every step is specified exactly, in IEEE double arithmetic without fused multiply-adds, so that
-a C implementation (the RISC-V runner's generate mode) draws the same token from the same seed,
-bit for bit. ``sample(logits, temperature, top_k, top_p, rng)``:
+a C implementation draws the same token from the same seed, bit for bit: runtime/sqk_sample.c is
+that twin (``sqk_sample``, for the runner's generate mode), held against this module on the host
+and on riscv64 by tests/test_sampling.py. ``sample(logits, temperature, top_k, top_p, rng)``:
 
 1. Validation. ``logits`` is 1-D, float, non-empty, no NaN and no +inf (-inf masks a token);
    at least one finite entry. ``temperature`` finite >= 0; ``top_k`` None or an int >= 1;
@@ -132,7 +133,7 @@ def candidates(logits, top_k: int | None = None, top_p: float | None = None) -> 
     if top_k is None and top_p is None:
         return np.arange(n)
     if top_k is None or top_k >= n:
-        return np.argsort(-logits, kind="stable")
+        return _sorted_ids(logits)
     # the k-th largest value; everything above it, then the lowest ids among those equal to it
     kth = np.partition(logits, n - top_k)[n - top_k]
     above = np.flatnonzero(logits > kth)
@@ -140,6 +141,18 @@ def candidates(logits, top_k: int | None = None, top_p: float | None = None) -> 
     ids = np.concatenate([above, ties])
     ids.sort()
     return ids[np.argsort(-logits[ids], kind="stable")]
+
+
+def _sorted_ids(logits: np.ndarray) -> np.ndarray:
+    """All ids by logit descending, ties by id: one sort of (logit, id) packed in a uint64 when the
+    logits are f32 values (about 3x faster than a stable argsort over a 50k vocabulary)."""
+    l32 = logits.astype(np.float32) + np.float32(0.0)         # -0.0 -> +0.0: equal logits, equal keys
+    if logits.size >= 2 ** 32 or not np.array_equal(l32, logits):
+        return np.argsort(-logits, kind="stable")
+    bits = l32.view(np.uint32).astype(np.uint64)
+    ascending = np.where(bits >> 31, bits ^ 0xFFFFFFFF, bits | 0x80000000)   # float order as integers
+    keys = ((0xFFFFFFFF - ascending) << 32) | np.arange(logits.size, dtype=np.uint64)
+    return (np.sort(keys) & 0xFFFFFFFF).astype(np.int64)
 
 
 def distribution(logits, temperature: float, top_k: int | None = None,

@@ -1,10 +1,10 @@
 """Text <-> token ids, and chat templates, for the LLM layer.
 
-One class, two sources. ``Tokenizer.from_hf_dir(dir)`` reads a Hugging Face model directory
-(``tokenizer.json`` through the ``tokenizers`` package, whose post-processor adds BOS/EOS; the
-special tokens from ``tokenizer_config.json``; extra EOS ids from ``generation_config.json``; the chat
-template from ``chat_template.jinja`` or ``tokenizer_config.json``). ``Tokenizer.from_gguf(file)`` builds the same
-kind of ``tokenizers.Tokenizer`` from a GGUF file's metadata, as llama.cpp reads it:
+One class, two sources. ``Tokenizer.from_hf_dir(dir)`` reads a Hugging Face model directory:
+``tokenizer.json`` through the ``tokenizers`` package (its post-processor adds BOS/EOS), the
+special tokens of ``tokenizer_config.json``, extra EOS ids from ``generation_config.json``, the
+chat template from ``chat_template.jinja`` or ``tokenizer_config.json``. ``Tokenizer.from_gguf(file)``
+builds the same kind of ``tokenizers.Tokenizer`` from a GGUF file's metadata, as llama.cpp reads it:
 
 - ``tokenizer.ggml.model = "gpt2"``: byte-level BPE with the file's vocabulary and merges; the
   pre-tokenizer regex follows ``tokenizer.ggml.pre`` (``PRE_TOKENIZERS``: Llama 3, Qwen2,
@@ -16,7 +16,9 @@ kind of ``tokenizers.Tokenizer`` from a GGUF file's metadata, as llama.cpp reads
 Control tokens (GGUF token type 3) become special tokens (kept whole in the text, dropped by
 ``decode(skip_special=True)``), user-defined ones (type 4) plain added tokens; BOS/EOS follow
 ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` (defaults as llama.cpp's). Both routes give
-the same ids as transformers' own tokenizer for the same files (tests/test_tokenizer.py).
+the ids of transformers' own tokenizer for the same files (tests/test_tokenizer.py), except where
+transformers' GGUF conversion departs from llama.cpp: it has no 'smollm' digit split (we follow
+llama.cpp and SmolLM2's own tokenizer.json) and ignores ``add_space_prefix = false``.
 
 Chat templates are rendered as transformers renders them: jinja2's sandboxed environment with
 trim_blocks and lstrip_blocks, ``raise_exception``, ``strftime_now``, a ``tojson`` that keeps
@@ -443,7 +445,7 @@ class _GGUFFields:
 @functools.lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map, the alphabet of byte-level BPE vocabularies."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:

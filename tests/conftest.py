@@ -31,3 +31,11 @@ def require_riscv() -> dict[str, str]:
 def riscv_tools() -> dict[str, str]:
     """Fixture form of :func:`require_riscv`."""
     return require_riscv()
+
+
+@pytest.fixture(autouse=True)
+def _host_avx2(request, monkeypatch):
+    """Tests marked host_avx2 (harness.AVX2_PARAMS) see the host without AVX-512 and VNNI."""
+    if request.node.get_closest_marker("host_avx2"):
+        from harness import host_avx2
+        host_avx2(monkeypatch)

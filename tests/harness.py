@@ -12,7 +12,28 @@ from conftest import require_riscv
 
 # host, riscv64 with RVV (vlen 256) and riscv64 without V: every numeric test runs on each.
 TARGETS = ["host", "riscv64", "riscv64-scalar"]
-target_param = pytest.mark.parametrize("target", TARGETS)
+
+
+def avx512_or_vnni(feature: str) -> bool:
+    """The x86 features kernels branch on beyond AVX2 (512-bit vectors and
+    register tiles, vpdpbusd): an LLVM "+name" feature."""
+    return feature.startswith(("+avx512", "+avxvnni"))
+
+
+def _host_masks_something() -> bool:
+    from sqk.codegen.target import host_target
+    return os.environ.get("SQK_TEST_HOST_AVX2") == "1" or \
+        any(avx512_or_vnni(f) for f in host_target().features.split(",") if f.startswith("+"))
+
+
+# On a host with AVX-512 or VNNI, every "host" test of target_param (and of host_isa) runs twice: as
+# the CPU is, and with those features switched off (marker host_avx2, applied by conftest), so the
+# AVX2 kernels that any x86-64 the README supports runs are exercised everywhere.  On an AVX2-only
+# host the two are one (SQK_TEST_HOST_AVX2=1 keeps the second run anyway, to test the mechanism).
+AVX2_PARAMS = [pytest.param("host", id="host-avx2", marks=pytest.mark.host_avx2)] if _host_masks_something() else []
+target_param = pytest.mark.parametrize("target", ["host", *AVX2_PARAMS, "riscv64", "riscv64-scalar"])
+# for host-only tests whose kernels depend on the CPU's features: a "host_isa" argument, "host"
+host_isa = pytest.mark.parametrize("host_isa", ["host", *AVX2_PARAMS])
 
 
 def tolerance(dtype: np.dtype) -> float:
@@ -75,10 +96,17 @@ def host_without(monkeypatch, off):
 
     import sqk.codegen.target as T
 
-    host = T.get_target("host")
-    t = dataclasses.replace(host, features=",".join("-" + f[1:] if off(f) else f for f in host.features.split(",")))
-    monkeypatch.setattr(T, "get_target", lambda name, **kw: t if name == "host" else T.riscv64_target())
+    get_target = T.get_target
+    host = get_target("host")
+    feats = ",".join("-" + f[1:] if off(f) else f for f in host.features.split(","))
+    t = dataclasses.replace(host, features=feats, vector_bits=T.x86_vector_bits(feats))
+    monkeypatch.setattr(T, "get_target", lambda name, **kw: t if name == "host" else get_target(name, **kw))
     return t
+
+
+def host_avx2(monkeypatch):
+    """The host with AVX-512 and VNNI switched off (see AVX2_PARAMS)."""
+    return host_without(monkeypatch, avx512_or_vnni)
 
 
 def compile_for(g, target: str, **kw):

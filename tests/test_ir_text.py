@@ -72,6 +72,9 @@ OP_CASES = {
     "matmul_q": lambda b: [b.matmul_q(b.input("x", (2, 5)), b.const(np.arange(-8, 7).reshape(5, 3) % 16 - 8, "i4"),
                                       b.const(rand((2, 3), "f16")), b.const(np.ones((2, 3)), "i4"), group=4,
                                       activations="int8")],
+    "gather_q": lambda b: [b.gather_q(b.const(np.array([2, -1, 0])), b.const(np.arange(15).reshape(5, 3) % 16 - 8,
+                                                                             "i4"),
+                                      b.const(rand((2, 3), "f16")), b.const(rand((2, 3))), group=4)],
     "softmax": lambda b: [b.softmax(b.input("x", (2, 3, 4)), axis=-2)],
     "layernorm": lambda b: [b.layernorm(b.input("x", (2, 3, 4)), b.const(rand((3, 4))), b.const(rand((3, 4))),
                                         axis=1, eps=1e-3)],
@@ -410,6 +413,20 @@ def test_load_ir_without_its_side_table(tmp_path):
         sqk.load_ir(str(tmp_path / "m.sqkir"))
 
 
+
+def test_load_ir_with_a_damaged_side_table(tmp_path):
+    """A truncated .npz, or one holding a pickled object array: an IRError naming the file."""
+    g = big_graph()
+    path = str(tmp_path / "m.sqkir")
+    sqk.save_ir(g, path)
+    data = (tmp_path / "m.sqkir.npz").read_bytes()
+    (tmp_path / "m.sqkir.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(IRError, match=r"m\.sqkir\.npz: cannot read the constants beside the IR"):
+        sqk.load_ir(path)
+    np.savez(tmp_path / "m.sqkir.npz", w=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(IRError, match=r"m\.sqkir\.npz: cannot read the constants .*allow_pickle"):
+        sqk.load_ir(path)
+
 # --- structural equality ----------------------------------------------------------------------
 
 def chain(names, input_name="x", gname="g", const=1.0):
@@ -506,6 +523,18 @@ def test_good_text_parses():
     ("graph @g", "graph g", 1, 7, "expected ref, found 'g'"),
     ("-> f32[2,3] {", "f32[2,3] {", 1, 24, "expected arrow, found 'f32'"),
     ("  return %1\n}\n", "  return %1\n}\njunk\n", 6, 1, "found 'junk'"),
+    # no OverflowError, RecursionError or silent inf: limits named at the fault
+    ("axis=1", "axis=inf", 3, 26, "attribute 'axis' must be int, got inf"),
+    ("axis=1", 'axis="\\x"', 3, 26, 'bad string literal "\\x": Invalid \\escape'),
+    ("axis=1", "axis=[1, 1e999]", 3, 30, "number 1e999 is beyond the float range (write inf for infinity)"),
+    ("axis=1", "axis=99999999999999999999", 3, 26, "integer 99999999999999999999 is beyond int64"),
+    ("axis=1", "axis=" + "[" * 2000, 3, 26 + 64, "lists and graphs nested more than 64 deep"),
+    ("f32[2,3]) ->", "f32[2,9223372036854775808]) ->", 1, 14,
+     "dimension 9223372036854775808 in shape (2, 9223372036854775808) is beyond int64"),
+    ("f32[2,3]) ->", "f32[2,4611686018427387904]) ->", 1, 14,
+     "f32[2,4611686018427387904] holds 9223372036854775808 elements (36893488147419103232 bytes), beyond int64"),
+    ("f32[2,3]) ->", "f32[2,2305843009213693952]) ->", 1, 14,
+     "4611686018427387904 elements (18446744073709551616 bytes), beyond int64"),
 ])
 def test_parse_error_position(old, new, line, col, message):
     assert old in GOOD
@@ -529,14 +558,50 @@ def test_parse_error_position(old, new, line, col, message):
     ("[-1]", "u8[1]", "-1 out of bounds for uint8"),
     ("[8]", "i4[1]", "i4 values must lie in [-8, 7]"),
     ("[-9]", "i4[1]", "i4 values must lie in [-8, 7]"),
+    ("[1e308]", "f32[1]", "1e+308 is beyond the range of f32 (largest 3.4028235e+38; write inf for infinity)"),
+    ("[1, -3.5e38]", "f32[2]", "-3.5e+38 is beyond the range of f32"),
+    ("[70000.0]", "f16[1]", "70000.0 is beyond the range of f16 (largest 65504; write inf for infinity)"),
+    ("[99999999999999999999]", "i64[1]", None),   # the literal itself: line 2, column 15
 ])
 def test_bad_constant_values(literal, dtype, message):
     """No silent conversion of an inline literal to the declared dtype."""
     text = f"graph @g(%x: f32[1]) -> f32[1] {{\n  %c = const {literal} : {dtype}\n  return %x\n}}\n"
     with pytest.raises(ParseError) as e:
         sqk.parse_ir(text)
+    if message is None:
+        assert str(e.value) == "line 2, column 15: integer 99999999999999999999 is beyond int64"
+        return
     assert str(e.value).startswith("line 2, column 14: constant %c: "), str(e.value)
     assert message in str(e.value)
+
+
+def test_float_constants_at_the_edge_of_their_range():
+    """inf written as inf is a value; the largest finite value, and spellings that
+    round to it (not to inf), are too."""
+    for lit, d, want in [("[inf, -inf, 3.4028235e+38]", "f32", [np.inf, -np.inf, np.finfo(np.float32).max]),
+                         ("[65519.0, -inf]", "f16", [65504.0, -np.inf])]:
+        g = sqk.parse_ir(f"graph @g() -> {d}[{len(want)}] {{\n  %c = const {lit} : {d}[{len(want)}]\n  return %c\n}}\n")
+        np.testing.assert_array_equal(g.constants["c"], np.array(want, dt.BY_NAME[d].np_dtype))
+
+
+def test_reproducers_of_overflow_and_recursion():
+    """The issue's cases: transpose {perm=[1, 1e999]} and a 2,000-deep [ are
+    ParseErrors; the builder refuses an infinite axis and sizes beyond int64."""
+    text = "graph @g(%x: f32[2,3]) -> f32[3,2] {\n  %0 = transpose(%x) {perm=[1, 1e999]} : f32[3,2]\n  return %0\n}\n"
+    with pytest.raises(ParseError, match="line 2, column 32: number 1e999 is beyond the float range"):
+        sqk.parse_ir(text)
+    with pytest.raises(ParseError, match="nested more than 64 deep"):
+        sqk.parse_ir(text.replace("[1, 1e999]", "[" * 2000 + "]" * 2000))
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 3))
+    with pytest.raises(IRError, match="attribute 'axis' must be int, got inf"):
+        b.softmax(x, axis=math.inf)
+    with pytest.raises(IRError, match="attribute 'perm' must be ints, got .* beyond int64"):
+        b.transpose(x, perm=(1, 1 << 64))
+    with pytest.raises(IRError, match="dimension 9223372036854775808 in shape"):
+        b.input("y", (1 << 63,))
+    with pytest.raises(IRError, match=r"i4\[4294967296,4294967296,4294967296\] holds .* beyond int64"):
+        TensorType(dt.i4, (1 << 32,) * 3)
 
 
 @pytest.mark.parametrize("upto", ["", "graph", "graph @g(%x:", "graph @g(%x: f32[2,", "-> f32[2,3] {\n",
@@ -661,3 +726,76 @@ def test_random_graphs_roundtrip(g, inline_limit):
     assert g2 == g
     assert g2.to_text(inline_limit) == s
     assert str(sqk.parse_ir(str(g2), g2.constants)) == str(g)
+
+
+# --- fuzzing: mutated texts of every op give a graph or an IRError, nothing else -------------
+
+FUZZ_PIECES = ["[", "]", "{", "}", "(", ")", ",", ":", "=", "->", "%0", "%x", "@w", "graph", "graph @r() -> f32[1] {",
+               "return", "inf", "-inf", "nan", "1e999", "-1", "0", "1.5", "9223372036854775808", "4611686018427387904",
+               "99999999999999999999", '"s"', '"\\u0000"', '"\\x"', '"\\u12"', '"\\ud800"', "true", "f32", "i4",
+               "bool", "i64[3]", "\n", " ", "#", "\\", "\x00", "é", "١"]
+
+
+def _op_texts():
+    texts = {}
+    for op, build in sorted(OP_CASES.items()):
+        b = GraphBuilder(f"t_{op}")
+        texts[op] = b.output(*build(b)).to_text(inline_limit=None)
+    return texts
+
+
+OP_TEXTS = _op_texts()
+
+edit = st.tuples(st.sampled_from(["delete", "insert", "replace", "copy", "value"]), st.integers(0, 1 << 16),
+                 st.integers(0, 1 << 16), st.integers(1, 24), st.sampled_from(FUZZ_PIECES))
+
+
+def mutate(text: str, edits) -> str:
+    s = text
+    for kind, i, j, n, piece in edits:
+        i, j = i % (len(s) + 1), j % (len(s) + 1)
+        if kind == "delete":
+            s = s[:i] + s[i + n:]
+        elif kind == "insert":
+            s = s[:i] + piece + s[i:]
+        elif kind == "replace":
+            s = s[:i] + piece + s[i + 1:]
+        elif kind == "value":   # an attribute's value (after "name=") becomes the piece
+            at = [m.end() for m in re.finditer(r"\w=", s)]
+            if at:
+                a = at[i % len(at)]
+                end = re.compile(r"[,}\n]").search(s, a)
+                s = s[:a] + piece + s[end.start() if end else len(s):]
+        else:
+            s = s[:i] + s[j:j + n] + s[i:]
+    return s
+
+
+def parses_or_ir_error(text: str):
+    """parse_ir gives a graph that prints and parses back, or an IRError
+    (ParseError with a line and column), never another exception."""
+    note(repr(text))
+    try:
+        g = sqk.parse_ir(text)
+    except ParseError as e:
+        assert e.line >= 1 and e.col >= 1 and str(e).startswith(f"line {e.line}, column {e.col}: ")
+        return
+    except IRError:
+        return
+    assert sqk.parse_ir(g.to_text(inline_limit=None)) == g
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(OP_TEXTS)), st.lists(edit, min_size=1, max_size=4))
+def test_mutated_op_texts(op, edits):
+    """About 300 mutations over every op's text (OP_CASES) in the default run."""
+    parses_or_ir_error(mutate(OP_TEXTS[op], edits))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", sorted(OPS))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.lists(edit, min_size=1, max_size=8))
+def test_mutated_op_texts_wide(op, edits):
+    """-m slow: 400 mutations of each op's text, up to 8 edits each."""
+    parses_or_ir_error(mutate(OP_TEXTS[op], edits))

@@ -185,8 +185,9 @@ def _chunk_graph(t, hq, hkv, s, d, dtype="f32", kv=None):
 
 def _chunk_inputs(t, hq, hkv, s, d, pos, seed=0, dtype="f32", kv=None):
     r, lead = _rng(seed), ((t,) if t else ())
-    return dict(q=rand(lead + (hq, d), dtype, r), kn=rand(lead + (hkv, d), dtype, r), vn=rand(lead + (hkv, d), dtype, r),
-                kc=rand((hkv, s, d), kv or dtype, r), vc=rand((hkv, s, d), kv or dtype, r), pos=np.array([pos]))
+    return dict(q=rand(lead + (hq, d), dtype, r), kn=rand(lead + (hkv, d), dtype, r),
+                vn=rand(lead + (hkv, d), dtype, r), kc=rand((hkv, s, d), kv or dtype, r),
+                vc=rand((hkv, s, d), kv or dtype, r), pos=np.array([pos]))
 
 
 def _check_chunk(m, g, ins, what):
@@ -253,11 +254,28 @@ def test_attention_chunk_state(target):
     bad = dict(ins, q=ins["q"][None].repeat(4, 0), kn=ins["kn"][None].repeat(4, 0), vn=ins["vn"][None].repeat(4, 0))
     for p in (9, -1):
         with pytest.raises(sqk.SqkRuntimeError, match=r"a chunk of 4 tokens from position %pos must lie in the KV "
-                                                      rf"cache of length 12 \(positions in \[0, 8\]\) \(got pos = \[{p}\]\)"):
+                           rf"cache of length 12 \(positions in \[0, 8\]\) \(got pos = \[{p}\]\)"):
             mc(**dict(bad, pos=np.array([p])))
     assert np.array_equal(mc.state["kc"], kc)          # a failed chunk wrote nothing
     with pytest.raises(IndexError, match=r"positions 9..12 are outside the KV cache of length 12"):
         sqk.reference(chunk, kc=kc, vc=vc, **dict(bad, pos=np.array([9])))
+
+
+def test_share_state_and_constants():
+    small, big = (sqk.compile(_chunk_graph(4, 2, 1, s, 8), state=["kc", "vc"]) for s in (8, 9))
+    with pytest.raises(ValueError, match=r"cannot share state 'kc': this module has float32\[1, 9, 8\], "
+                                         r"the other float32\[1, 8, 8\]"):
+        big.share_state(small)
+    with pytest.raises(ValueError, match="cannot share state 'kc'.* the other none"):
+        small.share_state(sqk.compile(_chunk_graph(4, 2, 1, 8, 8)))
+    def scaled(v):
+        b = sqk.GraphBuilder("c")
+        return sqk.compile(b.output(b.matmul(b.input("x", (2, 8)), b.const(np.full((8, 8), v, np.float32)))))
+
+    one, two, again = scaled(1), scaled(2), scaled(1)
+    assert not one.share_constants(two)                # other bytes: each keeps its own
+    assert again.share_constants(one) and again._consts_path == one._consts_path
+    assert_close(again(x=np.ones((2, 8), np.float32)), np.full((2, 8), 8, np.float32))
 
 
 @pytest.mark.parametrize("target,t", [("host", 0), ("host", 6), ("riscv64", 0), ("riscv64", 6)])
@@ -274,6 +292,12 @@ def test_attention_f16_cache(target, t):
         ref, rkc, rvc = sqk.reference(g, **ins)
         assert np.array_equal(kc, rkc) and np.array_equal(vc, rvc)   # the same f16 rounding
         assert_close(out, ref, what=f"T={t} pos {pos}")
+
+
+@pytest.mark.parametrize("t", [0, 5])
+def test_attention_f16_activations_f32_cache(t):
+    g = _chunk_graph(t, 4, 2, 9, 8, dtype="f16", kv="f32")
+    check(g, _chunk_inputs(t, 4, 2, 9, 8, 3, dtype="f16", kv="f32"), "host")
 
 
 def test_attention_chunk_errors():
@@ -386,22 +410,12 @@ def test_decode_riscv64():
 PCFG = LlamaConfig(vocab=97, hidden=32, layers=2, heads=6, kv_heads=2, head_dim=8, ffn=48, max_seq=24)
 
 
-def test_chunk_sizes():
-    from sqk.llm.decoder import chunk_sizes
-    assert chunk_sizes(45, 32) == [32, 8, 4, 1]
-    assert chunk_sizes(64, 32) == [32, 32]
-    assert chunk_sizes(7, 100) == [4, 2, 1]
-    assert chunk_sizes(13, 6) == [6, 6, 1]
-    for n in range(1, 70):
-        assert sum(chunk_sizes(n, 16)) == n and len(set(chunk_sizes(n, 16))) <= 6
-
-
 @pytest.fixture(scope="module")
 def prefill_decoder():
     return Decoder(PCFG, seed=2, prefill_chunk=8)
 
 
-@pytest.mark.parametrize("n", [8, 16, 19])          # chunk 8 divides the prompt, and does not (8 + 8 + 2 + 1)
+@pytest.mark.parametrize("n", [8, 16, 17, 19])     # chunks of 8: whole; 8 + 8 + 1 step; 8 + 8 + 3 padded to 8
 def test_prefill_matches_reference_and_steps(prefill_decoder, n):
     dec = prefill_decoder
     tokens = [int(t) for t in _rng(n).integers(0, PCFG.vocab, n + 3)]
@@ -414,23 +428,29 @@ def test_prefill_matches_reference_and_steps(prefill_decoder, n):
     assert dec.pos == n
     assert_close(logits, ref[n - 1], 1e-4, what=f"prefill logits of {n} tokens vs reference")
     assert_close(logits, steps[-1], 1e-4, what=f"prefill logits of {n} tokens vs token by token")
-    for name, a in dec.module.state.items():           # the caches the steps would have written
-        assert_close(a, k_steps[name], 1e-4, what=name)
-        assert not a[:, n:].any(), f"{name}: rows past the prompt written"
-    for i in range(n, n + 3):                          # decoding continues on the prefilled caches
-        assert_close(dec.step(tokens[i]), ref[i], 1e-4, what=f"step {i} after prefill")
-    assert sorted(dec.chunk_modules) == sorted({1, 8} | {c for c in (2, 4) if n % 8 & c})
+    for name, a in dec.module.state.items():           # the rows the steps wrote
+        assert_close(a[:, :n], k_steps[name][:, :n], 1e-4, what=name)
+    assert dec.module.state["k_cache.0"][:, n:].any() == (n == 19)   # padding wrote rows 19..23
+    for i in range(n, n + 3):                          # decoding continues on the prefilled caches,
+        assert_close(dec.step(tokens[i]), ref[i], 1e-4, what=f"step {i} after prefill")   # padding rewritten
+    assert list(dec.chunk_modules) == [8]
 
 
 def test_prefill_twice_and_generate(prefill_decoder):
     """A second prefill continues from the current position (a multi-turn
-    prompt); generate prefills, then decodes greedily."""
+    prompt), over the padding the first one wrote; near the cache's end a
+    piece runs token by token; generate prefills, then decodes greedily."""
     dec = prefill_decoder
     tokens = [5, 60, 2, 96, 33, 7, 1, 80, 44, 12, 3]
     ref = reference_logits(PCFG, dec.weights, tokens)
     dec.reset()
-    dec.prefill(tokens[:6])
+    dec.prefill(tokens[:6])                            # 6 tokens padded to 8: rows 6, 7 hold padding
     assert_close(dec.prefill(tokens[6:]), ref[-1], 1e-4, what="second prefill")
+    long = [int(t) for t in _rng(7).integers(0, PCFG.vocab, 22)]
+    ref = reference_logits(PCFG, dec.weights, long)
+    dec.reset()
+    dec.prefill(long[:18])
+    assert_close(dec.prefill(long[18:]), ref[-1], 1e-4, what="4 tokens at 18: 18 + 8 > 24, token by token")
     dec.reset()
     out = dec.generate(tokens[:9], 4)
     full = reference_logits(PCFG, dec.weights, tokens[:9] + out)
@@ -448,10 +468,14 @@ def test_prefill_errors(prefill_decoder):
     with pytest.raises(ValueError, match="5 tokens from position 20 go beyond the KV cache length 24"):
         dec.prefill([1] * 5)
     assert dec.pos == 20
-    m = dec.chunk_module(8)                            # the kernels check the position too
+    m = dec.chunk_module(8)                            # the kernels check the position and the row too
     with pytest.raises(sqk.SqkRuntimeError, match=r"a chunk of 8 tokens from position %pos must lie in the KV "
                                                    r"cache of length 24 \(positions in \[0, 16\]\)"):
-        m(token=np.arange(8), pos=np.array([17]))
+        m(token=np.arange(8), pos=np.array([17]), last=np.array([7]))
+    with pytest.raises(sqk.SqkRuntimeError, match=r"gather: every id in %last must lie in \[-8, 8\)"):
+        m(token=np.arange(8), pos=np.array([0]), last=np.array([8]))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        dec.chunk_module(1)
     with pytest.raises(ValueError, match="a chunk of 25 tokens does not fit in the KV cache of length 24"):
         build_decoder(PCFG, dec.weights, tokens=25)
 
@@ -483,6 +507,20 @@ def test_prefill_riscv64():
     dec = Decoder(cfg, w, target="riscv64", prefill_chunk=4, kv_dtype="f16")
     tokens = [3, 30, 7, 1, 22, 9, 14]
     ref = reference_logits(cfg, w, tokens)
-    assert_close(dec.prefill(tokens[:6]), ref[5], 2e-3, what="riscv64 prefill (4 + 2)")
+    assert_close(dec.prefill(tokens[:6]), ref[5], 2e-3, what="riscv64 prefill (4, then 2 padded to 4)")
     assert_close(dec.step(tokens[6]), ref[6], 2e-3, what="riscv64 step after prefill")
-    assert dec.module.state["k_cache.0"][:, :7].any() and not dec.module.state["k_cache.0"][:, 7:].any()
+    assert list(dec.chunk_modules) == [4] and dec.module.state["k_cache.0"].all()   # row 7: padding
+
+
+def test_prefill_lookup_experts():
+    """MoLE's experts over a chunk (per row: route[:, e] * expert_e), with and
+    without fold_lookup_experts (which folds only the one-token step)."""
+    cfg = LlamaConfig(vocab=97, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, ffn=48, max_seq=16,
+                      lookup_experts=3, lookup_ffn=16)
+    w = random_weights(cfg, 5)
+    tokens = [int(t) for t in _rng(3).integers(0, cfg.vocab, 13)]
+    ref = reference_logits(cfg, w, tokens)
+    for opts in ({}, {"pipeline": "fold_constants,fold_lookup_experts,select_format,dce,fuse"}):
+        dec = Decoder(cfg, w, prefill_chunk=8, **opts)
+        assert_close(dec.prefill(tokens[:12]), ref[11], 1e-4, what=f"MoLE prefill {opts}")
+        assert_close(dec.step(tokens[12]), ref[12], 1e-4, what=f"MoLE step after prefill {opts}")

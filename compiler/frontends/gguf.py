@@ -8,13 +8,14 @@ them all as "llama") and "qwen2" (q/k/v biases); the metadata
 Tensors: F32 / F16 / BF16 are floats (F32 stays a view of the file; GGUF
 matrices are stored [N rows = output features, K], so sqk's [K, N] matrix
 is a transposed view).  Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices become
-``matmul_q`` weights (``ir.blocks.to_matmul_q``): the file's codes and
-scales as they are, never dequantized and requantized.  ``token_embd`` is
-the embedding; without an ``output`` tensor it is also the lm_head (tied):
-one table, gathered column by column when it is F32/F16/BF16 or Q8_0; of
-another quantized type the gather reads a dequantized f32 copy (the lm_head
-keeps the blocks).  An untied quantized ``token_embd`` is dequantized to
-f32 (the gather reads one row per token).
+``matmul_q`` weights (``QuantWeight.from_blocks``: ``ir.blocks.to_matmul_q``):
+the file's codes and scales as they are, never dequantized and requantized.
+``token_embd`` is the embedding; without an ``output`` tensor it is also the
+lm_head (tied): one table, which the embedding reads with ``gather`` (float
+types, column by column) or ``gather_q`` (quantized: rows of the matmul_q
+weight from its packed constants), so it is stored once.  An untied
+quantized ``token_embd`` is dequantized to f32 (the gather reads one row per
+token; gather_q would need the matmul_q packing of a table no matmul reads).
 
 Q/K row order: llama.cpp's converter permutes the rows of attn_q and attn_k
 of "llama" models so that each head's rotary pairs are adjacent (2i, 2i+1)
@@ -36,7 +37,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ...ir.blocks import QUANTIZED, block_type, dequantize, to_matmul_q
+from ...ir.blocks import QUANTIZED, block_type, dequantize
 from ...ir.graph import IRError
 from ...llm.decoder import LlamaConfig, QuantWeight
 from ...llm.errors import LLMLoadError
@@ -65,10 +66,7 @@ def open_gguf(path: str):
 
 def field(reader, key: str, default=None):
     f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+    return default if f is None else f.contents()
 
 
 class GGUFWeights(Mapping):
@@ -87,9 +85,7 @@ class GGUFWeights(Mapping):
             if how == "vector":
                 return self._floats(t, kind).reshape(-1)
             if how == "matrix" and kind in QUANTIZED:
-                m = to_matmul_q(kind, t.data, (n, k))
-                (q, q_dtype), (scales, _), *zeros = m["inputs"]
-                return QuantWeight(q, scales, zeros[0][0] if zeros else None, m["attrs"]["group"], q_dtype)
+                return QuantWeight.from_blocks(kind, t.data, (n, k))
             if how == "matrix":
                 return self._floats(t, kind).reshape(n, k).T
             return self._floats(t, kind).reshape(n, k)            # "rows": the [V, H] embedding as stored
@@ -152,11 +148,8 @@ def config_from_gguf(reader, path: str, tensors: dict) -> LlamaConfig:
 def weight_names(cfg: LlamaConfig, tensors: dict) -> dict[str, tuple[str, str]]:
     """{sqk name: (GGUF tensor name, "matrix" | "vector" | "rows")}."""
     names = {"final_norm": ("output_norm.weight", "vector")}
-    embd = tensors["token_embd.weight"].tensor_type.name
     if cfg.tie_embeddings:
         names["lm_head"] = ("token_embd.weight", "matrix")
-        if embd not in FLOATS and embd != "Q8_0":   # the gather cannot read these blocks: an f32 copy
-            names["embed"] = ("token_embd.weight", "rows")
     else:
         names["embed"] = ("token_embd.weight", "rows")
         names["lm_head"] = ("output.weight", "matrix")

@@ -30,7 +30,8 @@ from ..onnx_nbits import from_matmul_nbits
 # The opsets the importer is written and tested against; newer model opsets are
 # accepted when every op they use resolves to a definition the importer knows.
 OPSET_MIN, OPSET_MAX = 13, 21
-INSTALL_HINT = "pip install 'sqk[onnx]'"
+# sqk is installed from its checkout (it is not on a package index): onnx alone, or the extra
+INSTALL_HINT = "pip install onnx (or, in the sqk checkout, pip install -e '.[onnx]')"
 
 # ONNX TensorProto element types the IR has.
 _DTYPES = {1: dt.f32, 2: dt.u8, 3: dt.i8, 6: dt.i32, 7: dt.i64, 9: dt.bool_, 10: dt.f16}
@@ -127,6 +128,7 @@ def _load(model, onnx):
         _load_external(m, base, path, onnx)
     if not m.HasField("graph"):
         raise OnnxImportError("the ONNX model has no graph (malformed or truncated file?)")
+    _check_strings(m)
     # The checker insists on a shape field in graph input/output types; an output without one
     # is common and harmless (sqk infers shapes), an input without one needs input_shapes.
     bare = [v.type.tensor_type for v in list(m.graph.input) + list(m.graph.output)
@@ -144,27 +146,71 @@ def _load(model, onnx):
     return m
 
 
+def _check_strings(msg, where="model"):
+    """Every string field valid UTF-8: protobuf hands one that is not over as bytes,
+    which no name or message downstream expects."""
+    for f, v in msg.ListFields():
+        many = getattr(f, "is_repeated", None)
+        many = f.label == 3 if many is None else many   # protobuf < 5: LABEL_REPEATED
+        if f.type == f.TYPE_MESSAGE:
+            for i, sub in enumerate(v if many else [v]):
+                _check_strings(sub, f"{where}.{f.name}[{i}]" if many else f"{where}.{f.name}")
+        elif f.type == f.TYPE_STRING and any(isinstance(x, bytes) for x in (v if many else [v])):
+            raise OnnxImportError(f"malformed ONNX model: {where}.{f.name} is not valid UTF-8")
+
+
 def _external_tensors(m):
-    tensors = list(m.graph.initializer)
-    for n in m.graph.node:
-        tensors += [a.t for a in n.attribute if a.HasField("t")]
-    return [t for t in tensors if t.data_location == 1]  # TensorProto.EXTERNAL
+    """Every tensor stored outside the file: initializers and tensor attributes,
+    in subgraphs (If/Loop bodies) too, as onnx's loader walks them."""
+    found, graphs = [], [m.graph]
+    while graphs:
+        g = graphs.pop()
+        found += list(g.initializer)
+        for n in g.node:
+            for a in n.attribute:
+                found += ([a.t] if a.HasField("t") else []) + list(a.tensors)
+                graphs += ([a.g] if a.HasField("g") else []) + list(a.graphs)
+    return [t for t in found if t.data_location == 1]  # TensorProto.EXTERNAL
 
 
 def _load_external(m, base, path, onnx):
-    problems = []
-    for t in _external_tensors(m):
+    """Check each external reference before any file is touched: a plain relative
+    location inside the model's directory (no absolute path, no '..', no symlink out;
+    refused without saying whether such a file exists) and integer offset/length; then
+    that each file is there and long enough; then onnx loads them."""
+    tensors = _external_tensors(m)
+    refs, problems = [], []
+    for t in tensors:
         info = {e.key: e.value for e in t.external_data}
-        loc = os.path.join(base, info.get("location", ""))
-        if not os.path.isfile(loc):
-            problems.append(f"{info.get('location')!r} (tensor {t.name!r}) is missing")
-            continue
-        need = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if need > os.path.getsize(loc):
-            problems.append(f"{info.get('location')!r} (tensor {t.name!r}) is truncated: {os.path.getsize(loc)} "
-                            f"bytes, needs {need}")
+        where = f"tensor {t.name!r}: external data"
+        loc = info.get("location", "")
+        parts = loc.replace("\\", "/").split("/")
+        if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in parts or "\0" in loc \
+                or re.match(r"[A-Za-z]:", loc):
+            raise OnnxImportError(f"{path}: {where} location {loc!r} is not a relative path inside the model's "
+                                  f"directory")
+        nums = {}
+        for key in ("offset", "length"):
+            v = info.get(key, "0")
+            if not re.fullmatch(r"\d+", v.strip()):
+                raise OnnxImportError(f"{path}: {where} {key} {v!r} is not a non-negative integer")
+            nums[key] = int(v)
+        refs.append((t, loc, nums["offset"] + nums["length"]))
+    real_base = os.path.realpath(base)
+    for t, loc, _ in refs:
+        if os.path.commonpath([real_base, os.path.realpath(os.path.join(base, loc))]) != real_base:
+            raise OnnxImportError(f"{path}: tensor {t.name!r}: external data location {loc!r} leads outside the "
+                                  f"model's directory")
+    for t, loc, need in refs:
+        full = os.path.join(base, loc)
+        if not os.path.isfile(full):
+            problems.append(f"{loc!r} (tensor {t.name!r}) is missing")
+        elif need > os.path.getsize(full):
+            problems.append(f"{loc!r} (tensor {t.name!r}) is truncated: {os.path.getsize(full)} bytes, needs {need}")
     if problems:
         raise OnnxImportError(f"{path}: external data: " + "; ".join(problems))
+    if not tensors:
+        return
     try:
         onnx.external_data_helper.load_external_data_for_model(m, base)
     except Exception as e:
@@ -180,6 +226,8 @@ def _c(a, dtype=None) -> np.ndarray:
 
 
 def _ir_name(name: str) -> str:
+    if isinstance(name, bytes):   # protobuf hands a string field that is not UTF-8 over as bytes
+        name = name.decode("utf-8", "replace")
     return _NAME_BAD.sub("_", name) or "v"
 
 

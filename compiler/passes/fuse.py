@@ -11,18 +11,20 @@ so their intermediates never go through memory.
   before storing it: bias add, activation, residual add, attention scale and
   mask ...  (conv2d takes unary activations only.)
 - ``attention``: matmul -> elementwise (scale, mask) -> softmax over the last
-  axis -> matmul, in f32 with a short key axis (codegen.fused.ATTENTION_MAX_T),
+  axis -> matmul, in f32 with a short key axis (ir.fusion.ATTENTION_MAX_T),
   becomes one kernel: per query row, scores, softmax and the weighted sum of v.
 
 Otherwise softmax, layernorm and rmsnorm are single kernels already and stay
-as they are.  A group is fused only when ``codegen.fused.body_kind`` says the
-fused emitter makes it in one kernel: the pass and codegen share that
-predicate.  Attention patterns are taken first, then groups are grown
+as they are.  Elementwise means an op of KIND "elementwise" (ir/ops.py).  A
+group is fused only when ``ir.fusion.body_kind`` says it is a body the fused
+op defines, all of which codegen emits: the pass reads the IR's definitions,
+nothing of codegen.  Attention patterns are taken first, then groups are grown
 greedily from the last node backwards.  The default pipeline ends with it
 (``pipeline="fold_constants,dce"`` compiles without fusion).
 """
 from __future__ import annotations
 
+from ...ir.fusion import ANCHORS, body_kind, is_elementwise
 from ...ir.graph import Graph, IRError, Node, Value
 from . import Pass, register
 
@@ -37,8 +39,6 @@ class Fuse(Pass):
     attention: bool = True
 
     def run(self, graph: Graph) -> Graph:
-        from ...codegen.fused import ANCHORS, body_kind, is_elementwise
-
         prod = graph.producers()
         users = graph.users()
         outputs = set(graph.outputs)

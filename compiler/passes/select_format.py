@@ -61,7 +61,7 @@ import numpy as np
 
 from ...ir import dtypes as dt
 from ...ir.graph import Graph, IRError, Node, Value
-from ...ir.sparsity import BSR_BLOCKS, Format, block_density, holds, nm_counts, parse_format
+from ...ir.sparsity import BSR_BLOCKS, CSR_PAD, NM_COLUMNS, Format, block_density, holds, nm_counts, parse_format
 from . import Pass, register
 from .quantize import split_names
 from .report import LayerReport
@@ -114,8 +114,6 @@ VALUE_NS = {   # ns per multiplied value (csr: padded entry; nm: slot) per row o
 BLOCK_NS = {(1, 4): 0.37, (1, 8): 0.48, (4, 1): 0.34, (8, 1): 0.42, (4, 4): 1.3}   # bsr: per block per row
 INDEX_BYTES = 2     # csr row / bsr block-row indices (u16; i32 past 65536 block rows)
 POINTER_BYTES = 4   # csr / bsr column (block) pointers
-CSR_PAD = 8         # csr entries per column padded to a multiple of this
-NM_COLUMNS = 32     # nm: columns padded to a multiple of this
 ALIGN = 64          # packed arrays start at multiples of this
 MARGIN = 0.9        # a sparse format must be estimated at most this fraction of dense's time
 MIN_BYTES = 64 << 10

@@ -1,0 +1,176 @@
+"""The graphs of the golden tests (tests/test_golden.py): one per kernel family,
+fixed shapes (odd sizes, so vector tails are in the code) and seeded weights
+(sparse formats put the weights' structure in the code)."""
+from __future__ import annotations
+
+import numpy as np
+
+from sqk.codegen.target import RISCV_TRIPLE, Target, riscv64_target
+from sqk.compiler.models import small_cnn, transformer_block
+from sqk.ir import GraphBuilder
+
+# Host targets described in full, not read from this machine: the goldens must not depend on
+# the CPU the tests run on.  AVX2 + FMA without AVX-512 or VNNI (the common x86-64 today), and
+# an AVX-512 core with VNNI (the wide and the integer-dot code paths).
+X86 = "x86_64-unknown-linux-gnu"
+HOST_AVX2 = Target("host", X86, "haswell", "+avx,+avx2,+bmi,+bmi2,+f16c,+fma,+popcnt,+sse4.2,-avx512f", 256)
+HOST_AVX512 = Target("host", X86, "icelake-server",
+                     "+avx,+avx2,+bmi,+bmi2,+f16c,+fma,+popcnt,+sse4.2,+avx512f,+avx512bw,+avx512cd,+avx512dq,"
+                     "+avx512vl,+avx512vnni", 512)
+TARGETS = {"host-avx2": HOST_AVX2, "host-avx512": HOST_AVX512,
+           "riscv64": riscv64_target(True), "riscv64-scalar": riscv64_target(False)}
+assert TARGETS["riscv64"].triple == RISCV_TRIPLE
+
+
+def _w(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def elementwise():
+    b = GraphBuilder("elementwise")
+    x, y = b.input("x", (5, 37)), b.input("y", (37,))
+    h = b.cast(b.exp(b.add(x, y)), to="f16")
+    i = b.cast(x, to="i32")
+    m = b.where(b.less(x, y), b.neg(x), b.sigmoid(x))
+    return b.output(b.sqrt(h), b.max(i, b.relu(i)), b.gelu(m, approximate="tanh"))
+
+
+def fused_map():
+    b = GraphBuilder("fused_map")
+    x, y = b.input("x", (3, 45)), b.input("y", (45,))
+    return b.output(b.mul(b.silu(b.add(x, y)), b.tanh(x)))
+
+
+def movement():
+    b = GraphBuilder("movement")
+    x = b.input("x", (2, 5, 7))
+    t = b.transpose(x, perm=(2, 0, 1))
+    s = b.slice(t, starts=(1, 0), ends=(6, 5), axes=(0, 2), steps=(2, 2))
+    c = b.concat(x, b.neg(x), axis=1)
+    e = b.expand(b.input("v", (1, 7)), shape=(3, 7))
+    return b.output(b.reshape(t, shape=(7, 10)), s, c, e)
+
+
+def gemm():
+    b = GraphBuilder("gemm")
+    x = b.input("x", (13, 29))
+    y = b.add(b.matmul(x, b.const(_w(29, 35), name="w")), b.const(_w(35, seed=1), name="bias"))
+    return b.output(b.relu(y))
+
+
+def gemv():
+    b = GraphBuilder("gemv")
+    x = b.input("x", (1, 67))
+    return b.output(b.matmul(x, b.const(_w(67, 41), name="w")))
+
+
+def batched_matmul():
+    b = GraphBuilder("batched_matmul")
+    a, c = b.input("a", (2, 3, 7, 9)), b.input("c", (2, 1, 9, 5))
+    return b.output(b.matmul(a, c), b.matmul(b.input("h", (1, 9), "f16"), b.input("k", (9, 11), "f16")))
+
+
+def attention():
+    b = GraphBuilder("attention")
+    q, kt, v = b.input("q", (2, 5, 8)), b.input("kt", (2, 8, 11)), b.input("v", (2, 11, 8))
+    s = b.mul(b.matmul(q, kt), b.const(np.float32(0.35), name="scale"))
+    return b.output(b.matmul(b.softmax(s), v))
+
+
+def _mlp(name, k=64, n=48, m=1):
+    b = GraphBuilder(name)
+    x = b.input("x", (m, k))
+    return b.output(b.matmul(x, b.const(_w(k, n), name="w")))
+
+
+def reduction():
+    b = GraphBuilder("reduction")
+    x = b.input("x", (3, 5, 37))
+    return b.output(b.reduce_sum(x, axes=(2,)), b.reduce_mean(x, axes=(0, 2), keepdims=True),
+                    b.reduce_max(x, axes=(1,)))
+
+
+def norms():
+    b = GraphBuilder("norms")
+    x = b.input("x", (3, 45))
+    return b.output(b.softmax(x), b.layernorm(x, b.const(_w(45), name="g"), b.const(_w(45, seed=1), name="bt")),
+                    b.rmsnorm(x, b.const(_w(45, seed=2), name="s")))
+
+
+def conv():
+    b = GraphBuilder("conv")
+    x = b.input("x", (1, 3, 11, 13))
+    y = b.relu(b.conv2d(x, b.const(_w(5, 3, 3, 3), name="w"), b.const(_w(5, seed=1), name="bias"),
+                        pads=(1, 1, 1, 1)))
+    return b.output(b.maxpool2d(y, kernel=(2, 2), strides=(2, 2)), b.avgpool2d(y, kernel=(3, 3), pads=(1, 1, 1, 1)),
+                    b.global_avgpool(y),
+                    b.conv2d(x, b.const(_w(3, 1, 3, 3, seed=2), name="dw"), b.const(_w(3, seed=3), name="db"),
+                             groups=3, strides=(2, 2)))
+
+
+def gather():
+    b = GraphBuilder("gather")
+    table = b.const(_w(19, 12), name="table")
+    ids = b.input("ids", (5,), "i64")
+    x = b.input("x", (4, 6))
+    return b.output(b.gather(table, ids), b.gather_elements(x, b.input("j", (4, 3), "i64"), axis=1))
+
+
+def llm_ops():
+    b = GraphBuilder("llm_ops")
+    pos = b.input("pos", (1,), "i64")
+    q, kn, vn = b.input("q", (4, 8)), b.input("kn", (2, 8)), b.input("vn", (2, 8))
+    kc, vc = b.input("kc", (2, 6, 8)), b.input("vc", (2, 6, 8))
+    att, kc2, vc2 = b.attention_decode(q, kn, vn, kc, vc, pos)
+    r = b.rope(b.input("xr", (3, 2, 8)), pos, theta=500.0)
+    x = b.input("x", (2, 12))
+    top, idx = b.topk(x, k=3)
+    moe = b.moe(x, b.const(_w(12, 4), name="router"), b.const(_w(4, 12, 10, seed=1), name="w1"),
+                b.const(_w(4, 12, 10, seed=2), name="w3"), b.const(_w(4, 10, 12, seed=3), name="w2"), k=2)
+    return b.output(att, kc2, vc2, r, b.swiglu(b.input("gate", (1, 21)), b.input("up", (1, 21))), top, idx, moe)
+
+
+def _sparse_weight(k, n, keep=0.1, seed=0):
+    w = _w(k, n, seed=seed)
+    return np.where(np.random.default_rng(seed + 7).random((k, n)) < keep, w, 0).astype(np.float32)
+
+
+def _sparse(name, w, m=1):
+    b = GraphBuilder(name)
+    return b.output(b.matmul(b.input("x", (m, w.shape[0])), b.const(w, name="w")))
+
+
+# family -> (graph, pipeline; None: the default one): the pipeline picks the kernel (quantize, a storage format, fusion)
+FAMILIES = {
+    "elementwise": (elementwise, "dce"),
+    "fused_map": (fused_map, "fuse"),
+    "movement": (movement, "dce"),
+    "gemm_epilogue": (gemm, "fuse"),
+    "gemv": (gemv, "dce"),
+    "batched_matmul": (batched_matmul, "dce"),
+    "attention": (attention, "fold_constants,fuse"),
+    "matmul_q_int8": (lambda: _mlp("q8", m=3), "quantize{weights=int8}"),
+    "matmul_q_int4": (lambda: _mlp("q4"), "quantize{weights=int4,group=32}"),
+    "matmul_q_int4_asym": (lambda: _mlp("q4a", m=5), "quantize{weights=int4,group=16,scheme=asym,scale_dtype=f16}"),
+    "matmul_q_i8act": (lambda: _mlp("q8act", m=2), "quantize{weights=int8,group=32,activations=int8}"),
+    "matmul_q_i4_i8act": (lambda: _mlp("q4act"), "quantize{weights=int4,group=32,activations=int8}"),
+    "sparse_csr": (lambda: _sparse("csr", _sparse_weight(61, 37)), "select_format{force=w:csr}"),
+    "sparse_bsr": (lambda: _sparse("bsr", _sparse_weight(64, 40), m=3), "select_format{force=w:bsr4x1}"),
+    "sparse_nm": (lambda: _sparse("nm", _w(64, 37), m=2), "sparsify{pattern=2:4},select_format{force=w:nm2:4}"),
+    "sparse_q_csr": (lambda: _sparse("qcsr", _sparse_weight(64, 37)),
+                     "quantize{weights=int8},select_format{force=w:csr}"),
+    "sparse_input": (lambda: _relu_mlp(), "sparse_activations{min_bytes=0}"),
+    "reduction": (reduction, "dce"),
+    "norms": (norms, "dce"),
+    "conv": (conv, "fuse"),
+    "gather": (gather, "dce"),
+    "llm_ops": (llm_ops, "dce"),
+    # whole models through the default pipeline: fusion decisions and the memory plan
+    "transformer_block": (lambda: transformer_block(hidden=48, heads=4, ffn=80, tokens=5), None),
+    "small_cnn": (lambda: small_cnn(channels=(4, 8), image=12), None),
+}
+
+
+def _relu_mlp():
+    b = GraphBuilder("relu_mlp")
+    return b.output(b.matmul(b.relu(b.input("x", (2, 40))), b.const(_w(40, 23), name="w")))
