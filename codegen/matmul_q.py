@@ -123,7 +123,7 @@ def pack_matmul_q(node: Node, index: int, a: np.ndarray, target=None) -> bytes |
     if uses_rows(target):
         return pack_rows(node, index, a)
     if node.attrs.get("activations", "none") == "int8":
-        return pack_i8act(node, index, a)
+        return pack_i8act(node, index, a, target)
     L = QLayout(node)
     if index == 0:
         return None
@@ -357,7 +357,8 @@ def emit_matmul_q(k: Kernel, node: Node):
 #   below the i16 saturation.  With VNNI it is simpler: x is stored as u8
 #   codes xq + 128 and vpdpbusd takes q as it is (signed), no vpabsb/vpsignb;
 #   after the i8 data the packer stores 128 * sum_k q per slab, group and
-#   column ([slabs][groups][8] i32, modulo 2^32) and the kernel subtracts it
+#   column ([slabs][groups][8] i32, modulo 2^32; only for VNNI hosts,
+#   ``u8_activations``) and the kernel subtracts it
 #   per group: everything wraps modulo 2^32 and the final sum fits i32, so
 #   it is exact (groups longer than ``i32_span`` keep the vpsignb form, their
 #   i64 sums being per span).
@@ -401,7 +402,19 @@ def i32_span(bits: int, zeros: bool = False) -> int:
     return (2**31 - 1) // per_row // 8 * 8
 
 
-def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
+def u8_activations(node: Node, target) -> bool:
+    """Whether the int8-activation kernel takes x as u8 codes (xq + 128) against
+    signed i8 q: on VNNI hosts, groups within one i32 span.  Only that kernel
+    reads the 128 * sum_k q the packer then appends (32 bits per group and
+    column: at group 32, one bit per weight, so other hosts do without)."""
+    feats = set(target.enabled_features) if target is not None else set()
+    vnni = "avx2" in feats and ("avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats)
+    zeros = node.inputs[3] if len(node.inputs) > 3 else None
+    has_zeros = zeros is not None and zeros.type.dtype not in dt.FLOATS
+    return vnni and node.inputs[1].type.dtype is dt.i8 and i8_geometry(node)[3] <= i32_span(8, has_zeros)
+
+
+def pack_i8act(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
     """Packed q, scales and zero points of matmul_q {activations=int8} (layout above)."""
     K, N, G, GP = i8_geometry(node)
     group = node.attrs["group"]
@@ -430,7 +443,7 @@ def pack_i8act(node: Node, index: int, a: np.ndarray) -> bytes | None:
             cs[:, :N] = np.add.reduceat(np.asarray(a).astype(np.int8, copy=False), np.arange(G) * group, axis=0,
                                         dtype=np.int64) * 128
         cs = (cs & 0xFFFFFFFF).astype("<u4").reshape(G, nslab, SLAB).transpose(1, 0, 2)   # [slab, g, c]
-        return data + np.ascontiguousarray(cs).tobytes()
+        return data + np.ascontiguousarray(cs).tobytes() if u8_activations(node, target) else data
     u[rows, :N] = (qb + np.uint8(8)) & 0xF
     u = u.reshape(G * GP // 8, 2, 4, nslab // QUAD, QUAD, SLAB)   # [j, half, t, quad, slab, c]
     byte = u[:, 0] | (u[:, 1] << 4)                               # [j, t, quad, slab, c]
@@ -472,7 +485,7 @@ def emit_i8act(k: Kernel, node: Node):
     spans = [(c, min(GP // 8, c + span)) for c in range(0, GP // 8, span)] or [(0, 0)]
     # i8 weights on VNNI: x stored as u8 (xq + 128) against signed q, the packer's 128 * sum q
     # subtracted per group (one span: that correction is per group, not per span)
-    xu = vnni and bits == 8 and len(spans) == 1
+    xu = u8_activations(node, k.target)   # = vnni and bits == 8 and len(spans) == 1
     rt = (ROWS_I8_AVX512 if "avx512f" in feats else ROWS_I8_AVX2) if avx2 else 1   # rows per register tile
     roundeven = k.intrinsic("llvm.roundeven.f32", F32, [F32])
     X, W = Access(k, k.args[0], x_t.dtype, 1), k.args[1]

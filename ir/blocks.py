@@ -25,7 +25,8 @@ an unsigned code, all arithmetic in f32:
 
 Every product above is exact in f32 (at most 11 + 7 + 5 significant bits), so
 the only rounding is Q4_1's and Q4_K's final add: the ``matmul_q`` forms below
-give bit for bit the same weights (``ir.ops.dequantize_weight``).
+give bit for bit the same weights (``ir.ops.dequantize_weight``), and
+``gather_q`` with the same operands gives rows of the table (a tied embedding).
 """
 from __future__ import annotations
 
@@ -162,8 +163,10 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
 
     ``raw``: uint8 [N, row_bytes] (one row per output feature, as in the file);
     ``shape``: (N, K), K a multiple of the type's block (else IRError, as for
-    wrong row bytes).  Returns ``{"inputs": [(array, dtype), ...], "attrs": {...}}``
-    for ``matmul_q``'s q [K, N], scales [K / group, N] and, for Q4_1, float
+    wrong row bytes).  From ``gguf.GGUFReader``: ``to_matmul_q(t.tensor_type,
+    t.data, t.shape[::-1])`` (the reader's shape is GGML's (K, N) order).
+    Returns ``{"inputs": [(array, dtype), ...], "attrs": {...}}`` for
+    ``matmul_q``'s q [K, N], scales [K / group, N] and, for Q4_1, float
     minimums (the ``zeros`` operand in float), for Q4_K the two-level operands
     (``supers``, attribute ``super_group``): build the node with
 
@@ -189,8 +192,12 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
     a, n, k = _rows(t, raw, shape)
     blk = a.reshape(n, k // t.block, t.nbytes)
 
-    def kn(x):  # [N, K'] -> [K', N]
-        return np.ascontiguousarray(x.reshape(n, -1).T)
+    def kn(x):  # [N, K'] -> [K', N], in strips of rows (twice numpy's plain transposed copy)
+        x = x.reshape(n, -1)
+        out = np.empty(x.shape[::-1], x.dtype)
+        for i in range(0, n, 256):
+            out[:, i:i + 256] = x[i:i + 256].T
+        return out
 
     def f16(b):
         return kn(np.ascontiguousarray(b).view("<f2")[..., 0].astype(np.float16))

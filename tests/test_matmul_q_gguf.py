@@ -245,15 +245,15 @@ def test_gather_q_bad_id():
 
 
 @pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q6_K"])
 def test_int8_activations(target, name):
-    """int8 activations: Q8_0 and Q4_0 as matmul_q's own symmetric schemes, Q4_1 with
+    """int8 activations: Q8_0, Q4_0 and Q6_K as matmul_q's own symmetric schemes, Q4_1 with
     its minimums applied as (d * minimum) * sum(xq) per group; bit for bit
     ir.ops.matmul_q_i8act (written out here for Q4_1 from ggml's values)."""
     from sqk.ir.ops import matmul_q_i8act, quantize_rows_i8
 
     rng = np.random.default_rng(4)
-    N, K = 67 if target == "host" else 515, 96
+    N, K = 67 if target == "host" else 515, 256 if name == "Q6_K" else 96
     raw = random_blocks(name, N, K, rng)
     m = blocks.to_matmul_q(name, raw, (N, K))
     b = sqk.GraphBuilder("i8act")
@@ -261,7 +261,7 @@ def test_int8_activations(target, name):
     g = b.output(b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), activations="int8", **m["attrs"]))
     xv = rand((3, K), "f32", rng, -1, 1)
     arrays = [a for a, _ in m["inputs"]]
-    want = matmul_q_i8act(xv, arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, 32)
+    want = matmul_q_i8act(xv, arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, m["attrs"]["group"])
     np.testing.assert_array_equal(compile_for(g, target)(x=xv), want)
     if name == "Q4_1":   # the same from the file's fields: u, d, m per block
         blk = raw.reshape(N, K // 32, 20)
@@ -351,3 +351,53 @@ def test_int8_activations_q4_1_without_avx2(monkeypatch):
     xv = rand((2, 64), "f32", rng, -1, 1)
     (q, _), (s, _), (z, _) = m["inputs"]
     np.testing.assert_array_equal(sqk.compile(g)(x=xv), matmul_q_i8act(xv, q, s, z, 32))
+
+
+def test_q8_0_int8_activations_stored_bytes():
+    """Q8_0 with int8 activations keeps the file's 8.5 bits per weight on hosts
+    without VNNI (the VNNI kernel's 128 * sum q correction is packed only there)."""
+    import dataclasses
+
+    from sqk.codegen.target import get_target
+
+    rng = np.random.default_rng(7)
+    N, K = 64, 128
+    raw = random_blocks("Q8_0", N, K, rng)
+    m = blocks.to_matmul_q("Q8_0", raw, (N, K))
+    b = sqk.GraphBuilder("q8")
+    x = b.input("x", (1, K))
+    g = b.output(b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), activations="int8", **m["attrs"]))
+    host = get_target("host")
+    plain = dataclasses.replace(host, features=",".join(
+        "-" + f[1:] if f in ("+avxvnni", "+avx512vnni") else f for f in host.features.split(",")))
+    vnni = dataclasses.replace(host, features=host.features + ",+avx2,+avxvnni")
+    assert sum(len(v) for v in pack_constants(g, plain).values()) == raw.nbytes
+    assert sum(len(v) for v in pack_constants(g, vnni).values()) == raw.nbytes + N * K // 8
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64-scalar"])
+@pytest.mark.parametrize("K, group, super_group", [(100, 32, 0), (300, 32, 256), (320, 64, 128), (40, 16, 32)])
+def test_minimums_any_shape(target, K, group, super_group):
+    """Float minimums and two-level scales on shapes GGUF never has but the op
+    accepts: a short last group, a short last super-block; gather_q alike."""
+    rng = np.random.default_rng(K)
+    N, G = 70, -(-K // group)
+    b = sqk.GraphBuilder("mins")
+    x = b.input("x", (3, K))
+    ops = [b.const(rng.integers(-8, 8, (K, N)).astype(np.int8), "i4")]
+    if super_group:
+        ops += [b.const(rng.integers(0, 64, (G, N)).astype(np.uint8), "u8"),
+                b.const(rng.integers(0, 64, (G, N)).astype(np.uint8), "u8"),
+                b.const(rng.uniform(-0.01, 0.01, (-(-K // super_group), N, 2)).astype(np.float16), "f16")]
+    else:
+        ops += [b.const(rng.uniform(0.01, 0.1, (G, N)).astype(np.float32), "f32"),
+                b.const(rng.uniform(-1, 1, (G, N)).astype(np.float16), "f16")]
+    attrs = {"group": group, "super_group": super_group}
+    ids = b.input("ids", (4,), "i64")
+    g = b.output(b.matmul_q(x, *ops, **attrs), b.gather_q(ids, *ops, **attrs))
+    inputs = {"x": rand((3, K), "f32", rng, -1, 1), "ids": np.array([0, 69, 8, -7], np.int64)}
+    m = compile_for(g, target)
+    y, rows = m(**inputs)
+    want_y, want_rows = sqk.reference(g, **inputs)
+    assert_close(y, want_y)
+    np.testing.assert_array_equal(bits(rows), bits(want_rows))
