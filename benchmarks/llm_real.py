@@ -205,12 +205,16 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
             if t.startswith("pp") or "@" in t:
                 case.sqk[t] = "n/a: Decoder.prefill missing"
     if dec is not None:         # warm-up: one untimed run of each test, as llama-bench does
+        t0 = time.perf_counter()
         for t in tests:
             if t not in case.sqk:
                 try:
                     sqk_test(dec, t, vocab, rng)
                 except Exception as e:  # noqa: BLE001
                     case.sqk[t] = f"n/a: {_short(e)}"
+        chunk = getattr(dec, "prefill_chunk", None)
+        case.notes.append(f"warm-up {time.perf_counter() - t0:.1f} s (compiles the prefill chunk module"
+                          + (f", {chunk} tokens per call)" if chunk else ")"))
     for rep in range(reps):
         log(f"llm-real: {case.model} {case.quant}: repetition {rep + 1}/{reps}")
         if case.memory_bound:
@@ -222,8 +226,9 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
             time.sleep(SETTLE)
             try:
                 for t, v in llama_bench(tools, case.path, threads, depth).items():
-                    case.peer.setdefault(t, []).append(v)
-            except RuntimeError as e:
+                    if not isinstance(case.peer.get(t), str):
+                        case.peer.setdefault(t, []).append(v)
+            except (RuntimeError, ValueError, KeyError) as e:
                 for t in tests:
                     if ("@" in t) == depth:
                         case.peer[t] = f"n/a: {_short(e)}"
@@ -231,7 +236,10 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
             if dec is None or isinstance(case.sqk.get(t), str):
                 continue
             time.sleep(SETTLE)
-            case.sqk.setdefault(t, []).append(sqk_test(dec, t, vocab, rng))
+            try:
+                case.sqk.setdefault(t, []).append(sqk_test(dec, t, vocab, rng))
+            except Exception as e:  # noqa: BLE001 -- the reason goes into the table
+                case.sqk[t] = f"n/a: {_short(e)}"
     dec = None
     gc.collect()
 
