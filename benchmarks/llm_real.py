@@ -53,7 +53,7 @@ PP = (128, 512)
 TG = 64
 DEPTH = 4096
 SETTLE = 0.3            # seconds between timed runs (see benchmarks.timeit)
-REPS = {"quick": 3, "full": 5, "1b": 3}
+REPS = {"quick": 3, "full": 3, "1b": 3}
 SANITY_PROMPT = "The capital of France is"
 KV_DTYPE = "f16"        # llama-bench's default KV cache type (type_k = type_v = f16)
 
@@ -303,6 +303,9 @@ def run(threads: int, quick: bool = False) -> Table:
     notes += input_notes
     for c in cases:
         measure(c, tools, threads, REPS["1b"] if c.memory_bound else REPS["quick" if quick else "full"], log)
+        log(f"llm-real: {c.model} {c.quant} done: " + "; ".join(
+            f"{t} sqk {_cell(c.sqk.get(t, 'n/a'))} llama.cpp {_cell(c.peer.get(t, 'n/a'))}" for t in tests_of(c))
+            + (f"; probe {_med(c.probe):.1f} GB/s" if c.probe else ""))
     t = Table(f"Real GGUF models, sqk vs llama.cpp, {threads} threads",
               ["model", "quant", "test", "sqk tok/s", "llama.cpp tok/s", "sqk / llama.cpp",
                "GB/s weights sqk / llama.cpp", "% of probe sqk / llama.cpp"])
@@ -333,7 +336,8 @@ def run(threads: int, quick: bool = False) -> Table:
     sqk_opts = {"kv_dtype": KV_DTYPE, **json.loads(os.environ.get("SQK_LLM_REAL_OPTIONS", "{}"))}
     notes += [f"sqk.llm.load options: {sqk_opts}; llama-bench defaults otherwise (f16 KV cache, n_batch 2048, "
               "n_ubatch 512, weights repacked where it has a layout for the type)",
-              f"medians of {reps} repetitions ({REPS['1b']} for the 1.1B model), sqk and llama-bench interleaved "
+              f"medians of {reps} repetitions" + ("" if quick else f" ({REPS['1b']} for the 1.1B model)") + ", sqk "
+              "and llama-bench interleaved "
               f"per repetition; same files, {threads} threads each; GB/s = weight bytes per token x tok/s",
               "targets (issue 19): tg64 >= 1.3x llama.cpp at f32/q8_0/q4_0 on SmolLM2; 1.1B q4_0 decode >= 90% "
               "of the probe and >= 1.1x llama.cpp; pp512 >= 1.5x llama.cpp at every quant; tg64 @ d4096 >= 1.5x "
