@@ -38,6 +38,7 @@ if __name__ == "sqk":
     from .ir import (DType, Graph, GraphBuilder, IRError, Node, ParseError, TensorType, Value,  # noqa: F401
                      load_ir, parse_ir, reference, save_ir, verify)
     from .runtime.module import Module, SqkRuntimeError, load  # noqa: F401
+    from .runtime.abi import ArtifactError  # noqa: F401
 
 # name -> (module, attribute or None for the module itself), imported on first use
 _LAZY = {

@@ -366,7 +366,8 @@ def emit_matmul_q(k: Kernel, node: Node):
 # Scales as [slabs][groups][8], zero points the same in i8 (i4: z + 8, the
 # offset the nibbles carry), float minimums the same in their dtype (the nibbles'
 # q + 8 being the code, nothing is subtracted; (d * minimum) * sum(xq) is added
-# per group).  Columns padded to a multiple of 64.
+# per group), two-level scales' u8 sub-scales and sub-minimums the same and
+# their supers as [slabs][super-blocks][2][8].  Columns padded to a multiple of 64.
 #
 # Kernel: per column block, register tiles of up to ROWS_I8_* rows x QUAD
 # slabs (32 columns): each chunk's weight words are loaded and decoded
@@ -420,9 +421,16 @@ def pack_i8act(node: Node, index: int, a: np.ndarray, target=None) -> bytes | No
     group = node.attrs["group"]
     nslab = -(-N // NB) * (NB // SLAB)
     i4 = node.inputs[1].type.dtype is dt.i4
+    supers = len(node.inputs) > 4
+    if index == 4:   # supers [S, N, 2] -> [slabs][S][2][8]
+        a = np.asarray(a)
+        flat = np.zeros((2 * a.shape[0], nslab * SLAB), a.dtype)
+        flat[:, :N] = a.transpose(0, 2, 1).reshape(2 * a.shape[0], N)
+        return np.ascontiguousarray(flat.reshape(-1, nslab, SLAB).transpose(1, 0, 2)).astype(
+            a.dtype.newbyteorder("<")).tobytes()
     if index in (2, 3):
         a = np.asarray(a)
-        if index == 3 and a.dtype.kind != "f":  # i8 zero points; i4 ones as z + 8, as the nibbles (minimums as is)
+        if index == 3 and a.dtype.kind != "f" and not supers:  # i8 zero points; i4 as z + 8, as the nibbles
             a = (a.astype(np.int16) + (8 if i4 else 0)).astype(np.int8)
         s = np.zeros((a.shape[0], nslab * SLAB), a.dtype)
         s[:, :N] = a
@@ -458,7 +466,9 @@ def emit_i8act(k: Kernel, node: Node):
     K, N, G, GP = i8_geometry(node)
     group = node.attrs["group"]
     zeros = node.inputs[3] if len(node.inputs) > 3 else None
-    mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # minimums: the nibbles' q + 8 is the code
+    supers = len(node.inputs) > 4   # two-level: u8 sub-scales and sub-minimums times supers
+    # minimums (float, or two-level): the nibbles' q + 8 is the code
+    mins = zeros is not None and (zeros.type.dtype in dt.FLOATS or supers)
     has_zeros = zeros is not None and not mins
     act_scale = float(np.float32(node.attrs.get("act_scale", 0.0)))  # the reference's f32 step; 0: dynamic
     bits = 4 if node.inputs[1].type.dtype is dt.i4 else 8
@@ -491,6 +501,9 @@ def emit_i8act(k: Kernel, node: Node):
     X, W = Access(k, k.args[0], x_t.dtype, 1), k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
     MINS = Access(k, k.args[3], zeros.type.dtype, VL) if mins else None
+    SUP = Access(k, k.args[4], node.inputs[4].type.dtype, VL) if supers else None
+    nsuper = node.inputs[4].type.shape[0] if supers else 0
+    per_super = node.attrs.get("super_group", 0) // max(1, node.attrs["group"])
     Y = Access(k, k.args[-1], y_t.dtype, VL)
     rch = max(1, min(rows, XQ_STACK // max(KP, 1)))   # rows quantized per chunk
     if rch < rows and rch >= rt:
@@ -688,6 +701,11 @@ def emit_i8act(k: Kernel, node: Node):
             svals = [S.load(col) for col in cols]
             zvs = [b.load(gep(b, k.args[3], I8, col), typ=v8i8, align=1) for col in cols] if has_zeros else None
             mvals = [MINS.load(col) for col in cols] if mins else None
+            if supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
+                sups = [b.add(b.mul(sl, i64(nsuper * 2 * SLAB)), b.mul(b.udiv(g, i64(per_super)), i64(2 * SLAB)))
+                        for sl in slabs]
+                svals = [b.fmul(SUP.load(p), b.uitofp(v, fvec)) for p, v in zip(sups, svals)]
+                mvals = [b.fmul(SUP.load(b.add(p, i64(SLAB))), b.uitofp(v, fvec)) for p, v in zip(sups, mvals)]
             # xu: sum_k (xq + 128) q = sum_k xq q + 128 sum_k q, modulo 2^32 like the final sum
             corr = [b.load(gep(b, W, I8, b.add(i64(nslab * KP * 8), b.mul(col, i64(4)))), typ=v8i32, align=1)
                     for col in cols] if xu else None

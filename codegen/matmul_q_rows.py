@@ -244,8 +244,11 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
     S = Access(k, k.args[2], node.inputs[2].type.dtype, 1)
     Y = Access(k, k.args[-1], node.outputs[0].type.dtype, 1)
     zeros = node.inputs[3] if len(node.inputs) > 3 else None
-    mins = zeros is not None and zeros.type.dtype in dt.FLOATS   # minimums: the code is q + 8
+    supers = len(node.inputs) > 4   # two-level: u8 sub-scales and sub-minimums times supers [S][N][2]
+    per_super = node.attrs.get("super_group", 0) // group
+    mins = zeros is not None and (zeros.type.dtype in dt.FLOATS or supers)   # minimums: the code is q + 8
     MINS = Access(k, k.args[3], zeros.type.dtype, 1) if mins else None
+    SUP = Access(k, k.args[4], node.inputs[4].type.dtype, 1) if supers else None
     has_zeros = zeros is not None and not mins
     wide = group > span
     iacc = _stack_array(k, RT * BW, "iacc")
@@ -309,6 +312,11 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
             with loop(b, 0, w, name="c") as j:
                 col = b.add(b.add(b.mul(g, i64(N)), col0), j)
                 s = S.scalar(col)
+                mn = MINS.scalar(col) if mins else None
+                if supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
+                    sup = b.mul(b.add(b.mul(b.udiv(g, i64(per_super)), i64(N)), b.add(col0, j)), i64(2))
+                    s = b.fmul(SUP.scalar(sup), b.uitofp(s, F32))
+                    mn = b.fmul(SUP.scalar(b.add(sup, i64(1))), b.uitofp(mn, F32))
                 z = b.sext(b.load(gep(b, k.args[3], I8, col), typ=I8), ty) if has_zeros else None
                 for t, r in enumerate(rls):
                     rg = b.add(b.mul(r, i64(G)), g)
@@ -323,7 +331,7 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
                     a = b.add(j, i64(t * BW))
                     y = b.fadd(yacc.scalar(a), b.fmul(sc, b.sitofp(dot, F32)))
                     if mins:            # + (d * minimum) * sum(xq), unfused as the reference
-                        y = b.fadd(y, b.fmul(b.fmul(dv, MINS.scalar(col)), b.sitofp(xs, F32)))
+                        y = b.fadd(y, b.fmul(b.fmul(dv, mn), b.sitofp(xs, F32)))
                     yacc.store(y, a)
 
         full = K // group

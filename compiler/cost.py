@@ -14,7 +14,7 @@ their whole source.
 FLOPs, the useful arithmetic of the op as written (a kernel that pads or
 recomputes does more):
 
-* matmul, matmul_q: 2*M*N*K (M all rows, batch dims folded in); with a
+* matmul, matmul_q, matmul_ggml: 2*M*N*K (M all rows, batch dims folded in); with a
   non-dense ``sparse`` format 2*M*nnz, nnz the weight constant's nonzeros
   (for N:M without a constant value: K*N*n/m).  int8-activation matmul_q
   counts its integer multiply-adds the same way.
@@ -85,7 +85,7 @@ def node_cost(node: Node, stored_bytes: dict | None = None, consts: dict | None 
     op, out = node.op, outs[0] if outs else None
     if op == "gather":  # the ids, and one table row per output row
         in_bytes = _nbytes(node.inputs[1], stored_bytes) + out.type.nbytes
-    elif op == "gather_q":  # the ids, and (at most) the f32 output's bytes of codes and scales
+    elif op in ("gather_q", "gather_ggml"):  # the ids, and (at most) the f32 output's bytes of codes and scales
         in_bytes = _nbytes(node.inputs[0], stored_bytes) + out.type.nbytes
     elif op == "slice":
         in_bytes = out.type.nbytes
@@ -94,6 +94,8 @@ def node_cost(node: Node, stored_bytes: dict | None = None, consts: dict | None 
 
     if op in ("matmul", "matmul_q"):
         flops = _matmul_flops(node, consts)
+    elif op == "matmul_ggml":   # blocks [N, row bytes]: K from x
+        flops = 2 * _size(out) * node.inputs[0].shape[-1]
     elif op == "conv2d":
         _, cig, kh, kw = node.inputs[1].shape
         flops = 2 * _size(out) * cig * kh * kw

@@ -5,7 +5,6 @@ module that owns it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import numpy as np
 from .. import __version__
 from ..ir.graph import Graph
 from ..ir.verify import verify
+from ..runtime.abi import manifest_hash
 from ..runtime.module import ARTIFACT_FORMAT, Module, cpuinfo_name, host_cpu_flags, sha256_file
 from .cost import kernel_costs
 from .dump import dump_codegen
@@ -170,7 +170,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
         manifest["state"] = [{"input": v.name, "output": c[-1].name} for v, c in pairs.items()]
     if report is not None:
         manifest["report"] = write_report(os.path.join(out, "report.json"), report)
-    manifest["content_hash"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    manifest["content_hash"] = manifest_hash(manifest)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     with open(os.path.join(out, "model.sqkir"), "w") as f:

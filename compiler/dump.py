@@ -108,7 +108,7 @@ def load_model(path: str, input_shapes: dict | None = None) -> tuple[Graph, dict
                 raise ValueError(_not_a_model(path, head)) from None
         return load_ir(path), None
     from ..codegen.target import get_target
-    from ..runtime.module import read_manifest
+    from ..runtime.module import artifact_file, read_manifest
 
     manifest = read_manifest(path)
     ir_path = os.path.join(path, "model.sqkir")
@@ -118,7 +118,7 @@ def load_model(path: str, input_shapes: dict | None = None) -> tuple[Graph, dict
         return load_ir(ir_path), manifest
     with open(ir_path) as f:
         text = f.read()
-    return _with_blob_constants(text, os.path.join(path, manifest["constants"]["file"]),
+    return _with_blob_constants(text, artifact_file(path, manifest["constants"]["file"]),
                                 manifest["constants"]["bytes"], path, get_target(target_name(manifest))), manifest
 
 

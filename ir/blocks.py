@@ -184,7 +184,8 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
       (d * sc) + (-dmin) * m; 4.625 bits per weight against the file's 4.5 (the
       6-bit sc and m take a byte each);
     * Q6_K: q = code - 32 (i8), group 16, scales = d * sc in f32 (exact): 10 bits
-      per weight against the file's 6.5625 (no 6-bit storage yet).
+      per weight against the file's 6.5625 (matmul_q has no 6-bit codes; the
+      ``matmul_ggml`` op reads Q6_K's blocks as stored: ``matmul`` below picks it).
     F32 / F16 / BF16 are not matmul_q weights (``dequantize`` gives their floats)."""
     t = block_type(ggml_type)
     if t.name not in QUANTIZED:
@@ -226,3 +227,49 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
         ins = [(kn(_q6k_codes(blk)), "i8"), (kn(d), "f32")]
         group = 16
     return {"inputs": ins, "attrs": {"group": group}}
+
+
+class Weight:
+    """A GGML matrix W[N, K] as constants of a GraphBuilder ``b``, made once and
+    shared by every node reading it: ``matmul(x)`` = x @ W.T and ``gather(ids)``
+    = W[ids] (a tied embedding and lm_head store one table).  Q6_K is kept as
+    its blocks (matmul_ggml / gather_ggml: the file's 6.5625 bits per weight),
+    every other type as matmul_q operands (``to_matmul_q``: matmul_q /
+    gather_q); ``matmul(x, activations="int8")`` on Q6_K uses matmul_q
+    operands (made on first use: then stored too)."""
+
+    def __init__(self, b, ggml_type, raw, shape, name: str | None = None):
+        self.b, self.type, self.name = b, block_type(ggml_type), name
+        self.raw, self.shape = raw, tuple(int(s) for s in shape)
+        self._blocks = self._q = None
+
+    def _const(self, a, d, i):
+        return self.b.const(a, d, name=None if self.name is None else f"{self.name}{i}")
+
+    def _operands(self):
+        if self._q is None:
+            m = to_matmul_q(self.type, self.raw, self.shape)
+            self._q = ([self._const(a, d, f".{i}") for i, (a, d) in enumerate(m["inputs"])], m["attrs"])
+        return self._q
+
+    def _raw_blocks(self):
+        if self._blocks is None:
+            self._blocks = self._const(_rows(self.type, self.raw, self.shape)[0], "u8", "")
+        return self._blocks
+
+    def matmul(self, x, activations: str = "none"):
+        if self.type.name == "Q6_K" and activations == "none":
+            return self.b.matmul_ggml(x, self._raw_blocks(), type="Q6_K")
+        ops, attrs = self._operands()
+        return self.b.matmul_q(x, *ops, activations=activations, **attrs)
+
+    def gather(self, ids):
+        if self.type.name == "Q6_K":
+            return self.b.gather_ggml(ids, self._raw_blocks(), type="Q6_K")
+        ops, attrs = self._operands()
+        return self.b.gather_q(ids, *ops, **attrs)
+
+
+def matmul(b, x, ggml_type, raw, shape, **matmul_q_attrs):
+    """x @ W.T for a GGML matrix W used once (``Weight`` to share it)."""
+    return Weight(b, ggml_type, raw, shape).matmul(x, **matmul_q_attrs)

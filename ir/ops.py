@@ -560,7 +560,8 @@ def quantize_rows_i8(x: np.ndarray, group: int, act_scale: float = 0.0) -> tuple
 
 
 def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
-                   group: int, act_scale: float = 0.0) -> np.ndarray:
+                   group: int, act_scale: float = 0.0, supers: np.ndarray | None = None,
+                   super_group: int = 0) -> np.ndarray:
     """matmul_q {activations=int8} on x[R, K]: x quantized by
     ``quantize_rows_i8`` (dynamic, or static with ``act_scale`` > 0), then per
     row and group g, dot_g = sum_k xq * (q - zero) exactly (integers), and
@@ -568,8 +569,13 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
     product and sum rounded to f32 (no fused multiply-add).  With float
     ``zeros`` (minimums, i4 q): dot_g = sum_k xq * (q + 8), and after each
     group's term y += (d_g * minimum_g) * sum_k xq, each step rounded to f32.
-    Returns f32 [R, N]."""
+    Two-level (``supers``): scale_g and minimum_g are the exact products of
+    ``dequantize_weight``, then as with float minimums.  Returns f32 [R, N]."""
     r, k = x.shape
+    if supers is not None:   # scale = d * sub-scale, minimum = dmin * sub-minimum per group (exact)
+        sup = supers.astype(np.float32)[np.arange(scales.shape[0]) * group // super_group]
+        scales = sup[..., 0] * scales.astype(np.float32)
+        zeros = sup[..., 1] * zeros.astype(np.float32)
     n = q.shape[1]
     groups = -(-k // group)
     xq, d = quantize_rows_i8(x.astype(np.float32), group, act_scale)
@@ -637,7 +643,8 @@ class MatMulQ:
     u8 ``zeros`` (sub-scales and sub-minimums per group), super-block
     s = k // super_group (a multiple of group) gives scale = supers[s, n, 0] *
     scales[g, n] and minimum = supers[s, n, 1] * zeros[g, n] (exact f32
-    products), and w = (q + 8) * scale + minimum as above: Q4_K is (d, -dmin)
+    products), and w = (q + 8) * scale + minimum as above (and with
+    int8 activations): Q4_K is (d, -dmin)
     over its 6-bit (sc, m), 4.625 bits per weight stored against the file's
     4.5 (the 6-bit fields take a byte each).  Kernels compute scale and
     minimum once per group and column.  ir/blocks.py maps GGUF's blocks onto
@@ -650,16 +657,16 @@ class MatMulQ:
               super_group=0):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(q, (dt.i8, dt.i4), "q")
+        _need(activations in ACTIVATION_MODES,
+              f"matmul_q activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
+        _need(act_scale == 0 or (activations == "int8" and 0 < act_scale <= F32_MAX and np.float32(act_scale) > 0),
+              f"matmul_q act_scale={act_scale!r} must be 0 (dynamic) or, with activations=int8, a positive "
+              f"finite f32 scale")
         if supers is not None:
             return MatMulQ.infer_two_level(x, q, scales, zeros, supers, group, activations, sparse, super_group)
         _need(super_group == 0, f"matmul_q super_group={super_group} needs supers (two-level scales)")
         _dtypes(scales, dt.FLOATS, "scales")
-        _need(activations in ACTIVATION_MODES,
-              f"matmul_q activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
         _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
-        _need(act_scale == 0 or (activations == "int8" and 0 < act_scale <= F32_MAX and np.float32(act_scale) > 0),
-              f"matmul_q act_scale={act_scale!r} must be 0 (dynamic) or, with activations=int8, a positive "
-              f"finite f32 scale")
         k, n = q.shape
         _need(x.shape[-1] == k, f"matmul_q inner dimensions differ: x {x.shape} @ q {q.shape}")
         _need(group >= 1, f"matmul_q group must be >= 1, got {group}")
@@ -687,8 +694,8 @@ class MatMulQ:
         _need(x.rank >= 2 and q.rank == 2, f"matmul_q needs x of rank >= 2 and a 2-D q, got {x.shape} and {q.shape}")
         k, n = q.shape
         _need(x.shape[-1] == k, f"matmul_q inner dimensions differ: x {x.shape} @ q {q.shape}")
-        _need(q.dtype is dt.i4 and activations == "none" and sparse == "dense",
-              "matmul_q with supers (two-level scales) needs i4 weights, activations=none and sparse=dense")
+        _need(q.dtype is dt.i4 and sparse == "dense",
+              "matmul_q with supers (two-level scales) needs i4 weights and sparse=dense")
         _need(group >= 1 and super_group >= group and super_group % group == 0,
               f"matmul_q super_group={super_group} must be a multiple of group={group}")
         groups = -(-k // group)
@@ -706,7 +713,8 @@ class MatMulQ:
                   act_scale=0.0, super_group=0):
         if activations == "int8":
             k, n = q.shape
-            y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group, act_scale)
+            y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group, act_scale,
+                               supers, super_group)
             return [y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)]
         w = dequantize_weight(q, scales, zeros, group, supers, super_group)
         return [np.matmul(x.astype(np.float32), w).astype(x.dtype)]
@@ -940,6 +948,69 @@ class Gather:
         if ids.size and (ids.min() < -n or ids.max() >= n):
             raise IndexError(f"gather: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
         return [np.take(table, np.where(ids < 0, ids + n, ids), axis=axis)]
+
+
+@defop("matmul_ggml", "x blocks", {"type": Attr("str")})
+class MatMulGGML:
+    """x[..., M, K] @ W.T with W[N, K] a GGML matrix kept as its file's blocks:
+    ``blocks`` u8 [N, K / 256 * 210], one row per output feature (ir/blocks.py
+    has the layout), dequantized in registers exactly as ggml does (W =
+    ``ir.blocks.dequantize(type, blocks, (N, K))``), f32 accumulation.  For
+    the formats whose codes matmul_q cannot store at the file's size: type
+    "Q6_K" (6-bit codes, 6.5625 bits per weight stored, as the file); the
+    others are matmul_q operands (``ir.blocks.to_matmul_q``)."""
+
+    KIND = "contraction"
+
+    @staticmethod
+    def infer(x, blocks, type):
+        from .blocks import TYPES
+        _dtypes(x, dt.FLOATS, "x")
+        _need(type == "Q6_K", f"matmul_ggml type must be Q6_K (other GGML types are matmul_q weights: "
+              f"ir.blocks.to_matmul_q), got {type!r}")
+        _need(blocks.dtype is dt.u8 and blocks.rank == 2, f"matmul_ggml blocks must be u8 [N, row bytes], got {blocks}")
+        t = TYPES[type]
+        k = x.shape[-1] if x.rank >= 2 else -1
+        _need(x.rank >= 2 and k % t.block == 0 and blocks.shape[1] == k // t.block * t.nbytes,
+              f"matmul_ggml {type}: x {x.shape} needs K a multiple of {t.block} and blocks of "
+              f"K / {t.block} * {t.nbytes} bytes per row, got {blocks.shape}")
+        return [TensorType(x.dtype, x.shape[:-1] + (blocks.shape[0],))]
+
+    @staticmethod
+    def reference(x, blocks, type):
+        from .blocks import dequantize
+        w = dequantize(type, blocks, (blocks.shape[0], x.shape[-1]))
+        return [np.matmul(x.astype(np.float32), w.T).astype(x.dtype)]
+
+
+@defop("gather_ggml", "ids blocks", {"type": Attr("str")})
+class GatherGGML:
+    """Rows ``ids`` of a GGML table W[N, K] kept as its file's blocks (type
+    "Q6_K", as ``matmul_ggml``, reading the same packed constant: a tied Q6_K
+    token_embd is stored once): f32 [*ids.shape, K], exactly
+    ``ir.blocks.dequantize``'s values.  Negative ids count from the end."""
+
+    KIND = "index"
+
+    @staticmethod
+    def infer(ids, blocks, type):
+        from .blocks import TYPES
+        _dtypes(ids, (dt.i64, dt.i32), "ids")
+        _need(type == "Q6_K", f"gather_ggml type must be Q6_K (other GGML types: gather_q), got {type!r}")
+        t = TYPES[type]
+        _need(blocks.dtype is dt.u8 and blocks.rank == 2 and blocks.shape[1] % t.nbytes == 0,
+              f"gather_ggml blocks must be u8 [N, K / {t.block} * {t.nbytes}], got {blocks}")
+        return [TensorType(dt.f32, ids.shape + (blocks.shape[1] // t.nbytes * t.block,))]
+
+    @staticmethod
+    def reference(ids, blocks, type):
+        from .blocks import TYPES, dequantize
+        n = blocks.shape[0]
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"gather_ggml: ids must lie in [{-n}, {n - 1}], got {ids.min()}..{ids.max()}")
+        rows = blocks[np.where(ids < 0, ids + n, ids).reshape(-1)]
+        k = blocks.shape[1] // TYPES[type].nbytes * TYPES[type].block
+        return [dequantize(type, rows, (rows.shape[0], k)).reshape(ids.shape + (k,))]
 
 
 @defop("gather_q", "ids q scales zeros supers", {"group": Attr("int"), "super_group": Attr("int", 0)}, optional=2)

@@ -131,25 +131,34 @@ def state_names(cfg: LlamaConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """A pre-quantized [K, N] weight as matmul_q's operands, kept as the file
-    stores them (GGUF blocks, ``ir.blocks.to_matmul_q``): ``operands`` are
-    (array, sqk dtype) pairs for q, scales and, when the scheme has them,
-    zeros and supers; ``attrs`` matmul_q's group (and super_group)."""
+    """A pre-quantized [K, N] weight kept as the file stores it (GGUF blocks):
+    the operands of ``op`` after x, as (array, sqk dtype) pairs, and its
+    attributes.  ``op`` "matmul_q": q, scales and, when the scheme has them,
+    zeros and supers (``ir.blocks.to_matmul_q``); "matmul_ggml": the file's
+    blocks u8 [N, row bytes] (Q6_K at its own 6.5625 bits per weight)."""
     operands: tuple
     attrs: dict
+    op: str = "matmul_q"
+    shape: tuple = ()          # (K, N)
 
     @classmethod
     def from_blocks(cls, ggml_type, raw, shape) -> "QuantWeight":
-        """The matmul_q weight [K, N] of a GGML matrix stored [N, K] (raw: uint8 rows)."""
-        from ..ir.blocks import to_matmul_q
+        """The weight [K, N] of a GGML matrix stored [N, K] (raw: uint8 rows):
+        ``matmul_ggml`` on the blocks where a kernel reads them (Q6_K), else
+        matmul_q operands (as ``ir.blocks.Weight`` chooses)."""
+        from ..ir.blocks import block_type, to_matmul_q
+        n, k = shape
+        if block_type(ggml_type).name == "Q6_K":
+            return cls(((np.asarray(raw).reshape(n, -1).view(np.uint8), "u8"),), {"type": "Q6_K"},
+                       "matmul_ggml", (k, n))
         m = to_matmul_q(ggml_type, raw, shape)
-        return cls(tuple(m["inputs"]), dict(m["attrs"]))
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.operands[0][0].shape
+        return cls(tuple(m["inputs"]), dict(m["attrs"]), "matmul_q", (k, n))
 
     def dequantize(self) -> np.ndarray:
+        if self.op == "matmul_ggml":
+            from ..ir.blocks import dequantize
+            k, n = self.shape
+            return dequantize(self.attrs["type"], self.operands[0][0], (n, k)).T
         from ..ir.ops import dequantize_weight
         q, scales, zeros, supers = [a for a, _ in self.operands] + [None] * (4 - len(self.operands))
         return dequantize_weight(q, scales, zeros, self.attrs["group"], supers, self.attrs.get("super_group", 0))
@@ -203,7 +212,7 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
         w = weights[name]
         if not isinstance(w, QuantWeight):
             return b.matmul(x, const(name))
-        return b.matmul_q(x, *quant_operands(name, w), **w.attrs)
+        return b.op(w.op, x, *quant_operands(name, w), **w.attrs)
 
     token, pos = b.input("token", (tokens,), "i64"), b.input("pos", (1,), "i64")
     cache = (cfg.kv_heads, cfg.max_seq, cfg.head_dim)
@@ -252,13 +261,13 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
 def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, quant_operands, token):
     """x [T, H] of the ``token`` ids [T]: rows of "embed" [V, H], or (tied)
     columns of the lm_head [H, V]: of a float table by ``gather`` on axis 1,
-    of a QuantWeight by ``gather_q``, which reads the lm_head's matmul_q
-    constants in their packed layout (the table is stored once)."""
+    of a QuantWeight by ``gather_q`` / ``gather_ggml``, which read the
+    lm_head's constants in their packed layout (the table is stored once)."""
     if "embed" in weights:
         return b.gather(const("embed"), token)
     w = weights["lm_head"]
-    if isinstance(w, QuantWeight):
-        return b.gather_q(token, *quant_operands("lm_head", w), **w.attrs)
+    if isinstance(w, QuantWeight):      # matmul_q -> gather_q, matmul_ggml -> gather_ggml
+        return b.op(w.op.replace("matmul", "gather"), token, *quant_operands("lm_head", w), **w.attrs)
     cols = b.gather(const("lm_head"), token, axis=1)                    # [H, T]
     return b.reshape(cols, shape=(1, cfg.hidden)) if token.type.shape[0] == 1 else b.transpose(cols, perm=(1, 0))
 

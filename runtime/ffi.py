@@ -28,6 +28,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import weakref
 
 RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(RUNTIME_DIR, "sqk_runtime.h")
@@ -66,12 +67,18 @@ def _ext_suffix() -> str:
     return sysconfig.get_config_var("EXT_SUFFIX") or ".so"
 
 
+def _extra_cflags() -> str:
+    """$SQK_RUNTIME_CFLAGS: extra compiler flags for the runtime (e.g. -fsanitize=address,
+    see .ci/asan); part of the cache key, so each set of flags has its own build."""
+    return os.environ.get("SQK_RUNTIME_CFLAGS", "")
+
+
 def _build_key() -> str:
     import cffi
 
     h = hashlib.sha256()
     # The generated C depends on the cffi version too, so it is part of the key.
-    for part in (_read(HEADER), _read(SOURCE), _ext_suffix(), cffi.__version__):
+    for part in (_read(HEADER), _read(SOURCE), _ext_suffix(), cffi.__version__, _extra_cflags()):
         h.update(part.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -83,12 +90,12 @@ def _build_key() -> str:
 # state (distutils, environment tweaks) never leaks into the caller.
 _BUILD_SCRIPT = r"""
 import sys, cffi
-cdef_path, header_dir, source, tmpdir, name = sys.argv[1:6]
+cdef_path, header_dir, source, tmpdir, name, extra = sys.argv[1:7]
 ffi = cffi.FFI()
 ffi.cdef(open(cdef_path, encoding="utf-8").read())
 ffi.set_source(name, '#include "sqk_runtime.h"', sources=[source],
-               include_dirs=[header_dir], extra_compile_args=["-O2", "-pthread"],
-               libraries=["pthread"])
+               include_dirs=[header_dir], extra_compile_args=["-O2", "-pthread"] + extra.split(),
+               extra_link_args=extra.split(), libraries=["pthread"])
 try:
     print(ffi.compile(tmpdir=tmpdir, verbose=False))
 except Exception as e:  # the compiler's own messages are already on stderr
@@ -115,7 +122,7 @@ def _build(target: str) -> None:
         with open(cdef_path, "w", encoding="utf-8") as f:
             f.write(header_cdef())
         proc = subprocess.run(
-            [sys.executable, "-c", _BUILD_SCRIPT, cdef_path, RUNTIME_DIR, SOURCE, tmp, MODULE_NAME],
+            [sys.executable, "-c", _BUILD_SCRIPT, cdef_path, RUNTIME_DIR, SOURCE, tmp, MODULE_NAME, _extra_cflags()],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -161,8 +168,10 @@ def load_runtime():
 class LoadedProgram:
     """A shared library opened with dlopen and a ``const sqk_program *`` into it.
 
-    Keep this object alive as long as the program pointer is used (ctypes never
-    unloads a library, but holding the handle states the dependency).
+    Keep this object alive as long as the program pointer is used: when it is
+    collected the library is closed (dlclose), so a process that loads many
+    models does not keep every one mapped.  Nothing may run the program then:
+    sqk_run returns only after every pool thread has left the kernels.
     """
 
     def __init__(self, path: str, symbol: str = "sqk_model"):
@@ -176,6 +185,13 @@ class LoadedProgram:
         except ValueError:
             raise RuntimeError(f"{path}: no symbol {symbol!r}; is this an sqk artifact?") from None
         self.program = ffi.cast("const sqk_program *", addr)
+        weakref.finalize(self, _dlclose, self._dll._handle)
+
+
+def _dlclose(handle: int) -> None:
+    import _ctypes
+
+    _ctypes.dlclose(handle)
 
 
 def program_from_library(path: str, symbol: str = "sqk_model") -> LoadedProgram:

@@ -11,6 +11,11 @@ the compiler).  An artifact directory holds
     constants.bin    packed constants, 64-byte aligned, memory-mapped
     report.json      the compile report (quantization, sparsity), when a
                      pass made one: ``Module.report`` (``read_report``)
+
+Loading checks the manifest against its schema (``abi.validate_manifest``),
+keeps every file it names inside the directory, checks the hashes, and holds
+the manifest against the program table of the code (``check_program``): see
+the README's "Security model".
 """
 from __future__ import annotations
 
@@ -28,24 +33,23 @@ import time
 
 import numpy as np
 
-from ..ir import dtypes
+from ..ir.dtypes import BY_CODE
 from ..ir.reference import check_inputs
+from .abi import (ABI_VERSION, BUF_OUTPUT, ERR_INDEX, FORMAT_VERSION, IO_DTYPES, ArtifactError, artifact_file,
+                  check_elf, manifest_hash, tensor_nbytes, validate_manifest)
 from .profile import Profile
 
-ARTIFACT_FORMAT = 1
-_NP = {d.name: d.np_dtype for d in dtypes.IO}  # dtypes a model takes and returns
+ARTIFACT_FORMAT = FORMAT_VERSION
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB; refuse to parse a giant one
+_NP = {name: d.np_dtype for name, d in IO_DTYPES.items()}
 _ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "riscv64": "riscv64"}
 
 
-SQK_ERR_INDEX = 4  # runtime/sqk_runtime.h
+SQK_ERR_INDEX = ERR_INDEX
 
 
 class SqkRuntimeError(RuntimeError):
     """A compiled model failed while running (bad index, out of memory, runner error)."""
-
-
-class ArtifactError(ValueError):
-    """An artifact that cannot be loaded here: corrupt, of another format or target."""
 
 
 def sha256_file(path: str) -> str:
@@ -93,6 +97,8 @@ def _check_target(target: dict) -> None:
                 raise ArtifactError("artifact needs CPU features this machine lacks: " + ", ".join(missing)
                                     + f" (compiled for {target.get('cpu', '?')}); recompile here")
     elif target["name"] == "riscv64":
+        if not want.startswith("riscv64"):
+            raise ArtifactError(f"a riscv64 artifact with the target triple {target['triple']}")
         if arch != "riscv64" and not shutil.which(qemu_binary()):
             raise ArtifactError(f"running a riscv64 artifact on {arch} needs qemu-user "
                                 f"('{qemu_binary()}' not found): apt-get install qemu-user")
@@ -105,32 +111,74 @@ def qemu_binary() -> str:
 
 
 def read_manifest(path: str) -> dict:
+    """The manifest of the artifact directory ``path``, checked against the
+    schema (``abi.validate_manifest``); ArtifactError naming the problem."""
     mpath = os.path.join(path, "manifest.json")
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: not an artifact directory")
     try:
-        with open(mpath) as f:
-            m = json.load(f)
+        with open(mpath, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath}: more than {MAX_MANIFEST_BYTES >> 20} MB, not a manifest")
+        m = json.loads(data.decode())
     except FileNotFoundError:
         raise ArtifactError(f"{path}: no manifest.json (not an sqk artifact, or a failed save)") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ArtifactError(f"{mpath}: cannot be read ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ArtifactError(f"{mpath}: corrupt manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != "sqk-artifact":
-        raise ArtifactError(f"{mpath}: not an sqk artifact manifest")
-    if m.get("format_version") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{mpath}: artifact format version {m.get('format_version')}, this sqk reads "
-                            f"version {ARTIFACT_FORMAT}; recompile the model")
-    try:
-        for io in m["inputs"] + m["outputs"]:
-            if io["dtype"] not in _NP or not all(isinstance(d, int) and d >= 0 for d in io["shape"]):
-                raise ValueError(f"bad tensor entry {io}")
-        for key in ("code", "constants"):
-            m[key]["file"], m[key]["sha256"]
-        int(m["constants"]["bytes"])
-        m["target"]["name"], m["target"]["triple"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{mpath}: incomplete manifest ({e!r})") from None
-    return m
+    return validate_manifest(m, mpath)
+
+
+def check_program(ffi, prog, m: dict, where: str) -> None:
+    """ArtifactError unless manifest ``m`` describes the program table ``prog``
+    (a ``const sqk_program *``): the same inputs and outputs (name, dtype,
+    shape, bytes), arena and constants sizes and kernels.  Module sizes every
+    buffer it hands the kernels from the manifest, so this is what keeps an
+    edited manifest from driving an out-of-bounds access."""
+    def fail(field, manifest_has, code_has):
+        raise ArtifactError(f"{where}: manifest field {field} is {manifest_has}, the code's program table has "
+                            f"{code_has} (a modified manifest, or files of two artifacts)")
+
+    def text(p):
+        return ffi.string(p).decode("utf-8", "replace") if p != ffi.NULL else ""
+
+    if prog.abi_version != ABI_VERSION:
+        raise ArtifactError(f"{where}: runtime ABI {prog.abi_version}, this sqk has {ABI_VERSION}")
+    if text(prog.name) != m["name"]:
+        fail("name", repr(m["name"]), repr(text(prog.name)))
+    for key, n, table in (("inputs", prog.n_inputs, prog.inputs), ("outputs", prog.n_outputs, prog.outputs)):
+        if n != len(m[key]):
+            fail(key, f"{len(m[key])} tensors", f"{n}")
+        for j, t in enumerate(m[key]):
+            info = table[j]
+            rank = info.rank if 0 <= info.rank <= 32 else 0
+            code = {"name": text(info.name), "dtype": getattr(BY_CODE.get(info.dtype), "name", info.dtype),
+                    "shape": [info.shape[i] for i in range(rank)], "bytes": info.nbytes}
+            mine = dict(t, bytes=tensor_nbytes(t["dtype"], t["shape"]))
+            for f in ("name", "dtype", "shape", "bytes"):
+                if mine[f] != code[f]:
+                    fail(f"{key}[{j}].{f}" if f != "bytes" else f"{key}[{j}] (dtype and shape)", mine[f], code[f])
+    # A state output is updated in its input's memory, so the code has no buffer in the
+    # output itself; every other output is written through one (codegen/lower.py).
+    written = {prog.buffers[i].index for i in range(prog.n_buffers) if prog.buffers[i].kind == BUF_OUTPUT}
+    state_out = {s["output"]: k for k, s in enumerate(m.get("state", []))}
+    for j, t in enumerate(m["outputs"]):
+        if t["name"] in state_out and j in written:
+            fail(f"state[{state_out[t['name']]}].output", repr(t["name"]),
+                 "an output the code writes itself, not a state updated in its input's memory")
+        if t["name"] not in state_out and j not in written and tensor_nbytes(t["dtype"], t["shape"]):
+            fail(f"outputs[{j}]", "not a state", "a state output updated in an input's memory")
+    if m["arena_bytes"] != prog.arena_bytes:
+        fail("arena_bytes", m["arena_bytes"], prog.arena_bytes)
+    if m["constants"]["bytes"] != prog.const_bytes:
+        fail("constants.bytes", m["constants"]["bytes"], prog.const_bytes)
+    if len(m["kernels"]) != prog.n_steps:
+        fail("kernels", f"{len(m['kernels'])} kernels", f"{prog.n_steps}")
+    for i, k in enumerate(m["kernels"]):
+        if k["name"] != text(prog.steps[i].name):
+            fail(f"kernels[{i}].name", repr(k["name"]), repr(text(prog.steps[i].name)))
 
 
 class ArtifactReport(list):
@@ -160,7 +208,7 @@ def read_report(path: str, manifest: dict, verify: bool = True) -> ArtifactRepor
     entry = manifest.get("report")
     if entry is None:
         return None
-    rpath = os.path.join(path, str(entry.get("file", "")))
+    rpath = artifact_file(path, entry["file"])  # read_manifest checked the entry
     try:
         if verify and sha256_file(rpath) != entry.get("sha256"):
             raise ArtifactError(f"{rpath}: content hash does not match the manifest (corrupt or modified)")
@@ -173,6 +221,13 @@ def read_report(path: str, manifest: dict, verify: bool = True) -> ArtifactRepor
         raise ArtifactError(f"{rpath}: corrupt report ({e!r})") from None
 
 
+def runner_output_file(name: str) -> str:
+    """The file the riscv64 runner writes output ``name`` to (runner.c's
+    output_path): characters outside [A-Za-z0-9_.-], and a leading '.', become '_'."""
+    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in "_-" or (b == 46 and i)) else "_"
+                   for i, b in enumerate(name.encode())) + ".npy"
+
+
 class Module:
     """A compiled model.  Call it with keyword arrays: ``m(x=arr)`` returns an
     array (a tuple for several outputs)."""
@@ -183,10 +238,8 @@ class Module:
         self.manifest = m = read_manifest(self.path)
         _check_target(m["target"])
         self._keep = _keep  # a TemporaryDirectory owned by a freshly compiled module
-        self.report = read_report(self.path, m, verify)
-        self.ir = None
-        code = os.path.join(self.path, m["code"]["file"])
-        consts = os.path.join(self.path, m["constants"]["file"])
+        code = artifact_file(self.path, m["code"]["file"])
+        consts = artifact_file(self.path, m["constants"]["file"])
         for what, p in (("code", code), ("constants", consts)):
             if not os.path.isfile(p):
                 raise ArtifactError(f"{self.path}: {what} file {os.path.basename(p)} is missing")
@@ -194,9 +247,18 @@ class Module:
             raise ArtifactError(f"{consts}: {os.path.getsize(consts)} bytes, manifest says "
                                 f"{m['constants']['bytes']} (truncated or replaced)")
         if verify:
+            if manifest_hash(m) != m["content_hash"]:
+                raise ArtifactError(f"{self.path}: manifest.json does not match its content_hash (corrupt or "
+                                    "modified)")
             for what, p in (("code", code), ("constants", consts)):
                 if sha256_file(p) != m[what]["sha256"]:
                     raise ArtifactError(f"{p}: content hash does not match the manifest (corrupt or modified)")
+        check_elf(code, m["target"]["triple"])
+        self.report = read_report(self.path, m, verify)
+        self.ir = None
+        self._code, self._consts_path = code, consts
+        self._native = None
+        self._so = self._open_code() if m["target"]["name"] == "host" else None
         self._in_specs = [(t["name"], _NP[t["dtype"]], tuple(t["shape"])) for t in m["inputs"]]
         self._out_specs = [(t["name"], _NP[t["dtype"]], tuple(t["shape"])) for t in m["outputs"]]
         # State (compile(state=...)): inputs the Module keeps between calls, each
@@ -211,8 +273,6 @@ class Module:
         # extra qemu -cpu properties, e.g. "rvv_ta_all_1s=on,rvv_ma_all_1s=on" (tests use it to
         # make code that leans on undisturbed tail or masked-off elements fail)
         self.qemu_options = ""
-        self._code, self._consts_path = code, consts
-        self._native = None
 
     @property
     def target(self) -> str:
@@ -304,20 +364,30 @@ class Module:
                 if n in inputs and np.asarray(inputs[n]).size <= 8]
         return ": " + text + (f" (got {', '.join(vals)})" if vals else "")
 
-    def _load_native(self):
+    def _open_code(self):
+        """dlopen the host code and hold the manifest against its program table
+        (the source of truth for everything that sizes memory)."""
         from .ffi import load_runtime, program_from_library
 
+        ffi, _ = load_runtime()
+        try:
+            so = program_from_library(self._code)
+        except RuntimeError as e:
+            raise ArtifactError(str(e)) from None
+        check_program(ffi, so.program, self.manifest, self._code)
+        return so
+
+    def _load_native(self):
+        from .ffi import load_runtime
+
         ffi, lib = load_runtime()
-        so = program_from_library(self._code)
-        prog = so.program
-        if prog.abi_version != lib.SQK_ABI_VERSION:
-            raise ArtifactError(f"{self._code}: runtime ABI {prog.abi_version}, this sqk has {lib.SQK_ABI_VERSION}")
+        so = self._so
         nbytes = self.manifest["constants"]["bytes"]
         consts = np.memmap(self._consts_path, np.uint8, "r") if nbytes else np.zeros(64, np.uint8)
         ctx = ffi.gc(lib.sqk_context_new(int(self.threads or 0)), lib.sqk_context_free)
         if ctx == ffi.NULL:
             raise SqkRuntimeError("could not start the runtime's thread pool")
-        self._native = (ffi, lib, so, prog, consts, ctx)
+        self._native = (ffi, lib, so, so.program, consts, ctx)
 
     def _run_host(self, ins, outs):
         with self._lock:
@@ -370,9 +440,14 @@ class Module:
                 stdout.append(r.stdout)
             outs = []
             for name, dtype, shape in self._out_specs:
-                a = np.load(os.path.join(tmp, f"{name}.npy"), allow_pickle=False)
+                try:
+                    a = np.load(os.path.join(tmp, runner_output_file(name)), allow_pickle=False)
+                except (OSError, ValueError) as e:
+                    raise SqkRuntimeError(f"riscv64 runner wrote no readable output {name!r} ({e}); the manifest "
+                                          "does not describe this runner") from None
                 if a.dtype != dtype or a.shape != shape:
-                    raise SqkRuntimeError(f"runner wrote {name} as {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}")
+                    raise SqkRuntimeError(f"runner wrote {name} as {a.dtype}{list(a.shape)}, "
+                                          f"expected {dtype}{list(shape)}")
                 outs.append(a)
             return outs
 
@@ -448,27 +523,110 @@ class Module:
     # --- saving --------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Copy the artifact to ``path`` (a directory); written under a temporary
-        name and renamed, so a failure never leaves a half-written artifact."""
+        name and renamed, so a failure never leaves a half-written artifact.  The
+        temporary directories of saves into the same parent that were killed are
+        removed first (``clean_stale_saves``)."""
         path = os.path.abspath(path)
         if path == self.path:
             return
         parent = os.path.dirname(path) or "."
-        tmp = tempfile.mkdtemp(prefix=".sqk-save-", dir=parent)
+        clean_stale_saves(parent)
+        tmp = tempfile.mkdtemp(prefix=SAVE_PREFIX, dir=parent)
+        lock = _hold_save_lock(tmp)
         try:
             for f in os.listdir(self.path):
                 shutil.copy2(os.path.join(self.path, f), os.path.join(tmp, f))
+            os.unlink(os.path.join(tmp, SAVE_LOCK))  # still held (the descriptor) until the rename
             if os.path.isdir(path):
                 if not os.path.isfile(os.path.join(path, "manifest.json")):
                     raise FileExistsError(f"{path} exists and is not an sqk artifact; not overwriting it")
-                old = path + f".old{os.getpid()}"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
+                if not _exchange(tmp, path):  # no atomic swap here: two renames
+                    old = path + f".old{os.getpid()}"
+                    os.replace(path, old)
+                    os.replace(tmp, path)
+                    shutil.rmtree(old, ignore_errors=True)
+                # else tmp now holds the old artifact: removed below
             else:
                 os.replace(tmp, path)
         finally:
-            if os.path.isdir(tmp):
+            os.close(lock)
+            if os.path.islink(tmp):  # path was a symlink, swapped out: the link goes, not its target
+                os.unlink(tmp)
+            elif os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE), so an
+    artifact being overwritten is never missing; False where that is unsupported."""
+    import ctypes
+    import errno
+
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+SAVE_PREFIX = ".sqk-save-"
+SAVE_LOCK = ".lock"
+STALE_SAVE_SECONDS = 3600  # a save directory without a lock older than this is a dead one
+
+
+def _hold_save_lock(tmp: str) -> int:
+    """Take an exclusive flock on ``tmp``/.lock for as long as the returned
+    descriptor is open: the kernel drops it when the saving process dies, which
+    is how ``clean_stale_saves`` tells a killed save from a running one.  Locked
+    under another name, then renamed, so the lock file is never seen unlocked."""
+    import fcntl
+
+    fd, name = tempfile.mkstemp(prefix=".locking-", dir=tmp)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.replace(name, os.path.join(tmp, SAVE_LOCK))
+    return fd
+
+
+def clean_stale_saves(parent: str) -> list[str]:
+    """Remove the ``.sqk-save-*`` directories in ``parent`` left by saves that were
+    killed: those whose lock no process holds, and those without a lock (a save
+    of an older sqk, or one killed before it took the lock) older than
+    ``STALE_SAVE_SECONDS``.  A running save holds its lock, so it is never
+    touched.  Returns the paths removed; errors (permissions) are ignored."""
+    import fcntl
+
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(SAVE_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        d = os.path.join(parent, name)
+        try:
+            if os.path.islink(d) or not os.path.isdir(d):
+                continue
+            try:
+                fd = os.open(os.path.join(d, SAVE_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                if time.time() - os.lstat(d).st_mtime < STALE_SAVE_SECONDS:
+                    continue  # just created, or about to be renamed into place
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its writer is alive
+                finally:
+                    os.close(fd)
+            shutil.rmtree(d)
+            removed.append(d)
+        except OSError:
+            continue
+    return removed
 
 
 def load(path: str, *, verify: bool = True, threads: int | None = None, vlen: int | None = None) -> Module:

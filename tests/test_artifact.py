@@ -102,7 +102,7 @@ def _edit_manifest(path, fn):
     (lambda p: open(os.path.join(p, "manifest.json"), "w").write('{"format": "sqk-art'), "corrupt manifest"),
     (lambda p: os.unlink(os.path.join(p, "manifest.json")), "no manifest.json"),
     (lambda p: _edit_manifest(p, lambda m: m.update(format_version=99)), "format version 99"),
-    (lambda p: _edit_manifest(p, lambda m: m.pop("inputs")), "incomplete manifest"),
+    (lambda p: _edit_manifest(p, lambda m: m.pop("inputs")), "manifest field inputs: missing"),
     (lambda p: _edit_manifest(p, lambda m: m["target"].update(triple="aarch64-unknown-linux-gnu")),
      "compiled for aarch64"),
     (lambda p: _edit_manifest(p, lambda m: m["target"].update(name="gpu")), "unknown target"),
@@ -139,6 +139,7 @@ def test_save_never_leaves_half_written(saved, tmp_path):
     m.save(out)
     m.save(out)
     assert sqk.load(out)(x=X)[0].shape == (2, 24)
+    assert sorted(os.listdir(tmp_path)) == ["a.sqk", "keep"]  # no .old or .sqk-save-* left
 
 
 def test_failed_compile_writes_nothing(tmp_path):

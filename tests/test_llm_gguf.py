@@ -129,14 +129,16 @@ def test_gguf_quantized_weights_keep_the_blocks(tmp_path):
     from sqk.compiler.frontends.gguf import load_gguf
 
     for kind, dtypes in (("Q8_0", ["i8", "f16"]), ("Q4_1", ["i4", "f16", "f16"]), ("Q4_K", ["i4", "u8", "u8", "f16"]),
-                         ("Q6_K", ["i8", "f32"])):
+                         ("Q6_K", ["u8"])):
         write_gguf(tmp_path / f"{kind}.gguf", kind, tied=True)
         cfg, w, _ = load_gguf(str(tmp_path / f"{kind}.gguf"))
         assert [d for _, d in w["wq.0"].operands] == dtypes and "embed" not in w
+        op = "matmul_ggml" if kind == "Q6_K" else "matmul_q"        # Q6_K: the file's blocks, 6.5625 bits
+        assert w["wq.0"].op == w["lm_head"].op == op
         g = sqk.llm.build_decoder(cfg, w, tokens=3)
-        assert sum(n.op == "matmul_q" for n in g.nodes) == 7 * cfg.layers + 1
+        assert sum(n.op == op for n in g.nodes) == 7 * cfg.layers + 1
         table = next(n.output for n in g.nodes if n.op == "const" and n.output.name == "lm_head")
-        assert sorted(n.op for n in g.nodes if table in n.inputs) == ["gather_q", "matmul_q"]   # one table
+        assert sorted(n.op for n in g.nodes if table in n.inputs) == [op.replace("matmul", "gather"), op]  # one
 
 
 def test_gguf_prefill_qwen2_biases(tmp_path):
@@ -256,7 +258,7 @@ def dequantized_weights(path, cfg):
     for ours, (name, how) in weight_names(cfg, tensors).items():
         t = tensors[name]
         a = blocks.dequantize(t.tensor_type.name, t.data, tuple(int(s) for s in reversed(t.shape)))
-        out[ours] = a.T if how == "matrix" else a
+        out[ours] = a.T if how in ("matrix", "table") else a
     return out
 
 
@@ -277,3 +279,18 @@ def test_smollm2_q4_1_greedy_and_text():
     assert out == [int(np.argmax(r)) for r in ref[len(ids) - 1:-1]]
     reply = dec.chat(messages, max_new_tokens=24)
     assert "Paris" in reply, reply
+
+
+@pytest.mark.slow
+def test_smollm2_chunked_prefill():
+    """The default load (prompts prefilled in chunks of 64, the 30-layer chunk
+    module compiled too): the same greedy tokens as the numpy model."""
+    path = smollm2_path()
+    pytest.importorskip("sqk.llm.tokenizer")
+    dec = sqk.llm.load(path, max_seq=128)
+    ids = dec.tokenizer.encode_chat([{"role": "user", "content": "Name three colors of the rainbow."}])
+    assert len(ids) >= 8                                      # long enough for a chunk
+    out = dec.generate(ids, 12, stop=[])
+    ref = reference_logits(dec.config, dequantized_weights(path, dec.config), ids + out)
+    assert out == [int(np.argmax(r)) for r in ref[len(ids) - 1:-1]]
+    assert 64 in dec.chunk_modules

@@ -307,3 +307,14 @@ def test_max_seq_budget():
         choose_max_seq(mistral, 5000, where="m")
     with pytest.raises(ValueError, match="max_seq must be a positive int"):
         choose_max_seq(smol, 0)
+
+
+def test_f16_kv_cache(llama_dir, llama_dec):
+    dec = sqk.llm.load(llama_dir, max_seq=40, kv_dtype="f16")
+    assert dec.module.state["k_cache.0"].dtype == np.float16
+    llama_dec.reset()
+    want = np.stack([llama_dec.prefill(PROMPT)] + [llama_dec.step(t) for t in (9, 4, 77)])
+    got = np.stack([dec.prefill(PROMPT)] + [dec.step(t) for t in (9, 4, 77)])
+    assert_close(got, want, 5e-3, what="f16 KV cache vs f32")      # K/V rounded to f16 (11 bits) once
+    with pytest.raises(ValueError, match="kv_dtype must be one of f32, f16"):
+        sqk.llm.load(llama_dir, kv_dtype="bf16")

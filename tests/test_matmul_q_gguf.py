@@ -153,13 +153,15 @@ def test_bad_input():
     q, s, z = (b.const(a, d) for a, d in m["inputs"])
     with pytest.raises(IRError, match="need i4 weights"):
         b.matmul_q(x, b.const(np.zeros((64, 4), np.int8), "i8"), s, z, group=32)
-    # two-level scales (Q4_K): float activations only, u8 sub-scales, super_group a multiple of group
+    # two-level scales (Q4_K): i4 weights, u8 sub-scales, super_group a multiple of group
     raw = random_blocks("Q4_K", 4, 256, rng)
     m = blocks.to_matmul_q("Q4_K", raw, (4, 256))
     x = b.input("x2", (1, 256))
     q, s, z, sup = (b.const(a, d) for a, d in m["inputs"])
-    with pytest.raises(IRError, match="needs i4 weights, activations=none"):
-        b.matmul_q(x, q, s, z, sup, activations="int8", **m["attrs"])
+    with pytest.raises(IRError, match="needs i4 weights and sparse=dense"):
+        b.matmul_q(x, q, s, z, sup, sparse="csr", **m["attrs"])
+    with pytest.raises(IRError, match="needs u8 scales"):
+        b.matmul_q(x, q, b.const(np.ones((8, 4), np.float32)), z, sup, **m["attrs"])
     with pytest.raises(IRError, match="must be a multiple of group"):
         b.matmul_q(x, q, s, z, sup, group=32, super_group=48)
     with pytest.raises(IRError, match="needs supers"):
@@ -245,7 +247,7 @@ def test_gather_q_bad_id():
 
 
 @pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
 def test_int8_activations(target, name):
     """int8 activations: Q8_0, Q4_0 and Q6_K as matmul_q's own symmetric schemes, Q4_1 with
     its minimums applied as (d * minimum) * sum(xq) per group; bit for bit
@@ -253,7 +255,7 @@ def test_int8_activations(target, name):
     from sqk.ir.ops import matmul_q_i8act, quantize_rows_i8
 
     rng = np.random.default_rng(4)
-    N, K = 67 if target == "host" else 515, 256 if name == "Q6_K" else 96
+    N, K = 67 if target == "host" else 515, 512 if name in ("Q4_K", "Q6_K") else 96
     raw = random_blocks(name, N, K, rng)
     m = blocks.to_matmul_q(name, raw, (N, K))
     b = sqk.GraphBuilder("i8act")
@@ -261,7 +263,8 @@ def test_int8_activations(target, name):
     g = b.output(b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), activations="int8", **m["attrs"]))
     xv = rand((3, K), "f32", rng, -1, 1)
     arrays = [a for a, _ in m["inputs"]]
-    want = matmul_q_i8act(xv, arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, m["attrs"]["group"])
+    want = matmul_q_i8act(xv, arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, m["attrs"]["group"],
+                          0.0, arrays[3] if len(arrays) > 3 else None, m["attrs"].get("super_group", 0))
     np.testing.assert_array_equal(compile_for(g, target)(x=xv), want)
     if name == "Q4_1":   # the same from the file's fields: u, d, m per block
         blk = raw.reshape(N, K // 32, 20)
@@ -336,21 +339,25 @@ def test_real_smollm2_blocks():
     assert mod.manifest["constants"]["bytes"] < emb.data.nbytes * 1.01   # the table stored once
 
 
-def test_int8_activations_q4_1_without_avx2(monkeypatch):
+@pytest.mark.parametrize("name", ["Q4_1", "Q4_K"])
+def test_int8_activations_without_avx2(monkeypatch, name):
     """The portable integer path of hosts without AVX2 (same layout, plain i32 vector
-    multiply-adds) with minimums."""
+    multiply-adds) with minimums and two-level scales."""
     from harness import host_without
     from sqk.ir.ops import matmul_q_i8act
 
     host_without(monkeypatch, lambda f: f.startswith(("+avx2", "+avx512", "+avxvnni", "+fma")))
     rng = np.random.default_rng(6)
-    m = blocks.to_matmul_q("Q4_1", random_blocks("Q4_1", 70, 64, rng), (70, 64))
+    K = blocks.TYPES[name].block * 2
+    m = blocks.to_matmul_q(name, random_blocks(name, 70, K, rng), (70, K))
     b = sqk.GraphBuilder("i8act_noavx2")
-    x = b.input("x", (2, 64))
+    x = b.input("x", (2, K))
     g = b.output(b.matmul_q(x, *(b.const(a, d) for a, d in m["inputs"]), activations="int8", **m["attrs"]))
-    xv = rand((2, 64), "f32", rng, -1, 1)
-    (q, _), (s, _), (z, _) = m["inputs"]
-    np.testing.assert_array_equal(sqk.compile(g)(x=xv), matmul_q_i8act(xv, q, s, z, 32))
+    xv = rand((2, K), "f32", rng, -1, 1)
+    arrays = [a for a, _ in m["inputs"]] + [None]
+    want = matmul_q_i8act(xv, arrays[0], arrays[1], arrays[2], m["attrs"]["group"], 0.0, arrays[3],
+                          m["attrs"].get("super_group", 0))
+    np.testing.assert_array_equal(sqk.compile(g)(x=xv), want)
 
 
 def test_q8_0_int8_activations_stored_bytes():
@@ -375,9 +382,10 @@ def test_q8_0_int8_activations_stored_bytes():
     assert sum(len(v) for v in pack_constants(g, vnni).values()) == raw.nbytes + N * K // 8
 
 
+@pytest.mark.parametrize("act", ["none", "int8"])
 @pytest.mark.parametrize("target", ["host", "riscv64-scalar"])
 @pytest.mark.parametrize("K, group, super_group", [(100, 32, 0), (300, 32, 256), (320, 64, 128), (40, 16, 32)])
-def test_minimums_any_shape(target, K, group, super_group):
+def test_minimums_any_shape(target, K, group, super_group, act):
     """Float minimums and two-level scales on shapes GGUF never has but the op
     accepts: a short last group, a short last super-block; gather_q alike."""
     rng = np.random.default_rng(K)
@@ -394,10 +402,96 @@ def test_minimums_any_shape(target, K, group, super_group):
                 b.const(rng.uniform(-1, 1, (G, N)).astype(np.float16), "f16")]
     attrs = {"group": group, "super_group": super_group}
     ids = b.input("ids", (4,), "i64")
-    g = b.output(b.matmul_q(x, *ops, **attrs), b.gather_q(ids, *ops, **attrs))
+    g = b.output(b.matmul_q(x, *ops, activations=act, **attrs), b.gather_q(ids, *ops, **attrs))
     inputs = {"x": rand((3, K), "f32", rng, -1, 1), "ids": np.array([0, 69, 8, -7], np.int64)}
     m = compile_for(g, target)
     y, rows = m(**inputs)
     want_y, want_rows = sqk.reference(g, **inputs)
-    assert_close(y, want_y)
+    if act == "int8":   # integer dots, then the reference's f32 steps: bit for bit
+        np.testing.assert_array_equal(y, want_y)
+    else:
+        assert_close(y, want_y)
     np.testing.assert_array_equal(bits(rows), bits(want_rows))
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
+@pytest.mark.parametrize("M, N, nb, xdt", [(1, 67, 1, "f32"), (3, 33, 2, "f32"), (17, 5, 1, "f16"), (6, 1, 3, "f32")])
+def test_matmul_ggml_q6_k(target, M, N, nb, xdt):
+    """Q6_K kept as its blocks (matmul_ggml): equal to numpy's dequantize-then-matmul
+    within f32 rounding, the artifact's constants the file's bytes."""
+    K = 256 * nb
+    rng = np.random.default_rng(M * N)
+    raw = random_blocks("Q6_K", N, K, rng)
+    b = sqk.GraphBuilder("q6k")
+    x = b.input("x", (M, K), xdt)
+    g = b.output(blocks.matmul(b, x, "Q6_K", raw, (N, K)))
+    assert [n.op for n in g.nodes if n.op != "const"] == ["matmul_ggml"]
+    inputs = {"x": rand((M, K), xdt, rng, -1, 1)}
+    m = check(g, inputs, target)
+    if xdt == "f32":
+        w = blocks.dequantize("Q6_K", raw, (N, K))
+        assert_close(m(**inputs), (inputs["x"].astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32))
+    if target == "host":
+        assert m.manifest["constants"]["bytes"] < raw.nbytes + 64
+
+
+def test_matmul_ggml_bad_input():
+    b = sqk.GraphBuilder("bad")
+    x = b.input("x", (1, 256))
+    with pytest.raises(IRError, match="type must be Q6_K"):
+        b.matmul_ggml(x, b.const(np.zeros((2, 144), np.uint8), "u8"), type="Q4_K")
+    with pytest.raises(IRError, match="K / 256 \\* 210 bytes per row"):
+        b.matmul_ggml(x, b.const(np.zeros((2, 200), np.uint8), "u8"), type="Q6_K")
+    with pytest.raises(IRError, match="K a multiple of 256"):
+        b.matmul_ggml(b.input("x2", (1, 200)), b.const(np.zeros((2, 210), np.uint8), "u8"), type="Q6_K")
+    # int8 activations: Q6_K through matmul_q instead
+    y = blocks.matmul(b, x, "Q6_K", np.zeros((2, 210), np.uint8), (2, 256), activations="int8")
+    assert y.type.shape == (1, 2)
+
+
+@pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
+def test_gather_ggml_tied_q6_k(target):
+    """A tied Q6_K token_embd (llama.cpp's Q4_K_M of tied models): gather_ggml and
+    matmul_ggml read one stored table; rows exactly the dequantized values."""
+    rng = np.random.default_rng(8)
+    N, K = 37, 512
+    raw = random_blocks("Q6_K", N, K, rng)
+    b = sqk.GraphBuilder("tied6")
+    table = b.const(raw, "u8")
+    h = b.gather_ggml(b.input("ids", (5,), "i64"), table, type="Q6_K")
+    g = b.output(h, b.matmul_ggml(h, table, type="Q6_K"))
+    inputs = {"ids": np.array([0, 36, 5, -1, -37], np.int64)}
+    m = compile_for(g, target)
+    rows, logits = m(**inputs)
+    want_rows, want_logits = sqk.reference(g, **inputs)
+    np.testing.assert_array_equal(bits(rows), bits(blocks.dequantize("Q6_K", raw, (N, K))[[0, 36, 5, 36, 0]]))
+    np.testing.assert_array_equal(bits(rows), bits(want_rows))
+    assert_close(logits, want_logits)
+    from sqk.codegen.lower import unshare_packed_constants
+    from sqk.codegen.target import get_target
+    assert unshare_packed_constants(g, get_target("riscv64" if target.startswith("riscv") else "host")) is g
+    if target == "host":
+        with pytest.raises(Exception, match="gather_ggml: every id"):
+            m(ids=np.array([0, 0, 0, 0, 37], np.int64))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_weight_tied(name):
+    """blocks.Weight: one table for gather and matmul whatever the type; float
+    types are refused (they are plain constants)."""
+    rng = np.random.default_rng(9)
+    N, K = 40, blocks.TYPES[name].block
+    raw = random_blocks(name, N, K, rng)
+    b = sqk.GraphBuilder("w")
+    wt = blocks.Weight(b, name, raw, (N, K), name="tok")
+    h = wt.gather(b.input("ids", (2,), "i64"))
+    g = b.output(h, wt.matmul(h))
+    nconst = sum(n.op == "const" for n in g.nodes)
+    assert nconst == (1 if name == "Q6_K" else len(blocks.to_matmul_q(name, raw, (N, K))["inputs"]))
+    inputs = {"ids": np.array([3, -1], np.int64)}
+    rows, logits = sqk.compile(g)(**inputs)
+    w = blocks.dequantize(name, raw, (N, K))
+    np.testing.assert_array_equal(bits(rows), bits(w[[3, -1]]))
+    assert_close(logits, (rows.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32))
+    with pytest.raises(IRError, match="float type"):
+        blocks.Weight(b, "F16", np.zeros((2, 32), np.float16), (2, 32)).matmul(h)

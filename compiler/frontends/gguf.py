@@ -9,11 +9,13 @@ Tensors: F32 / F16 / BF16 are floats (F32 stays a view of the file; GGUF
 matrices are stored [N rows = output features, K], so sqk's [K, N] matrix
 is a transposed view).  Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices become
 ``matmul_q`` weights (``QuantWeight.from_blocks``: ``ir.blocks.to_matmul_q``):
-the file's codes and scales as they are, never dequantized and requantized.
+the file's codes and scales as they are, never dequantized and requantized;
+Q6_K matrices are ``matmul_ggml`` on the file's blocks (6.5625 bits per
+weight, as stored).
 ``token_embd`` is the embedding; without an ``output`` tensor it is also the
 lm_head (tied): one table, which the embedding reads with ``gather`` (float
-types, column by column) or ``gather_q`` (quantized: rows of the matmul_q
-weight from its packed constants), so it is stored once.  An untied
+types, column by column) or ``gather_q`` / ``gather_ggml`` (quantized: rows
+of the weight from its packed constants), so it is stored once.  An untied
 quantized ``token_embd`` is dequantized to f32 (the gather reads one row per
 token; gather_q would need the matmul_q packing of a table no matmul reads).
 
@@ -84,9 +86,9 @@ class GGUFWeights(Mapping):
         try:
             if how == "vector":
                 return self._floats(t, kind).reshape(-1)
-            if how == "matrix" and kind in QUANTIZED:
+            if how in ("matrix", "table") and kind in QUANTIZED:
                 return QuantWeight.from_blocks(kind, t.data, (n, k))
-            if how == "matrix":
+            if how in ("matrix", "table"):
                 return self._floats(t, kind).reshape(n, k).T
             return self._floats(t, kind).reshape(n, k)            # "rows": the [V, H] embedding as stored
         except IRError as e:
@@ -146,10 +148,10 @@ def config_from_gguf(reader, path: str, tensors: dict) -> LlamaConfig:
 
 
 def weight_names(cfg: LlamaConfig, tensors: dict) -> dict[str, tuple[str, str]]:
-    """{sqk name: (GGUF tensor name, "matrix" | "vector" | "rows")}."""
+    """{sqk name: (GGUF tensor name, "matrix" | "table" | "vector" | "rows")}."""
     names = {"final_norm": ("output_norm.weight", "vector")}
     if cfg.tie_embeddings:
-        names["lm_head"] = ("token_embd.weight", "matrix")
+        names["lm_head"] = ("token_embd.weight", "table")     # a matrix the embedding reads too
     else:
         names["embed"] = ("token_embd.weight", "rows")
         names["lm_head"] = ("output.weight", "matrix")

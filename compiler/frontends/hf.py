@@ -153,7 +153,7 @@ def config_from_hf(c: dict, where: str, generation: dict | None = None) -> Llama
         vocab=int(need("vocab_size")), hidden=hidden, layers=int(need("num_hidden_layers")), heads=heads,
         kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=int(c.get("head_dim") or hidden // heads),
         ffn=int(need("intermediate_size")), theta=theta, eps=float(c.get("rms_norm_eps", 1e-6)),
-        qkv_bias=arch == "qwen2" or bool(c.get("attention_bias")),
+        qkv_bias=arch == "qwen2",
         tie_embeddings=bool(c.get("tie_word_embeddings", False)), rope_scaling=rope_scaling,
         bos_id=None if bos is None else int(bos), eos_ids=eos,
         context_length=int(c.get("max_position_embeddings") or 0), arch=arch,
