@@ -30,7 +30,11 @@ BENCHMARKS = {
                                      "roofline; MoLE before/after fold_lookup_experts; sparse-input ReLU FFN"),
     "riscv": ("benchmarks.riscv_emulated", "RVV vs scalar rv64gc builds of GEMV f32/int8/int4 under qemu "
                                            "(emulated, coarse)"),
+    "llm-real": ("benchmarks.llm_real", "real GGUF models (SmolLM2-135M f32/q8_0/q4_0/q4_1, a random 1.1B Llama "
+                                        "q4_0/q8_0): prefill and decode tok/s vs llama.cpp's llama-bench"),
 }
+# Run only when named: llm-real builds llama.cpp and writes GiB of model files on first use.
+ON_DEMAND = {"llm-real"}
 
 
 def timeit(fns: dict, runs: int, inner: int = 1, warmup: int = 1, settle: float = 0.3) -> dict[str, list[float]]:
