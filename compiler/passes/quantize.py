@@ -477,13 +477,7 @@ class QuantReport(LayerReport):
             lines.append(f"{r['layer']:<20}{shape:>14}  {r['weights']:<{ww}}{rel:>10}{cos:>10}"
                          f"{r['bytes'] / 1024:>10.1f}  {r['status']}")
         lines += [f"  {r['layer']}: {r['note']}" for r in self if r.get("note")]
-        rtn = [r for r in self if r.get("rel_l2_rtn") is not None and r["rel_l2"] is not None]
-        if rtn:
-            lines.append("rel L2 with round-to-nearest instead: " + ", ".join(
-                f"{r['layer']} {r['rel_l2_rtn']:.2e}" for r in rtn))
-        sources = sorted({r["calibration"] for r in self if r.get("calibration")})
-        if sources:
-            lines.append(f"errors measured on {'; '.join(sources)}")
+        lines += self.calibration_lines("rel_l2_rtn", "round-to-nearest")
         fb, qb = sum(r["float_bytes"] for r in self), sum(r["bytes"] for r in self)
         lines.append(f"{len(self.quantized())} of {len(self)} weights quantized"
                      + (f", kept in float: {', '.join(self.kept())}" if self.kept() else "")

@@ -34,6 +34,18 @@ class LayerReport(list):
                 return r
         raise KeyError(f"{self.pass_name or 'report'}: no row for weight {layer!r}; rows: {', '.join(self.layers())}")
 
+    def calibration_lines(self, key: str, baseline: str) -> list[str]:
+        """Closing lines of a calibrated report: each layer's rel L2 with the
+        ``baseline`` method instead (rows' ``key``), and where the errors were measured."""
+        lines = []
+        base = [r for r in self if r.get(key) is not None and r["rel_l2"] is not None]
+        if base:
+            lines.append(f"rel L2 with {baseline} instead: " + ", ".join(f"{r['layer']} {r[key]:.2e}" for r in base))
+        sources = sorted({r["calibration"] for r in self if r.get("calibration")})
+        if sources:
+            lines.append(f"errors measured on {'; '.join(sources)}")
+        return lines
+
     def format(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -475,13 +475,7 @@ class SparsityReport(LayerReport):
             cos = "-" if r["cosine"] is None else f"{r['cosine']:.6f}"
             lines.append(f"{r['layer']:<20}{shape:>14}  {r['pattern']:<14}{zeros:>15}{rel:>10}{cos:>10}  "
                          f"{r['format'] or '-':<9} {r['status']}")
-        mag = [r for r in self if r.get("rel_l2_magnitude") is not None]
-        if mag:
-            lines.append("rel L2 with magnitude pruning instead: " + ", ".join(
-                f"{r['layer']} {r['rel_l2_magnitude']:.2e}" for r in mag))
-        sources = sorted({r["calibration"] for r in self if r.get("calibration")})
-        if sources:
-            lines.append(f"errors measured on {'; '.join(sources)}")
+        lines += self.calibration_lines("rel_l2_magnitude", "magnitude pruning")
         size = sum(int(np.prod(r["shape"])) for r in self)
         before = sum(r["zeros_before"] * np.prod(r["shape"]) for r in self) / size if size else 0.0
         after = sum(r["zeros"] * np.prod(r["shape"]) for r in self) / size if size else 0.0
