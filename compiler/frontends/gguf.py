@@ -45,6 +45,7 @@ from ...ir.blocks import QUANTIZED, block_type, dequantize
 from ...ir.graph import IRError
 from ...llm.decoder import LlamaConfig, QuantWeight
 from ...llm.errors import LLMLoadError
+from . import hf
 
 ARCHS = ("llama", "qwen2")
 FLOATS = ("F32", "F16", "BF16")
@@ -230,14 +231,9 @@ def weight_names(cfg: LlamaConfig, tensors: dict) -> dict[str, tuple[str, str]]:
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """GGUF shapes (ggml order: [K, N], K along a row) of the named tensors."""
-    h, qd, kvd, f, v = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn, cfg.vocab
-    shapes = {"final_norm": (h,), "embed": (h, v), "lm_head": (h, v)}
-    for i in range(cfg.layers):
-        shapes.update({f"attn_norm.{i}": (h,), f"ffn_norm.{i}": (h,), f"wq.{i}": (h, qd), f"wk.{i}": (h, kvd),
-                       f"wv.{i}": (h, kvd), f"wo.{i}": (qd, h), f"w1.{i}": (h, f), f"w3.{i}": (h, f),
-                       f"w2.{i}": (f, h), f"bq.{i}": (qd,), f"bk.{i}": (kvd,), f"bv.{i}": (kvd,)})
-    return shapes
+    """GGUF shapes (ggml order: [K, N], K along a row) of the named tensors: the
+    Hugging Face [out, in] shapes, innermost dimension first."""
+    return {name: shape[::-1] for name, shape in hf.expected_shapes(cfg).items()}
 
 
 def load_gguf(path: str, tokenizer: bool = True):
