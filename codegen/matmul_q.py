@@ -158,6 +158,9 @@ def emit_matmul_q(k: Kernel, node: Node):
         return emit_i8act(k, node)
     if uses_rows(k.target):
         return emit_rows(k, node)
+    from .matmul_q_gemm import emit_gemm, takes_gemm   # (it imports this module's layout)
+    if takes_gemm(node, k.target):
+        return emit_gemm(k, node)
     L = QLayout(node)
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N, group = L.K, L.N, L.group
