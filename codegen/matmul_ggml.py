@@ -94,6 +94,9 @@ def decode_super_block(k: Kernel, W, base, each):
 
 @emitter("matmul_ggml")
 def emit_matmul_ggml(k: Kernel, node):
+    from .matmul_q_gemm import emit_ggml_gemm, takes_ggml_gemm   # (it imports this module)
+    if takes_ggml_gemm(node, k.target):
+        return emit_ggml_gemm(k, node)
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N = x_t.shape[-1], node.inputs[1].type.shape[0]
     rows = math.prod(x_t.shape[:-1])

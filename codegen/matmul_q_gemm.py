@@ -43,7 +43,7 @@ from .matmul_q_rows import uses_rows
 
 # Rows of x from which matmul_q takes this GEMM rather than the GEMV tiles
 # (measured on Zen 3, AVX2: see takes_gemm).
-GEMM_MIN_ROWS = 8
+GEMM_MIN_ROWS = 10
 KC = 256          # rows of w per panel at most: 256 x 64 f32 = 64 KiB (L2), a 16-column sub-panel 16 KiB (L1)
 MC = 128          # rows of x per work item at most (the f32 partial-sum tile: 32 KiB)
 MIN_ITEMS = 8     # work items a GEMM is cut into at the least, when its rows allow (two threads balance)
@@ -75,33 +75,25 @@ def gemm_geometry(target, rows: int, K: int, group: int, nblk: int) -> dict:
 
 
 def emit_gemm(k: Kernel, node: Node):
-    """The kernel (module docstring); returns (work items, items per thread at least)."""
+    """matmul_q's kernel (module docstring); returns (work items, items per thread at least)."""
     L = QLayout(node)
-    x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N, group = L.K, L.N, L.group
-    rows = math.prod(x_t.shape[:-1])
+    rows = math.prod(node.inputs[0].type.shape[:-1])
     if rows * N == 0:
         k.finish()
         return 0, 1
     p = gemm_geometry(k.target, rows, K, group, L.nblk)
-    lanes, MR, NRL, mc, kc_max, seg = (p[n] for n in ("lanes", "MR", "NRL", "mc", "kc", "seg"))
-    mchunks = cdiv(rows, mc)
+    seg = p["seg"]
     b = k.b
-    X = Access(k, k.args[0], x_t.dtype, 1)
     W = k.args[1]
     S = Access(k, k.args[2], node.inputs[2].type.dtype, VL)
     MINS = Access(k, k.args[3], node.inputs[3].type.dtype, VL) if L.has_mins else None
     SUP = Access(k, k.args[4], node.inputs[4].type.dtype, VL) if L.has_supers else None
     zty = ir.VectorType(ir.IntType(L.bits * 2), VL)  # zero points (+ off_e): i8 / i16
-    Y = Access(k, k.args[-1], y_t.dtype, lanes)
-    PANEL = Access(k, _stack_array(k, kc_max * NB, "wpanel"), dt.f32, VL)
-    PV = Access(k, PANEL.ptr, dt.f32, lanes)
-    ACC = Access(k, _stack_array(k, mc * NB, "ytile"), dt.f32, lanes)
     wvec, fvec = ir.VectorType(I32, VL), ir.VectorType(F32, VL)
     row_words = L.words * VL   # i32 per row of a block
-    zero = fconst(ir.VectorType(F32, lanes), 0.0)
 
-    def dequant(blk, k0, kc):
+    def dequant(PANEL, blk, k0, kc):
         """panel[kk, :] = w[k0 + kk, 64 blk : 64 blk + 64] (f32, exact), kk < kc."""
         wblk = b.mul(blk, i64(K * row_words))
         sblk = b.mul(blk, i64(L.groups * NB))
@@ -142,6 +134,25 @@ def emit_gemm(k: Kernel, node: Node):
                     v = fma(k, code, sc, mins) if mins is not None else b.fmul(code, sc)
                     PANEL.store(v, b.add(b.mul(kk, i64(NB)), i64(cv * VL)))
 
+    return gemm_panels(k, node, rows, K, N, L.nblk, p, dequant)
+
+
+def gemm_panels(k: Kernel, node: Node, rows: int, K: int, N: int, nblk: int, p: dict, dequant):
+    """The GEMM over dequantized panels: x is the kernel's first argument [rows, K],
+    y its last [rows, N]; ``dequant(panel, blk, k0, kc)`` writes rows k0 .. k0+kc-1
+    (kc an i64 <= p["kc"]) of the 64 columns of block blk into the panel (an f32
+    Access, [kc][64]).  Returns (work items, items per thread at least)."""
+    x_t, y_t = node.inputs[0].type, node.outputs[0].type
+    lanes, MR, NRL, mc, kc_max = (p[n] for n in ("lanes", "MR", "NRL", "mc", "kc"))
+    mchunks = cdiv(rows, mc)
+    b = k.b
+    X = Access(k, k.args[0], x_t.dtype, 1)
+    Y = Access(k, k.args[-1], y_t.dtype, lanes)
+    PANEL = Access(k, _stack_array(k, kc_max * NB, "wpanel"), dt.f32, VL)
+    PV = Access(k, PANEL.ptr, dt.f32, lanes)
+    ACC = Access(k, _stack_array(k, mc * NB, "ytile"), dt.f32, lanes)
+    zero = fconst(ir.VectorType(F32, lanes), 0.0)
+
     def micro(xrows, lrow, mr, c0, k0, kc):
         """ytile[lrow : lrow + mr, c0 : c0 + NRL] += x[xrows, k0 : k0 + kc] @ panel[:kc, c0 : c0 + NRL]."""
         nv = NRL // lanes
@@ -172,7 +183,7 @@ def emit_gemm(k: Kernel, node: Node):
             k0 = b.mul(kb, i64(kc_max))
             kc = b.sub(i64(K), k0)
             kc = b.select(b.icmp_signed("<", kc, i64(kc_max)), kc, i64(kc_max))
-            dequant(blk, k0, kc)
+            dequant(PANEL, blk, k0, kc)
             for sp in range(subs):
                 full = r - r % MR
                 if full:
@@ -197,11 +208,11 @@ def emit_gemm(k: Kernel, node: Node):
 
     def by_cols(blk, m_first, r):
         if N % NB:
-            with b.if_else(b.icmp_signed("==", blk, i64(L.nblk - 1))) as (tail, body):
+            with b.if_else(b.icmp_signed("==", blk, i64(nblk - 1))) as (tail, body):
                 with tail:
                     chunk(blk, m_first, r, N % NB)
                 with body:
-                    if L.nblk > 1:
+                    if nblk > 1:
                         chunk(blk, m_first, r, NB)
         else:
             chunk(blk, m_first, r, NB)
@@ -219,4 +230,68 @@ def emit_gemm(k: Kernel, node: Node):
         else:
             by_cols(blk, m_first, mc)
     k.finish()
-    return L.nblk * mchunks, 1
+    return nblk * mchunks, 1
+
+
+# --- matmul_ggml (Q6_K blocks) -----------------------------------------------------------
+
+GGML_MIN_ROWS = 20   # the same for matmul_ggml: its decode (Q6_K) costs more per weight (measured: even at ~16 rows)
+
+
+def takes_ggml_gemm(node: Node, target) -> bool:
+    """Whether matmul_ggml ``node`` runs as the GEMM on ``target`` (x86, enough rows)."""
+    return not uses_rows(target) and math.prod(node.inputs[0].type.shape[:-1]) >= GGML_MIN_ROWS
+
+
+def transpose8(b, vs):
+    """The 8 x 8 transpose of eight <8 x f32> rows (unpack, shuffle, lane-permute: as
+    AVX does it; plain shufflevectors, so any target legalizes them)."""
+    def sh(x, y, mask):
+        return b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, 8), mask))
+
+    lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    t = [sh(vs[i], vs[i + 1], m) for i in range(0, 8, 2) for m in (lo, hi)]   # t0..t7
+    a, c = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    s = [sh(t[i], t[i + 2], m) for i in (0, 1, 4, 5) for m in (a, c)]       # s0..s7
+    first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    return [sh(s[i], s[i + 4], first) for i in range(4)] + [sh(s[i], s[i + 4], second) for i in range(4)]
+
+
+def emit_ggml_gemm(k: Kernel, node: Node):
+    """matmul_ggml (x @ W.T, W as Q6_K blocks [N, K / 256 * 210]) as the GEMM: per
+    column block and super-block, the block's (up to) 64 rows of W are decoded
+    (``decode_super_block``: ggml's exact values) into a scratch [64][256], then
+    transposed 8 x 8 into the [256][64] panel."""
+    from .matmul_ggml import BLOCK, QK, decode_super_block
+
+    x_t = node.inputs[0].type
+    K, N = x_t.shape[-1], node.inputs[1].type.shape[0]
+    rows = math.prod(x_t.shape[:-1])
+    if rows * N == 0:
+        k.finish()
+        return 0, 1
+    nblk = cdiv(N, NB)
+    p = gemm_geometry(k.target, rows, K, QK, nblk)   # K blocks of one super-block
+    assert p["kc"] == QK
+    b = k.b
+    W = k.args[1]
+    row_bytes = K // QK * BLOCK
+    DEC = Access(k, _stack_array(k, NB * QK, "wdec"), dt.f32, VL)
+
+    def dequant(PANEL, blk, k0, kc):
+        sb = b.udiv(k0, i64(QK))
+        nvalid = b.sub(i64(N), b.mul(blk, i64(NB)))
+        nvalid = b.select(b.icmp_signed("<", nvalid, i64(NB)), nvalid, i64(NB))
+        with loop(b, 0, nvalid, name="feat") as f:
+            base = b.add(b.mul(b.add(b.mul(blk, i64(NB)), f), i64(row_bytes)), b.mul(sb, i64(BLOCK)))
+            drow = b.mul(f, i64(QK))
+            decode_super_block(k, W, base, lambda off, w: DEC.store(w, b.add(drow, i64(off))))
+        # columns past N (the last block) hold stale values: their outputs are never stored
+        with loop(b, 0, NB // 8, name="j8") as j8:
+            with loop(b, 0, QK // 8, name="c8") as c:
+                vs = [DEC.load(b.add(b.mul(b.add(b.mul(j8, i64(8)), i64(f)), i64(QK)), b.mul(c, i64(8))))
+                      for f in range(8)]
+                for r, v in enumerate(transpose8(b, vs)):
+                    PANEL.store(v, b.add(b.mul(b.add(b.mul(c, i64(8)), i64(r)), i64(NB)), b.mul(j8, i64(8))))
+
+    return gemm_panels(k, node, rows, K, N, nblk, p, dequant)

@@ -164,18 +164,21 @@ def gguf_blocks():
 
 def matmul_q_gemm():
     """matmul_q with enough rows of x for the GEMM (codegen/matmul_q_gemm.py): i8 with
-    zero points, a short last group, odd N; a Q4_K weight (two-level scales)."""
+    zero points, a short last group, odd N; a Q4_K weight (two-level scales); matmul_ggml
+    (Q6_K) through the same GEMM."""
     from sqk.ir import blocks
 
     b = GraphBuilder("matmul_q_gemm")
     rng = np.random.default_rng(0)
-    x, x2 = b.input("x", (13, 100)), b.input("x2", (9, 256))
+    x, x2 = b.input("x", (13, 100)), b.input("x2", (21, 256))
     q = b.const(rng.integers(-128, 128, (100, 70)).astype(np.int8), "i8", name="q")
     s = b.const(rng.uniform(0.01, 0.05, (4, 70)).astype(np.float16), "f16", name="s")
     z = b.const(rng.integers(-4, 4, (4, 70)).astype(np.int8), "i8", name="z")
     raw = rng.integers(0, 256, (37, blocks.block_type("Q4_K").nbytes), dtype=np.uint8)
     w = blocks.Weight(b, "Q4_K", raw, (37, 256), name="wk")
-    return b.output(b.matmul_q(x, q, s, z, group=32), w.matmul(x2))
+    raw6 = rng.integers(0, 256, (70, blocks.block_type("Q6_K").nbytes), dtype=np.uint8)
+    w6 = blocks.Weight(b, "Q6_K", raw6, (70, 256), name="w6")
+    return b.output(b.matmul_q(x, q, s, z, group=32), w.matmul(x2), w6.matmul(x2))
 
 
 FAMILIES = {

@@ -15,7 +15,7 @@ from sqk.codegen import matmul_q_gemm
 from sqk.codegen.target import get_target
 from sqk.ir import blocks
 from test_matmul_q import qgraph
-from test_matmul_q_gguf import gguf_graph
+from test_matmul_q_gguf import gguf_graph, random_blocks
 
 
 def test_takes_gemm():
@@ -33,7 +33,8 @@ def test_takes_gemm():
 
 # (M, K, N, q dtype, group, zeros, scales dtype, x dtype)
 CASES = [
-    (8, 64, 8, "i4", 32, False, "f32", "f32"),          # the threshold, one column vector
+    (9, 64, 8, "i4", 32, False, "f32", "f32"),          # below the threshold (the GEMV tiles)
+    (10, 64, 8, "i4", 32, False, "f32", "f32"),         # the threshold, one column vector
     (9, 100, 70, "i4", 32, True, "f16", "f32"),         # short last group, odd N, zeros
     (31, 96, 131, "i8", 96, False, "f32", "f32"),       # per-channel, N % 64 != 0, M not a tile multiple
     (64, 576, 192, "i4", 32, False, "f16", "f32"),      # a SmolLM2 k projection: K blocks of 256
@@ -67,7 +68,7 @@ def test_gemm_without_avx2(monkeypatch):
 
 
 @pytest.mark.parametrize("name", blocks.QUANTIZED)
-@pytest.mark.parametrize("M, N, nb", [(8, 67, 1), (64, 130, 2), (75, 33, 3)], ids=str)
+@pytest.mark.parametrize("M, N, nb", [(10, 67, 1), (64, 130, 2), (75, 33, 3)], ids=str)
 def test_gemm_gguf(name, M, N, nb):
     """Every GGUF type (Q6_K runs matmul_ggml), against numpy's dequantize-then-matmul."""
     K = nb * blocks.TYPES[name].block
@@ -97,3 +98,35 @@ def test_gemm_non_finite_scales():
 def test_gemm_random_shapes(m, k, n, qdt, group, zeros, sdt):
     g, inputs = qgraph((m,), k, n, qdt, group or k, zeros, sdt, seed=m * 1000 + k)
     check(g, inputs)
+
+
+def ggml_graph(M, N, K, seed=0, x_dtype="f32"):
+    """x[M, K] @ W.T with W random Q6_K blocks kept as they are (matmul_ggml)."""
+    rng = np.random.default_rng(seed)
+    raw = random_blocks("Q6_K", N, K, rng)
+    b = sqk.GraphBuilder("q6_k")
+    x = b.input("x", (M, K), x_dtype)
+    g = b.output(blocks.Weight(b, "Q6_K", raw, (N, K), name="w").matmul(x))
+    assert [n.op for n in g.nodes if n.op.startswith("matmul")] == ["matmul_ggml"]
+    return g, {"x": rand((M, K), x_dtype, rng, -1, 1)}, blocks.dequantize("Q6_K", raw, (N, K))
+
+
+def test_takes_ggml_gemm():
+    """matmul_ggml (Q6_K) takes the GEMM from GGML_MIN_ROWS rows of x."""
+    host = get_target("host")
+    at = matmul_q_gemm.GGML_MIN_ROWS
+    for M, want in ((at - 1, False), (at, True)):
+        g, _, _ = ggml_graph(M, 8, 256)
+        n = next(n for n in g.nodes if n.op == "matmul_ggml")
+        assert matmul_q_gemm.takes_ggml_gemm(n, host) is want
+        assert not matmul_q_gemm.takes_ggml_gemm(n, get_target("riscv64"))
+
+
+@pytest.mark.parametrize("M, N, nb, xdt", [(20, 64, 1, "f32"), (33, 200, 2, "f16"), (150, 7, 1, "f32")])
+def test_ggml_gemm(M, N, nb, xdt):
+    """matmul_ggml's GEMM: one and several super-blocks, a whole, several and a partial
+    column block, f16 x, more rows than a chunk."""
+    g, inputs, w = ggml_graph(M, N, nb * 256, seed=M, x_dtype=xdt)
+    m = check(g, inputs)
+    assert_close(m(**inputs), (inputs["x"].astype(np.float64) @ w.T.astype(np.float64)).astype(inputs["x"].dtype),
+                 what="against numpy dequantize-then-matmul")
