@@ -66,12 +66,13 @@ def gemm_geometry(target, rows: int, K: int, group: int, nblk: int) -> dict:
     while nblk * chunks < MIN_ITEMS and cdiv(rows, chunks + 1) >= 4 * MR:
         chunks += 1
     mc = rows if chunks == 1 else MR * cdiv(cdiv(rows, chunks), MR)
-    g = min(group, K)
+    g = max(1, min(group, K))
     if g <= KC:
         kc = g * (KC // g)
     else:   # a long group: a divisor of it (not too short), else the whole group
         kc = next((d for d in range(KC, 31, -1) if g % d == 0), g)
-    return dict(lanes=lanes, MR=MR, NR=NR, NRL=NR * lanes, mc=mc, kc=min(kc, K), seg=min(g, kc))
+    kc = max(1, min(kc, K))   # (K = 0: no K block at all)
+    return dict(lanes=lanes, MR=MR, NR=NR, NRL=NR * lanes, mc=mc, kc=kc, seg=min(g, kc))
 
 
 def emit_gemm(k: Kernel, node: Node):
@@ -193,18 +194,11 @@ def gemm_panels(k: Kernel, node: Node, rows: int, K: int, N: int, nblk: int, p: 
                 if r % MR:
                     xrows = [b.mul(b.add(m_first, i64(full + i)), i64(K)) for i in range(r % MR)]
                     micro(xrows, i64(full), r % MR, sp * NRL, k0, kc)
-        col0 = b.mul(blk, i64(NB))
-        for m in range(r) if r <= 8 else ():
-            store_row(i64(m), m_first, col0, ncols)
-        if r > 8:
-            with loop(b, 0, r, name="st") as m:
-                store_row(m, m_first, col0, ncols)
-
-    def store_row(m, m_first, col0, ncols):
-        yrow = b.add(b.mul(b.add(m_first, m), i64(N)), col0)
-        for v in range(cdiv(ncols, lanes)):
-            Y.store(ACC.load(b.add(b.mul(m, i64(NB)), i64(v * lanes))), b.add(yrow, i64(v * lanes)),
-                    min(lanes, ncols - v * lanes))
+        with loop(b, 0, r, name="st") as m:   # ytile -> y, masked past N
+            yrow = b.add(b.mul(b.add(m_first, m), i64(N)), b.mul(blk, i64(NB)))
+            for v in range(cdiv(ncols, lanes)):
+                Y.store(ACC.load(b.add(b.mul(m, i64(NB)), i64(v * lanes))), b.add(yrow, i64(v * lanes)),
+                        min(lanes, ncols - v * lanes))
 
     def by_cols(blk, m_first, r):
         if N % NB:
@@ -271,8 +265,7 @@ def emit_ggml_gemm(k: Kernel, node: Node):
         k.finish()
         return 0, 1
     nblk = cdiv(N, NB)
-    p = gemm_geometry(k.target, rows, K, QK, nblk)   # K blocks of one super-block
-    assert p["kc"] == QK
+    p = gemm_geometry(k.target, rows, K, QK, nblk)   # K blocks of one super-block (K is a multiple of QK)
     b = k.b
     W = k.args[1]
     row_bytes = K // QK * BLOCK

@@ -54,6 +54,19 @@ def test_gemm(case):
     check(g, inputs)
 
 
+def test_gemm_empty_k():
+    """K = 0: y is zeros (no K block)."""
+    for qdt in ("i4", "i8"):
+        g, inputs = qgraph((12,), 0, 70, qdt, 32)
+        out = check(g, inputs)(**inputs)
+        assert out.shape == (12, 70) and not out.any()
+    b = sqk.GraphBuilder("q6_k_empty")
+    x = b.input("x", (25, 0))
+    g = b.output(blocks.Weight(b, "Q6_K", np.zeros((7, 0), np.uint8), (7, 0), name="w").matmul(x))
+    out = check(g, {"x": np.zeros((25, 0), np.float32)})(x=np.zeros((25, 0), np.float32))
+    assert out.shape == (25, 7) and not out.any()
+
+
 def test_gemm_batched_x_and_threads():
     """Leading dims of x fold into rows; two threads split the items."""
     g, inputs = qgraph((3, 7), 96, 200, "i4", 32, zeros=True, seed=5)
