@@ -29,13 +29,17 @@ def test_takes_gemm():
     assert not matmul_q_gemm.takes_gemm(n, get_target("riscv64"))
     g1, _ = qgraph((1,), 64, 8, "i4", 32)
     assert not matmul_q_gemm.takes_gemm(next(n for n in g1.nodes if n.op == "matmul_q"), host)
+    b = sqk.GraphBuilder("i8act")
+    g8 = b.output(b.matmul_q(b.input("x", (64, 64)), b.const(np.ones((64, 8), np.int8), "i4"),
+                             b.const(np.ones((2, 8), np.float32)), group=32, activations="int8"))
+    assert not matmul_q_gemm.takes_gemm(next(n for n in g8.nodes if n.op == "matmul_q"), host)
 
 
 # (M, K, N, q dtype, group, zeros, scales dtype, x dtype)
 CASES = [
     (9, 64, 8, "i4", 32, False, "f32", "f32"),          # below the threshold (the GEMV tiles)
     (10, 64, 8, "i4", 32, False, "f32", "f32"),         # the threshold, one column vector
-    (9, 100, 70, "i4", 32, True, "f16", "f32"),         # short last group, odd N, zeros
+    (11, 100, 70, "i4", 32, True, "f16", "f32"),        # short last group, odd N, zeros
     (31, 96, 131, "i8", 96, False, "f32", "f32"),       # per-channel, N % 64 != 0, M not a tile multiple
     (64, 576, 192, "i4", 32, False, "f16", "f32"),      # a SmolLM2 k projection: K blocks of 256
     (97, 200, 65, "i8", 64, True, "f32", "f32"),        # short last group and K block, zeros
