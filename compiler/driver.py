@@ -11,12 +11,10 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
-
 from .. import __version__
 from ..ir.graph import Graph
 from ..ir.verify import verify
-from ..runtime.abi import manifest_hash
+from ..runtime.abi import manifest_hash, storage_bytes
 from ..runtime.module import ARTIFACT_FORMAT, Module, cpuinfo_name, host_cpu_flags, sha256_file
 from .calibration import Calibration, CalibrationError
 from .cost import kernel_costs
@@ -260,18 +258,6 @@ def write_constants(path: str, plan) -> None:
             f.write(data)
             pos = off + len(data)
         f.write(b"\0" * (plan.const_bytes - pos))
-
-
-def storage_bytes(arr: np.ndarray, dtype) -> bytes:
-    """Bytes of a constant as kernels read it: little-endian, C order; i4 packs
-    two values per byte, element 2i in the low nibble, 2i+1 in the high one."""
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    if dtype.name == "i4":
-        u = (flat.astype(np.int16) & 0xF).astype(np.uint8)
-        if u.size % 2:
-            u = np.append(u, np.uint8(0))
-        return (u[0::2] | (u[1::2] << 4)).tobytes()
-    return flat.astype(flat.dtype.newbyteorder("<")).tobytes()
 
 
 def _generated_signature():
