@@ -253,7 +253,7 @@ def _cmd_dump(a) -> None:
 def _cmd_viz(a) -> None:
     from ..codegen.target import get_target
     from .dump import run_pipeline
-    from .viz import write
+    from ..tools.viz import write
 
     g, pipeline, target = _model_graph(a)
     if a.after:
@@ -355,13 +355,13 @@ def _model_info(a) -> None:
 
 
 def _cmd_demo(a) -> None:
-    from .demo import run
+    from ..tools.demo import run
 
     run(a.target)
 
 
 def _cmd_bench(a) -> None:
-    from .bench import bench
+    from ..tools.bench import bench
 
     if a.runs < 1 or a.probe_mib < 1:
         raise ValueError("--runs and --probe-mib must be >= 1")
