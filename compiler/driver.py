@@ -86,20 +86,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | list[Pass] | Non
     if not isinstance(graph, Graph):
         raise TypeError(f"compile() takes a sqk.Graph, got {type(graph).__name__}")
     tgt = get_target(target)
-    shorthand = shorthand_pipeline(quantize, sparsify, **options)   # None without shorthands
-    if shorthand is not None and pipeline is not None:
-        given = [k for k, v in dict(sparsify=sparsify, quantize=quantize, **options).items() if v is not None]
-        raise PipelineError(f"give either pipeline= or {'/'.join(k + '=' for k in given)}, not both (they mean "
-                            f"pipeline={shorthand!r}; add the passes there)")
-    if isinstance(pipeline, (list, tuple)):
-        passes = list(pipeline)
-        bad = [p for p in passes if not isinstance(p, Pass)]
-        if bad:
-            raise PipelineError(f"pipeline= as a list holds Pass objects, got {type(bad[0]).__name__}")
-        spec = ",".join(p.spelling() for p in passes)
-    else:
-        spec = shorthand or (DEFAULT_PIPELINE if pipeline is None else pipeline)
-        passes = parse_pipeline(spec)
+    spec, passes = _passes(pipeline, quantize, sparsify, options)
     calib = None
     if calibration_data is not None:
         if not any(p.reads_calibration for p in passes):
@@ -142,27 +129,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | list[Pass] | Non
     if tgt.name != "host":
         os.chmod(os.path.join(out, code_name), 0o755)
     write_constants(os.path.join(out, "constants.bin"), plan)
-    target_json = tgt.to_json()
-    if tgt.name == "host":
-        flags = host_cpu_flags()  # only features the loader can check on another machine
-        target_json["required_features"] = [f for f in tgt.enabled_features if cpuinfo_name(f) in flags]
-    else:
-        target_json["vlen"] = vlen or 256
-    io = lambda vs: [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in vs]  # noqa: E731
-    manifest = {
-        "format": "sqk-artifact", "format_version": ARTIFACT_FORMAT, "sqk_version": __version__,
-        "name": g.name, "target": target_json,
-        "inputs": io(g.inputs), "outputs": io(g.outputs),
-        "arena_bytes": plan.arena_bytes, "intermediate_bytes": plan.intermediate_bytes,
-        "threads": threads or 0, "pipeline": spec,
-        "kernels": [dict({"name": s.name, "range": s.range, "grain": s.grain},
-                         **({"bytes": c[0], "flops": c[1]} if c else {}),
-                         **({"index_error": s.index_error} if s.index_error else {}))
-                    for s, c in zip(steps, kernel_costs(g, steps, plan.buffers, plan.const_sizes, in_place))],
-        "code": {"file": code_name, "sha256": sha256_file(os.path.join(out, code_name))},
-        "constants": {"file": "constants.bin", "bytes": plan.const_bytes,
-                      "sha256": sha256_file(os.path.join(out, "constants.bin"))},
-    }
+    manifest = _manifest(out, g, tgt, plan, steps, spec, code_name, threads=threads, vlen=vlen, in_place=in_place)
     if pairs:
         manifest["state"] = [{"input": v.name, "output": c[-1].name} for v, c in pairs.items()]
     if report is not None:
@@ -181,6 +148,50 @@ def compile(graph: Graph, target: str = "host", pipeline: str | list[Pass] | Non
         m.manifest = manifest
     m.report = report
     return m
+
+
+def _passes(pipeline, quantize, sparsify, options: dict) -> tuple[str, list]:
+    """(the pipeline's spelling, its passes) from compile()'s pipeline= (a string or a list
+    of passes) or its shorthands (one or the other)."""
+    shorthand = shorthand_pipeline(quantize, sparsify, **options)   # None without shorthands
+    if shorthand is not None and pipeline is not None:
+        given = [k for k, v in dict(sparsify=sparsify, quantize=quantize, **options).items() if v is not None]
+        raise PipelineError(f"give either pipeline= or {'/'.join(k + '=' for k in given)}, not both (they mean "
+                            f"pipeline={shorthand!r}; add the passes there)")
+    if isinstance(pipeline, (list, tuple)):
+        passes = list(pipeline)
+        bad = [p for p in passes if not isinstance(p, Pass)]
+        if bad:
+            raise PipelineError(f"pipeline= as a list holds Pass objects, got {type(bad[0]).__name__}")
+        return ",".join(p.spelling() for p in passes), passes
+    spec = shorthand or (DEFAULT_PIPELINE if pipeline is None else pipeline)
+    return spec, parse_pipeline(spec)
+
+
+def _manifest(out: str, g: Graph, tgt, plan, steps, spec: str, code_name: str, threads, vlen, in_place) -> dict:
+    """The manifest of the artifact in ``out`` (its code and constants written already;
+    schema: runtime/abi.py validate_manifest), without state, report and content hash."""
+    target_json = tgt.to_json()
+    if tgt.name == "host":
+        flags = host_cpu_flags()  # only features the loader can check on another machine
+        target_json["required_features"] = [f for f in tgt.enabled_features if cpuinfo_name(f) in flags]
+    else:
+        target_json["vlen"] = vlen or 256
+    io = lambda vs: [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in vs]  # noqa: E731
+    return {
+        "format": "sqk-artifact", "format_version": ARTIFACT_FORMAT, "sqk_version": __version__,
+        "name": g.name, "target": target_json,
+        "inputs": io(g.inputs), "outputs": io(g.outputs),
+        "arena_bytes": plan.arena_bytes, "intermediate_bytes": plan.intermediate_bytes,
+        "threads": threads or 0, "pipeline": spec,
+        "kernels": [dict({"name": s.name, "range": s.range, "grain": s.grain},
+                         **({"bytes": c[0], "flops": c[1]} if c else {}),
+                         **({"index_error": s.index_error} if s.index_error else {}))
+                    for s, c in zip(steps, kernel_costs(g, steps, plan.buffers, plan.const_sizes, in_place))],
+        "code": {"file": code_name, "sha256": sha256_file(os.path.join(out, code_name))},
+        "constants": {"file": "constants.bin", "bytes": plan.const_bytes,
+                      "sha256": sha256_file(os.path.join(out, "constants.bin"))},
+    }
 
 
 def _end_to_end(graph: Graph, compiled: Graph, module: Module, tgt, calib) -> dict:
