@@ -10,9 +10,10 @@ from .passes import PASSES, Pass  # noqa: F401
 
 from .. import lazy_submodules as _lazy
 
-# Modules that moved to sqk.tools (not the compiler): their old paths stay importable.
+# Modules that moved out of the compiler (to sqk.tools; the LLM driver to sqk.llm): their
+# old paths stay importable, as the very same modules.
 MOVED = {"models": "tools.models", "demo": "tools.demo", "bench": "tools.bench", "probe": "tools.probe",
-         "viz": "tools.viz"}
+         "viz": "tools.viz", "llm": "llm.decoder"}
 _ROOT = __name__.rpartition(".")[0]   # "sqk"
 
 
@@ -37,10 +38,14 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
     sys.meta_path.append(_MovedFinder())
 
-_getattr, __dir__ = _lazy(__name__, __path__)  # sqk.X.module works after `import sqk`
+_getattr, _dir = _lazy(__name__, __path__)  # sqk.X.module works after `import sqk`
 
 
 def __getattr__(attr):
     if attr in MOVED:
         return importlib.import_module(f"{__name__}.{attr}")
     return _getattr(attr)
+
+
+def __dir__():
+    return sorted(set(_dir()) | set(MOVED))

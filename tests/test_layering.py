@@ -133,7 +133,7 @@ def test_elementwise_ops_have_per_element_code():
 
 
 def test_moved_modules_keep_their_old_paths():
-    """models, demo, bench, probe and viz moved from compiler/ to tools/: the old import paths
+    """models, demo, bench, probe and viz moved from compiler/ to tools/ (the LLM driver to llm/): the old import paths
     give the same module objects, also as attributes after a plain `import sqk` (in a fresh
     interpreter, so nothing was imported before)."""
     import subprocess
@@ -145,6 +145,10 @@ def test_moved_modules_keep_their_old_paths():
             "import sqk.compiler.bench as b, sqk.compiler.demo as d\n"
             "assert read_bandwidth is sqk.tools.probe.read_bandwidth and models is sqk.tools.models\n"
             "assert b is sqk.tools.bench and d is sqk.tools.demo\n"
+            "from sqk.compiler.llm import Decoder, build_decoder\n"
+            "import sqk.llm.decoder\n"
+            "assert sqk.compiler.llm is sqk.llm.decoder and Decoder is sqk.llm.decoder.Decoder\n"
+            "assert {'viz', 'models', 'llm', 'driver'} <= set(dir(sqk.compiler))\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "ok", r.stderr
