@@ -113,3 +113,19 @@ def test_a_pass_declares_that_it_reads_calibration(monkeypatch):
     with pytest.raises(PipelineError, match="calibration_data= needs a quantize pass"):
         sqk.compile(g, pipeline="fold_constants,dce,fuse", calibration_data=[{"x": np.zeros((3, 64), F32)}])
 
+
+
+def test_cli_flags_come_from_the_fields(tmp_path, capsys):
+    """Flags the hand-written parser never had (--damp, --act-order, --min-bytes) reach the passes."""
+    from sqk.compiler.cli import main
+
+    g = two_layer()
+    path, calib, out = str(tmp_path / "two.sqkir"), str(tmp_path / "calib.npz"), str(tmp_path / "o.sqk")
+    sqk.save_ir(g, path)
+    np.savez(calib, x=np.random.default_rng(2).standard_normal((4, 3, 64)).astype(F32))
+    assert main(["compile", path, "-o", out, "--quantize", "int4", "--quantize-method", "gptq", "--damp", "0.05",
+                 "--act-order", "--calibration", calib, "--min-bytes", "0", "--quiet"]) == 0
+    assert sqk.load(out).manifest["pipeline"] == ("fold_constants,quantize{weights=int4,method=gptq,damp=0.05,"
+                                                  "act_order=True},select_format{min_bytes=0},dce,fuse")
+    assert main(["compile", path, "-o", out, "--damp", "0.05"]) == 1
+    assert "damp= only apply with sparsify=\"PATTERN\" or quantize=\"int8\" or \"int4\"" in capsys.readouterr().err
