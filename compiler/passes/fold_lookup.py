@@ -34,7 +34,6 @@ that table by the same ids (plus a ``reshape`` when its shape is not
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from ...ir.graph import Graph, Node, TensorType, Value
@@ -100,7 +99,6 @@ class FoldLookupExperts(Pass):
     name = "fold_lookup_experts"
     max_bytes: int = 1 << 30
     chunk: int = 512
-
 
     def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
         consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}

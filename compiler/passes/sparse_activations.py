@@ -61,7 +61,6 @@ class SparseActivations(Pass):
     max_rows: int = 4
     min_bytes: int = 64 << 10
 
-
     def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
         prod = graph.producers()
         consts = {n.output for n in graph.nodes if n.op == "const"}
