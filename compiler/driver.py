@@ -14,7 +14,7 @@ import time
 from .. import __version__
 from ..ir.graph import Graph
 from ..ir.verify import verify
-from ..runtime.abi import manifest_hash, storage_bytes
+from ..runtime.abi import storage_bytes, write_manifest
 from ..runtime.module import ARTIFACT_FORMAT, Module, cpuinfo_name, host_cpu_flags, sha256_file
 from .calibration import Calibration, CalibrationError
 from .cost import kernel_costs
@@ -249,13 +249,6 @@ def write_report(path: str, report) -> dict:
     with open(path, "w") as f:  # numpy scalars as Python numbers; tuples become lists
         json.dump(data, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     return {"file": os.path.basename(path), "sha256": sha256_file(path)}
-
-
-def write_manifest(out: str, manifest: dict) -> None:
-    """Write ``out``/manifest.json with its content hash (over everything else in it)."""
-    manifest["content_hash"] = manifest_hash(manifest)
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
 
 
 def write_constants(path: str, plan) -> None:

@@ -1,6 +1,7 @@
 """The artifact contract: the runtime ABI (version, buffer kinds, error codes,
 dtype codes, the program table's struct layouts), the storage layout of
-constants, and the manifest schema.
+constants, and the manifest schema (``write_manifest``, ``read_manifest``,
+``validate_manifest``).
 
 One place for what codegen, the driver and the loader must agree on (the C
 side is runtime/sqk_runtime.h; tests/test_abi.py holds these against it).  The manifest is validated field by field here; a
@@ -51,6 +52,7 @@ STRUCTS = {
                     ("needs_vector", "i64")),
 }
 INT64_MAX = (1 << 63) - 1
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB; refuse to parse a giant one
 IO_DTYPES = {d.name: d for d in dtypes.IO}   # dtypes a model takes and returns
 
 # A file an artifact names: one plain component (no separator, no "..", not hidden).
@@ -235,6 +237,36 @@ def validate_manifest(m, where: str = "manifest.json") -> dict:
     if not _SHA256.fullmatch(h):
         c.fail("content_hash", f"{h!r} is not a sha256 hex digest")
     return m
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of the artifact directory ``path``, checked against the
+    schema (``abi.validate_manifest``); ArtifactError naming the problem."""
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise ArtifactError(f"{path}: not an artifact directory")
+    try:
+        with open(mpath, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath}: more than {MAX_MANIFEST_BYTES >> 20} MB, not a manifest")
+        m = json.loads(data.decode())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no manifest.json (not an sqk artifact, or a failed save)") from None
+    except OSError as e:
+        raise ArtifactError(f"{mpath}: cannot be read ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{mpath}: corrupt manifest ({e})") from None
+    return validate_manifest(m, mpath)
+
+
+def write_manifest(out: str, manifest: dict) -> None:
+    """Write ``out``/manifest.json with its content hash (over everything else in it),
+    checked against the schema first: the compiler never writes what the loader refuses."""
+    manifest["content_hash"] = manifest_hash(manifest)
+    validate_manifest(manifest, os.path.join(out, "manifest.json"))
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
 
 
 ELF_MACHINE = {"x86_64": 62, "aarch64": 183, "riscv64": 243}   # e_machine of a triple's architecture
