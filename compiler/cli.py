@@ -21,7 +21,7 @@
     sqk generate MODEL_DIR|MODEL.gguf --prompt TEXT [-n 64] [--temperature T] [--top-k K] [--top-p P]
                  [--seed S] [--threads N] [--max-seq S] [--chat]
     sqk perplexity MODEL_DIR|MODEL.gguf --text FILE [--ctx 512] [--stride S] [--chunks N]
-                   [--quantize int8|int4 [--group N]] [--threads N] [--kl-base MODEL|fp32]
+                   [--quantize int8|int4 [--group N] ...] [--threads N] [--kl-base MODEL|fp32]
     sqk --version
 
 MODEL is an IR text file, an ONNX model (.onnx; dump, viz and info take
@@ -136,8 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     pp.add_argument("--stride", type=int, default=None, help="llama.cpp's --ppl-stride (default: non-overlapping)")
     pp.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
-    pp.add_argument("--quantize", default=None, choices=("int8", "int4"), help="quantize the matmul weights")
-    pp.add_argument("--group", type=int, default=None, help="quantization group along K (int4 default 32)")
+    add_arguments(pp)   # --quantize, --group, ... as for compile
     pp.add_argument("--threads", type=int, default=None)
     pp.add_argument("--kl-base", default=None, metavar="MODEL|fp32",
                     help="also the mean KL divergence and top-1 agreement against this model "
@@ -400,10 +399,11 @@ def _cmd_generate(a) -> None:
 def _cmd_perplexity(a) -> None:
     """The figure with its uncertainty (and KL / top-1 against --kl-base)."""
     import sqk
+    from .shorthand import parsed_options
 
     with open(a.text, encoding="utf-8") as f:
         text = f.read()
-    opts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group)) if v is not None}
+    opts = parsed_options(a)
     dec = sqk.llm.load(a.model, max_seq=a.ctx, threads=a.threads, **opts)
     base = None
     if a.kl_base == "fp32":
