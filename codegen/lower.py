@@ -240,10 +240,9 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
             _forward(module, name, module.globals[first])
             steps.append(Step(name, tuple(ids), rng, grain, rename_values(message, first_node, n)))
         else:
-            k = Kernel(module, name, len(ids), target, aliased=aliased)
-            k.consts = node_consts
+            k = Kernel(module, name, len(ids), target, aliased=aliased, consts=node_consts)
             rng, grain = fn(k, n)
-            steps.append(Step(name, tuple(ids), rng, max(1, grain), getattr(k, "index_error", "")))
+            steps.append(Step(name, tuple(ids), rng, max(1, grain), k.index_error))
             shared[sig] = (name, rng, max(1, grain), steps[-1].index_error, n)
         if progress is not None:
             progress(len(steps), len(nodes))
