@@ -48,6 +48,7 @@ _LAZY = {
     "compiler": (".compiler", None),
     "codegen": (".codegen", None),
     "llm": (".llm", None),
+    "tools": (".tools", None),
     "load_llm": (".llm.loader", "load"),   # sqk.llm.load
 }
 

@@ -14,11 +14,10 @@ from llvmlite import ir
 
 from ..ir import dtypes as dt
 from ..ir.graph import IRError
+from ..runtime.abi import ERR_INDEX as SQK_ERR_INDEX
 from .elementwise import MIN_PARALLEL_WORK
 from .kernel import I1, I8, I64, PTR, Kernel, gep, i64, lltype, loop
 from .lower import emitter
-
-SQK_ERR_INDEX = 4  # runtime/sqk_runtime.h
 
 
 def checked_id(b, idp, ids_dtype, i, rows: int, fail):

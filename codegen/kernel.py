@@ -42,10 +42,14 @@ def i64(v):
 class Kernel:
     """One kernel function.  Emitters write into ``self.b`` (positioned in the
     body); ``self.args`` are the buffer pointers, ``self.begin``/``self.end``
-    the work-item range.  Call ``finish()`` (returns SQK_OK) when done."""
+    the work-item range.  Call ``finish()`` (returns SQK_OK) when done.
+    ``consts``: per input, its numpy value when it is a constant, else None (lower()
+    passes them: a kernel may specialize on known structure, e.g. sparsity).  An
+    emitter whose kernel can return SQK_ERR_INDEX says what it means in
+    ``index_error`` (the manifest keeps it; the loader adds it to the error message)."""
 
     def __init__(self, module: ir.Module, name: str, n_args: int, target, exported: bool = True,
-                 aliased: frozenset = frozenset()):
+                 aliased: frozenset = frozenset(), consts=()):
         self.module, self.name, self.target = module, name, target
         body_ty = ir.FunctionType(I32, [PTR] * n_args + [I64, I64])
         self.body = ir.Function(module, body_ty, name + ".body")
@@ -68,9 +72,8 @@ class Kernel:
         self.args = list(self.body.args[:n_args])
         self.begin, self.end = self.body.args[n_args], self.body.args[n_args + 1]
         self.error_block = None
-        # Per input: its numpy value when it is a constant, else None (set by
-        # lower()): lets a kernel specialize on known structure (sparsity).
-        self.consts: list = []
+        self.consts: list = list(consts)
+        self.index_error = ""
 
     def finish(self):
         self.b.ret(ir.Constant(I32, 0))

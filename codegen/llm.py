@@ -28,13 +28,12 @@ from llvmlite import ir
 
 from ..ir import dtypes as dt
 from ..ir.ops import rope_inv_freq
+from ..runtime.abi import ERR_INDEX as SQK_ERR_INDEX
 from .elementwise import MIN_PARALLEL_WORK, _elementwise, f_exp, f_sigmoid
 from .kernel import (F32, I1, I8, I64, PTR, Kernel, call_intrinsic, fconst, gep, i64, load_elem, load_vec,
                      lltype, loop, narrow, splat, store_elem, store_vec, widen)
 from .lower import emitter
 from .reduce import Accumulators, Combiner, blocks, entry_alloca, get, groups_at
-
-SQK_ERR_INDEX = 4  # runtime/sqk_runtime.h
 
 
 def stack_array(k: Kernel, ty, n: int):

@@ -18,10 +18,8 @@ from llvmlite import ir
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.sparsity import parse_format
+from ..runtime.abi import ABI_VERSION, BUF_ARENA, BUF_CONST, BUF_INPUT, BUF_OUTPUT, DTYPE_CODES, STRUCTS  # noqa: F401
 from .kernel import I8, I64, PTR, Kernel
-
-ABI_VERSION = 1
-BUF_INPUT, BUF_OUTPUT, BUF_CONST, BUF_ARENA = 0, 1, 2, 3
 
 # Keys are op names, or "op:kind" for a node whose ``sparse`` attribute names
 # a non-dense format of that kind (ir/sparsity.py): ``kernel_key(node)``.
@@ -242,10 +240,9 @@ def lower(graph: Graph, buffers: dict[Value, tuple[int, int]], arena_bytes: int,
             _forward(module, name, module.globals[first])
             steps.append(Step(name, tuple(ids), rng, grain, rename_values(message, first_node, n)))
         else:
-            k = Kernel(module, name, len(ids), target, aliased=aliased)
-            k.consts = node_consts
+            k = Kernel(module, name, len(ids), target, aliased=aliased, consts=node_consts)
             rng, grain = fn(k, n)
-            steps.append(Step(name, tuple(ids), rng, max(1, grain), getattr(k, "index_error", "")))
+            steps.append(Step(name, tuple(ids), rng, max(1, grain), k.index_error))
             shared[sig] = (name, rng, max(1, grain), steps[-1].index_error, n)
         if progress is not None:
             progress(len(steps), len(nodes))
@@ -304,11 +301,22 @@ def _forward(module: ir.Module, name: str, target_fn: ir.Function) -> None:
     b.ret(b.call(target_fn, list(fn.args)))
 
 
+def _struct_type(name: str) -> ir.LiteralStructType:
+    """The LLVM type of C struct ``name`` (runtime/abi.py STRUCTS: int64_t or pointer fields)."""
+    return ir.LiteralStructType([PTR if kind == "ptr" else I64 for _, kind in STRUCTS[name]])
+
+
+def _struct(struct: str, /, **fields) -> ir.Constant:
+    """A constant of C struct ``struct`` from its fields by name (ints become i64 constants)."""
+    order = [f for f, _ in STRUCTS[struct]]
+    if set(fields) != set(order):
+        raise ValueError(f"{struct}: fields {sorted(fields)}, the ABI has {order}")
+    return ir.Constant(_struct_type(struct), [ir.Constant(I64, fields[f]) if isinstance(fields[f], int) else fields[f]
+                                            for f in order])
+
+
 def _program_table(module, graph, buf_list, steps, arena_bytes, const_bytes, target):
-    tensor_t = ir.LiteralStructType([PTR, I64, I64, PTR, I64])
-    step_t = ir.LiteralStructType([PTR, PTR, PTR, I64, I64, I64])
-    buf_t = ir.LiteralStructType([I64, I64, I64])
-    prog_t = ir.LiteralStructType([I64, PTR, I64, PTR, I64, PTR, I64, PTR, I64, PTR, I64, I64, I64])
+    tensor_t, step_t, buf_t = (_struct_type(n) for n in ("sqk_tensor_info", "sqk_step", "sqk_buffer"))
     null = ir.Constant(PTR, None)
 
     def tensors(values, tag):
@@ -316,25 +324,25 @@ def _program_table(module, graph, buf_list, steps, arena_bytes, const_bytes, tar
         for j, v in enumerate(values):
             shape = _array(module, I64, [ir.Constant(I64, d) for d in v.shape], f"{tag}.shape.{j}") \
                 if v.shape else null
-            infos.append(ir.Constant(tensor_t, [_cstring(module, v.name, f"{tag}.name.{j}"),
-                                                 ir.Constant(I64, v.dtype.code), ir.Constant(I64, len(v.shape)),
-                                                 shape, ir.Constant(I64, v.type.nbytes)]))
+            infos.append(_struct("sqk_tensor_info", name=_cstring(module, v.name, f"{tag}.name.{j}"),
+                                 dtype=DTYPE_CODES[v.dtype.name], rank=len(v.shape), shape=shape,
+                                 nbytes=v.type.nbytes))
         return _array(module, tensor_t, infos, tag) if infos else null
 
     step_consts = []
     for s in steps:
         args = _array(module, I64, [ir.Constant(I64, a) for a in s.args], f"{s.name}.args")
-        step_consts.append(ir.Constant(step_t, [_cstring(module, s.name, f"{s.name}.name"),
-                                                module.globals[s.name], args, ir.Constant(I64, len(s.args)),
-                                                ir.Constant(I64, s.range), ir.Constant(I64, s.grain)]))
-    bufs = [ir.Constant(buf_t, [ir.Constant(I64, x) for x in b]) for b in buf_list]
-    g = ir.GlobalVariable(module, prog_t, "sqk_model")
+        step_consts.append(_struct("sqk_step", name=_cstring(module, s.name, f"{s.name}.name"),
+                                   fn=module.globals[s.name], args=args, n_args=len(s.args), range=s.range,
+                                   grain=s.grain))
+    bufs = [_struct("sqk_buffer", kind=kind, index=index, nbytes=nbytes) for kind, index, nbytes in buf_list]
+    g = ir.GlobalVariable(module, _struct_type("sqk_program"), "sqk_model")
     g.global_constant = True
-    g.initializer = ir.Constant(prog_t, [
-        ir.Constant(I64, ABI_VERSION), _cstring(module, graph.name, "model.name"),
-        ir.Constant(I64, len(graph.inputs)), tensors(graph.inputs, "inputs"),
-        ir.Constant(I64, len(graph.outputs)), tensors(graph.outputs, "outputs"),
-        ir.Constant(I64, len(bufs)), _array(module, buf_t, bufs, "buffers") if bufs else null,
-        ir.Constant(I64, len(steps)), _array(module, step_t, step_consts, "steps") if steps else null,
-        ir.Constant(I64, arena_bytes), ir.Constant(I64, const_bytes),
-        ir.Constant(I64, int(target.name == "riscv64" and target.has_vector))])
+    g.initializer = _struct(
+        "sqk_program", abi_version=ABI_VERSION, name=_cstring(module, graph.name, "model.name"),
+        n_inputs=len(graph.inputs), inputs=tensors(graph.inputs, "inputs"),
+        n_outputs=len(graph.outputs), outputs=tensors(graph.outputs, "outputs"),
+        n_buffers=len(bufs), buffers=_array(module, buf_t, bufs, "buffers") if bufs else null,
+        n_steps=len(steps), steps=_array(module, step_t, step_consts, "steps") if steps else null,
+        arena_bytes=arena_bytes, const_bytes=const_bytes,
+        needs_vector=int(target.name == "riscv64" and target.has_vector))

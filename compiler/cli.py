@@ -6,10 +6,12 @@
                 [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
                 [--quantize int8|int4 [--group N] [--scheme sym|asym] [--scale-dtype f32|f16]
                  [--skip W1|W2] [--max-error E] [--activations none|int8]
-                 [--quantize-method rtn|gptq|awq|imatrix]]
+                 [--quantize-method rtn|gptq|awq|imatrix] ...]
                 [--sparsify unstructured|N:M|block=RxC [--sparsity F]
-                 [--sparsify-method magnitude|wanda|sparsegpt]] [--format NAME:FMT ...]
+                 [--sparsify-method magnitude|wanda|sparsegpt] ...] [--format NAME:FMT ...]
                 [--calibration FILE.npz] [--report]
+                (every option of the quantize, sparsify and select_format passes is a flag:
+                 compiler/shorthand.py; `sqk compile --help` lists them)
     sqk dump MODEL [--after PASS] [--pipeline P] [--llvm | --asm [--kernel NAME] [--target T]]
     sqk viz MODEL -o graph.svg|.png|.pdf|.dot|.html [--after PASS] [--pipeline P]
     sqk run OUT.sqk --input x=x.npy ... [--output-dir D]
@@ -19,7 +21,7 @@
     sqk generate MODEL_DIR|MODEL.gguf --prompt TEXT [-n 64] [--temperature T] [--top-k K] [--top-p P]
                  [--seed S] [--threads N] [--max-seq S] [--chat]
     sqk perplexity MODEL_DIR|MODEL.gguf --text FILE [--ctx 512] [--stride S] [--chunks N]
-                   [--quantize int8|int4 [--group N]] [--threads N] [--kl-base MODEL|fp32]
+                   [--quantize int8|int4 [--group N] ...] [--threads N] [--kl-base MODEL|fp32]
     sqk --version
 
 MODEL is an IR text file, an ONNX model (.onnx; dump, viz and info take
@@ -49,6 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from .. import __version__
+    from .shorthand import add_arguments
 
     p = _Parser(prog="sqk", description="sqk: compile neural-network graphs to native kernels")
     p.add_argument("--version", action="version", version=f"sqk {__version__}")
@@ -67,30 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-dir", default=None, help="where dumps go (default ./sqk-dump)")
     c.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     c.add_argument("--quiet", action="store_true", help="print nothing on success (and no progress bar)")
-    c.add_argument("--quantize", default=None, choices=("int8", "int4"),
-                   help="quantize matmul weights (shorthand for a pipeline with the quantize pass)")
-    c.add_argument("--group", type=int, default=None, help="quantization group along K (int4 default 32)")
-    c.add_argument("--scheme", default=None, choices=("sym", "asym"), help="symmetric (default) or zero points")
-    c.add_argument("--scale-dtype", default=None, choices=("f32", "f16"), help="scale storage (default f32)")
-    c.add_argument("--skip", default=None, metavar="W1|W2", help="weight constants to leave in float")
-    c.add_argument("--max-error", type=float, default=None,
-                   help="keep in float each layer whose relative L2 output error exceeds this")
-    c.add_argument("--activations", default=None, choices=("none", "int8"),
-                   help="int8: quantize activations per row and group at run time (symmetric int4 or int8 weights)")
-    c.add_argument("--quantize-method", default=None, choices=("rtn", "gptq", "awq", "imatrix"),
-                   help="how weights are rounded (default rtn; the others need --calibration)")
     c.add_argument("--calibration", default=None, metavar="FILE.npz",
                    help="calibration samples: one array per model input, named as the input, with a leading "
                         "sample axis (gptq/awq/imatrix/wanda/sparsegpt read them; the report measures on them)")
-    c.add_argument("--sparsify", default=None, metavar="unstructured|N:M|block=RxC",
-                   help="prune matmul weights by magnitude, then choose each weight's storage format "
-                        "(shorthand for a pipeline with the sparsify and select_format passes)")
-    c.add_argument("--sparsify-method", default=None, choices=("magnitude", "wanda", "sparsegpt"),
-                   help="how weights are chosen for pruning (default magnitude; the others need --calibration)")
-    c.add_argument("--sparsity", type=float, default=None,
-                   help="fraction of zeros for unstructured and block patterns (default 0.5)")
-    c.add_argument("--format", action="append", default=None, metavar="NAME:FMT", dest="force",
-                   help="store weight NAME as FMT (dense, csr, bsrRxC, nmN:M); repeatable (select_format's force)")
+    add_arguments(c)   # --quantize, --sparsify and every option of their passes (compiler/shorthand.py)
     c.add_argument("--report", action="store_true",
                    help="print the per-layer quantization, pruning and format tables")
     c.add_argument("--max-seq", type=int, default=None,
@@ -153,8 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     pp.add_argument("--stride", type=int, default=None, help="llama.cpp's --ppl-stride (default: non-overlapping)")
     pp.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
-    pp.add_argument("--quantize", default=None, choices=("int8", "int4"), help="quantize the matmul weights")
-    pp.add_argument("--group", type=int, default=None, help="quantization group along K (int4 default 32)")
+    add_arguments(pp)   # --quantize, --group, ... as for compile
     pp.add_argument("--threads", type=int, default=None)
     pp.add_argument("--kl-base", default=None, metavar="MODEL|fp32",
                     help="also the mean KL divergence and top-1 agreement against this model "
@@ -185,6 +167,7 @@ def _input_shapes(items) -> dict:
 def _cmd_compile(a) -> None:
     import sqk
     from .dump import is_artifact, load_model
+    from .shorthand import parsed_options
 
     from ..llm.artifact import is_llm_artifact
     from ..llm.loader import is_gguf
@@ -192,12 +175,7 @@ def _cmd_compile(a) -> None:
     if is_artifact(a.model) or is_llm_artifact(a.model):
         raise ValueError(f"{a.model} is a compiled artifact; compile the model it came from (an IR text file, "
                          "an ONNX model, a Hugging Face model directory or a GGUF file)")
-    qopts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group), ("scheme", a.scheme),
-                               ("scale_dtype", a.scale_dtype), ("skip", a.skip), ("max_error", a.max_error),
-                               ("activations", a.activations), ("sparsify", a.sparsify),
-                               ("sparsity", a.sparsity), ("force", a.force),
-                               ("quantize_method", a.quantize_method), ("method", a.sparsify_method))
-             if v is not None}
+    qopts = parsed_options(a)
     if os.path.isdir(a.model) or is_gguf(a.model):
         if a.calibration is not None:
             raise ValueError("--calibration (input samples as .npz) applies to graphs (IR text or ONNX), "
@@ -274,7 +252,7 @@ def _cmd_dump(a) -> None:
 def _cmd_viz(a) -> None:
     from ..codegen.target import get_target
     from .dump import run_pipeline
-    from .viz import write
+    from ..tools.viz import write
 
     g, pipeline, target = _model_graph(a)
     if a.after:
@@ -376,13 +354,13 @@ def _model_info(a) -> None:
 
 
 def _cmd_demo(a) -> None:
-    from .demo import run
+    from ..tools.demo import run
 
     run(a.target)
 
 
 def _cmd_bench(a) -> None:
-    from .bench import bench
+    from ..tools.bench import bench
 
     if a.runs < 1 or a.probe_mib < 1:
         raise ValueError("--runs and --probe-mib must be >= 1")
@@ -421,10 +399,11 @@ def _cmd_generate(a) -> None:
 def _cmd_perplexity(a) -> None:
     """The figure with its uncertainty (and KL / top-1 against --kl-base)."""
     import sqk
+    from .shorthand import parsed_options
 
     with open(a.text, encoding="utf-8") as f:
         text = f.read()
-    opts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group)) if v is not None}
+    opts = parsed_options(a)
     dec = sqk.llm.load(a.model, max_seq=a.ctx, threads=a.threads, **opts)
     base = None
     if a.kl_base == "fp32":

@@ -11,34 +11,30 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
-
 from .. import __version__
 from ..ir.graph import Graph
 from ..ir.verify import verify
-from ..runtime.abi import manifest_hash
+from ..runtime.abi import storage_bytes, write_manifest
 from ..runtime.module import ARTIFACT_FORMAT, Module, cpuinfo_name, host_cpu_flags, sha256_file
 from .calibration import Calibration, CalibrationError
 from .cost import kernel_costs
 from .dump import dump_codegen
 from .memory import plan_memory, state_pairs
 from .passes.report import combine_reports, end_to_end_error
-from .pipeline import DEFAULT_PIPELINE, TAIL, PassManager, PipelineError, parse_pipeline
+from .passes import Context, Pass
+from .pipeline import DEFAULT_PIPELINE, PassManager, PipelineError, parse_pipeline
 from .progress import Progress
+from .shorthand import options_doc, shorthand_pipeline, signature_parameters
 
 
-def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dump_after=None,
+def compile(graph: Graph, target: str = "host", pipeline: str | list[Pass] | None = None, dump_after=None,
             dump_dir: str | None = None, threads: int | None = None, vlen: int | None = None,
-            log=None, quantize: str | None = None, group: int | None = None, scheme: str | None = None,
-            scale_dtype: str | None = None, skip=None, max_error: float | None = None,
-            activations: str | None = None, calibration: str | None = None, calibration_data=None,
-            percentile: float | None = None, quantize_method: str | None = None,
-            sparsify: str | None = None, sparsity: float | None = None, method: str | None = None,
-            scope: str | None = None, force=None, formats=None,
-            progress: bool | None = None, state=None) -> Module:
+            log=None, quantize: str | None = None, *, sparsify: str | None = None, calibration_data=None,
+            progress: bool | None = None, state=None, **options) -> Module:
     """Compile ``graph`` for ``target`` ("host", "riscv64", "riscv64-scalar").
 
-    ``pipeline`` is a pass string (default ``"fold_constants,select_format,dce,fuse"``);
+    ``pipeline`` is a pass string (default ``"fold_constants,select_format,dce,fuse"``)
+    or a list of pass objects;
     ``dump_after`` ("all", a pass name, comma-separated names or a list) writes
     numbered IR files into ``dump_dir``, continued by the codegen levels
     "llvm", "llvm_opt" and "asm" (``pipeline.CODEGEN_DUMPS``); ``progress``
@@ -48,26 +44,27 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
     for riscv64.  Returns a loaded Module backed by a temporary artifact
     directory; ``Module.save(path)`` keeps it.
 
-    ``quantize="int8"|"int4"`` (with ``group``, ``scheme``, ``scale_dtype``,
-    ``skip`` (a name or a list of weight names), ``max_error``,
-    ``activations``, ``calibration``, ``percentile``, ``quantize_method``:
-    "rtn" (default), "gptq", "awq" or "imatrix", the pass's ``method``) is shorthand for the
-    pipeline ``fold_constants,quantize{weights=...,...},select_format,dce,fuse`` (see
-    :func:`quantize_pipeline`); giving ``pipeline`` as well is an error.
+    ``quantize="int8"|"int4"`` is shorthand for the pipeline
+    ``fold_constants,quantize{weights=...,...},select_format,dce,fuse`` and
+    ``sparsify="2:4"|"unstructured"|"block=4x4"`` for
+    ``fold_constants,sparsify{pattern=...},select_format,dce,fuse`` (quantize's
+    item after sparsify's when both are given); every other option of these
+    passes and of select_format is a keyword of its own (listed below,
+    generated from the passes' fields: ``compiler/shorthand.py``), e.g.
+    ``group=32``, ``quantize_method="gptq"``, ``sparsity=0.7``,
+    ``force={"w1": "csr"}``; ``skip`` (a name or a list) goes to both passes.
+    Options of select_format alone add that pass's options to the default
+    pipeline.  Giving ``pipeline`` as well is an error (the message spells
+    the pipeline the shorthand means: add the passes there).
     Static activation scales (``activations="int8"``, ``calibration=
     "minmax"|"percentile"|"mse"``) are chosen on ``calibration_data``.
-    ``sparsify="2:4"|"unstructured"|"block=4x4"`` (with ``sparsity``,
-    ``method``, ``scope``, and ``skip``, which then applies to both passes) is
-    shorthand for ``fold_constants,sparsify{pattern=...},select_format,dce,fuse``,
-    with ``quantize{...}`` after sparsify when ``quantize`` is given too;
-    ``force`` ({weight: format} or "w1:csr|w2:nm2:4") and ``formats`` (the
-    candidates) go to select_format, and alone add that pass (see
-    :func:`sparsify_pipeline`).
-    ``calibration_data=[{input: array}, ...]`` is collected once (each
-    layer's fp32 inputs, ``compiler.calibration``) and read by every quantize
-    and sparsify pass: their methods other than rtn/magnitude need it, and
-    their reports measure on it; the report then also carries the compiled
-    graph's end-to-end error against fp32 on these samples (``end_to_end``).  ``Module.report`` is the report of the
+    ``calibration_data=[{input: array}, ...]`` (or a
+    ``compiler.calibration.Calibration``) is collected once (each layer's fp32
+    inputs) and handed to every pass in the pass manager's context
+    (``passes.Context``): the quantize and sparsify methods other than
+    rtn/magnitude need it, and their reports measure on it; the report then
+    also carries the compiled graph's end-to-end error against fp32 on these
+    samples (``end_to_end``).  ``Module.report`` is the report of the
     passes that report (quantize, sparsify, select_format): that pass's
     report when one kind ran, a ``CompileReport`` of them when several did
     (``passes/report.py``), None without any.  The artifact keeps it as
@@ -89,48 +86,23 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
     if not isinstance(graph, Graph):
         raise TypeError(f"compile() takes a sqk.Graph, got {type(graph).__name__}")
     tgt = get_target(target)
-    qopts = dict(group=group, scheme=scheme, scale_dtype=scale_dtype, skip=skip, max_error=max_error,
-                 activations=activations, calibration=calibration, percentile=percentile,
-                 quantize_method=quantize_method)
-    sopts = dict(sparsity=sparsity, method=method, scope=scope)
-    if sparsify is not None or force is not None or formats is not None:
-        spec = sparsify_pipeline(sparsify, **sopts, force=force, formats=formats, quantize=quantize, **qopts)
-        if pipeline is not None:
-            raise PipelineError(f"give either pipeline= or sparsify=/force=/formats=, not both (they mean "
-                                f"pipeline={spec!r}; add the passes there)")
-    elif any(v is not None for v in sopts.values()):
-        raise PipelineError(f"{', '.join(k for k, v in sopts.items() if v is not None)}= only apply with "
-                            f"sparsify=\"PATTERN\"")
-    elif quantize is not None:
-        if pipeline is not None:
-            raise PipelineError(f"give either pipeline= or quantize=, not both (quantize={quantize!r} means "
-                                f"pipeline={quantize_pipeline(quantize, **qopts)!r}; add the quantize pass there)")
-        spec = quantize_pipeline(quantize, **qopts)
-    else:
-        given = [k for k, v in qopts.items() if v is not None]
-        if given:
-            raise PipelineError(f"{', '.join(given)}= only apply with quantize=\"int8\" or \"int4\"")
-        spec = DEFAULT_PIPELINE if pipeline is None else pipeline
-    passes = parse_pipeline(spec)
-    quant = [i for i, p in enumerate(passes) if hasattr(p, "with_calibration")]  # quantize, sparsify
+    spec, passes = _passes(pipeline, quantize, sparsify, options)
     calib = None
     if calibration_data is not None:
-        if not quant:
+        if not any(p.reads_calibration for p in passes):
             raise PipelineError("calibration_data= needs a quantize pass or a sparsify pass (quantize=..., "
                                 "sparsify=... or one in pipeline=)")
         try:   # one collection of layer inputs, shared by the passes
             calib = Calibration.of(calibration_data)
         except CalibrationError as e:
             raise PipelineError(str(e)) from None
-        for i in quant:
-            passes[i] = passes[i].with_calibration(calib)
     bar = Progress(progress)  # erased when done, and on an error before the message shows
     log = bar.wrap_log(log)
-    pm = PassManager(passes, dump_after=dump_after, dump_dir=dump_dir, log=log, progress=bar, codegen=True)
+    pm = PassManager(passes, dump_after=dump_after, dump_dir=dump_dir, log=log, progress=bar, codegen=True,
+                     context=Context(calibration=calib, target=tgt))
     with bar:
         g = pm.run(verify(graph))
-        # each reporting pass records its report on itself (passes/report.py)
-        report = combine_reports([getattr(p, "report", None) for p in passes])
+        report = combine_reports([r for _, r in pm.context.reports])   # filed by the passes that report
         memo: dict = {}   # each constant packed once, though both steps ask
         g = unshare_packed_constants(g, tgt, memo)   # a constant read in two layouts becomes two constants
         pairs = state_pairs(g, [state] if isinstance(state, str) else state) if state else {}
@@ -157,27 +129,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
     if tgt.name != "host":
         os.chmod(os.path.join(out, code_name), 0o755)
     write_constants(os.path.join(out, "constants.bin"), plan)
-    target_json = tgt.to_json()
-    if tgt.name == "host":
-        flags = host_cpu_flags()  # only features the loader can check on another machine
-        target_json["required_features"] = [f for f in tgt.enabled_features if cpuinfo_name(f) in flags]
-    else:
-        target_json["vlen"] = vlen or 256
-    io = lambda vs: [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in vs]  # noqa: E731
-    manifest = {
-        "format": "sqk-artifact", "format_version": ARTIFACT_FORMAT, "sqk_version": __version__,
-        "name": g.name, "target": target_json,
-        "inputs": io(g.inputs), "outputs": io(g.outputs),
-        "arena_bytes": plan.arena_bytes, "intermediate_bytes": plan.intermediate_bytes,
-        "threads": threads or 0, "pipeline": spec,
-        "kernels": [dict({"name": s.name, "range": s.range, "grain": s.grain},
-                         **({"bytes": c[0], "flops": c[1]} if c else {}),
-                         **({"index_error": s.index_error} if s.index_error else {}))
-                    for s, c in zip(steps, kernel_costs(g, steps, plan.buffers, plan.const_sizes, in_place))],
-        "code": {"file": code_name, "sha256": sha256_file(os.path.join(out, code_name))},
-        "constants": {"file": "constants.bin", "bytes": plan.const_bytes,
-                      "sha256": sha256_file(os.path.join(out, "constants.bin"))},
-    }
+    manifest = _manifest(out, g, tgt, plan, steps, spec, code_name, threads=threads, vlen=vlen, in_place=in_place)
     if pairs:
         manifest["state"] = [{"input": v.name, "output": c[-1].name} for v, c in pairs.items()]
     if report is not None:
@@ -198,6 +150,50 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
     return m
 
 
+def _passes(pipeline, quantize, sparsify, options: dict) -> tuple[str, list]:
+    """(the pipeline's spelling, its passes) from compile()'s pipeline= (a string or a list
+    of passes) or its shorthands (one or the other)."""
+    shorthand = shorthand_pipeline(quantize, sparsify, **options)   # None without shorthands
+    if shorthand is not None and pipeline is not None:
+        given = [k for k, v in dict(sparsify=sparsify, quantize=quantize, **options).items() if v is not None]
+        raise PipelineError(f"give either pipeline= or {'/'.join(k + '=' for k in given)}, not both (they mean "
+                            f"pipeline={shorthand!r}; add the passes there)")
+    if isinstance(pipeline, (list, tuple)):
+        passes = list(pipeline)
+        bad = [p for p in passes if not isinstance(p, Pass)]
+        if bad:
+            raise PipelineError(f"pipeline= as a list holds Pass objects, got {type(bad[0]).__name__}")
+        return ",".join(p.spelling() for p in passes), passes
+    spec = shorthand or (DEFAULT_PIPELINE if pipeline is None else pipeline)
+    return spec, parse_pipeline(spec)
+
+
+def _manifest(out: str, g: Graph, tgt, plan, steps, spec: str, code_name: str, threads, vlen, in_place) -> dict:
+    """The manifest of the artifact in ``out`` (its code and constants written already;
+    schema: runtime/abi.py validate_manifest), without state, report and content hash."""
+    target_json = tgt.to_json()
+    if tgt.name == "host":
+        flags = host_cpu_flags()  # only features the loader can check on another machine
+        target_json["required_features"] = [f for f in tgt.enabled_features if cpuinfo_name(f) in flags]
+    else:
+        target_json["vlen"] = vlen or 256
+    io = lambda vs: [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in vs]  # noqa: E731
+    return {
+        "format": "sqk-artifact", "format_version": ARTIFACT_FORMAT, "sqk_version": __version__,
+        "name": g.name, "target": target_json,
+        "inputs": io(g.inputs), "outputs": io(g.outputs),
+        "arena_bytes": plan.arena_bytes, "intermediate_bytes": plan.intermediate_bytes,
+        "threads": threads or 0, "pipeline": spec,
+        "kernels": [dict({"name": s.name, "range": s.range, "grain": s.grain},
+                         **({"bytes": c[0], "flops": c[1]} if c else {}),
+                         **({"index_error": s.index_error} if s.index_error else {}))
+                    for s, c in zip(steps, kernel_costs(g, steps, plan.buffers, plan.const_sizes, in_place))],
+        "code": {"file": code_name, "sha256": sha256_file(os.path.join(out, code_name))},
+        "constants": {"file": "constants.bin", "bytes": plan.const_bytes,
+                      "sha256": sha256_file(os.path.join(out, "constants.bin"))},
+    }
+
+
 def _end_to_end(graph: Graph, compiled: Graph, module: Module, tgt, calib) -> dict:
     """The compiled graph's outputs against the fp32 graph's on the calibration
     samples (the native code on the host; the reference interpreter of the
@@ -215,72 +211,28 @@ def _end_to_end(graph: Graph, compiled: Graph, module: Module, tgt, calib) -> di
     return end_to_end_error(calib.samples, calib.fp32_outputs(graph), run, calib.source)
 
 
-def quantize_pipeline(weights: str, group: int | None = None, scheme: str | None = None,
-                      scale_dtype: str | None = None, skip=None, max_error: float | None = None,
-                      activations: str | None = None, calibration: str | None = None,
-                      percentile: float | None = None, quantize_method: str | None = None) -> str:
+def quantize_pipeline(weights: str, **options) -> str:
     """The pipeline string ``compile(quantize=...)`` runs, e.g.
     ``quantize_pipeline("int4", group=32)`` ->
-    ``"fold_constants,quantize{weights=int4,group=32},select_format,dce,fuse"``; options left
-    None keep the pass's defaults.  ``skip`` is a name or a list of names."""
+    ``"fold_constants,quantize{weights=int4,group=32},select_format,dce,fuse"``; options
+    (``compile()``'s keywords) left None keep the pass's defaults.  ``skip`` is a name
+    or a list of names."""
     if not isinstance(weights, str):
         raise PipelineError(f"quantize= must be \"int8\" or \"int4\", got {weights!r}")
-    if skip is not None and not isinstance(skip, str):
-        skip = "|".join(skip)
-    opts = [f"weights={weights}"] + [f"{k}={v}" for k, v in (
-        ("group", group), ("scheme", scheme), ("scale_dtype", scale_dtype), ("skip", skip),
-        ("max_error", max_error), ("activations", activations), ("calibration", calibration),
-        ("percentile", percentile), ("method", quantize_method)) if v is not None]
-    for o in opts:
-        if any(c in o for c in ",{}"):
-            raise PipelineError(f"quantize option {o!r} cannot contain ',', '{{' or '}}'")
-    return "fold_constants,quantize{" + ",".join(opts) + "}," + TAIL
+    return shorthand_pipeline(quantize=weights, **options)
 
 
-def sparsify_pipeline(pattern: str | None = None, sparsity: float | None = None, method: str | None = None,
-                      scope: str | None = None, skip=None, force=None, formats=None, quantize: str | None = None,
-                      **qopts) -> str:
+def sparsify_pipeline(pattern: str | None = None, quantize: str | None = None, **options) -> str:
     """The pipeline string ``compile(sparsify=...)`` runs:
     ``fold_constants,sparsify{...},[quantize{...},]select_format{...},dce,fuse``,
     e.g. ``sparsify_pipeline("2:4", quantize="int8")`` ->
     ``"fold_constants,sparsify{pattern=2:4},quantize{weights=int8},select_format,dce,fuse"``.
     Without ``pattern`` there is no sparsify pass (``force``/``formats`` alone
-    add select_format); ``quantize`` and ``qopts`` make quantize's item as
-    :func:`quantize_pipeline` does; ``skip`` (a name or a list) goes to both
+    add select_format's options); ``skip`` (a name or a list) goes to both
     sparsify and quantize.  ``force`` is {weight: format}, a list of
     "NAME:FORMAT" or one "w1:csr|w2:nm2:4" string; ``formats`` a list or a
     "|"-separated string.  Options left None keep the passes' defaults."""
-    def item(name, pairs):
-        opts = [f"{k}={v if isinstance(v, str) or not hasattr(v, '__iter__') else '|'.join(v)}"
-                for k, v in pairs if v is not None]
-        for o in opts:
-            if any(c in o for c in ",{}"):
-                raise PipelineError(f"{name} option {o!r} cannot contain ',', '{{' or '}}'")
-        return name + ("{" + ",".join(opts) + "}" if opts else "")
-
-    if pattern is not None and not isinstance(pattern, str):
-        raise PipelineError(f"sparsify= must be a pattern string (\"unstructured\", \"2:4\", \"block=4x4\"), "
-                            f"got {pattern!r}")
-    if pattern is None:
-        given = [k for k, v in (("sparsity", sparsity), ("method", method), ("scope", scope)) if v is not None]
-        if given:
-            raise PipelineError(f"{', '.join(given)}= only apply with sparsify=\"PATTERN\"")
-    if isinstance(force, dict):
-        force = [f"{k}:{v}" for k, v in force.items()]
-    items = ["fold_constants"]
-    if pattern is not None:
-        items.append(item("sparsify", (("pattern", pattern), ("sparsity", sparsity), ("method", method),
-                                       ("scope", scope), ("skip", skip))))
-    if quantize is not None:  # quantize_pipeline's own item, between its fold_constants and dce
-        items.append(quantize_pipeline(quantize, skip=skip, **qopts).removeprefix("fold_constants,")
-                     .removesuffix("," + TAIL))
-    else:
-        given = [k for k, v in qopts.items() if v is not None] + (["skip"] if skip is not None and pattern is None
-                                                                   else [])
-        if given:
-            raise PipelineError(f"{', '.join(given)}= only apply with quantize=\"int8\" or \"int4\"")
-    items += [item("select_format", (("force", force), ("formats", formats))), "dce", "fuse"]
-    return ",".join(items)
+    return shorthand_pipeline(quantize=quantize, sparsify=pattern, **options) or DEFAULT_PIPELINE
 
 
 def write_report(path: str, report) -> dict:
@@ -299,13 +251,6 @@ def write_report(path: str, report) -> dict:
     return {"file": os.path.basename(path), "sha256": sha256_file(path)}
 
 
-def write_manifest(out: str, manifest: dict) -> None:
-    """Write ``out``/manifest.json with its content hash (over everything else in it)."""
-    manifest["content_hash"] = manifest_hash(manifest)
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-
-
 def write_constants(path: str, plan) -> None:
     """Pack constants at their planned offsets (zero padding between them);
     kernel-packed constants (``codegen.lower.pack_constants``) are bytes already."""
@@ -319,16 +264,15 @@ def write_constants(path: str, plan) -> None:
         f.write(b"\0" * (plan.const_bytes - pos))
 
 
-def storage_bytes(arr: np.ndarray, dtype) -> bytes:
-    """Bytes of a constant as kernels read it: little-endian, C order; i4 packs
-    two values per byte, element 2i in the low nibble, 2i+1 in the high one."""
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    if dtype.name == "i4":
-        u = (flat.astype(np.int16) & 0xF).astype(np.uint8)
-        if u.size % 2:
-            u = np.append(u, np.uint8(0))
-        return (u[0::2] | (u[1::2] << 4)).tobytes()
-    return flat.astype(flat.dtype.newbyteorder("<")).tobytes()
+def _generated_signature():
+    """compile()'s signature and docstring with the generated pass options in place of ``**options``."""
+    import inspect
 
+    params = [p for p in inspect.signature(compile).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    compile.__signature__ = inspect.Signature(params + signature_parameters(), return_annotation="Module")
+    compile.__doc__ = compile.__doc__.rstrip() + "\n\n    " + options_doc().replace("\n", "\n    ") + "\n"
+
+
+_generated_signature()
 
 __all__ = ["compile", "quantize_pipeline", "sparsify_pipeline"]

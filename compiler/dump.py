@@ -17,6 +17,7 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.text import load_ir, parse_ir
+from ..runtime.abi import from_storage
 from .memory import align
 from .pipeline import DEFAULT_PIPELINE, PassManager, PipelineError, parse_pipeline
 
@@ -165,19 +166,9 @@ def _with_blob_constants(text: str, blob_path: str, blob_bytes: int, where: str,
         if n.op != "const":
             continue
         t = n.output.type
-        values[n.output.name] = _from_storage(blob[offset:offset + t.nbytes], t)
+        values[n.output.name] = from_storage(blob[offset:offset + t.nbytes], t.dtype, t.shape)
         offset = align(offset + max(t.nbytes, 1))
     if offset != blob_bytes or len(blob) != blob_bytes:
         raise ValueError(f"{where}: constants.bin holds {len(blob)} bytes, its layout here needs {offset}: "
                          "give the IR file the artifact was compiled from instead")
     return parse_ir(text, {name: values[name] for name in shapes})
-
-
-def _from_storage(data: bytes, t) -> np.ndarray:
-    """Inverse of ``driver.storage_bytes``: little-endian C order, i4 two per byte."""
-    if t.dtype.name == "i4":
-        u = np.frombuffer(data, np.uint8)
-        nib = np.stack([u & 0xF, u >> 4], axis=1).reshape(-1)[:t.size].astype(np.int8)
-        return np.where(nib > 7, nib - 16, nib).astype(np.int8).reshape(t.shape)
-    arr = np.frombuffer(data, t.dtype.np_dtype.newbyteorder("<"), count=t.size)
-    return arr.astype(t.dtype.np_dtype).reshape(t.shape)

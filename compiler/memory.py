@@ -30,9 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir.graph import Graph, Node, Value
-
-ALIGN = 64
-BUF_INPUT, BUF_OUTPUT, BUF_CONST, BUF_ARENA = 0, 1, 2, 3
+from ..runtime.abi import ALIGN, BUF_ARENA, BUF_CONST, BUF_INPUT, BUF_OUTPUT  # noqa: F401  (the plan's kinds)
 
 
 def align(n: int, a: int = ALIGN) -> int:

@@ -21,7 +21,7 @@ import time
 from ..ir.graph import Graph, same_data
 from ..ir.text import save_ir
 from ..ir.verify import verify
-from .passes import PASSES, Pass
+from .passes import PASSES, Context, Pass
 
 # After the passes that rewrite weights (quantize, sparsify): choose each weight's
 # storage format, drop dead nodes, fuse what one kernel can do.
@@ -98,11 +98,15 @@ class PassManager:
     ``dump_after``: "all", a pass name, a comma-separated string of names or a
     list ("input" is the graph before any pass; ``codegen=True`` also accepts
     the ``CODEGEN_DUMPS`` levels, which the caller writes with ``dump_text``).
-    ``progress``: a :class:`~sqk.compiler.progress.Progress` told each pass."""
+    ``progress``: a :class:`~sqk.compiler.progress.Progress` told each pass.
+    ``context``: the :class:`~sqk.compiler.passes.Context` handed to every pass
+    (calibration data, target; the passes' reports are filed in it), a new
+    empty one by default: ``pm.context.reports`` after ``run``."""
 
     def __init__(self, passes: list[Pass], dump_after=None, dump_dir: str | None = None, log=None,
-                 progress=None, codegen: bool = False):
+                 progress=None, codegen: bool = False, context: Context | None = None):
         self.passes = passes
+        self.context = context if context is not None else Context()
         names = {p.name for p in passes}
         if isinstance(dump_after, str):
             dump_after = [d.strip() for d in dump_after.split(",") if d.strip()]
@@ -172,7 +176,7 @@ class PassManager:
                 self.progress.update(f"pass {p.name}", i - 1, len(self.passes), "passes")
             t0 = time.perf_counter()
             old, before = graph, graph.to_text(0) if self.log else None   # printed only for the log
-            graph = p.run(graph)
+            graph = p.run(graph, self.context)
             verify(graph)
             if self.log:
                 # the text with inline_limit=0 shows every constant as @name: compare their data too

@@ -3,7 +3,7 @@ artifact, and call it with numpy.  Run: python examples/mlp.py"""
 import numpy as np
 
 import sqk
-from sqk.compiler.models import transformer_mlp
+from sqk.tools.models import transformer_mlp
 
 g = transformer_mlp(hidden=768, ffn=3072)
 print(g.to_text())

@@ -4,7 +4,7 @@ Run: python examples/riscv_cnn.py"""
 import numpy as np
 
 import sqk
-from sqk.compiler.models import small_cnn
+from sqk.tools.models import small_cnn
 
 g = small_cnn()
 m = sqk.compile(g, target="riscv64", vlen=256)

@@ -1,8 +1,10 @@
-"""The artifact contract: the runtime ABI constants and the manifest schema.
+"""The artifact contract: the runtime ABI (version, buffer kinds, error codes,
+dtype codes, the program table's struct layouts), the storage layout of
+constants, and the manifest schema (``write_manifest``, ``read_manifest``,
+``validate_manifest``).
 
 One place for what codegen, the driver and the loader must agree on (the C
-side is runtime/sqk_runtime.h; tests/test_artifact_tamper.py holds these
-constants against it).  The manifest is validated field by field here; a
+side is runtime/sqk_runtime.h; tests/test_abi.py holds these against it).  The manifest is validated field by field here; a
 problem is an ``ArtifactError`` that names the field (``outputs[0].shape``).
 Depends on the standard library and ``sqk.ir.dtypes`` only: a deployed
 artifact loads without the compiler.
@@ -14,14 +16,43 @@ import json
 import os
 import re
 
+import numpy as np
+
 from ..ir import dtypes
 
 FORMAT = "sqk-artifact"
 FORMAT_VERSION = 1
 ABI_VERSION = 1                      # SQK_ABI_VERSION
 BUF_INPUT, BUF_OUTPUT, BUF_CONST, BUF_ARENA = 0, 1, 2, 3   # SQK_BUF_*
-ERR_INDEX = 4                        # SQK_ERR_INDEX
+# Error codes (SQK_OK, SQK_ERR_*): kernels and runtime calls return them instead of aborting.
+OK = 0
+ERR_NOMEM = 1        # allocation of the arena or scratch failed
+ERR_THREADS = 2      # the thread pool could not be started
+ERR_ABI = 3          # program built for another ABI version
+ERR_INDEX = 4        # an index input (gather ids) was out of range: the kernel's manifest index_error says which
+ERR_ARGS = 5         # bad arguments to a runtime call
+ERR_IO = 6           # runner: a file could not be read or written
+ERR_FORMAT = 7       # runner: an input file has the wrong dtype/shape/format
+ERR_CPU = 8          # runner: the CPU lacks a feature the program needs
+ERRORS = {"OK": OK, "ERR_NOMEM": ERR_NOMEM, "ERR_THREADS": ERR_THREADS, "ERR_ABI": ERR_ABI, "ERR_INDEX": ERR_INDEX,
+          "ERR_ARGS": ERR_ARGS, "ERR_IO": ERR_IO, "ERR_FORMAT": ERR_FORMAT, "ERR_CPU": ERR_CPU}   # SQK_<key>
+# dtype codes (SQK_F32 ...) of tensor infos: the IR's numbering (ir.dtypes, the bottom layer, defines it).
+DTYPE_CODES = {d.name: d.code for d in dtypes.ALL}
+ALIGN = 64           # constants (and arena buffers) start at multiples of this many bytes
+# The program table's structs, field by field as in sqk_runtime.h.  Every field is 8 bytes, an
+# int64_t ("i64") or a pointer ("ptr"), so one layout holds on every 64-bit target without padding.
+STRUCTS = {
+    "sqk_buffer": (("kind", "i64"), ("index", "i64"), ("nbytes", "i64")),
+    "sqk_step": (("name", "ptr"), ("fn", "ptr"), ("args", "ptr"), ("n_args", "i64"), ("range", "i64"),
+                 ("grain", "i64")),
+    "sqk_tensor_info": (("name", "ptr"), ("dtype", "i64"), ("rank", "i64"), ("shape", "ptr"), ("nbytes", "i64")),
+    "sqk_program": (("abi_version", "i64"), ("name", "ptr"), ("n_inputs", "i64"), ("inputs", "ptr"),
+                    ("n_outputs", "i64"), ("outputs", "ptr"), ("n_buffers", "i64"), ("buffers", "ptr"),
+                    ("n_steps", "i64"), ("steps", "ptr"), ("arena_bytes", "i64"), ("const_bytes", "i64"),
+                    ("needs_vector", "i64")),
+}
 INT64_MAX = (1 << 63) - 1
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB; refuse to parse a giant one
 IO_DTYPES = {d.name: d for d in dtypes.IO}   # dtypes a model takes and returns
 
 # A file an artifact names: one plain component (no separator, no "..", not hidden).
@@ -41,6 +72,33 @@ def manifest_hash(manifest: dict) -> str:
     program table of the code (``Module``)."""
     body = {k: v for k, v in manifest.items() if k != "content_hash"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def storage_bytes(arr: np.ndarray, dtype) -> bytes:
+    """Bytes of a constant in its plain layout (``dtype`` an ir DType), as
+    kernels read it unless their packer chose another (codegen.lower.PACKERS):
+    little-endian, C order; i4 packs two values per byte, element 2i in the
+    low nibble, 2i+1 in the high one (an odd count leaves the last high nibble 0)."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    if dtype.name == "i4":
+        u = (flat.astype(np.int16) & 0xF).astype(np.uint8)
+        if u.size % 2:
+            u = np.append(u, np.uint8(0))
+        return (u[0::2] | (u[1::2] << 4)).tobytes()
+    return flat.astype(flat.dtype.newbyteorder("<")).tobytes()
+
+
+def from_storage(data: bytes, dtype, shape) -> np.ndarray:
+    """The inverse of :func:`storage_bytes`: an array of ``dtype`` (an ir DType) and ``shape``."""
+    size = 1
+    for d in shape:
+        size *= d
+    if dtype.name == "i4":
+        u = np.frombuffer(data, np.uint8)
+        nib = np.stack([u & 0xF, u >> 4], axis=1).reshape(-1)[:size].astype(np.int8)
+        return np.where(nib > 7, nib - 16, nib).astype(np.int8).reshape(shape)
+    arr = np.frombuffer(data, dtype.np_dtype.newbyteorder("<"), count=size)
+    return arr.astype(dtype.np_dtype).reshape(shape)
 
 
 def tensor_nbytes(dtype: str, shape) -> int:
@@ -179,6 +237,36 @@ def validate_manifest(m, where: str = "manifest.json") -> dict:
     if not _SHA256.fullmatch(h):
         c.fail("content_hash", f"{h!r} is not a sha256 hex digest")
     return m
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of the artifact directory ``path``, checked against the
+    schema (``abi.validate_manifest``); ArtifactError naming the problem."""
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise ArtifactError(f"{path}: not an artifact directory")
+    try:
+        with open(mpath, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath}: more than {MAX_MANIFEST_BYTES >> 20} MB, not a manifest")
+        m = json.loads(data.decode())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no manifest.json (not an sqk artifact, or a failed save)") from None
+    except OSError as e:
+        raise ArtifactError(f"{mpath}: cannot be read ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{mpath}: corrupt manifest ({e})") from None
+    return validate_manifest(m, mpath)
+
+
+def write_manifest(out: str, manifest: dict) -> None:
+    """Write ``out``/manifest.json with its content hash (over everything else in it),
+    checked against the schema first: the compiler never writes what the loader refuses."""
+    manifest["content_hash"] = manifest_hash(manifest)
+    validate_manifest(manifest, os.path.join(out, "manifest.json"))
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
 
 
 ELF_MACHINE = {"x86_64": 62, "aarch64": 183, "riscv64": 243}   # e_machine of a triple's architecture

@@ -36,11 +36,10 @@ import numpy as np
 from ..ir.dtypes import BY_CODE
 from ..ir.reference import check_inputs
 from .abi import (ABI_VERSION, BUF_OUTPUT, ERR_INDEX, FORMAT_VERSION, IO_DTYPES, ArtifactError, artifact_file,
-                  check_elf, manifest_hash, tensor_nbytes, validate_manifest)
+                  check_elf, manifest_hash, read_manifest, tensor_nbytes)
 from .profile import Profile
 
 ARTIFACT_FORMAT = FORMAT_VERSION
-MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB; refuse to parse a giant one
 _NP = {name: d.np_dtype for name, d in IO_DTYPES.items()}
 _ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "riscv64": "riscv64"}
 
@@ -108,27 +107,6 @@ def _check_target(target: dict) -> None:
 
 def qemu_binary() -> str:
     return os.environ.get("SQK_QEMU", "qemu-riscv64")
-
-
-def read_manifest(path: str) -> dict:
-    """The manifest of the artifact directory ``path``, checked against the
-    schema (``abi.validate_manifest``); ArtifactError naming the problem."""
-    mpath = os.path.join(path, "manifest.json")
-    if not os.path.isdir(path):
-        raise ArtifactError(f"{path}: not an artifact directory")
-    try:
-        with open(mpath, "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise ArtifactError(f"{mpath}: more than {MAX_MANIFEST_BYTES >> 20} MB, not a manifest")
-        m = json.loads(data.decode())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: no manifest.json (not an sqk artifact, or a failed save)") from None
-    except OSError as e:
-        raise ArtifactError(f"{mpath}: cannot be read ({e})") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ArtifactError(f"{mpath}: corrupt manifest ({e})") from None
-    return validate_manifest(m, mpath)
 
 
 def check_program(ffi, prog, m: dict, where: str) -> None:

@@ -403,21 +403,6 @@ def test_symlink_out_of_the_artifact_refused(artifacts, tmp_path):
     assert res[0]["outcome"] == "refused" and "outside the artifact directory" in res[0]["detail"], res
 
 
-def test_abi_constants_match_the_header():
-    from sqk.runtime.ffi import HEADER
-
-    text = open(HEADER).read()
-    define = dict(re.findall(r"#define (SQK_\w+) (-?\d+)", text))
-    assert int(define["SQK_ABI_VERSION"]) == abi.ABI_VERSION
-    assert int(define["SQK_ERR_INDEX"]) == abi.ERR_INDEX
-    assert [int(define[f"SQK_BUF_{k}"]) for k in ("INPUT", "OUTPUT", "CONST", "ARENA")] == \
-        [abi.BUF_INPUT, abi.BUF_OUTPUT, abi.BUF_CONST, abi.BUF_ARENA]
-    from sqk.ir import dtypes
-
-    for d in dtypes.ALL:
-        assert int(define[f"SQK_{d.name.upper().rstrip('_')}"]) == d.code
-
-
 def test_manifest_hash_is_what_the_compiler_writes(artifacts):
     for path in artifacts.values():
         man = json.load(open(os.path.join(path, "manifest.json")))

@@ -7,6 +7,7 @@ import pytest
 
 import sqk
 from sqk.compiler import PassManager, PipelineError, parse_pipeline
+from sqk.compiler.passes import Context
 from sqk.compiler.calibration import MAX_ROWS, Calibration, LayerStats
 from sqk.compiler.quantize import awq_scales, dequantize, gptq_quantize, imatrix_quantize, layer_error
 from sqk.ir.reference import run_reference
@@ -211,8 +212,8 @@ def samples(n=6, rows=8, k=128, seed=7):
 
 
 def run_pass(spec, g, data):
-    p = parse_pipeline(spec)[0].with_calibration(data)
-    return PassManager([p]).run(g), p.report
+    pm = PassManager(parse_pipeline(spec), context=Context(calibration=Calibration.of(data)))
+    return pm.run(g), pm.context.reports[0][1]
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "imatrix"])

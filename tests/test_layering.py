@@ -1,9 +1,10 @@
 """The layering rules (DESIGN.md), read from the source with ast (nothing is
 imported), and the contract between the op families of ir/ops.py and codegen:
 
-- ir imports nothing of compiler, codegen, runtime or llm;
-- runtime imports nothing of compiler or codegen (an artifact runs with numpy + cffi);
-- compiler/passes import nothing of codegen (passes are target-independent);
+- ir imports nothing of compiler, codegen, runtime, llm or tools;
+- runtime imports nothing of compiler, codegen or tools (an artifact runs with numpy + cffi);
+- compiler/passes import nothing of codegen or tools (passes are target-independent);
+- tools (models, demo, bench, probe, viz) sit on top: only the CLI imports them;
 - codegen does not import the compile driver (nor any compiler module: importing one
   runs compiler/__init__.py, which imports the driver).
 
@@ -20,9 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (files, forbidden targets, why): targets are dotted names under sqk ("codegen" covers its modules)
 RULES = [
-    ("ir", ("compiler", "codegen", "runtime", "llm"), "ir is the bottom layer"),
-    ("runtime", ("compiler", "codegen"), "a deployed artifact runs with numpy + cffi only"),
-    ("compiler/passes", ("codegen",), "passes are target-independent: fusion reads ir.fusion and op KINDs"),
+    ("ir", ("compiler", "codegen", "runtime", "llm", "tools"), "ir is the bottom layer"),
+    ("runtime", ("compiler", "codegen", "tools"), "a deployed artifact runs with numpy + cffi only"),
+    ("compiler/passes", ("codegen", "tools"), "passes are target-independent: fusion reads ir.fusion and op KINDs"),
+    ("codegen", ("tools",), "codegen lowers graphs; the tools sit on top"),
     # any sqk.compiler module runs compiler/__init__.py, which imports the driver: so none at all
     ("codegen", ("compiler",), "codegen lowers graphs; the driver calls it, not the reverse"),
 ]
@@ -75,6 +77,13 @@ def test_import_rules(files, forbidden, why):
     assert not bad, f"{files} must not import {', '.join(forbidden)} ({why}):\n" + "\n".join(bad)
 
 
+def test_only_the_cli_imports_tools():
+    """compiler/ does not lean on tools/ (the old paths sqk.compiler.viz, ... are aliases made by
+    compiler/__init__.py with importlib, not imports); only the command line runs them."""
+    bad = [b for b in violations("compiler", ("tools",)) if not b.startswith("compiler/cli.py:")]
+    assert not bad, "\n".join(bad)
+
+
 def test_rule_checker_sees_violations(tmp_path, monkeypatch):
     """The checker itself: relative, absolute and function-level imports are found."""
     pkg = tmp_path / "compiler" / "passes"
@@ -121,3 +130,25 @@ def test_elementwise_ops_have_per_element_code():
     assert checked == {o.name for o in OPS.values() if o.kind == "elementwise"}
     x = Value("x", TensorType(dt.f32, (4,)))
     assert scalar_fn(Node("softmax", (x,), (Value("y", x.type),), {"axis": -1})) is None
+
+
+def test_moved_modules_keep_their_old_paths():
+    """models, demo, bench, probe and viz moved from compiler/ to tools/ (the LLM driver to llm/): the old import paths
+    give the same module objects, also as attributes after a plain `import sqk` (in a fresh
+    interpreter, so nothing was imported before)."""
+    import subprocess
+
+    code = ("import sqk, sqk.tools\n"
+            "assert sqk.compiler.viz is sqk.tools.viz and sqk.compiler.viz.__spec__.name == 'sqk.tools.viz'\n"
+            "from sqk.compiler.probe import read_bandwidth\n"
+            "from sqk.compiler import models\n"
+            "import sqk.compiler.bench as b, sqk.compiler.demo as d\n"
+            "assert read_bandwidth is sqk.tools.probe.read_bandwidth and models is sqk.tools.models\n"
+            "assert b is sqk.tools.bench and d is sqk.tools.demo\n"
+            "from sqk.compiler.llm import Decoder, build_decoder\n"
+            "import sqk.llm.decoder\n"
+            "assert sqk.compiler.llm is sqk.llm.decoder and Decoder is sqk.llm.decoder.Decoder\n"
+            "assert {'viz', 'models', 'llm', 'driver'} <= set(dir(sqk.compiler))\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "ok", r.stderr

@@ -86,7 +86,7 @@ def options_pass(monkeypatch):
         flag: bool = False
         mode: str = "a"
 
-        def run(self, graph):
+        def run(self, graph, ctx=None):
             return graph
 
     monkeypatch.setitem(PASSES, "t_opts", Opts)
@@ -302,7 +302,7 @@ class ZeroConstants(Pass):
     """Test pass: same nodes, names and types, new constant data."""
     name = "t_zero_constants"
 
-    def run(self, graph):
+    def run(self, graph, ctx=None):
         return graph.with_nodes([Node("const", (), n.outputs, {"value": np.zeros_like(n.attrs["value"])})
                                  if n.op == "const" else n for n in graph.nodes])
 
@@ -324,7 +324,7 @@ class Breaker(Pass):
     """Test pass: returns a graph whose node claims the wrong type."""
     name = "t_breaker"
 
-    def run(self, graph):
+    def run(self, graph, ctx=None):
         n = graph.nodes[-1]
         bad = sqk.Value(n.output.name, sqk.TensorType("f16", n.output.shape))
         return sqk.Graph(graph.name, graph.inputs, graph.nodes[:-1] + [Node(n.op, n.inputs, (bad,), n.attrs)], [bad])

@@ -11,7 +11,9 @@ from sqk.compiler import PassManager, PipelineError, parse_pipeline
 from sqk.compiler.cli import main
 from sqk.compiler.driver import quantize_pipeline
 from sqk.compiler.models import transformer_mlp
+from sqk.compiler.calibration import Calibration, CalibrationError
 from sqk.compiler.onnx_nbits import from_matmul_nbits, to_matmul_nbits
+from sqk.compiler.passes import Context
 from sqk.compiler.passes.quantize import QuantReport, Quantize
 from sqk.compiler.quantize import (activation_scale, dequantize, fake_quant_i8, layer_error, output_error,
                                    quantize_weight)
@@ -23,10 +25,15 @@ F32 = np.float32
 
 
 def run_pipeline(g, spec):
-    passes = parse_pipeline(spec)
-    out = PassManager(passes).run(g)
-    reports = [p.report for p in passes if isinstance(p, Quantize)]
+    pm = PassManager(parse_pipeline(spec))
+    out = pm.run(g)
+    reports = [r for p, r in pm.context.reports if isinstance(p, Quantize)]
     return out, reports[-1] if reports else None
+
+
+def calibrated(passes, data) -> PassManager:
+    """A pass manager whose context holds calibration ``data``, as compile(calibration_data=...) makes."""
+    return PassManager(passes, context=Context(calibration=Calibration.of(data)))
 
 
 def two_layer(k=64, n=48, m=40, seed=0, w1=None, w2=None, dtype="f32"):
@@ -200,18 +207,21 @@ def test_report_on_calibration_data():
     g = two_layer()
     rng = np.random.default_rng(5)
     data = [{"x": rng.standard_normal((3, 64)).astype(F32)} for _ in range(2)]
-    p = Quantize(weights="int4").with_calibration(data)
-    PassManager([p]).run(g)
+    p = Quantize(weights="int4")
+    pm = calibrated([p], data)
+    pm.run(g)
     # the second layer's input is relu(x @ w1): taken from the reference interpreter
     h = np.concatenate([run_reference(g, d, keep_all=True)[g.nodes[-1].inputs[0]] for d in data])
     w2 = g.constants["w2"]
-    assert p.report[1]["rel_l2"] == layer_error(h, w2, *quantize_weight(w2, 4, 32), 32)[0]
+    assert pm.context.report_of(p)[1]["rel_l2"] == layer_error(h, w2, *quantize_weight(w2, 4, 32), 32)[0]
     with pytest.raises(PipelineError, match="calibration sample 1: unknown input.*y"):
-        PassManager([Quantize().with_calibration([data[0], {"y": data[0]["x"]}])]).run(g)
+        calibrated([Quantize()], [data[0], {"y": data[0]["x"]}]).run(g)
     with pytest.raises(PipelineError, match=r"calibration sample 0: input 'x': shape \(2, 64\)"):
-        PassManager([Quantize().with_calibration([{"x": np.zeros((2, 64), F32)}])]).run(g)
+        calibrated([Quantize()], [{"x": np.zeros((2, 64), F32)}]).run(g)
+    with pytest.raises(CalibrationError, match="non-empty list"):
+        Calibration.of([])
     with pytest.raises(PipelineError, match="non-empty list"):
-        Quantize().with_calibration([])
+        sqk.compile(g, quantize="int4", calibration_data=[])
 
 
 def test_skip():
@@ -436,20 +446,21 @@ def test_static_calibration_pass(method):
     calibration samples (the second layer's: relu(x @ w1)); the report says so,
     measures the static numerics, and the IR text round-trips."""
     g, data = two_layer(), calibration_samples()
-    p = parse_pipeline(f"quantize{{weights=int4,activations=int8,calibration={method}}}")[0].with_calibration(data)
-    q = PassManager([p]).run(g)
+    pm = calibrated(parse_pipeline(f"quantize{{weights=int4,activations=int8,calibration={method}}}"), data)
+    q = pm.run(g)
+    report = pm.context.reports[0][1]
     envs = [run_reference(g, d, keep_all=True) for d in data]
     mqs = [n for n in q.nodes if n.op == "matmul_q"]
     for i, (mm, n) in enumerate(zip([n for n in g.nodes if n.op == "matmul"], mqs)):
         assert n.outputs == mm.outputs
         acts = np.concatenate([e[mm.inputs[0]] for e in envs])
         assert n.attrs["act_scale"] == activation_scale(acts, method) > 0
-        assert p.report[i]["act_scales"] == [n.attrs["act_scale"]]
-        assert p.report[i]["weights"] == f"int4 g32 sym + i8 act {method}" and p.report[i]["cosine"] > 0.98
+        assert report[i]["act_scales"] == [n.attrs["act_scale"]]
+        assert report[i]["weights"] == f"int4 g32 sym + i8 act {method}" and report[i]["cosine"] > 0.98
         qv = [q.producers()[v].attrs["value"] for v in n.inputs[1:]]
         want = acts.astype(np.float64) @ g.constants[mm.inputs[1].name].astype(np.float64)
         got = sqk.ir.ops.matmul_q_i8act(acts, *qv, None, 32, n.attrs["act_scale"])
-        assert p.report[i]["rel_l2"] == output_error(want, got)[0]
+        assert report[i]["rel_l2"] == output_error(want, got)[0]
     text = q.to_text(inline_limit=None)
     assert f"act_scale={mqs[0].attrs['act_scale']!r}" in text and sqk.parse_ir(text) == q
 
@@ -494,13 +505,14 @@ def test_transformer_mlp_static_activations(method):
     g = transformer_mlp(tokens=4)
     rng = np.random.default_rng(21)
     data = [{"x": rng.standard_normal((4, 768)).astype(F32)} for _ in range(2)]
-    p = Quantize(weights="int4", activations="int8", calibration=method).with_calibration(data)
-    q = PassManager(parse_pipeline("fold_constants") + [p] + parse_pipeline("dce")).run(g)
+    p = Quantize(weights="int4", activations="int8", calibration=method)
+    pm = calibrated(parse_pipeline("fold_constants") + [p] + parse_pipeline("dce"), data)
+    q = pm.run(g)
     x = np.random.default_rng(11).standard_normal((4, 768)).astype(F32)
     ref, out = sqk.reference(g, x=x), sqk.reference(q, x=x)
     cos = output_error(ref, out)[1]
-    print(f"{method}: block output cosine {cos:.6f}\n{p.report.format()}")
-    assert cos >= 0.99 and all(r["cosine"] >= 0.99 for r in p.report)
+    print(f"{method}: block output cosine {cos:.6f}\n{pm.context.report_of(p).format()}")
+    assert cos >= 0.99 and all(r["cosine"] >= 0.99 for r in pm.context.report_of(p))
 
 
 # --- the report in a saved artifact ----------------------------------------------------------------

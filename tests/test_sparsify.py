@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 import sqk
 from sqk.compiler import PassManager, PipelineError, parse_pipeline
+from sqk.compiler.passes import Context
+from sqk.compiler.calibration import Calibration
 from sqk.compiler.cli import main
 from sqk.compiler.driver import sparsify_pipeline
 from sqk.compiler.passes.quantize import QuantReport
@@ -36,9 +38,9 @@ def dram_model(monkeypatch):
 
 def run_pipeline(g, spec):
     """(graph after the pipeline, {pass name: report of its last run})."""
-    passes = parse_pipeline(spec)
-    out = PassManager(passes).run(g)
-    return out, {p.name: p.report for p in passes if getattr(p, "report", None) is not None}
+    pm = PassManager(parse_pipeline(spec))
+    out = pm.run(g)
+    return out, {p.name: r for p, r in pm.context.reports}
 
 
 def two_layer(k=64, n=48, m=40, rows=3, seed=0, w1=None, w2=None, dtype="f32"):
@@ -238,8 +240,9 @@ def test_sparsify_sparsity_zero_changes_nothing_and_existing_zeros_count():
 def test_sparsify_report_is_each_layers_error_on_calibration_data():
     g = two_layer()
     x = np.random.default_rng(5).standard_normal((3, 64)).astype(F32)
-    p = Sparsify(pattern="2:4").with_calibration([{"x": x}, {"x": -x}])
-    out = PassManager([p]).run(g)
+    p = Sparsify(pattern="2:4")
+    pm = PassManager([p], context=Context(calibration=Calibration.of([{"x": x}, {"x": -x}])))
+    out = pm.run(g)
     env = run_reference(g, {"x": x}, keep_all=True)
     env2 = run_reference(g, {"x": -x}, keep_all=True)
     h = [env[n.inputs[0]] for n in g.nodes if n.op == "matmul"][1]
@@ -247,9 +250,9 @@ def test_sparsify_report_is_each_layers_error_on_calibration_data():
     hs = np.concatenate([h, h2]).astype(np.float64)
     w2, p2 = weights(g)["w2"].astype(np.float64), weights(out)["w2"].astype(np.float64)
     rel, cos = output_error(hs @ w2, hs @ p2)
-    assert p.report.row("w2")["rel_l2"] == pytest.approx(rel) and p.report.row("w2")["cosine"] == pytest.approx(cos)
+    assert pm.context.report_of(p).row("w2")["rel_l2"] == pytest.approx(rel) and pm.context.report_of(p).row("w2")["cosine"] == pytest.approx(cos)
     assert 0 < rel < 1 and 0 < cos < 1
-    text = p.report.format()
+    text = pm.context.report_of(p).format()
     assert "w1" in text and "2 of 2 weights pruned; zeros 0.0% -> 50.0%" in text
 
 

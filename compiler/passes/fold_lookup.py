@@ -34,13 +34,11 @@ that table by the same ids (plus a ``reshape`` when its shape is not
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 
 from ...ir.graph import Graph, Node, TensorType, Value
 from ...ir.ops import OPS
-from . import Pass, register
+from . import Context, Pass, register
 from .report import LayerReport
 
 MiB = 1 << 20
@@ -102,9 +100,7 @@ class FoldLookupExperts(Pass):
     max_bytes: int = 1 << 30
     chunk: int = 512
 
-    report: ClassVar = None
-
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
         consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
         users = graph.users()
         outputs = set(graph.outputs)
@@ -161,7 +157,8 @@ class FoldLookupExperts(Pass):
                 replace.setdefault(next(m for m in region if v in m.outputs), []).extend(new)
             folded.update(region + seeds)   # a seed gather only the region read goes too
             report.append(dict(row, status="folded"))
-        object.__setattr__(self, "report", report)
+        if ctx is not None:
+            ctx.add_report(self, report)
         if not replace:
             return graph
         nodes = []

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from ...ir.fusion import ANCHORS, body_kind, is_elementwise
 from ...ir.graph import Graph, IRError, Node, Value
-from . import Pass, register
+from . import Context, Pass, register
 
 
 @register
@@ -38,7 +38,7 @@ class Fuse(Pass):
     elementwise: bool = True
     attention: bool = True
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
         prod = graph.producers()
         users = graph.users()
         outputs = set(graph.outputs)

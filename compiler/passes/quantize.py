@@ -41,12 +41,12 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
   scales: other options are an error naming the layer (never a silent
   densification).
 
-Report plumbing: passes stay ``Graph -> Graph``; the pass records its report
-on itself (``self.report``, a :class:`QuantReport`) as a side channel that the
-driver reads after the pipeline ran (``Module.report``).  Calibration inputs
-reach it the same way: ``with_calibration(data)`` returns a copy carrying a
-``compiler.calibration.Calibration`` (one per compile, shared with sparsify:
-each layer input's statistics are gathered once).  Each layer's error is
+Report plumbing: the pass files its report (a :class:`QuantReport`) in the
+pass manager's :class:`~sqk.compiler.passes.Context` (``ctx.add_report``),
+which the driver turns into ``Module.report``.  Calibration inputs come from
+the same context (``ctx.calibration``, a ``compiler.calibration.Calibration``:
+one per compile, shared with sparsify, so each layer input's statistics are
+gathered once).  Each layer's error is
 measured in isolation: the layer's fp32 input (from the reference interpreter
 over the calibration samples, at most a bounded even-stride sample of the
 rows, or seeded standard-normal rows [samples, K] without them) through the
@@ -54,7 +54,6 @@ float weight and through the dequantized weight.
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import ClassVar
 
@@ -64,8 +63,8 @@ from ...ir import dtypes as dt
 from ...ir.graph import Graph, Node, TensorType, Value
 from ...ir.ops import OPS, matmul_q_i8act
 from .. import quantize as qm
-from ..calibration import Calibration, CalibrationError, LayerStats, random_stats
-from . import Pass, register
+from ..calibration import CalibrationError, LayerStats, random_stats
+from . import Context, Pass, option, register
 from .report import LayerReport, format_end_to_end
 
 WEIGHTS = {"int8": 8, "int4": 4}
@@ -81,14 +80,6 @@ def _error(msg: str):
     return PipelineError(msg)
 
 
-def _calibration(data) -> Calibration | None:
-    """``data`` (None, a list of {input: array} or a Calibration) as a Calibration."""
-    try:
-        return Calibration.of(data)
-    except CalibrationError as e:
-        raise _error(str(e)) from None
-
-
 def split_names(spec: str) -> list[str]:
     """``"w1|w2;w3"`` -> ["w1", "w2", "w3"] (blank items dropped)."""
     return [s.strip() for s in spec.replace(";", "|").split("|") if s.strip()]
@@ -99,24 +90,25 @@ class Quantize(Pass):
     """Quantize constant matmul weights to int8/int4 (see the module docstring)."""
 
     name = "quantize"
-    weights: str = "int8"
-    group: int = 0          # 0: per output channel for int8, 32 for int4
-    scheme: str = "sym"
-    scale_dtype: str = "f32"
-    skip: str = ""
-    max_error: float = math.inf
-    activations: str = "none"
-    calibration: str = "dynamic"
-    percentile: float = 99.99
-    seed: int = 0
-    samples: int = 16
-    method: str = "rtn"
-    damp: float = 0.01
-    act_order: bool = False
+    weights: str = option("int8", "quantize matmul weights to int8 or int4", choices=WEIGHTS)
+    group: int = option(0, "quantization group along K (0: per output channel for int8, 32 for int4)")
+    scheme: str = option("sym", "symmetric, or asymmetric with zero points", choices=qm.SCHEMES)
+    scale_dtype: str = option("f32", "scale storage", choices=qm.SCALE_DTYPES)
+    skip: str = option("", "weight constants to leave alone (in float, unpruned), separated by '|'")
+    max_error: float = option(math.inf, "keep in float each layer whose relative L2 output error exceeds this")
+    activations: str = option("none", "int8: quantize activations (symmetric int4 or int8 weights)",
+                              choices=ACTIVATIONS)
+    calibration: str = option("dynamic", "int8 activation scales: per row at run time, or one static scale per "
+                              "layer from the calibration data", choices=CALIBRATIONS, flag="--act-calibration")
+    percentile: float = option(99.99, "the percentile of |x| for calibration=percentile")
+    seed: int = option(0, "seed of the random rows the report measures on without calibration data")
+    samples: int = option(16, "random rows the report measures on without calibration data")
+    method: str = option("rtn", "how weights are rounded (the others need calibration data)", choices=METHODS,
+                         keyword="quantize_method")
+    damp: float = option(0.01, "GPTQ's / SparseGPT's dampening, a fraction of mean(diag H)")
+    act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal")
 
-    # side channel, not options (see the module docstring)
-    report: ClassVar = None
-    calibration_data: ClassVar = None
+    reads_calibration: ClassVar = True
 
     def __post_init__(self):
         p = "pass quantize: option"
@@ -169,14 +161,8 @@ class Quantize(Pass):
         group = self.group or (DEFAULT_INT4_GROUP if self.bits == 4 else k)
         return max(min(group, k), 1)
 
-    def with_calibration(self, data) -> Quantize:
-        """A copy reading calibration ``data``: a list of {input name: array}
-        or a shared :class:`~sqk.compiler.calibration.Calibration`."""
-        p = copy.copy(self)
-        object.__setattr__(p, "calibration_data", _calibration(data))
-        return p
-
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
+        calib = ctx.calibration if ctx is not None else None
         prod = graph.producers()
         # candidates: const W (2-D, float, non-empty) used as the right operand of a matmul
         uses: dict[Value, list[Node]] = {}
@@ -195,16 +181,16 @@ class Quantize(Pass):
         if unknown:
             raise _error(f"quantize: skip names {', '.join(unknown)}, which is not a matmul weight of "
                          f"@{graph.name}; weights: {', '.join(sorted(names))}")
-        if self.static and self.calibration_data is None:
+        if self.static and calib is None:
             raise _error(f"quantize: calibration={self.calibration} chooses static activation scales from "
                          f"calibration data, and none was given: pass calibration_data=[{{input: array}}, ...] "
                          f"to sqk.compile (or use calibration=dynamic)")
-        if self.method != "rtn" and self.calibration_data is None:
+        if self.method != "rtn" and calib is None:
             raise _error(f"quantize: method={self.method} needs calibration data (each layer's inputs) and none "
                          f"was given: pass calibration_data=[{{input: array}}, ...] to sqk.compile "
                          f"(--calibration FILE.npz on the command line), or use method=rtn")
-        stats = self._stats(graph, uses)           # per matmul input value
-        source = (self.calibration_data.source if self.calibration_data is not None
+        stats = self._stats(graph, uses, calib)    # per matmul input value
+        source = (calib.source if calib is not None
                   else f"{self.samples} random normal rows (seed={self.seed})")
         const_value = {w: prod[w].attrs["value"] for w in uses}
         awq, awq_why, awq_nodes, awq_inputs = (self._awq(graph, uses, skip, stats, const_value)
@@ -310,7 +296,8 @@ class Quantize(Pass):
                                       node.attrs))
             else:
                 out_nodes.append(node)
-        object.__setattr__(self, "report", report)
+        if ctx is not None:
+            ctx.add_report(self, report)
         return graph.with_nodes(out_nodes)
 
     def _quantize(self, arr, st: LayerStats, group: int, name: str):
@@ -331,14 +318,14 @@ class Quantize(Pass):
             x = st.sample if inv is None else st.sample * inv
         return qm.activation_scale(x, self.calibration, self.percentile, name=name)
 
-    def _stats(self, graph: Graph, uses: dict) -> dict:
+    def _stats(self, graph: Graph, uses: dict, calib) -> dict:
         """LayerStats per matmul input value: from the calibration samples
         (gathered once, shared with other passes), or seeded random rows."""
         xs = list(dict.fromkeys(m.inputs[0] for users in uses.values() for m in users))
-        if self.calibration_data is None:
+        if calib is None:
             return random_stats(xs, self.seed, self.samples)
         try:
-            return self.calibration_data.stats(graph, xs)
+            return calib.stats(graph, xs)
         except CalibrationError as e:
             raise _error(str(e)) from None
 

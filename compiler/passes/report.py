@@ -1,8 +1,8 @@
 """Per-layer reports of the passes that change weights (quantize, sparsify,
 select_format), and how ``compile()`` combines them into ``Module.report``.
 
-A pass records its report on itself (``self.report``) as a side channel the
-driver reads after the pipeline ran (see passes/quantize.py).  Every report
+A pass files its report in the pass manager's context (``ctx.add_report``,
+passes/__init__.py); the driver reads them after the pipeline ran.  Every report
 is a :class:`LayerReport`: a list of row dicts, one per weight, each with at
 least ``layer`` (the weight constant's name), ``shape`` and ``status``, and a
 ``format()`` that prints a text table.  :func:`combine_reports` turns the

@@ -55,14 +55,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
 from ...ir import dtypes as dt
 from ...ir.graph import Graph, IRError, Node, Value
 from ...ir.sparsity import BSR_BLOCKS, CSR_PAD, NM_COLUMNS, Format, block_density, holds, nm_counts, parse_format
-from . import Pass, register
+from . import Context, Pass, option, register
 from .quantize import split_names
 from .report import LayerReport
 
@@ -235,11 +234,10 @@ class SelectFormat(Pass):
     """Choose each constant matmul weight's storage format (see the module docstring)."""
 
     name = "select_format"
-    force: str = ""
-    formats: str = "csr|bsr|nm"
-    min_bytes: int = MIN_BYTES
-
-    report: ClassVar = None   # side channel (see passes/quantize.py): a FormatReport
+    force: str = option("", "store weight NAME as FMT (dense, csr, bsrRxC, nmN:M): NAME:FMT items separated by '|'",
+                        flag="--format", repeat=True)
+    formats: str = option("csr|bsr|nm", "the formats select_format may choose, separated by '|'")
+    min_bytes: int = option(MIN_BYTES, "weights smaller than this many bytes stay dense")
 
     def __post_init__(self):
         self.allowed()
@@ -277,7 +275,7 @@ class SelectFormat(Pass):
                 raise _error(f"pass select_format: option force={self.force}: weight {name}: {e}") from None
         return out
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
         prod = graph.producers()
         uses: dict[Value, list[Node]] = {}   # weight -> matmul/matmul_q nodes reading it as the weight
         for n in graph.nodes:
@@ -358,7 +356,8 @@ class SelectFormat(Pass):
             if w in chosen and node.attrs.get("sparse", "dense") != chosen[w]:
                 node = Node(node.op, node.inputs, node.outputs, {**node.attrs, "sparse": chosen[w]})
             out_nodes.append(node)
-        object.__setattr__(self, "report", report)
+        if ctx is not None:
+            ctx.add_report(self, report)
         return graph.with_nodes(out_nodes)
 
     def _match_forced(self, graph: Graph, uses: dict) -> dict[Value, Format]:

@@ -5,7 +5,7 @@ import numpy as np
 
 from ...ir.graph import Graph, Node
 from ...ir.ops import OPS
-from . import Pass, register
+from . import Context, Pass, register
 
 # Folding may not create constants larger than this (bytes): a broadcast of a
 # small constant to a huge shape is cheaper to compute than to store and load.
@@ -19,7 +19,7 @@ class FoldConstants(Pass):
     name = "fold_constants"
     limit: int = FOLD_LIMIT
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
         consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
         nodes = []
         for n in graph.nodes:
@@ -47,7 +47,7 @@ class DeadCodeElimination(Pass):
 
     name = "dce"
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
         live = set(graph.outputs)
         keep = []
         for n in reversed(graph.nodes):

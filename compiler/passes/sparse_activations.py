@@ -20,10 +20,9 @@ as a fused node's result too).  Report: one row per matmul weight considered.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 from ...ir.graph import Graph, Node
-from . import Pass, register
+from . import Context, Pass, register
 from .report import LayerReport
 
 
@@ -62,9 +61,7 @@ class SparseActivations(Pass):
     max_rows: int = 4
     min_bytes: int = 64 << 10
 
-    report: ClassVar = None
-
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
         prod = graph.producers()
         consts = {n.output for n in graph.nodes if n.op == "const"}
         report = SparseActivationsReport()
@@ -87,5 +84,6 @@ class SparseActivations(Pass):
                 continue
             report.append(dict(row, status="sparse input"))
             nodes.append(Node("matmul_sparse_input", n.inputs, n.outputs, {}))
-        object.__setattr__(self, "report", report)
+        if ctx is not None:
+            ctx.add_report(self, report)
         return graph.with_nodes(nodes) if any(r["status"] == "sparse input" for r in report) else graph

@@ -43,17 +43,16 @@ A weight constant also read by anything else than the weight operand of a
 matmul (or returned) is not changed: the matmuls get a pruned copy named
 ``<name>.pruned``.
 
-The report (``self.report``, a :class:`SparsityReport`, read by the driver
-as ``Module.report``) measures each layer in isolation, as quantize's does:
-the layer's input (calibration samples through the reference interpreter,
-``with_calibration(data)``, at most ``calibration.MAX_ROWS``-ish rows of
+The report (a :class:`SparsityReport` filed in the pass manager's context,
+read by the driver as ``Module.report``) measures each layer in isolation, as
+quantize's does: the layer's input (calibration samples through the reference
+interpreter, ``ctx.calibration``, at most ``calibration.MAX_ROWS``-ish rows of
 them; else ``samples`` seeded standard-normal rows) through the unpruned and
 the pruned weight, in float64: relative L2 error and cosine of the outputs,
 and for wanda/sparsegpt magnitude's error on the same rows.
 """
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -65,8 +64,8 @@ from ...ir.graph import Graph, Node, Value
 from ...ir.sparsity import BSR_BLOCKS, NM_MAX_M
 from ..calibration import CalibrationError, LayerStats, random_stats
 from ..quantize import output_error
-from . import Pass, register
-from .quantize import _calibration, _fresh, split_names
+from . import Context, Pass, option, register
+from .quantize import _fresh, split_names
 from .report import LayerReport, format_end_to_end
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -293,18 +292,17 @@ class Sparsify(Pass):
     """Prune constant matmul weights by magnitude (see the module docstring)."""
 
     name = "sparsify"
-    pattern: str = "unstructured"
-    sparsity: float = 0.5
-    method: str = "magnitude"
-    scope: str = "layer"
+    pattern: str = option("unstructured", "prune matmul weights: unstructured, N:M or block=RxC")
+    sparsity: float = option(0.5, "fraction of zeros for unstructured and block patterns")
+    method: str = option("magnitude", "how weights are chosen for pruning (the others need calibration data)",
+                         choices=METHODS, flag="--sparsify-method")
+    scope: str = option("layer", "one threshold per layer, or one over all pruned weights", choices=SCOPES)
     skip: str = ""
     seed: int = 0
     samples: int = 16
     damp: float = 0.01
 
-    # side channel, not options (see passes/quantize.py)
-    report: ClassVar = None
-    calibration_data: ClassVar = None
+    reads_calibration: ClassVar = True
 
     def __post_init__(self):
         p = "pass sparsify: option"
@@ -333,13 +331,6 @@ class Sparsify(Pass):
         if self.damp != 0.01 and self.method != "sparsegpt":
             raise _error(f"pass sparsify: damp= applies to method=sparsegpt (got method={self.method})")
 
-    def with_calibration(self, data) -> Sparsify:
-        """A copy reading calibration ``data``: a list of {input name: array}
-        or a shared :class:`~sqk.compiler.calibration.Calibration`."""
-        p = copy.copy(self)
-        object.__setattr__(p, "calibration_data", _calibration(data))
-        return p
-
     def prune(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """The pruned copies of ``arrays`` (the weights pruned in one run, in order)."""
         pat = parse_pattern(self.pattern)
@@ -349,7 +340,7 @@ class Sparsify(Pass):
             return prune_blocks(arrays, pat.r, pat.c, self.sparsity)
         return [prune_blocks([a], pat.r, pat.c, self.sparsity)[0] for a in arrays]
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
         pat = parse_pattern(self.pattern)
         prod = graph.producers()
         uses: dict[Value, list[Node]] = {}   # weight -> the matmuls reading it as their weight
@@ -376,20 +367,21 @@ class Sparsify(Pass):
                 raise _error(f"sparsify: constant {w.name} has non-finite weights; cannot rank NaN/Inf by magnitude")
 
         todo = [w for w in uses if w.name not in skip]
-        if self.method != "magnitude" and self.calibration_data is None:
+        calib = ctx.calibration if ctx is not None else None
+        if self.method != "magnitude" and calib is None:
             raise _error(f"sparsify: method={self.method} needs calibration data (each layer's inputs) and none "
                          f"was given: pass calibration_data=[{{input: array}}, ...] to sqk.compile "
                          f"(--calibration FILE.npz on the command line), or use method=magnitude")
         xs = list(dict.fromkeys(m.inputs[0] for w in todo for m in uses[w]))
-        if self.calibration_data is None:
+        if calib is None:
             by_x = random_stats(xs, self.seed, self.samples)
             source = f"{self.samples} random normal rows (seed={self.seed})"
         else:
             try:
-                by_x = self.calibration_data.stats(graph, xs)
+                by_x = calib.stats(graph, xs)
             except CalibrationError as e:
                 raise _error(str(e)) from None
-            source = self.calibration_data.source
+            source = calib.source
         stats = {w: LayerStats.merged([by_x[x] for x in dict.fromkeys(m.inputs[0] for m in uses[w])]) for w in todo}
         arrays = [prod[w].attrs["value"] for w in todo]
         magnitude = dict(zip(todo, self.prune(arrays)))
@@ -445,7 +437,8 @@ class Sparsify(Pass):
                 out_nodes.append(Node("matmul", (node.inputs[0], copies[node.inputs[1]]), node.outputs, node.attrs))
             else:
                 out_nodes.append(node)
-        object.__setattr__(self, "report", report)
+        if ctx is not None:
+            ctx.add_report(self, report)
         return graph.with_nodes(out_nodes)
 
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from ..ir.reference import reference
-from .driver import compile
+from ..compiler.driver import compile
 from .models import small_cnn, transformer_block
 
 # (label, compile options) of the transformer block's variants.

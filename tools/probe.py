@@ -40,7 +40,7 @@ class Probe:
 def sum_model(shape, threads=None):
     """A compiled model summing ``x[shape]`` (f32) along its last axis."""
     from ..ir.builder import GraphBuilder
-    from .driver import compile
+    from ..compiler.driver import compile
 
     g = GraphBuilder("sum")
     x = g.input("x", shape)
