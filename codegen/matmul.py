@@ -110,6 +110,8 @@ GEMV_MIN_SEGMENT = 4096
 # every x86 host; riscv64 packs nothing: see the docstring).
 PACK_LANES = 16
 PACK_NR = 3 * PACK_LANES
+# GEMM: elements of a row of a loaded at a time when a panel of a is packed.
+PACK_A_CHUNK = 8
 
 
 # --- geometry -------------------------------------------------------------------------
@@ -340,6 +342,75 @@ def gemm_blocking(target, M: int, K: int, N: int, batch: int = 1, dtype=dt.f32, 
                 NC=_split(N, most_n, NRL, nparts), nkb=nkb, KC=cdiv(K, nkb) if K else 0)
 
 
+def micro_tile(k: Kernel, lanes: int, nv: int, kc, a_panel, b_panel, acc: list) -> list:
+    """The GEMM micro-kernel: ``acc[r*nv + v] += sum_kk a(kk, r) * b(kk, v)`` over
+    kk < kc (an int or an i64) for mr = len(acc) // nv rows and nv vectors of
+    ``lanes`` f32 (scalars if lanes == 1), the accumulators held in registers
+    through the loop; returns the new accumulators.
+
+    ``a_panel`` = (f32 pointer, index of kk=0, row stride): a(kk, r) at index +
+    kk*stride + r (pack_a_panel's layout, stride MR); ``b_panel`` = (Access,
+    index of kk=0, row stride): vector v of row kk at index + kk*stride +
+    v*lanes (whole vectors: zero-pad a partial one).  Per kk, nv loads of b and
+    mr broadcasts of a feed mr*nv fused multiply-adds: the tile, the loaded
+    vectors and a broadcast must fit the register file (tile_shape)."""
+    b = k.b
+    a_ptr, a_base, a_stride = a_panel
+    src, b_base, b_stride = b_panel
+    mr = len(acc) // nv
+
+    def step(kk, acc):
+        row = b.add(b_base, b.mul(kk, i64(b_stride)))
+        bv = [src.load(b.add(row, i64(v * lanes))) for v in range(nv)]
+        arow = b.add(a_base, b.mul(kk, i64(a_stride)))
+        out = []
+        for r in range(mr):
+            av = b.load(gep(b, a_ptr, F32, b.add(arow, i64(r))), typ=F32)
+            av = splat(b, av, lanes) if lanes > 1 else av
+            out += [fma(k, av, bv[v], acc[r * nv + v]) for v in range(nv)]
+        return out
+
+    return fold_loop(b, 0, kc, acc, step)
+
+
+def pack_a_panel(k: Kernel, a: "Access", src, row_stride: int, mr: int, kc: int, dst: "Access", index, stride: int):
+    """dst[index + kk*stride + r] = a[src + r*row_stride + kk] (f32) for r < mr,
+    kk < kc: mr rows of a interleaved, the a_panel layout of micro_tile.  ``a``
+    loads PACK_A_CHUNK elements at a time, transposed in registers."""
+    b = k.b
+    c = a.lanes
+    rows = [b.add(src, i64(r * row_stride)) for r in range(mr)]
+    kfull = kc - kc % c
+    if kfull:
+        with loop(b, 0, kfull, c, name="pa.k") as kk:
+            vs = [a.load(b.add(rows[r], kk)) for r in range(mr)]
+            out = b.add(index, b.mul(kk, i64(stride)))
+            if mr == stride:   # one interleaving shuffle, one store
+                cat = _concat(b, vs)
+                order = [r * c + q for q in range(c) for r in range(mr)]
+                v = b.shuffle_vector(cat, ir.Constant(cat.type, ir.Undefined), ir.Constant(ir.VectorType(I32, mr * c), order))
+                b.store(v, gep(b, dst.ptr, F32, out), align=4)
+            else:
+                for q in range(c):
+                    for r in range(mr):
+                        b.store(b.extract_element(vs[r], i64(q)), gep(b, dst.ptr, F32, b.add(out, i64(q * stride + r))))
+    for q in range(kfull, kc):
+        for r in range(mr):
+            dst.store(a.scalar(b.add(rows[r], i64(q))), b.add(index, i64(q * stride + r)))
+
+
+def _concat(b, vs: list):
+    """One vector of the vectors ``vs`` (same type) end to end."""
+    vs = list(vs)
+    while len(vs) > 1:
+        if len(vs) % 2:
+            vs.append(ir.Constant(vs[0].type, ir.Undefined))
+        n = vs[0].type.count
+        mask = ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n)))
+        vs = [b.shuffle_vector(vs[x], vs[x + 1], mask) for x in range(0, len(vs), 2)]
+    return vs[0]
+
+
 def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
     """``packed``: b is a constant packed in column panels (pack_matmul_b), read in
     place; else each K block of a column panel is packed on the stack first."""
@@ -350,6 +421,8 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
     mblocks, nblocks = cdiv(M, MC), cdiv(N, NC)
     A, B, Y = (Access(k, q, g.dtype, lanes) for q in (k.args[0], k.args[1], k.args[-1]))
     BP = None if packed else Access(k, _stack_array(k, KC * NRL, "bpanel"), dt.f32, lanes)
+    A8 = Access(k, k.args[0], g.dtype, PACK_A_CHUNK)
+    AP = Access(k, _stack_array(k, cdiv(MC, MR) * MR * KC, "apanel"), dt.f32, 1)
     # Partial sums between K blocks: y itself in f32; an f32 tile for f16 (rounded once).
     CT = Access(k, _stack_array(k, MC * NC, "ctile"), dt.f32, lanes) if nkb > 1 and g.dtype is not dt.f32 \
         else None
@@ -366,16 +439,15 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
                 BP.store(B.load(b.add(src, i64(v * lanes)), min(lanes, ncols - v * lanes)),
                          b.add(dst, i64(v * lanes)))
 
-    def micro(t, a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last, panel):
+    def micro(t, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last, panel):
         """Tile y[i:i+mr, j:j+ncols] (li, lj: its place in the item tile), K block
-        [k0, k0+kc), reading b[k0+kk, j:j+ncols] from ``panel`` = (access, index
-        of kk=0, row stride), zero-padded to whole vectors.  Accumulators start
-        at 0 in the ``first`` block, else from the partial sums; the ``last``
-        block writes y, the others the partial sums."""
-        src, base, stride = panel
+        [k0, k0+kc), rows i.. of a from their packed panel in AP, b[k0+kk,
+        j:j+ncols] from ``panel`` = (access, index of kk=0, row stride),
+        zero-padded to whole vectors.  Accumulators start at 0 in the ``first``
+        block, else from the partial sums; the ``last`` block writes y, the
+        others the partial sums."""
         nv = cdiv(ncols, lanes)
         valid = [min(lanes, ncols - v * lanes) for v in range(nv)]
-        a_rows = [b.add(b.add(a_off, b.mul(b.add(i, i64(r)), i64(K))), k0) for r in range(mr)]
         y_rows = [b.add(y_off, b.add(b.mul(b.add(i, i64(r)), i64(N)), j)) for r in range(mr)]
         if CT:
             p_rows, P = [b.add(b.mul(b.add(li, i64(r)), i64(NC)), lj) for r in range(mr)], CT
@@ -383,18 +455,7 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
             p_rows, P = y_rows, Y
         init = [zero if first else P.load(b.add(p_rows[r], i64(v * lanes)), valid[v])
                 for r in range(mr) for v in range(nv)]
-
-        def step(kk, acc):
-            row = b.add(base, b.mul(kk, i64(stride)))
-            bv = [src.load(b.add(row, i64(v * lanes))) for v in range(nv)]
-            out = []
-            for r in range(mr):
-                av = A.scalar(b.add(a_rows[r], kk))
-                av = splat(b, av, lanes) if lanes > 1 else av
-                out += [fma(k, av, bv[v], acc[r * nv + v]) for v in range(nv)]
-            return out
-
-        acc = fold_loop(b, 0, kc, init, step)
+        acc = micro_tile(k, lanes, nv, kc, (AP.ptr, b.mul(li, i64(KC)), MR), panel, init)
         rows, out = (y_rows, Y) if last else (p_rows, P)
         for r in range(mr):
             for v in range(nv):
@@ -417,12 +478,22 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
                 src = (BP, i64(0), NRL)
             lj = b.sub(j, j0)
             with loop(b, i0, imin(b, i1, M - M % MR), MR, name="i") as i:
-                micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, first, last, src)
+                micro(t, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, first, last, src)
             if M % MR:
                 with b.if_then(b.icmp_signed("==", i1, i64(M))):
                     i = i64(M - M % MR)
-                    micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last, src)
+                    micro(t, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last, src)
 
+        # rows i0..i1 of a, columns k0.., into MR-row panels (A's strided rows would
+        # meet in the same cache sets: power-of-two K thrashes L1 and L2 otherwise)
+        with loop(b, i0, imin(b, i1, M - M % MR), MR, name="pa") as i:
+            pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, MR, kc,
+                         AP, b.mul(b.sub(i, i0), i64(KC)), MR)
+        if M % MR:
+            with b.if_then(b.icmp_signed("==", i1, i64(M))):
+                i = i64(M - M % MR)
+                pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, M % MR, kc,
+                             AP, b.mul(b.sub(i, i0), i64(KC)), MR)
         with loop(b, j0, imin(b, j1, N - N % NRL), NRL, name="j") as j:
             panel(j, NRL)
         if N % NRL:
