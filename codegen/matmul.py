@@ -325,21 +325,53 @@ def gemm_blocking(target, M: int, K: int, N: int, batch: int = 1, dtype=dt.f32, 
 
     Item tiles are at most GEMM_MC x GEMM_NC (f16: the f32 partial-sum tile on
     the stack is capped), cut evenly; a product big enough to share gets at
-    least MIN_ITEMS items, so threads are balanced."""
+    least MIN_ITEMS items, in a count the runtime deals evenly to 2 threads
+    where the sizes allow (_balanced_parts)."""
     lanes = min(target.lanes(32), PACK_LANES) if packed else target.lanes(32)
     MR, NR = tile_shape(target, lanes, PACK_NR if packed else 0)
     NRL = NR * lanes
     most_m, most_n = (GEMM_MC, GEMM_NC) if dtype is dt.f32 else GEMM_F16_TILE
     mparts, nparts = cdiv(M, most_m), cdiv(N, most_n)
     want = min(MIN_ITEMS, cdiv(batch * M * N * K, MIN_PARALLEL_FMAS))
-    while batch * mparts * nparts < want and (mparts * MR < M or nparts * NRL < N):
-        if mparts * MR < M and (M // mparts >= N // nparts or nparts * NRL >= N):
-            mparts += 1
-        else:
-            nparts += 1
+    if want > 1:
+        mparts, nparts = _balanced_parts(M, N, batch, MR, NRL, most_m, most_n, want)
     nkb = max(1, cdiv(K, GEMM_KC))
     return dict(MR=MR, NR=NR, NRL=NRL, lanes=lanes, MC=_split(M, most_m, MR, mparts),
                 NC=_split(N, most_n, NRL, nparts), nkb=nkb, KC=cdiv(K, nkb) if K else 0)
+
+
+def _imbalance(items: int, threads: int = 2) -> float:
+    """Most items a thread runs over the mean, when the runtime cuts ``items``
+    into chunks of ceil(items / (4 * threads)) taken in turn: 9 items are chunks
+    of 2, 2, 2, 2, 1 and one of 2 threads runs 6 (1.33); 8 items, 4 each (1.0)."""
+    chunk = cdiv(items, 4 * threads)
+    return cdiv(cdiv(items, chunk), threads) * chunk * threads / items
+
+
+def _balanced_parts(M: int, N: int, batch: int, MR: int, NRL: int, most_m: int, most_n: int,
+                    want: int) -> tuple[int, int]:
+    """(M parts, N parts) of a shared GEMM: at least ``want`` items in all, a
+    dealt evenly to 2 threads (_imbalance) if some cut within 8 more parts
+    per side allows,
+    then the fewest items, then items near equal in size (the last row or
+    column of them not 10% short), then the least packing (an item packs its
+    rows of a and its columns of b), then the least padding."""
+    def cut(parts, n, most, unit):
+        size = _split(n, most, unit, parts)
+        return cdiv(n, size), size
+
+    m0, n0 = cdiv(M, most_m), cdiv(N, most_n)
+    best = None
+    for mp in range(m0, min(cdiv(M, MR), m0 + 8) + 1):
+        mb, mc = cut(mp, M, most_m, MR)
+        for np_ in range(n0, min(cdiv(N, NRL), n0 + 8) + 1):
+            nb, nc = cut(np_, N, most_n, NRL)
+            items = batch * mb * nb
+            pad = mb * mc * nb * nc / (M * N) - 1
+            key = (items < want, _imbalance(items) > 1.05, items, pad > 0.1, M * nb + N * mb, pad)
+            if best is None or key < best[0]:
+                best = key, mp, np_
+    return best[1], best[2]
 
 
 def micro_tile(k: Kernel, lanes: int, nv: int, kc, a_panel, b_panel, acc: list) -> list:
@@ -399,6 +431,12 @@ def pack_a_panel(k: Kernel, a: "Access", src, row_stride: int, mr: int, kc: int,
             dst.store(a.scalar(b.add(rows[r], i64(q))), b.add(index, i64(q * stride + r)))
 
 
+def prefetch(k: Kernel, ptr, ty, index, write: bool = True):
+    """Hint that ptr[index] (elements of ``ty``) is wanted in L1 soon."""
+    fn = k.intrinsic("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
+    k.b.call(fn, [gep(k.b, ptr, ty, index), ir.Constant(I32, int(write)), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
 def _concat(b, vs: list):
     """One vector of the vectors ``vs`` (same type) end to end."""
     vs = list(vs)
@@ -453,13 +491,17 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
             p_rows, P = [b.add(b.mul(b.add(li, i64(r)), i64(NC)), lj) for r in range(mr)], CT
         else:
             p_rows, P = y_rows, Y
-        init = [zero if first else P.load(b.add(p_rows[r], i64(v * lanes)), valid[v])
-                for r in range(mr) for v in range(nv)]
-        acc = micro_tile(k, lanes, nv, kc, (AP.ptr, b.mul(li, i64(KC)), MR), panel, init)
+        if not first:  # the partial sums are added after the loop: fetch their lines meanwhile
+            for r in range(mr):
+                for c in sorted({*range(0, nv * lanes, 16), nv * lanes - 1}):
+                    prefetch(k, P.ptr, P.ty, b.add(p_rows[r], i64(c)))
+        acc = micro_tile(k, lanes, nv, kc, (AP.ptr, b.mul(li, i64(KC)), MR), panel, [zero] * (mr * nv))
         rows, out = (y_rows, Y) if last else (p_rows, P)
         for r in range(mr):
             for v in range(nv):
                 value = acc[r * nv + v]
+                if not first:
+                    value = b.fadd(P.load(b.add(p_rows[r], i64(v * lanes)), valid[v]), value)
                 if last and epilogue:
                     value = epilogue(value, t, b.add(i, i64(r)), b.add(j, i64(v * lanes)), lanes, valid[v])
                 out.store(value, b.add(rows[r], i64(v * lanes)), valid[v])
