@@ -4,18 +4,23 @@ rounded once at the store).  ``b`` is read row-major [K, N] as it is stored.
 
 Two shapes of kernel:
 
-* GEMM (M > STREAM_MAX_M): a register-tiled micro-kernel keeps an MR x (NR
-  vectors) tile of y in vector registers and walks a K block with one
-  broadcast of ``a`` per row and NR vector loads of ``b`` per step, fused
-  multiply-adds in between.  Work items are (batch, N-block, M-block) tiles of
-  y, M fastest, so a thread's consecutive items reuse the same columns of ``b``
-  from cache.  Per K block and column panel, KC rows of ``b`` are packed (f32,
-  zero-padded past N) into a contiguous stack panel that stays in L1 while
-  every row panel of the item runs over it: no striding across rows of ``b``,
-  no cache-set conflicts for power-of-two N.  Partial sums between K blocks
-  live in y itself (f32) or in an f32 tile (f16, rounded once at the end).
-  A constant ``b`` is packed at compile time instead (``pack_matmul_b``) and
-  the micro-kernel reads it in place: no packing at run time.
+* GEMM (M > STREAM_MAX_M): a register-tiled micro-kernel (``micro_tile``)
+  keeps an MR x (NR vectors) tile of y in vector registers and walks a K block
+  with one broadcast of ``a`` per row and NR vector loads of ``b`` per step,
+  fused multiply-adds in between (4 x 24 on AVX2, 6 x 64 on AVX-512).  Work
+  items are (batch, N-block, M-block) tiles of y, M fastest, so a thread's
+  consecutive items reuse the same columns of ``b`` from cache, in a count the
+  runtime's chunks deal evenly to 2 threads.  Per item and K block (KC deep),
+  the item's rows of ``a`` are packed first (``pack_a_panel``: MR rows
+  interleaved, a contiguous panel per MR rows, so the micro-kernel reads one
+  stream and a power-of-two K cannot put every row in the same cache sets);
+  then per column panel, KC rows of ``b`` are packed (f32, zero-padded past N)
+  into a contiguous stack panel that stays in L1 while every row panel of the
+  item runs over it.  Partial sums between K blocks live in y itself (f32) or
+  in an f32 tile (f16, rounded once at the end); the micro-kernel starts from
+  zero and adds them after its loop (their lines prefetched before it).  A
+  constant ``b`` is packed at compile time instead (``pack_matmul_b``) and the
+  micro-kernel reads it in place: no packing of b at run time.
 * GEMV (M == 1, the memory-bound decode case, and M up to STREAM_MAX_M): each
   item is a block of columns, and a thread streams row segments of ``b`` (KB
   rows at a time) into f32 accumulator rows on its stack, so two threads read
