@@ -498,7 +498,7 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
             p_rows, P = y_rows, Y
         if not first:  # the partial sums are added after the loop: fetch their lines meanwhile
             for r in range(mr):
-                for c in sorted({*range(0, nv * lanes, 16), nv * lanes - 1}):
+                for c in sorted({*range(0, ncols, 16), ncols - 1}):   # 16 f32: a 64-byte line
                     prefetch(k, P.ptr, P.ty, b.add(p_rows[r], i64(c)))
         acc = micro_tile(k, lanes, nv, kc, (AP.ptr, b.mul(li, i64(KC)), MR), panel, [zero] * (mr * nv))
         rows, out = (y_rows, Y) if last else (p_rows, P)
