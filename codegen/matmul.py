@@ -410,11 +410,15 @@ def micro_tile(k: Kernel, lanes: int, nv: int, kc, a_panel, b_panel, acc: list) 
     return fold_loop(b, 0, kc, acc, step)
 
 
-def pack_a_panel(k: Kernel, a: "Access", src, row_stride: int, mr: int, kc: int, dst: "Access", index, stride: int):
-    """dst[index + kk*stride + r] = a[src + r*row_stride + kk] (f32) for r < mr,
-    kk < kc: mr rows of a interleaved, the a_panel layout of micro_tile.  ``a``
-    loads PACK_A_CHUNK elements at a time, transposed in registers."""
+def pack_a_panel(k: Kernel, a: Access, src, row_stride: int, mr: int, kc: int, a_panel) -> None:
+    """Rows src, src + row_stride, ... (mr of them) of ``a``, kc elements each, into
+    ``a_panel`` = (f32 pointer, index, stride) interleaved: element kk of row r at
+    index + kk*stride + r, micro_tile's layout (stride MR; mr < MR leaves the
+    rest of each group unwritten, and micro_tile reads mr rows).  ``a`` loads
+    a.lanes (PACK_A_CHUNK) elements of a row at a time, widened to f32 and
+    transposed in registers; kc is an int."""
     b = k.b
+    ptr, index, stride = a_panel
     c = a.lanes
     rows = [b.add(src, i64(r * row_stride)) for r in range(mr)]
     kfull = kc - kc % c
@@ -424,16 +428,16 @@ def pack_a_panel(k: Kernel, a: "Access", src, row_stride: int, mr: int, kc: int,
             out = b.add(index, b.mul(kk, i64(stride)))
             if mr == stride:   # one interleaving shuffle, one store
                 cat = _concat(b, vs)
-                order = [r * c + q for q in range(c) for r in range(mr)]
-                v = b.shuffle_vector(cat, ir.Constant(cat.type, ir.Undefined), ir.Constant(ir.VectorType(I32, mr * c), order))
-                b.store(v, gep(b, dst.ptr, F32, out), align=4)
+                order = ir.Constant(ir.VectorType(I32, mr * c), [r * c + q for q in range(c) for r in range(mr)])
+                b.store(b.shuffle_vector(cat, ir.Constant(cat.type, ir.Undefined), order), gep(b, ptr, F32, out),
+                        align=4)
             else:
                 for q in range(c):
                     for r in range(mr):
-                        b.store(b.extract_element(vs[r], i64(q)), gep(b, dst.ptr, F32, b.add(out, i64(q * stride + r))))
+                        b.store(b.extract_element(vs[r], i64(q)), gep(b, ptr, F32, b.add(out, i64(q * stride + r))))
     for q in range(kfull, kc):
         for r in range(mr):
-            dst.store(a.scalar(b.add(rows[r], i64(q))), b.add(index, i64(q * stride + r)))
+            b.store(a.scalar(b.add(rows[r], i64(q))), gep(b, ptr, F32, b.add(index, i64(q * stride + r))), align=4)
 
 
 def prefetch(k: Kernel, ptr, ty, index, write: bool = True):
@@ -465,7 +469,7 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
     A, B, Y = (Access(k, q, g.dtype, lanes) for q in (k.args[0], k.args[1], k.args[-1]))
     BP = None if packed else Access(k, _stack_array(k, KC * NRL, "bpanel"), dt.f32, lanes)
     A8 = Access(k, k.args[0], g.dtype, PACK_A_CHUNK)
-    AP = Access(k, _stack_array(k, cdiv(MC, MR) * MR * KC, "apanel"), dt.f32, 1)
+    AP = _stack_array(k, cdiv(MC, MR) * MR * KC, "apanel")   # the item's rows of a, packed per K block
     # Partial sums between K blocks: y itself in f32; an f32 tile for f16 (rounded once).
     CT = Access(k, _stack_array(k, MC * NC, "ctile"), dt.f32, lanes) if nkb > 1 and g.dtype is not dt.f32 \
         else None
@@ -500,7 +504,7 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
             for r in range(mr):
                 for c in sorted({*range(0, ncols, 16), ncols - 1}):   # 16 f32: a 64-byte line
                     prefetch(k, P.ptr, P.ty, b.add(p_rows[r], i64(c)))
-        acc = micro_tile(k, lanes, nv, kc, (AP.ptr, b.mul(li, i64(KC)), MR), panel, [zero] * (mr * nv))
+        acc = micro_tile(k, lanes, nv, kc, (AP, b.mul(li, i64(KC)), MR), panel, [zero] * (mr * nv))
         rows, out = (y_rows, Y) if last else (p_rows, P)
         for r in range(mr):
             for v in range(nv):
@@ -535,12 +539,12 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
         # meet in the same cache sets: power-of-two K thrashes L1 and L2 otherwise)
         with loop(b, i0, imin(b, i1, M - M % MR), MR, name="pa") as i:
             pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, MR, kc,
-                         AP, b.mul(b.sub(i, i0), i64(KC)), MR)
+                         (AP, b.mul(b.sub(i, i0), i64(KC)), MR))
         if M % MR:
             with b.if_then(b.icmp_signed("==", i1, i64(M))):
                 i = i64(M - M % MR)
                 pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, M % MR, kc,
-                             AP, b.mul(b.sub(i, i0), i64(KC)), MR)
+                             (AP, b.mul(b.sub(i, i0), i64(KC)), MR))
         with loop(b, j0, imin(b, j1, N - N % NRL), NRL, name="j") as j:
             panel(j, NRL)
         if N % NRL:
