@@ -115,7 +115,11 @@ GEMV_MIN_SEGMENT = 4096
 # every x86 host; riscv64 packs nothing: see the docstring).
 PACK_LANES = 16
 PACK_NR = 3 * PACK_LANES
-# GEMM: elements of a row of a loaded at a time when a panel of a is packed.
+# GEMM: the item's rows of a are packed when it has at least PACK_A_MIN_PANELS
+# column panels (each reads them all); items of fewer read a in place (M = 64
+# prefill shapes: items of 2-3 panels).  A row is loaded PACK_A_CHUNK elements
+# at a time to be packed.
+PACK_A_MIN_PANELS = 4
 PACK_A_CHUNK = 8
 
 
@@ -385,14 +389,16 @@ def micro_tile(k: Kernel, lanes: int, nv: int, kc, a_panel, b_panel, acc: list) 
     ``lanes`` f32 (scalars if lanes == 1), the accumulators held in registers
     through the loop; returns the new accumulators.
 
-    ``a_panel`` = (f32 pointer, index of kk=0, row stride): a(kk, r) at index +
-    kk*stride + r (pack_a_panel's layout, stride MR); ``b_panel`` = (Access,
+    ``a_panel`` = (Access, index of kk=0 and r=0, kk stride, r stride): a(kk, r)
+    at index + kk*kk_stride + r*r_stride, a scalar load (pack_a_panel's layout
+    is (f32 panel, index, MR, 1); a row-major a[M, K] read in place is (a,
+    index of the tile's first element, 1, K)); ``b_panel`` = (Access,
     index of kk=0, row stride): vector v of row kk at index + kk*stride +
     v*lanes (whole vectors: zero-pad a partial one).  Per kk, nv loads of b and
     mr broadcasts of a feed mr*nv fused multiply-adds: the tile, the loaded
     vectors and a broadcast must fit the register file (tile_shape)."""
     b = k.b
-    a_ptr, a_base, a_stride = a_panel
+    a_src, a_base, a_stride, r_stride = a_panel
     src, b_base, b_stride = b_panel
     mr = len(acc) // nv
 
@@ -402,7 +408,7 @@ def micro_tile(k: Kernel, lanes: int, nv: int, kc, a_panel, b_panel, acc: list) 
         arow = b.add(a_base, b.mul(kk, i64(a_stride)))
         out = []
         for r in range(mr):
-            av = b.load(gep(b, a_ptr, F32, b.add(arow, i64(r))), typ=F32)
+            av = a_src.scalar(b.add(arow, i64(r * r_stride)))
             av = splat(b, av, lanes) if lanes > 1 else av
             out += [fma(k, av, bv[v], acc[r * nv + v]) for v in range(nv)]
         return out
@@ -468,8 +474,11 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
     mblocks, nblocks = cdiv(M, MC), cdiv(N, NC)
     A, B, Y = (Access(k, q, g.dtype, lanes) for q in (k.args[0], k.args[1], k.args[-1]))
     BP = None if packed else Access(k, _stack_array(k, KC * NRL, "bpanel"), dt.f32, lanes)
+    # The item's rows of a, packed per K block when an item has enough column panels
+    # to pay for it (each reads them all); else the micro-kernel reads a in place.
+    pack_a = cdiv(NC, NRL) >= PACK_A_MIN_PANELS
     A8 = Access(k, k.args[0], g.dtype, PACK_A_CHUNK)
-    AP = _stack_array(k, cdiv(MC, MR) * MR * KC, "apanel")   # the item's rows of a, packed per K block
+    AP = _stack_array(k, cdiv(MC, MR) * MR * KC, "apanel") if pack_a else None
     # Partial sums between K blocks: y itself in f32; an f32 tile for f16 (rounded once).
     CT = Access(k, _stack_array(k, MC * NC, "ctile"), dt.f32, lanes) if nkb > 1 and g.dtype is not dt.f32 \
         else None
@@ -486,9 +495,9 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
                 BP.store(B.load(b.add(src, i64(v * lanes)), min(lanes, ncols - v * lanes)),
                          b.add(dst, i64(v * lanes)))
 
-    def micro(t, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last, panel):
+    def micro(t, a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last, panel):
         """Tile y[i:i+mr, j:j+ncols] (li, lj: its place in the item tile), K block
-        [k0, k0+kc), rows i.. of a from their packed panel in AP, b[k0+kk,
+        [k0, k0+kc), rows i.. of a from their packed panel (or in place), b[k0+kk,
         j:j+ncols] from ``panel`` = (access, index of kk=0, row stride),
         zero-padded to whole vectors.  Accumulators start at 0 in the ``first``
         block, else from the partial sums; the ``last`` block writes y, the
@@ -504,7 +513,11 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
             for r in range(mr):
                 for c in sorted({*range(0, ncols, 16), ncols - 1}):   # 16 f32: a 64-byte line
                     prefetch(k, P.ptr, P.ty, b.add(p_rows[r], i64(c)))
-        acc = micro_tile(k, lanes, nv, kc, (AP, b.mul(li, i64(KC)), MR), panel, [zero] * (mr * nv))
+        if pack_a:
+            a_panel = (Access(k, AP, dt.f32, 1), b.mul(li, i64(KC)), MR, 1)
+        else:
+            a_panel = (A, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), 1, K)
+        acc = micro_tile(k, lanes, nv, kc, a_panel, panel, [zero] * (mr * nv))
         rows, out = (y_rows, Y) if last else (p_rows, P)
         for r in range(mr):
             for v in range(nv):
@@ -529,22 +542,24 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
                 src = (BP, i64(0), NRL)
             lj = b.sub(j, j0)
             with loop(b, i0, imin(b, i1, M - M % MR), MR, name="i") as i:
-                micro(t, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, first, last, src)
+                micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, first, last, src)
             if M % MR:
                 with b.if_then(b.icmp_signed("==", i1, i64(M))):
                     i = i64(M - M % MR)
-                    micro(t, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last, src)
+                    micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last, src)
 
-        # rows i0..i1 of a, columns k0.., into MR-row panels (A's strided rows would
+        # rows i0..i1 of a, columns k0.., into MR-row panels (a's strided rows would
         # meet in the same cache sets: power-of-two K thrashes L1 and L2 otherwise)
-        with loop(b, i0, imin(b, i1, M - M % MR), MR, name="pa") as i:
-            pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, MR, kc,
-                         (AP, b.mul(b.sub(i, i0), i64(KC)), MR))
-        if M % MR:
-            with b.if_then(b.icmp_signed("==", i1, i64(M))):
-                i = i64(M - M % MR)
-                pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, M % MR, kc,
+        full, tail = imin(b, i1, M - M % MR), M % MR
+        if pack_a:
+            with loop(b, i0, full, MR, name="pa") as i:
+                pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, MR, kc,
                              (AP, b.mul(b.sub(i, i0), i64(KC)), MR))
+            if tail:
+                with b.if_then(b.icmp_signed("==", i1, i64(M))):
+                    i = i64(M - tail)
+                    pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, tail, kc,
+                                 (AP, b.mul(b.sub(i, i0), i64(KC)), MR))
         with loop(b, j0, imin(b, j1, N - N % NRL), NRL, name="j") as j:
             panel(j, NRL)
         if N % NRL:

@@ -2,7 +2,7 @@
 micro-tile, K blocks, work items) against the numpy reference on the shapes that
 reach its edges: M, N, K around multiples of the micro-tile (MR rows, NRL
 columns), of the packed-b panel (PACK_NR), of the chunk a is packed by
-(PACK_A_CHUNK) and of the K block; b as an input, as a packed constant and as a
+(PACK_A_CHUNK) and of the K block, with a packed and read in place; b as an input, as a packed constant and as a
 transposed view; batch; a fused epilogue after several K blocks; 1 and 2 threads;
 the host's AVX2 tile and the AVX-512 tile (16-lane vectors, 6-row tiles),
 which LLVM splits into AVX2 halves here, so its code runs on any x86-64."""
@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sqk
+import sqk.codegen.matmul as matmul
 from harness import check, rand
 from sqk.codegen.matmul import (
     GEMM_KC,
@@ -70,8 +71,15 @@ def isa(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["pack_a", "a_in_place"])
+def a_layout(request, monkeypatch):
+    """Items pack their rows of a (whatever their width) or read a in place."""
+    monkeypatch.setattr(matmul, "PACK_A_MIN_PANELS", 1 if request.param == "pack_a" else 1 << 30)
+    return request.param
+
+
 @pytest.mark.parametrize("const", [False, True], ids=["b_input", "b_packed"])
-def test_edge_shapes(isa, const):
+def test_edge_shapes(isa, a_layout, const):
     g, inputs = many_matmuls(EDGE_SHAPES, const, np.random.default_rng(1))
     check(g, inputs, threads=2)
 
@@ -83,7 +91,7 @@ def test_edge_shapes_transposed_view():
 
 
 @pytest.mark.parametrize("const", [False, True], ids=["b_input", "b_packed"])
-def test_long_k(isa, const):
+def test_long_k(isa, a_layout, const):
     """K over several K blocks, not a multiple of the block or the packing chunk;
     tails in M and N.  f32 sums of ~1000 products: tolerance grows with sqrt(K)."""
     k = 4 * GEMM_KC + PACK_A_CHUNK - 3
@@ -91,7 +99,7 @@ def test_long_k(isa, const):
     check(g, inputs, rtol=2e-4, threads=2)
 
 
-def test_f16_k_blocks(isa):
+def test_f16_k_blocks(isa, a_layout):
     """f16 over several K blocks: the f32 partial-sum tile, rounded once."""
     k = 2 * GEMM_KC + 5
     g, inputs = many_matmuls([(13, k, 29), (6, k, 64)], False, np.random.default_rng(4), dtype="f16")
