@@ -11,9 +11,10 @@ Two shapes of kernel:
   items are (batch, N-block, M-block) tiles of y, M fastest, so a thread's
   consecutive items reuse the same columns of ``b`` from cache, in a count the
   runtime's chunks deal evenly to 2 threads.  Per item and K block (KC deep),
-  the item's rows of ``a`` are packed first (``pack_a_panel``: MR rows
-  interleaved, a contiguous panel per MR rows, so the micro-kernel reads one
-  stream and a power-of-two K cannot put every row in the same cache sets);
+  the item's rows of ``a`` are packed first if at least PACK_A_MIN_PANELS
+  column panels will read them (``pack_a_panel``: MR rows interleaved, a
+  contiguous panel per MR rows, so the micro-kernel reads one stream and a
+  power-of-two K cannot put every row in the same cache sets);
   then per column panel, KC rows of ``b`` are packed (f32, zero-padded past N)
   into a contiguous stack panel that stays in L1 while every row panel of the
   item runs over it.  Partial sums between K blocks live in y itself (f32) or
@@ -359,12 +360,11 @@ def _imbalance(items: int, threads: int = 2) -> float:
 
 def _balanced_parts(M: int, N: int, batch: int, MR: int, NRL: int, most_m: int, most_n: int,
                     want: int) -> tuple[int, int]:
-    """(M parts, N parts) of a shared GEMM: at least ``want`` items in all, a
-    dealt evenly to 2 threads (_imbalance) if some cut within 8 more parts
-    per side allows,
-    then the fewest items, then items near equal in size (the last row or
-    column of them not 10% short), then the least packing (an item packs its
-    rows of a and its columns of b), then the least padding."""
+    """(M parts, N parts) of a shared GEMM: at least ``want`` items in all, in a
+    count dealt evenly to 2 threads (_imbalance) if a cut within 8 more parts
+    per side gives one; then the fewest items; then items near equal in size
+    (the last row or column of them not 10% short); then the least packing (an
+    item packs its rows of a and its columns of b); then the least padding."""
     def cut(parts, n, most, unit):
         size = _split(n, most, unit, parts)
         return cdiv(n, size), size
@@ -477,7 +477,7 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
     # The item's rows of a, packed per K block when an item has enough column panels
     # to pay for it (each reads them all); else the micro-kernel reads a in place.
     pack_a = cdiv(NC, NRL) >= PACK_A_MIN_PANELS
-    A8 = Access(k, k.args[0], g.dtype, PACK_A_CHUNK)
+    A8 = Access(k, k.args[0], g.dtype, PACK_A_CHUNK) if pack_a else None
     AP = _stack_array(k, cdiv(MC, MR) * MR * KC, "apanel") if pack_a else None
     # Partial sums between K blocks: y itself in f32; an f32 tile for f16 (rounded once).
     CT = Access(k, _stack_array(k, MC * NC, "ctile"), dt.f32, lanes) if nkb > 1 and g.dtype is not dt.f32 \
