@@ -4,18 +4,24 @@ rounded once at the store).  ``b`` is read row-major [K, N] as it is stored.
 
 Two shapes of kernel:
 
-* GEMM (M > STREAM_MAX_M): a register-tiled micro-kernel keeps an MR x (NR
-  vectors) tile of y in vector registers and walks a K block with one
-  broadcast of ``a`` per row and NR vector loads of ``b`` per step, fused
-  multiply-adds in between.  Work items are (batch, N-block, M-block) tiles of
-  y, M fastest, so a thread's consecutive items reuse the same columns of ``b``
-  from cache.  Per K block and column panel, KC rows of ``b`` are packed (f32,
-  zero-padded past N) into a contiguous stack panel that stays in L1 while
-  every row panel of the item runs over it: no striding across rows of ``b``,
-  no cache-set conflicts for power-of-two N.  Partial sums between K blocks
-  live in y itself (f32) or in an f32 tile (f16, rounded once at the end).
-  A constant ``b`` is packed at compile time instead (``pack_matmul_b``) and
-  the micro-kernel reads it in place: no packing at run time.
+* GEMM (M > STREAM_MAX_M): a register-tiled micro-kernel (``micro_tile``)
+  keeps an MR x (NR vectors) tile of y in vector registers and walks a K block
+  with one broadcast of ``a`` per row and NR vector loads of ``b`` per step,
+  fused multiply-adds in between (4 x 24 on AVX2, 6 x 64 on AVX-512).  Work
+  items are (batch, N-block, M-block) tiles of y, M fastest, so a thread's
+  consecutive items reuse the same columns of ``b`` from cache, in a count the
+  runtime's chunks deal evenly to 2 threads.  Per item and K block (KC deep),
+  the item's rows of ``a`` are packed first if at least PACK_A_MIN_PANELS
+  column panels will read them (``pack_a_panel``: MR rows interleaved, a
+  contiguous panel per MR rows, so the micro-kernel reads one stream and a
+  power-of-two K cannot put every row in the same cache sets);
+  then per column panel, KC rows of ``b`` are packed (f32, zero-padded past N)
+  into a contiguous stack panel that stays in L1 while every row panel of the
+  item runs over it.  Partial sums between K blocks live in y itself (f32) or
+  in an f32 tile (f16, rounded once at the end); the micro-kernel starts from
+  zero and adds them after its loop (their lines prefetched before it).  A
+  constant ``b`` is packed at compile time instead (``pack_matmul_b``) and the
+  micro-kernel reads it in place: no packing of b at run time.
 * GEMV (M == 1, the memory-bound decode case, and M up to STREAM_MAX_M): each
   item is a block of columns, and a thread streams row segments of ``b`` (KB
   rows at a time) into f32 accumulator rows on its stack, so two threads read
@@ -110,6 +116,12 @@ GEMV_MIN_SEGMENT = 4096
 # every x86 host; riscv64 packs nothing: see the docstring).
 PACK_LANES = 16
 PACK_NR = 3 * PACK_LANES
+# GEMM: the item's rows of a are packed when it has at least PACK_A_MIN_PANELS
+# column panels (each reads them all); items of fewer read a in place (M = 64
+# prefill shapes: items of 2-3 panels).  A row is loaded PACK_A_CHUNK elements
+# at a time to be packed.
+PACK_A_MIN_PANELS = 4
+PACK_A_CHUNK = 8
 
 
 # --- geometry -------------------------------------------------------------------------
@@ -323,21 +335,133 @@ def gemm_blocking(target, M: int, K: int, N: int, batch: int = 1, dtype=dt.f32, 
 
     Item tiles are at most GEMM_MC x GEMM_NC (f16: the f32 partial-sum tile on
     the stack is capped), cut evenly; a product big enough to share gets at
-    least MIN_ITEMS items, so threads are balanced."""
+    least MIN_ITEMS items, in a count the runtime deals evenly to 2 threads
+    where the sizes allow (_balanced_parts)."""
     lanes = min(target.lanes(32), PACK_LANES) if packed else target.lanes(32)
     MR, NR = tile_shape(target, lanes, PACK_NR if packed else 0)
     NRL = NR * lanes
     most_m, most_n = (GEMM_MC, GEMM_NC) if dtype is dt.f32 else GEMM_F16_TILE
     mparts, nparts = cdiv(M, most_m), cdiv(N, most_n)
     want = min(MIN_ITEMS, cdiv(batch * M * N * K, MIN_PARALLEL_FMAS))
-    while batch * mparts * nparts < want and (mparts * MR < M or nparts * NRL < N):
-        if mparts * MR < M and (M // mparts >= N // nparts or nparts * NRL >= N):
-            mparts += 1
-        else:
-            nparts += 1
+    if want > 1:
+        mparts, nparts = _balanced_parts(M, N, batch, MR, NRL, most_m, most_n, want)
     nkb = max(1, cdiv(K, GEMM_KC))
     return dict(MR=MR, NR=NR, NRL=NRL, lanes=lanes, MC=_split(M, most_m, MR, mparts),
                 NC=_split(N, most_n, NRL, nparts), nkb=nkb, KC=cdiv(K, nkb) if K else 0)
+
+
+def _imbalance(items: int, threads: int = 2) -> float:
+    """Most items a thread runs over the mean, when the runtime cuts ``items``
+    into chunks of ceil(items / (4 * threads)) taken in turn: 9 items are chunks
+    of 2, 2, 2, 2, 1 and one of 2 threads runs 6 (1.33); 8 items, 4 each (1.0)."""
+    chunk = cdiv(items, 4 * threads)
+    return cdiv(cdiv(items, chunk), threads) * chunk * threads / items
+
+
+def _balanced_parts(M: int, N: int, batch: int, MR: int, NRL: int, most_m: int, most_n: int,
+                    want: int) -> tuple[int, int]:
+    """(M parts, N parts) of a shared GEMM: at least ``want`` items in all, in a
+    count dealt evenly to 2 threads (_imbalance) if a cut within 8 more parts
+    per side gives one; then the fewest items; then items near equal in size
+    (the last row or column of them not 10% short); then the least packing (an
+    item packs its rows of a and its columns of b); then the least padding."""
+    def cut(parts, n, most, unit):
+        size = _split(n, most, unit, parts)
+        return cdiv(n, size), size
+
+    m0, n0 = cdiv(M, most_m), cdiv(N, most_n)
+    best = None
+    for mp in range(m0, min(cdiv(M, MR), m0 + 8) + 1):
+        mb, mc = cut(mp, M, most_m, MR)
+        for np_ in range(n0, min(cdiv(N, NRL), n0 + 8) + 1):
+            nb, nc = cut(np_, N, most_n, NRL)
+            items = batch * mb * nb
+            pad = mb * mc * nb * nc / (M * N) - 1
+            key = (items < want, _imbalance(items) > 1.05, items, pad > 0.1, M * nb + N * mb, pad)
+            if best is None or key < best[0]:
+                best = key, mp, np_
+    return best[1], best[2]
+
+
+def micro_tile(k: Kernel, lanes: int, nv: int, kc, a_panel, b_panel, acc: list) -> list:
+    """The GEMM micro-kernel: ``acc[r*nv + v] += sum_kk a(kk, r) * b(kk, v)`` over
+    kk < kc (an int or an i64) for mr = len(acc) // nv rows and nv vectors of
+    ``lanes`` f32 (scalars if lanes == 1), the accumulators held in registers
+    through the loop; returns the new accumulators.
+
+    ``a_panel`` = (Access, index of kk=0 and r=0, kk stride, r stride): a(kk, r)
+    at index + kk*kk_stride + r*r_stride, a scalar load (pack_a_panel's layout
+    is (f32 panel, index, MR, 1); a row-major a[M, K] read in place is (a,
+    index of the tile's first element, 1, K)); ``b_panel`` = (Access,
+    index of kk=0, row stride): vector v of row kk at index + kk*stride +
+    v*lanes (whole vectors: zero-pad a partial one).  Per kk, nv loads of b and
+    mr broadcasts of a feed mr*nv fused multiply-adds: the tile, the loaded
+    vectors and a broadcast must fit the register file (tile_shape)."""
+    b = k.b
+    a_src, a_base, a_stride, r_stride = a_panel
+    src, b_base, b_stride = b_panel
+    mr = len(acc) // nv
+
+    def step(kk, acc):
+        row = b.add(b_base, b.mul(kk, i64(b_stride)))
+        bv = [src.load(b.add(row, i64(v * lanes))) for v in range(nv)]
+        arow = b.add(a_base, b.mul(kk, i64(a_stride)))
+        out = []
+        for r in range(mr):
+            av = a_src.scalar(b.add(arow, i64(r * r_stride)))
+            av = splat(b, av, lanes) if lanes > 1 else av
+            out += [fma(k, av, bv[v], acc[r * nv + v]) for v in range(nv)]
+        return out
+
+    return fold_loop(b, 0, kc, acc, step)
+
+
+def pack_a_panel(k: Kernel, a: Access, src, row_stride: int, mr: int, kc: int, a_panel) -> None:
+    """Rows src, src + row_stride, ... (mr of them) of ``a``, kc elements each, into
+    ``a_panel`` = (f32 pointer, index, stride) interleaved: element kk of row r at
+    index + kk*stride + r, micro_tile's layout (stride MR; mr < MR leaves the
+    rest of each group unwritten, and micro_tile reads mr rows).  ``a`` loads
+    a.lanes (PACK_A_CHUNK) elements of a row at a time, widened to f32 and
+    transposed in registers; kc is an int."""
+    b = k.b
+    ptr, index, stride = a_panel
+    c = a.lanes
+    rows = [b.add(src, i64(r * row_stride)) for r in range(mr)]
+    kfull = kc - kc % c
+    if kfull:
+        with loop(b, 0, kfull, c, name="pa.k") as kk:
+            vs = [a.load(b.add(rows[r], kk)) for r in range(mr)]
+            out = b.add(index, b.mul(kk, i64(stride)))
+            if mr == stride:   # one interleaving shuffle, one store
+                cat = _concat(b, vs)
+                order = ir.Constant(ir.VectorType(I32, mr * c), [r * c + q for q in range(c) for r in range(mr)])
+                b.store(b.shuffle_vector(cat, ir.Constant(cat.type, ir.Undefined), order), gep(b, ptr, F32, out),
+                        align=4)
+            else:
+                for q in range(c):
+                    for r in range(mr):
+                        b.store(b.extract_element(vs[r], i64(q)), gep(b, ptr, F32, b.add(out, i64(q * stride + r))))
+    for q in range(kfull, kc):
+        for r in range(mr):
+            b.store(a.scalar(b.add(rows[r], i64(q))), gep(b, ptr, F32, b.add(index, i64(q * stride + r))), align=4)
+
+
+def prefetch(k: Kernel, ptr, ty, index, write: bool = True):
+    """Hint that ptr[index] (elements of ``ty``) is wanted in L1 soon."""
+    fn = k.intrinsic("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
+    k.b.call(fn, [gep(k.b, ptr, ty, index), ir.Constant(I32, int(write)), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
+def _concat(b, vs: list):
+    """One vector of the vectors ``vs`` (same type) end to end."""
+    vs = list(vs)
+    while len(vs) > 1:
+        if len(vs) % 2:
+            vs.append(ir.Constant(vs[0].type, ir.Undefined))
+        n = vs[0].type.count
+        mask = ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n)))
+        vs = [b.shuffle_vector(vs[x], vs[x + 1], mask) for x in range(0, len(vs), 2)]
+    return vs[0]
 
 
 def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
@@ -350,6 +474,11 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
     mblocks, nblocks = cdiv(M, MC), cdiv(N, NC)
     A, B, Y = (Access(k, q, g.dtype, lanes) for q in (k.args[0], k.args[1], k.args[-1]))
     BP = None if packed else Access(k, _stack_array(k, KC * NRL, "bpanel"), dt.f32, lanes)
+    # The item's rows of a, packed per K block when an item has enough column panels
+    # to pay for it (each reads them all); else the micro-kernel reads a in place.
+    pack_a = cdiv(NC, NRL) >= PACK_A_MIN_PANELS
+    A8 = Access(k, k.args[0], g.dtype, PACK_A_CHUNK) if pack_a else None
+    AP = _stack_array(k, cdiv(MC, MR) * MR * KC, "apanel") if pack_a else None
     # Partial sums between K blocks: y itself in f32; an f32 tile for f16 (rounded once).
     CT = Access(k, _stack_array(k, MC * NC, "ctile"), dt.f32, lanes) if nkb > 1 and g.dtype is not dt.f32 \
         else None
@@ -368,37 +497,33 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
 
     def micro(t, a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last, panel):
         """Tile y[i:i+mr, j:j+ncols] (li, lj: its place in the item tile), K block
-        [k0, k0+kc), reading b[k0+kk, j:j+ncols] from ``panel`` = (access, index
-        of kk=0, row stride), zero-padded to whole vectors.  Accumulators start
-        at 0 in the ``first`` block, else from the partial sums; the ``last``
-        block writes y, the others the partial sums."""
-        src, base, stride = panel
+        [k0, k0+kc), rows i.. of a from their packed panel (or in place), b[k0+kk,
+        j:j+ncols] from ``panel`` = (access, index of kk=0, row stride),
+        zero-padded to whole vectors.  Accumulators start at 0 in the ``first``
+        block, else from the partial sums; the ``last`` block writes y, the
+        others the partial sums."""
         nv = cdiv(ncols, lanes)
         valid = [min(lanes, ncols - v * lanes) for v in range(nv)]
-        a_rows = [b.add(b.add(a_off, b.mul(b.add(i, i64(r)), i64(K))), k0) for r in range(mr)]
         y_rows = [b.add(y_off, b.add(b.mul(b.add(i, i64(r)), i64(N)), j)) for r in range(mr)]
         if CT:
             p_rows, P = [b.add(b.mul(b.add(li, i64(r)), i64(NC)), lj) for r in range(mr)], CT
         else:
             p_rows, P = y_rows, Y
-        init = [zero if first else P.load(b.add(p_rows[r], i64(v * lanes)), valid[v])
-                for r in range(mr) for v in range(nv)]
-
-        def step(kk, acc):
-            row = b.add(base, b.mul(kk, i64(stride)))
-            bv = [src.load(b.add(row, i64(v * lanes))) for v in range(nv)]
-            out = []
+        if not first:  # the partial sums are added after the loop: fetch their lines meanwhile
             for r in range(mr):
-                av = A.scalar(b.add(a_rows[r], kk))
-                av = splat(b, av, lanes) if lanes > 1 else av
-                out += [fma(k, av, bv[v], acc[r * nv + v]) for v in range(nv)]
-            return out
-
-        acc = fold_loop(b, 0, kc, init, step)
+                for c in sorted({*range(0, ncols, 16), ncols - 1}):   # 16 f32: a 64-byte line
+                    prefetch(k, P.ptr, P.ty, b.add(p_rows[r], i64(c)))
+        if pack_a:
+            a_panel = (Access(k, AP, dt.f32, 1), b.mul(li, i64(KC)), MR, 1)
+        else:
+            a_panel = (A, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), 1, K)
+        acc = micro_tile(k, lanes, nv, kc, a_panel, panel, [zero] * (mr * nv))
         rows, out = (y_rows, Y) if last else (p_rows, P)
         for r in range(mr):
             for v in range(nv):
                 value = acc[r * nv + v]
+                if not first:
+                    value = b.fadd(P.load(b.add(p_rows[r], i64(v * lanes)), valid[v]), value)
                 if last and epilogue:
                     value = epilogue(value, t, b.add(i, i64(r)), b.add(j, i64(v * lanes)), lanes, valid[v])
                 out.store(value, b.add(rows[r], i64(v * lanes)), valid[v])
@@ -423,6 +548,18 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
                     i = i64(M - M % MR)
                     micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last, src)
 
+        # rows i0..i1 of a, columns k0.., into MR-row panels (a's strided rows would
+        # meet in the same cache sets: power-of-two K thrashes L1 and L2 otherwise)
+        full, tail = imin(b, i1, M - M % MR), M % MR
+        if pack_a:
+            with loop(b, i0, full, MR, name="pa") as i:
+                pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, MR, kc,
+                             (AP, b.mul(b.sub(i, i0), i64(KC)), MR))
+            if tail:
+                with b.if_then(b.icmp_signed("==", i1, i64(M))):
+                    i = i64(M - tail)
+                    pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, tail, kc,
+                                 (AP, b.mul(b.sub(i, i0), i64(KC)), MR))
         with loop(b, j0, imin(b, j1, N - N % NRL), NRL, name="j") as j:
             panel(j, NRL)
         if N % NRL:
