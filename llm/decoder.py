@@ -419,7 +419,7 @@ class Decoder:
     once compiled (``weights`` stays: a loader's mapping reads the
     memory-mapped file again when the chunk module is compiled)."""
 
-    native_generate = True   # riscv64: generate() in the runner's generate mode (llm/native.py)
+    native_generate = True   # generate()'s decode loop in C: host sqk_llm_decode, riscv64 the runner (llm/native.py)
     generate_runner = None   # its executable: an LLM artifact's, or linked on first use
 
     def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
@@ -546,9 +546,13 @@ class Decoder:
         (default: the config's EOS ids; that token is not returned) or when the
         cache is full.  ``stream(token_id, text_piece)`` is called for each new
         token (the piece is "" without a tokenizer).  Returns the new tokens;
-        reset() starts a new sequence.  riscv64, from position 0: the whole
-        generation runs in one runner process (llm/native.py; ``native_generate
-        = False`` runs one per chunk and token instead)."""
+        reset() starts a new sequence.  Host: the prompt is prefilled from
+        Python, then the decode loop runs in C (llm/native.py ``decode_host``:
+        the same tokens as the Python loop, ``stream`` called in groups of a few
+        tokens).  riscv64, from position 0: the whole generation runs in one
+        runner process (llm/native.py).  ``native_generate = False``: the
+        Python loop, one ``step`` call per token (riscv64: one runner process
+        per chunk and token)."""
         ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         stop = set(self.cfg.eos_ids if stop is None else ([stop] if isinstance(stop, int) else stop))
         if self.target != "host" and self.pos == 0 and self.native_generate:
@@ -557,8 +561,12 @@ class Decoder:
             return generate_native(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stream)
         from .sampling import Rng, sample
 
-        rng = Rng(seed) if temperature > 0 else None
         logits = self.prefill(ids)
+        if self.target == "host" and self.native_generate:
+            from .native import decode_host
+
+            return decode_host(self, logits, max_new_tokens, temperature, top_k, top_p, seed, stop, stream)
+        rng = Rng(seed) if temperature > 0 else None
         out: list[int] = []
         pieces = self.tokenizer.stream() if stream is not None and self.tokenizer is not None else None
         while len(out) < max_new_tokens:
