@@ -11,7 +11,8 @@ Host (``decode_host``): the prompt is prefilled from Python (one call per chunk)
 the decode loop runs in C (runtime/sqk_llm.c ``sqk_llm_decode``, built into the cffi
 runtime): sqk_sample draws each token from the step's logits and the step program runs
 on it in the Module's own context and KV state, in batches of tokens between which
-Python streams them (``STREAM_BATCH``) or only checks for Ctrl-C (``BATCH``).
+Python streams them (the first token alone, then ``STREAM_BATCH`` at a time) or only
+checks for Ctrl-C (``BATCH``).
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def generate_native(dec, ids: list[int], max_new_tokens: int, temperature: float
 
 
 BATCH = 64          # tokens per C call without a stream callback (Ctrl-C is seen between calls)
-STREAM_BATCH = 4    # with one: tokens are handed to it in groups of up to this many
+STREAM_BATCH = 4    # with one: tokens are handed to it in groups of up to this many (the first alone)
 
 
 def decode_host(dec, logits: np.ndarray, max_new_tokens: int, temperature: float, top_k, top_p, seed, stop,
@@ -157,7 +158,7 @@ def decode_host(dec, logits: np.ndarray, max_new_tokens: int, temperature: float
     scratch = (i64(got), n_out, status, i64(scratch_ids), ffi.from_buffer("double[]", scratch_cum))
     while True:
         with m._lock:
-            rc = lib.sqk_llm_decode(*args, max_new_tokens - len(out), batch, *scratch)
+            rc = lib.sqk_llm_decode(*args, max_new_tokens - len(out), batch if out or stream is None else 1, *scratch)
         dec.pos = int(pos[0])
         new = got[:n_out[0]].tolist()
         out += new
