@@ -500,9 +500,14 @@ class Decoder:
         if self.pos >= self.cfg.max_seq:
             raise ValueError(f"position {self.pos} is beyond the KV cache length {self.cfg.max_seq}: "
                              "reset() to start a new sequence")
-        logits = self.module(token=np.array([token], np.int64), pos=np.array([self.pos], np.int64))
+        if self.target == "host":   # the step's run bound once (llm/native.py): one runtime call
+            from .native import bound_step
+
+            logits = bound_step(self).run(int(token), self.pos)
+        else:
+            logits = self.module(token=np.array([token], np.int64), pos=np.array([self.pos], np.int64))[0]
         self.pos += 1
-        return logits[0]
+        return logits
 
     def prefill(self, ids) -> np.ndarray:
         """Run the tokens ``ids`` from the current position in chunks of

@@ -108,6 +108,67 @@ BATCH = 64          # tokens per C call without a stream callback (Ctrl-C is see
 STREAM_BATCH = 4    # with one: tokens are handed to it in groups of up to this many (the first alone)
 
 
+class BoundStep:
+    """A host Decoder's one-token step Module with its run bound once: the token,
+    position and logits buffers and the pointer arrays sqk_run takes (the KV state
+    is the Module's own arrays, updated in place), so a step costs one runtime call
+    instead of Module.__call__'s per-call checks and pointer building.  Used by
+    ``Decoder.step`` and by ``decode_host`` (the C loop runs the same program on
+    the same pointers)."""
+
+    def __init__(self, m, vocab: int):
+        with m._lock:
+            if m._native is None:
+                m._load_native()
+        self.m = m
+        ffi, self.lib, _, self.prog, consts, self.ctx = m._native
+        self.ffi = ffi
+        self.token, self.pos = np.zeros(1, np.int64), np.zeros(1, np.int64)
+        named = {"token": self.token, "pos": self.pos}
+        extra = [n for n, _, _ in m._in_specs if n not in m._state and n not in named]
+        logit_outs = [(n, dt, sh) for n, dt, sh in m._out_specs if n not in m._state_of]
+        if extra or len(logit_outs) != 1 or logit_outs[0][1] != np.float32 or \
+                int(np.prod(logit_outs[0][2])) != vocab:
+            raise ValueError(f"{m.manifest['name']}: not a one-token decoder step (token, pos, state -> logits, state)")
+        self.logits = np.zeros(logit_outs[0][2], np.float32)
+        self.state = dict(m.state)          # the arrays the pointers hold (checked before each use)
+        ins = [named[n] if n in named else m.state[n] for n, _, _ in m._in_specs]
+        outs = [m.state[m._state_of[n]] if n in m._state_of else self.logits for n, _, _ in m._out_specs]
+        self.in_ptrs = ffi.new("void *[]", [ffi.from_buffer(a) for a in ins])
+        self.out_ptrs = ffi.new("void *[]", [ffi.from_buffer(a, require_writable=True) for a in outs])
+        self.consts, self.const_bytes = ffi.from_buffer(consts), len(consts)
+        self.names = [n for n, _, _ in m._in_specs]
+
+    def valid(self, m) -> bool:
+        """Still bound to ``m``'s program and state arrays."""
+        return m is self.m and m._native is not None and m._native[3] == self.prog and \
+            all(m.state[n] is a for n, a in self.state.items())
+
+    def run(self, token: int, pos: int) -> np.ndarray:
+        """The logits [vocab] (a new array) of ``token`` at ``pos``; the KV state updated."""
+        self.token[0], self.pos[0] = token, pos
+        with self.m._lock:
+            rc = self.lib.sqk_run(self.ctx, self.prog, self.in_ptrs, self.out_ptrs, self.consts, self.const_bytes)
+        self.check(rc)
+        return self.logits.reshape(-1).copy()
+
+    def check(self, rc: int) -> None:
+        if rc != 0:
+            ffi, lib, prog = self.ffi, self.lib, self.prog
+            step = lib.sqk_context_error_step(self.ctx)
+            where = ffi.string(prog.steps[step].name).decode() if 0 <= step < prog.n_steps else "runtime"
+            raise SqkRuntimeError(f"{where}: {ffi.string(lib.sqk_error_string(rc)).decode()} (code {rc})"
+                                  + self.m._index_hint(step, rc, {"token": self.token.copy(), "pos": self.pos.copy()}))
+
+
+def bound_step(dec) -> BoundStep:
+    """The Decoder's BoundStep (made on first use, remade when its module or state arrays changed)."""
+    b = getattr(dec, "_bound_step", None)
+    if b is None or not b.valid(dec.module):
+        b = dec._bound_step = BoundStep(dec.module, dec.cfg.vocab)
+    return b
+
+
 def decode_host(dec, logits: np.ndarray, max_new_tokens: int, temperature: float, top_k, top_p, seed, stop,
                 stream) -> list[int]:
     """The decode loop of Decoder.generate on the host, in C (module docstring):
@@ -119,24 +180,11 @@ def decode_host(dec, logits: np.ndarray, max_new_tokens: int, temperature: float
     if max_new_tokens <= 0:
         return out
     _check(logits, temperature, top_k, top_p)     # the ValueError the first sample() would raise
-    m = dec.module
-    with m._lock:
-        if m._native is None:
-            m._load_native()
-    ffi, lib, _, prog, consts, ctx = m._native
-    token, pos = np.zeros(1, np.int64), np.array([dec.pos], np.int64)
-    named = {"token": token, "pos": pos}
-    extra = [n for n, _, _ in m._in_specs if n not in m._state and n not in named]
-    logit_outs = [(n, dt, sh) for n, dt, sh in m._out_specs if n not in m._state_of]
-    if extra or len(logit_outs) != 1 or logit_outs[0][1] != np.float32 or \
-            int(np.prod(logit_outs[0][2])) != dec.cfg.vocab:
-        raise ValueError(f"{m.manifest['name']}: not a one-token decoder step (token, pos, state -> logits, state)")
-    ins = [named[n] if n in named else m.state[n] for n, _, _ in m._in_specs]
-    buf = np.empty(logit_outs[0][2], np.float32)
+    b = bound_step(dec)
+    ffi, lib = b.ffi, b.lib
+    b.pos[0] = dec.pos
+    buf = b.logits
     buf.reshape(-1)[...] = logits
-    outs = [m.state[m._state_of[n]] if n in m._state_of else buf for n, _, _ in m._out_specs]
-    in_ptrs = ffi.new("void *[]", [ffi.from_buffer(a) for a in ins])
-    out_ptrs = ffi.new("void *[]", [ffi.from_buffer(a, require_writable=True) for a in outs])
     sampler = ffi.new("sqk_sampler *", {
         "temperature": float(temperature), "top_k": 0 if top_k is None else int(top_k),
         "top_p": 0.0 if top_p is None else float(top_p),
@@ -147,28 +195,24 @@ def decode_host(dec, logits: np.ndarray, max_new_tokens: int, temperature: float
     scratch_ids, scratch_cum = np.empty(dec.cfg.vocab, np.int64), np.empty(dec.cfg.vocab, np.float64)
     n_out, status = ffi.new("int64_t *"), ffi.new("int64_t *")
     pieces = dec.tokenizer.stream() if stream is not None and dec.tokenizer is not None else None
-    consts_p = ffi.from_buffer(consts)
 
     def i64(a):
         return ffi.from_buffer("int64_t[]", a)
 
-    args = (ctx, prog, in_ptrs, out_ptrs, consts_p, len(consts), i64(token), i64(pos),
+    args = (b.ctx, b.prog, b.in_ptrs, b.out_ptrs, b.consts, b.const_bytes, i64(b.token), i64(b.pos),
             ffi.from_buffer("float[]", buf), dec.cfg.vocab, dec.cfg.max_seq, sampler,
             i64(stops) if stops.size else ffi.NULL, stops.size)
     scratch = (i64(got), n_out, status, i64(scratch_ids), ffi.from_buffer("double[]", scratch_cum))
     while True:
-        with m._lock:
+        with b.m._lock:
             rc = lib.sqk_llm_decode(*args, max_new_tokens - len(out), batch if out or stream is None else 1, *scratch)
-        dec.pos = int(pos[0])
+        dec.pos = int(b.pos[0])
         new = got[:n_out[0]].tolist()
         out += new
         if stream is not None:
             for tok in new:
                 stream(tok, pieces.step(tok) if pieces is not None else "")
-        if rc != 0:
-            step = lib.sqk_context_error_step(ctx)
-            where = ffi.string(prog.steps[step].name).decode() if 0 <= step < prog.n_steps else "runtime"
-            raise SqkRuntimeError(f"{where}: {ffi.string(lib.sqk_error_string(rc)).decode()} (code {rc})")
+        b.check(rc)
         if status[0] == lib.SQK_DECODE_BADLOGITS:
             sample(buf.reshape(-1), temperature, top_k, top_p)    # raises the Python loop's ValueError
             raise SqkRuntimeError("sqk_llm_decode could not sample logits that sample() accepts")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import sqk
@@ -226,3 +227,26 @@ def test_host_native_generate_nan_logits():
         with pytest.raises(ValueError, match="logits contain NaN"):
             dec.generate(PROMPT, 5)
         assert dec.pos == len(PROMPT) + 1
+
+
+def test_host_step_bound_equals_module_call():
+    """Decoder.step on the host runs the step through pointers bound once
+    (llm/native.py BoundStep): the logits and KV state of the Module's own call,
+    a fresh logits array per step, and bound again when the state arrays change."""
+    dec, ref = (Decoder(CFG, random_weights(CFG, 1), prefill_chunk=4) for _ in range(2))
+    dec.reset()
+    ref.reset()
+    seen = []
+    for pos, tok in enumerate(PROMPT):
+        got = dec.step(tok)
+        want = ref.module(token=np.array([tok]), pos=np.array([pos]))[0]
+        assert (got == want).all() and not any(got is s for s in seen)
+        seen.append(got)
+    for name, a in ref.module.state.items():
+        assert (dec.module.state[name] == a).all(), name
+    other = Decoder(CFG, random_weights(CFG, 1), prefill_chunk=4)
+    other.reset()
+    other.prefill(PROMPT)
+    dec.module.share_state(other.module)                     # new state arrays: the pointers follow
+    dec.pos = other.pos
+    assert (dec.step(5) == other.step(5)).all()
