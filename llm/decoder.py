@@ -175,7 +175,7 @@ def embedding_table(weights) -> np.ndarray:
 
 
 def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f32",
-                  all_logits: bool = False) -> Graph:
+                  all_logits: bool = False, fuse: bool = True) -> Graph:
     """The graph of one decoding step (module docstring), or with ``tokens=T > 1``
     of a prefill chunk: token i64[T] at positions pos..pos+T-1 (pos the start),
     every projection a GEMM with M = T, attention_decode over the chunk writing
@@ -192,7 +192,15 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     ``cfg.qkv_bias``.  Without "embed" the lm_head [hidden, vocab] is also the
     embedding table (tied): the gather reads columns of that one constant,
     which the decode graph's artifact stores once (its GEMV reads b as
-    stored; a GEMM of a prefill chunk reads it packed, a layout of its own)."""
+    stored; a GEMM of a prefill chunk reads it packed, a layout of its own).
+
+    ``fuse=True``: q/k/v are one matmul over the three weights side by side
+    (``fused_weight``; biases added to the joined row) and the gate and up
+    projections (w1, w3) another, each split by slices: per layer two matmul
+    kernels, and their synchronisation points, instead of five (the outputs
+    are the same numbers: each column's dot product is unchanged).  Weights
+    that cannot be joined stay separate.  ``fuse=False``: one matmul per
+    weight, as the module docstring writes it."""
     if tokens < 1:
         raise ValueError(f"build_decoder needs tokens >= 1, got {tokens}")
     if tokens > cfg.max_seq:
@@ -211,10 +219,10 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     def quant_operands(name, w):   # one constant per operand, shared by every reader
         return [const(name + suffix, d, a) for suffix, (a, d) in zip(("", ".scales", ".zeros", ".supers"), w.operands)]
 
-    def linear(x, name):
-        w = weights[name]
+    def linear(x, name, fused=None):   # fused: a weight made here (fused_weight), not weights[name]
+        w = weights[name] if fused is None else fused
         if not isinstance(w, QuantWeight):
-            return b.matmul(x, const(name))
+            return b.matmul(x, const(name, arr=fused))
         return b.op(w.op, x, *quant_operands(name, w), **w.attrs)
 
     token, pos = b.input("token", (tokens,), "i64"), b.input("pos", (1,), "i64")
@@ -229,22 +237,43 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
         r = b.rope(b.reshape(v, shape=(tokens, heads, d)), pos, *inv_c, theta=cfg.theta, style=cfg.rope_style)
         return b.reshape(r, shape=(heads, d)) if tokens == 1 else r
 
-    def proj(h, i, kind):
-        y = linear(h, f"w{kind}.{i}")
-        return b.add(y, const(f"b{kind}.{i}")) if cfg.qkv_bias else y
+    def qkv(h, i):   # q/k/v of h: one GEMV over the concatenated weights (biases added before the split)
+        names = [f"w{kind}.{i}" for kind in "qkv"]
+        w = fused_weight([weights[n] for n in names]) if fuse else None
+        if w is None:
+            ys = [linear(h, n) for n in names]
+            return [b.add(y, const(f"b{kind}.{i}")) for y, kind in zip(ys, "qkv")] if cfg.qkv_bias else ys
+        y = linear(h, f"wqkv.{i}", w)
+        if cfg.qkv_bias:
+            y = b.add(y, const(f"bqkv.{i}", arr=np.concatenate([as_f32(weights[f"b{kind}.{i}"]) for kind in "qkv"])))
+        return split_columns(y, [weight_shape(weights[n])[1] for n in names])
+
+    def split_columns(y, widths):
+        out, col = [], 0
+        for n in widths:
+            out.append(b.slice(y, starts=(col,), ends=(col + n,), axes=(1,)))
+            col += n
+        return out
+
+    def gate_up(h, i):   # w1 (gate) and w3 (up) of h, one GEMV when they fuse
+        names = [f"w1.{i}", f"w3.{i}"]
+        w = fused_weight([weights[n] for n in names]) if fuse else None
+        if w is None:
+            return [linear(h, n) for n in names]
+        return split_columns(linear(h, f"w13.{i}", w), [weight_shape(weights[n])[1] for n in names])
 
     x = emb = embed(b, cfg, weights, const, quant_operands, token)      # [T, H]
     new_caches = []
     for i in range(cfg.layers):
         h = b.rmsnorm(x, const(f"attn_norm.{i}"), eps=cfg.eps)
-        q = rope(proj(h, i, "q"), hq)
-        k = rope(proj(h, i, "k"), hkv)
-        v = b.reshape(proj(h, i, "v"), shape=lead + (hkv, d))
+        q, k, v = qkv(h, i)
+        q, k = rope(q, hq), rope(k, hkv)
+        v = b.reshape(v, shape=lead + (hkv, d))
         o, kc, vc = b.attention_decode(q, k, v, caches[f"k_cache.{i}"], caches[f"v_cache.{i}"], pos)
         new_caches += [kc, vc]
         x = b.add(x, linear(b.reshape(o, shape=(tokens, hq * d)), f"wo.{i}"))
         h = b.rmsnorm(x, const(f"ffn_norm.{i}"), eps=cfg.eps)
-        ff = b.swiglu(linear(h, f"w1.{i}"), linear(h, f"w3.{i}"))
+        ff = b.swiglu(*gate_up(h, i))
         x = b.add(x, linear(ff, f"w2.{i}"))
         if cfg.lookup_experts:   # routed on the hidden state, experts fed by the embedding
             experts = [b.matmul(b.relu(b.matmul(emb, const(f"mole_up.{i}.{e}"))), const(f"mole_down.{i}.{e}"))
@@ -259,6 +288,38 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
         x = b.gather(x, b.input("last", (1,), "i64"))
     logits = linear(b.rmsnorm(x, const("final_norm"), eps=cfg.eps), "lm_head")
     return b.output(logits, *new_caches)
+
+
+def weight_shape(w) -> tuple:
+    """(K, N) of a [K, N] weight: an array or a QuantWeight."""
+    if isinstance(w, QuantWeight) and not w.shape:   # made by hand: matmul_q's q is [K, N]
+        return tuple(w.operands[0][0].shape) if w.op == "matmul_q" else tuple(w.dequantize().shape)
+    return tuple(w.shape)
+
+
+def fused_weight(ws: list):
+    """The weights ``ws`` (each [K, N_i]) side by side as one [K, sum N_i]
+    weight, so one GEMV computes every x @ w_i (columns in order), or None
+    when they cannot be one: different K, float beside quantized, or
+    QuantWeights of different ops, attributes or operand dtypes (a GGUF file
+    may store q/k/v in different block types).  Float weights become one f32
+    array; QuantWeight operands are joined along N as stored, bit for bit
+    (matmul_q's q, scales, zeros [.., N] and supers [.., N, 2] on axis 1,
+    matmul_ggml's blocks [N, row bytes] on axis 0), so each column keeps its
+    blocks and every output equals the unfused one."""
+    k = {weight_shape(w)[0] for w in ws}
+    if len(k) != 1:
+        return None
+    if not any(isinstance(w, QuantWeight) for w in ws):
+        return np.concatenate([np.asarray(w, np.float32) for w in ws], axis=1)
+    w0 = ws[0]
+    if not all(isinstance(w, QuantWeight) and w.op == w0.op and w.attrs == w0.attrs
+               and [d for _, d in w.operands] == [d for _, d in w0.operands] for w in ws):
+        return None
+    axis = 0 if w0.op == "matmul_ggml" else 1
+    operands = tuple((np.concatenate([w.operands[j][0] for w in ws], axis=axis), d)
+                     for j, (_, d) in enumerate(w0.operands))
+    return QuantWeight(operands, dict(w0.attrs), w0.op, (k.pop(), sum(weight_shape(w)[1] for w in ws)))
 
 
 def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, quant_operands, token):
@@ -358,7 +419,7 @@ class Decoder:
     once compiled (``weights`` stays: a loader's mapping reads the
     memory-mapped file again when the chunk module is compiled)."""
 
-    native_generate = True   # riscv64: generate() in the runner's generate mode (llm/native.py)
+    native_generate = True   # generate()'s decode loop in C: host sqk_llm_decode, riscv64 the runner (llm/native.py)
     generate_runner = None   # its executable: an LLM artifact's, or linked on first use
 
     def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
@@ -439,9 +500,14 @@ class Decoder:
         if self.pos >= self.cfg.max_seq:
             raise ValueError(f"position {self.pos} is beyond the KV cache length {self.cfg.max_seq}: "
                              "reset() to start a new sequence")
-        logits = self.module(token=np.array([token], np.int64), pos=np.array([self.pos], np.int64))
+        if self.target == "host":   # the step's run bound once (llm/native.py): one runtime call
+            from .native import bound_step
+
+            logits = bound_step(self).run(int(token), self.pos)
+        else:
+            logits = self.module(token=np.array([token], np.int64), pos=np.array([self.pos], np.int64))[0]
         self.pos += 1
-        return logits[0]
+        return logits
 
     def prefill(self, ids) -> np.ndarray:
         """Run the tokens ``ids`` from the current position in chunks of
@@ -485,9 +551,13 @@ class Decoder:
         (default: the config's EOS ids; that token is not returned) or when the
         cache is full.  ``stream(token_id, text_piece)`` is called for each new
         token (the piece is "" without a tokenizer).  Returns the new tokens;
-        reset() starts a new sequence.  riscv64, from position 0: the whole
-        generation runs in one runner process (llm/native.py; ``native_generate
-        = False`` runs one per chunk and token instead)."""
+        reset() starts a new sequence.  Host: the prompt is prefilled from
+        Python, then the decode loop runs in C (llm/native.py ``decode_host``:
+        the same tokens as the Python loop, ``stream`` called in groups of a few
+        tokens).  riscv64, from position 0: the whole generation runs in one
+        runner process (llm/native.py).  ``native_generate = False``: the
+        Python loop, one ``step`` call per token (riscv64: one runner process
+        per chunk and token)."""
         ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         stop = set(self.cfg.eos_ids if stop is None else ([stop] if isinstance(stop, int) else stop))
         if self.target != "host" and self.pos == 0 and self.native_generate:
@@ -496,8 +566,12 @@ class Decoder:
             return generate_native(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stream)
         from .sampling import Rng, sample
 
-        rng = Rng(seed) if temperature > 0 else None
         logits = self.prefill(ids)
+        if self.target == "host" and self.native_generate:
+            from .native import decode_host
+
+            return decode_host(self, logits, max_new_tokens, temperature, top_k, top_p, seed, stop, stream)
+        rng = Rng(seed) if temperature > 0 else None
         out: list[int] = []
         pieces = self.tokenizer.stream() if stream is not None and self.tokenizer is not None else None
         while len(out) < max_new_tokens:

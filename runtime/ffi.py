@@ -1,7 +1,8 @@
 """Build and load the sqk C runtime through cffi (API mode).
 
-The runtime (``sqk_runtime.c`` + ``sqk_runtime.h`` next to this file) is
-compiled once per (runtime source, Python ABI, cffi version) into a small
+The runtime (``sqk_runtime.c`` + ``sqk_runtime.h`` next to this file, with
+the host decode loop ``sqk_llm.c`` / ``sqk_llm.h`` and the sampler it draws
+with, ``sqk_sample.c``) is compiled once per (runtime source, Python ABI, cffi version) into a small
 extension module ``_sqkrt`` kept in a cache directory::
 
     $SQK_CACHE_DIR/runtime-<hash>/_sqkrt<EXT_SUFFIX>     (default ~/.cache/sqk)
@@ -33,6 +34,10 @@ import weakref
 RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(RUNTIME_DIR, "sqk_runtime.h")
 SOURCE = os.path.join(RUNTIME_DIR, "sqk_runtime.c")
+# cffi declarations come from the cdef markers of each header; every source is compiled in
+HEADERS = (HEADER, os.path.join(RUNTIME_DIR, "sqk_llm.h"))
+SOURCES = (SOURCE, os.path.join(RUNTIME_DIR, "sqk_llm.c"), os.path.join(RUNTIME_DIR, "sqk_sample.c"))
+DEPENDS = (os.path.join(RUNTIME_DIR, "sqk_sample.h"),)   # included by the sources: part of the build key
 MODULE_NAME = "_sqkrt"
 
 _CDEF_BEGIN = "/* cdef-begin */"
@@ -47,14 +52,15 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def header_cdef() -> str:
-    """The declarations between the cdef markers of sqk_runtime.h (what cffi parses)."""
-    text = _read(HEADER)
+def header_cdef(path: str = HEADER) -> str:
+    """The declarations between the cdef markers of a header (sqk_runtime.h by
+    default: what cffi parses of it)."""
+    text = _read(path)
     try:
         start = text.index(_CDEF_BEGIN) + len(_CDEF_BEGIN)
         end = text.index(_CDEF_END, start)
     except ValueError:
-        raise RuntimeError(f"{HEADER}: the {_CDEF_BEGIN} / {_CDEF_END} markers are missing") from None
+        raise RuntimeError(f"{path}: the {_CDEF_BEGIN} / {_CDEF_END} markers are missing") from None
     return text[start:end]
 
 
@@ -78,7 +84,7 @@ def _build_key() -> str:
 
     h = hashlib.sha256()
     # The generated C depends on the cffi version too, so it is part of the key.
-    for part in (_read(HEADER), _read(SOURCE), _ext_suffix(), cffi.__version__, _extra_cflags()):
+    for part in (*map(_read, HEADERS + SOURCES + DEPENDS), _ext_suffix(), cffi.__version__, _extra_cflags()):
         h.update(part.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -89,11 +95,11 @@ def _build_key() -> str:
 # captured and put into the error message, and so that the build's global
 # state (distutils, environment tweaks) never leaks into the caller.
 _BUILD_SCRIPT = r"""
-import sys, cffi
-cdef_path, header_dir, source, tmpdir, name, extra = sys.argv[1:7]
+import os, sys, cffi
+cdef_path, header_dir, sources, tmpdir, name, extra = sys.argv[1:7]
 ffi = cffi.FFI()
 ffi.cdef(open(cdef_path, encoding="utf-8").read())
-ffi.set_source(name, '#include "sqk_runtime.h"', sources=[source],
+ffi.set_source(name, '#include "sqk_runtime.h"\n#include "sqk_llm.h"', sources=sources.split(os.pathsep),
                include_dirs=[header_dir], extra_compile_args=["-O2", "-pthread"] + extra.split(),
                extra_link_args=extra.split(), libraries=["pthread"])
 try:
@@ -120,9 +126,10 @@ def _build(target: str) -> None:
     try:
         cdef_path = os.path.join(tmp, "cdef.h")
         with open(cdef_path, "w", encoding="utf-8") as f:
-            f.write(header_cdef())
+            f.write("\n".join(header_cdef(h) for h in HEADERS))
         proc = subprocess.run(
-            [sys.executable, "-c", _BUILD_SCRIPT, cdef_path, RUNTIME_DIR, SOURCE, tmp, MODULE_NAME, _extra_cflags()],
+            [sys.executable, "-c", _BUILD_SCRIPT, cdef_path, RUNTIME_DIR, os.pathsep.join(SOURCES), tmp, MODULE_NAME,
+             _extra_cflags()],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -5,6 +5,15 @@
  * each step's range [0, range) is cut into chunks that the caller thread and
  * the pool threads claim from a shared counter. Nothing here aborts: every
  * failure is an SQK_ERR_* code.
+ *
+ * The barrier between steps waits for the step's chunks, not for the pool
+ * threads: the caller moves on once every chunk has run, whoever ran it, and
+ * a pool thread that wakes late (descheduled on a loaded machine, or asleep)
+ * finds the step gone and claims nothing. The job word `job` holds the
+ * step's generation and its next unclaimed chunk; a chunk is claimed by a
+ * compare-and-swap of the word the job was read under, so a claim succeeds
+ * only while that step's job fields are the ones read (the caller rewrites
+ * them only after closing the word: see run_step).
  */
 #define _GNU_SOURCE /* sched_yield, sysconf, sched_getcpu, pthread_setaffinity_np */
 #include "sqk_runtime.h"
@@ -45,17 +54,19 @@ struct sqk_context {
 
     pthread_mutex_t mu;
     pthread_cond_t work_cv; /* caller -> workers: a new generation is posted */
-    pthread_cond_t done_cv; /* last worker -> caller: the generation is finished */
-    _Atomic uint64_t generation;
+    pthread_cond_t done_cv; /* the worker finishing the last chunk -> caller */
+    /* generation << JOB_BITS | next unclaimed chunk. Even generations are posted
+     * steps; an odd one is closed (the caller is rewriting the job fields). */
+    _Atomic uint64_t job;
     _Atomic int stop;
-    _Atomic int64_t pending; /* pool threads that have not finished this generation */
+    _Atomic int64_t done; /* chunks of the current step finished */
 
-    /* The job of the current generation; written by the caller before it bumps
-     * `generation` (release), read by the workers after they see it (acquire). */
-    sqk_kernel_fn fn;
-    void **args;
-    int64_t range, chunk, n_chunks;
-    _Atomic int64_t next_chunk;
+    /* The job of the current generation; written by the caller while the word
+     * is closed, before it posts the generation (release); read by the workers
+     * after they see it (acquire) and trusted only once a claim succeeds. */
+    _Atomic(sqk_kernel_fn) fn;
+    _Atomic(void **) args;
+    _Atomic int64_t range, chunk, n_chunks;
     _Atomic int32_t error; /* first non-zero kernel return code wins */
 
     atomic_flag busy; /* one sqk_run at a time per context */
@@ -77,52 +88,72 @@ struct sqk_context {
 
 /* ---- chunk execution, shared by the caller and the pool threads ---- */
 
-static void run_chunks(sqk_context *ctx) {
-    for (;;) {
-        /* Once a chunk has failed, the rest of the step is pointless. */
-        if (atomic_load_explicit(&ctx->error, memory_order_relaxed) != SQK_OK) return;
-        int64_t c = atomic_fetch_add_explicit(&ctx->next_chunk, 1, memory_order_relaxed);
-        if (c >= ctx->n_chunks) return;
-        int64_t begin = c * ctx->chunk;
-        int64_t end = begin + ctx->chunk < ctx->range ? begin + ctx->chunk : ctx->range;
-        int32_t rc = ctx->fn(ctx->args, begin, end);
-        if (rc != SQK_OK) {
-            int32_t expected = SQK_OK;
-            atomic_compare_exchange_strong(&ctx->error, &expected, rc);
-        }
-    }
-}
+#define JOB_BITS 16 /* chunks per step < 2^16: n_chunks <= 4 * SQK_MAX_THREADS */
+#define JOB_GEN(w) ((w) >> JOB_BITS)
+#define JOB_CHUNK(w) ((int64_t)((w) & ((1u << JOB_BITS) - 1)))
+#define RELAXED memory_order_relaxed
 
-static void *worker_main(void *arg) {
-    sqk_context *ctx = arg;
-    uint64_t seen = 0; /* the context starts at generation 0 */
+/* Claim and run chunks of generation `gen` until none is left (or the step is
+ * gone). A successful claim (the word unchanged since it was read, so no chunk
+ * claimed in between, so the step still unfinished and its fields the ones
+ * read) is a chunk this thread must finish and count. */
+static void run_chunks(sqk_context *ctx, uint64_t gen) {
     for (;;) {
-        uint64_t gen = atomic_load_explicit(&ctx->generation, memory_order_acquire);
-        int64_t spin_until = now_ns() + SQK_SPIN_NS;
-        for (int i = 1; gen == seen && !atomic_load(&ctx->stop); i++) {
-            if ((i & 63) == 0) {
-                if (now_ns() > spin_until) break;
-                sched_yield(); /* be polite on an oversubscribed machine */
+        uint64_t w = atomic_load_explicit(&ctx->job, memory_order_acquire);
+        if (JOB_GEN(w) != gen) return;
+        int64_t c = JOB_CHUNK(w), n = atomic_load_explicit(&ctx->n_chunks, RELAXED);
+        if (c >= n) return;
+        sqk_kernel_fn fn = atomic_load_explicit(&ctx->fn, RELAXED);
+        void **args = atomic_load_explicit(&ctx->args, RELAXED);
+        int64_t chunk = atomic_load_explicit(&ctx->chunk, RELAXED), range = atomic_load_explicit(&ctx->range, RELAXED);
+        atomic_thread_fence(memory_order_acquire); /* the field loads before the claim (a seqlock's read) */
+        if (!atomic_compare_exchange_weak_explicit(&ctx->job, &w, w + 1, memory_order_acq_rel, RELAXED)) continue;
+        /* Once a chunk has failed, the rest of the step is pointless (but still counted). */
+        if (atomic_load_explicit(&ctx->error, RELAXED) == SQK_OK) {
+            int64_t begin = c * chunk, end = begin + chunk < range ? begin + chunk : range;
+            int32_t rc = fn(args, begin, end);
+            if (rc != SQK_OK) {
+                int32_t expected = SQK_OK;
+                atomic_compare_exchange_strong(&ctx->error, &expected, rc);
             }
-            gen = atomic_load_explicit(&ctx->generation, memory_order_acquire);
         }
-        if (gen == seen) {
-            pthread_mutex_lock(&ctx->mu);
-            while ((gen = atomic_load_explicit(&ctx->generation, memory_order_acquire)) == seen &&
-                   !atomic_load(&ctx->stop))
-                pthread_cond_wait(&ctx->work_cv, &ctx->mu);
-            pthread_mutex_unlock(&ctx->mu);
-        }
-        if (atomic_load(&ctx->stop)) return NULL;
-        seen = gen;
-        run_chunks(ctx);
-        /* Check in. The last one wakes the caller; taking the mutex makes the
-         * signal impossible to lose (the caller tests `pending` under it). */
-        if (atomic_fetch_sub_explicit(&ctx->pending, 1, memory_order_acq_rel) == 1) {
+        /* The last chunk wakes the caller if it sleeps; taking the mutex makes the
+         * signal impossible to lose (the caller tests `done` under it). After the
+         * increment the caller may move on: nothing of the step is read after it. */
+        if (atomic_fetch_add_explicit(&ctx->done, 1, memory_order_acq_rel) + 1 == n) {
             pthread_mutex_lock(&ctx->mu);
             pthread_cond_signal(&ctx->done_cv);
             pthread_mutex_unlock(&ctx->mu);
         }
+    }
+}
+
+/* A posted generation other than `seen` (even: not closed). */
+static int new_job(sqk_context *ctx, uint64_t seen, uint64_t *gen) {
+    *gen = JOB_GEN(atomic_load_explicit(&ctx->job, memory_order_acquire));
+    return *gen != seen && (*gen & 1) == 0;
+}
+
+static void *worker_main(void *arg) {
+    sqk_context *ctx = arg;
+    uint64_t seen = 0, gen; /* the context starts at generation 0, no job */
+    for (;;) {
+        int64_t spin_until = now_ns() + SQK_SPIN_NS;
+        int found = 0;
+        for (int i = 1; !(found = new_job(ctx, seen, &gen)) && !atomic_load(&ctx->stop); i++) {
+            if ((i & 63) == 0) {
+                if (now_ns() > spin_until) break;
+                sched_yield(); /* be polite on an oversubscribed machine */
+            }
+        }
+        if (!found) {
+            pthread_mutex_lock(&ctx->mu);
+            while (!new_job(ctx, seen, &gen) && !atomic_load(&ctx->stop)) pthread_cond_wait(&ctx->work_cv, &ctx->mu);
+            pthread_mutex_unlock(&ctx->mu);
+        }
+        if (atomic_load(&ctx->stop)) return NULL;
+        seen = gen;
+        run_chunks(ctx, gen); /* nothing to check in: the caller counts chunks */
     }
 }
 
@@ -350,29 +381,34 @@ static int32_t run_step(sqk_context *ctx, const sqk_step *s) {
     if (n_chunks == 1) return s->fn(ctx->argv, 0, range);
 
     keep_pool_off_caller(ctx);
-    ctx->fn = s->fn;
-    ctx->args = ctx->argv;
-    ctx->range = range;
-    ctx->chunk = chunk;
-    ctx->n_chunks = n_chunks;
-    atomic_store_explicit(&ctx->next_chunk, 0, memory_order_relaxed);
-    atomic_store_explicit(&ctx->error, SQK_OK, memory_order_relaxed);
-    atomic_store_explicit(&ctx->pending, ctx->n_pool, memory_order_relaxed);
-
-    /* Publish: the release store orders the job fields before the new generation. */
+    /* Close the word first (odd generation: a claim read under the last step's
+     * word now fails), rewrite the fields, then post the next even generation:
+     * the release store orders the fields before it. */
+    uint64_t gen = JOB_GEN(atomic_load_explicit(&ctx->job, RELAXED)) + 1;
+    atomic_store_explicit(&ctx->job, gen << JOB_BITS, memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst); /* the close before the field stores */
+    atomic_store_explicit(&ctx->fn, s->fn, RELAXED);
+    atomic_store_explicit(&ctx->args, ctx->argv, RELAXED);
+    atomic_store_explicit(&ctx->range, range, RELAXED);
+    atomic_store_explicit(&ctx->chunk, chunk, RELAXED);
+    atomic_store_explicit(&ctx->n_chunks, n_chunks, RELAXED);
+    atomic_store_explicit(&ctx->error, SQK_OK, RELAXED);
+    atomic_store_explicit(&ctx->done, 0, RELAXED);
     pthread_mutex_lock(&ctx->mu);
-    atomic_fetch_add_explicit(&ctx->generation, 1, memory_order_release);
+    atomic_store_explicit(&ctx->job, (gen + 1) << JOB_BITS, memory_order_release);
     pthread_cond_broadcast(&ctx->work_cv);
     pthread_mutex_unlock(&ctx->mu);
 
-    run_chunks(ctx); /* the caller is a worker too */
+    run_chunks(ctx, gen + 1); /* the caller is a worker too */
 
-    /* Wait for every pool thread to check in, so none still reads this step's job. */
-    for (int i = 0; i < SQK_SPIN && atomic_load_explicit(&ctx->pending, memory_order_acquire); i++)
+    /* Wait for every chunk to be finished (by anyone): then no thread reads this
+     * step's job or runs its kernel any more. A pool thread that has not woken
+     * yet claims nothing of it later. */
+    for (int i = 0; i < SQK_SPIN && atomic_load_explicit(&ctx->done, memory_order_acquire) < n_chunks; i++)
         if ((i & 63) == 63) sched_yield();
-    if (atomic_load_explicit(&ctx->pending, memory_order_acquire)) {
+    if (atomic_load_explicit(&ctx->done, memory_order_acquire) < n_chunks) {
         pthread_mutex_lock(&ctx->mu);
-        while (atomic_load_explicit(&ctx->pending, memory_order_acquire))
+        while (atomic_load_explicit(&ctx->done, memory_order_acquire) < n_chunks)
             pthread_cond_wait(&ctx->done_cv, &ctx->mu);
         pthread_mutex_unlock(&ctx->mu);
     }

@@ -48,8 +48,9 @@ def ggml_type(kind):
     return gguf.GGMLQuantizationType[kind]
 
 
-def write_gguf(path, kind, tied=False, arch="llama", eos=None, embd_kind=None, seed=0, **meta):
-    """A random Llama (or Qwen2) GGUF of tensor type ``kind``; returns the
+def write_gguf(path, kind, tied=False, arch="llama", eos=None, embd_kind=None, seed=0, kinds=None, **meta):
+    """A random Llama (or Qwen2) GGUF of tensor type ``kind`` (``kinds``: other
+    types for some layer tensors, e.g. {"attn_v": "Q4_0"}); returns the
     reference f32 weights (ggml's dequantization of what was written)."""
     rng = np.random.default_rng(seed)
     d = DIMS
@@ -68,6 +69,7 @@ def write_gguf(path, kind, tied=False, arch="llama", eos=None, embd_kind=None, s
     ref = {}
 
     def add(name, ours, shape, how, k=kind):
+        k = (kinds or {}).get(name.split(".")[-2], k)
         n_, k_ = shape
         a = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / np.sqrt(k_))
         if how == "vector":
@@ -135,10 +137,39 @@ def test_gguf_quantized_weights_keep_the_blocks(tmp_path):
         assert [d for _, d in w["wq.0"].operands] == dtypes and "embed" not in w
         op = "matmul_ggml" if kind == "Q6_K" else "matmul_q"        # Q6_K: the file's blocks, 6.5625 bits
         assert w["wq.0"].op == w["lm_head"].op == op
-        g = sqk.llm.build_decoder(cfg, w, tokens=3)
-        assert sum(n.op == op for n in g.nodes) == 7 * cfg.layers + 1
+        g = sqk.llm.build_decoder(cfg, w, tokens=3)      # q/k/v one matmul, gate/up another, wo, w2
+        assert sum(n.op == op for n in g.nodes) == 4 * cfg.layers + 1
+        assert sum(n.op == op for n in sqk.llm.build_decoder(cfg, w, tokens=3, fuse=False).nodes) == \
+            7 * cfg.layers + 1
         table = next(n.output for n in g.nodes if n.op == "const" and n.output.name == "lm_head")
         assert sorted(n.op for n in g.nodes if table in n.inputs) == [op.replace("matmul", "gather"), op]  # one
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0", "Q4_1", "Q4_K", "Q6_K", "mixed", "qwen2"])
+def test_fused_projections_equal_unfused(tmp_path, kind):
+    """build_decoder's fused q/k/v and gate/up matmuls (the GGUF blocks joined
+    along N, bit for bit) give the logits of one matmul per weight, at one
+    token (GEMV) and at a chunk of three (GEMM); a file whose q/k/v (or
+    gate/up) differ in block type keeps them apart; Qwen2's biases join too."""
+    from sqk.compiler.frontends.gguf import load_gguf
+    from sqk.llm.decoder import build_decoder, state_names
+
+    path = tmp_path / f"{kind}.gguf"
+    mixed = {"attn_v": "Q4_0", "ffn_up": "Q4_0"} if kind == "mixed" else None
+    write_gguf(path, {"mixed": "Q8_0", "qwen2": "Q8_0"}.get(kind, kind), kinds=mixed,
+               arch="qwen2" if kind == "qwen2" else "llama")
+    cfg, w, _ = load_gguf(str(path))
+    matmuls = ("matmul", "matmul_q", "matmul_ggml")
+    for tokens in (1, 3):
+        got = {}
+        for fuse in (True, False):
+            g = build_decoder(cfg, w, tokens=tokens, all_logits=True, fuse=fuse)
+            n = sum(node.op in matmuls for node in g.nodes)
+            assert n == (7 if fuse is False or kind == "mixed" else 4) * cfg.layers + 1, (fuse, n)
+            m = sqk.compile(g, state=state_names(cfg))
+            got[fuse] = [m(token=np.array(TOKENS[j:j + tokens]), pos=np.array([j])) for j in range(0, 3, tokens)]
+        for a, b in zip(got[True], got[False]):
+            assert_close(a, b, rtol=1e-6, what=f"{kind} fused logits, {tokens} token(s)")
 
 
 def test_gguf_prefill_qwen2_biases(tmp_path):

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import sqk
@@ -152,3 +153,100 @@ def test_riscv64_gguf_like_smollm2(tmp_path):
     host.reset()
     rv.reset()
     assert rv.generate(TOKENS, 8, stop=[]) == host.generate(TOKENS, 8, stop=[])
+
+
+# --- host: the decode loop in C (llm/native.py decode_host, runtime/sqk_llm.c) ----------------------
+
+@pytest.fixture(scope="module")
+def host_decoder():
+    return Decoder(CFG, random_weights(CFG, 1), prefill_chunk=4)
+
+
+def generate_both(dec, prompt, n, **kw):
+    """(tokens, pos, KV state, streamed) of dec.generate from a fresh sequence by the
+    Python loop, then by the C loop."""
+    runs = []
+    for native in (False, True):
+        dec.native_generate = native
+        dec.reset()
+        streamed = []
+        out = dec.generate(prompt, n, stream=lambda t, s: streamed.append((t, s)), **kw)
+        runs.append((out, dec.pos, {k: a.copy() for k, a in dec.module.state.items()}, streamed))
+    del dec.native_generate                                   # back to the class default (native)
+    return runs
+
+
+@pytest.mark.parametrize("kw", [{}, SAMPLED, dict(temperature=0.7, seed=5), dict(temperature=1.0, top_k=1, seed=9),
+                                dict(temperature=2.0, top_p=0.5, seed=2**64 - 1)])
+def test_host_native_generate_equals_python_loop(host_decoder, kw):
+    for prompt, n in ((PROMPT[:5], 10), (PROMPT, 7), (PROMPT[:1], 1), (PROMPT, 100)):   # 100: the cache fills
+        (want, pos, state, streamed), (got, npos, nstate, nstreamed) = generate_both(host_decoder, prompt, n, **kw)
+        assert got == want and npos == pos and nstreamed == streamed == [(t, "") for t in want]
+        assert pos == min(len(prompt) + n - 1, CFG.max_seq) or len(want) < n
+        for name, a in state.items():                          # the same kernels on the same tokens
+            assert (nstate[name] == a).all(), name
+    assert len(want) == CFG.max_seq - len(PROMPT) + 1 and pos == CFG.max_seq
+
+
+def test_host_native_generate_stop_continue_and_errors(host_decoder):
+    dec = host_decoder
+    dec.reset()
+    first = dec.generate(PROMPT, 6)
+    for n in (0, -1):
+        (want, pos, _, _), (got, npos, _, _) = generate_both(dec, PROMPT, n)
+        assert got == want == [] and npos == pos == len(PROMPT)
+    (want, pos, _, _), (got, npos, _, _) = generate_both(dec, PROMPT, 6, stop=[first[3]])
+    assert got == want == first[:3] and npos == pos == len(PROMPT) + 3
+    runs = []
+    for native in (False, True):                                # a generate continuing the sequence
+        dec.native_generate = native
+        dec.reset()
+        runs.append((dec.generate(PROMPT, 3), dec.generate([first[2]], 4, temperature=1.0, seed=7), dec.pos))
+    del dec.native_generate
+    assert runs[0] == runs[1]
+    dec.reset()
+    with pytest.raises(ValueError, match="top_p must be"):
+        dec.generate(PROMPT, 1, temperature=1.0, top_p=1.5, seed=1)
+    with pytest.raises(ValueError, match="top_k must be"):
+        dec.generate(PROMPT, 1, temperature=1.0, top_k=0, seed=1)
+
+
+def test_host_native_generate_nan_logits():
+    """A token whose embedding is NaN makes the next logits NaN: the C loop stops and
+    generate raises sample()'s ValueError, as the Python loop does."""
+    w = random_weights(CFG, 1)
+    dec = Decoder(CFG, w, prefill_chunk=4)
+    bad = dec.generate(PROMPT, 2)[0]
+    assert bad not in PROMPT
+    w = dict(w, embed=w["embed"].copy())
+    w["embed"][bad] = float("nan")
+    dec = Decoder(CFG, w, prefill_chunk=4)
+    for native in (False, True):
+        dec.native_generate = native
+        dec.reset()
+        with pytest.raises(ValueError, match="logits contain NaN"):
+            dec.generate(PROMPT, 5)
+        assert dec.pos == len(PROMPT) + 1
+
+
+def test_host_step_bound_equals_module_call():
+    """Decoder.step on the host runs the step through pointers bound once
+    (llm/native.py BoundStep): the logits and KV state of the Module's own call,
+    a fresh logits array per step, and bound again when the state arrays change."""
+    dec, ref = (Decoder(CFG, random_weights(CFG, 1), prefill_chunk=4) for _ in range(2))
+    dec.reset()
+    ref.reset()
+    seen = []
+    for pos, tok in enumerate(PROMPT):
+        got = dec.step(tok)
+        want = ref.module(token=np.array([tok]), pos=np.array([pos]))[0]
+        assert (got == want).all() and not any(got is s for s in seen)
+        seen.append(got)
+    for name, a in ref.module.state.items():
+        assert (dec.module.state[name] == a).all(), name
+    other = Decoder(CFG, random_weights(CFG, 1), prefill_chunk=4)
+    other.reset()
+    other.prefill(PROMPT)
+    dec.module.share_state(other.module)                     # new state arrays: the pointers follow
+    dec.pos = other.pos
+    assert (dec.step(5) == other.step(5)).all()

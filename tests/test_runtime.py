@@ -356,6 +356,28 @@ def test_pool_threads_take_part_and_are_reused(rt, kernels, contexts):
     assert len(all_tids) <= 4
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_chained_steps_see_each_others_results(rt, kernels, contexts, threads):
+    """A chain of 60 dependent parallel steps (each doubles the previous step's
+    result, chunks of different grains), run many times: a step starts only
+    after every chunk of the one before has finished, and no pool thread that
+    wakes late runs a chunk of a step that is gone (the result would differ)."""
+    ffi, _ = rt
+    n = 101
+    x = np.arange(n, dtype=np.float32) / 7
+    bufs = [(0, 0, 4 * n), (1, 0, 4 * n), (3, 0, 4 * n), (3, 512, 4 * n)]   # x, y, arena a, arena b
+    chain = [0] + [2 + i % 2 for i in range(59)] + [1]
+    steps = [(f"double{i}", kernels.k_double, [src, dst], n, 1 + i % 4)
+             for i, (src, dst) in enumerate(zip(chain, chain[1:]))]
+    prog = Prog(ffi, steps=steps, buffers=bufs, inputs=[("x", 0, [n], 4 * n)], outputs=[("y", 0, [n], 4 * n)],
+                arena=1024)
+    ctx = contexts(threads)
+    for _ in range(200):
+        y = np.zeros(n, np.float32)
+        assert run(rt, ctx, prog, inputs=[x], outputs=[y]) == SQK_OK
+        np.testing.assert_array_equal(y, x * np.float32(2.0 ** 60))
+
+
 def test_model_outputs(rt, model_lib, contexts):
     ffi, lib = rt
     prog = model_lib.program
