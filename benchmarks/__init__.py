@@ -24,7 +24,7 @@ BENCHMARKS = {
                                   "onnxruntime, 1 vs 2 threads"),
     "sparse": ("benchmarks.sparse", "sparse GEMV (csr, bsr, nm2:4; f32 and int8) at 50-95% sparsity vs numpy "
                                     "dense and scipy CSR on 640 MiB of dense weights"),
-    "onnx": ("benchmarks.onnx_models", "BERT-style encoder exported from transformers: sqk fp32 / int8 / int8+2:4 vs "
+    "onnx": ("benchmarks.onnx_models", "BERT-style encoder (random) and the real all-MiniLM-L6-v2: sqk fp32 / int8 vs "
                                        "onnxruntime fp32 and quantize_dynamic int8 (needs torch, transformers)"),
     "llm": ("benchmarks.llm_decode", "Llama-style decode tokens/s (fp32, int8, int4 g32, int4 + 2:4) vs the read "
                                      "roofline; MoLE before/after fold_lookup_experts; sparse-input ReLU FFN"),
