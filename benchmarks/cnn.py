@@ -12,7 +12,9 @@ top-1 agreement with ORT fp32 over IMAGES random images and the logit cosine.
 Then each sqk model's time per op kind and slowest kernels (Module.profile).
 
 BatchNorm layers are in eval mode with random statistics, so the importer's
-conv+BN folding has real work to do.  Exports are cached like the onnx
+conv+BN folding has real work to do; the classifier's bias centres the logits
+over a few other random images (``center_logits``), so that the top class
+depends on the image.  Exports are cached like the onnx
 benchmark's (``benchmarks.onnx_models.cache_dir``).  Needs torch (not a
 dependency of sqk).
 """
@@ -138,18 +140,33 @@ def mobilenet_v2(classes: int = CLASSES):
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 
 
+def center_logits(model, size: int, count: int = 8, seed: int = 2):
+    """Set the classifier's bias to -W @ (mean pooled features over ``count`` random
+    images of another seed): a random network's features are mostly the same for
+    every input, which would make one class win for every image; centred, the
+    logits follow what differs between images, so top-1 agreement means something."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        feats = model[:-1](torch.randn(count, 3, size, size, generator=gen))
+        fc = model[-1]
+        fc.bias.copy_(-fc.weight @ feats.mean(dim=0))
+    return model
+
+
 def export(name: str, size: int = SIZE, classes: int = CLASSES) -> str:
     """Path of the cached ONNX export of MODELS[name] (input "image" [1, 3, size,
     size] f32, output "logits" [1, classes])."""
     import torch
 
     def build(config, seq):
-        model = MODELS[config["arch"]](config["classes"])
+        model = center_logits(MODELS[config["arch"]](config["classes"]), seq)
         return model, (torch.zeros(1, 3, seq, seq),), ["image"], ["logits"]
 
     if name not in MODELS:
         raise ValueError(f"unknown CNN {name!r}; choose from {', '.join(MODELS)}")
-    return _export(name, {"arch": name, "classes": classes, "init": 2}, size, build)
+    return _export(name, {"arch": name, "classes": classes, "init": 3}, size, build)
 
 
 def images(count: int = IMAGES, size: int = SIZE, seed: int = 1) -> list[np.ndarray]:

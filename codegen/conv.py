@@ -1,5 +1,5 @@
-"""Convolution and pooling over NCHW tensors: conv2d (direct, im2col-free),
-maxpool2d, avgpool2d and global_avgpool.
+"""Convolution and pooling over NCHW tensors: conv2d (direct, im2col-free; the
+pointwise ones through the GEMM), maxpool2d, avgpool2d and global_avgpool.
 
 A work item is one output row: (n, block of output channels, oh) for conv2d,
 (n, c, oh) for the pools.  Shapes are static, so the width axis is planned
@@ -16,11 +16,13 @@ time: the in-bounds ones are a range computed once per row.
 
 conv2d keeps a tile of accumulators in registers: CB output channels x U
 vectors of the output width; each input vector loaded serves the CB
-channels, each weight broadcast the U vectors.  This is the direct path; a
-GEMM-based one can be added as another ``_emit_conv_*`` chosen by
-``emit_conv2d`` from the ConvPlan.  riscv64 has its own: output rows in
-scalar loops that LLVM vectorizes length-agnostically (``_emit_conv_rows``,
-``_emit_pool_rows``; global_avgpool is scalar loops there anyway).
+channels, each weight broadcast the U vectors.  This is the direct path.  A
+pointwise conv2d (1x1, stride 1, no pads, groups 1: ``is_pointwise``) is the
+product w[C_out, C_in] @ x[n][C_in, H*W] in NCHW as it is stored, and runs as
+codegen/matmul.py's GEMM (``_emit_conv_gemm``: x packed per K block like any
+run-time b; bias and the fused activation in the matmul's epilogue).  riscv64
+has its own: output rows in scalar loops that LLVM vectorizes length-agnostically
+(``_emit_conv_rows``, ``_emit_pool_rows``; global_avgpool is scalar loops there anyway).
 """
 from __future__ import annotations
 
