@@ -56,6 +56,7 @@ CONV_CASES = {
     "1x1_stride2": ((1, 6, 9, 13), (7, 6, 1, 1), True, "f32", dict(strides=(2, 2))),
     "1x1_pad1": ((1, 6, 3, 5), (7, 6, 1, 1), True, "f32", dict(pads=(1, 0, 1, 1))),
     "1x1_groups2": ((1, 6, 5, 11), (8, 3, 1, 1), True, "f32", dict(groups=2)),
+    "1x1_empty_batch": ((0, 3, 4, 4), (2, 3, 1, 1), True, "f32", {}),
 }
 RISCV_CONV = tuple(CONV_CASES)   # riscv64 has kernels of its own (row loops): every case
 
