@@ -29,6 +29,7 @@
 #define SQK_SPIN_NS 200000
 #define SQK_CHUNKS_PER_THREAD 4
 #define SQK_SPIN 4000 /* polls the caller makes before it sleeps waiting for workers */
+#define GATE_CLOSED ((int64_t)1 << 62)
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -48,7 +49,14 @@ struct sqk_context {
     pthread_cond_t done_cv; /* last worker -> caller: the generation is finished */
     _Atomic uint64_t generation;
     _Atomic int stop;
-    _Atomic int64_t pending; /* pool threads that have not finished this generation */
+    /* Which pool threads take part in the current step: `gate` counts the threads
+     * that joined it (low bits) until the caller closes it (GATE_CLOSED) once it
+     * has run out of chunks; `finished` counts the joined threads done with it.
+     * The caller waits for the joined threads only: one not yet scheduled when the
+     * gate closes (an oversubscribed machine) skips the step instead of holding the
+     * caller until it runs (measured: 5-10 ms per step at load 12 on 2 CPUs). */
+    _Atomic int64_t gate;
+    _Atomic int64_t finished;
 
     /* The job of the current generation; written by the caller before it bumps
      * `generation` (release), read by the workers after they see it (acquire). */
@@ -115,10 +123,23 @@ static void *worker_main(void *arg) {
         }
         if (atomic_load(&ctx->stop)) return NULL;
         seen = gen;
+        /* Join the step unless the caller has closed it (then it is done or
+         * nearly: skip it). The gate of a step is opened before its generation
+         * is posted, so a thread that saw the generation sees that gate or a
+         * later one's; joining a later step is fine (its job is what it reads). */
+        int64_t g = atomic_load(&ctx->gate);
+        while (!(g & GATE_CLOSED) && !atomic_compare_exchange_weak(&ctx->gate, &g, g + 1)) {
+        }
+        if (g & GATE_CLOSED) continue;
         run_chunks(ctx);
-        /* Check in. The last one wakes the caller; taking the mutex makes the
-         * signal impossible to lose (the caller tests `pending` under it). */
-        if (atomic_fetch_sub_explicit(&ctx->pending, 1, memory_order_acq_rel) == 1) {
+        /* Check in. The last joined thread wakes the caller if it already closed
+         * the gate; seq_cst on `finished` and `gate` on both sides: either this
+         * thread sees the gate closed or the caller sees this check-in. Taking
+         * the mutex makes the signal impossible to lose (the caller tests
+         * `finished` under it). */
+        int64_t f = atomic_fetch_add(&ctx->finished, 1) + 1;
+        g = atomic_load(&ctx->gate);
+        if ((g & GATE_CLOSED) && f == (g & ~GATE_CLOSED)) {
             pthread_mutex_lock(&ctx->mu);
             pthread_cond_signal(&ctx->done_cv);
             pthread_mutex_unlock(&ctx->mu);
@@ -357,7 +378,8 @@ static int32_t run_step(sqk_context *ctx, const sqk_step *s) {
     ctx->n_chunks = n_chunks;
     atomic_store_explicit(&ctx->next_chunk, 0, memory_order_relaxed);
     atomic_store_explicit(&ctx->error, SQK_OK, memory_order_relaxed);
-    atomic_store_explicit(&ctx->pending, ctx->n_pool, memory_order_relaxed);
+    atomic_store(&ctx->finished, 0);
+    atomic_store(&ctx->gate, 0); /* open, after the job fields: a joiner reads them */
 
     /* Publish: the release store orders the job fields before the new generation. */
     pthread_mutex_lock(&ctx->mu);
@@ -367,13 +389,14 @@ static int32_t run_step(sqk_context *ctx, const sqk_step *s) {
 
     run_chunks(ctx); /* the caller is a worker too */
 
-    /* Wait for every pool thread to check in, so none still reads this step's job. */
-    for (int i = 0; i < SQK_SPIN && atomic_load_explicit(&ctx->pending, memory_order_acquire); i++)
+    /* No chunk is left: close the gate, then wait for the threads that joined,
+     * so none still reads this step's job; the others skip it. */
+    int64_t joined = atomic_fetch_or(&ctx->gate, GATE_CLOSED) & ~GATE_CLOSED;
+    for (int i = 0; i < SQK_SPIN && atomic_load(&ctx->finished) < joined; i++)
         if ((i & 63) == 63) sched_yield();
-    if (atomic_load_explicit(&ctx->pending, memory_order_acquire)) {
+    if (atomic_load(&ctx->finished) < joined) {
         pthread_mutex_lock(&ctx->mu);
-        while (atomic_load_explicit(&ctx->pending, memory_order_acquire))
-            pthread_cond_wait(&ctx->done_cv, &ctx->mu);
+        while (atomic_load(&ctx->finished) < joined) pthread_cond_wait(&ctx->done_cv, &ctx->mu);
         pthread_mutex_unlock(&ctx->mu);
     }
     return atomic_load(&ctx->error);
