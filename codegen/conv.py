@@ -1,5 +1,5 @@
-"""Convolution and pooling over NCHW tensors: conv2d (direct, im2col-free),
-maxpool2d, avgpool2d and global_avgpool.
+"""Convolution and pooling over NCHW tensors: conv2d (direct, im2col-free; the
+pointwise ones through the GEMM), maxpool2d, avgpool2d and global_avgpool.
 
 A work item is one output row: (n, block of output channels, oh) for conv2d,
 (n, c, oh) for the pools.  Shapes are static, so the width axis is planned
@@ -16,11 +16,13 @@ time: the in-bounds ones are a range computed once per row.
 
 conv2d keeps a tile of accumulators in registers: CB output channels x U
 vectors of the output width; each input vector loaded serves the CB
-channels, each weight broadcast the U vectors.  This is the direct path; a
-GEMM-based one can be added as another ``_emit_conv_*`` chosen by
-``emit_conv2d`` from the ConvPlan.  riscv64 has its own: output rows in
-scalar loops that LLVM vectorizes length-agnostically (``_emit_conv_rows``,
-``_emit_pool_rows``; global_avgpool is scalar loops there anyway).
+channels, each weight broadcast the U vectors.  This is the direct path.  A
+pointwise conv2d (1x1, stride 1, no pads, groups 1: ``is_pointwise``) is the
+product w[C_out, C_in] @ x[n][C_in, H*W] in NCHW as it is stored, and runs as
+codegen/matmul.py's GEMM (``_emit_conv_gemm``: x packed per K block like any
+run-time b; bias and the fused activation in the matmul's epilogue).  riscv64
+has its own: output rows in scalar loops that LLVM vectorizes length-agnostically
+(``_emit_conv_rows``, ``_emit_pool_rows``; global_avgpool is scalar loops there anyway).
 """
 from __future__ import annotations
 
@@ -30,12 +32,12 @@ from dataclasses import dataclass
 from llvmlite import ir
 
 from ..ir import dtypes as dt
-from ..ir.graph import Node
+from ..ir.graph import Node, TensorType, Value
 from .elementwise import MIN_PARALLEL_WORK
 from .kernel import (F32, I1, I32, Kernel, call_intrinsic, fconst, gep, hsum, i64, load_elem, load_vec, loop,
                      lltype, splat, store_elem, vtype, widen)
 from .lower import emitter
-from .matmul import Access, _stack_array, imin
+from .matmul import Access, _stack_array, emit_matmul, imin
 
 # Accumulator vectors a conv2d tile keeps in registers (16 vector registers on AVX2).
 ACC_BUDGET = 8
@@ -357,7 +359,53 @@ def emit_conv2d(k: Kernel, node: Node, epilogue=None):
     out_w = node.outputs[0].type.shape[3]
     if k.target.name == "riscv64":
         return _emit_conv_rows(k, conv_plan(node, 1), epilogue)
+    if is_pointwise(node):
+        return _emit_conv_gemm(k, node, epilogue)
     return _emit_conv_direct(k, conv_plan(node, vector_lanes(k, out_w)), epilogue)
+
+
+def is_pointwise(node: Node) -> bool:
+    """A 1x1 convolution that reads every input pixel once, in place: groups 1,
+    strides 1, no padding.  It is the product w[C_out, C_in] @ x[n][C_in, H*W]."""
+    a, w = node.attrs, node.inputs[1].type
+    return (a["groups"] == 1 and w.shape[2:] == (1, 1) and tuple(a["strides"]) == (1, 1)
+            and not any(a["pads"]))
+
+
+class _Operands:
+    """``k`` seen by the matmul emitter with other arguments and constants
+    (everything else is k's own: builder, target, work range, module)."""
+
+    def __init__(self, k: Kernel, args: list, consts: list):
+        self._k, self.args, self.consts = k, args, consts
+
+    def __getattr__(self, name):
+        return getattr(self._k, name)
+
+
+def _emit_conv_gemm(k: Kernel, node: Node, epilogue=None):
+    """A pointwise conv2d (``is_pointwise``) as codegen/matmul.py's GEMM: batch item n
+    is y[n] = w[C_out, C_in] @ x[n][C_in, H*W], NCHW being that product's row-major
+    layout.  w (a, plain storage) is read in place, x (b) packed per K block as any
+    run-time b; bias[row] and the fused activation run in the matmul's epilogue."""
+    x, w = node.inputs[0].type, node.inputs[1].type
+    out = node.outputs[0].type
+    n, c_in, h, wd = x.shape
+    c_out = out.shape[1]
+    mm = Node("matmul", (Value("w", TensorType(w.dtype, (c_out, c_in))),
+                         Value("x", TensorType(x.dtype, (n, c_in, h * wd)))),
+              (Value("y", TensorType(out.dtype, (n, c_out, h * wd))),))
+    bias = Access(k, k.args[2], node.inputs[2].dtype, 1) if len(node.inputs) == 3 else None
+
+    def gemm_epilogue(value, t, row, col, lanes, valid=None):
+        if bias is not None:
+            bv = bias.load(row)
+            value = k.b.fadd(value, splat(k.b, bv, lanes) if lanes > 1 else bv)
+        return epilogue(value, lanes) if epilogue else value
+
+    consts = list(k.consts) + [None] * 2
+    view = _Operands(k, [k.args[1], k.args[0], k.args[-1]], [consts[1], None])   # x is never packed
+    return emit_matmul(view, mm, gemm_epilogue if bias is not None or epilogue else None)
 
 
 def _emit_conv_direct(k: Kernel, p: ConvPlan, epilogue=None):

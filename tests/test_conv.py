@@ -47,6 +47,16 @@ CONV_CASES = {
     "f16_depthwise_stride2": ((1, 6, 9, 21), (6, 1, 3, 3), True, "f16", dict(groups=6, strides=(2, 2), pads=(1, 1, 1, 1))),
     "f16_5x5_asym": ((2, 3, 8, 13), (4, 3, 5, 5), False, "f16", dict(pads=(2, 1, 0, 3))),
     "empty_batch": ((0, 3, 5, 5), (4, 3, 3, 3), True, "f32", dict(pads=(1, 1, 1, 1))),
+    # pointwise (1x1, stride 1, no pads, groups 1) runs as the GEMM: K blocks, N not a
+    # multiple of the micro-tile, few output channels (the GEMV path), batch, f16
+    "1x1_gemm_k_blocks": ((1, 300, 7, 7), (37, 300, 1, 1), True, "f32", {}),
+    "1x1_gemm_batch2_f16": ((2, 20, 5, 9), (13, 20, 1, 1), True, "f16", {}),
+    "1x1_gemm_few_out": ((1, 16, 6, 6), (3, 16, 1, 1), True, "f32", {}),
+    "1x1_gemm_dilated": ((1, 5, 4, 6), (9, 5, 1, 1), False, "f32", dict(dilations=(2, 3))),
+    "1x1_stride2": ((1, 6, 9, 13), (7, 6, 1, 1), True, "f32", dict(strides=(2, 2))),
+    "1x1_pad1": ((1, 6, 3, 5), (7, 6, 1, 1), True, "f32", dict(pads=(1, 0, 1, 1))),
+    "1x1_groups2": ((1, 6, 5, 11), (8, 3, 1, 1), True, "f32", dict(groups=2)),
+    "1x1_empty_batch": ((0, 3, 4, 4), (2, 3, 1, 1), True, "f32", {}),
 }
 RISCV_CONV = tuple(CONV_CASES)   # riscv64 has kernels of its own (row loops): every case
 
@@ -142,6 +152,22 @@ def test_small_cnn(target):
     h = b.conv2d(h, b.const(rand((10, 32, 1, 1), rng=rng) * 0.2), b.const(rand((10,), rng=rng)))
     g = b.output(b.global_avgpool(h))
     check(g, {"x": rand((1, 3, 32, 32), rng=rng)}, target)
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid"])
+def test_pointwise_fused(act):
+    """A pointwise conv2d with constant weights and bias and a fused activation (the
+    GEMM path's epilogue: bias per output channel, then the activation)."""
+    from sqk.codegen.conv import is_pointwise
+
+    rng = np.random.default_rng(3)
+    b = sqk.GraphBuilder("pw")
+    x = b.input("x", (2, 24, 6, 11))
+    y = b.conv2d(x, b.const(rand((40, 24, 1, 1), rng=rng)), b.const(rand((40,), rng=rng)))
+    g = b.output(getattr(b, act)(y))
+    assert is_pointwise(next(n for n in g.nodes if n.op == "conv2d"))
+    m = check(g, {"x": rand((2, 24, 6, 11), rng=rng)}, "host")
+    assert any(r.op == "fused" for r in m.profile(runs=1, x=rand((2, 24, 6, 11), rng=rng)))
 
 
 def test_maxpool_propagates_nan():
