@@ -5,7 +5,7 @@
     sqk compile MODEL.sqkir|MODEL.onnx -o OUT.sqk [--input-shape NAME=1x128 ...]
                 [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
                 [--quantize int8|int4 [--group N] [--scheme sym|asym] [--scale-dtype f32|f16]
-                 [--skip W1|W2] [--max-error E] [--activations none|int8]
+                 [--skip W1|W2] [--max-error E] [--activations none|int8 [--act-group N]]
                  [--quantize-method rtn|gptq|awq|imatrix]]
                 [--sparsify unstructured|N:M|block=RxC [--sparsity F]
                  [--sparsify-method magnitude|wanda|sparsegpt]] [--format NAME:FMT ...]
@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep in float each layer whose relative L2 output error exceeds this")
     c.add_argument("--activations", default=None, choices=("none", "int8"),
                    help="int8: quantize activations per row and group at run time (symmetric int4 or int8 weights)")
+    c.add_argument("--act-group", type=int, default=None, metavar="N",
+                   help="int8 activations: one scale per N values of a row (32 as llama.cpp's q8; default: the "
+                        "weight group)")
     c.add_argument("--quantize-method", default=None, choices=("rtn", "gptq", "awq", "imatrix"),
                    help="how weights are rounded (default rtn; the others need --calibration)")
     c.add_argument("--calibration", default=None, metavar="FILE.npz",
@@ -194,7 +197,8 @@ def _cmd_compile(a) -> None:
                          "an ONNX model, a Hugging Face model directory or a GGUF file)")
     qopts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group), ("scheme", a.scheme),
                                ("scale_dtype", a.scale_dtype), ("skip", a.skip), ("max_error", a.max_error),
-                               ("activations", a.activations), ("sparsify", a.sparsify),
+                               ("activations", a.activations), ("act_group", a.act_group),
+                               ("sparsify", a.sparsify),
                                ("sparsity", a.sparsity), ("force", a.force),
                                ("quantize_method", a.quantize_method), ("method", a.sparsify_method))
              if v is not None}

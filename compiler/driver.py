@@ -31,8 +31,8 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
             dump_dir: str | None = None, threads: int | None = None, vlen: int | None = None,
             log=None, quantize: str | None = None, group: int | None = None, scheme: str | None = None,
             scale_dtype: str | None = None, skip=None, max_error: float | None = None,
-            activations: str | None = None, calibration: str | None = None, calibration_data=None,
-            percentile: float | None = None, quantize_method: str | None = None,
+            activations: str | None = None, act_group: int | None = None, calibration: str | None = None,
+            calibration_data=None, percentile: float | None = None, quantize_method: str | None = None,
             sparsify: str | None = None, sparsity: float | None = None, method: str | None = None,
             scope: str | None = None, force=None, formats=None,
             progress: bool | None = None, state=None) -> Module:
@@ -50,7 +50,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
 
     ``quantize="int8"|"int4"`` (with ``group``, ``scheme``, ``scale_dtype``,
     ``skip`` (a name or a list of weight names), ``max_error``,
-    ``activations``, ``calibration``, ``percentile``, ``quantize_method``:
+    ``activations``, ``act_group``, ``calibration``, ``percentile``, ``quantize_method``:
     "rtn" (default), "gptq", "awq" or "imatrix", the pass's ``method``) is shorthand for the
     pipeline ``fold_constants,quantize{weights=...,...},select_format,dce,fuse`` (see
     :func:`quantize_pipeline`); giving ``pipeline`` as well is an error.
@@ -90,7 +90,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | None = None, dum
         raise TypeError(f"compile() takes a sqk.Graph, got {type(graph).__name__}")
     tgt = get_target(target)
     qopts = dict(group=group, scheme=scheme, scale_dtype=scale_dtype, skip=skip, max_error=max_error,
-                 activations=activations, calibration=calibration, percentile=percentile,
+                 activations=activations, act_group=act_group, calibration=calibration, percentile=percentile,
                  quantize_method=quantize_method)
     sopts = dict(sparsity=sparsity, method=method, scope=scope)
     if sparsify is not None or force is not None or formats is not None:
@@ -217,8 +217,8 @@ def _end_to_end(graph: Graph, compiled: Graph, module: Module, tgt, calib) -> di
 
 def quantize_pipeline(weights: str, group: int | None = None, scheme: str | None = None,
                       scale_dtype: str | None = None, skip=None, max_error: float | None = None,
-                      activations: str | None = None, calibration: str | None = None,
-                      percentile: float | None = None, quantize_method: str | None = None) -> str:
+                      activations: str | None = None, act_group: int | None = None,
+                      calibration: str | None = None, percentile: float | None = None, quantize_method: str | None = None) -> str:
     """The pipeline string ``compile(quantize=...)`` runs, e.g.
     ``quantize_pipeline("int4", group=32)`` ->
     ``"fold_constants,quantize{weights=int4,group=32},select_format,dce,fuse"``; options left
@@ -229,7 +229,8 @@ def quantize_pipeline(weights: str, group: int | None = None, scheme: str | None
         skip = "|".join(skip)
     opts = [f"weights={weights}"] + [f"{k}={v}" for k, v in (
         ("group", group), ("scheme", scheme), ("scale_dtype", scale_dtype), ("skip", skip),
-        ("max_error", max_error), ("activations", activations), ("calibration", calibration),
+        ("max_error", max_error), ("activations", activations), ("act_group", act_group),
+        ("calibration", calibration),
         ("percentile", percentile), ("method", quantize_method)) if v is not None]
     for o in opts:
         if any(c in o for c in ",{}"):
