@@ -370,7 +370,8 @@ def emit_matmul_q(k: Kernel, node: Node):
 #   it is exact (groups longer than ``i32_span`` keep the vpsignb form, their
 #   i64 sums being per span).
 #
-# Scales as [slabs][groups][8], zero points the same in i8 (i4: z + 8, the
+# Scales as [quads][groups][4 slabs][8] (a quad's scales of a group in one run: one
+# stream beside the weights', not four), zero points the same in i8 (i4: z + 8, the
 # offset the nibbles carry), float minimums the same in their dtype (the nibbles'
 # q + 8 being the code, nothing is subtracted; (d * minimum) * sum(xq) is added
 # per group), two-level scales' u8 sub-scales and sub-minimums the same and
@@ -388,6 +389,8 @@ QUAD = 4            # slabs whose accumulators share each broadcast of xq
 # its VL forms reach ymm16-31) or, with 2 rows, 16 (AVX2).  Elsewhere one row.
 ROWS_I8_AVX512 = 4
 ROWS_I8_AVX2 = 2
+PREFETCH_I8 = 1024  # software prefetch distance in the weight stream (bytes; 0: none) on x86
+I16_CHUNKS = 4      # chunks of 8 rows of i4 whose vpmaddubsw pairs are summed in i16 (AVX2, no VNNI)
 XQ_STACK = 1 << 16  # bytes of quantized x on the stack per row chunk
 MAX_KP = 1 << 18    # padded K at most: one row of int8 x always sits on the stack
 
@@ -445,8 +448,8 @@ def pack_i8act(node: Node, index: int, a: np.ndarray, target=None) -> bytes | No
         if index == 3 and a.dtype.kind != "f" and not supers:  # i8 zero points; i4 as z + 8, as the nibbles
             a = (a.astype(np.int16) + (8 if i4 else 0)).astype(np.int8)
         s = np.zeros((a.shape[0], nslab * SLAB), a.dtype)
-        s[:, :N] = a
-        return np.ascontiguousarray(s.reshape(a.shape[0], nslab, SLAB).transpose(1, 0, 2)).astype(
+        s[:, :N] = a   # [quad][group][slab of the quad][column]: a quad's values of a group side by side
+        return np.ascontiguousarray(s.reshape(a.shape[0], nslab // QUAD, QUAD, SLAB).transpose(1, 0, 2, 3)).astype(
             s.dtype.newbyteorder("<")).tobytes()
     if index != 1:
         return None
@@ -641,6 +644,8 @@ def emit_i8act(k: Kernel, node: Node):
         def dp(acc, u, s):  # acc + per lane sum of 4 products u (unsigned bytes) * s (signed bytes)
             return b.call(dpbusd, [acc, b.bitcast(u, v8i32), b.bitcast(s, v8i32)])
     nib = ir.Constant(v8i32, [0x0F] * 8)
+    prefetch_fn = (k.intrinsic("llvm.prefetch.p0", ir.VoidType(), [W.type, I32, I32, I32])
+                   if avx2 and PREFETCH_I8 else None)
     words = bits // 4          # <8 x i32> words per chunk of 8 rows of a slab
     no_poison = ir.Constant(ir.IntType(1), 0)
 
@@ -719,6 +724,8 @@ def emit_i8act(k: Kernel, node: Node):
         def group_step(g, yacc):
             def kstep(j, acc):
                 kk = b.add(b.mul(g, i64(GP // 8)), j)  # chunk of 8 rows of k
+                if prefetch_fn:
+                    prefetch(kk)
                 xs = [x_ops(b.add(b.mul(r, i64(KP)), b.mul(kk, i64(8)))) for r in rls]
                 out = list(acc)
                 for j2 in range(QUAD):   # the quad's slabs, chunk kk of each side by side
@@ -729,11 +736,45 @@ def emit_i8act(k: Kernel, node: Node):
                         out[t * QUAD + j2] = dot8(wo, xs[t], out[t * QUAD + j2])
                 return out
 
+            def prefetch(kk):
+                """The weight lines PREFETCH_I8 bytes past chunk row kk of the quad."""
+                base = b.add(quad, b.add(b.mul(kk, i64(QUAD * chunk_bytes)), i64(PREFETCH_I8)))
+                for ln in range(0, QUAD * chunk_bytes, 64):
+                    b.call(prefetch_fn, [gep(b, W, I8, b.add(base, i64(ln))), ir.Constant(I32, 0),
+                                         ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+            def kstep16(j, acc):
+                """I16_CHUNKS chunks from j: i4 on AVX2 without VNNI, one row: the
+                vpmaddubsw pairs summed in i16 (|sum| <= 4 * I16_CHUNKS * 15 * 127 = 30480,
+                exact) and widened by one vpmaddwd per slab, not one per chunk."""
+                p16 = [None] * QUAD
+                for c in range(I16_CHUNKS):
+                    kk = b.add(b.mul(g, i64(GP // 8)), b.add(j, i64(c)))
+                    if prefetch_fn:
+                        prefetch(kk)
+                    xo = x_ops(b.add(b.mul(rls[0], i64(KP)), b.mul(kk, i64(8))))
+                    for j2 in range(QUAD):
+                        off = b.add(quad, b.add(b.mul(kk, i64(QUAD * chunk_bytes)), i64(j2 * chunk_bytes)))
+                        wo = w_ops([b.load(gep(b, W, I8, off), typ=v8i32, align=1)])
+                        p = b.add(b.call(maddubs, [wo[0], xo[0]]), b.call(maddubs, [wo[1], xo[1]]))
+                        p16[j2] = p if p16[j2] is None else b.add(p16[j2], p)
+                return [b.add(a, b.call(maddwd, [p, ones])) for a, p in zip(acc, p16)]
+
+            def span_sums(c0, c1):
+                if not i16 or c1 - c0 < I16_CHUNKS:
+                    return fold_loop(b, c0, c1, zacc, kstep, name="ks")
+                mid = c1 - (c1 - c0) % I16_CHUNKS
+                acc = fold_loop(b, c0, mid, zacc, kstep16, step=I16_CHUNKS, name="ks16")
+                return fold_loop(b, mid, c1, acc, kstep, name="ks") if mid < c1 else acc
+
             zacc = [ir.Constant(v8i32, [0] * 8)] * (QUAD * nr)
-            parts = [fold_loop(b, c0, c1, zacc, kstep, name="ks") for c0, c1 in spans]
+            i16 = avx2 and bits == 4 and not vnni and nr == 1
+            parts = [span_sums(c0, c1) for c0, c1 in spans]
             wide = len(parts) > 1   # a group longer than i32_span rows: spans summed in i64
             wg = w_group(g)
-            cols = [b.add(b.mul(sl, i64(GW * SLAB)), b.mul(wg, i64(SLAB))) for sl in slabs]   # per weight group
+            qd = b.add(b.mul(item, i64(NB // SLAB // QUAD)), i64(s0 // QUAD))
+            col0 = b.add(b.mul(qd, i64(GW * QUAD * SLAB)), b.mul(wg, i64(QUAD * SLAB)))
+            cols = [b.add(col0, i64(j2 * SLAB)) for j2 in range(QUAD)]   # per weight group, the quad's side by side
             svals = [S.load(col) for col in cols]
             zvs = [b.load(gep(b, k.args[3], I8, col), typ=v8i8, align=1) for col in cols] if has_zeros else None
             mvals = [MINS.load(col) for col in cols] if mins else None
