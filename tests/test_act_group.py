@@ -290,3 +290,20 @@ def test_cli_act_group(tmp_path, capsys):
     got = sqk.load(out)(**inputs)
     want = sqk.compile(g, quantize="int4", activations="int8", act_group=32)(**inputs)
     np.testing.assert_array_equal(got, want)
+
+
+def test_gguf_weight_act_group():
+    """ir.blocks.Weight.matmul passes act_group on (a GGUF decoder's q8 activations)."""
+    from test_matmul_q_gguf import random_blocks
+
+    rng = np.random.default_rng(2)
+    raw = random_blocks("Q4_0", 40, 64, rng)
+    b = sqk.GraphBuilder("w")
+    x = b.input("x", (2, 64))
+    w = blocks.Weight(b, "Q4_0", raw, (40, 64))
+    g = b.output(w.matmul(x, activations="int8", act_group=32), w.matmul(x, activations="int8", act_group=64))
+    nodes = [n for n in g.nodes if n.op == "matmul_q"]
+    assert [n.attrs["act_group"] for n in nodes] == [32, 64]
+    xv = rand((2, 64), "f32", rng)
+    for a, r in zip(sqk.compile(g)(x=xv), sqk.reference(g, x=xv)):
+        assert a.tobytes() == r.tobytes()
