@@ -58,6 +58,7 @@ from llvmlite import ir
 
 from ..ir import dtypes as dt
 from ..ir.graph import IRError, Node
+from ..ir.ops import i8act_segments
 from .kernel import F32, I32, Kernel, fconst, gep, hsum, i64, loop, splat
 from .lower import emitter, packer
 from .matmul import Access, _stack_array, fma, fold_loop
@@ -342,6 +343,12 @@ def emit_matmul_q(k: Kernel, node: Node):
 # multiply-adds on the same layout.  riscv64 reads the row layout instead
 # (matmul_q_rows.i8act_blocks), quantizing x with the code below.
 #
+# ``act_group`` (one step d per that many values of a row, not per weight group):
+# the integer sums run per *segment*, where both a weight group and an activation
+# group hold (``ir.ops.i8act_segments``: one is a multiple of the other), and the
+# layout's "groups" below are segments; scales and zero points are read at the
+# segment's weight group, d at its activation group.
+#
 # Slab layout (``pack_i8act``): q as [N/64 blocks * 2 quads][K'/8][4 slabs][8
 # rows of k], where K' pads every group to GP = group rounded up to 8 rows (so a
 # chunk of 8 rows never straddles two groups; padding rows hold q = 0 and meet
@@ -366,7 +373,8 @@ def emit_matmul_q(k: Kernel, node: Node):
 #   it is exact (groups longer than ``i32_span`` keep the vpsignb form, their
 #   i64 sums being per span).
 #
-# Scales as [slabs][groups][8], zero points the same in i8 (i4: z + 8, the
+# Scales as [quads][groups][4 slabs][8] (a quad's scales of a group in one run: one
+# stream beside the weights', not four), zero points the same in i8 (i4: z + 8, the
 # offset the nibbles carry), float minimums the same in their dtype (the nibbles'
 # q + 8 being the code, nothing is subtracted; (d * minimum) * sum(xq) is added
 # per group), two-level scales' u8 sub-scales and sub-minimums the same and
@@ -384,15 +392,22 @@ QUAD = 4            # slabs whose accumulators share each broadcast of xq
 # its VL forms reach ymm16-31) or, with 2 rows, 16 (AVX2).  Elsewhere one row.
 ROWS_I8_AVX512 = 4
 ROWS_I8_AVX2 = 2
+PREFETCH_I8 = 1024  # software prefetch distance in the weight stream (bytes; 0: none), AVX2 hosts
+I16_CHUNKS = 4      # chunks of 8 rows of i4 whose vpmaddubsw pairs are summed in i16 (AVX2, no VNNI)
 XQ_STACK = 1 << 16  # bytes of quantized x on the stack per row chunk
 MAX_KP = 1 << 18    # padded K at most: one row of int8 x always sits on the stack
 
 
+def i8_segments(node: Node) -> tuple[int, int, int]:
+    """(segment, weight group, activation group) lengths (``ir.ops.i8act_segments``)."""
+    return i8act_segments(node.inputs[1].type.shape[0], node.attrs["group"], node.attrs.get("act_group", 0))
+
+
 def i8_geometry(node: Node) -> tuple[int, int, int, int]:
-    """(K, N, groups, GP): GP = rows per group in the slab layout (a multiple of 8)."""
+    """(K, N, segments, GP): GP = rows per segment in the slab layout (a multiple of 8)."""
     K, N = node.inputs[1].type.shape
-    group = min(node.attrs["group"], max(K, 1))
-    return K, N, -(-K // group), -(-group // 8) * 8
+    seg = i8_segments(node)[0]
+    return K, N, -(-K // seg), -(-seg // 8) * 8
 
 
 def i32_span(bits: int, zeros: bool = False) -> int:
@@ -421,7 +436,7 @@ def u8_activations(node: Node, target) -> bool:
 def pack_i8act(node: Node, index: int, a: np.ndarray, target=None) -> bytes | None:
     """Packed q, scales and zero points of matmul_q {activations=int8} (layout above)."""
     K, N, G, GP = i8_geometry(node)
-    group = node.attrs["group"]
+    seg = i8_segments(node)[0]
     nslab = -(-N // NB) * (NB // SLAB)
     i4 = node.inputs[1].type.dtype is dt.i4
     supers = len(node.inputs) > 4
@@ -436,22 +451,22 @@ def pack_i8act(node: Node, index: int, a: np.ndarray, target=None) -> bytes | No
         if index == 3 and a.dtype.kind != "f" and not supers:  # i8 zero points; i4 as z + 8, as the nibbles
             a = (a.astype(np.int16) + (8 if i4 else 0)).astype(np.int8)
         s = np.zeros((a.shape[0], nslab * SLAB), a.dtype)
-        s[:, :N] = a
-        return np.ascontiguousarray(s.reshape(a.shape[0], nslab, SLAB).transpose(1, 0, 2)).astype(
+        s[:, :N] = a   # [quad][group][slab of the quad][column]: a quad's values of a group side by side
+        return np.ascontiguousarray(s.reshape(a.shape[0], nslab // QUAD, QUAD, SLAB).transpose(1, 0, 2, 3)).astype(
             s.dtype.newbyteorder("<")).tobytes()
     if index != 1:
         return None
     u = np.full((G * GP, nslab * SLAB), 8 if i4 else 0, np.uint8)   # q = 0 in padding rows and columns
-    rows = (np.arange(K) // group) * GP + np.arange(K) % group
+    rows = (np.arange(K) // seg) * GP + np.arange(K) % seg
     qb = np.asarray(a).astype(np.int8, copy=False).view(np.uint8)
     if not i4:
         u[rows, :N] = qb
         u = u.reshape(G * GP // 8, 2, 4, nslab // QUAD, QUAD, SLAB)   # [k // 8, h, t, quad, slab, c]
         data = np.ascontiguousarray(u.transpose(3, 0, 4, 1, 5, 2)).tobytes()  # [quad, k // 8, slab, h, c, t]
-        # then 128 * sum_k q per group and column, modulo 2^32 (the VNNI kernel's u8 x offset)
+        # then 128 * sum_k q per segment and column, modulo 2^32 (the VNNI kernel's u8 x offset)
         cs = np.zeros((G, nslab * SLAB), np.int64)
         if G:
-            cs[:, :N] = np.add.reduceat(np.asarray(a).astype(np.int8, copy=False), np.arange(G) * group, axis=0,
+            cs[:, :N] = np.add.reduceat(np.asarray(a).astype(np.int8, copy=False), np.arange(G) * seg, axis=0,
                                         dtype=np.int64) * 128
         cs = (cs & 0xFFFFFFFF).astype("<u4").reshape(G, nslab, SLAB).transpose(1, 0, 2)   # [slab, g, c]
         return data + np.ascontiguousarray(cs).tobytes() if u8_activations(node, target) else data
@@ -466,8 +481,9 @@ def emit_i8act(k: Kernel, node: Node):
     (dynamic per row and group, or with the static ``act_scale``), then every
     column block of this call's range against them."""
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
-    K, N, G, GP = i8_geometry(node)
-    group = node.attrs["group"]
+    K, N, G, GP = i8_geometry(node)   # G segments, GP rows apart in xq and the slabs
+    seg, gw, ga = i8_segments(node)
+    GW, GA = -(-K // gw) if K else 0, -(-K // ga) if K else 0   # weight groups, activation groups per row
     zeros = node.inputs[3] if len(node.inputs) > 3 else None
     supers = len(node.inputs) > 4   # two-level: u8 sub-scales and sub-minimums times supers
     # minimums (float, or two-level): the nibbles' q + 8 is the code
@@ -508,12 +524,19 @@ def emit_i8act(k: Kernel, node: Node):
     nsuper = node.inputs[4].type.shape[0] if supers else 0
     per_super = node.attrs.get("super_group", 0) // max(1, node.attrs["group"])
     Y = Access(k, k.args[-1], y_t.dtype, VL)
+
+    def w_group(g):   # the weight group of segment g
+        return g if seg == gw else b.udiv(b.mul(g, i64(seg)), i64(gw))
+
+    def a_group(g):   # the activation group of segment g
+        return g if seg == ga else b.udiv(b.mul(g, i64(seg)), i64(ga))
+
     rch = max(1, min(rows, XQ_STACK // max(KP, 1)))   # rows quantized per chunk
     if rch < rows and rch >= rt:
         rch -= rch % rt   # full register tiles in every chunk but the last
     xq = _stack_array(k, -(-rch * KP // 4), "xq")
-    dq = _stack_array(k, rch * G, "dq")       # d per (row, group)
-    qsum = _stack_array(k, rch * G, "qsum")   # sum(xq) per (row, group), i32 (|sum| <= 127 * MAX_KP)
+    dq = _stack_array(k, rch * GA, "dq")      # d per (row, activation group)
+    qsum = _stack_array(k, rch * G, "qsum")   # sum(xq) per (row, segment), i32 (|sum| <= 127 * MAX_KP)
     zero_f = ir.Constant(F32, 0.0)
     zero_i = ir.Constant(I32, 0)
     fmin = k.intrinsic("llvm.minnum.f32", F32, [F32, F32])
@@ -548,8 +571,10 @@ def emit_i8act(k: Kernel, node: Node):
             nf = b.fadd(nf, b.fmul(x, zero_f))
         return b.select(b.fcmp_unordered("uno", nf, nf), ir.Constant(F32, float("nan")), m)
 
-    def quant_group(xbase, qbase, rg, glen):
-        """Quantize x[xbase : xbase+glen] into xq[qbase : qbase+GP] (zero padded)."""
+    def quant_act(xbase, rl, a, alen):
+        """Quantize activation group a (x[xbase : xbase+alen]) of row-local row rl:
+        its step d into dq, its segments' codes into xq (each zero padded to GP) and
+        their sums into qsum."""
         if act_scale:   # static: a constant step, saturating at +-127 (NaN: the group's d is NaN, below)
             d = ir.Constant(F32, act_scale)
 
@@ -560,40 +585,53 @@ def emit_i8act(k: Kernel, node: Node):
                 v = b.call(fmax, [b.call(fmin, [v, ir.Constant(F32, 127.0)]), ir.Constant(F32, -127.0)])
                 return b.fptosi(b.call(roundeven, [v]), I32)
         else:           # dynamic: d = max|x| / 127, so |x / d| <= 127 already (d NaN: xq = 0)
-            amax = group_amax(xbase, glen)
+            amax = group_amax(xbase, alen)
             d = b.fdiv(amax, ir.Constant(F32, 127.0))
             pos = b.fcmp_ordered(">", d, zero_f)
 
             def code(v):
                 return b.select(pos, b.fptosi(b.call(roundeven, [v]), I32), zero_i)
 
-        def quant(i, acc):
-            xv = X.scalar(b.add(xbase, i))
-            qi = code(b.fdiv(xv, d))
-            qs = b.add(qi, ir.Constant(I32, 128)) if xu else qi   # xu: u8 codes (padding 0 meets q = 0)
-            b.store(b.trunc(qs, I8), gep(b, xq, I8, b.add(qbase, i)))
-            nan = [b.or_(acc[1], b.zext(b.fcmp_unordered("uno", xv, xv), I32))] if act_scale else []
-            return [b.add(acc[0], qi), *nan]
+        j0 = b.mul(a, i64(ga // seg))   # its first segment (ga == K: a = 0)
 
-        s, *nan = fold_loop(b, 0, glen, [zero_i] + [zero_i] * bool(act_scale), quant, name="quant")
-        for i in range(glen, GP):
-            b.store(ir.Constant(I8, 0), gep(b, xq, I8, b.add(qbase, i64(i))))
+        def quant_seg(js, slen, nan):
+            """Segment j0 + js (x[xbase + js * seg ...], slen values); returns the NaN flag."""
+            xs = b.add(xbase, b.mul(js, i64(seg)))
+            j = b.add(j0, js)
+            qbase = b.add(b.mul(rl, i64(KP)), b.mul(j, i64(GP)))
+
+            def quant(i, acc):
+                xv = X.scalar(b.add(xs, i))
+                qi = code(b.fdiv(xv, d))
+                qs = b.add(qi, ir.Constant(I32, 128)) if xu else qi   # xu: u8 codes (padding 0 meets q = 0)
+                b.store(b.trunc(qs, I8), gep(b, xq, I8, b.add(qbase, i)))
+                nan = [b.or_(acc[1], b.zext(b.fcmp_unordered("uno", xv, xv), I32))] if act_scale else []
+                return [b.add(acc[0], qi), *nan]
+
+            sm, *nan = fold_loop(b, 0, slen, [zero_i] + nan, quant, name="quant")
+            for i in range(slen, GP):
+                b.store(ir.Constant(I8, 0), gep(b, xq, I8, b.add(qbase, i64(i))))
+            b.store(sm, gep(b, qsum, I32, b.add(b.mul(rl, i64(G)), j)))
+            return nan
+
+        nan = [zero_i] if act_scale else []
+        if alen // seg:
+            nan = fold_loop(b, 0, alen // seg, nan, lambda js, f: quant_seg(js, seg, f), name="qs")
+        if alen % seg:
+            nan = quant_seg(i64(alen // seg), alen % seg, nan)
         if nan:         # static: a NaN in the group makes its d NaN (its codes then never count)
             d = b.select(b.icmp_unsigned("!=", nan[0], zero_i), ir.Constant(F32, float("nan")), d)
-        b.store(d, gep(b, dq, F32, rg))
-        b.store(s, gep(b, qsum, I32, rg))
+        b.store(d, gep(b, dq, F32, b.add(b.mul(rl, i64(GA)), a)))
 
     def quantize(r0, nr):
         """Rows [r0, r0+nr) of x into the stack buffers (row-local indices)."""
         with loop(b, 0, nr, name="qr") as rl:
             xrow = b.mul(b.add(r0, rl), i64(K))
-            full = K // group
-            with loop(b, 0, full, name="qg") as g:
-                quant_group(b.add(xrow, b.mul(g, i64(group))), b.add(b.mul(rl, i64(KP)), b.mul(g, i64(GP))),
-                            b.add(b.mul(rl, i64(G)), g), group)
-            if K % group:
-                quant_group(b.add(xrow, i64(full * group)), b.add(b.mul(rl, i64(KP)), i64(full * GP)),
-                            b.add(b.mul(rl, i64(G)), i64(full)), K % group)
+            full = K // ga
+            with loop(b, 0, full, name="qg") as a:
+                quant_act(b.add(xrow, b.mul(a, i64(ga))), rl, a, ga)
+            if K % ga:
+                quant_act(b.add(xrow, i64(full * ga)), rl, i64(full), K % ga)
 
     if avx2:
         maddubs = k.intrinsic("llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
@@ -609,6 +647,10 @@ def emit_i8act(k: Kernel, node: Node):
         def dp(acc, u, s):  # acc + per lane sum of 4 products u (unsigned bytes) * s (signed bytes)
             return b.call(dpbusd, [acc, b.bitcast(u, v8i32), b.bitcast(s, v8i32)])
     nib = ir.Constant(v8i32, [0x0F] * 8)
+    # software prefetch: measured on AVX2 (Zen 3: one thread 13.9 -> 17.7 GB/s of int4 from DRAM);
+    # AVX-512 hosts keep the hardware prefetcher alone (85% of the probe measured on Zen 4 without)
+    prefetch_fn = (k.intrinsic("llvm.prefetch.p0", ir.VoidType(), [W.type, I32, I32, I32])
+                   if avx2 and PREFETCH_I8 and "avx512f" not in feats else None)
     words = bits // 4          # <8 x i32> words per chunk of 8 rows of a slab
     no_poison = ir.Constant(ir.IntType(1), 0)
 
@@ -687,6 +729,8 @@ def emit_i8act(k: Kernel, node: Node):
         def group_step(g, yacc):
             def kstep(j, acc):
                 kk = b.add(b.mul(g, i64(GP // 8)), j)  # chunk of 8 rows of k
+                if prefetch_fn:
+                    prefetch(kk)
                 xs = [x_ops(b.add(b.mul(r, i64(KP)), b.mul(kk, i64(8)))) for r in rls]
                 out = list(acc)
                 for j2 in range(QUAD):   # the quad's slabs, chunk kk of each side by side
@@ -697,25 +741,62 @@ def emit_i8act(k: Kernel, node: Node):
                         out[t * QUAD + j2] = dot8(wo, xs[t], out[t * QUAD + j2])
                 return out
 
+            def prefetch(kk):
+                """The weight lines PREFETCH_I8 bytes past chunk row kk of the quad."""
+                base = b.add(quad, b.add(b.mul(kk, i64(QUAD * chunk_bytes)), i64(PREFETCH_I8)))
+                for ln in range(0, QUAD * chunk_bytes, 64):
+                    b.call(prefetch_fn, [gep(b, W, I8, b.add(base, i64(ln))), ir.Constant(I32, 0),
+                                         ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+            def kstep16(j, acc):
+                """I16_CHUNKS chunks from j: i4 on AVX2 without VNNI, one row: the
+                vpmaddubsw pairs summed in i16 (|sum| <= 4 * I16_CHUNKS * 15 * 127 = 30480,
+                exact) and widened by one vpmaddwd per slab, not one per chunk."""
+                p16 = [None] * QUAD
+                for c in range(I16_CHUNKS):
+                    kk = b.add(b.mul(g, i64(GP // 8)), b.add(j, i64(c)))
+                    if prefetch_fn:
+                        prefetch(kk)
+                    xo = x_ops(b.add(b.mul(rls[0], i64(KP)), b.mul(kk, i64(8))))
+                    for j2 in range(QUAD):
+                        off = b.add(quad, b.add(b.mul(kk, i64(QUAD * chunk_bytes)), i64(j2 * chunk_bytes)))
+                        wo = w_ops([b.load(gep(b, W, I8, off), typ=v8i32, align=1)])
+                        p = b.add(b.call(maddubs, [wo[0], xo[0]]), b.call(maddubs, [wo[1], xo[1]]))
+                        p16[j2] = p if p16[j2] is None else b.add(p16[j2], p)
+                return [b.add(a, b.call(maddwd, [p, ones])) for a, p in zip(acc, p16)]
+
+            def span_sums(c0, c1):
+                if not i16 or c1 - c0 < I16_CHUNKS:
+                    return fold_loop(b, c0, c1, zacc, kstep, name="ks")
+                mid = c1 - (c1 - c0) % I16_CHUNKS
+                acc = fold_loop(b, c0, mid, zacc, kstep16, step=I16_CHUNKS, name="ks16")
+                return fold_loop(b, mid, c1, acc, kstep, name="ks") if mid < c1 else acc
+
             zacc = [ir.Constant(v8i32, [0] * 8)] * (QUAD * nr)
-            parts = [fold_loop(b, c0, c1, zacc, kstep, name="ks") for c0, c1 in spans]
+            i16 = avx2 and bits == 4 and not vnni and nr == 1
+            parts = [span_sums(c0, c1) for c0, c1 in spans]
             wide = len(parts) > 1   # a group longer than i32_span rows: spans summed in i64
-            cols = [b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB))) for sl in slabs]
+            wg = w_group(g)
+            qd = b.add(b.mul(item, i64(NB // SLAB // QUAD)), i64(s0 // QUAD))
+            col0 = b.add(b.mul(qd, i64(GW * QUAD * SLAB)), b.mul(wg, i64(QUAD * SLAB)))
+            cols = [b.add(col0, i64(j2 * SLAB)) for j2 in range(QUAD)]   # per weight group, the quad's side by side
             svals = [S.load(col) for col in cols]
             zvs = [b.load(gep(b, k.args[3], I8, col), typ=v8i8, align=1) for col in cols] if has_zeros else None
             mvals = [MINS.load(col) for col in cols] if mins else None
             if supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
-                sups = [b.add(b.mul(sl, i64(nsuper * 2 * SLAB)), b.mul(b.udiv(g, i64(per_super)), i64(2 * SLAB)))
+                sups = [b.add(b.mul(sl, i64(nsuper * 2 * SLAB)), b.mul(b.udiv(wg, i64(per_super)), i64(2 * SLAB)))
                         for sl in slabs]
                 svals = [b.fmul(SUP.load(p), b.uitofp(v, fvec)) for p, v in zip(sups, svals)]
                 mvals = [b.fmul(SUP.load(b.add(p, i64(SLAB))), b.uitofp(v, fvec)) for p, v in zip(sups, mvals)]
             # xu: sum_k (xq + 128) q = sum_k xq q + 128 sum_k q, modulo 2^32 like the final sum
-            corr = [b.load(gep(b, W, I8, b.add(i64(nslab * KP * 8), b.mul(col, i64(4)))), typ=v8i32, align=1)
-                    for col in cols] if xu else None
+            corr = [b.load(gep(b, W, I8, b.add(i64(nslab * KP * 8),
+                                                b.mul(b.add(b.mul(sl, i64(G * SLAB)), b.mul(g, i64(SLAB))), i64(4)))),
+                           typ=v8i32, align=1) for sl in slabs] if xu else None   # per segment
             out = list(yacc)
+            ag = a_group(g)
             for t, r in enumerate(rls):
                 rg = b.add(b.mul(r, i64(G)), g)
-                dv = splat(b, b.load(gep(b, dq, F32, rg), typ=F32), VL)
+                dv = splat(b, b.load(gep(b, dq, F32, b.add(b.mul(r, i64(GA)), ag)), typ=F32), VL)
                 xsum = splat(b, b.load(gep(b, qsum, I32, rg), typ=I32), VL) if bits == 4 or has_zeros else None
                 for j2 in range(QUAD):
                     i = t * QUAD + j2

@@ -39,6 +39,7 @@ from llvmlite import ir
 
 from ..ir import dtypes as dt
 from ..ir.graph import Node
+from ..ir.ops import i8act_segments
 from .kernel import F32, I8, Kernel, fconst, fold_loop, gep, i64, loop
 from .matmul import Access, _stack_array, cdiv, fma
 
@@ -230,22 +231,25 @@ def emit_rows(k: Kernel, node: Node):
 
 def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: int):
     """matmul_q {activations=int8} in the row layout: given the stack buffers the
-    caller's quantization fills (xq: i8 codes [rows][KP], groups GP apart; dq, qsum:
-    d and sum(xq) per row and group), returns ``blocks(r0, nr)``, which emits every
+    caller's quantization fills (xq: i8 codes [rows][KP], segments GP apart; dq: d
+    per row and activation group; qsum: sum(xq) per row and segment; segments as
+    ``ir.ops.i8act_segments``), returns ``blocks(r0, nr)``, which emits every
     column block of this call's range against rows r0 .. r0+nr-1, and the number of
-    work items (blocks).  Per group the sums of xq * q are exact in i32 (spans of at
-    most ``span`` rows, summed in i64 when a group is longer); then, as the reference,
-    y += f32(d * scale) * f32(sum - zero * sum(xq)), unfused, group by group."""
+    work items (blocks).  Per segment the sums of xq * q are exact in i32 (spans of at
+    most ``span`` rows, summed in i64 when a segment is longer); then, as the reference,
+    y += f32(d * scale) * f32(sum - zero * sum(xq)), unfused, segment by segment."""
     L = RowLayout(node)
-    K, N, group = L.K, L.N, min(node.attrs["group"], max(L.K, 1))
-    G = cdiv(K, group)
+    K, N = L.K, L.N
+    seg, gw, ga = i8act_segments(K, node.attrs["group"], node.attrs.get("act_group", 0))
+    group = seg   # the loops below run per segment
+    G, GA = cdiv(K, seg), cdiv(K, ga)
     b = k.b
     I32, I64 = ir.IntType(32), ir.IntType(64)
     S = Access(k, k.args[2], node.inputs[2].type.dtype, 1)
     Y = Access(k, k.args[-1], node.outputs[0].type.dtype, 1)
     zeros = node.inputs[3] if len(node.inputs) > 3 else None
     supers = len(node.inputs) > 4   # two-level: u8 sub-scales and sub-minimums times supers [S][N][2]
-    per_super = node.attrs.get("super_group", 0) // group
+    per_super = node.attrs.get("super_group", 0) // node.attrs["group"]
     mins = zeros is not None and (zeros.type.dtype in dt.FLOATS or supers)   # minimums: the code is q + 8
     MINS = Access(k, k.args[3], zeros.type.dtype, 1) if mins else None
     SUP = Access(k, k.args[4], node.inputs[4].type.dtype, 1) if supers else None
@@ -309,12 +313,14 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
             k0 = b.mul(g, i64(group))
             group_dot(wblk, w, rls, xbase, g, k0, glen)
             ty = I64 if wide else I32
+            wg = g if seg == gw else b.udiv(b.mul(g, i64(seg)), i64(gw))   # the segment's weight group
+            ag = g if seg == ga else b.udiv(b.mul(g, i64(seg)), i64(ga))   # and activation group
             with loop(b, 0, w, name="c") as j:
-                col = b.add(b.add(b.mul(g, i64(N)), col0), j)
+                col = b.add(b.add(b.mul(wg, i64(N)), col0), j)
                 s = S.scalar(col)
                 mn = MINS.scalar(col) if mins else None
                 if supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
-                    sup = b.mul(b.add(b.mul(b.udiv(g, i64(per_super)), i64(N)), b.add(col0, j)), i64(2))
+                    sup = b.mul(b.add(b.mul(b.udiv(wg, i64(per_super)), i64(N)), b.add(col0, j)), i64(2))
                     s = b.fmul(SUP.scalar(sup), b.uitofp(s, F32))
                     mn = b.fmul(SUP.scalar(b.add(sup, i64(1))), b.uitofp(mn, F32))
                 z = b.sext(b.load(gep(b, k.args[3], I8, col), typ=I8), ty) if has_zeros else None
@@ -326,7 +332,7 @@ def i8act_blocks(k: Kernel, node: Node, xq, dq, qsum, KP: int, GP: int, span: in
                         dot = b.sub(dot, b.mul(z, b.sext(xs, ty)))
                     if mins:            # sum xq * (q + 8)
                         dot = b.add(dot, b.shl(b.sext(xs, ty), ir.Constant(ty, 3)))
-                    dv = b.load(at(dq, F32, rg), typ=F32)
+                    dv = b.load(at(dq, F32, b.add(b.mul(r, i64(GA)), ag)), typ=F32)
                     sc = b.fmul(dv, s)
                     a = b.add(j, i64(t * BW))
                     y = b.fadd(yacc.scalar(a), b.fmul(sc, b.sitofp(dot, F32)))

@@ -236,7 +236,8 @@ class Weight:
     its blocks (matmul_ggml / gather_ggml: the file's 6.5625 bits per weight),
     every other type as matmul_q operands (``to_matmul_q``: matmul_q /
     gather_q); ``matmul(x, activations="int8")`` on Q6_K uses matmul_q
-    operands (made on first use: then stored too)."""
+    operands (made on first use: then stored too); ``act_group=32`` with it
+    quantizes x as llama.cpp's q8 activations."""
 
     def __init__(self, b, ggml_type, raw, shape, name: str | None = None):
         self.b, self.type, self.name = b, block_type(ggml_type), name
@@ -257,11 +258,11 @@ class Weight:
             self._blocks = self._const(_rows(self.type, self.raw, self.shape)[0], "u8", "")
         return self._blocks
 
-    def matmul(self, x, activations: str = "none"):
+    def matmul(self, x, activations: str = "none", act_group: int = 0):
         if self.type.name == "Q6_K" and activations == "none":
             return self.b.matmul_ggml(x, self._raw_blocks(), type="Q6_K")
         ops, attrs = self._operands()
-        return self.b.matmul_q(x, *ops, activations=activations, **attrs)
+        return self.b.matmul_q(x, *ops, activations=activations, act_group=act_group, **attrs)
 
     def gather(self, ids):
         if self.type.name == "Q6_K":

@@ -559,16 +559,36 @@ def quantize_rows_i8(x: np.ndarray, group: int, act_scale: float = 0.0) -> tuple
     return xq.astype(np.int32).reshape(r, groups * group)[:, :k], d
 
 
+def i8act_segments(k: int, group: int, act_group: int = 0) -> tuple[int, int, int]:
+    """(segment, weight group, activation group) lengths of matmul_q
+    {activations=int8} over K = k, each clamped to K (a group >= K is one
+    group spanning K); ``act_group`` 0 is the weight group.  The integer dot
+    products run per segment, the intersection of a weight group and an
+    activation group: one of the two groups must be a multiple of the other,
+    unless it spans K.  Segment j covers rows [j * seg, min(K, (j + 1) * seg)),
+    weight group j * seg // group, activation group j * seg // act_group."""
+    kk = max(k, 1)
+    gw = min(group, kk)
+    ga = min(act_group or group, kk)
+    seg = min(gw, ga)
+    if (gw % seg and gw != kk) or (ga % seg and ga != kk):
+        raise ValueError(f"matmul_q act_group={act_group} and group={group} (K={k}): one must be a multiple of "
+                         f"the other (or span K), so that every activation scale meets one weight scale")
+    return seg, gw, ga
+
+
 def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
                    group: int, act_scale: float = 0.0, supers: np.ndarray | None = None,
-                   super_group: int = 0) -> np.ndarray:
+                   super_group: int = 0, act_group: int = 0) -> np.ndarray:
     """matmul_q {activations=int8} on x[R, K]: x quantized by
-    ``quantize_rows_i8`` (dynamic, or static with ``act_scale`` > 0), then per
-    row and group g, dot_g = sum_k xq * (q - zero) exactly (integers), and
-    y = sum_g (d_g * scale_g) * dot_g accumulated in f32 over g in order, each
+    ``quantize_rows_i8`` per row and activation group (``act_group``; 0: the
+    weight group) (dynamic, or static with ``act_scale`` > 0), then per row
+    and segment j (``i8act_segments``: weight group g, activation group a),
+    dot_j = sum_k xq * (q - zero) exactly (integers), and
+    y = sum_j (d_a * scale_g) * dot_j accumulated in f32 over j in order, each
     product and sum rounded to f32 (no fused multiply-add).  With float
-    ``zeros`` (minimums, i4 q): dot_g = sum_k xq * (q + 8), and after each
-    group's term y += (d_g * minimum_g) * sum_k xq, each step rounded to f32.
+    ``zeros`` (minimums, i4 q): dot_j = sum_k xq * (q + 8), and after each
+    segment's term y += (d_a * minimum_g) * sum_k xq, each step rounded to f32.
     Two-level (``supers``): scale_g and minimum_g are the exact products of
     ``dequantize_weight``, then as with float minimums.  Returns f32 [R, N]."""
     r, k = x.shape
@@ -577,8 +597,8 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
         scales = sup[..., 0] * scales.astype(np.float32)
         zeros = sup[..., 1] * zeros.astype(np.float32)
     n = q.shape[1]
-    groups = -(-k // group)
-    xq, d = quantize_rows_i8(x.astype(np.float32), group, act_scale)
+    seg, gw, ga = i8act_segments(k, group, act_group)
+    xq, d = quantize_rows_i8(x.astype(np.float32), ga, act_scale)
     w = q.astype(np.int64)
     mins = zeros is not None and zeros.dtype.kind == "f"
     if mins:
@@ -586,13 +606,14 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
     elif zeros is not None:
         w = w - zeros.astype(np.int64)[np.arange(k) // group]
     y = np.zeros((r, n), np.float32)
-    for g in range(groups):
-        ks = slice(g * group, min(k, (g + 1) * group))
+    for j in range(-(-k // seg)):
+        g, a = j * seg // gw, j * seg // ga
+        ks = slice(j * seg, min(k, (j + 1) * seg))
         dot = (xq[:, ks].astype(np.int64) @ w[ks]).astype(np.float32)
-        coef = d[:, g:g + 1] * scales[g].astype(np.float32)[None, :]   # f32 products
+        coef = d[:, a:a + 1] * scales[g].astype(np.float32)[None, :]   # f32 products
         y = (y + coef * dot).astype(np.float32)
         if mins:
-            mcoef = d[:, g:g + 1] * zeros[g].astype(np.float32)[None, :]
+            mcoef = d[:, a:a + 1] * zeros[g].astype(np.float32)[None, :]
             xs = xq[:, ks].astype(np.int64).sum(axis=1).astype(np.float32)[:, None]
             y = (y + mcoef * xs).astype(np.float32)
     return y
@@ -600,7 +621,8 @@ def matmul_q_i8act(x: np.ndarray, q: np.ndarray, scales: np.ndarray, zeros: np.n
 
 @defop("matmul_q", "x q scales zeros supers",
        {"group": Attr("int"), "activations": Attr("str", "none"), "sparse": Attr("str", "dense"),
-        "act_scale": Attr("float", 0.0), "super_group": Attr("int", 0)}, optional=2)
+        "act_scale": Attr("float", 0.0), "super_group": Attr("int", 0), "act_group": Attr("int", 0)},
+       optional=2)
 class MatMulQ:
     """x[..., M, K] @ dequantize(q)[K, N] with weights quantized to i8 or i4:
     w[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n].  One
@@ -623,6 +645,16 @@ class MatMulQ:
     f32(act_scale) for every row and group, xq = clip(round-half-even(x / d),
     -127, 127) (saturating, +-inf too), and y as above with that d (a NaN in a
     row still makes the row's outputs NaN).
+
+    ``act_group`` (activations="int8" only): values of a row per activation
+    scale; 0 (default) is the weight group (so one scale per row with
+    per-channel weights), 32 is llama.cpp's q8 activations (with weight group
+    32, ggml's q4_0 x q8_0 and q8_0 x q8_0 dot products), >= K one scale per
+    row.  One of group and act_group must be a multiple of the other (or span
+    K); the integer sums then run per segment where both scales are constant
+    and the float combination follows in segment order (``matmul_q_i8act``,
+    ``i8act_segments``).  A NaN (dynamic: or +-inf) makes its activation
+    group's d NaN.
 
     ``sparse`` (ir/sparsity.py): how the kernel stores q's nonzeros; a
     non-dense format needs symmetric weights (no zeros), activations="none",
@@ -654,7 +686,7 @@ class MatMulQ:
 
     @staticmethod
     def infer(x, q, scales, zeros=None, supers=None, *, group, activations="none", sparse="dense", act_scale=0.0,
-              super_group=0):
+              super_group=0, act_group=0):
         _dtypes(x, dt.FLOATS, "x")
         _dtypes(q, (dt.i8, dt.i4), "q")
         _need(activations in ACTIVATION_MODES,
@@ -662,6 +694,14 @@ class MatMulQ:
         _need(act_scale == 0 or (activations == "int8" and 0 < act_scale <= F32_MAX and np.float32(act_scale) > 0),
               f"matmul_q act_scale={act_scale!r} must be 0 (dynamic) or, with activations=int8, a positive "
               f"finite f32 scale")
+        _need(act_group == 0 or (activations == "int8" and act_group >= 1),
+              f"matmul_q act_group={act_group} must be 0 (the weight group) or, with activations=int8, a "
+              f"positive number of values per activation scale")
+        if act_group and q.rank == 2:
+            try:
+                i8act_segments(q.shape[0], group, act_group)
+            except ValueError as e:
+                _need(False, str(e))
         if supers is not None:
             return MatMulQ.infer_two_level(x, q, scales, zeros, supers, group, activations, sparse, super_group)
         _need(super_group == 0, f"matmul_q super_group={super_group} needs supers (two-level scales)")
@@ -710,11 +750,11 @@ class MatMulQ:
 
     @staticmethod
     def reference(x, q, scales, zeros=None, supers=None, *, group, activations="none", sparse="dense",
-                  act_scale=0.0, super_group=0):
+                  act_scale=0.0, super_group=0, act_group=0):
         if activations == "int8":
             k, n = q.shape
             y = matmul_q_i8act(x.reshape(int(np.prod(x.shape[:-1])), k), q, scales, zeros, group, act_scale,
-                               supers, super_group)
+                               supers, super_group, act_group)
             return [y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)]
         w = dequantize_weight(q, scales, zeros, group, supers, super_group)
         return [np.matmul(x.astype(np.float32), w).astype(x.dtype)]

@@ -194,6 +194,7 @@ FAMILIES = {
     "matmul_q_int4_asym": (lambda: _mlp("q4a", m=5), "quantize{weights=int4,group=16,scheme=asym,scale_dtype=f16}"),
     "matmul_q_i8act": (lambda: _mlp("q8act", m=2), "quantize{weights=int8,group=32,activations=int8}"),
     "matmul_q_i4_i8act": (lambda: _mlp("q4act"), "quantize{weights=int4,group=32,activations=int8}"),
+    "matmul_q_i8act_group": (lambda: _mlp("q8ag", m=3), "quantize{weights=int8,activations=int8,act_group=32}"),
     "sparse_csr": (lambda: _sparse("csr", _sparse_weight(61, 37)), "select_format{force=w:csr}"),
     "sparse_bsr": (lambda: _sparse("bsr", _sparse_weight(64, 40), m=3), "select_format{force=w:bsr4x1}"),
     "sparse_nm": (lambda: _sparse("nm", _w(64, 37), m=2), "sparsify{pattern=2:4},select_format{force=w:nm2:4}"),

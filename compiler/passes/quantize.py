@@ -2,7 +2,7 @@
 matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
 
     quantize{weights=int8|int4, group=N, scheme=sym|asym, scale_dtype=f32|f16,
-             skip=w1|w2, max_error=0.02, activations=none|int8,
+             skip=w1|w2, max_error=0.02, activations=none|int8, act_group=0,
              calibration=dynamic|minmax|percentile|mse, percentile=99.99, seed=0, samples=16,
              method=rtn|gptq|awq|imatrix, damp=0.01, act_order=false}
 
@@ -33,7 +33,11 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
   activations over ``calibration_data`` (required then; see
   ``compiler.quantize.activation_scale``; ``percentile=`` sets the
   percentile of |x|).  The reported error then includes activation rounding
-  (and saturation).
+  (and saturation).  ``act_group=N`` gives int8 activations one scale per N
+  values of a row (32: llama.cpp's q8 activations; N >= K: one per row)
+  instead of one per weight group (0, the default); one of N and the weight
+  group must be a multiple of the other (or span K), else an error names the
+  layer.
 - A matmul carrying a non-dense ``sparse`` format (set in the graph or by
   an earlier select_format) keeps it on its matmul_q: symmetric quantization maps the
   pruned zeros to exact zero codes.  matmul_q reads a sparse format only
@@ -61,7 +65,7 @@ import numpy as np
 
 from ...ir import dtypes as dt
 from ...ir.graph import Graph, Node, TensorType, Value
-from ...ir.ops import OPS, matmul_q_i8act
+from ...ir.ops import OPS, i8act_segments, matmul_q_i8act
 from .. import quantize as qm
 from ..calibration import CalibrationError, LayerStats, random_stats
 from . import Context, Pass, option, register
@@ -98,6 +102,8 @@ class Quantize(Pass):
     max_error: float = option(math.inf, "keep in float each layer whose relative L2 output error exceeds this")
     activations: str = option("none", "int8: quantize activations (symmetric int4 or int8 weights)",
                               choices=ACTIVATIONS)
+    act_group: int = option(0, "int8 activations: one scale per N values of a row (32 as llama.cpp's q8; "
+                               "0: the weight group)")
     calibration: str = option("dynamic", "int8 activation scales: per row at run time, or one static scale per "
                               "layer from the calibration data", choices=CALIBRATIONS, flag="--act-calibration")
     percentile: float = option(99.99, "the percentile of |x| for calibration=percentile")
@@ -127,6 +133,9 @@ class Quantize(Pass):
             raise _error(f"{p} max_error={self.max_error}: expected a non-negative relative L2 bound")
         if self.activations not in ACTIVATIONS:
             raise _error(f"{p} activations={self.activations}: expected none or int8")
+        if self.act_group < 0 or (self.act_group and self.activations != "int8"):
+            raise _error(f"{p} act_group={self.act_group}: expected values per activation scale (e.g. 32) with "
+                         f"activations=int8, or 0 for one scale per row and weight group")
         if self.calibration not in CALIBRATIONS:
             raise _error(f"{p} calibration={self.calibration}: expected dynamic, minmax, percentile or mse")
         if self.static and self.activations != "int8":
@@ -213,6 +222,10 @@ class Quantize(Pass):
                 continue
             group = self.group_for(k)
             self._check_sparse(w, uses[w], group)
+            try:
+                i8act_segments(k, group, self.act_group)
+            except ValueError as e:
+                raise _error(f"quantize: layer {w.name}: {e}") from None
             arr = const_value[w]
             inv = None
             if w in awq:
@@ -244,7 +257,8 @@ class Quantize(Pass):
             if self.method != "rtn":
                 spelled += f" {self.method}"
             if self.activations == "int8":
-                spelled += " + i8 act" + (f" {self.calibration}" if self.static else "")
+                spelled += " + i8 act" + (f" a{self.act_group}" if self.act_group else "") + \
+                    (f" {self.calibration}" if self.static else "")
             row["act_scales"] = list(scales.values())
             if rel > self.max_error:
                 report.append({**row, "weights": w.dtype.name, "rel_l2": rel, "cosine": cos, "bytes": fbytes,
@@ -288,7 +302,8 @@ class Quantize(Pass):
                 # (checked readable by matmul_q in _check_sparse)
                 attrs = OPS["matmul_q"].normalize_attrs({
                     "group": group_of[w], "activations": self.activations,
-                    "sparse": node.attrs.get("sparse", "dense"), "act_scale": act_scale.get(node, 0.0)})
+                    "sparse": node.attrs.get("sparse", "dense"), "act_scale": act_scale.get(node, 0.0),
+                    "act_group": min(self.act_group, w.shape[0])})
                 out_nodes.append(Node("matmul_q", (awq_inputs.get(id(node), node.inputs[0]),) + replaced[w],
                                       node.outputs, attrs))
             elif node.op == "matmul" and id(node) in awq_inputs:
@@ -422,7 +437,7 @@ class Quantize(Pass):
         for x, act_scale in xs:
             x2 = np.asarray(x, np.float32).reshape(-1, w.shape[0])
             want.append(x2.astype(np.float64) @ np.asarray(w, np.float64))
-            got.append(matmul_q_i8act(x2, q, s, z, group, act_scale).astype(np.float64))
+            got.append(matmul_q_i8act(x2, q, s, z, group, act_scale, act_group=self.act_group).astype(np.float64))
         return qm.output_error(np.concatenate(want), np.concatenate(got))
 
 
