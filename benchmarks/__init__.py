@@ -32,9 +32,11 @@ BENCHMARKS = {
                                            "(emulated, coarse)"),
     "llm-real": ("benchmarks.llm_real", "real GGUF models (SmolLM2-135M f32/q8_0/q4_0/q4_1, a random 1.1B Llama "
                                         "q4_0/q8_0): prefill and decode tok/s vs llama.cpp's llama-bench"),
+    "llm-depth": ("benchmarks.llm_depth", "llm-real's depth rows only: SmolLM2 q4_0 tg64 after 64 and 4096 tokens, "
+                                          "sqk with f16 / f32 / int8 KV caches vs llama-bench -d"),
 }
 # Run only when named: llm-real builds llama.cpp and writes GiB of model files on first use.
-ON_DEMAND = {"llm-real"}
+ON_DEMAND = {"llm-real", "llm-depth"}
 
 
 def timeit(fns: dict, runs: int, inner: int = 1, warmup: int = 1, settle: float = 0.3) -> dict[str, list[float]]:
