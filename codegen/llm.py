@@ -1,18 +1,20 @@
-"""Kernels of LLM decoding: rope, swiglu, topk, attention_decode, moe.
+"""Kernels of LLM decoding: rope, swiglu, topk, attention_decode, attention_merge, moe.
 
 Decode-time shapes are small along the batch (one token) and long along the
 feature dims, so each kernel's work item is a token row (rope, topk, moe) or
-a KV head (attention_decode; with a prefill chunk of T tokens, a KV head x
-query row), and the inner loops over D / F / H are written
+a KV head (attention_decode; split along the sequence, a KV head x part of
+its rows; with a prefill chunk of T tokens, a KV head x query row), and the
+inner loops over D / F / H are written
 as vector blocks (``reduce.blocks``) or left for LLVM to vectorize.
 Scratch (scores, accumulators) lives in fixed-size stack arrays sized from
 the static shapes.
 
-attention_decode reads and writes its caches through the *output* cache
-pointers: when the memory planner aliased them to the inputs (a state input
-updated in place) the pointers are equal and nothing is copied; otherwise the
-kernel first copies its head's slice of the input cache.  Those four pointer
-arguments are therefore not ``noalias``.
+attention_decode writes the new rows through the *output* cache pointers and
+reads the older rows through the *input* ones: when the memory planner
+aliased them (a state input updated in place) the pointers are equal and
+nothing is copied; otherwise one work item per head copies the head's other
+rows across, which no other item reads.  The cache pointer arguments (codes
+and, for an int8 cache, scales) are therefore not ``noalias``.
 
 moe reads only the weights of the experts its router picks: the expert ids
 are run-time values that index the weight pointers (conditional execution,
