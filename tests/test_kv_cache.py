@@ -236,3 +236,20 @@ def test_native_generate_int8_cache():
         # codes may differ by one step where f32 rounding differs between host and riscv64 upstream
         assert np.abs(rv.module.state[name].astype(np.float32) - a.astype(np.float32)).max() <= \
             (1 if "_cache." in name else 1e-4 * np.abs(a).max()), name
+
+
+def test_artifact_int8_cache(tmp_path):
+    """An LLM artifact of an int8-cache Decoder keeps the int8 caches and their
+    scales as state, and generates as the Decoder."""
+    from sqk.llm.artifact import save_llm
+
+    w = random_weights(CFG, 3)
+    dec = Decoder(CFG, w, prefill_chunk=8, kv_dtype="i8")
+    save_llm(dec, tmp_path / "m.sqk")
+    art = sqk.llm.load(str(tmp_path / "m.sqk"))
+    assert art.kv_dtype == "i8" and sorted(art.module.state) == sorted(dec.module.state)
+    assert art.module.state["k_cache.0"].dtype == np.int8 and art.module.state["k_scale.0"].dtype == np.float32
+    prompt = [1, 5, 9, 33, 2, 7, 11, 40, 3, 8, 12]
+    assert art.generate(prompt, 6) == dec.generate(prompt, 6)
+    with pytest.raises(ValueError, match="compiled with kv_dtype='i8', not 'f16'"):
+        sqk.llm.load(str(tmp_path / "m.sqk"), kv_dtype="f16")
