@@ -34,10 +34,12 @@ BENCHMARKS = {
                                         "q4_0/q8_0): prefill and decode tok/s vs llama.cpp's llama-bench"),
     "cnn": ("benchmarks.cnn", "resnet18 and mobilenet_v2 (random weights) at 224x224: sqk fp32 / int8 vs "
                               "onnxruntime fp32 and quantize_static int8, top-1 agreement (needs torch)"),
+    "llm-depth": ("benchmarks.llm_depth", "llm-real's depth rows only: SmolLM2 q4_0 tg64 after 64 and 4096 tokens, "
+                                          "sqk with f16 / f32 / int8 KV caches vs llama-bench -d"),
 }
-# Run only when named: llm-real builds llama.cpp and writes GiB of model files on first use;
-# cnn exports two CNNs with torch and compiles four models.
-ON_DEMAND = {"llm-real", "cnn"}
+# Run only when named: llm-real builds llama.cpp and writes GiB of model files on first use (llm-depth
+# uses the same); cnn exports two CNNs with torch and compiles four models.
+ON_DEMAND = {"llm-real", "llm-depth", "cnn"}
 
 
 def timeit(fns: dict, runs: int, inner: int = 1, warmup: int = 1, settle: float = 0.3) -> dict[str, list[float]]:

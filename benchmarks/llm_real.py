@@ -24,7 +24,10 @@ Tests, as ``llama-bench`` defines them: ppN processes a prompt of N random
 tokens from an empty KV cache (sqk: ``Decoder.reset(); Decoder.prefill(ids)``);
 tgN generates N tokens one at a time after an empty cache, each fed a random
 token (sqk: ``reset()`` then N ``step(token)`` calls); "tg64 @ d4096" does the
-same after a 4096-token prompt that is not timed (full mode, SmolLM2 q4_0).
+same after a 4096-token prompt that is not timed (full mode, SmolLM2 q4_0; also
+at depth 64, and sqk with each KV cache dtype of ``DEPTH_KV``: rows "... kv i8"
+are sqk alone, its f32 / int8 caches against its f16 one).  ``python -m
+benchmarks llm-depth`` runs only those depth rows.
 Each repetition runs ``llama-bench -r 1`` on the file (it warms up each test
 first), then each sqk test once; the table gives medians over the
 repetitions.  sqk loads the file with ``sqk.llm.load(path, threads=N,
@@ -52,6 +55,8 @@ from . import llama_cpp, llm_inputs
 PP = (128, 512)
 TG = 64
 DEPTH = 4096
+DEPTHS = (64, DEPTH)    # tg64 after prompts of these lengths (the depth case)
+DEPTH_KV = ("f32", "i8")   # sqk's other KV cache dtypes measured at depth, beside KV_DTYPE
 SETTLE = 0.3            # seconds between timed runs (see benchmarks.timeit)
 REPS = {"quick": 3, "full": 3, "1b": 3}
 SANITY_PROMPT = "The capital of France is"
@@ -73,18 +78,37 @@ class Case:
 
 
 def tests_of(case: Case) -> list[str]:
-    return [f"pp{n}" for n in PP] + [f"tg{TG}"] + ([f"tg{TG} @ d{DEPTH}"] if case.depth else [])
+    if case.depth == "only":
+        base = []
+    else:
+        base = [f"pp{n}" for n in PP] + [f"tg{TG}"]
+    if not case.depth:
+        return base
+    return base + [f"tg{TG} @ d{d}" + (f" kv {kv}" if kv != KV_DTYPE else "")
+                   for kv in (KV_DTYPE, *DEPTH_KV) for d in DEPTHS]
+
+
+def kv_of(test: str) -> str:
+    """The sqk KV cache dtype a test runs with ("... kv i8"; else KV_DTYPE)."""
+    return test.rsplit(" kv ", 1)[1] if " kv " in test else KV_DTYPE
 
 
 # ---------------------------------------------------------------- inputs
 
-def make_inputs(tools: Path, quick: bool, log) -> tuple[list[Case], list[str]]:
+def make_inputs(tools: Path, quick: bool, log, depth_only: bool = False) -> tuple[list[Case], list[str]]:
     cache, notes = llm_inputs.cache_dir(), []
     q41 = llm_inputs.smollm2_q4_1()
     f32 = cache / "smollm2-135m-f32.gguf"
     if not f32.is_file():
         log(f"llm-real: writing {f32} (dequantized from {q41.name})")
         llm_inputs.f32_copy(q41, f32)
+    if depth_only:
+        p = cache / "smollm2-135m-q4_0.gguf"
+        if not p.is_file():
+            llm_inputs.quantize(tools, f32, p, "q4_0")
+        c = Case("SmolLM2-135M", "q4_0", p, depth="only")
+        c.info = llm_inputs.describe(p)
+        return [c], notes
     cases = [Case("SmolLM2-135M", "f32", f32)]
     for q in ("q8_0", "q4_0"):
         p = cache / f"smollm2-135m-{q}.gguf"
@@ -129,7 +153,7 @@ def sanity_text(tools: Path, f32: Path) -> str:
 def llama_bench(tools: Path, path: Path, threads: int, depth: bool) -> dict[str, float]:
     """One repetition of llama-bench (after its warm-up): test -> tok/s."""
     if depth:
-        args = ["-p", "0", "-n", str(TG), "-d", str(DEPTH)]
+        args = ["-p", "0", "-n", str(TG), "-d", ",".join(map(str, DEPTHS))]
     else:
         args = ["-p", ",".join(map(str, PP)), "-n", str(TG)]
     cmd = [str(tools / "llama-bench"), "-m", str(path), "-t", str(threads), "-r", "1", "-o", "json", *args]
@@ -147,7 +171,7 @@ def llama_bench(tools: Path, path: Path, threads: int, depth: bool) -> dict[str,
 
 # ---------------------------------------------------------------- sqk
 
-def sqk_load(path: Path, threads: int, max_seq: int):
+def sqk_load(path: Path, threads: int, max_seq: int, kv_dtype: str = KV_DTYPE):
     """(Decoder, seconds) or (None, reason)."""
     try:
         import sqk.llm as llm
@@ -157,6 +181,8 @@ def sqk_load(path: Path, threads: int, max_seq: int):
     if load is None:
         return None, "sqk.llm.load not available yet (loaders not merged)"
     opts = {"kv_dtype": KV_DTYPE, **json.loads(os.environ.get("SQK_LLM_REAL_OPTIONS", "{}"))}
+    if kv_dtype != KV_DTYPE:
+        opts["kv_dtype"] = kv_dtype
     t0 = time.perf_counter()
     try:
         dec = load(str(path), threads=threads, max_seq=max_seq, **opts)
@@ -167,7 +193,7 @@ def sqk_load(path: Path, threads: int, max_seq: int):
 
 def sqk_test(dec, test: str, vocab: int, rng) -> float:
     """tok/s of one run of ``test`` on the sqk Decoder."""
-    m = re.fullmatch(r"(pp|tg)(\d+)(?: @ d(\d+))?", test)
+    m = re.fullmatch(r"(pp|tg)(\d+)(?: @ d(\d+))?(?: kv \w+)?", test)
     kind, n, depth = m.group(1), int(m.group(2)), int(m.group(3) or 0)
     ids = [int(i) for i in rng.integers(0, vocab, n)]
     dec.reset()
@@ -199,6 +225,11 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
         case.sqk = {t: f"n/a: {secs}" for t in tests}
     else:
         case.notes.append(f"sqk load + compile {secs:.1f} s")
+    decs = {KV_DTYPE: dec}
+    for kv in sorted({kv_of(t) for t in tests} - {KV_DTYPE}):
+        decs[kv], secs = sqk_load(case.path, threads, max_seq, kv)
+        if decs[kv] is None:
+            case.sqk.update({t: f"n/a: {secs}" for t in tests if kv_of(t) == kv})
     rng = np.random.default_rng(0)
     if dec is not None and not hasattr(dec, "prefill"):
         for t in tests:
@@ -209,7 +240,7 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
         for t in tests:
             if t not in case.sqk:
                 try:
-                    sqk_test(dec, t, vocab, rng)
+                    sqk_test(decs[kv_of(t)], t, vocab, rng)
                 except Exception as e:  # noqa: BLE001
                     case.sqk[t] = f"n/a: {_short(e)}"
         chunk = getattr(dec, "prefill_chunk", None)
@@ -222,7 +253,7 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
 
             time.sleep(SETTLE)
             case.probe.append(read_bandwidth(512, threads=threads).value)
-        for depth in (False, True) if case.depth else (False,):
+        for depth in (True,) if case.depth == "only" else (False, True) if case.depth else (False,):
             time.sleep(SETTLE)
             try:
                 for t, v in llama_bench(tools, case.path, threads, depth).items():
@@ -230,17 +261,17 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
                         case.peer.setdefault(t, []).append(v)
             except (RuntimeError, ValueError, KeyError) as e:
                 for t in tests:
-                    if ("@" in t) == depth:
+                    if ("@" in t) == depth and " kv " not in t:
                         case.peer[t] = f"n/a: {_short(e)}"
         for t in tests:
             if dec is None or isinstance(case.sqk.get(t), str):
                 continue
             time.sleep(SETTLE)
             try:
-                case.sqk.setdefault(t, []).append(sqk_test(dec, t, vocab, rng))
+                case.sqk.setdefault(t, []).append(sqk_test(decs[kv_of(t)], t, vocab, rng))
             except Exception as e:  # noqa: BLE001 -- the reason goes into the table
                 case.sqk[t] = f"n/a: {_short(e)}"
-    dec = None
+    dec = decs = None
     gc.collect()
 
 
@@ -293,13 +324,19 @@ def _cell(v) -> str:
     return "n/a" if m is None else f"{m:.1f}"
 
 
-def run(threads: int, quick: bool = False) -> Table:
+def run_depth(threads: int) -> Table:
+    """Only the depth rows (SmolLM2 q4_0: tg64 after 64 and 4096 tokens, sqk with
+    each KV cache dtype; ``python -m benchmarks llm-depth``)."""
+    return run(threads, depth_only=True)
+
+
+def run(threads: int, quick: bool = False, depth_only: bool = False) -> Table:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     t_start = time.perf_counter()
     notes = [f"load average at start: {load_average()}", f"CPU features: {cpu_features()}"]
     tools = llama_cpp.tools(log)
     notes.append(f"llama.cpp: {llama_cpp.version(tools)}; {llama_cpp.build_info() or 'prebuilt at ' + str(tools)}")
-    cases, input_notes = make_inputs(tools, quick, log)
+    cases, input_notes = make_inputs(tools, quick, log, depth_only)
     notes += input_notes
     for c in cases:
         measure(c, tools, threads, REPS["1b"] if c.memory_bound else REPS["quick" if quick else "full"], log)

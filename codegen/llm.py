@@ -1,18 +1,20 @@
-"""Kernels of LLM decoding: rope, swiglu, topk, attention_decode, moe.
+"""Kernels of LLM decoding: rope, swiglu, topk, attention_decode, attention_merge, moe.
 
 Decode-time shapes are small along the batch (one token) and long along the
 feature dims, so each kernel's work item is a token row (rope, topk, moe) or
-a KV head (attention_decode; with a prefill chunk of T tokens, a KV head x
-query row), and the inner loops over D / F / H are written
+a KV head (attention_decode; split along the sequence, a KV head x part of
+its rows; with a prefill chunk of T tokens, a KV head x query row), and the
+inner loops over D / F / H are written
 as vector blocks (``reduce.blocks``) or left for LLVM to vectorize.
 Scratch (scores, accumulators) lives in fixed-size stack arrays sized from
 the static shapes.
 
-attention_decode reads and writes its caches through the *output* cache
-pointers: when the memory planner aliased them to the inputs (a state input
-updated in place) the pointers are equal and nothing is copied; otherwise the
-kernel first copies its head's slice of the input cache.  Those four pointer
-arguments are therefore not ``noalias``.
+attention_decode writes the new rows through the *output* cache pointers and
+reads the older rows through the *input* ones: when the memory planner
+aliased them (a state input updated in place) the pointers are equal and
+nothing is copied; otherwise one work item per head copies the head's other
+rows across, which no other item reads.  The cache pointer arguments (codes
+and, for an int8 cache, scales) are therefore not ``noalias``.
 
 moe reads only the weights of the experts its router picks: the expert ids
 are run-time values that index the weight pointers (conditional execution,
@@ -30,10 +32,10 @@ from ..ir import dtypes as dt
 from ..ir.ops import rope_inv_freq
 from ..runtime.abi import ERR_INDEX as SQK_ERR_INDEX
 from .elementwise import MIN_PARALLEL_WORK, _elementwise, f_exp, f_sigmoid
-from .kernel import (F32, I1, I8, I64, PTR, Kernel, call_intrinsic, fconst, gep, i64, load_elem, load_vec,
-                     lltype, loop, narrow, splat, store_elem, store_vec, widen)
+from .kernel import (F32, I1, I8, I32, I64, PTR, Kernel, call_intrinsic, fconst, fold_loop, gep, hsum, i64, load_elem,
+                     load_vec, lltype, loop, narrow, splat, store_elem, store_vec, widen)
 from .lower import emitter
-from .reduce import Accumulators, Combiner, blocks, entry_alloca, get, groups_at
+from .reduce import blocks, entry_alloca, get, groups_at
 
 
 def stack_array(k: Kernel, ty, n: int):
@@ -240,65 +242,193 @@ def emit_topk(k: Kernel, n):
 
 # --- attention_decode ----------------------------------------------------------------------------
 
+BLOCK = 32   # K/V rows per block of the online softmax: one max and one rescale per block, not per row
+
+
+def chunks_of(n: int, lanes: int) -> list[tuple[int, int]]:
+    """(offset, width) pieces covering [0, n): vectors of ``lanes``, then scalars."""
+    full = n // lanes * lanes if lanes > 1 else 0
+    return [(o, lanes) for o in range(0, full, lanes)] + [(o, 1) for o in range(full, n)]
+
+
+class Rows:
+    """Where a run of K/V rows lives: pointers ``kp``/``vp`` of dtype ``src``,
+    ``base(t)`` the element offset of row t; for int8 codes the f32 scale
+    arrays ``ks``/``vs`` indexed by ``sidx(t)``; ``rounded``: f32/f16 rows not
+    in the cache yet, rounded to its float dtype as stored there."""
+
+    def __init__(self, kp, vp, src: dt.DType, base, ks=None, vs=None, sidx=None, rounded=None):
+        self.kp, self.vp, self.src, self.base = kp, vp, src, base
+        self.ks, self.vs, self.sidx, self.rounded = ks, vs, sidx, rounded
+
+    def load(self, b, ptr, idx, w):
+        """w elements at idx as f32 (a scalar when w = 1)."""
+        if self.src is dt.i8:
+            v = b.load(gep(b, ptr, I8, idx), typ=I8) if w == 1 else load_vec(b, ptr, I8, idx, w)
+            return b.sitofp(v, F32 if w == 1 else ir.VectorType(F32, w))
+        v = load_elem(b, ptr, self.src, idx, w)
+        return widen(b, narrow(b, v, self.rounded, w), self.rounded, w) if self.rounded else v
+
+    def scale(self, b, which, t):
+        arr = self.ks if which == "k" else self.vs
+        return None if arr is None else b.load(gep(b, arr, F32, self.sidx(t)), typ=F32)
+
+
 class Attention:
-    """What the attention_decode kernels share: shapes, dtypes, the scratch of
-    one work item's online softmax (G*(D+2) floats on the stack) and the loop
-    that folds a run of K/V rows into it."""
+    """What the attention_decode kernels share: shapes, dtypes, and one work
+    item's online softmax over the Hq/Hkv query heads of a KV head (its
+    scratch on the stack: the queries in f32, a block of scores, the running
+    max m, sum l and accumulator acc[D] per head).  ``fold`` takes K/V rows a
+    block of BLOCK at a time: the block's scores (each K row read once per
+    head from L1), one max and rescale per head, exp, then acc += p * v with
+    acc in registers; the D loop is unrolled in vectors of the target's
+    width."""
 
     def __init__(self, k: Kernel, n):
         q, kc = n.inputs[0].type, n.inputs[3].type
         self.k, self.b = k, k.b
         self.d, self.dc = q.dtype, kc.dtype                   # activations, caches
+        self.quant = self.dc is dt.i8
         self.hkv, self.s, self.dd = kc.shape
         self.hq = q.shape[-2]
         self.grp = self.hq // self.hkv
         self.lanes = k.target.lanes(32)
+        self.pieces = chunks_of(self.dd, self.lanes)
         self.scale = float(np.float32(1.0 / math.sqrt(self.dd)))
+        self.qs = stack_array(k, F32, self.grp * self.dd)
         self.acc = stack_array(k, F32, self.grp * self.dd)
+        self.sc = stack_array(k, F32, self.grp * BLOCK)
         self.mx, self.tot = stack_array(k, F32, self.grp), stack_array(k, F32, self.grp)
-        self.dot = Accumulators(k, Combiner("sum", dt.f32), self.lanes)
 
     def f32_at(self, arr, i):
         return gep(self.b, arr, F32, i)
 
-    def start(self):
-        """Empty the softmax state of the group's heads."""
+    def vload(self, arr, idx, w):
+        b = self.b
+        return b.load(self.f32_at(arr, idx), typ=F32) if w == 1 else load_vec(b, arr, F32, idx, w)
+
+    def vstore(self, v, arr, idx, w):
+        b = self.b
+        b.store(v, self.f32_at(arr, idx)) if w == 1 else store_vec(b, v, arr, F32, idx)
+
+    def start(self, qp, q_base):
+        """Empty the softmax state; the group's queries (``q_base(g)``: offset of
+        head g's query in qp) copied to f32."""
+        b, dd = self.b, self.dd
         fill(self.k, self.grp, self.mx, float("-inf"))
         fill(self.k, self.grp, self.tot, 0.0)
-        fill(self.k, self.grp * self.dd, self.acc, 0.0)
+        fill(self.k, self.grp * dd, self.acc, 0.0)
+        with loop(b, 0, self.grp, name="g") as gi:
+            qb, ob = q_base(gi), b.mul(gi, i64(dd))
+            for off, w in self.pieces:
+                self.vstore(load_elem(b, qp, self.d, b.add(qb, i64(off)), w), self.qs, b.add(ob, i64(off)), w)
 
-    def rows(self, t0, t1, kp, vp, src: dt.DType, row_base, q_base, qp, rounded: bool = False):
-        """Fold rows t0..t1-1 of K/V (``row_base(t)``: element offset of row t in
-        kp/vp, of dtype src) into the softmax of the group's heads (``q_base(g)``:
-        offset of head g's query in qp), each row read once for the whole group.
-        ``rounded``: the rows are not in the cache yet and are rounded to its
-        dtype as they would be stored there."""
-        k, b, d, dd = self.k, self.b, self.d, self.dd
-        rnd = (lambda v, w: widen(b, narrow(b, v, self.dc, w), self.dc, w)) if rounded else None  # noqa: E731
-
-        def load(ptr, dtype, idx, w):
-            v = load_elem(b, ptr, dtype, idx, w)
-            return rnd(v, w) if rnd else v
-
-        with loop(b, t0, t1, name="t") as t:
-            rb = row_base(t)
-            with loop(b, 0, self.grp, name="g") as gi:
-                qb = q_base(gi)
-                self.dot.reset()
-                blocks(k, 0, dd, self.lanes, lambda j, w, c: self.dot.add(w, c, [
-                    b.fmul(load_elem(b, qp, d, b.add(qb, jj), w), load(kp, src, b.add(rb, jj), w))
-                    for jj in groups_at(b, j, w, c)]))
-                sc = b.fmul(self.dot.result(), fconst(F32, self.scale))
-                accg = self.f32_at(self.acc, b.mul(gi, i64(dd)))
+    def fold(self, t0, t1, rows: Rows):
+        """Fold rows t0..t1-1 (i64 values) of ``rows`` into the softmax."""
+        k, b, dd, grp = self.k, self.b, self.dd, self.grp
+        fma = lambda x, y, z: call_intrinsic(k, "fmuladd", x, y, z)  # noqa: E731
+        with loop(b, t0, t1, BLOCK, name="blk") as t_blk:
+            rest = b.sub(t1, t_blk)
+            nb = b.select(b.icmp_signed("<", rest, i64(BLOCK)), rest, i64(BLOCK))
+            # scores s[g, j] = (q_g . k_t) (* k_scale_t) / sqrt(D)
+            with loop(b, 0, grp, name="g") as gi:
+                qv = [self.vload(self.qs, b.add(b.mul(gi, i64(dd)), i64(off)), w) for off, w in self.pieces]
+                with loop(b, 0, nb, name="j") as j:
+                    t = b.add(t_blk, j)
+                    rb = rows.base(t)
+                    chains = [None] * 4      # vector chains (two: FMA latency), scalar chains
+                    for c, ((off, w), qq) in enumerate(zip(self.pieces, qv)):
+                        kv = rows.load(b, rows.kp, b.add(rb, i64(off)), w)
+                        u = (c & 1) + (2 if w == 1 else 0)
+                        chains[u] = b.fmul(qq, kv) if chains[u] is None else fma(qq, kv, chains[u])
+                    vec = [v for v in chains[:2] if v is not None]
+                    parts = [hsum(k, vec[0] if len(vec) == 1 else b.fadd(*vec))] if vec else []
+                    parts += [v for v in chains[2:] if v is not None]
+                    dot = parts[0] if len(parts) == 1 else b.fadd(parts[0], parts[1])
+                    for extra in parts[2:]:
+                        dot = b.fadd(dot, extra)
+                    ks = rows.scale(b, "k", t)
+                    if ks is not None:
+                        dot = b.fmul(dot, ks)
+                    b.store(b.fmul(dot, fconst(F32, self.scale)), self.f32_at(self.sc, b.add(b.mul(gi, i64(BLOCK)), j)))
+            # per head: the block's max, one rescale, p = exp(s - m)
+            with loop(b, 0, grp, name="g") as gi:
+                sb = b.mul(gi, i64(BLOCK))
                 m_old = b.load(self.f32_at(self.mx, gi), typ=F32)
-                with b.if_then(b.fcmp_ordered(">", sc, m_old)):  # a new max: rescale what is summed so far
-                    r = f_exp(k, b.fsub(m_old, sc), 1)
-                    scale_array(k, dd, accg, r)
+                m_new = self.block_max(sb, nb, m_old)
+                with b.if_then(b.fcmp_ordered(">", m_new, m_old)):   # a new max: rescale what is summed so far
+                    r = f_exp(k, b.fsub(m_old, m_new), 1)
+                    scale_array(k, dd, self.f32_at(self.acc, b.mul(gi, i64(dd))), r)
                     b.store(b.fmul(b.load(self.f32_at(self.tot, gi), typ=F32), r), self.f32_at(self.tot, gi))
-                    b.store(sc, self.f32_at(self.mx, gi))
-                e = f_exp(k, b.fsub(sc, b.load(self.f32_at(self.mx, gi), typ=F32)), 1)
-                b.store(b.fadd(b.load(self.f32_at(self.tot, gi), typ=F32), e), self.f32_at(self.tot, gi))
-                axpy(k, dd, accg, e, vp, src, rb, rnd)
+                    b.store(m_new, self.f32_at(self.mx, gi))
+                tot = self.block_exp(sb, nb, b.load(self.f32_at(self.mx, gi), typ=F32))
+                b.store(b.fadd(b.load(self.f32_at(self.tot, gi), typ=F32), tot), self.f32_at(self.tot, gi))
+            # acc_g += p_t * v_t, acc_g in registers across the block
+            with loop(b, 0, grp, name="g") as gi:
+                ab, sb = b.mul(gi, i64(dd)), b.mul(gi, i64(BLOCK))
+                acc0 = [self.vload(self.acc, b.add(ab, i64(off)), w) for off, w in self.pieces]
+
+                def axpy_row(j, accs):
+                    pv = b.load(self.f32_at(self.sc, b.add(sb, j)), typ=F32)
+                    t = b.add(t_blk, j)
+                    vs = rows.scale(b, "v", t)
+                    pv = pv if vs is None else b.fmul(pv, vs)
+                    rb = rows.base(t)
+                    return [fma(_sv(b, pv, w), rows.load(b, rows.vp, b.add(rb, i64(off)), w), a)
+                            for (off, w), a in zip(self.pieces, accs)]
+
+                accs = fold_loop(b, 0, nb, acc0, axpy_row, name="av")
+                for (off, w), a in zip(self.pieces, accs):
+                    self.vstore(a, self.acc, b.add(ab, i64(off)), w)
+
+    def _lanes_in(self, nb, c, w):
+        """(index vector c*w + 0..w-1 < nb) of a w-wide piece of the block."""
+        b = self.b
+        idx = ir.Constant(ir.VectorType(I64, w), [c * w + u for u in range(w)])
+        return b.icmp_signed("<", idx, splat(b, nb, w))
+
+    def block_max(self, sb, nb, m0):
+        """max(m0, sc[sb + j] for j < nb), NaN scores skipped (vectors over the whole block, masked)."""
+        b, w = self.b, self.lanes
+        gt = lambda x, y: b.select(b.fcmp_ordered(">", x, y), x, y)  # noqa: E731
+        if w == 1 or BLOCK % w:
+            return fold_loop(b, 0, nb, [m0], lambda j, a: [gt(b.load(self.f32_at(self.sc, b.add(sb, j)), typ=F32),
+                                                                  a[0])], name="mx")[0]
+        ninf = splat(b, fconst(F32, float("-inf")), w)
+        acc = ninf
+        for c in range(BLOCK // w):
+            v = load_vec(b, self.sc, F32, b.add(sb, i64(c * w)), w)
+            acc = gt(b.select(self._lanes_in(nb, c, w), v, ninf), acc)
+        m = m0
+        for u in range(w):
+            m = gt(b.extract_element(acc, i64(u)), m)
+        return m
+
+    def block_exp(self, sb, nb, m):
+        """sc[sb + j] = exp(sc[sb + j] - m) for j < nb; returns their sum.  An
+        exp below 2^-126 is flushed to 0: subnormal weights would slow every
+        multiply-add of the V rows (x86 assists), and add < 1e-38 of the sum."""
+        k, b, w = self.k, self.b, self.lanes
+
+        def ex(x, n):
+            return b.select(b.fcmp_ordered("<", x, _sv(b, fconst(F32, -87.0), n)), _sv(b, fconst(F32, 0.0), n),
+                            f_exp(k, x, n))
+
+        if w == 1 or BLOCK % w:
+            def one(j, a):
+                at = self.f32_at(self.sc, b.add(sb, j))
+                e = ex(b.fsub(b.load(at, typ=F32), m), 1)
+                b.store(e, at)
+                return [b.fadd(a[0], e)]
+            return fold_loop(b, 0, nb, [fconst(F32, 0.0)], one, name="ex")[0]
+        zero, mv = splat(b, fconst(F32, 0.0), w), splat(b, m, w)
+        acc = zero
+        for c in range(BLOCK // w):
+            at = b.add(sb, i64(c * w))
+            e = b.select(self._lanes_in(nb, c, w), ex(b.fsub(load_vec(b, self.sc, F32, at, w), mv), w), zero)
+            store_vec(b, e, self.sc, F32, at)
+            acc = b.fadd(acc, e)
+        return hsum(k, acc)
 
     def finish(self, outp, out_base):
         """out[out_base(g) : +D] = acc_g / sum_g for the group's heads."""
@@ -310,37 +440,113 @@ class Attention:
                 v = b.load(self.f32_at(self.acc, b.add(b.mul(gi, i64(dd)), j)), typ=F32)
                 store_elem(b, b.fmul(v, inv), outp, self.d, b.add(ob, j))
 
-    def store_rows(self, dst, dst_off, src, src_off, n: int):
-        """Copy n elements of a new K/V row (byte offsets) into a cache, rounded
-        to the cache's dtype (a memcpy when the dtypes agree)."""
-        if self.dc is self.d:
-            memcpy(self.k, dst, dst_off, src, src_off, n * self.d.bits // 8)
-            return
-        b = self.b
-        de, ce = b.udiv(src_off, i64(self.d.bits // 8)), b.udiv(dst_off, i64(self.dc.bits // 8))
-        with loop(b, 0, n, name="j") as j:
-            store_elem(b, load_elem(b, src, self.d, b.add(de, j)), dst, self.dc, b.add(ce, j))
+    def partial(self, outp, out_base):
+        """out[out_base(g) : +D+2] = (m_g, l_g, acc_g) (attention_decode {splits})."""
+        b, dd = self.b, self.dd
+        with loop(b, 0, self.grp, name="g") as gi:
+            ob = out_base(gi)
+            b.store(b.load(self.f32_at(self.mx, gi), typ=F32), self.f32_at(outp, ob))
+            b.store(b.load(self.f32_at(self.tot, gi), typ=F32), self.f32_at(outp, b.add(ob, i64(1))))
+            memcpy(self.k, outp, b.mul(b.add(ob, i64(2)), i64(4)), self.acc, b.mul(gi, i64(dd * 4)), i64(dd * 4))
+
+    def store_row(self, dst, dst_at, src, src_at, scales=None, scale_at=None):
+        """Write a new K/V row (element offsets ``src_at`` in src, of dtype d, and
+        ``dst_at`` in the cache dst): rounded to a float cache's dtype, or
+        quantized for an int8 cache (``quantize_row``, its scale at
+        scales[scale_at])."""
+        b, dd = self.b, self.dd
+        if self.quant:
+            quantize_row(self.k, dd, src, self.d, src_at, dst, dst_at, scales, scale_at)
+        elif self.dc is self.d:
+            es = self.d.bits // 8
+            memcpy(self.k, dst, b.mul(dst_at, i64(es)), src, b.mul(src_at, i64(es)), dd * es)
+        else:
+            with loop(b, 0, dd, name="j") as j:
+                store_elem(b, load_elem(b, src, self.d, b.add(src_at, j)), dst, self.dc, b.add(dst_at, j))
+
+
+def quantize_row(k: Kernel, n: int, src, sd: dt.DType, src_at, dst, dst_at, scales, scale_at):
+    """dst[dst_at : +n] (i8 codes), scales[scale_at] = ``ir.ops.kv_quantize`` of
+    src[src_at : +n] (dtype sd): d = max|x| / 127 (NaN when a value is not
+    finite), codes roundeven(x / d) clamped to [-127, 127], 0 unless d > 0."""
+    b = k.b
+    zero = fconst(F32, 0.0)
+
+    def scan(j, acc):
+        x = load_elem(b, src, sd, b.add(src_at, j))
+        ax = call_intrinsic(k, "fabs", x)
+        return [b.select(b.fcmp_ordered(">", ax, acc[0]), ax, acc[0]), b.fadd(acc[1], b.fmul(x, zero))]
+
+    amax, z = fold_loop(b, 0, n, [zero, zero], scan, name="amax")   # z: NaN iff some x is NaN or +-inf
+    d = b.fdiv(amax, fconst(F32, 127.0))
+    d = b.select(b.fcmp_unordered("uno", z, z), fconst(F32, float("nan")), d)
+    b.store(d, gep(b, scales, F32, scale_at))
+    ok = b.fcmp_ordered(">", d, zero)
+    with loop(b, 0, n, name="qj") as j:
+        v = b.fdiv(load_elem(b, src, sd, b.add(src_at, j)), d)
+        # clamped before rounding (the same, the bounds being integers): fptosi(roundeven) is then one
+        # round-to-nearest conversion on RVV, not a vfcvt.rtz (which qemu 7.2 mistranslates: matmul_q.py)
+        v = call_intrinsic(k, "minnum", call_intrinsic(k, "maxnum", v, fconst(F32, -127.0)), fconst(F32, 127.0))
+        c = b.select(ok, b.trunc(b.fptosi(call_intrinsic(k, "roundeven", v), I32), I8), ir.Constant(I8, 0))
+        b.store(c, gep(b, dst, I8, b.add(dst_at, j)))
+
+
+def _cache_args(k: Kernel, n):
+    """(q, k_new, v_new, caches in [k, v(, ks, vs)], pos, out, caches out) pointers;
+    the cache pointers lose ``noalias``: in and out may be one buffer."""
+    quant = len(n.inputs) == 8
+    ni = len(n.inputs)
+    cache_in = [3, 4] + ([6, 7] if quant else [])
+    cache_out = [ni + 1, ni + 2] + ([ni + 3, ni + 4] if quant else [])
+    for i in cache_in + cache_out:
+        k.body.args[i].attributes.discard("noalias")
+    a = k.args
+    return a[0], a[1], a[2], [a[i] for i in cache_in], a[5], a[ni], [a[i] for i in cache_out]
+
+
+def copy_other_rows(k: Kernel, at: Attention, h, p, tn, ins, outs):
+    """When the caches are not updated in place: copy head h's rows outside
+    p..p+tn-1 of every cache (codes and scales) from its input to its output."""
+    b, s, dd = k.b, at.s, at.dd
+    differ = lambda x, y: b.icmp_unsigned("!=", b.ptrtoint(x, I64), b.ptrtoint(y, I64))  # noqa: E731
+    for idx, (src, dst) in enumerate(zip(ins, outs)):
+        row = dd * (at.dc.bits // 8) if idx < 2 else 4       # bytes of one row: codes, or a scale
+        head = b.mul(h, i64(s * row))
+        with b.if_then(differ(src, dst)):
+            memcpy(k, dst, head, src, head, b.mul(p, i64(row)))
+            after = b.mul(b.add(p, i64(tn)), i64(row))
+            memcpy(k, dst, b.add(head, after), src, b.add(head, after), b.sub(i64(s * row), after))
+
+
+def cache_rows(at: Attention, b, kp, vp, h, scales=None):
+    """Rows of head h of the caches kp/vp (and for int8 their scales)."""
+    s, dd = at.s, at.dd
+    hb, sb = b.mul(h, i64(s * dd)), b.mul(h, i64(s))
+    if at.quant:
+        return Rows(kp, vp, dt.i8, lambda t: b.add(hb, b.mul(t, i64(dd))), scales[0], scales[1],
+                    lambda t: b.add(sb, t))
+    return Rows(kp, vp, at.dc, lambda t: b.add(hb, b.mul(t, i64(dd))))
 
 
 @emitter("attention_decode")
 def emit_attention_decode(k: Kernel, n):
-    """q[Hq, D] (one token): one work item per KV head: check pos, copy the
-    head's cache slice when the caches are not updated in place, write the new
-    row, then one pass over rows 0..pos with an online softmax (running max m,
-    sum l, accumulator acc[D] rescaled by exp(m_old - m_new) when the max
-    grows) for all Hq/Hkv query heads of the group at once: each K and V row
-    is read from memory once and reused from L1 by the group's heads.
+    """q[Hq, D] (one token): one work item per (KV head h, part j of the rows;
+    one part unless ``splits``): check pos; item (h, 0) copies the head's
+    other rows when the caches are not updated in place; the item whose part
+    holds row pos writes the new row there; then the part's rows in blocks
+    (``Attention.fold``) for the group's Hq/Hkv query heads at once: rows
+    before pos from the *input* cache (the same bytes in place or not, never
+    written by another item), row pos from the output.  One part: out; N
+    parts: each (m, l, acc), merged by attention_merge.
     q[T, Hq, D] (a prefill chunk): ``emit_attention_chunk``."""
     if n.inputs[0].type.rank == 3:
         return emit_attention_chunk(k, n)
     pos_t = n.inputs[5].type
-    for i in (3, 4, 6 + 1, 6 + 2):  # the caches, in and out: maybe one buffer
-        k.body.args[i].attributes.discard("noalias")
     b = k.b
-    qp, knp, vnp, kci, vci, pp, outp, kco, vco = k.args
+    qp, knp, vnp, ins, pp, outp, outs = _cache_args(k, n)
     at = Attention(k, n)
     hkv, s, dd, grp = at.hkv, at.s, at.dd, at.grp
-    es, ce = at.d.bits // 8, at.dc.bits // 8
+    nsp = max(1, n.attrs["splits"])
     fail = k.fail(SQK_ERR_INDEX)
     k.index_error = (f"attention_decode: the position %{n.inputs[5].name} must lie in [0, {s}), "
                      f"the KV cache length {s}")
@@ -348,23 +554,34 @@ def emit_attention_decode(k: Kernel, n):
     ok = b.append_basic_block("pos_ok")
     b.cbranch(b.icmp_unsigned("<", p, i64(s)), ok, fail)  # unsigned: a negative pos fails too
     b.position_at_end(ok)
-    slice_bytes = s * dd * ce
+    nrows = b.add(p, i64(1))
+    span = b.udiv(b.add(nrows, i64(nsp - 1)), i64(nsp))   # attention_spans: ceil(n / N) rows a part
 
-    with loop(b, k.begin, k.end, name="h") as h:
-        head_off = b.mul(h, i64(slice_bytes))
-        for src, dst in ((kci, kco), (vci, vco)):
-            with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(src, I64), b.ptrtoint(dst, I64))):
-                memcpy(k, dst, head_off, src, head_off, slice_bytes)
-        row_off = b.mul(b.add(b.mul(h, i64(s)), p), i64(dd * ce))
-        at.store_rows(kco, row_off, knp, b.mul(h, i64(dd * es)), dd)
-        at.store_rows(vco, row_off, vnp, b.mul(h, i64(dd * es)), dd)
-        cache_base = b.mul(h, i64(s * dd))
-        at.start()
-        at.rows(0, b.add(p, i64(1)), kco, vco, at.dc, lambda t: b.add(cache_base, b.mul(t, i64(dd))),
-                lambda gi: b.mul(b.add(b.mul(h, i64(grp)), gi), i64(dd)), qp)
-        at.finish(outp, lambda gi: b.mul(b.add(b.mul(h, i64(grp)), gi), i64(dd)))
+    with loop(b, k.begin, k.end, name="item") as item:
+        h, part = b.udiv(item, i64(nsp)), b.urem(item, i64(nsp))
+        lo = b.mul(part, span)
+        lo = b.select(b.icmp_unsigned("<", lo, nrows), lo, nrows)
+        hi = b.add(lo, span)
+        hi = b.select(b.icmp_unsigned("<", hi, nrows), hi, nrows)
+        with b.if_then(b.icmp_unsigned("==", part, i64(0))):
+            copy_other_rows(k, at, h, p, 1, ins, outs)
+        has_new = b.and_(b.icmp_unsigned("==", hi, nrows), b.icmp_unsigned("<", lo, hi))   # it holds row pos
+        row = b.add(b.mul(h, i64(s)), p)
+        with b.if_then(has_new):
+            at.store_row(outs[0], b.mul(row, i64(dd)), knp, b.mul(h, i64(dd)), outs[2] if at.quant else None, row)
+            at.store_row(outs[1], b.mul(row, i64(dd)), vnp, b.mul(h, i64(dd)), outs[3] if at.quant else None, row)
+        q_base = lambda gi: b.mul(b.add(b.mul(h, i64(grp)), gi), i64(dd))  # noqa: E731
+        at.start(qp, q_base)
+        old_hi = b.select(has_new, p, hi)
+        at.fold(lo, old_hi, cache_rows(at, b, ins[0], ins[1], h, ins[2:]))
+        at.fold(old_hi, hi, cache_rows(at, b, outs[0], outs[1], h, outs[2:]))
+        if n.attrs["splits"]:
+            at.partial(outp, lambda gi: b.mul(b.add(b.mul(b.add(b.mul(h, i64(grp)), gi), i64(nsp)), part),
+                                              i64(dd + 2)))
+        else:
+            at.finish(outp, q_base)
     k.finish()
-    return hkv, 1
+    return hkv * nsp, 1
 
 
 def emit_attention_chunk(k: Kernel, n):
@@ -373,17 +590,16 @@ def emit_attention_chunk(k: Kernel, n):
     concurrently, so none reads what another writes: item (h, i) writes only
     its own new row pos+i, reads rows < pos from the *input* cache (unchanged
     by this kernel, in place or not) and rows pos..pos+i from k_new/v_new
-    (rounded to the cache's dtype, as stored); item (h, 0) copies the rows
-    outside the chunk when the caches are not updated in place."""
+    (rounded to the cache's dtype as stored: for an int8 cache each item
+    quantizes them into its stack, as ``quantize_row`` stores them); item
+    (h, 0) copies the rows outside the chunk when the caches are not updated
+    in place."""
     q_t, pos_t = n.inputs[0].type, n.inputs[5].type
-    for i in (3, 4, 6 + 1, 6 + 2):
-        k.body.args[i].attributes.discard("noalias")
     b = k.b
-    qp, knp, vnp, kci, vci, pp, outp, kco, vco = k.args
+    qp, knp, vnp, ins, pp, outp, outs = _cache_args(k, n)
     at = Attention(k, n)
     hkv, s, dd, grp, hq = at.hkv, at.s, at.dd, at.grp, at.hq
     tn = q_t.shape[0]
-    es, ce = at.d.bits // 8, at.dc.bits // 8
     if tn == 0:
         k.finish()
         return 0, 1
@@ -394,32 +610,66 @@ def emit_attention_chunk(k: Kernel, n):
     ok = b.append_basic_block("pos_ok")
     b.cbranch(b.icmp_unsigned("<=", p, i64(s - tn)), ok, fail)  # unsigned: a negative pos fails too
     b.position_at_end(ok)
-    slice_bytes = s * dd * ce
-    differ = lambda x, y: b.icmp_unsigned("!=", b.ptrtoint(x, I64), b.ptrtoint(y, I64))  # noqa: E731
+    if at.quant:   # the chunk's rows of one head, quantized: codes and scales
+        kq, vq = stack_array(k, I8, tn * dd), stack_array(k, I8, tn * dd)
+        kqs, vqs = stack_array(k, F32, tn), stack_array(k, F32, tn)
 
     with loop(b, k.begin, k.end, name="item") as item:
         h, i = b.udiv(item, i64(tn)), b.urem(item, i64(tn))
-        head_off = b.mul(h, i64(slice_bytes))
         with b.if_then(b.icmp_unsigned("==", i, i64(0))):
-            for src, dst in ((kci, kco), (vci, vco)):
-                with b.if_then(differ(src, dst)):
-                    memcpy(k, dst, head_off, src, head_off, b.mul(p, i64(dd * ce)))
-                    after = b.mul(b.add(p, i64(tn)), i64(dd * ce))
-                    memcpy(k, dst, b.add(head_off, after), src, b.add(head_off, after),
-                           b.sub(i64(slice_bytes), after))
-        new_row = b.add(b.mul(i, i64(hkv)), h)                          # k_new[i, h]
-        row_off = b.mul(b.add(b.mul(h, i64(s)), b.add(p, i)), i64(dd * ce))
-        at.store_rows(kco, row_off, knp, b.mul(new_row, i64(dd * es)), dd)
-        at.store_rows(vco, row_off, vnp, b.mul(new_row, i64(dd * es)), dd)
+            copy_other_rows(k, at, h, p, tn, ins, outs)
+        new_row = b.mul(b.add(b.mul(i, i64(hkv)), h), i64(dd))         # k_new[i, h]
+        row = b.add(b.mul(h, i64(s)), b.add(p, i))
+        at.store_row(outs[0], b.mul(row, i64(dd)), knp, new_row, outs[2] if at.quant else None, row)
+        at.store_row(outs[1], b.mul(row, i64(dd)), vnp, new_row, outs[3] if at.quant else None, row)
         q_base = lambda gi: b.mul(b.add(b.mul(i, i64(hq)), b.add(b.mul(h, i64(grp)), gi)), i64(dd))  # noqa: E731
-        cache_base = b.mul(h, i64(s * dd))
-        at.start()
-        at.rows(0, p, kci, vci, at.dc, lambda t: b.add(cache_base, b.mul(t, i64(dd))), q_base, qp)
-        at.rows(0, b.add(i, i64(1)), knp, vnp, at.d, lambda t: b.mul(b.add(b.mul(t, i64(hkv)), h), i64(dd)),
-                q_base, qp, rounded=at.dc is dt.f16 and at.d is not dt.f16)
+        at.start(qp, q_base)
+        at.fold(i64(0), p, cache_rows(at, b, ins[0], ins[1], h, ins[2:]))
+        new_at = lambda t: b.mul(b.add(b.mul(t, i64(hkv)), h), i64(dd))  # noqa: E731
+        if at.quant:
+            with loop(b, 0, b.add(i, i64(1)), name="nq") as t:
+                quantize_row(k, dd, knp, at.d, new_at(t), kq, b.mul(t, i64(dd)), kqs, t)
+                quantize_row(k, dd, vnp, at.d, new_at(t), vq, b.mul(t, i64(dd)), vqs, t)
+            new = Rows(kq, vq, dt.i8, lambda t: b.mul(t, i64(dd)), kqs, vqs, lambda t: t)
+        else:
+            new = Rows(knp, vnp, at.d, new_at, rounded=at.dc if at.dc is dt.f16 and at.d is not dt.f16 else None)
+        at.fold(i64(0), b.add(i, i64(1)), new)
         at.finish(outp, q_base)
     k.finish()
     return hkv * tn, 1
+
+
+@emitter("attention_merge")
+def emit_attention_merge(k: Kernel, n):
+    """One work item per query head: M = max_j m_j, then
+    out = sum_j exp(m_j - M) acc_j / sum_j exp(m_j - M) l_j."""
+    hq, nsp, w = n.inputs[0].type.shape
+    dd = w - 2
+    d = n.outputs[0].type.dtype
+    b = k.b
+    pp, outp = k.args
+    acc = stack_array(k, F32, dd)
+    with loop(b, k.begin, k.end, name="h") as h:
+        base = b.mul(h, i64(nsp * w))
+        m_at = lambda j: b.load(gep(b, pp, F32, b.add(base, b.mul(j, i64(w)))), typ=F32)  # noqa: E731
+        mx = fold_loop(b, 0, nsp, [fconst(F32, float("-inf"))],
+                       lambda j, a: [b.select(b.fcmp_ordered(">", m_at(j), a[0]), m_at(j), a[0])], name="m")[0]
+        fill(k, dd, acc, 0.0)
+
+        def part(j, a):
+            pb = b.add(base, b.mul(j, i64(w)))
+            e = f_exp(k, b.fsub(m_at(j), mx), 1)
+            e = b.select(b.fcmp_ordered("==", m_at(j), fconst(F32, float("-inf"))), fconst(F32, 0.0), e)
+            axpy(k, dd, acc, e, pp, dt.f32, b.add(pb, i64(2)))
+            return [b.fadd(a[0], b.fmul(e, b.load(gep(b, pp, F32, b.add(pb, i64(1))), typ=F32)))]
+
+        tot = fold_loop(b, 0, nsp, [fconst(F32, 0.0)], part, name="p")[0]
+        inv = b.fdiv(fconst(F32, 1.0), tot)
+        ob = b.mul(h, i64(dd))
+        with loop(b, 0, dd, name="j") as j:
+            store_elem(b, b.fmul(b.load(gep(b, acc, F32, j), typ=F32), inv), outp, d, b.add(ob, j))
+    k.finish()
+    return hq, 1
 
 
 def scale_array(k: Kernel, n: int, arr, factor):

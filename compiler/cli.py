@@ -1,6 +1,6 @@
 """The ``sqk`` command line.
 
-    sqk compile MODEL_DIR|MODEL.gguf -o OUT.sqk [--target T] [--max-seq S] [--prefill-chunk C] [--kv-dtype f32|f16]
+    sqk compile MODEL_DIR|MODEL.gguf -o OUT.sqk [--target T] [--max-seq S] [--prefill-chunk C] [--kv-dtype f32|f16|i8]
                 [--quantize int8|int4 ...]   (an LLM artifact; default: the file's own quantization)
     sqk compile MODEL.sqkir|MODEL.onnx -o OUT.sqk [--input-shape NAME=1x128 ...]
                 [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
@@ -19,9 +19,10 @@
     sqk demo [--target T]
     sqk bench OUT.sqk [--runs N] [--threads N] [--probe-mib M]
     sqk generate MODEL_DIR|MODEL.gguf --prompt TEXT [-n 64] [--temperature T] [--top-k K] [--top-p P]
-                 [--seed S] [--threads N] [--max-seq S] [--chat]
+                 [--seed S] [--threads N] [--max-seq S] [--chat] [--kv-dtype f32|f16|i8]
     sqk perplexity MODEL_DIR|MODEL.gguf --text FILE [--ctx 512] [--stride S] [--chunks N]
-                   [--quantize int8|int4 [--group N] ...] [--threads N] [--kl-base MODEL|fp32]
+                   [--quantize int8|int4 [--group N] ...] [--threads N] [--kv-dtype f32|f16|i8]
+                   [--kl-base MODEL|fp32]
     sqk --version
 
 MODEL is an IR text file, an ONNX model (.onnx; dump, viz and info take
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-seq", type=int, default=None,
                    help="LLM: KV cache length (default: the context, within 256 MiB)")
     c.add_argument("--prefill-chunk", type=int, default=None, help="LLM: tokens per prefill call (default 64)")
-    c.add_argument("--kv-dtype", default=None, choices=("f32", "f16"), help="LLM: KV cache dtype (default f32)")
+    c.add_argument("--kv-dtype", default=None, choices=("f32", "f16", "i8"), help="LLM: KV cache dtype (default f32)")
 
     d = sub.add_parser("dump", help="print a model's IR, optionally after running passes, or its LLVM IR or assembly")
     d.add_argument("model", help="IR text file, ONNX model (.onnx), or an artifact directory (its final IR)")
@@ -130,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the context, within 256 MiB)")
     g.add_argument("--chat", action="store_true", help="the prompt is a user message in the model's chat template")
+    g.add_argument("--kv-dtype", default=None, choices=("f32", "f16", "i8"),
+                   help="KV cache dtype (default f32; i8: int8 codes with a scale per row of a head)")
     pp = sub.add_parser("perplexity", help="perplexity of an LLM on a text file, as llama.cpp's llama-perplexity")
     pp.add_argument("model")
     pp.add_argument("--text", required=True, help="the text file (UTF-8)")
@@ -138,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
     add_arguments(pp)   # --quantize, --group, ... as for compile
     pp.add_argument("--threads", type=int, default=None)
+    pp.add_argument("--kv-dtype", default=None, choices=("f32", "f16", "i8"), help="KV cache dtype (default f32)")
     pp.add_argument("--kl-base", default=None, metavar="MODEL|fp32",
                     help="also the mean KL divergence and top-1 agreement against this model "
                          "(fp32: the same weights in f32)")
@@ -372,7 +376,7 @@ def _cmd_generate(a) -> None:
     import sqk
 
     t0 = time.perf_counter()
-    dec = sqk.llm.load(a.model, max_seq=a.max_seq, threads=a.threads)
+    dec = sqk.llm.load(a.model, max_seq=a.max_seq, threads=a.threads, kv_dtype=a.kv_dtype)
     tok = dec.tokenizer
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")
@@ -404,7 +408,7 @@ def _cmd_perplexity(a) -> None:
     with open(a.text, encoding="utf-8") as f:
         text = f.read()
     opts = parsed_options(a)
-    dec = sqk.llm.load(a.model, max_seq=a.ctx, threads=a.threads, **opts)
+    dec = sqk.llm.load(a.model, max_seq=a.ctx, threads=a.threads, kv_dtype=a.kv_dtype, **opts)
     base = None
     if a.kl_base == "fp32":
         base = sqk.llm.fp32_decoder(dec)

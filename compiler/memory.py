@@ -194,7 +194,8 @@ def state_pairs(graph: Graph, names) -> dict[Value, list[Value]]:
                           f"{', '.join(by_name) or 'none'})")
         chain, cur = [], v
         while True:
-            updates = [(n, o) for n in users.get(cur, ()) for o, j in OPS[n.op].aliases.items() if n.inputs[j] is cur]
+            updates = [(n, o) for n in users.get(cur, ()) for o, j in OPS[n.op].aliases.items()
+                       if j < len(n.inputs) and n.inputs[j] is cur]
             if not updates:
                 break
             if len(updates) > 1:

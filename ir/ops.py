@@ -1368,7 +1368,28 @@ class TopK:
         return [np.take_along_axis(x, idx, axis=-1), idx]
 
 
-@defop("attention_decode", "q k_new v_new k_cache v_cache pos")
+def kv_quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 KV cache's rule for rows [..., D] (f32 values): one scale per
+    row (a KV head at one position), ``quantize_rows_i8`` with group D: d =
+    max|x| / 127, codes round-half-even(x / d) (f32 division), clamped to
+    [-127, 127] (a subnormal d cannot push one past); d = 0 gives codes 0, a
+    row with a NaN or +-inf gets d = NaN and codes 0.  Returns (codes i8
+    [..., D], d f32 [...])."""
+    lead, d = rows.shape[:-1], rows.shape[-1]
+    xq, sc = quantize_rows_i8(rows.reshape(-1, d).astype(np.float32), d)
+    return np.clip(xq, -127, 127).astype(np.int8).reshape(rows.shape), sc.reshape(lead)
+
+
+def attention_spans(n: int, splits: int) -> list[tuple[int, int]]:
+    """The rows [a, e) of each of ``splits`` parts of a query's n rows 0..n-1:
+    length L = ceil(n / splits), part j = [j L, min(n, (j + 1) L)) (empty at
+    the end when n < splits * L - L)."""
+    ln = -(-n // splits)
+    return [(min(n, j * ln), min(n, (j + 1) * ln)) for j in range(splits)]
+
+
+@defop("attention_decode", "q k_new v_new k_cache v_cache pos k_scale v_scale", {"splits": Attr("int", 0)},
+       optional=2)
 class AttentionDecode:
     """Causal attention of T new tokens over a KV cache: one decoding step
     (T = 1) or a prefill chunk.  q[Hq, D] (one token) or q[T, Hq, D];
@@ -1381,6 +1402,20 @@ class AttentionDecode:
     softmax stable (max subtracted), all in f32.  The caches may have another
     float dtype than q, k_new, v_new (an f16 cache of f32 activations): the new
     rows are rounded to it on write and every row widened to f32 on read.
+
+    An int8 cache (k_cache, v_cache i8) takes k_scale, v_scale f32[Hkv, S]:
+    each new row (one KV head, one position) is quantized on write by
+    ``kv_quantize`` (its own scale, stored at [h, pos]; results 3 and 4 are
+    the updated scales), and read as code * scale: the score is
+    f32(q . codes) * k_scale / sqrt(D) and out = sum_t (p_t * v_scale_t) * codes_t,
+    up to f32 rounding of the sums.
+
+    ``splits`` = N >= 1 (T = 1 only): result 0 is, instead of out, the
+    partial softmax of each part of the rows (``attention_spans``):
+    f32[Hq, N, D + 2] holding (m, l, acc[D]) with m the part's largest
+    score, l = sum exp(s - m) and acc = sum exp(s - m) v (m = -inf, l = 0,
+    acc = 0 for an empty part), which ``attention_merge`` combines: the N
+    parts of a head run on different threads (flash-decoding).
     Rows outside [0, S) (pos < 0 or pos + T > S) are a run-time error.
     The compiled kernel updates the caches in place when the memory planner
     lets it (a state input, or an intermediate read last here; see
@@ -1388,14 +1423,14 @@ class AttentionDecode:
 
     KIND = "composite"
 
-    ALIASES = {1: 3, 2: 4}
+    ALIASES = {1: 3, 2: 4, 3: 6, 4: 7}
 
     @staticmethod
-    def infer(q, k_new, v_new, k_cache, v_cache, pos):
+    def infer(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits):
         d = _same_dtype([q, k_new, v_new])
         _same_dtype([k_cache, v_cache])
         _dtypes(q, dt.FLOATS, "q")
-        _dtypes(k_cache, dt.FLOATS, "k_cache")
+        _dtypes(k_cache, dt.FLOATS + (dt.i8,), "k_cache")
         _dtypes(pos, (dt.i64, dt.i32), "pos")
         _need(pos.shape in ((), (1,)), f"attention_decode pos must have shape () or (1,), got {pos.shape}")
         _need(q.rank in (2, 3) and k_cache.rank == 3, f"attention_decode needs q[Hq, D] or q[T, Hq, D] and "
@@ -1411,10 +1446,21 @@ class AttentionDecode:
               f"attention_decode: Hq={hq} must be a multiple of Hkv={hkv} (>= 1), and S={s} >= 1")
         _need(all(t <= s for t in lead), f"attention_decode: a chunk of {lead[0] if lead else 1} tokens does not "
               f"fit in the KV cache of length {s}")
-        return [TensorType(d, q.shape), k_cache, v_cache]
+        quant = k_cache.dtype is dt.i8
+        _need(quant == (k_scale is not None and v_scale is not None),
+              "attention_decode: an i8 cache takes k_scale and v_scale (f32[Hkv, S]), a float cache neither"
+              f" (got {k_cache.dtype} caches and {sum(x is not None for x in (k_scale, v_scale))} scales)")
+        if quant:
+            for x, what in ((k_scale, "k_scale"), (v_scale, "v_scale")):
+                _need(x.dtype is dt.f32 and x.shape == (hkv, s),
+                      f"attention_decode: {what} must be f32[{hkv}, {s}] (Hkv, S), got {x}")
+        _need(0 <= splits <= s and (splits == 0 or not lead),
+              f"attention_decode: splits={splits} must lie in [0, S={s}], and be 0 for a chunk of tokens")
+        out = TensorType(dt.f32, (hq, splits, dd + 2)) if splits else TensorType(d, q.shape)
+        return [out, k_cache, v_cache] + ([k_scale, v_scale] if quant else [])
 
     @staticmethod
-    def reference(q, k_new, v_new, k_cache, v_cache, pos):
+    def reference(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits):
         hkv, s, d = k_cache.shape
         t = 1 if q.ndim == 2 else q.shape[0]
         hq = q.shape[-2]
@@ -1424,19 +1470,62 @@ class AttentionDecode:
         if not 0 <= p <= s - t:
             raise IndexError(f"attention_decode: positions {p}..{p + t - 1} are outside the KV cache of length {s}")
         kc, vc = k_cache.copy(), v_cache.copy()
-        kc[:, p:p + t] = k_new.reshape(t, hkv, d).transpose(1, 0, 2)   # rounded to the cache's dtype
-        vc[:, p:p + t] = v_new.reshape(t, hkv, d).transpose(1, 0, 2)
+        quant = k_cache.dtype == np.int8
+        kn, vn = (x.reshape(t, hkv, d).transpose(1, 0, 2) for x in (k_new, v_new))
+        if quant:
+            ks, vs = k_scale.copy(), v_scale.copy()
+            (kc[:, p:p + t], ks[:, p:p + t]), (vc[:, p:p + t], vs[:, p:p + t]) = kv_quantize(kn), kv_quantize(vn)
+        else:
+            kc[:, p:p + t], vc[:, p:p + t] = kn, vn          # rounded to the cache's dtype
+            ks = vs = np.ones((hkv, s), np.float32)
         g = hq // hkv
         scale = np.float32(1.0 / math.sqrt(d))
         qs = q.reshape(t, hq, d).astype(np.float32)
-        out = np.empty((t, hq, d), np.float32)
+        out = np.empty((t, hq, d), np.float32) if not splits else np.zeros((hq, splits, d + 2), np.float32)
         for i in range(t):
             for h in range(hq):
-                kv = h // g
-                sc = (kc[kv, :p + i + 1].astype(np.float32) @ qs[i, h]) * scale
+                kv, n = h // g, p + i + 1
+                sc = ((kc[kv, :n].astype(np.float32) @ qs[i, h]) * ks[kv, :n]) * scale   # ks = 1: a float cache
+                if splits:
+                    for j, (a, e) in enumerate(attention_spans(n, splits)):
+                        if a == e:
+                            out[h, j, 0] = -np.inf
+                            continue
+                        m = sc[a:e].max()
+                        ex = np.exp(sc[a:e] - m)
+                        out[h, j, 0], out[h, j, 1] = m, ex.sum()
+                        out[h, j, 2:] = (ex * vs[kv, a:e]) @ vc[kv, a:e].astype(np.float32)
+                    continue
                 e = np.exp(sc - sc.max())
-                out[i, h] = (e / e.sum()) @ vc[kv, :p + i + 1].astype(np.float32)
-        return [out.reshape(q.shape).astype(q.dtype), kc, vc]
+                out[i, h] = (e / e.sum() * vs[kv, :n]) @ vc[kv, :n].astype(np.float32)
+        res = out if splits else out.reshape(q.shape).astype(q.dtype)
+        return [res, kc, vc] + ([ks, vs] if quant else [])
+
+
+@defop("attention_merge", "parts", {"dtype": Attr("str", "f32")})
+class AttentionMerge:
+    """out[Hq, D] of ``attention_decode {splits=N}``'s partial softmaxes
+    parts[Hq, N, D + 2] = (m_j, l_j, acc_j): with M = max_j m_j,
+    out = sum_j exp(m_j - M) acc_j / sum_j exp(m_j - M) l_j (empty parts, m =
+    -inf, add nothing), in f32, stored as ``dtype`` (q's dtype)."""
+
+    KIND = "composite"
+
+    @staticmethod
+    def infer(parts, *, dtype):
+        _dtypes(parts, (dt.f32,), "parts")
+        _need(parts.rank == 3 and parts.shape[1] >= 1 and parts.shape[2] >= 3,
+              f"attention_merge needs parts[Hq, N, D + 2] (N >= 1, D >= 1), got {parts.shape}")
+        _need(dtype in ("f32", "f16"), f'attention_merge dtype must be "f32" or "f16", got {dtype!r}')
+        return [TensorType(dt.BY_NAME[dtype], (parts.shape[0], parts.shape[2] - 2))]
+
+    @staticmethod
+    def reference(parts, *, dtype):
+        m, l, acc = parts[:, :, :1], parts[:, :, 1:2], parts[:, :, 2:]
+        mx = m.max(axis=1, keepdims=True)
+        w = np.exp(m - mx)                                       # [Hq, N, 1]; empty parts: 0
+        out = (w * acc).sum(axis=1) / (w * l).sum(axis=1)
+        return [out.astype(dt.BY_NAME[dtype].np_dtype)]
 
 
 def moe_route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

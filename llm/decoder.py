@@ -125,8 +125,22 @@ def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return w
 
 
-def state_names(cfg: LlamaConfig) -> list[str]:
-    return [f"{kv}_cache.{i}" for i in range(cfg.layers) for kv in ("k", "v")]
+KV_DTYPES = ("f32", "f16", "i8")
+
+
+def state_names(cfg: LlamaConfig, kv_dtype: str = "f32") -> list[str]:
+    """The decoder's state inputs: each layer's K and V caches, and with an
+    int8 cache their per-row scales (k_scale.L, v_scale.L f32[Hkv, S])."""
+    kinds = ("cache", "scale") if kv_dtype == "i8" else ("cache",)
+    return [f"{kv}_{c}.{i}" for i in range(cfg.layers) for c in kinds for kv in ("k", "v")]
+
+
+def attention_splits(cfg: LlamaConfig) -> int:
+    """Parts of the rows each KV head's decode attention is split into
+    (attention_decode {splits}): 0 (none) for caches of fewer than 256
+    positions, else about 16 work items over the KV heads (SmolLM2's 3 heads:
+    6 parts), so two or more threads share even 1-3 heads."""
+    return 0 if cfg.max_seq < 256 else min(16, -(-16 // cfg.kv_heads))
 
 
 @dataclass(frozen=True)
@@ -175,7 +189,7 @@ def embedding_table(weights) -> np.ndarray:
 
 
 def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f32",
-                  all_logits: bool = False, fuse: bool = True) -> Graph:
+                  all_logits: bool = False, fuse: bool = True, attn_splits: int | None = None) -> Graph:
     """The graph of one decoding step (module docstring), or with ``tokens=T > 1``
     of a prefill chunk: token i64[T] at positions pos..pos+T-1 (pos the start),
     every projection a GEMM with M = T, attention_decode over the chunk writing
@@ -183,7 +197,11 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     ``last`` (i64[1], an input: a chunk padded past the prompt's end returns
     the logits of its last real token).
     ``kv_dtype``: the caches' dtype, "f32" or "f16" (rounded on write, widened
-    on read; the math stays f32).
+    on read; the math stays f32), or "i8" (codes with one f32 scale per row of
+    a head, state inputs k_scale.L / v_scale.L beside the caches; see
+    attention_decode).  ``attn_splits``: a decode step's attention in that
+    many parts of the sequence per KV head, merged (attention_merge; None:
+    ``attention_splits(cfg)``, 0: unsplit).
     ``all_logits=True``: the logits [T, vocab] of every token of the chunk
     and no ``last`` input (what perplexity scores, llm/perplexity.py).
 
@@ -205,8 +223,9 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
         raise ValueError(f"build_decoder needs tokens >= 1, got {tokens}")
     if tokens > cfg.max_seq:
         raise ValueError(f"a chunk of {tokens} tokens does not fit in the KV cache of length {cfg.max_seq}")
-    if kv_dtype not in ("f32", "f16"):
-        raise ValueError(f'kv_dtype must be "f32" or "f16", got {kv_dtype!r}')
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f'kv_dtype must be one of {", ".join(KV_DTYPES)}, got {kv_dtype!r}')
+    splits = (attention_splits(cfg) if attn_splits is None else attn_splits) if tokens == 1 else 0
     b = GraphBuilder("llama_decode" if tokens == 1 else f"llama_prefill{tokens}")
     consts = {}
 
@@ -227,7 +246,8 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
 
     token, pos = b.input("token", (tokens,), "i64"), b.input("pos", (1,), "i64")
     cache = (cfg.kv_heads, cfg.max_seq, cfg.head_dim)
-    caches = {n: b.input(n, cache, kv_dtype) for n in state_names(cfg)}
+    caches = {n: b.input(n, cache if "_cache." in n else cache[:2], kv_dtype if "_cache." in n else "f32")
+              for n in state_names(cfg, kv_dtype)}
     hq, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
     lead = () if tokens == 1 else (tokens,)   # one token: q[Hq, D]; a chunk: q[T, Hq, D]
     inv = rope_frequencies(cfg)
@@ -269,8 +289,12 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
         q, k, v = qkv(h, i)
         q, k = rope(q, hq), rope(k, hkv)
         v = b.reshape(v, shape=lead + (hkv, d))
-        o, kc, vc = b.attention_decode(q, k, v, caches[f"k_cache.{i}"], caches[f"v_cache.{i}"], pos)
-        new_caches += [kc, vc]
+        scales = [caches[f"k_scale.{i}"], caches[f"v_scale.{i}"]] if kv_dtype == "i8" else []
+        o, *kv = b.attention_decode(q, k, v, caches[f"k_cache.{i}"], caches[f"v_cache.{i}"], pos, *scales,
+                                    splits=splits)
+        if splits:
+            o = b.attention_merge(o, dtype="f32")
+        new_caches += kv
         x = b.add(x, linear(b.reshape(o, shape=(tokens, hq * d)), f"wo.{i}"))
         h = b.rmsnorm(x, const(f"ffn_norm.{i}"), eps=cfg.eps)
         ff = b.swiglu(*gate_up(h, i))
@@ -399,7 +423,7 @@ class Decoder:
     at a time; both return the logits [vocab] of the next token and advance
     the position.  The chunk's Module is compiled when first needed and shares
     the step Module's KV caches (``module.state``; ``kv_dtype="f16"`` stores
-    them in f16) and, when the packed weights are the same bytes, its
+    them in f16, "i8" as int8 codes with per-row scales) and, when the packed weights are the same bytes, its
     constants file.
 
     A prompt's last, shorter piece of r tokens is padded to a whole chunk
@@ -436,7 +460,7 @@ class Decoder:
         self.prefill_chunk = min(prefill_chunk, cfg.max_seq)
         self.target, self.compile_options = target, compile_options
         self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype)
-        self.module = compile(self.graph, target=target, state=state_names(cfg), **compile_options)
+        self.module = compile(self.graph, target=target, state=state_names(cfg, kv_dtype), **compile_options)
         self.chunk_modules: dict = {}   # chunk length (or (length, "all"): all_logits) -> Module
         self.keep_ir = keep_ir   # False: drop each compiled graph (its constants copy the weights)
         if not keep_ir:
@@ -484,7 +508,7 @@ class Decoder:
             from ..compiler.driver import compile
 
             g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype, all_logits=all_logits)
-            m = compile(g, target=self.target, state=state_names(self.cfg), **self.compile_options)
+            m = compile(g, target=self.target, state=state_names(self.cfg, self.kv_dtype), **self.compile_options)
             m.share_state(self.module)
             if not self.keep_ir:
                 m.ir = None

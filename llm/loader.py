@@ -7,7 +7,8 @@ model directory (``hf.load_hf``: config.json + safetensors) or a GGUF file
 KV cache length: ``max_seq`` defaults to the model's context length, capped
 so the cache takes at most ``KV_BUDGET`` bytes (256 MiB): per position it
 holds K and V rows of every layer, 2 * layers * kv_heads * head_dim values
-(4 bytes each in f32, 2 with ``kv_dtype="f16"``).  SmolLM2-135M (30 layers,
+(4 bytes each in f32, 2 with ``kv_dtype="f16"``, 1 with "i8" plus a 4-byte
+scale per row of a head).  SmolLM2-135M (30 layers,
 3 KV heads of 64) needs 45 KiB per position, so its 8192-position context
 is capped at 5825 (all 8192 with an f16 cache); a Llama-3-8B (32 layers, 8
 KV heads of 128) at 1024.  A model that states no context gets 2048 at
@@ -26,12 +27,14 @@ KV_BUDGET = 256 << 20
 # checkpoints are dense: without quantize/sparsify options, skip select_format's density scan of
 # every weight (seconds per compile on a 135M model, and it picks dense for them anyway)
 DENSE_PIPELINE = "fold_constants,dce,fuse"
-KV_BYTES = {"f32": 4, "f16": 2}
+KV_BYTES = {"f32": 4, "f16": 2, "i8": 1}
 
 
 def kv_bytes_per_position(cfg: LlamaConfig, kv_dtype: str = "f32") -> int:
-    """Bytes the KV cache takes per position: K and V of every layer."""
-    return 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * KV_BYTES[kv_dtype]
+    """Bytes the KV cache takes per position: K and V of every layer (an int8
+    cache also a 4-byte scale per row of a head)."""
+    row = cfg.head_dim * KV_BYTES[kv_dtype] + (4 if kv_dtype == "i8" else 0)
+    return 2 * cfg.layers * cfg.kv_heads * row
 
 
 def choose_max_seq(cfg: LlamaConfig, max_seq: int | None, kv_dtype: str = "f32", where: str = "") -> int:

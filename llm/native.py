@@ -49,7 +49,7 @@ def generate_runner(dec) -> str:
         from .artifact import decoder_modules
 
         mods = decoder_modules(dec)
-        dec.generate_runner = link_generate_runner(mods, constants_files(mods)[0], state_names(dec.cfg),
+        dec.generate_runner = link_generate_runner(mods, constants_files(mods)[0], state_names(dec.cfg, dec.kv_dtype),
                                                    dec.cfg.max_seq, get_target(dec.target))
     return dec.generate_runner
 

@@ -179,6 +179,17 @@ def matmul_q_gemm():
     raw6 = rng.integers(0, 256, (70, blocks.block_type("Q6_K").nbytes), dtype=np.uint8)
     w6 = blocks.Weight(b, "Q6_K", raw6, (70, 256), name="w6")
     return b.output(b.matmul_q(x, q, s, z, group=32), w.matmul(x2), w6.matmul(x2))
+def kv_int8():
+    """attention_decode on an int8 cache: a prefill chunk, and a split decode step merged."""
+    b = GraphBuilder("kv_int8")
+    pos = b.input("pos", (1,), "i64")
+    kc, vc = b.input("kc", (2, 40, 8), "i8"), b.input("vc", (2, 40, 8), "i8")
+    ks, vs = b.input("ks", (2, 40)), b.input("vs", (2, 40))
+    chunk = b.attention_decode(b.input("qc", (3, 4, 8)), b.input("kn3", (3, 2, 8)), b.input("vn3", (3, 2, 8)),
+                               kc, vc, pos, ks, vs)
+    parts, *caches = b.attention_decode(b.input("q", (4, 8)), b.input("kn", (2, 8)), b.input("vn", (2, 8)),
+                                        *chunk[1:3], pos, *chunk[3:], splits=3)
+    return b.output(chunk[0], b.attention_merge(parts), *caches)
 
 
 FAMILIES = {
@@ -208,6 +219,7 @@ FAMILIES = {
     "gguf_blocks": (gguf_blocks, "dce"),
     "matmul_q_gemm": (matmul_q_gemm, "dce"),
     "llm_ops": (llm_ops, "dce"),
+    "kv_int8": (kv_int8, "dce"),
     # whole models through the default pipeline: fusion decisions and the memory plan
     "transformer_block": (lambda: transformer_block(hidden=48, heads=4, ffn=80, tokens=5), None),
     "small_cnn": (lambda: small_cnn(channels=(4, 8), image=12), None),

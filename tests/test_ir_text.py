@@ -116,6 +116,10 @@ OP_CASES = {
     "attention_decode": lambda b: list(b.attention_decode(
         b.input("q", (4, 2)), b.input("kn", (2, 2)), b.input("vn", (2, 2)), b.input("kc", (2, 3, 2)),
         b.input("vc", (2, 3, 2)), b.const(np.array([1]), name="pos"))),
+    "attention_merge": lambda b: [b.attention_merge(b.attention_decode(
+        b.input("q", (4, 2)), b.input("kn", (2, 2)), b.input("vn", (2, 2)), b.input("kc", (2, 3, 2), "i8"),
+        b.input("vc", (2, 3, 2), "i8"), b.const(np.array([1]), name="pos"), b.input("ks", (2, 3)),
+        b.input("vs", (2, 3)), splits=2)[0], dtype="f32")],
     "moe": lambda b: [b.moe(b.input("x", (1, 2)), b.input("rw", (2, 3)), b.input("w1", (3, 2, 4)),
                             b.input("w3", (3, 2, 4)), b.input("w2", (3, 4, 2)), k=2)],
     "matmul_sparse_input": lambda b: [b.matmul_sparse_input(b.input("a", (2, 3)), b.input("w", (3, 4)))],
