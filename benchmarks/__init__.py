@@ -32,9 +32,13 @@ BENCHMARKS = {
                                            "(emulated, coarse)"),
     "llm-real": ("benchmarks.llm_real", "real GGUF models (SmolLM2-135M f32/q8_0/q4_0/q4_1, a random 1.1B Llama "
                                         "q4_0/q8_0): prefill and decode tok/s vs llama.cpp's llama-bench"),
+    "quant-accuracy": ("benchmarks.quant_accuracy", "SmolLM2-135M perplexity, KL and top-1 vs fp32: sqk int8 / int4 "
+                                                    "RTN, imatrix, GPTQ, AWQ / int8 act / 2:4 pruning vs llama.cpp "
+                                                    "q8_0, q4_0, q4_K_M"),
 }
-# Run only when named: llm-real builds llama.cpp and writes GiB of model files on first use.
-ON_DEMAND = {"llm-real"}
+# Run only when named: llm-real builds llama.cpp and writes GiB of model files on first use;
+# quant-accuracy takes half an hour.
+ON_DEMAND = {"llm-real", "quant-accuracy"}
 
 
 def timeit(fns: dict, runs: int, inner: int = 1, warmup: int = 1, settle: float = 0.3) -> dict[str, list[float]]:

@@ -316,10 +316,11 @@ class Quantize(Pass):
     def _quantize(self, arr, st: LayerStats, group: int, name: str):
         """(q, scales, zeros) of one weight by ``self.method`` (AWQ's weight is W * s already)."""
         args = dict(bits=self.bits, group=group, scheme=self.scheme, scale_dtype=self.scale_dtype, name=name)
+        memo = self.calibration_data.memo if self.calibration_data is not None else None   # once per weight
         if self.method == "gptq":
-            return qm.gptq_quantize(arr, st.hessian, damp=self.damp, act_order=self.act_order, **args)
+            return memo(qm.gptq_quantize, arr, st.hessian, damp=self.damp, act_order=self.act_order, **args)
         if self.method == "imatrix":
-            return qm.imatrix_quantize(arr, st.mean_sq, **args)
+            return memo(qm.imatrix_quantize, arr, st.mean_sq, **args)
         return qm.quantize_weight(arr, **args)
 
     def _act_scale(self, st: LayerStats, name: str, inv=None) -> float:
@@ -373,8 +374,9 @@ class Quantize(Pass):
         for x, ws in by_x.items():
             st = stats[x]
             group = self.group_for(x.shape[-1])
-            s, alpha, err, rtn = qm.awq_scales([const_value[w] for w in ws], st.sample, st.mean_abs, self.bits,
-                                               group, self.scheme, self.scale_dtype)
+            s, alpha, err, rtn = self.calibration_data.memo(qm.awq_scales, [const_value[w] for w in ws], st.sample,
+                                                            st.mean_abs, self.bits, group, self.scheme,
+                                                            self.scale_dtype)
             inv = (np.float32(1) / s).astype(np.float32)
             for w in ws:
                 const_value[w] = (const_value[w].astype(np.float32) * s[:, None]).astype(const_value[w].dtype)
