@@ -43,25 +43,26 @@ import numpy as np
 from . import Table
 
 CTX = 512
-CHUNKS = 6                     # evaluation windows: 6 x 512 = 3072 tokens of GPL-3
+CHUNKS = 4                     # evaluation windows: 4 x 512 = 2048 tokens of GPL-3, 1020 scored
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 CALIB_TEXT = "/usr/share/common-licenses/Apache-2.0"
 INT4 = dict(quantize="int4", group=32, scale_dtype="f16")
 
 
 def sqk_rows(quick: bool) -> list:
-    """(name, compile options) of sqk's rows; "calib" marks those that read the calibration text."""
-    rows = [("fp32", None), ("int8 per-channel RTN", dict(quantize="int8"))] if not quick else [("fp32", None)]
-    rows += [("int4 g32 RTN", dict(INT4)),
-             ("int4 g32 imatrix", dict(INT4, quantize_method="imatrix", calib=True)),
-             ("int4 g32 GPTQ", dict(INT4, quantize_method="gptq", calib=True)),
-             ("int4 g32 AWQ", dict(INT4, quantize_method="awq", calib=True))]
+    """(name, compile options) of sqk's rows ("calib": reads the calibration text), the targets' rows first."""
+    rows = [("fp32", None),
+            ("int4 g32 RTN", dict(INT4)),
+            ("int4 g32 GPTQ", dict(INT4, quantize_method="gptq", calib=True)),
+            ("int4 g32 AWQ", dict(INT4, quantize_method="awq", calib=True)),
+            ("int4 g32 imatrix", dict(INT4, quantize_method="imatrix", calib=True))]
     if not quick:
-        rows += [("int4 g32 RTN + int8 act per row", dict(INT4, activations="int8")),
-                 ("int4 g32 RTN + int8 act g32", dict(INT4, activations="int8", act_group=32)),
-                 ("2:4 magnitude", dict(sparsify="2:4", method="magnitude", skip="lm_head")),
+        rows += [("2:4 magnitude", dict(sparsify="2:4", method="magnitude", skip="lm_head")),
                  ("2:4 Wanda", dict(sparsify="2:4", method="wanda", skip="lm_head", calib=True)),
-                 ("2:4 SparseGPT", dict(sparsify="2:4", method="sparsegpt", skip="lm_head", calib=True))]
+                 ("2:4 SparseGPT", dict(sparsify="2:4", method="sparsegpt", skip="lm_head", calib=True)),
+                 ("int8 per-channel RTN", dict(quantize="int8")),
+                 ("int4 g32 RTN + int8 act per row", dict(INT4, activations="int8")),
+                 ("int4 g32 RTN + int8 act g32", dict(INT4, activations="int8", act_group=32))]
     return rows
 
 
@@ -117,10 +118,10 @@ def run(threads: int, quick: bool = False) -> Table:
     from sqk.llm.calibrate import TextCalibration
     from sqk.llm.decoder import as_f32
 
-    from . import llama_cpp
-    from .llm_inputs import cache_dir, f32_copy, quantize, smollm2_q4_1
+    from .llm_inputs import smollm2_q4_1
 
     chunks = 2 if quick else CHUNKS
+    peer = llama_rows(threads, chunks)        # first: quick, and printed as they come
     eval_text, calib_text = Path(EVAL_TEXT).read_text(), Path(CALIB_TEXT).read_text()
     src = sqk.llm.load(smollm2_q4_1(), max_seq=CTX, threads=threads)
     base = sqk.llm.fp32_decoder(src)
@@ -132,7 +133,6 @@ def run(threads: int, quick: bool = False) -> Table:
     t = Table(f"Perplexity of SmolLM2-135M-Instruct on {Path(EVAL_TEXT).name} ({chunks} windows of {CTX}), "
               f"sqk vs llama.cpp",
               ["model", "bits/weight", "PPL +/- err", "dPPL vs fp32", "KLD", "top-1 %", "seconds"])
-    fp32_ppl = None
     for name, opts in sqk_rows(quick):
         opts = dict(opts or {})
         if opts.pop("calib", False):
@@ -143,37 +143,49 @@ def run(threads: int, quick: bool = False) -> Table:
         t1 = time.perf_counter()
         dec = base if name == "fp32" else sqk.llm.fp32_decoder(src, **opts)
         r = sqk.llm.perplexity(dec, eval_text, ctx=CTX, base=base, chunks=chunks)
-        fp32_ppl = r.base_ppl
         t.add(name, f"{bits_per_weight(dec.module):.2f}", f"{r.ppl:.4f} +/- {r.ppl_err:.4f}",
               f"{r.ppl - r.base_ppl:+.4f}", f"{r.kld:.4f}", f"{100 * r.top1:.2f}", f"{time.perf_counter() - t1:.0f}")
         print(t.rows[-1], flush=True)
         del dec
+    if isinstance(peer, str):
+        t.notes.append(f"llama.cpp rows missing: {peer}")
+    else:
+        t.rows += peer[0]
+        t.notes.append(peer[1])
+    t.notes += [f"calibration: {calib.source}, {len(calib.windows)} windows of {CTX} through the fp32 model "
+                f"({calib_s:.0f} s); evaluation: {Path(EVAL_TEXT).name}, a different text",
+                "dPPL: against sqk's fp32 row for sqk, against llama.cpp's own F32 run for llama.cpp; KLD and "
+                "top-1 against the fp32 logits of the same side"]
+    return t
+
+
+def llama_rows(threads: int, chunks: int):
+    """([table rows], a note) of llama.cpp's F32, q8_0, q4_0 and q4_K_M, or why they are missing (a str)."""
+    from . import llama_cpp
+    from .llm_inputs import cache_dir, f32_copy, quantize, smollm2_q4_1
+
     try:
         tools = llama_cpp.tools()
     except llama_cpp.PeerUnavailable as e:
-        t.notes.append(f"llama.cpp rows missing: {e}")
-        return t
+        return str(e)
     cache = cache_dir()
     f32 = cache / "smollm2-135m-f32.gguf"
     if not f32.is_file():
         f32_copy(smollm2_q4_1(), f32)
     base_kld = cache / f"smollm2-135m-f32.gpl3-c{CTX}-n{chunks}.kld"
+    t1 = time.perf_counter()
     b = llama_perplexity(tools, f32, EVAL_TEXT, chunks, threads, base_kld, make_base=True)
-    t.add("llama.cpp F32", f"{gguf_bits_per_weight(f32):.2f}", f"{b['ppl']:.4f} +/- {b['err']:.4f}",
-          f"{b['ppl'] - fp32_ppl:+.4f}", "-", "-", "")
+    rows = [["llama.cpp F32", f"{gguf_bits_per_weight(f32):.2f}", f"{b['ppl']:.4f} +/- {b['err']:.4f}", "+0.0000",
+             "0", "100", f"{time.perf_counter() - t1:.0f}"]]
+    print(rows[-1], flush=True)
     for q in ("q8_0", "q4_0", "q4_K_M"):
         path = cache / f"smollm2-135m-{q.lower()}.gguf"
         if not path.is_file():
             quantize(tools, f32, path, q.upper(), threads)
         t1 = time.perf_counter()
         r = llama_perplexity(tools, path, EVAL_TEXT, chunks, threads, base_kld)
-        t.add(f"llama.cpp {q}", f"{gguf_bits_per_weight(path):.2f}", f"{r['ppl']:.4f} +/- {r['err']:.4f}",
-              f"{r['ppl'] - b['ppl']:+.4f}", f"{r['kld']:.4f}", f"{100 * r['top1']:.2f}",
-              f"{time.perf_counter() - t1:.0f}")
-        print(t.rows[-1], flush=True)
-    t.notes += [f"calibration: {calib.source}, {len(calib.windows)} windows of {CTX} through the fp32 model "
-                f"({calib_s:.0f} s); evaluation: {Path(EVAL_TEXT).name}, a different text",
-                "dPPL: against sqk's fp32 row for sqk, against llama.cpp's own F32 run for llama.cpp; KLD and "
-                "top-1 against the fp32 logits of the same side",
-                f"llama.cpp {llama_cpp.version(tools)}"]
-    return t
+        rows.append([f"llama.cpp {q}", f"{gguf_bits_per_weight(path):.2f}", f"{r['ppl']:.4f} +/- {r['err']:.4f}",
+                     f"{r['ppl'] - b['ppl']:+.4f}", f"{r['kld']:.4f}", f"{100 * r['top1']:.2f}",
+                     f"{time.perf_counter() - t1:.0f}"])
+        print(rows[-1], flush=True)
+    return rows, f"llama.cpp {llama_cpp.version(tools)}"

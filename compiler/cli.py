@@ -1,7 +1,8 @@
 """The ``sqk`` command line.
 
     sqk compile MODEL_DIR|MODEL.gguf -o OUT.sqk [--target T] [--max-seq S] [--prefill-chunk C] [--kv-dtype f32|f16]
-                [--quantize int8|int4 ...]   (an LLM artifact; default: the file's own quantization)
+                [--quantize int8|int4 ...] [--calibration-text FILE [--calibration-ctx N]]
+                [--max-error E|ppl+P%]   (an LLM artifact; default: the file's own quantization)
     sqk compile MODEL.sqkir|MODEL.onnx -o OUT.sqk [--input-shape NAME=1x128 ...]
                 [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
                 [--quantize int8|int4 [--group N] [--scheme sym|asym] [--scale-dtype f32|f16]
@@ -17,9 +18,12 @@
     sqk demo [--target T]
     sqk bench OUT.sqk [--runs N] [--threads N] [--probe-mib M]
     sqk generate MODEL_DIR|MODEL.gguf --prompt TEXT [-n 64] [--temperature T] [--top-k K] [--top-p P]
-                 [--seed S] [--threads N] [--max-seq S] [--chat]
+                 [--seed S] [--threads N] [--max-seq S] [--chat] [QUANTIZE]
     sqk perplexity MODEL_DIR|MODEL.gguf --text FILE [--ctx 512] [--stride S] [--chunks N]
-                   [--quantize int8|int4 [--group N]] [--threads N] [--kl-base MODEL|fp32]
+                   [QUANTIZE] [--threads N] [--kl-base MODEL|fp32]
+        QUANTIZE: [--quantize int8|int4 [--group N] [--scale-dtype f32|f16]
+                   [--quantize-method rtn|gptq|awq|imatrix]] [--sparsify PATTERN [--sparsify-method M]]
+                  [--skip W1|W2] [--max-error E|ppl+P%] [--calibration-text FILE [--calibration-ctx N]]
     sqk --version
 
 MODEL is an IR text file, an ONNX model (.onnx; dump, viz and info take
@@ -73,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--scheme", default=None, choices=("sym", "asym"), help="symmetric (default) or zero points")
     c.add_argument("--scale-dtype", default=None, choices=("f32", "f16"), help="scale storage (default f32)")
     c.add_argument("--skip", default=None, metavar="W1|W2", help="weight constants to leave in float")
-    c.add_argument("--max-error", type=float, default=None,
-                   help="keep in float each layer whose relative L2 output error exceeds this")
+    c.add_argument("--max-error", default=None, metavar="E|ppl+P%",
+                   help="keep in float each layer whose relative L2 output error exceeds E; LLMs with "
+                        "--calibration-text also take an end-to-end budget, e.g. ppl+2%% (perplexity on that text)")
     c.add_argument("--activations", default=None, choices=("none", "int8"),
                    help="int8: quantize activations per row and group at run time (symmetric int4 or int8 weights)")
     c.add_argument("--quantize-method", default=None, choices=("rtn", "gptq", "awq", "imatrix"),
@@ -97,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="LLM: KV cache length (default: the context, within 256 MiB)")
     c.add_argument("--prefill-chunk", type=int, default=None, help="LLM: tokens per prefill call (default 64)")
     c.add_argument("--kv-dtype", default=None, choices=("f32", "f16"), help="LLM: KV cache dtype (default f32)")
+    _calibration_text_args(c)
 
     d = sub.add_parser("dump", help="print a model's IR, optionally after running passes, or its LLVM IR or assembly")
     d.add_argument("model", help="IR text file, ONNX model (.onnx), or an artifact directory (its final IR)")
@@ -147,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the context, within 256 MiB)")
     g.add_argument("--chat", action="store_true", help="the prompt is a user message in the model's chat template")
+    g.add_argument("--quantize", default=None, choices=("int8", "int4"), help="quantize the matmul weights")
+    g.add_argument("--group", type=int, default=None, help="quantization group along K (int4 default 32)")
+    _llm_quant_args(g)
     pp = sub.add_parser("perplexity", help="perplexity of an LLM on a text file, as llama.cpp's llama-perplexity")
     pp.add_argument("model")
     pp.add_argument("--text", required=True, help="the text file (UTF-8)")
@@ -155,11 +164,55 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
     pp.add_argument("--quantize", default=None, choices=("int8", "int4"), help="quantize the matmul weights")
     pp.add_argument("--group", type=int, default=None, help="quantization group along K (int4 default 32)")
+    _llm_quant_args(pp)
     pp.add_argument("--threads", type=int, default=None)
     pp.add_argument("--kl-base", default=None, metavar="MODEL|fp32",
                     help="also the mean KL divergence and top-1 agreement against this model "
                          "(fp32: the same weights in f32)")
     return p
+
+
+def _calibration_text_args(p) -> None:
+    p.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="LLM: a text (UTF-8) run through the fp32 model to collect each layer's inputs for "
+                        "gptq/awq/imatrix/wanda/sparsegpt and the report")
+    p.add_argument("--calibration-ctx", type=int, default=None,
+                   help="LLM: tokens per calibration window (default 512; the text needs at least one window)")
+
+
+def _llm_quant_args(p) -> None:
+    """The quantize/prune options generate and perplexity take besides --quantize/--group."""
+    p.add_argument("--quantize-method", default=None, choices=("rtn", "gptq", "awq", "imatrix"),
+                   help="how weights are rounded (default rtn; the others need --calibration-text)")
+    p.add_argument("--scale-dtype", default=None, choices=("f32", "f16"), help="scale storage (default f32)")
+    p.add_argument("--sparsify", default=None, metavar="unstructured|N:M|block=RxC", help="prune the matmul weights")
+    p.add_argument("--sparsify-method", default=None, choices=("magnitude", "wanda", "sparsegpt"),
+                   help="how weights are chosen for pruning (default magnitude; the others need --calibration-text)")
+    p.add_argument("--skip", default=None, metavar="W1|W2", help="weight constants to leave in float")
+    p.add_argument("--max-error", default=None, metavar="E|ppl+P%",
+                   help="per-layer relative L2 bound, or an end-to-end budget on --calibration-text (ppl+2%%)")
+    _calibration_text_args(p)
+
+
+def _llm_quant_opts(a) -> dict:
+    """The Decoder options of generate / perplexity / compile's quantize and calibration arguments."""
+    opts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group),
+                              ("quantize_method", getattr(a, "quantize_method", None)),
+                              ("scale_dtype", getattr(a, "scale_dtype", None)),
+                              ("sparsify", getattr(a, "sparsify", None)),
+                              ("method", getattr(a, "sparsify_method", None)), ("skip", getattr(a, "skip", None)),
+                              ("max_error", getattr(a, "max_error", None))) if v is not None}
+    return dict(opts, **_calibration_text(a))
+
+
+def _calibration_text(a) -> dict:
+    if a.calibration_text is None:
+        if a.calibration_ctx is not None:
+            raise ValueError("--calibration-ctx applies with --calibration-text")
+        return {}
+    with open(a.calibration_text, encoding="utf-8") as f:
+        out = {"calibration_text": f.read()}
+    return dict(out, calibration_ctx=a.calibration_ctx) if a.calibration_ctx is not None else out
 
 
 def _input_shape_arg(p) -> None:
@@ -201,11 +254,18 @@ def _cmd_compile(a) -> None:
     if os.path.isdir(a.model) or is_gguf(a.model):
         if a.calibration is not None:
             raise ValueError("--calibration (input samples as .npz) applies to graphs (IR text or ONNX), "
-                             "not to LLMs")
-        return _compile_llm(a, qopts)
-    llm_only = [f"--{k}" for k in ("max_seq", "prefill_chunk", "kv_dtype") if getattr(a, k) is not None]
+                             "not to LLMs (give --calibration-text)")
+        return _compile_llm(a, dict(qopts, **_calibration_text(a)))
+    llm_only = [f"--{k}" for k in ("max_seq", "prefill_chunk", "kv_dtype", "calibration_text", "calibration_ctx")
+                if getattr(a, k) is not None]
     if llm_only:
         raise ValueError(f"{', '.join(llm_only).replace('_', '-')} apply to LLMs (a model directory or a GGUF file)")
+    if a.max_error is not None:
+        try:
+            qopts["max_error"] = float(a.max_error)
+        except ValueError:
+            raise ValueError(f"--max-error {a.max_error}: a graph takes a per-layer relative L2 bound (a number); "
+                             "end-to-end perplexity budgets (ppl+2%) apply to LLMs with --calibration-text") from None
     if a.calibration is not None:
         from .calibration import Calibration
 
@@ -394,7 +454,9 @@ def _cmd_generate(a) -> None:
     import sqk
 
     t0 = time.perf_counter()
-    dec = sqk.llm.load(a.model, max_seq=a.max_seq, threads=a.threads)
+    dec = sqk.llm.load(a.model, max_seq=a.max_seq, threads=a.threads, **_llm_quant_opts(a))
+    if dec.budget is not None:
+        print(dec.budget, file=sys.stderr)
     tok = dec.tokenizer
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")
@@ -424,8 +486,9 @@ def _cmd_perplexity(a) -> None:
 
     with open(a.text, encoding="utf-8") as f:
         text = f.read()
-    opts = {k: v for k, v in (("quantize", a.quantize), ("group", a.group)) if v is not None}
-    dec = sqk.llm.load(a.model, max_seq=a.ctx, threads=a.threads, **opts)
+    dec = sqk.llm.load(a.model, max_seq=a.ctx, threads=a.threads, **_llm_quant_opts(a))
+    if dec.budget is not None:
+        print(dec.budget, file=sys.stderr)
     base = None
     if a.kl_base == "fp32":
         base = sqk.llm.fp32_decoder(dec)

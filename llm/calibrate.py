@@ -250,7 +250,7 @@ def calibrated_decoder(dec, target, keep_ir, text, ctx, options) -> bool:
     ``max_error``: the text's TextCalibration becomes the compile's
     ``calibration_data``; with an end-to-end budget, ``dec`` becomes the
     decoder ``fit_budget`` chose (True: ``dec`` is complete)."""
-    from .decoder import Decoder
+    from .decoder import Decoder, QuantWeight, as_f32
 
     passes = [k for k in ("quantize", "sparsify") if options.get(k) is not None] or \
         (["pipeline"] if any(p in str(options.get("pipeline") or "") for p in ("quantize", "sparsify")) else [])
@@ -260,6 +260,9 @@ def calibrated_decoder(dec, target, keep_ir, text, ctx, options) -> bool:
     if "calibration_data" in options and text is not None:
         raise ValueError("give either calibration_text= or calibration_data=, not both")
     budget = parse_budget(options.get("max_error"))
+    if text is not None and any(isinstance(w, QuantWeight) for w in dec.weights.values()):
+        # a file's pre-quantized blocks: the methods quantize (or prune) their f32 values
+        dec.weights = {k: as_f32(w) for k, w in dec.weights.items()}
     if text is not None:
         options["calibration_data"] = TextCalibration(dec.cfg, dec.weights, dec.tokenizer, text, ctx)
     if budget is None:

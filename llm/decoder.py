@@ -401,7 +401,7 @@ class Decoder:
         no compiler."""
         self = cls.__new__(cls)
         self.cfg, self.tokenizer, self.weights, self.kv_dtype = cfg, tokenizer, None, kv_dtype
-        self.prefill_chunk, self.keep_ir = prefill_chunk, False
+        self.prefill_chunk, self.keep_ir, self.budget = prefill_chunk, False, None
         self.module, self.graph = modules[1], None
         self.target, self.compile_options = self.module.target, {}
         self.chunk_modules = {t: m for t, m in modules.items() if t != 1}

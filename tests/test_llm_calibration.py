@@ -164,3 +164,41 @@ def test_mole_experts_are_calibrated():
     rows = {r["layer"]: r for r in (rep if hasattr(rep, "pass_name") else rep.get("quantize"))}
     assert rows["mole_up_0_1"]["status"] == rows["mole_router_0"]["status"] == "quantized"
     assert rows["mole_up_0_1"]["rel_l2"] < rows["mole_up_0_1"]["rel_l2_rtn"]
+
+
+# --- the command line: a model directory with a tokenizer (test_perplexity's) -----------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from test_perplexity import bos_dir
+
+    return bos_dir.__wrapped__(tmp_path_factory)
+
+
+def test_cli_calibration_text(model_dir, capsys, tmp_path):
+    from sqk.compiler.cli import main
+
+    text = str(model_dir / "text.txt")
+    calib = tmp_path / "calib.txt"
+    words = [w for w in (model_dir / "text.txt").read_text().split()]
+    calib.write_text(" ".join(reversed(words)))      # another text over the same words
+    args = ["perplexity", str(model_dir), "--text", text, "--ctx", "16", "--quantize", "int4", "--group", "16",
+            "--quantize-method", "gptq", "--calibration-text", str(calib), "--calibration-ctx", "16"]
+    assert main(args + ["--max-error", "ppl+1000%"]) == 0
+    out, err = capsys.readouterr()
+    assert "Final estimate: PPL = " in out
+    assert "end-to-end budget max_error=ppl+1000%" in err and "met: " in err
+    assert main(args[:-4] + ["--max-error", "ppl+1%"]) == 1
+    assert "max_error='ppl+1%' is measured on a calibration text: give calibration_text=" in capsys.readouterr().err
+    assert main(args[:-2] + ["--calibration-ctx", "80"]) == 1
+    assert "calibration text has 71 tokens; calibration at calibration_ctx 80 needs at least 80 (one window)" in \
+        capsys.readouterr().err
+    out_dir = tmp_path / "m.sqk"
+    assert main(["compile", str(model_dir), "-o", str(out_dir), "--quantize", "int4", "--group", "16",
+                 "--quantize-method", "awq", "--calibration-text", str(calib), "--calibration-ctx", "16",
+                 "--max-seq", "32", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out_dir), "--prompt", "w1 w2", "-n", "3"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(model_dir), "--prompt", "w1", "--calibration-ctx", "16"]) == 1
+    assert "--calibration-ctx applies with --calibration-text" in capsys.readouterr().err
