@@ -20,7 +20,9 @@ text (GPTQ, AWQ, imatrix, Wanda, SparseGPT): Apache-2.0, a different text,
 collected once (``sqk.llm.calibrate.TextCalibration``) and shared by the rows.
 
 Rows: fp32; int8 per channel; int4 g32 (f16 scales: 4.5 bits per weight, as
-q4_0) round-to-nearest, imatrix, GPTQ, AWQ; int4 RTN with int8 activations
+q4_0) round-to-nearest, imatrix, GPTQ, AWQ, and GPTQ with the lm_head (the
+tied embedding table) in int8 GPTQ, as q4_K_M keeps its output tensor at
+Q6_K; int4 RTN with int8 activations
 per row, and per group of 32 (``act_group=32`` when this sqk's quantize pass
 has that option, else the row says it is missing); 2:4 magnitude / Wanda /
 SparseGPT (f32 values, the lm_head left dense as the papers leave it);
@@ -47,6 +49,10 @@ CHUNKS = 4                     # evaluation windows: 4 x 512 = 2048 tokens of GP
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 CALIB_TEXT = "/usr/share/common-licenses/Apache-2.0"
 INT4 = dict(quantize="int4", group=32, scale_dtype="f16")
+# int4 for every layer but the lm_head (the tied embedding, a fifth of the weights), which gets int8, as
+# llama.cpp's q4_K_M keeps its output tensor at Q6_K: two quantize passes, the second seeing only the lm_head
+HEAD_INT8 = ("fold_constants,quantize{weights=int4,group=32,scale_dtype=f16,method=gptq,skip=lm_head},"
+             "quantize{weights=int8,method=gptq},select_format,dce,fuse")
 
 
 def sqk_rows(quick: bool) -> list:
@@ -55,7 +61,8 @@ def sqk_rows(quick: bool) -> list:
             ("int4 g32 RTN", dict(INT4)),
             ("int4 g32 GPTQ", dict(INT4, quantize_method="gptq", calib=True)),
             ("int4 g32 AWQ", dict(INT4, quantize_method="awq", calib=True)),
-            ("int4 g32 imatrix", dict(INT4, quantize_method="imatrix", calib=True))]
+            ("int4 g32 imatrix", dict(INT4, quantize_method="imatrix", calib=True)),
+            ("int4 g32 GPTQ, lm_head int8 GPTQ", dict(pipeline=HEAD_INT8, calib=True))]
     if not quick:
         rows += [("2:4 magnitude", dict(sparsify="2:4", method="magnitude", skip="lm_head")),
                  ("2:4 Wanda", dict(sparsify="2:4", method="wanda", skip="lm_head", calib=True)),
