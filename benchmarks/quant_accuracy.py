@@ -21,9 +21,8 @@ collected once (``sqk.llm.calibrate.TextCalibration``) and shared by the rows.
 
 Rows: fp32; int8 per channel; int4 g32 (f16 scales: 4.5 bits per weight, as
 q4_0) round-to-nearest, imatrix, GPTQ, AWQ, and GPTQ with the lm_head (the
-tied embedding table) in int8 GPTQ, as q4_K_M keeps its output tensor at
-Q6_K; int4 RTN with int8 activations
-per row, and per group of 32 (``act_group=32`` when this sqk's quantize pass
+tied embedding table) in int8 GPTQ, as llama.cpp's q4_0 and q4_K_M files keep
+it in Q8_0; int4 RTN with int8 activations per row, and per group of 32 (``act_group=32`` when this sqk's quantize pass
 has that option, else the row says it is missing); 2:4 magnitude / Wanda /
 SparseGPT (f32 values, the lm_head left dense as the papers leave it);
 llama.cpp q8_0, q4_0, q4_K_M.  Bits per weight: the matmul weights' stored
@@ -34,7 +33,6 @@ windows and the int4 rows only.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import subprocess
 import time
@@ -50,7 +48,7 @@ EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 CALIB_TEXT = "/usr/share/common-licenses/Apache-2.0"
 INT4 = dict(quantize="int4", group=32, scale_dtype="f16")
 # int4 for every layer but the lm_head (the tied embedding, a fifth of the weights), which gets int8, as
-# llama.cpp's q4_K_M keeps its output tensor at Q6_K: two quantize passes, the second seeing only the lm_head
+# llama.cpp's q4_0 and q4_K_M keep it in Q8_0: two quantize passes, the second seeing only the lm_head
 HEAD_INT8 = ("fold_constants,quantize{weights=int4,group=32,scale_dtype=f16,method=gptq,skip=lm_head},"
              "quantize{weights=int8,method=gptq},select_format,dce,fuse")
 
