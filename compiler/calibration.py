@@ -17,6 +17,7 @@ AWQ's scale search.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,8 +35,9 @@ class LayerStats:
     sum_sq: np.ndarray = None     # [K] float64: sum of x^2 per input channel
     sum_abs: np.ndarray = None    # [K] float64: sum of |x| per input channel
     chan_amax: np.ndarray = None  # [K]: max |x| per input channel over all rows (static minmax scales)
-    kept: list = field(default_factory=list)   # row blocks kept (the input's dtype), at most ~2 MAX_ROWS rows
+    kept: list = field(default_factory=list)   # row blocks kept (the input's dtype), at most ~2 max_rows rows
     stride: int = 1               # every stride-th row is kept
+    max_rows: int = MAX_ROWS
 
     def __post_init__(self):
         self.xtx = np.zeros((self.k, self.k))
@@ -53,7 +55,7 @@ class LayerStats:
         self.sum_abs += np.abs(x).sum(axis=0)
         self.chan_amax = np.maximum(self.chan_amax, np.abs(x).max(axis=0, initial=0.0))
         self.kept.append(raw[start::self.stride].copy())   # as the layer saw it (f32 rows of an f32 graph)
-        if sum(len(b) for b in self.kept) > 2 * MAX_ROWS:   # halve what is kept: every other row
+        if sum(len(b) for b in self.kept) > 2 * self.max_rows:   # halve what is kept: every other row
             every = np.concatenate(self.kept)[::2]
             self.kept, self.stride = [every], self.stride * 2
 
@@ -99,7 +101,7 @@ class LayerStats:
 
     @property
     def sample(self) -> np.ndarray:
-        """The kept rows [<= 2 * MAX_ROWS, K] (all rows when there are few)."""
+        """The kept rows [<= 2 * max_rows, K] (all rows when there are few)."""
         return np.concatenate(self.kept) if self.kept else np.zeros((0, self.k), np.float32)
 
 
@@ -118,6 +120,21 @@ class Calibration:
         self.source = source or f"calibration_data ({len(self.samples)} samples)"
         self._stats: dict[str, LayerStats] = {}
         self._outputs: list | None = None   # the fp32 graph's outputs per sample (first collection)
+        self._memo: dict = {}
+
+    def memo(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, computed once per content of the arguments
+        (arrays by their bytes): the passes of every module compiled with this
+        calibration (a Decoder's step and chunk modules) share one GPTQ, AWQ
+        search or SparseGPT solve per weight."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(fn.__module__.encode() + fn.__qualname__.encode())
+        for a in list(args) + sorted(kwargs.items()):
+            _digest(h, a)
+        key = h.digest()
+        if key not in self._memo:
+            self._memo[key] = fn(*args, **kwargs)
+        return self._memo[key]
 
     @staticmethod
     def of(data) -> Calibration | None:
@@ -178,6 +195,18 @@ class Calibration:
         n = next(iter(counts.values()))
         return Calibration([{k: np.ascontiguousarray(a[i]) for k, a in arrays.items()} for i in range(n)],
                            source=f"{path} ({n} samples)")
+
+
+def _digest(h, a) -> None:
+    if isinstance(a, np.ndarray):
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
+    elif isinstance(a, (list, tuple)):
+        h.update(f"[{len(a)}".encode())
+        for b in a:
+            _digest(h, b)
+    else:
+        h.update(repr(a).encode() + b";")
 
 
 def random_stats(xs, seed: int, samples: int) -> dict:

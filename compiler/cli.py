@@ -1,7 +1,8 @@
 """The ``sqk`` command line.
 
     sqk compile MODEL_DIR|MODEL.gguf -o OUT.sqk [--target T] [--max-seq S] [--prefill-chunk C] [--kv-dtype f32|f16|i8]
-                [--quantize int8|int4 ...]   (an LLM artifact; default: the file's own quantization)
+                [--quantize int8|int4 ...] [--calibration-text FILE [--calibration-ctx N]]
+                [--max-error E|ppl+P%]   (an LLM artifact; default: the file's own quantization)
     sqk compile MODEL.sqkir|MODEL.onnx -o OUT.sqk [--input-shape NAME=1x128 ...]
                 [--target T] [--pipeline P] [--dump-after all|PASS] [--dump-dir D]
                 [--quantize int8|int4 [--group N] [--scheme sym|asym] [--scale-dtype f32|f16]
@@ -19,10 +20,12 @@
     sqk demo [--target T]
     sqk bench OUT.sqk [--runs N] [--threads N] [--probe-mib M]
     sqk generate MODEL_DIR|MODEL.gguf --prompt TEXT [-n 64] [--temperature T] [--top-k K] [--top-p P]
-                 [--seed S] [--threads N] [--max-seq S] [--chat] [--kv-dtype f32|f16|i8]
+                 [--seed S] [--threads N] [--max-seq S] [--chat] [--kv-dtype f32|f16|i8] [QUANTIZE]
     sqk perplexity MODEL_DIR|MODEL.gguf --text FILE [--ctx 512] [--stride S] [--chunks N]
-                   [--quantize int8|int4 [--group N] ...] [--threads N] [--kv-dtype f32|f16|i8]
-                   [--kl-base MODEL|fp32]
+                   [QUANTIZE] [--threads N] [--kv-dtype f32|f16|i8] [--kl-base MODEL|fp32]
+        QUANTIZE: the compile flags of the quantize and sparsify passes ([--quantize int8|int4 [--group N]
+                  [--quantize-method rtn|gptq|awq|imatrix] ...] [--sparsify PATTERN [--sparsify-method M]]
+                  [--skip W1|W2]), [--max-error E|ppl+P%] [--calibration-text FILE [--calibration-ctx N]]
     sqk --version
 
 MODEL is an IR text file, an ONNX model (.onnx; dump, viz and info take
@@ -81,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="LLM: KV cache length (default: the context, within 256 MiB)")
     c.add_argument("--prefill-chunk", type=int, default=None, help="LLM: tokens per prefill call (default 64)")
     c.add_argument("--kv-dtype", default=None, choices=("f32", "f16", "i8"), help="LLM: KV cache dtype (default f32)")
+    _max_error_arg(c)
+    _calibration_text_args(c)
 
     d = sub.add_parser("dump", help="print a model's IR, optionally after running passes, or its LLVM IR or assembly")
     d.add_argument("model", help="IR text file, ONNX model (.onnx), or an artifact directory (its final IR)")
@@ -133,19 +138,66 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="the prompt is a user message in the model's chat template")
     g.add_argument("--kv-dtype", default=None, choices=("f32", "f16", "i8"),
                    help="KV cache dtype (default f32; i8: int8 codes with a scale per row of a head)")
+    _llm_quant_args(g, skip=("seed",))   # --seed is the sampling seed here
     pp = sub.add_parser("perplexity", help="perplexity of an LLM on a text file, as llama.cpp's llama-perplexity")
     pp.add_argument("model")
     pp.add_argument("--text", required=True, help="the text file (UTF-8)")
     pp.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     pp.add_argument("--stride", type=int, default=None, help="llama.cpp's --ppl-stride (default: non-overlapping)")
     pp.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
-    add_arguments(pp)   # --quantize, --group, ... as for compile
+    _llm_quant_args(pp)
     pp.add_argument("--threads", type=int, default=None)
     pp.add_argument("--kv-dtype", default=None, choices=("f32", "f16", "i8"), help="KV cache dtype (default f32)")
     pp.add_argument("--kl-base", default=None, metavar="MODEL|fp32",
                     help="also the mean KL divergence and top-1 agreement against this model "
                          "(fp32: the same weights in f32)")
     return p
+
+
+def _calibration_text_args(p) -> None:
+    p.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="LLM: a text (UTF-8) run through the fp32 model to collect each layer's inputs for "
+                        "gptq/awq/imatrix/wanda/sparsegpt and the report")
+    p.add_argument("--calibration-ctx", type=int, default=None,
+                   help="LLM: tokens per calibration window (default 512; the text needs at least one window)")
+
+
+def _max_error_arg(p) -> None:
+    # a string: LLMs with --calibration-text also take an end-to-end budget (the quantize pass's field is
+    # kept off the generated flags for that reason)
+    p.add_argument("--max-error", default=None, metavar="E|ppl+P%",
+                   help="keep in float each layer whose relative L2 output error exceeds E; LLMs with "
+                        "--calibration-text also take an end-to-end budget, e.g. ppl+2%% (perplexity on that text)")
+
+
+def _llm_quant_args(p, skip=()) -> None:
+    """generate / perplexity: the compile flags of the quantize and sparsify passes (but ``skip``, the
+    command's own flags), --max-error and the calibration text."""
+    from .shorthand import add_arguments
+
+    add_arguments(p, skip)
+    _max_error_arg(p)
+    _calibration_text_args(p)
+
+
+def _llm_quant_opts(a) -> dict:
+    """The Decoder options of the quantize/sparsify flags, --max-error and the calibration text."""
+    from .shorthand import parsed_options
+
+    opts = parsed_options(a)
+    if a.max_error is not None:
+        opts["max_error"] = a.max_error
+    return dict(opts, **_calibration_text(a))
+
+
+def _calibration_text(a) -> dict:
+    if a.calibration_text is None:
+        if a.calibration_ctx is not None:
+            raise ValueError("--calibration-ctx applies with --calibration-text")
+        return {}
+    with open(a.calibration_text, encoding="utf-8") as f:
+        out = {"calibration_text": f.read()}
+    return dict(out, calibration_ctx=a.calibration_ctx) if a.calibration_ctx is not None else out
 
 
 def _input_shape_arg(p) -> None:
@@ -183,11 +235,18 @@ def _cmd_compile(a) -> None:
     if os.path.isdir(a.model) or is_gguf(a.model):
         if a.calibration is not None:
             raise ValueError("--calibration (input samples as .npz) applies to graphs (IR text or ONNX), "
-                             "not to LLMs")
-        return _compile_llm(a, qopts)
-    llm_only = [f"--{k}" for k in ("max_seq", "prefill_chunk", "kv_dtype") if getattr(a, k) is not None]
+                             "not to LLMs (give --calibration-text)")
+        return _compile_llm(a, _llm_quant_opts(a))
+    llm_only = [f"--{k}" for k in ("max_seq", "prefill_chunk", "kv_dtype", "calibration_text", "calibration_ctx")
+                if getattr(a, k) is not None]
     if llm_only:
         raise ValueError(f"{', '.join(llm_only).replace('_', '-')} apply to LLMs (a model directory or a GGUF file)")
+    if a.max_error is not None:
+        try:
+            qopts["max_error"] = float(a.max_error)
+        except ValueError:
+            raise ValueError(f"--max-error {a.max_error}: a graph takes a per-layer relative L2 bound (a number); "
+                             "end-to-end perplexity budgets (ppl+2%) apply to LLMs with --calibration-text") from None
     if a.calibration is not None:
         from .calibration import Calibration
 
@@ -376,7 +435,9 @@ def _cmd_generate(a) -> None:
     import sqk
 
     t0 = time.perf_counter()
-    dec = sqk.llm.load(a.model, max_seq=a.max_seq, threads=a.threads, kv_dtype=a.kv_dtype)
+    dec = sqk.llm.load(a.model, max_seq=a.max_seq, threads=a.threads, kv_dtype=a.kv_dtype, **_llm_quant_opts(a))
+    if dec.budget is not None:
+        print(dec.budget, file=sys.stderr)
     tok = dec.tokenizer
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")
@@ -403,12 +464,12 @@ def _cmd_generate(a) -> None:
 def _cmd_perplexity(a) -> None:
     """The figure with its uncertainty (and KL / top-1 against --kl-base)."""
     import sqk
-    from .shorthand import parsed_options
 
     with open(a.text, encoding="utf-8") as f:
         text = f.read()
-    opts = parsed_options(a)
-    dec = sqk.llm.load(a.model, max_seq=a.ctx, threads=a.threads, kv_dtype=a.kv_dtype, **opts)
+    dec = sqk.llm.load(a.model, max_seq=a.ctx, threads=a.threads, kv_dtype=a.kv_dtype, **_llm_quant_opts(a))
+    if dec.budget is not None:
+        print(dec.budget, file=sys.stderr)
     base = None
     if a.kl_base == "fp32":
         base = sqk.llm.fp32_decoder(dec)

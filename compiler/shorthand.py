@@ -142,8 +142,9 @@ def _help(owners) -> str:
 _DEST = "pass_option_"
 
 
-def add_arguments(parser) -> None:
-    """``--quantize``, ``--sparsify`` and one flag per option (``dest`` the keyword)."""
+def add_arguments(parser, skip=()) -> None:
+    """``--quantize``, ``--sparsify`` and one flag per option (``dest`` the keyword);
+    ``skip``: options left off (a command whose own flag has the name)."""
     for sh in SHORTHANDS:
         if sh.main is None:
             continue
@@ -154,7 +155,7 @@ def add_arguments(parser) -> None:
     for k, owners in option_fields().items():
         f = owners[0][1]
         flag = f.metadata.get("flag")
-        if flag == "":
+        if flag == "" or k in skip:
             continue
         flag = flag or "--" + k.replace("_", "-")
         ty = {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type) \

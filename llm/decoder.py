@@ -360,10 +360,13 @@ def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, quant_operands, tok
     return b.reshape(cols, shape=(1, cfg.hidden)) if token.type.shape[0] == 1 else b.transpose(cols, perm=(1, 0))
 
 
-def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
+def reference_logits(cfg: LlamaConfig, weights: dict, tokens, capture=None) -> np.ndarray:
     """Logits [T, vocab] of every prefix of ``tokens`` (positions 0..T-1): plain
     numpy, causal attention over the whole sequence at once, no cache;
-    QuantWeight matrices dequantized in numpy."""
+    QuantWeight matrices dequantized in numpy.  ``capture(name, x)`` is called
+    with each linear layer's weight name and its input x [T, K] (the same
+    array object for the layers that read one input: q/k/v, w1/w3), which is
+    how llm/calibrate.py collects calibration statistics."""
     w = weights
     t = len(tokens)
     hq, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -372,6 +375,8 @@ def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(cfg.eps)) * as_f32(s)
 
     def lin(x, name):
+        if capture is not None:
+            capture(name, x)
         return x @ as_f32(w[name])
 
     def proj(x, i, kind):
@@ -409,11 +414,11 @@ def reference_logits(cfg: LlamaConfig, weights: dict, tokens) -> np.ndarray:
         x = x + lin(g / (1 + np.exp(-g)) * lin(h, f"w3.{i}"), f"w2.{i}")
         if cfg.lookup_experts:
             e0 = table[np.asarray(tokens)]
-            r = h @ w[f"mole_router.{i}"]
+            r = lin(h, f"mole_router.{i}")
             r = np.exp(r - r.max(-1, keepdims=True))
             r /= r.sum(-1, keepdims=True)
             for e in range(cfg.lookup_experts):
-                x = x + r[:, e:e + 1] * (np.maximum(e0 @ w[f"mole_up.{i}.{e}"], 0) @ w[f"mole_down.{i}.{e}"])
+                x = x + r[:, e:e + 1] * lin(np.maximum(lin(e0, f"mole_up.{i}.{e}"), 0), f"mole_down.{i}.{e}")
     return lin(rms(x, w["final_norm"]), "lm_head").astype(np.float32)
 
 
@@ -448,7 +453,7 @@ class Decoder:
 
     def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
                  kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, keep_ir: bool = True,
-                 **compile_options):
+                 calibration_text=None, calibration_ctx: int = 512, **compile_options):
         from ..compiler.driver import compile
 
         if prefill_chunk < 1:
@@ -458,6 +463,12 @@ class Decoder:
         self.weights = weights if weights is not None else random_weights(cfg, seed)
         self.kv_dtype = kv_dtype
         self.prefill_chunk = min(prefill_chunk, cfg.max_seq)
+        self.budget = None
+        if calibration_text is not None or isinstance(compile_options.get("max_error"), str):
+            from .calibrate import calibrated_decoder
+
+            if calibrated_decoder(self, target, keep_ir, calibration_text, calibration_ctx, compile_options):
+                return
         self.target, self.compile_options = target, compile_options
         self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype)
         self.module = compile(self.graph, target=target, state=state_names(cfg, kv_dtype), **compile_options)
@@ -475,7 +486,7 @@ class Decoder:
         no compiler."""
         self = cls.__new__(cls)
         self.cfg, self.tokenizer, self.weights, self.kv_dtype = cfg, tokenizer, None, kv_dtype
-        self.prefill_chunk, self.keep_ir = prefill_chunk, False
+        self.prefill_chunk, self.keep_ir, self.budget = prefill_chunk, False, None
         self.module, self.graph = modules[1], None
         self.target, self.compile_options = self.module.target, {}
         self.chunk_modules = {t: m for t, m in modules.items() if t != 1}

@@ -117,7 +117,12 @@ def window_logits(decoder: Decoder, window, first: int) -> np.ndarray:
     token sequence ``window`` run from position 0 (the caches reset): tokens
     before ``first`` as a prefill, the rest in all-logits chunks.  The last
     chunk, when shorter, starts earlier instead (overlapping the one before:
-    its cache rows are written again with the same values)."""
+    its cache rows are written again with the same values).  A decoder with a
+    ``logits_cache`` dict keeps each window's logits there (a base decoder
+    compared against many others: benchmarks/quant_accuracy.py)."""
+    cache = getattr(decoder, "logits_cache", None)
+    if cache is not None and (tuple(window), first) in cache:
+        return cache[tuple(window), first]
     n = len(window)
     ids = np.asarray(window, dtype=np.int64)
     decoder.reset()
@@ -131,6 +136,8 @@ def window_logits(decoder: Decoder, window, first: int) -> np.ndarray:
         logits = m(token=ids[s0:s0 + c], pos=np.array([s0], np.int64))   # [c, vocab]: the one output
         out[s - first:s0 + c - first] = logits[s - s0:]
     decoder.pos = n
+    if cache is not None:
+        cache[tuple(window), first] = out
     return out
 
 

