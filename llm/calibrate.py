@@ -103,6 +103,9 @@ class TextCalibration(Calibration):
         self.fp32_nll = np.concatenate(nll)
         self.by_weight = by_weight
         self._keys = {k.replace(".", "_"): k for k in by_weight}
+        # build_decoder's fused projections (wqkv.i, w13.i) read the input of their parts
+        for fused, part in (("wqkv", "wq"), ("w13", "w1")):
+            self._keys.update({f"{fused}_{k[len(part) + 1:]}": k for k in by_weight if k.startswith(part + ".")})
 
     def stats(self, graph, xs) -> dict:
         """{x: LayerStats} for matmul inputs ``xs`` of a decoder graph, found by the weight each matmul reads."""
