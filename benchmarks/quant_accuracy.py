@@ -66,7 +66,7 @@ def sqk_rows(quick: bool) -> list:
                  ("2:4 Wanda", dict(sparsify="2:4", method="wanda", skip="lm_head", calib=True)),
                  ("2:4 SparseGPT", dict(sparsify="2:4", method="sparsegpt", skip="lm_head", calib=True)),
                  ("int8 per-channel RTN", dict(quantize="int8")),
-                 ("int4 g32 RTN + int8 act per row", dict(INT4, activations="int8")),
+                 ("int4 g32 RTN + int8 act per weight group", dict(INT4, activations="int8")),
                  ("int4 g32 RTN + int8 act g32", dict(INT4, activations="int8", act_group=32))]
     return rows
 
