@@ -66,10 +66,15 @@ def model_dir() -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
-def export(path: str, seq: int) -> str:
-    """all-MiniLM-L6-v2 as ONNX (inputs input_ids, attention_mask [1, seq]; output last_hidden_state)."""
+def encoder(seq: int):
+    """all-MiniLM-L6-v2 as a torch module returning last_hidden_state, with its
+    export arguments: (model, (input_ids, attention_mask) [1, seq], input names,
+    output names)."""
     import torch
     from transformers import BertModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()   # from_pretrained's note on the checkpoint's unused pooler keys
 
     class Encoder(torch.nn.Module):
         def __init__(self, m):
@@ -81,9 +86,17 @@ def export(path: str, seq: int) -> str:
 
     model = Encoder(BertModel.from_pretrained(model_dir(), add_pooling_layer=False).eval()).eval()
     ids = torch.zeros((1, seq), dtype=torch.int64)
+    return model, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], ["last_hidden_state"]
+
+
+def export(path: str, seq: int) -> str:
+    """all-MiniLM-L6-v2 as ONNX (inputs input_ids, attention_mask [1, seq]; output last_hidden_state)."""
+    import torch
+
+    model, args, inputs, outputs = encoder(seq)
     with torch.no_grad():
-        torch.onnx.export(model, (ids, torch.ones_like(ids)), path, input_names=["input_ids", "attention_mask"],
-                          output_names=["last_hidden_state"], opset_version=17, dynamo=False)
+        torch.onnx.export(model, args, path, input_names=inputs, output_names=outputs, opset_version=17,
+                          dynamo=False)
     return path
 
 

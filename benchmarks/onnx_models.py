@@ -208,25 +208,9 @@ def top_kernels(mod, feeds, runs: int = 20, k: int = 6):
 
 
 def _minilm(config, seq):
-    import torch
-    from transformers import BertModel
-    from transformers.utils import logging
+    from .minilm_calibration import encoder
 
-    from .minilm_calibration import model_dir
-
-    logging.set_verbosity_error()   # from_pretrained's note on the checkpoint's unused pooler keys
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-
-    model = Encoder(BertModel.from_pretrained(model_dir(), add_pooling_layer=False).eval()).eval()
-    ids = torch.zeros((1, seq), dtype=torch.int64)
-    return model, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], ["last_hidden_state"]
+    return encoder(seq)
 
 
 def export_minilm(seq: int = BERT_SEQ) -> str:
