@@ -153,6 +153,22 @@ def pack_matmul_q(node: Node, index: int, a: np.ndarray, target=None) -> bytes |
     return np.ascontiguousarray(u.transpose(1, 0, 2, 4, 3)).tobytes()   # [blk, k, word, lane, byte]
 
 
+def group_scales(b, L: QLayout, S, MINS, SUP, sblk, g, cv: int, blk=None):
+    """(index, scale, minimum or None) of column vector ``cv`` of group ``g`` in
+    the block whose scales start at ``sblk`` (``blk`` its number, derived when
+    not given): two-level scales and minimums multiplied out (exact products)."""
+    fvec = ir.VectorType(F32, VL)
+    col = b.add(sblk, b.add(b.mul(g, i64(NB)), i64(cv * VL)))
+    if L.has_supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum
+        if blk is None:
+            blk = b.udiv(sblk, i64(L.groups * NB))
+        sup = b.add(b.mul(blk, i64(L.nsuper * 2 * NB)),
+                    b.add(b.mul(b.udiv(g, i64(L.per_super)), i64(2 * NB)), i64(cv * VL)))
+        return (col, b.fmul(SUP.load(sup), b.uitofp(S.load(col), fvec)),
+                b.fmul(SUP.load(b.add(sup, i64(NB))), b.uitofp(MINS.load(col), fvec)))
+    return col, S.load(col), MINS.load(col) if L.has_mins else None
+
+
 @emitter("matmul_q")
 def emit_matmul_q(k: Kernel, node: Node):
     if node.attrs.get("activations", "none") == "int8":
@@ -250,16 +266,7 @@ def emit_matmul_q(k: Kernel, node: Node):
         i = 0
         for cv in cvs:
             e = L.field(cv)[1]
-            col = b.add(sblk, b.add(b.mul(g, i64(NB)), i64(cv * VL)))
-            if L.has_supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
-                blk = b.udiv(sblk, i64(L.groups * NB))
-                sup = b.add(b.mul(blk, i64(L.nsuper * 2 * NB)),
-                            b.add(b.mul(b.udiv(g, i64(L.per_super)), i64(2 * NB)), i64(cv * VL)))
-                s = b.fmul(SUP.load(sup), b.uitofp(S.load(col), fvec))
-                mins = b.fmul(SUP.load(b.add(sup, i64(NB))), b.uitofp(MINS.load(col), fvec))
-            else:
-                s = S.load(col)
-                mins = MINS.load(col) if L.has_mins else None
+            col, s, mins = group_scales(b, L, S, MINS, SUP, sblk, g, cv)
             sp = b.fmul(s, fconst(fvec, 2.0 ** -(L.bits * e)))  # exact: a power of two
             if L.has_zeros:
                 z = b.load(gep(b, k.args[3], zty.element, col), typ=zty, align=L.bits // 4)

@@ -40,7 +40,7 @@ from ..ir import dtypes as dt
 from ..ir.graph import Node
 from .kernel import F32, I32, Kernel, fconst, fold_loop, gep, i64, loop, splat
 from .matmul import Access, _stack_array, cdiv, fma, tile_shape
-from .matmul_q import NB, NCV, VL, QLayout
+from .matmul_q import NB, NCV, VL, QLayout, group_scales
 from .matmul_q_rows import uses_rows
 
 # Rows of x from which matmul_q takes this GEMM rather than the GEMV tiles (Zen 3,
@@ -109,15 +109,7 @@ def emit_gemm(k: Kernel, node: Node):
             coef = []   # per column vector: (multiplier, addend, fused minimum)
             for cv in range(NCV):
                 e = L.field(cv)[1]
-                col = b.add(sblk, b.add(b.mul(g, i64(NB)), i64(cv * VL)))
-                if L.has_supers:   # scale = d * sub-scale, minimum = dmin * sub-minimum (exact products)
-                    sup = b.add(b.mul(blk, i64(L.nsuper * 2 * NB)),
-                                b.add(b.mul(b.udiv(g, i64(L.per_super)), i64(2 * NB)), i64(cv * VL)))
-                    sc = b.fmul(SUP.load(sup), b.uitofp(S.load(col), fvec))
-                    mins = b.fmul(SUP.load(b.add(sup, i64(NB))), b.uitofp(MINS.load(col), fvec))
-                else:
-                    sc = S.load(col)
-                    mins = MINS.load(col) if L.has_mins else None
+                col, sc, mins = group_scales(b, L, S, MINS, SUP, sblk, g, cv, blk)
                 if L.has_zeros:   # stored as zero + off_e
                     z = b.load(gep(b, k.args[3], zty.element, col), typ=zty, align=L.bits // 4)
                     add = b.fneg(b.sitofp(b.sext(z, wvec), fvec))
