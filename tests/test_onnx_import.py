@@ -108,13 +108,19 @@ def test_malformed_and_truncated_files(tmp_path):
         from_onnx(str(tmp_path / "nope.onnx"))
 
 
-def test_missing_external_data(tmp_path):
+def _external_saved(tmp_path):
+    """(ext.onnx, w): a MatMul model whose weight w is stored in w.bin beside it."""
     w = RNG.standard_normal((32, 16)).astype(np.float32)
     m = model([h.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [2, 32])], [vi("y", [2, 16])],
               [nh.from_array(w, "w")])
     path = str(tmp_path / "ext.onnx")
     onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
                     size_threshold=0)
+    return path, w
+
+
+def test_missing_external_data(tmp_path):
+    path, w = _external_saved(tmp_path)
     x = RNG.standard_normal((2, 32)).astype(np.float32)
     g = from_onnx(path)  # loads fine with its data beside it
     np.testing.assert_allclose(sqk.compile(g)(x=x), x @ w, rtol=1e-5, atol=1e-5)
@@ -127,15 +133,9 @@ def test_missing_external_data(tmp_path):
         from_onnx(path)
 
 
-
 def _external_model(tmp_path, **fields):
     """ext.onnx whose tensor w is stored in w.bin, its external_data entries then set to ``fields``."""
-    w = RNG.standard_normal((32, 16)).astype(np.float32)
-    m = model([h.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [2, 32])], [vi("y", [2, 16])],
-              [nh.from_array(w, "w")])
-    path = str(tmp_path / "ext.onnx")
-    onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
-                    size_threshold=0)
+    path, _ = _external_saved(tmp_path)
     m = onnx.load(path, load_external_data=False)
     for e in m.graph.initializer[0].external_data:
         if e.key in fields:
