@@ -141,6 +141,27 @@ def fold_loop(b: ir.IRBuilder, start, stop, inits: list, body, step=1, name="k")
     return phis
 
 
+def last_chunk(b: ir.IRBuilder, index, count: int, last: int, full: int, fn, lone: str = "test") -> None:
+    """fn(size) for chunk ``index`` (an i64) of ``count``: ``last`` for the last one when
+    it is shorter than ``full``, else ``full`` -- static code for each size (the tile
+    loops' dispatch of a short last row chunk or column block).  ``lone``: what a lone
+    short chunk (count 1) gets: "test" the index compared anyway and fn(last) only,
+    "plain" fn(last) alone, "both" the comparison and both sizes.  (The kernels keep
+    the form they were written with: their lowered IR is pinned by the goldens.)"""
+    if last == full:
+        fn(full)
+        return
+    if count == 1 and lone == "plain":
+        fn(last)
+        return
+    with b.if_else(b.icmp_signed("==", index, i64(count - 1))) as (tail, body):
+        with tail:
+            fn(last)
+        with body:
+            if count > 1 or lone == "both":
+                fn(full)
+
+
 def gep(b, ptr, elem_ty, index):
     return b.gep(ptr, [index], inbounds=True, source_etype=elem_ty)
 

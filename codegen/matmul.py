@@ -465,107 +465,14 @@ def _concat(b, vs: list):
 
 
 def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
-    """``packed``: b is a constant packed in column panels (pack_matmul_b), read in
-    place; else each K block of a column panel is packed on the stack first."""
+    """The tile loop: work item = (batch item, MC rows, NC columns), its K blocks
+    (first, middle, last: ``GemmCode.kblock``).  ``packed``: b is a constant packed in
+    column panels (pack_matmul_b), read in place; else each K block of a column panel
+    is packed on the stack first."""
     b = k.b
-    M, K, N = g.M, g.K, g.N
-    p = gemm_blocking(k.target, M, K, N, g.batch, g.dtype, packed)
-    MR, NRL, lanes, MC, NC, nkb, KC = (p[x] for x in ("MR", "NRL", "lanes", "MC", "NC", "nkb", "KC"))
+    code = GemmCode(k, g, epilogue, packed)
+    M, K, N, MC, NC, KC, nkb = g.M, g.K, g.N, code.MC, code.NC, code.KC, code.nkb
     mblocks, nblocks = cdiv(M, MC), cdiv(N, NC)
-    A, B, Y = (Access(k, q, g.dtype, lanes) for q in (k.args[0], k.args[1], k.args[-1]))
-    BP = None if packed else Access(k, _stack_array(k, KC * NRL, "bpanel"), dt.f32, lanes)
-    # The item's rows of a, packed per K block when an item has enough column panels
-    # to pay for it (each reads them all); else the micro-kernel reads a in place.
-    pack_a = cdiv(NC, NRL) >= PACK_A_MIN_PANELS
-    A8 = Access(k, k.args[0], g.dtype, PACK_A_CHUNK) if pack_a else None
-    AP = _stack_array(k, cdiv(MC, MR) * MR * KC, "apanel") if pack_a else None
-    # Partial sums between K blocks: y itself in f32; an f32 tile for f16 (rounded once).
-    CT = Access(k, _stack_array(k, MC * NC, "ctile"), dt.f32, lanes) if nkb > 1 and g.dtype is not dt.f32 \
-        else None
-    zero = fconst(vtype(F32, lanes), 0.0)
-
-    def pack(b_off, k0, kc, j, ncols):
-        """bpanel[kk, 0:ncols] = b[k0+kk, j:j+ncols] in f32, kk < kc; the last
-        partial vector is zero-padded."""
-        nv = cdiv(ncols, lanes)
-        with loop(b, 0, kc, name="pk") as kk:
-            src = b.add(b.add(b_off, b.mul(b.add(k0, kk), i64(N))), j)
-            dst = b.mul(kk, i64(NRL))
-            for v in range(nv):
-                BP.store(B.load(b.add(src, i64(v * lanes)), min(lanes, ncols - v * lanes)),
-                         b.add(dst, i64(v * lanes)))
-
-    def micro(t, a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last, panel):
-        """Tile y[i:i+mr, j:j+ncols] (li, lj: its place in the item tile), K block
-        [k0, k0+kc), rows i.. of a from their packed panel (or in place), b[k0+kk,
-        j:j+ncols] from ``panel`` = (access, index of kk=0, row stride),
-        zero-padded to whole vectors.  Accumulators start at 0 in the ``first``
-        block, else from the partial sums; the ``last`` block writes y, the
-        others the partial sums."""
-        nv = cdiv(ncols, lanes)
-        valid = [min(lanes, ncols - v * lanes) for v in range(nv)]
-        y_rows = [b.add(y_off, b.add(b.mul(b.add(i, i64(r)), i64(N)), j)) for r in range(mr)]
-        if CT:
-            p_rows, P = [b.add(b.mul(b.add(li, i64(r)), i64(NC)), lj) for r in range(mr)], CT
-        else:
-            p_rows, P = y_rows, Y
-        if not first:  # the partial sums are added after the loop: fetch their lines meanwhile
-            for r in range(mr):
-                for c in sorted({*range(0, ncols, 16), ncols - 1}):   # 16 f32: a 64-byte line
-                    prefetch(k, P.ptr, P.ty, b.add(p_rows[r], i64(c)))
-        if pack_a:
-            a_panel = (Access(k, AP, dt.f32, 1), b.mul(li, i64(KC)), MR, 1)
-        else:
-            a_panel = (A, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), 1, K)
-        acc = micro_tile(k, lanes, nv, kc, a_panel, panel, [zero] * (mr * nv))
-        rows, out = (y_rows, Y) if last else (p_rows, P)
-        for r in range(mr):
-            for v in range(nv):
-                value = acc[r * nv + v]
-                if not first:
-                    value = b.fadd(P.load(b.add(p_rows[r], i64(v * lanes)), valid[v]), value)
-                if last and epilogue:
-                    value = epilogue(value, t, b.add(i, i64(r)), b.add(j, i64(v * lanes)), lanes, valid[v])
-                out.store(value, b.add(rows[r], i64(v * lanes)), valid[v])
-
-    def kblock(offs, i0, i1, j0, j1, k0, kc, first, last):
-        """One K block of the item tile [i0:i1, j0:j1] of batch item t: per column
-        panel, pack b, then every row panel."""
-        t, (a_off, b_off, y_off) = offs
-
-        def panel(j, ncols):
-            if packed:  # rows k0.. of the columns j.. in their PACK_NR-column panel
-                first_col = b.add(b.mul(b.udiv(j, i64(PACK_NR)), i64(K * PACK_NR)), b.urem(j, i64(PACK_NR)))
-                src = (B, b.add(b_off, b.add(first_col, b.mul(k0, i64(PACK_NR)))), PACK_NR)
-            else:
-                pack(b_off, k0, kc, j, ncols)
-                src = (BP, i64(0), NRL)
-            lj = b.sub(j, j0)
-            with loop(b, i0, imin(b, i1, M - M % MR), MR, name="i") as i:
-                micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, first, last, src)
-            if M % MR:
-                with b.if_then(b.icmp_signed("==", i1, i64(M))):
-                    i = i64(M - M % MR)
-                    micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last, src)
-
-        # rows i0..i1 of a, columns k0.., into MR-row panels (a's strided rows would
-        # meet in the same cache sets: power-of-two K thrashes L1 and L2 otherwise)
-        full, tail = imin(b, i1, M - M % MR), M % MR
-        if pack_a:
-            with loop(b, i0, full, MR, name="pa") as i:
-                pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, MR, kc,
-                             (AP, b.mul(b.sub(i, i0), i64(KC)), MR))
-            if tail:
-                with b.if_then(b.icmp_signed("==", i1, i64(M))):
-                    i = i64(M - tail)
-                    pack_a_panel(k, A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, tail, kc,
-                                 (AP, b.mul(b.sub(i, i0), i64(KC)), MR))
-        with loop(b, j0, imin(b, j1, N - N % NRL), NRL, name="j") as j:
-            panel(j, NRL)
-        if N % NRL:
-            with b.if_then(b.icmp_signed("==", j1, i64(N))):
-                panel(i64(N - N % NRL), N % NRL)
-
     with loop(b, k.begin, k.end, name="item") as item:
         mb = b.urem(item, i64(mblocks))
         t = b.udiv(item, i64(mblocks))
@@ -576,14 +483,133 @@ def _gemm(k: Kernel, g: Geometry, epilogue=None, packed: bool = False):
                 j0, imin(b, b.add(j0, i64(NC)), N))
         kc_last = K - (nkb - 1) * KC
         if nkb == 1:
-            kblock(*tile, i64(0), K, True, True)
+            code.kblock(*tile, i64(0), K, True, True)
         else:
-            kblock(*tile, i64(0), KC, True, False)
+            code.kblock(*tile, i64(0), KC, True, False)
             with loop(b, KC, (nkb - 1) * KC, KC, name="kb") as k0:
-                kblock(*tile, k0, KC, False, False)
-            kblock(*tile, i64((nkb - 1) * KC), kc_last, False, True)
+                code.kblock(*tile, k0, KC, False, False)
+            code.kblock(*tile, i64((nkb - 1) * KC), kc_last, False, True)
     k.finish()
     return g.batch * mblocks * nblocks, _grain(MC * NC * K, MIN_PARALLEL_FMAS)
+
+
+class GemmCode:
+    """The code of one GEMM kernel: a K block of an item tile (``kblock``: its rows of
+    a packed into MR-row panels, ``pack_a_rows``; per column panel, ``panel``, b packed,
+    ``pack``, then every row panel), and the register tile over one K block with its
+    partial sums and epilogue (``micro``)."""
+
+    def __init__(self, k: Kernel, g: Geometry, epilogue, packed: bool):
+        self.k, self.b, self.g, self.epilogue, self.packed = k, k.b, g, epilogue, packed
+        M, K, N = g.M, g.K, g.N
+        p = gemm_blocking(k.target, M, K, N, g.batch, g.dtype, packed)
+        self.MR, self.NRL, self.lanes, self.MC, self.NC, self.nkb, self.KC = MR, NRL, lanes, MC, NC, nkb, KC = [
+            p[x] for x in ("MR", "NRL", "lanes", "MC", "NC", "nkb", "KC")]
+        self.A, self.B, self.Y = (Access(k, q, g.dtype, lanes) for q in (k.args[0], k.args[1], k.args[-1]))
+        self.BP = None if packed else Access(k, _stack_array(k, KC * NRL, "bpanel"), dt.f32, lanes)
+        # The item's rows of a, packed per K block when an item has enough column panels
+        # to pay for it (each reads them all); else the micro-kernel reads a in place.
+        self.pack_a = pack_a = cdiv(NC, NRL) >= PACK_A_MIN_PANELS
+        self.A8 = Access(k, k.args[0], g.dtype, PACK_A_CHUNK) if pack_a else None
+        self.AP = _stack_array(k, cdiv(MC, MR) * MR * KC, "apanel") if pack_a else None
+        # Partial sums between K blocks: y itself in f32; an f32 tile for f16 (rounded once).
+        self.CT = Access(k, _stack_array(k, MC * NC, "ctile"), dt.f32, lanes) if nkb > 1 and g.dtype is not dt.f32 \
+            else None
+        self.zero = fconst(vtype(F32, lanes), 0.0)
+
+    def pack(self, b_off, k0, kc, j, ncols):
+        """bpanel[kk, 0:ncols] = b[k0+kk, j:j+ncols] in f32, kk < kc; the last
+        partial vector is zero-padded."""
+        b, lanes, NRL = self.b, self.lanes, self.NRL
+        nv = cdiv(ncols, lanes)
+        with loop(b, 0, kc, name="pk") as kk:
+            src = b.add(b.add(b_off, b.mul(b.add(k0, kk), i64(self.g.N))), j)
+            dst = b.mul(kk, i64(NRL))
+            for v in range(nv):
+                self.BP.store(self.B.load(b.add(src, i64(v * lanes)), min(lanes, ncols - v * lanes)),
+                              b.add(dst, i64(v * lanes)))
+
+    def micro(self, t, a_off, y_off, k0, kc, i, j, li, lj, mr, ncols, first, last, panel):
+        """Tile y[i:i+mr, j:j+ncols] (li, lj: its place in the item tile), K block
+        [k0, k0+kc), rows i.. of a from their packed panel (or in place), b[k0+kk,
+        j:j+ncols] from ``panel`` = (access, index of kk=0, row stride),
+        zero-padded to whole vectors.  Accumulators start at 0 in the ``first``
+        block, else from the partial sums; the ``last`` block writes y, the
+        others the partial sums."""
+        k, b, lanes, CT, Y, epilogue = self.k, self.b, self.lanes, self.CT, self.Y, self.epilogue
+        K, N = self.g.K, self.g.N
+        nv = cdiv(ncols, lanes)
+        valid = [min(lanes, ncols - v * lanes) for v in range(nv)]
+        y_rows = [b.add(y_off, b.add(b.mul(b.add(i, i64(r)), i64(N)), j)) for r in range(mr)]
+        if CT:
+            p_rows, P = [b.add(b.mul(b.add(li, i64(r)), i64(self.NC)), lj) for r in range(mr)], CT
+        else:
+            p_rows, P = y_rows, Y
+        if not first:  # the partial sums are added after the loop: fetch their lines meanwhile
+            for r in range(mr):
+                for c in sorted({*range(0, ncols, 16), ncols - 1}):   # 16 f32: a 64-byte line
+                    prefetch(k, P.ptr, P.ty, b.add(p_rows[r], i64(c)))
+        if self.pack_a:
+            a_panel = (Access(k, self.AP, dt.f32, 1), b.mul(li, i64(self.KC)), self.MR, 1)
+        else:
+            a_panel = (self.A, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), 1, K)
+        acc = micro_tile(k, lanes, nv, kc, a_panel, panel, [self.zero] * (mr * nv))
+        rows, out = (y_rows, Y) if last else (p_rows, P)
+        for r in range(mr):
+            for v in range(nv):
+                value = acc[r * nv + v]
+                if not first:
+                    value = b.fadd(P.load(b.add(p_rows[r], i64(v * lanes)), valid[v]), value)
+                if last and epilogue:
+                    value = epilogue(value, t, b.add(i, i64(r)), b.add(j, i64(v * lanes)), lanes, valid[v])
+                out.store(value, b.add(rows[r], i64(v * lanes)), valid[v])
+
+    def panel(self, offs, i0, i1, j0, k0, kc, first, last, j, ncols):
+        """Column panel j (ncols columns) of a K block: b's rows k0.. (packed on the
+        stack, or in place), then every row panel of the item tile [i0:i1]."""
+        b, M, K, MR = self.b, self.g.M, self.g.K, self.MR
+        t, (a_off, b_off, y_off) = offs
+        if self.packed:  # rows k0.. of the columns j.. in their PACK_NR-column panel
+            first_col = b.add(b.mul(b.udiv(j, i64(PACK_NR)), i64(K * PACK_NR)), b.urem(j, i64(PACK_NR)))
+            src = (self.B, b.add(b_off, b.add(first_col, b.mul(k0, i64(PACK_NR)))), PACK_NR)
+        else:
+            self.pack(b_off, k0, kc, j, ncols)
+            src = (self.BP, i64(0), self.NRL)
+        lj = b.sub(j, j0)
+        with loop(b, i0, imin(b, i1, M - M % MR), MR, name="i") as i:
+            self.micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, MR, ncols, first, last, src)
+        if M % MR:
+            with b.if_then(b.icmp_signed("==", i1, i64(M))):
+                i = i64(M - M % MR)
+                self.micro(t, a_off, y_off, k0, kc, i, j, b.sub(i, i0), lj, M % MR, ncols, first, last, src)
+
+    def pack_a_rows(self, a_off, i0, i1, full, k0, kc):
+        """Rows i0..i1 of a (full: where the last short panel starts), columns k0..,
+        into MR-row panels (a's strided rows would meet in the same cache sets:
+        power-of-two K thrashes L1 and L2 otherwise)."""
+        k, b, M, K, MR, KC = self.k, self.b, self.g.M, self.g.K, self.MR, self.KC
+        tail = M % MR
+        with loop(b, i0, full, MR, name="pa") as i:
+            pack_a_panel(k, self.A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, MR, kc,
+                         (self.AP, b.mul(b.sub(i, i0), i64(KC)), MR))
+        if tail:
+            with b.if_then(b.icmp_signed("==", i1, i64(M))):
+                i = i64(M - tail)
+                pack_a_panel(k, self.A8, b.add(a_off, b.add(b.mul(i, i64(K)), k0)), K, tail, kc,
+                             (self.AP, b.mul(b.sub(i, i0), i64(KC)), MR))
+
+    def kblock(self, offs, i0, i1, j0, j1, k0, kc, first, last):
+        """One K block of the item tile [i0:i1, j0:j1] of batch item t: per column
+        panel, pack b, then every row panel."""
+        b, M, N, MR, NRL = self.b, self.g.M, self.g.N, self.MR, self.NRL
+        full = imin(b, i1, M - M % MR)   # (emitted also when a is not packed: the goldens pin it)
+        if self.pack_a:
+            self.pack_a_rows(offs[1][0], i0, i1, full, k0, kc)
+        with loop(b, j0, imin(b, j1, N - N % NRL), NRL, name="j") as j:
+            self.panel(offs, i0, i1, j0, k0, kc, first, last, j, NRL)
+        if N % NRL:
+            with b.if_then(b.icmp_signed("==", j1, i64(N))):
+                self.panel(offs, i0, i1, j0, k0, kc, first, last, i64(N - N % NRL), N % NRL)
 
 
 # --- GEMV (and few-row GEMM) ----------------------------------------------------------

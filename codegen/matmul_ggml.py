@@ -36,10 +36,10 @@ from llvmlite import ir
 
 from ..ir import dtypes as dt
 from .gather import SQK_ERR_INDEX, checked_id
-from .kernel import F16, F32, I8, I32, Kernel, fconst, fold_loop, gep, hsum, i64, loop, splat
+from .kernel import F16, F32, I8, I32, Kernel, fconst, fold_loop, gep, hsum, i64, last_chunk, loop, splat
 from .lower import emitter, packer
 from .matmul import Access, cdiv, fma
-from .matmul_q_rows import RT, by_rows
+from .matmul_q_rows import RT
 
 QK = 256            # weights per Q6_K super-block
 BLOCK = 210         # bytes per Q6_K super-block
@@ -134,7 +134,7 @@ def emit_matmul_ggml(k: Kernel, node):
 
     with loop(b, k.begin, k.end, name="item") as item:
         n, ti = b.udiv(item, i64(ntiles)), b.urem(item, i64(ntiles))
-        by_rows(b, ti, rows, lambda rt: tile(n, b.mul(ti, i64(RT)), rt))
+        last_chunk(b, ti, ntiles, rows % RT or RT, RT, lambda rt: tile(n, b.mul(ti, i64(RT)), rt))
     k.finish()
     return N * ntiles, max(1, -(-MIN_PARALLEL_BYTES // max(1, row_bytes)))
 

@@ -64,7 +64,8 @@ from llvmlite import ir
 from ..ir import dtypes as dt
 from ..ir.graph import IRError, Node
 from ..ir.sparsity import NM_COLUMNS, holds, parse_format
-from .kernel import F16, F32, I1, I8, I16, I32, PTR, Kernel, elem_bytes, fconst, fold_loop, gep, i64, loop, splat
+from .kernel import (F16, F32, I1, I8, I16, I32, PTR, Kernel, elem_bytes, fconst, fold_loop, gep, i64, last_chunk, loop,
+                     splat)
 from .lower import emitter, packer
 from .matmul import Access, _stack_array, fma
 from .matmul_q_rows import uses_rows
@@ -194,20 +195,6 @@ def emit_nm(k: Kernel, node: Node):
     k.finish()
     item_bytes = L.val_blk + L.pos_blk
     return L.nblk * mchunks, max(1, cdiv(MIN_PARALLEL_BYTES, max(1, item_bytes)))
-
-
-def last_chunk(b, index, count: int, last: int, full: int, fn) -> None:
-    """fn(size) for chunk ``index`` (an i64) of ``count``: ``last`` for the last one when
-    it is shorter than ``full``, else ``full`` -- static code for each size."""
-    if last == full:
-        fn(full)
-        return
-    with b.if_else(b.icmp_signed("==", index, i64(count - 1))) as (tail, body):
-        with tail:
-            fn(last)
-        with body:
-            if count > 1:
-                fn(full)
 
 
 def tiles(r: int):

@@ -29,9 +29,9 @@ import numpy as np
 from llvmlite import ir
 
 from ..ir import dtypes as dt
-from .kernel import F32, I8, I64, Kernel, fconst, gep, i64, lltype, loop
+from .kernel import F32, I8, I64, Kernel, fconst, gep, i64, last_chunk, lltype, loop
 from .matmul import Access, _stack_array, cdiv, fma
-from .matmul_q_rows import BW, RT, by_rows, by_width, load_q
+from .matmul_q_rows import BW, RT, load_q
 
 MIN_PARALLEL_BYTES = 1 << 17
 
@@ -179,7 +179,8 @@ def emit_nm_rows(k: Kernel, node, L):
     with loop(b, k.begin, k.end, name="item") as item:
         blk, ti = b.udiv(item, i64(ntiles)), b.urem(item, i64(ntiles))
         m0 = b.mul(ti, i64(RT))
-        by_rows(b, ti, rows, lambda rt: by_width(b, blk, Rw.nblk, Rw.last, lambda w: tile(blk, w, m0, rt)))
+        last_chunk(b, ti, ntiles, rows % RT or RT, RT, lambda rt: last_chunk(
+            b, blk, Rw.nblk, Rw.last, BW, lambda w: tile(blk, w, m0, rt), lone="plain"))
     k.finish()
     item_bytes = L.R * n * (Rw.vrow(BW) + Rw.prow(BW))
     return Rw.nblk * ntiles, max(1, cdiv(MIN_PARALLEL_BYTES, max(1, item_bytes)))

@@ -87,15 +87,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | list[Pass] | Non
         raise TypeError(f"compile() takes a sqk.Graph, got {type(graph).__name__}")
     tgt = get_target(target)
     spec, passes = _passes(pipeline, quantize, sparsify, options)
-    calib = None
-    if calibration_data is not None:
-        if not any(p.reads_calibration for p in passes):
-            raise PipelineError("calibration_data= needs a quantize pass or a sparsify pass (quantize=..., "
-                                "sparsify=... or one in pipeline=)")
-        try:   # one collection of layer inputs, shared by the passes
-            calib = Calibration.of(calibration_data)
-        except CalibrationError as e:
-            raise PipelineError(str(e)) from None
+    calib = _calibration(calibration_data, passes)
     bar = Progress(progress)  # erased when done, and on an error before the message shows
     log = bar.wrap_log(log)
     pm = PassManager(passes, dump_after=dump_after, dump_dir=dump_dir, log=log, progress=bar, codegen=True,
@@ -122,6 +114,41 @@ def compile(graph: Graph, target: str = "host", pipeline: str | list[Pass] | Non
     if log:
         log(f"codegen: {len(steps)} kernels, {(time.perf_counter() - t0) * 1e3:.0f} ms")
 
+    tmp, manifest = _write_artifact(code, g, tgt, plan, steps, spec, threads=threads, vlen=vlen, in_place=in_place,
+                                    pairs=pairs, report=report)
+    m = Module(tmp.name, verify=False, threads=threads, vlen=vlen, _keep=tmp)
+    m.ir = g
+    m.llvm_ir = llvm_ir
+    if calib is not None and report is not None and not pairs:
+        report.end_to_end = _end_to_end(graph, g, m, tgt, calib)
+        # measured by running the module: its report (and so the manifest) is written again
+        manifest["report"] = write_report(os.path.join(tmp.name, "report.json"), report)
+        write_manifest(tmp.name, manifest)
+        m.manifest = manifest
+    m.report = report
+    return m
+
+
+def _calibration(calibration_data, passes) -> Calibration | None:
+    """compile()'s ``calibration_data`` collected once (each layer's inputs), shared by
+    the passes that read it; None without."""
+    if calibration_data is None:
+        return None
+    if not any(p.reads_calibration for p in passes):
+        raise PipelineError("calibration_data= needs a quantize pass or a sparsify pass (quantize=..., "
+                            "sparsify=... or one in pipeline=)")
+    try:
+        return Calibration.of(calibration_data)
+    except CalibrationError as e:
+        raise PipelineError(str(e)) from None
+
+
+def _write_artifact(code: str, g: Graph, tgt, plan, steps, spec: str, *, threads, vlen, in_place, pairs,
+                    report) -> tuple[tempfile.TemporaryDirectory, dict]:
+    """compile()'s artifact in a temporary directory (removed with the Module unless it
+    is saved): the code (model.so, or the riscv64 runner), constants.bin, the manifest
+    (with the state pairs and report.json when there are any) and model.sqkir.
+    Returns (the directory, the manifest)."""
     tmp = tempfile.TemporaryDirectory(prefix="sqk-artifact-")
     out = tmp.name
     code_name = "model.so" if tgt.name == "host" else "runner"
@@ -137,17 +164,7 @@ def compile(graph: Graph, target: str = "host", pipeline: str | list[Pass] | Non
     write_manifest(out, manifest)
     with open(os.path.join(out, "model.sqkir"), "w") as f:
         f.write(g.to_text())
-    m = Module(out, verify=False, threads=threads, vlen=vlen, _keep=tmp)
-    m.ir = g
-    m.llvm_ir = llvm_ir
-    if calib is not None and report is not None and not pairs:
-        report.end_to_end = _end_to_end(graph, g, m, tgt, calib)
-        # measured by running the module: its report (and so the manifest) is written again
-        manifest["report"] = write_report(os.path.join(out, "report.json"), report)
-        write_manifest(out, manifest)
-        m.manifest = manifest
-    m.report = report
-    return m
+    return tmp, manifest
 
 
 def _passes(pipeline, quantize, sparsify, options: dict) -> tuple[str, list]:
