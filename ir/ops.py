@@ -1164,6 +1164,93 @@ class Conv2d:
         return [out.astype(f)]
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray): a 3x3, stride-1 conv2d is, per 4x4 input tile d
+# (2x2 outputs), Y = A^T [(G g G^T) * (B^T d B)] A; the 16 products of a tile are
+# 16 batched GEMMs over the channels (compiler/passes/winograd.py builds the graph:
+# winograd_input -> matmul with the filters transformed at compile time -> winograd_output).
+WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+
+
+def winograd_tiles(oh: int, ow: int) -> tuple[int, int]:
+    """Tiles of 2x2 outputs covering an oh x ow output (the last row / column of
+    tiles half outside when oh / ow is odd)."""
+    return -(-oh // 2), -(-ow // 2)
+
+
+def winograd_filter(w) -> np.ndarray:
+    """u[e, ci, co] = (G w[co, ci] G^T)[e // 4, e % 4]: the transformed 3x3 filters,
+    the b of winograd's 16 GEMMs (computed in f64, rounded once to f32)."""
+    g = WINOGRAD_G.astype(np.float64)
+    u = np.einsum("ak,oikl,bl->abio", g, np.asarray(w, np.float64), g)
+    return u.reshape(16, *u.shape[2:]).astype(np.float32)
+
+
+@defop("winograd_input", "x", {"pads": Attr("ints", (1, 1, 1, 1))})
+class WinogradInput:
+    """v[e, t, c] = (B^T d B)[e // 4, e % 4] with d the 4x4 input patch of tile t of
+    winograd F(2x2, 3x3): rows 2*th - pads[0] .. +3, columns 2*tw - pads[1] .. +3
+    of x[n, c] (zero outside x); t = (n, th, tw) row-major over the tiles of the
+    3x3 stride-1 conv2d's output (``winograd_tiles``).  pads as conv2d's."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(x, *, pads):
+        _dtypes(x, (dt.f32,))
+        _need(x.rank == 4, f"winograd_input needs a 4-D NCHW x, got {x.shape}")
+        _check2("pads", pads, 4)
+        _need(min(pads) >= 0, f"winograd_input: pads {pads} must be >= 0")
+        n, c, h, w = x.shape
+        th, tw = winograd_tiles(_pool_out(h, 3, 1, pads[0], pads[2], 1), _pool_out(w, 3, 1, pads[1], pads[3], 1))
+        return [TensorType(x.dtype, (16, n * th * tw, c))]
+
+    @staticmethod
+    def reference(x, *, pads):
+        n, c, h, w = x.shape
+        th, tw = winograd_tiles(h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2)
+        xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2), np.float32)
+        rows, cols = max(0, min(h, 2 * th + 2 - pads[0])), max(0, min(w, 2 * tw + 2 - pads[1]))
+        xp[:, :, pads[0]:pads[0] + rows, pads[1]:pads[1] + cols] = x[:, :, :rows, :cols]
+        ih = 2 * np.arange(th)[:, None] + np.arange(4)
+        iw = 2 * np.arange(tw)[:, None] + np.arange(4)
+        d = xp[:, :, ih[:, None, :, None], iw[None, :, None, :]]          # [n, c, th, tw, 4, 4]
+        v = np.einsum("ai,nctwij,bj->abntwc", WINOGRAD_BT, d, WINOGRAD_BT)
+        return [np.ascontiguousarray(v.reshape(16, n * th * tw, c), np.float32)]
+
+
+@defop("winograd_output", "m bias", {"shape": Attr("ints")}, optional=1)
+class WinogradOutput:
+    """out[n, co, 2*th + i, 2*tw + j] = (A^T m[:, t, co] A)[i, j] + bias[co] for tile
+    t = (n, th, tw) of winograd F(2x2, 3x3) (m[e, t, co], e = 4*row + column of the
+    4x4 product), cropped to ``shape`` = (N, C_out, OH, OW): winograd_input's tiles."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(m, bias=None, *, shape):
+        _dtypes(m, (dt.f32,))
+        _need(len(shape) == 4 and min(shape) >= 1, f"winograd_output: shape {shape} must be 4 positive ints")
+        n, co, oh, ow = shape
+        th, tw = winograd_tiles(oh, ow)
+        _need(m.shape == (16, n * th * tw, co), f"winograd_output: m {m.shape} must be (16, {n * th * tw}, {co}) "
+              f"for the output {tuple(shape)}")
+        if bias is not None:
+            _need(bias.dtype == m.dtype and bias.shape == (co,), f"winograd_output: bias {bias} must be f32 ({co},)")
+        return [TensorType(m.dtype, tuple(shape))]
+
+    @staticmethod
+    def reference(m, bias=None, *, shape):
+        n, co, oh, ow = shape
+        th, tw = winograd_tiles(oh, ow)
+        y = np.einsum("ia,abntwc,jb->nctiwj", WINOGRAD_AT, m.astype(np.float32).reshape(4, 4, n, th, tw, co),
+                      WINOGRAD_AT).reshape(n, co, 2 * th, 2 * tw)[:, :, :oh, :ow]
+        if bias is not None:
+            y = y + bias.astype(np.float32)[None, :, None, None]
+        return [np.ascontiguousarray(y, np.float32)]
+
+
 _POOL_ATTRS = {"kernel": Attr("ints"), "strides": Attr("ints", (1, 1)), "pads": Attr("ints", (0, 0, 0, 0)),
                "ceil_mode": Attr("bool", False)}
 

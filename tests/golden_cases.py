@@ -108,6 +108,13 @@ def conv():
                              groups=3, strides=(2, 2)))
 
 
+def winograd():
+    b = GraphBuilder("winograd")
+    x = b.input("x", (1, 16, 7, 6))
+    return b.output(b.relu(b.conv2d(x, b.const(_w(17, 16, 3, 3), name="w"), b.const(_w(17, seed=1), name="bias"),
+                                    pads=(1, 1, 1, 1))))
+
+
 def gather():
     b = GraphBuilder("gather")
     table = b.const(_w(19, 12), name="table")
@@ -215,6 +222,7 @@ FAMILIES = {
     "reduction": (reduction, "dce"),
     "norms": (norms, "dce"),
     "conv": (conv, "fuse"),
+    "winograd": (winograd, "winograd,fuse"),
     "gather": (gather, "dce"),
     "gguf_blocks": (gguf_blocks, "dce"),
     "matmul_q_gemm": (matmul_q_gemm, "dce"),

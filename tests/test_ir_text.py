@@ -98,6 +98,9 @@ OP_CASES = {
     "avgpool2d": lambda b: [b.avgpool2d(b.input("x", (1, 2, 6, 6)), kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1),
                                         count_include_pad=True)],
     "global_avgpool": lambda b: [b.global_avgpool(b.input("x", (2, 3, 4, 5)))],
+    "winograd_input": lambda b: [b.winograd_input(b.input("x", (1, 2, 5, 6)), pads=(1, 0, 2, 1))],
+    "winograd_output": lambda b: [b.winograd_output(b.input("m", (16, 6, 3)), b.const(rand((3,)), name="bias"),
+                                                    shape=(1, 3, 5, 4))],
     "fused": lambda b: [b.fused(b.input("x", (2, 3)), b.const(rand((3,)), name="bias"), body=_add_gelu_body())],
     # ops added for ONNX import
     "log": _unary("log"),
