@@ -1251,6 +1251,97 @@ class WinogradOutput:
         return [np.ascontiguousarray(y, np.float32)]
 
 
+# int8 convolution: activations quantized once into a zero-padded layout of channel
+# quads (conv_input_q), then integer dot products per output (conv2d_q).  The quad
+# layout puts 4 channels of a pixel in one 32-bit word: x86's vpmaddubsw / vpmaddwd
+# take them as one lane.
+QUAD = 4
+
+
+def quantize_act(x, act_scale: float) -> np.ndarray:
+    """int8 codes of f32 activations with one static scale d = f32(act_scale):
+    clip(round-half-even(x / d), -127, 127) (saturating, +-inf too), NaN -> 0."""
+    q = np.rint(np.asarray(x, np.float32) / np.float32(act_scale))
+    return np.where(np.isnan(q), 0, np.clip(q, -127, 127)).astype(np.int8)
+
+
+@defop("conv_input_q", "x", {"act_scale": Attr("float"), "pads": Attr("ints", (0, 0, 0, 0))})
+class ConvInputQ:
+    """x[N, C, H, W] f32 -> xq[N, ceil(C/4), pads[0] + H + pads[2], pads[1] + W + pads[3], 4] i8:
+    xq[n, c // 4, pads[0] + h, pads[1] + w, c % 4] = quantize_act(x[n, c, h, w], act_scale),
+    0 in the padding and for the channels past C (what conv2d_q reads)."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(x, *, act_scale, pads):
+        _dtypes(x, (dt.f32,))
+        _need(x.rank == 4, f"conv_input_q needs a 4-D NCHW x, got {x.shape}")
+        _check2("pads", pads, 4)
+        _need(min(pads) >= 0, f"conv_input_q: pads {pads} must be >= 0")
+        _need(0 < act_scale <= F32_MAX and np.float32(act_scale) > 0,
+              f"conv_input_q: act_scale={act_scale!r} must be a positive finite f32 scale")
+        n, c, h, w = x.shape
+        return [TensorType(dt.i8, (n, -(-c // QUAD), pads[0] + h + pads[2], pads[1] + w + pads[3], QUAD))]
+
+    @staticmethod
+    def reference(x, *, act_scale, pads):
+        n, c, h, w = x.shape
+        out = np.zeros((n, -(-c // QUAD) * QUAD, pads[0] + h + pads[2], pads[1] + w + pads[3]), np.int8)
+        out[:, :c, pads[0]:pads[0] + h, pads[1]:pads[1] + w] = quantize_act(x, act_scale)
+        return [np.ascontiguousarray(out.reshape(n, -1, QUAD, *out.shape[2:]).transpose(0, 1, 3, 4, 2))]
+
+
+@defop("conv2d_q", "xq q scales bias", {"strides": Attr("ints", (1, 1)), "dilations": Attr("ints", (1, 1)),
+                                        "act_scale": Attr("float")}, optional=1)
+class Conv2dQ:
+    """int8 conv2d (groups 1) over conv_input_q's padded quads: xq [N, C4, HP, WP, 4] i8,
+    q [C_out, C4, KH, KW, 4] i8 (w[co, 4*c4 + j, kh, kw] = q[co, c4, kh, kw, j] *
+    scales[co]; 0 past C_in), scales f32 [C_out]:
+    acc[n, co, oh, ow] = sum over (c4, kh, kw, j) of xq[n, c4, oh*sh + kh*dh, ow*sw + kw*dw, j]
+    * q[co, c4, kh, kw, j] (exact, i32), y = f32(acc) * (f32(act_scale) * scales[co]) + bias[co]
+    in f32, each operation rounded once (in that order: the kernels match bit for bit)."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(xq, q, scales, bias=None, *, strides, dilations, act_scale):
+        _dtypes(xq, (dt.i8,), "xq")
+        _dtypes(q, (dt.i8,), "q")
+        _need(xq.rank == 5 and q.rank == 5 and xq.shape[4] == QUAD and q.shape[4] == QUAD,
+              f"conv2d_q needs xq [N, C4, HP, WP, 4] and q [C_out, C4, KH, KW, 4], got {xq.shape} and {q.shape}")
+        _check2("strides", strides), _check2("dilations", dilations)
+        _need(min(strides) >= 1 and min(dilations) >= 1, "conv2d_q: strides and dilations must be >= 1")
+        _need(xq.shape[1] == q.shape[1], f"conv2d_q: xq has {xq.shape[1]} channel quads, q {q.shape[1]}")
+        co = q.shape[0]
+        _need(scales.dtype == dt.f32 and scales.shape == (co,), f"conv2d_q: scales {scales} must be f32 ({co},)")
+        if bias is not None:
+            _need(bias.dtype == dt.f32 and bias.shape == (co,), f"conv2d_q: bias {bias} must be f32 ({co},)")
+        _need(0 < act_scale <= F32_MAX and np.float32(act_scale) > 0,
+              f"conv2d_q: act_scale={act_scale!r} must be a positive finite f32 scale")
+        taps = q.shape[1] * QUAD * q.shape[2] * q.shape[3]
+        _need(taps * 127 * 127 < 2 ** 31, f"conv2d_q: {taps} products per output could overflow the i32 sum")
+        oh = _pool_out(xq.shape[2], q.shape[2], strides[0], 0, 0, dilations[0])
+        ow = _pool_out(xq.shape[3], q.shape[3], strides[1], 0, 0, dilations[1])
+        return [TensorType(dt.f32, (xq.shape[0], co, oh, ow))]
+
+    @staticmethod
+    def reference(xq, q, scales, bias=None, *, strides, dilations, act_scale):
+        n, c4, hp, wp, _ = xq.shape
+        co, _, kh, kw, _ = q.shape
+        oh = (hp - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+        ow = (wp - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+        ih = (np.arange(oh) * strides[0])[:, None] + np.arange(kh) * dilations[0]
+        iw = (np.arange(ow) * strides[1])[:, None] + np.arange(kw) * dilations[1]
+        patches = xq.astype(np.int64)[:, :, ih[:, None, :, None], iw[None, :, None, :], :]  # n c4 oh ow kh kw j
+        acc = np.einsum("ncyxijq,ocijq->noyx", patches, q.astype(np.int64))
+        step = np.float32(act_scale) * scales.astype(np.float32)
+        y = acc.astype(np.int32).astype(np.float32) * step[None, :, None, None]
+        if bias is not None:
+            y = y + bias.astype(np.float32)[None, :, None, None]
+        return [y.astype(np.float32)]
+
+
 _POOL_ATTRS = {"kernel": Attr("ints"), "strides": Attr("ints", (1, 1)), "pads": Attr("ints", (0, 0, 0, 0)),
                "ceil_mode": Attr("bool", False)}
 

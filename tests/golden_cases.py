@@ -115,6 +115,14 @@ def winograd():
                                     pads=(1, 1, 1, 1))))
 
 
+def conv_q():
+    b = GraphBuilder("conv_q")
+    xq = b.conv_input_q(b.input("x", (1, 5, 7, 11)), act_scale=0.05, pads=(1, 1, 1, 1))
+    q = b.const((np.arange(6 * 2 * 9 * 4) % 255 - 127).astype(np.int8).reshape(6, 2, 3, 3, 4), name="q")
+    return b.output(b.relu(b.conv2d_q(xq, q, b.const(_w(6), name="s"), b.const(_w(6, seed=1), name="bias"),
+                                      strides=(2, 1), act_scale=0.05)))
+
+
 def gather():
     b = GraphBuilder("gather")
     table = b.const(_w(19, 12), name="table")
@@ -223,6 +231,7 @@ FAMILIES = {
     "norms": (norms, "dce"),
     "conv": (conv, "fuse"),
     "winograd": (winograd, "winograd,fuse"),
+    "conv_q": (conv_q, "fuse"),
     "gather": (gather, "dce"),
     "gguf_blocks": (gguf_blocks, "dce"),
     "matmul_q_gemm": (matmul_q_gemm, "dce"),
