@@ -1258,23 +1258,26 @@ class WinogradOutput:
 QUAD = 4
 
 
-def quantize_act(x, act_scale: float) -> np.ndarray:
+def quantize_act(x, act_scale: float, lowest: int = -127) -> np.ndarray:
     """int8 codes of f32 activations with one static scale d = f32(act_scale):
-    clip(round-half-even(x / d), -127, 127) (saturating, +-inf too), NaN -> 0."""
+    clip(round-half-even(x / d), lowest, 127) (saturating, +-inf too), NaN -> 0."""
     q = np.rint(np.asarray(x, np.float32) / np.float32(act_scale))
-    return np.where(np.isnan(q), 0, np.clip(q, -127, 127)).astype(np.int8)
+    return np.where(np.isnan(q), 0, np.clip(q, lowest, 127)).astype(np.int8)
 
 
-@defop("conv_input_q", "x", {"act_scale": Attr("float"), "pads": Attr("ints", (0, 0, 0, 0))})
+@defop("conv_input_q", "x", {"act_scale": Attr("float"), "pads": Attr("ints", (0, 0, 0, 0)),
+                             "unsigned": Attr("bool", False)})
 class ConvInputQ:
     """x[N, C, H, W] f32 -> xq[N, ceil(C/4), pads[0] + H + pads[2], pads[1] + W + pads[3], 4] i8:
     xq[n, c // 4, pads[0] + h, pads[1] + w, c % 4] = quantize_act(x[n, c, h, w], act_scale),
-    0 in the padding and for the channels past C (what conv2d_q reads)."""
+    0 in the padding and for the channels past C (what conv2d_q reads).  ``unsigned``:
+    codes clipped to [0, 127] instead of [-127, 127] (the quantize pass sets it where x
+    is never negative, after a relu: then the codes are the same)."""
 
     KIND = "window"
 
     @staticmethod
-    def infer(x, *, act_scale, pads):
+    def infer(x, *, act_scale, pads, unsigned=False):
         _dtypes(x, (dt.f32,))
         _need(x.rank == 4, f"conv_input_q needs a 4-D NCHW x, got {x.shape}")
         _check2("pads", pads, 4)
@@ -1285,27 +1288,29 @@ class ConvInputQ:
         return [TensorType(dt.i8, (n, -(-c // QUAD), pads[0] + h + pads[2], pads[1] + w + pads[3], QUAD))]
 
     @staticmethod
-    def reference(x, *, act_scale, pads):
+    def reference(x, *, act_scale, pads, unsigned=False):
         n, c, h, w = x.shape
         out = np.zeros((n, -(-c // QUAD) * QUAD, pads[0] + h + pads[2], pads[1] + w + pads[3]), np.int8)
-        out[:, :c, pads[0]:pads[0] + h, pads[1]:pads[1] + w] = quantize_act(x, act_scale)
+        out[:, :c, pads[0]:pads[0] + h, pads[1]:pads[1] + w] = quantize_act(x, act_scale, 0 if unsigned else -127)
         return [np.ascontiguousarray(out.reshape(n, -1, QUAD, *out.shape[2:]).transpose(0, 1, 3, 4, 2))]
 
 
 @defop("conv2d_q", "xq q scales bias", {"strides": Attr("ints", (1, 1)), "dilations": Attr("ints", (1, 1)),
-                                        "act_scale": Attr("float")}, optional=1)
+                                        "act_scale": Attr("float"), "unsigned": Attr("bool", False)}, optional=1)
 class Conv2dQ:
     """int8 conv2d (groups 1) over conv_input_q's padded quads: xq [N, C4, HP, WP, 4] i8,
     q [C_out, C4, KH, KW, 4] i8 (w[co, 4*c4 + j, kh, kw] = q[co, c4, kh, kw, j] *
     scales[co]; 0 past C_in), scales f32 [C_out]:
     acc[n, co, oh, ow] = sum over (c4, kh, kw, j) of xq[n, c4, oh*sh + kh*dh, ow*sw + kw*dw, j]
     * q[co, c4, kh, kw, j] (exact, i32), y = f32(acc) * (f32(act_scale) * scales[co]) + bias[co]
-    in f32, each operation rounded once (in that order: the kernels match bit for bit)."""
+    in f32, each operation rounded once (in that order: the kernels match bit for bit).
+    ``unsigned``: negative codes of xq read as 0 (conv_input_q {unsigned} makes none): x86
+    then multiplies the codes (0 .. 127) by q directly, without vpsignb."""
 
     KIND = "window"
 
     @staticmethod
-    def infer(xq, q, scales, bias=None, *, strides, dilations, act_scale):
+    def infer(xq, q, scales, bias=None, *, strides, dilations, act_scale, unsigned=False):
         _dtypes(xq, (dt.i8,), "xq")
         _dtypes(q, (dt.i8,), "q")
         _need(xq.rank == 5 and q.rank == 5 and xq.shape[4] == QUAD and q.shape[4] == QUAD,
@@ -1320,14 +1325,15 @@ class Conv2dQ:
         _need(0 < act_scale <= F32_MAX and np.float32(act_scale) > 0,
               f"conv2d_q: act_scale={act_scale!r} must be a positive finite f32 scale")
         taps = q.shape[1] * QUAD * q.shape[2] * q.shape[3]
-        _need(taps * 127 * 127 < 2 ** 31, f"conv2d_q: {taps} products per output could overflow the i32 sum")
+        _need(taps * 128 * 128 < 2 ** 31, f"conv2d_q: {taps} products per output could overflow the i32 sum")
         oh = _pool_out(xq.shape[2], q.shape[2], strides[0], 0, 0, dilations[0])
         ow = _pool_out(xq.shape[3], q.shape[3], strides[1], 0, 0, dilations[1])
         return [TensorType(dt.f32, (xq.shape[0], co, oh, ow))]
 
     @staticmethod
-    def reference(xq, q, scales, bias=None, *, strides, dilations, act_scale):
+    def reference(xq, q, scales, bias=None, *, strides, dilations, act_scale, unsigned=False):
         n, c4, hp, wp, _ = xq.shape
+        xq = np.maximum(xq, 0) if unsigned else xq
         co, _, kh, kw, _ = q.shape
         oh = (hp - dilations[0] * (kh - 1) - 1) // strides[0] + 1
         ow = (wp - dilations[1] * (kw - 1) - 1) // strides[1] + 1

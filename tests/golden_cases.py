@@ -117,10 +117,13 @@ def winograd():
 
 def conv_q():
     b = GraphBuilder("conv_q")
-    xq = b.conv_input_q(b.input("x", (1, 5, 7, 11)), act_scale=0.05, pads=(1, 1, 1, 1))
+    xq_in = b.input("x", (1, 5, 7, 11))
+    xq = b.conv_input_q(xq_in, act_scale=0.05, pads=(1, 1, 1, 1))
     q = b.const((np.arange(6 * 2 * 9 * 4) % 255 - 127).astype(np.int8).reshape(6, 2, 3, 3, 4), name="q")
+    xu = b.conv_input_q(xq_in, act_scale=0.05, pads=(1, 1, 1, 1), unsigned=True)
     return b.output(b.relu(b.conv2d_q(xq, q, b.const(_w(6), name="s"), b.const(_w(6, seed=1), name="bias"),
-                                      strides=(2, 1), act_scale=0.05)))
+                                      strides=(2, 1), act_scale=0.05)),
+                    b.conv2d_q(xu, q, b.const(_w(6, seed=2), name="s2"), act_scale=0.05, unsigned=True))
 
 
 def gather():

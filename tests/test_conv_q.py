@@ -25,7 +25,7 @@ CASES = {
 }
 
 
-def _graph(case, seed=0):
+def _graph(case, seed=0, unsigned=False):
     shape, co, k, strides, pads, dil, bias = CASES[case]
     rng = np.random.default_rng(seed)
     c4 = -(-shape[1] // 4)
@@ -35,9 +35,9 @@ def _graph(case, seed=0):
     d = 0.05
     g = sqk.GraphBuilder("q")
     x = g.input("x", shape)
-    xq = g.conv_input_q(x, act_scale=d, pads=pads)
+    xq = g.conv_input_q(x, act_scale=d, pads=pads, unsigned=unsigned)
     y = g.conv2d_q(xq, g.const(q, name="q"), g.const(sc, name="s"), *([g.const(bv, name="b")] if bias else []),
-                   strides=strides, dilations=dil, act_scale=d)
+                   strides=strides, dilations=dil, act_scale=d, unsigned=unsigned)
     xv = (rng.standard_normal(shape) * 3).astype(np.float32)
     xv.flat[:3] = np.nan, np.inf, -np.inf      # NaN -> 0, +-inf saturate
     return g.output(g.relu(y), xq), xv
@@ -55,8 +55,9 @@ def _exact(m, g, x):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_conv_q_bit_exact(case):
-    g, x = _graph(case)
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_conv_q_bit_exact(case, unsigned):
+    g, x = _graph(case, unsigned=unsigned)
     m = sqk.compile(g)
     assert any(n.op == "fused" and n.attrs["body"].nodes[0].op == "conv2d_q" for n in m.ir.nodes)  # relu fused
     _exact(m, g, x)
@@ -69,9 +70,23 @@ def test_conv_q_hosts_two_threads(monkeypatch, host):
         host_avx2(monkeypatch)
     else:
         host_without(monkeypatch, lambda f: f[1:].startswith(("avx2", "avx512")))
-    for case in ("3x3", "stride2_batch2"):
-        g, x = _graph(case, seed=1)
+    for case, unsigned in (("3x3", False), ("stride2_batch2", True)):
+        g, x = _graph(case, seed=1, unsigned=unsigned)
         _exact(sqk.compile(g, threads=2), g, x)
+
+
+def test_unsigned_reads_negative_codes_as_zero():
+    """conv2d_q {unsigned} fed signed codes (not conv_input_q {unsigned}'s) still matches
+    its reference: negative codes count as 0."""
+    g = sqk.GraphBuilder("q")
+    xq = g.input("xq", (1, 2, 5, 12, 4), "i8")
+    q = np.random.default_rng(3).integers(-128, 128, (4, 2, 3, 3, 4)).astype(np.int8)
+    g = g.output(g.conv2d_q(xq, g.const(q, name="q"), g.const(np.ones(4, np.float32), name="s"), act_scale=1.0,
+                            unsigned=True))
+    x = np.random.default_rng(4).integers(-128, 128, (1, 2, 5, 12, 4)).astype(np.int8)
+    want = OPS["conv2d_q"].reference(np.maximum(x, 0), q, np.ones(4, np.float32), strides=(1, 1),
+                                     dilations=(1, 1), act_scale=1.0)[0]
+    assert np.array_equal(sqk.compile(g)(xq=x), want)
 
 
 def test_conv_q_shape_errors():
@@ -106,6 +121,8 @@ def test_quantize_pass_makes_int8_convs_top1_agrees():
                                     "select_format,dce,fuse", calibration_data=cal)
     ops = [n.op for n in q.ir.nodes]
     assert ops.count("conv_input_q") == 3 and "conv2d" in ops and "matmul_q" in ops
+    # the image is signed; the convolutions after a relu take unsigned codes
+    assert [n.attrs["unsigned"] for n in q.ir.nodes if n.op == "conv_input_q"] == [False, True, True]
     rows = {r["layer"]: r for r in q.report}
     assert sum(r["status"] == "quantized" for r in rows.values()) == 4
     assert all(r["cosine"] > 0.999 for r in rows.values())

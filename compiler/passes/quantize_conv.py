@@ -11,7 +11,9 @@ layer's input over ``calibration_data`` exactly as a matmul's
 (``Quantize._act_scale``).  Other settings (dynamic activations, int4, asym,
 GPTQ/AWQ/imatrix) keep convolutions in float: conv2d_q has one static scale
 per tensor and symmetric per-channel codes.  Depthwise and grouped
-convolutions stay float too.  Each layer's report row gives the relative L2
+convolutions stay float too.  Where x is never negative by construction (a
+relu's result, pooled or added: ``never_negative``) both nodes are
+``unsigned``: the same codes, and a kernel without the sign trick.  Each layer's report row gives the relative L2
 error and cosine of its output on one calibration input (activation rounding
 included) against the float convolution.
 """
@@ -40,6 +42,21 @@ def conv_weights(p, graph: Graph) -> dict:
         if src is not None and src.op == "const" and w.dtype is dt.f32 and w.type.size:
             out.setdefault(w, []).append(n)
     return out
+
+
+def never_negative(v: Value, prod: dict) -> bool:
+    """``v`` is >= 0 (or NaN) by construction: a relu's result, or pooling, reshaping or
+    adding such results."""
+    n = prod.get(v)
+    if n is None:
+        return False
+    if n.op == "relu":
+        return True
+    if n.op in ("maxpool2d", "avgpool2d", "global_avgpool", "reshape"):
+        return never_negative(n.inputs[0], prod)
+    if n.op == "add":
+        return all(never_negative(x, prod) for x in n.inputs)
+    return False
 
 
 def quad_filter(q: np.ndarray) -> np.ndarray:
@@ -101,8 +118,12 @@ def quantize_convs(p, fp32: Graph, graph: Graph, convs: dict, calib, taken: set,
                 errs.append(_layer_error(n, env[n.inputs[0]][:1], arr, q4, scales, d))
             xq = Value(fresh(f"{n.output.name}.xq", taken), OPS["conv_input_q"].infer(
                 n.inputs[0].type, act_scale=d, pads=n.attrs["pads"])[0])
-            attrs = {"strides": n.attrs["strides"], "dilations": n.attrs["dilations"], "act_scale": d}
-            replace[id(n)] = [Node("conv_input_q", (n.inputs[0],), (xq,), {"act_scale": d, "pads": n.attrs["pads"]}),
+            # after a relu the codes are 0..127: the kernel skips the sign trick
+            pos = never_negative(n.inputs[0], prod)
+            attrs = {"strides": n.attrs["strides"], "dilations": n.attrs["dilations"], "act_scale": d,
+                     "unsigned": pos}
+            replace[id(n)] = [Node("conv_input_q", (n.inputs[0],), (xq,),
+                                   {"act_scale": d, "pads": n.attrs["pads"], "unsigned": pos}),
                               Node("conv2d_q", (xq, vq, vs, *n.inputs[2:]), n.outputs, attrs)]
         rel, cos = (max(e[0] for e in errs), min(e[1] for e in errs)) if errs else (None, None)
         report.append({**row, "weights": f"int8 per-channel sym + i8 act {p.calibration} (conv2d_q)",
