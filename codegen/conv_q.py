@@ -10,8 +10,8 @@ conv2d_q keeps, per work item (n, block of CB output channels, oh), a tile of
 CB x U vectors of 8 i32 accumulators (8 output columns each) in registers:
 U = 4 vectors of a row (fewer in narrow rows) and CB = 8 / U channels.
 Per channel quad and kernel row and column, a vector is the 8 columns' quads,
-32 contiguous bytes at stride 1 (a longer span and a byte shuffle at stride
-> 1), and a weight is one 32-bit quad broadcast.  AVX2 multiplies them with
+32 contiguous bytes at stride 1 (a longer span and a shuffle of its 32-bit
+quads at stride > 1), and a weight is one 32-bit quad broadcast.  AVX2 multiplies them with
 vpmaddubsw on |q| (unsigned: -128 is 128) and x with q's sign (vpsignb;
 |xq| <= 127 never wraps), a pair summing to at most 2*128*127 = 32512, below
 the i16 saturation, then
@@ -147,13 +147,14 @@ def emit_conv2d_q(k: Kernel, node: Node, epilogue=None):
     lanes = min(VL, ow)
 
     def load_x(at, nl: int):
-        """The quads of nl output columns (32 bytes, lanes past nl zero) from byte ``at``."""
-        span = ((nl - 1) * sw + 1) * QUAD
-        raw = b.load(gep(b, x_ptr, I8, at), typ=ir.VectorType(I8, span), align=1)
-        pick = [QUAD * l * sw + t if l < nl else span for l in range(VL) for t in range(QUAD)]
-        if pick == list(range(VL * QUAD)):
-            return raw
-        return b.shuffle_vector(raw, ir.Constant(raw.type, None), ir.Constant(ir.VectorType(I32, VL * QUAD), pick))
+        """The quads of nl output columns (32 bytes, lanes past nl zero) from byte ``at``:
+        one quad is one i32 word, so stride > 1 is a load of the span and a word shuffle."""
+        span = (nl - 1) * sw + 1
+        raw = b.load(gep(b, x_ptr, I8, at), typ=ir.VectorType(I32, span), align=1)
+        pick = [l * sw if l < nl else span for l in range(VL)]
+        if pick != list(range(VL)):
+            raw = b.shuffle_vector(raw, ir.Constant(raw.type, None), ir.Constant(ir.VectorType(I32, VL), pick))
+        return b.bitcast(raw, v32i8)
 
     def dot(acc, xv, wv, wa):
         """acc + per i32 lane the sum of its four byte products xv * wv (wa = |wv|)."""
