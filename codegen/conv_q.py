@@ -51,7 +51,11 @@ def _quantize(k: Kernel, v, d: float, n: int, lowest: float):
     q = call_intrinsic(k, "roundeven", b.fdiv(v, fconst(vt, d)))
     q = call_intrinsic(k, "minnum", call_intrinsic(k, "maxnum", q, fconst(vt, lowest)), fconst(vt, 127.0))
     q = b.select(b.fcmp_unordered("uno", v, v), fconst(vt, 0.0), q)
-    return b.trunc(b.fptosi(q, ir.VectorType(I32, n)), ir.VectorType(I8, n))
+    # q is an integer in [-127, 127]: q + 1.5 * 2^23 holds it in its low mantissa bits
+    # (no float->int conversion: riscv64's vfcvt.rtz aborts the qemu the tests run under)
+    it = ir.VectorType(I32, n)
+    bits = b.bitcast(b.fadd(q, fconst(vt, 12582912.0)), it)
+    return b.trunc(b.sub(bits, ir.Constant(it, [ir.Constant(I32, 0x4B400000)] * n)), ir.VectorType(I8, n))
 
 
 @emitter("conv_input_q")
@@ -152,7 +156,7 @@ def emit_conv2d_q(k: Kernel, node: Node, epilogue=None):
         span = (nl - 1) * sw + 1
         raw = b.load(gep(b, x_ptr, I8, at), typ=ir.VectorType(I32, span), align=1)
         pick = [l * sw if l < nl else span for l in range(VL)]
-        if pick != list(range(VL)):
+        if nl != VL or sw != 1:
             raw = b.shuffle_vector(raw, ir.Constant(raw.type, None), ir.Constant(ir.VectorType(I32, VL), pick))
         return b.bitcast(raw, v32i8)
 

@@ -21,6 +21,7 @@ CASES = {
     "pointwise_no_bias": ((1, 16, 5, 5), 7, 1, (1, 1), (0, 0, 0, 0), (1, 1), False),
     "dilated_asym_pads": ((1, 3, 11, 13), 5, 3, (1, 1), (2, 1, 0, 3), (2, 2), True),
     "narrow_row": ((1, 4, 6, 3), 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
+    "seven_columns": ((1, 9, 7, 7), 16, 3, (1, 1), (1, 1, 1, 1), (1, 1), True),
     "stride3_7x7": ((1, 3, 23, 29), 4, 7, (3, 2), (3, 3, 3, 3), (1, 1), True),
 }
 
@@ -137,3 +138,13 @@ def test_dynamic_activations_keep_convs_float():
     graph = _cnn(np.random.default_rng(0))
     q = sqk.compile(graph, quantize="int8", activations="int8")
     assert "conv_input_q" not in [n.op for n in q.ir.nodes]
+
+
+@pytest.mark.parametrize("target", ["riscv64", "riscv64-scalar"])
+def test_conv_q_riscv64(target):
+    """The generic kernels (i32 products) on riscv64, bit for bit (several VLENs)."""
+    from harness import compile_for
+    g, x = _graph("stride2_batch2", seed=2, unsigned=False)
+    m = compile_for(g, target)
+    for a, b in zip(m(x=x), _reference(g, x)):
+        assert np.array_equal(a, b)

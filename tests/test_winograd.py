@@ -118,3 +118,13 @@ def test_bad_winograd_output_shape():
     g = sqk.GraphBuilder("c")
     with pytest.raises(IRError, match=r"m \(16, 6, 3\) must be \(16, 4, 3\)"):
         g.winograd_output(g.input("m", (16, 6, 3)), shape=(1, 3, 4, 4))
+
+
+def test_winograd_ops_riscv64():
+    """The transforms' kernels lowered for riscv64 (the pass keeps conv2d direct there; a
+    graph holding the ops still runs), under several VLENs."""
+    from harness import compile_for
+    g, x, ref = _conv((1, 17, 7, 9), 19, relu=True)
+    m = compile_for(Winograd(min_channels=1, min_tiles=1).run(g), "riscv64", pipeline="dce,fuse")
+    assert "winograd_input" in _ops(m)
+    _check(m, x, ref)
