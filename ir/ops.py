@@ -1339,8 +1339,9 @@ class Conv2dQ:
         ow = (wp - dilations[1] * (kw - 1) - 1) // strides[1] + 1
         ih = (np.arange(oh) * strides[0])[:, None] + np.arange(kh) * dilations[0]
         iw = (np.arange(ow) * strides[1])[:, None] + np.arange(kw) * dilations[1]
-        patches = xq.astype(np.int64)[:, :, ih[:, None, :, None], iw[None, :, None, :], :]  # n c4 oh ow kh kw j
-        acc = np.einsum("ncyxijq,ocijq->noyx", patches, q.astype(np.int64))
+        # f64 sums are exact (integers below 2^31 < 2^53) and run through BLAS, unlike int64 einsum
+        patches = xq.astype(np.float64)[:, :, ih[:, None, :, None], iw[None, :, None, :], :]  # n c4 oh ow kh kw j
+        acc = np.einsum("ncyxijq,ocijq->noyx", patches, q.astype(np.float64), optimize=True).astype(np.int64)
         step = np.float32(act_scale) * scales.astype(np.float32)
         y = acc.astype(np.int32).astype(np.float32) * step[None, :, None, None]
         if bias is not None:

@@ -204,6 +204,9 @@ class Quantize(Pass):
             raise _error(f"quantize: method={self.method} needs calibration data (each layer's inputs) and none "
                          f"was given: pass calibration_data=[{{input: array}}, ...] to sqk.compile "
                          f"(--calibration FILE.npz on the command line), or use method=rtn")
+        if convs:   # one reference run over the samples gathers the conv and matmul inputs
+            calib.stats(graph, list(dict.fromkeys([n.inputs[0] for ns in convs.values() for n in ns]
+                                                  + [m.inputs[0] for ms in uses.values() for m in ms])))
         stats = self._stats(graph, uses, calib)    # per matmul input value
         source = (calib.source if calib is not None
                   else f"{self.samples} random normal rows (seed={self.seed})")
