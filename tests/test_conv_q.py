@@ -134,6 +134,16 @@ def test_quantize_pass_makes_int8_convs_top1_agrees():
     assert np.array_equal(q(x=x), _reference(q.ir, x)[0])   # the graph's semantics
 
 
+def test_max_error_keeps_a_conv_float():
+    rng = np.random.default_rng(0)
+    graph = _cnn(rng)
+    cal = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
+    q = sqk.compile(graph, pipeline="fold_constants,quantize{weights=int8,activations=int8,calibration=minmax,"
+                                    "max_error=0.001},select_format,dce,fuse", calibration_data=cal)
+    assert "conv_input_q" not in [n.op for n in q.ir.nodes]
+    assert all(r["status"].startswith("kept f32") for r in q.report)
+
+
 def test_dynamic_activations_keep_convs_float():
     graph = _cnn(np.random.default_rng(0))
     q = sqk.compile(graph, quantize="int8", activations="int8")

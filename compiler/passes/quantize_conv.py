@@ -11,7 +11,8 @@ layer's input over ``calibration_data`` exactly as a matmul's
 (``Quantize._act_scale``).  Other settings (dynamic activations, int4, asym,
 GPTQ/AWQ/imatrix) keep convolutions in float: conv2d_q has one static scale
 per tensor and symmetric per-channel codes.  Depthwise and grouped
-convolutions stay float too.  Where x is never negative by construction (a
+convolutions stay float too, and so does a layer whose error exceeds
+``max_error`` (as a matmul would).  Where x is never negative by construction (a
 relu's result, pooled or added: ``never_negative``) both nodes are
 ``unsigned``: the same codes, and a kernel without the sign trick.  Each layer's report row gives the relative L2
 error and cosine of its output on one calibration input (activation rounding
@@ -126,10 +127,16 @@ def quantize_convs(p, fp32: Graph, graph: Graph, convs: dict, calib, taken: set,
                                    {"act_scale": d, "pads": n.attrs["pads"], "unsigned": pos}),
                               Node("conv2d_q", (xq, vq, vs, *n.inputs[2:]), n.outputs, attrs)]
         rel, cos = (max(e[0] for e in errs), min(e[1] for e in errs)) if errs else (None, None)
-        report.append({**row, "weights": f"int8 per-channel sym + i8 act {p.calibration} (conv2d_q)",
-                       "rel_l2": rel, "cosine": cos, "bytes": q4.nbytes + scales.nbytes, "status": "quantized",
-                       "act_scales": [n_.attrs["act_scale"] for n_ in (r[1] for r in
-                                                                      (replace[id(m)] for m in nodes))]})
+        spelled = f"int8 per-channel sym + i8 act {p.calibration} (conv2d_q)"
+        if rel is not None and rel > p.max_error:   # mixed precision, as for matmuls
+            for m in nodes:
+                del replace[id(m)]
+            del consts[w]
+            report.append({**row, "weights": "f32", "rel_l2": rel, "cosine": cos, "bytes": w.type.nbytes,
+                           "status": f"kept f32: {spelled} error {rel:.3g} > max_error {p.max_error:g}"})
+            continue
+        report.append({**row, "weights": spelled, "rel_l2": rel, "cosine": cos, "bytes": q4.nbytes + scales.nbytes,
+                       "status": "quantized", "act_scales": [replace[id(m)][1].attrs["act_scale"] for m in nodes]})
     out = []
     for n in graph.nodes:
         out.extend(replace.get(id(n), [n]))
