@@ -2,8 +2,8 @@
 written here in plain torch: torchvision's wheels pair with a CUDA torch),
 random weights from a fixed seed, batch 1, 224x224, sqk vs onnxruntime.
 
-Rows: sqk fp32 (3x3 stride-1 convolutions as winograd F(2x2, 3x3)) vs ORT
-fp32; sqk int8 (``quantize="int8", activations="int8", calibration="minmax"``
+Rows: sqk fp32 (3x3 stride-1 convolutions as winograd F(2x2, 3x3), strided
+ones as im2col + GEMM) vs ORT fp32; sqk int8 (``quantize="int8", activations="int8", calibration="minmax"``
 calibrated on IMAGES random images: int8 per-channel weights and static int8
 activations for every groups-1 convolution (conv2d_q) and the classifier;
 mobilenet_v2's depthwise convolutions stay fp32) vs ORT ``quantize_static``
@@ -255,7 +255,8 @@ def run(threads: int) -> Table:
                 "sqk int8: compile(quantize='int8', activations='int8', calibration='minmax') on the same "
                 f"{IMAGES} images: groups-1 convolutions as conv2d_q and the classifier as matmul_q, static "
                 "per-tensor int8 activations, per-channel int8 weights; depthwise convolutions stay fp32",
-                "sqk fp32: 3x3 stride-1 convolutions (>= 16 channels) as winograd F(2x2, 3x3)",
+                "sqk fp32: 3x3 stride-1 convolutions (>= 16 channels) as winograd F(2x2, 3x3), strided ones "
+                "(>= 16 channels) as im2col + GEMM",
                 "compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()),
                 "targets (issue 19): fp32 <= 0.8x ORT fp32; int8 <= 1.0x ORT int8 at top-1 agreement"] + notes
     return t

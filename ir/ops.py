@@ -1251,6 +1251,41 @@ class WinogradOutput:
         return [np.ascontiguousarray(y, np.float32)]
 
 
+@defop("im2col", "x", {"kernel": Attr("ints"), "strides": Attr("ints", (1, 1)), "pads": Attr("ints", (0, 0, 0, 0)),
+                       "dilations": Attr("ints", (1, 1))})
+class Im2col:
+    """x[N, C, H, W] -> cols[N, C*KH*KW, OH*OW]: cols[n, (c*KH + i)*KW + j, oh*OW + ow] =
+    x[n, c, oh*sh + i*dh - pads[0], ow*sw + j*dw - pads[1]] (0 outside x), the patches of
+    conv2d with these attributes, so that conv2d is w.reshape(C_out, C*KH*KW) @ cols."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(x, *, kernel, strides, pads, dilations):
+        _dtypes(x, dt.FLOATS)
+        _need(x.rank == 4, f"im2col needs a 4-D NCHW x, got {x.shape}")
+        _check2("kernel", kernel), _check2("strides", strides), _check2("dilations", dilations)
+        _check2("pads", pads, 4)
+        _need(min(kernel) >= 1 and min(strides) >= 1 and min(dilations) >= 1 and min(pads) >= 0,
+              "im2col: kernel, strides and dilations must be >= 1, pads >= 0")
+        n, c, h, w = x.shape
+        oh = _pool_out(h, kernel[0], strides[0], pads[0], pads[2], dilations[0])
+        ow = _pool_out(w, kernel[1], strides[1], pads[1], pads[3], dilations[1])
+        return [TensorType(x.dtype, (n, c * kernel[0] * kernel[1], oh * ow))]
+
+    @staticmethod
+    def reference(x, *, kernel, strides, pads, dilations):
+        n, c, h, w = x.shape
+        kh, kw = kernel
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        oh = _pool_out(h, kh, strides[0], pads[0], pads[2], dilations[0])
+        ow = _pool_out(w, kw, strides[1], pads[1], pads[3], dilations[1])
+        ih = (np.arange(oh) * strides[0])[:, None] + np.arange(kh) * dilations[0]
+        iw = (np.arange(ow) * strides[1])[:, None] + np.arange(kw) * dilations[1]
+        patches = xp[:, :, ih[:, None, :, None], iw[None, :, None, :]]          # n c oh ow kh kw
+        return [np.ascontiguousarray(patches.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, oh * ow))]
+
+
 # int8 convolution: activations quantized once into a zero-padded layout of channel
 # quads (conv_input_q), then integer dot products per output (conv2d_q).  The quad
 # layout puts 4 channels of a pixel in one 32-bit word: x86's vpmaddubsw / vpmaddwd

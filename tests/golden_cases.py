@@ -115,6 +115,13 @@ def winograd():
                                     pads=(1, 1, 1, 1))))
 
 
+def im2col():
+    b = GraphBuilder("im2col")
+    return b.output(b.im2col(b.input("x", (1, 3, 9, 14)), kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
+                    b.im2col(b.input("y", (2, 2, 5, 21)), kernel=(2, 3), strides=(1, 3), pads=(0, 2, 1, 0),
+                             dilations=(2, 1)))
+
+
 def conv_q():
     b = GraphBuilder("conv_q")
     xq_in = b.input("x", (1, 5, 7, 11))
@@ -235,6 +242,7 @@ FAMILIES = {
     "conv": (conv, "fuse"),
     "winograd": (winograd, "winograd,fuse"),
     "conv_q": (conv_q, "fuse"),
+    "im2col": (im2col, "dce"),
     "gather": (gather, "dce"),
     "gguf_blocks": (gguf_blocks, "dce"),
     "matmul_q_gemm": (matmul_q_gemm, "dce"),

@@ -102,6 +102,8 @@ OP_CASES = {
     "conv2d_q": lambda b: [b.conv2d_q(b.input("xq", (1, 2, 6, 6, 4), "i8"), b.input("q", (3, 2, 3, 3, 4), "i8"),
                                       b.const(rand((3,)), name="s"), b.const(rand((3,)), name="bias"),
                                       strides=(2, 1), dilations=(1, 2), act_scale=0.5)],
+    "im2col": lambda b: [b.im2col(b.input("x", (1, 2, 7, 6)), kernel=(3, 2), strides=(2, 1), pads=(1, 0, 1, 1),
+                                  dilations=(1, 2))],
     "winograd_input": lambda b: [b.winograd_input(b.input("x", (1, 2, 5, 6)), pads=(1, 0, 2, 1))],
     "winograd_output": lambda b: [b.winograd_output(b.input("m", (16, 6, 3)), b.const(rand((3,)), name="bias"),
                                                     shape=(1, 3, 5, 4))],
