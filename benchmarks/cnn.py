@@ -2,13 +2,15 @@
 written here in plain torch: torchvision's wheels pair with a CUDA torch),
 random weights from a fixed seed, batch 1, 224x224, sqk vs onnxruntime.
 
-Rows: sqk fp32 vs ORT fp32; sqk int8 (``quantize="int8", activations="int8"``:
-sqk's quantize pass rewrites matmul weights only, so on a CNN only the
-classifier is int8 and the convolutions stay fp32: the row says what sqk's
-int8 path does to a CNN today) vs ORT ``quantize_static`` (QDQ, per-channel
-int8 weights, uint8 activations calibrated on random images through a
-CalibrationDataReader).  Each row: median ms, ratios to ORT fp32 and int8,
-top-1 agreement with ORT fp32 over IMAGES random images and the logit cosine.
+Rows: sqk fp32 (3x3 stride-1 convolutions as winograd F(2x2, 3x3), strided
+ones as im2col + GEMM) vs ORT fp32; sqk int8 (``quantize="int8", activations="int8", calibration="minmax"``
+calibrated on IMAGES random images: int8 per-channel weights and static int8
+activations for every groups-1 convolution (conv2d_q) and the classifier;
+mobilenet_v2's depthwise convolutions stay fp32) vs ORT ``quantize_static``
+(QDQ, per-channel int8 weights, uint8 activations calibrated on the same
+images through a CalibrationDataReader).  Each row: median ms, ratios to ORT
+fp32 and int8, top-1 agreement with ORT fp32 over HELD other random images
+and the logit cosine.
 Then each sqk model's time per op kind and slowest kernels (Module.profile).
 
 BatchNorm layers are in eval mode with random statistics, so the importer's
@@ -31,7 +33,8 @@ from .onnx_models import _export, cache_dir, cosine, ort_session, top_kernels
 
 SIZE = 224
 CLASSES = 1000
-IMAGES = 16          # random images for top-1 agreement (and ORT's calibration)
+IMAGES = 16          # random images for both int8 calibrations
+HELD = 64            # other random images for top-1 agreement
 RUNS = 9
 INNER = 3
 
@@ -206,7 +209,7 @@ def run(threads: int) -> Table:
     threads = 2 if threads is None else threads
     imgs = images()
     t = Table(f"CNNs, batch 1, {SIZE}x{SIZE}, {threads} threads, random weights (seeded)",
-              ["model", "contender", "ms", "vs ORT fp32", "vs ORT int8", f"top-1 agree ({IMAGES})", "logit cos"])
+              ["model", "contender", "ms", "vs ORT fp32", "vs ORT int8", f"top-1 agree ({HELD})", "logit cos"])
     notes, secs = [], {}
     for name in MODELS:
         path = export(name)
@@ -214,18 +217,20 @@ def run(threads: int) -> Table:
         fp32 = sqk.compile(sqk.from_onnx(path), threads=threads)
         secs[f"{name} fp32"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        int8 = sqk.compile(sqk.from_onnx(path), quantize="int8", activations="int8", threads=threads)
+        int8 = sqk.compile(sqk.from_onnx(path), quantize="int8", activations="int8", calibration="minmax",
+                           calibration_data=[{"image": x} for x in imgs], threads=threads)
         secs[f"{name} int8"] = time.perf_counter() - t0
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             ort32 = ort_session(path, threads)
             ort8 = ort_session(ort_static_int8(path, os.path.join(tmp, "int8.onnx"), imgs), threads)
-        ref = [ort32.run(None, {"image": x})[0] for x in imgs]
+        held = images(HELD, seed=7)
+        ref = [ort32.run(None, {"image": x})[0] for x in held]
         contenders = {"ORT fp32": lambda x: ort32.run(None, {"image": x})[0],
                       "sqk fp32": lambda x: fp32(image=x),
                       "ORT int8 (quantize_static QDQ)": lambda x: ort8.run(None, {"image": x})[0],
-                      "sqk int8 (quantize int8, int8 activations)": lambda x: int8(image=x)}
-        quality = {k: _agreement([f(x) for x in imgs], ref) for k, f in contenders.items()}
-        err = max(float(np.max(np.abs(fp32(image=x) - r)) / np.max(np.abs(r))) for x, r in zip(imgs, ref))
+                      "sqk int8 (quantize int8, static int8 activations)": lambda x: int8(image=x)}
+        quality = {k: _agreement([f(x) for x in held], ref) for k, f in contenders.items()}
+        err = max(float(np.max(np.abs(fp32(image=x) - r)) / np.max(np.abs(r))) for x, r in zip(held, ref))
         if err > 1e-3:
             raise AssertionError(f"{name}: sqk fp32 differs from ORT fp32 (max relative error {err:.2e})")
         x0 = imgs[0]
@@ -236,7 +241,7 @@ def run(threads: int) -> Table:
             top, cos = quality[k]
             t.add(name, k, f"{ms:.2f}", f"{ms / o32:.2f}", f"{ms / o8:.2f}", f"{top:.3f}", f"{cos:.5f}")
         classes = len({int(np.argmax(r)) for r in ref})
-        notes.append(f"{name}: ORT fp32's top-1 over the {IMAGES} images falls on {classes} distinct classes; "
+        notes.append(f"{name}: ORT fp32's top-1 over the {HELD} held-out images falls on {classes} distinct classes; "
                      f"sqk fp32 max relative error to ORT fp32 {err:.1e}")
         for label, mod in (("fp32", fp32), ("int8", int8)):
             rows, by_op, total = top_kernels(mod, {"image": x0})
@@ -244,11 +249,14 @@ def run(threads: int) -> Table:
                 f"{op} {ms:.2f} ms/{n}" for op, (ms, n) in list(by_op.items())[:5]) + "; slowest kernels "
                 + ", ".join(f"{k} {ms:.2f} ms" for k, ms in rows[:4]))
     t.notes += [f"ms per call: median of {RUNS} interleaved runs of {INNER} calls each (one image); "
-                f"top-1 agreement and logit cosine against ORT fp32 over {IMAGES} random N(0,1) images",
+                f"top-1 agreement and logit cosine against ORT fp32 over {HELD} held-out random N(0,1) images",
                 "ORT int8: quantize_static(QuantFormat.QDQ, per_channel=True, activations QUInt8, weights QInt8, "
-                f"MinMax calibration on the same {IMAGES} random images through a CalibrationDataReader)",
-                "sqk int8: compile(quantize='int8', activations='int8'); the quantize pass rewrites matmuls "
-                "(here the classifier) only: convolutions stay fp32",
+                f"MinMax calibration on {IMAGES} random images through a CalibrationDataReader)",
+                "sqk int8: compile(quantize='int8', activations='int8', calibration='minmax') on the same "
+                f"{IMAGES} images: groups-1 convolutions as conv2d_q and the classifier as matmul_q, static "
+                "per-tensor int8 activations, per-channel int8 weights; depthwise convolutions stay fp32",
+                "sqk fp32: 3x3 stride-1 convolutions (>= 16 channels) as winograd F(2x2, 3x3), strided ones "
+                "(>= 16 channels) as im2col + GEMM",
                 "compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()),
                 "targets (issue 19): fp32 <= 0.8x ORT fp32; int8 <= 1.0x ORT int8 at top-1 agreement"] + notes
     return t

@@ -3,6 +3,9 @@ from . import matmul  # noqa: F401,E402
 from . import reduce  # noqa: F401,E402
 from . import gather  # noqa: F401,E402
 from . import conv  # noqa: F401,E402
+from . import conv_winograd  # noqa: F401,E402
+from . import conv_q  # noqa: F401,E402
+from . import conv_im2col  # noqa: F401,E402
 from . import matmul_q  # noqa: F401,E402
 from . import gather_q  # noqa: F401,E402
 from . import matmul_ggml  # noqa: F401,E402

@@ -169,13 +169,16 @@ def _batch_offset(b: ir.IRBuilder, batch, t, strides):
 
 def _emit_conv(k: Kernel, body: Graph):
     from .conv import emit_conv2d
+    from .conv_q import emit_conv2d_q
+    from .conv_winograd import emit_winograd_output
 
     conv, rest = body.nodes[0], body.nodes[1:]
 
     def epilogue(value, n):
         return evaluate(k, rest, {conv.output: _round(k.b, value, conv.output.dtype, n)}, n)[body.outputs[0]]
 
-    return emit_conv2d(k, conv, epilogue=epilogue)
+    emit = {"winograd_output": emit_winograd_output, "conv2d_q": emit_conv2d_q}.get(conv.op, emit_conv2d)
+    return emit(k, conv, epilogue=epilogue)
 
 
 # --- attention ---------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ recomputes does more):
   non-dense ``sparse`` format 2*M*nnz, nnz the weight constant's nonzeros
   (for N:M without a constant value: K*N*n/m).  int8-activation matmul_q
   counts its integer multiply-adds the same way.
-* conv2d: 2*N*OC*OH*OW*(IC/groups)*KH*KW (the bias add is not counted).
+* conv2d: 2*N*OC*OH*OW*(IC/groups)*KH*KW (the bias add is not counted); conv2d_q the
+  same in integer multiply-adds (input channels padded to quads); winograd_input 32 adds
+  per tile and channel, winograd_output 24 per tile and output channel.
 * elementwise (unary, binary, gelu, cast, ...): 1 per output element.
 * reductions (reduce_*): 1 per input element; global_avgpool likewise.
 * maxpool2d / avgpool2d: KH*KW per output element.
@@ -99,6 +101,13 @@ def node_cost(node: Node, stored_bytes: dict | None = None, consts: dict | None 
     elif op == "conv2d":
         _, cig, kh, kw = node.inputs[1].shape
         flops = 2 * _size(out) * cig * kh * kw
+    elif op == "conv2d_q":   # q [C_out, C4, KH, KW, 4]: integer multiply-adds, padded channels included
+        _, c4, kh, kw, quad = node.inputs[1].shape
+        flops = 2 * _size(out) * c4 * quad * kh * kw
+    elif op == "winograd_output":   # the 24 adds of A^T m A per 2x2 outputs (the GEMM is its own matmul)
+        flops = 16 * node.inputs[0].shape[1] * node.inputs[0].shape[2] * 3 // 2
+    elif op == "winograd_input":    # the 32 adds of B^T d B per tile and channel
+        flops = 2 * _size(out)
     elif op in ("maxpool2d", "avgpool2d"):
         kh, kw = node.attrs["kernel"]
         flops = _size(out) * kh * kw

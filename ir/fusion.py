@@ -14,7 +14,8 @@ nothing of codegen.  The shapes:
   must step by a fixed stride along the (folded) rows, and the batch dims
   must not be folded into rows unless the view is linear over them
   (:func:`epilogue_strides`).
-* ``"conv2d"``: conv2d then unary elementwise nodes (relu ...).
+* ``"conv2d"``: conv2d (or winograd_output, its output transform, or the int8
+  conv2d_q) then unary elementwise nodes (relu ...).
 * ``"attention"``: matmul(q, kt), an elementwise epilogue (scale, mask),
   softmax over the last axis, matmul with v: f32, at most ATTENTION_MAX_T
   keys (one work item per query row keeps its scores on the stack).
@@ -25,7 +26,7 @@ from . import dtypes as dt
 from .graph import Graph, Node, TensorType
 from .ops import OPS
 
-ANCHORS = ("matmul", "conv2d")
+ANCHORS = ("matmul", "conv2d", "winograd_output", "conv2d_q")
 # Keys per query row the attention kernel holds (scores on the stack): short sequences.
 ATTENTION_MAX_T = 256
 

@@ -1164,6 +1164,226 @@ class Conv2d:
         return [out.astype(f)]
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray): a 3x3, stride-1 conv2d is, per 4x4 input tile d
+# (2x2 outputs), Y = A^T [(G g G^T) * (B^T d B)] A; the 16 products of a tile are
+# 16 batched GEMMs over the channels (compiler/passes/winograd.py builds the graph:
+# winograd_input -> matmul with the filters transformed at compile time -> winograd_output).
+WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+
+
+def winograd_tiles(oh: int, ow: int) -> tuple[int, int]:
+    """Tiles of 2x2 outputs covering an oh x ow output (the last row / column of
+    tiles half outside when oh / ow is odd)."""
+    return -(-oh // 2), -(-ow // 2)
+
+
+def winograd_filter(w) -> np.ndarray:
+    """u[e, ci, co] = (G w[co, ci] G^T)[e // 4, e % 4]: the transformed 3x3 filters,
+    the b of winograd's 16 GEMMs (computed in f64, rounded once to f32)."""
+    g = WINOGRAD_G.astype(np.float64)
+    u = np.einsum("ak,oikl,bl->abio", g, np.asarray(w, np.float64), g)
+    return u.reshape(16, *u.shape[2:]).astype(np.float32)
+
+
+@defop("winograd_input", "x", {"pads": Attr("ints", (1, 1, 1, 1))})
+class WinogradInput:
+    """v[e, t, c] = (B^T d B)[e // 4, e % 4] with d the 4x4 input patch of tile t of
+    winograd F(2x2, 3x3): rows 2*th - pads[0] .. +3, columns 2*tw - pads[1] .. +3
+    of x[n, c] (zero outside x); t = (n, th, tw) row-major over the tiles of the
+    3x3 stride-1 conv2d's output (``winograd_tiles``).  pads as conv2d's."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(x, *, pads):
+        _dtypes(x, (dt.f32,))
+        _need(x.rank == 4, f"winograd_input needs a 4-D NCHW x, got {x.shape}")
+        _check2("pads", pads, 4)
+        _need(min(pads) >= 0, f"winograd_input: pads {pads} must be >= 0")
+        n, c, h, w = x.shape
+        th, tw = winograd_tiles(_pool_out(h, 3, 1, pads[0], pads[2], 1), _pool_out(w, 3, 1, pads[1], pads[3], 1))
+        return [TensorType(x.dtype, (16, n * th * tw, c))]
+
+    @staticmethod
+    def reference(x, *, pads):
+        n, c, h, w = x.shape
+        th, tw = winograd_tiles(h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2)
+        xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2), np.float32)
+        rows, cols = max(0, min(h, 2 * th + 2 - pads[0])), max(0, min(w, 2 * tw + 2 - pads[1]))
+        xp[:, :, pads[0]:pads[0] + rows, pads[1]:pads[1] + cols] = x[:, :, :rows, :cols]
+        ih = 2 * np.arange(th)[:, None] + np.arange(4)
+        iw = 2 * np.arange(tw)[:, None] + np.arange(4)
+        d = xp[:, :, ih[:, None, :, None], iw[None, :, None, :]]          # [n, c, th, tw, 4, 4]
+        v = np.einsum("ai,nctwij,bj->abntwc", WINOGRAD_BT, d, WINOGRAD_BT)
+        return [np.ascontiguousarray(v.reshape(16, n * th * tw, c), np.float32)]
+
+
+@defop("winograd_output", "m bias", {"shape": Attr("ints")}, optional=1)
+class WinogradOutput:
+    """out[n, co, 2*th + i, 2*tw + j] = (A^T m[:, t, co] A)[i, j] + bias[co] for tile
+    t = (n, th, tw) of winograd F(2x2, 3x3) (m[e, t, co], e = 4*row + column of the
+    4x4 product), cropped to ``shape`` = (N, C_out, OH, OW): winograd_input's tiles."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(m, bias=None, *, shape):
+        _dtypes(m, (dt.f32,))
+        _need(len(shape) == 4 and min(shape) >= 1, f"winograd_output: shape {shape} must be 4 positive ints")
+        n, co, oh, ow = shape
+        th, tw = winograd_tiles(oh, ow)
+        _need(m.shape == (16, n * th * tw, co), f"winograd_output: m {m.shape} must be (16, {n * th * tw}, {co}) "
+              f"for the output {tuple(shape)}")
+        if bias is not None:
+            _need(bias.dtype == m.dtype and bias.shape == (co,), f"winograd_output: bias {bias} must be f32 ({co},)")
+        return [TensorType(m.dtype, tuple(shape))]
+
+    @staticmethod
+    def reference(m, bias=None, *, shape):
+        n, co, oh, ow = shape
+        th, tw = winograd_tiles(oh, ow)
+        y = np.einsum("ia,abntwc,jb->nctiwj", WINOGRAD_AT, m.astype(np.float32).reshape(4, 4, n, th, tw, co),
+                      WINOGRAD_AT).reshape(n, co, 2 * th, 2 * tw)[:, :, :oh, :ow]
+        if bias is not None:
+            y = y + bias.astype(np.float32)[None, :, None, None]
+        return [np.ascontiguousarray(y, np.float32)]
+
+
+@defop("im2col", "x", {"kernel": Attr("ints"), "strides": Attr("ints", (1, 1)), "pads": Attr("ints", (0, 0, 0, 0)),
+                       "dilations": Attr("ints", (1, 1))})
+class Im2col:
+    """x[N, C, H, W] -> cols[N, C*KH*KW, OH*OW]: cols[n, (c*KH + i)*KW + j, oh*OW + ow] =
+    x[n, c, oh*sh + i*dh - pads[0], ow*sw + j*dw - pads[1]] (0 outside x), the patches of
+    conv2d with these attributes, so that conv2d is w.reshape(C_out, C*KH*KW) @ cols."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(x, *, kernel, strides, pads, dilations):
+        _dtypes(x, dt.FLOATS)
+        _need(x.rank == 4, f"im2col needs a 4-D NCHW x, got {x.shape}")
+        _check2("kernel", kernel), _check2("strides", strides), _check2("dilations", dilations)
+        _check2("pads", pads, 4)
+        _need(min(kernel) >= 1 and min(strides) >= 1 and min(dilations) >= 1 and min(pads) >= 0,
+              "im2col: kernel, strides and dilations must be >= 1, pads >= 0")
+        n, c, h, w = x.shape
+        oh = _pool_out(h, kernel[0], strides[0], pads[0], pads[2], dilations[0])
+        ow = _pool_out(w, kernel[1], strides[1], pads[1], pads[3], dilations[1])
+        return [TensorType(x.dtype, (n, c * kernel[0] * kernel[1], oh * ow))]
+
+    @staticmethod
+    def reference(x, *, kernel, strides, pads, dilations):
+        n, c, h, w = x.shape
+        kh, kw = kernel
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        oh = _pool_out(h, kh, strides[0], pads[0], pads[2], dilations[0])
+        ow = _pool_out(w, kw, strides[1], pads[1], pads[3], dilations[1])
+        ih = (np.arange(oh) * strides[0])[:, None] + np.arange(kh) * dilations[0]
+        iw = (np.arange(ow) * strides[1])[:, None] + np.arange(kw) * dilations[1]
+        patches = xp[:, :, ih[:, None, :, None], iw[None, :, None, :]]          # n c oh ow kh kw
+        return [np.ascontiguousarray(patches.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, oh * ow))]
+
+
+# int8 convolution: activations quantized once into a zero-padded layout of channel
+# quads (conv_input_q), then integer dot products per output (conv2d_q).  The quad
+# layout puts 4 channels of a pixel in one 32-bit word: x86's vpmaddubsw / vpmaddwd
+# take them as one lane.
+QUAD = 4
+
+
+def quantize_act(x, act_scale: float, lowest: int = -127) -> np.ndarray:
+    """int8 codes of f32 activations with one static scale d = f32(act_scale):
+    clip(round-half-even(x / d), lowest, 127) (saturating, +-inf too), NaN -> 0."""
+    q = np.rint(np.asarray(x, np.float32) / np.float32(act_scale))
+    return np.where(np.isnan(q), 0, np.clip(q, lowest, 127)).astype(np.int8)
+
+
+@defop("conv_input_q", "x", {"act_scale": Attr("float"), "pads": Attr("ints", (0, 0, 0, 0)),
+                             "unsigned": Attr("bool", False)})
+class ConvInputQ:
+    """x[N, C, H, W] f32 -> xq[N, ceil(C/4), pads[0] + H + pads[2], pads[1] + W + pads[3], 4] i8:
+    xq[n, c // 4, pads[0] + h, pads[1] + w, c % 4] = quantize_act(x[n, c, h, w], act_scale),
+    0 in the padding and for the channels past C (what conv2d_q reads).  ``unsigned``:
+    codes clipped to [0, 127] instead of [-127, 127] (the quantize pass sets it where x
+    is never negative, after a relu: then the codes are the same)."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(x, *, act_scale, pads, unsigned=False):
+        _dtypes(x, (dt.f32,))
+        _need(x.rank == 4, f"conv_input_q needs a 4-D NCHW x, got {x.shape}")
+        _check2("pads", pads, 4)
+        _need(min(pads) >= 0, f"conv_input_q: pads {pads} must be >= 0")
+        _need(0 < act_scale <= F32_MAX and np.float32(act_scale) > 0,
+              f"conv_input_q: act_scale={act_scale!r} must be a positive finite f32 scale")
+        n, c, h, w = x.shape
+        return [TensorType(dt.i8, (n, -(-c // QUAD), pads[0] + h + pads[2], pads[1] + w + pads[3], QUAD))]
+
+    @staticmethod
+    def reference(x, *, act_scale, pads, unsigned=False):
+        n, c, h, w = x.shape
+        out = np.zeros((n, -(-c // QUAD) * QUAD, pads[0] + h + pads[2], pads[1] + w + pads[3]), np.int8)
+        out[:, :c, pads[0]:pads[0] + h, pads[1]:pads[1] + w] = quantize_act(x, act_scale, 0 if unsigned else -127)
+        return [np.ascontiguousarray(out.reshape(n, -1, QUAD, *out.shape[2:]).transpose(0, 1, 3, 4, 2))]
+
+
+@defop("conv2d_q", "xq q scales bias", {"strides": Attr("ints", (1, 1)), "dilations": Attr("ints", (1, 1)),
+                                        "act_scale": Attr("float"), "unsigned": Attr("bool", False)}, optional=1)
+class Conv2dQ:
+    """int8 conv2d (groups 1) over conv_input_q's padded quads: xq [N, C4, HP, WP, 4] i8,
+    q [C_out, C4, KH, KW, 4] i8 (w[co, 4*c4 + j, kh, kw] = q[co, c4, kh, kw, j] *
+    scales[co]; 0 past C_in), scales f32 [C_out]:
+    acc[n, co, oh, ow] = sum over (c4, kh, kw, j) of xq[n, c4, oh*sh + kh*dh, ow*sw + kw*dw, j]
+    * q[co, c4, kh, kw, j] (exact, i32), y = f32(acc) * (f32(act_scale) * scales[co]) + bias[co]
+    in f32, each operation rounded once (in that order: the kernels match bit for bit).
+    ``unsigned``: negative codes of xq read as 0 (conv_input_q {unsigned} makes none): x86
+    then multiplies the codes (0 .. 127) by q directly, without vpsignb."""
+
+    KIND = "window"
+
+    @staticmethod
+    def infer(xq, q, scales, bias=None, *, strides, dilations, act_scale, unsigned=False):
+        _dtypes(xq, (dt.i8,), "xq")
+        _dtypes(q, (dt.i8,), "q")
+        _need(xq.rank == 5 and q.rank == 5 and xq.shape[4] == QUAD and q.shape[4] == QUAD,
+              f"conv2d_q needs xq [N, C4, HP, WP, 4] and q [C_out, C4, KH, KW, 4], got {xq.shape} and {q.shape}")
+        _check2("strides", strides), _check2("dilations", dilations)
+        _need(min(strides) >= 1 and min(dilations) >= 1, "conv2d_q: strides and dilations must be >= 1")
+        _need(xq.shape[1] == q.shape[1], f"conv2d_q: xq has {xq.shape[1]} channel quads, q {q.shape[1]}")
+        co = q.shape[0]
+        _need(scales.dtype == dt.f32 and scales.shape == (co,), f"conv2d_q: scales {scales} must be f32 ({co},)")
+        if bias is not None:
+            _need(bias.dtype == dt.f32 and bias.shape == (co,), f"conv2d_q: bias {bias} must be f32 ({co},)")
+        _need(0 < act_scale <= F32_MAX and np.float32(act_scale) > 0,
+              f"conv2d_q: act_scale={act_scale!r} must be a positive finite f32 scale")
+        taps = q.shape[1] * QUAD * q.shape[2] * q.shape[3]
+        _need(taps * 128 * 128 < 2 ** 31, f"conv2d_q: {taps} products per output could overflow the i32 sum")
+        oh = _pool_out(xq.shape[2], q.shape[2], strides[0], 0, 0, dilations[0])
+        ow = _pool_out(xq.shape[3], q.shape[3], strides[1], 0, 0, dilations[1])
+        return [TensorType(dt.f32, (xq.shape[0], co, oh, ow))]
+
+    @staticmethod
+    def reference(xq, q, scales, bias=None, *, strides, dilations, act_scale, unsigned=False):
+        n, c4, hp, wp, _ = xq.shape
+        xq = np.maximum(xq, 0) if unsigned else xq
+        co, _, kh, kw, _ = q.shape
+        oh = (hp - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+        ow = (wp - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+        ih = (np.arange(oh) * strides[0])[:, None] + np.arange(kh) * dilations[0]
+        iw = (np.arange(ow) * strides[1])[:, None] + np.arange(kw) * dilations[1]
+        # f64 sums are exact (integers below 2^31 < 2^53) and run through BLAS, unlike int64 einsum
+        patches = xq.astype(np.float64)[:, :, ih[:, None, :, None], iw[None, :, None, :], :]  # n c4 oh ow kh kw j
+        acc = np.einsum("ncyxijq,ocijq->noyx", patches, q.astype(np.float64), optimize=True).astype(np.int64)
+        step = np.float32(act_scale) * scales.astype(np.float32)
+        y = acc.astype(np.int32).astype(np.float32) * step[None, :, None, None]
+        if bias is not None:
+            y = y + bias.astype(np.float32)[None, :, None, None]
+        return [y.astype(np.float32)]
+
+
 _POOL_ATTRS = {"kernel": Attr("ints"), "strides": Attr("ints", (1, 1)), "pads": Attr("ints", (0, 0, 0, 0)),
                "ceil_mode": Attr("bool", False)}
 

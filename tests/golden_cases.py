@@ -108,6 +108,31 @@ def conv():
                              groups=3, strides=(2, 2)))
 
 
+def winograd():
+    b = GraphBuilder("winograd")
+    x = b.input("x", (1, 16, 7, 6))
+    return b.output(b.relu(b.conv2d(x, b.const(_w(17, 16, 3, 3), name="w"), b.const(_w(17, seed=1), name="bias"),
+                                    pads=(1, 1, 1, 1))))
+
+
+def im2col():
+    b = GraphBuilder("im2col")
+    return b.output(b.im2col(b.input("x", (1, 3, 9, 14)), kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
+                    b.im2col(b.input("y", (2, 2, 5, 21)), kernel=(2, 3), strides=(1, 3), pads=(0, 2, 1, 0),
+                             dilations=(2, 1)))
+
+
+def conv_q():
+    b = GraphBuilder("conv_q")
+    xq_in = b.input("x", (1, 5, 7, 11))
+    xq = b.conv_input_q(xq_in, act_scale=0.05, pads=(1, 1, 1, 1))
+    q = b.const((np.arange(6 * 2 * 9 * 4) % 255 - 127).astype(np.int8).reshape(6, 2, 3, 3, 4), name="q")
+    xu = b.conv_input_q(xq_in, act_scale=0.05, pads=(1, 1, 1, 1), unsigned=True)
+    return b.output(b.relu(b.conv2d_q(xq, q, b.const(_w(6), name="s"), b.const(_w(6, seed=1), name="bias"),
+                                      strides=(2, 1), act_scale=0.05)),
+                    b.conv2d_q(xu, q, b.const(_w(6, seed=2), name="s2"), act_scale=0.05, unsigned=True))
+
+
 def gather():
     b = GraphBuilder("gather")
     table = b.const(_w(19, 12), name="table")
@@ -215,6 +240,9 @@ FAMILIES = {
     "reduction": (reduction, "dce"),
     "norms": (norms, "dce"),
     "conv": (conv, "fuse"),
+    "winograd": (winograd, "winograd,fuse"),
+    "conv_q": (conv_q, "fuse"),
+    "im2col": (im2col, "dce"),
     "gather": (gather, "dce"),
     "gguf_blocks": (gguf_blocks, "dce"),
     "matmul_q_gemm": (matmul_q_gemm, "dce"),

@@ -81,7 +81,7 @@ def register(cls):
 from . import simplify  # noqa: E402,F401  (registers fold_constants, dce)
 from . import quantize  # noqa: E402,F401  (registers quantize)
 from . import sparsify  # noqa: E402,F401  (registers sparsify)
-from . import select_format  # noqa: E402,F401  (registers select_format)
+from . import select_format  # noqa: E402,F401  (registers select_format, and winograd which it runs)
 from . import fuse  # noqa: E402,F401  (registers fuse)
 from . import fold_lookup  # noqa: E402,F401  (registers fold_lookup_experts)
 from . import sparse_activations  # noqa: E402,F401  (registers sparse_activations)

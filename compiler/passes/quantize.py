@@ -38,6 +38,9 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
   instead of one per weight group (0, the default); one of N and the weight
   group must be a multiple of the other (or span K), else an error names the
   layer.
+- conv2d layers (groups 1) become int8 too with ``weights=int8,
+  activations=int8`` and a static ``calibration`` (sym, rtn): conv_input_q +
+  conv2d_q (``compiler/passes/quantize_conv.py``); otherwise they stay float.
 - A matmul carrying a non-dense ``sparse`` format (set in the graph or by
   an earlier select_format) keeps it on its matmul_q: symmetric quantization maps the
   pruned zeros to exact zero codes.  matmul_q reads a sparse format only
@@ -69,6 +72,7 @@ from ...ir.ops import OPS, i8act_segments, matmul_q_i8act
 from .. import quantize as qm
 from ..calibration import CalibrationError, LayerStats, random_stats
 from . import Context, Pass, option, register
+from .quantize_conv import conv_weights, quantize_convs
 from .report import LayerReport, format_end_to_end
 
 WEIGHTS = {"int8": 8, "int4": 4}
@@ -183,10 +187,11 @@ class Quantize(Pass):
             src = prod.get(w)
             if src is not None and src.op == "const" and w.type.rank == 2 and w.dtype in dt.FLOATS and w.type.size:
                 uses.setdefault(w, []).append(n)
-        if not uses:
+        convs = conv_weights(self, graph)   # conv2d layers taken int8 (quantize_conv.py)
+        if not uses and not convs:
             raise _error(f"quantize: no matmul with a constant 2-D weight in graph @{graph.name}")
         skip = split_names(self.skip)
-        names = {w.name for w in uses}
+        names = {w.name for w in uses} | {w.name for w in convs}
         unknown = [s for s in skip if s not in names]
         if unknown:
             raise _error(f"quantize: skip names {', '.join(unknown)}, which is not a matmul weight of "
@@ -199,6 +204,9 @@ class Quantize(Pass):
             raise _error(f"quantize: method={self.method} needs calibration data (each layer's inputs) and none "
                          f"was given: pass calibration_data=[{{input: array}}, ...] to sqk.compile "
                          f"(--calibration FILE.npz on the command line), or use method=rtn")
+        if convs:   # one reference run over the samples gathers the conv and matmul inputs
+            calib.stats(graph, list(dict.fromkeys([n.inputs[0] for ns in convs.values() for n in ns]
+                                                  + [m.inputs[0] for ms in uses.values() for m in ms])))
         stats = self._stats(graph, uses, calib)    # per matmul input value
         source = (calib.source if calib is not None
                   else f"{self.samples} random normal rows (seed={self.seed})")
@@ -312,9 +320,12 @@ class Quantize(Pass):
                                       node.attrs))
             else:
                 out_nodes.append(node)
+        out = graph.with_nodes(out_nodes)
+        if convs:
+            out = quantize_convs(self, graph, out, convs, calib, taken, report, _fresh)
         if ctx is not None:
             ctx.add_report(self, report)
-        return graph.with_nodes(out_nodes)
+        return out
 
     def _quantize(self, arr, st: LayerStats, group: int, name: str, calib=None):
         """(q, scales, zeros) of one weight by ``self.method`` (AWQ's weight is W * s already)."""

@@ -3,7 +3,13 @@ weight, measure its density and structure and choose how its kernel stores
 it (``sparse`` = dense, csr, bsrRxC or nmN:M; ir/sparsity.py) by an
 estimated-time cost model; a report per layer.
 
-    select_format{force=w1:csr|w2:nm2:4, formats=csr|bsr|nm, min_bytes=65536}
+    select_format{force=w1:csr|w2:nm2:4, formats=csr|bsr|nm|winograd|im2col, min_bytes=65536}
+
+- ``winograd`` (in ``formats``): 3x3 stride-1 conv2d filters stored transformed
+  for winograd F(2x2, 3x3) where its rule says it pays (compiler/passes/winograd.py,
+  run first); ``im2col`` likewise strided conv2d layers as im2col + GEMM
+  (compiler/passes/im2col.py, run after it); ``formats=csr|bsr|nm`` keeps
+  every conv2d direct.
 
 - Works on any graph, pruned or not: a weight with enough zeros in a usable
   structure gets a sparse format whatever put them there.
@@ -62,6 +68,8 @@ from ...ir import dtypes as dt
 from ...ir.graph import Graph, IRError, Node, Value
 from ...ir.sparsity import BSR_BLOCKS, CSR_PAD, NM_COLUMNS, Format, block_density, holds, nm_counts, parse_format
 from . import Context, Pass, option, register
+from .im2col import Im2col
+from .winograd import Winograd
 from .quantize import split_names
 from .report import LayerReport
 
@@ -236,7 +244,8 @@ class SelectFormat(Pass):
     name = "select_format"
     force: str = option("", "store weight NAME as FMT (dense, csr, bsrRxC, nmN:M): NAME:FMT items separated by '|'",
                         flag="--format", repeat=True)
-    formats: str = option("csr|bsr|nm", "the formats select_format may choose, separated by '|'")
+    formats: str = option("csr|bsr|nm|winograd|im2col", "the formats select_format may choose, separated by "
+                          "'|' (winograd: 3x3 conv2d filters; im2col: strided conv2d filters as a GEMM's a)")
     min_bytes: int = option(MIN_BYTES, "weights smaller than this many bytes stay dense")
 
     def __post_init__(self):
@@ -249,7 +258,7 @@ class SelectFormat(Pass):
         """``formats`` as (kinds, exact formats); PipelineError names a bad item."""
         kinds, exact = set(), set()
         for item in split_names(self.formats):
-            if item in KINDS or item == "dense":
+            if item in KINDS or item in ("dense", "winograd", "im2col"):
                 kinds.add(item)
                 continue
             try:
@@ -276,6 +285,11 @@ class SelectFormat(Pass):
         return out
 
     def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
+        kinds = self.allowed()[0]
+        if "winograd" in kinds:
+            graph = Winograd().run(graph, ctx)
+        if "im2col" in kinds:
+            graph = Im2col().run(graph, ctx)
         prod = graph.producers()
         uses: dict[Value, list[Node]] = {}   # weight -> matmul/matmul_q nodes reading it as the weight
         for n in graph.nodes:
