@@ -505,6 +505,10 @@ class Decoder:
     tokens, or one whose padded chunk would run past the cache's end, runs
     token by token instead.
 
+    ``activations="int8", act_group=32``: the pre-quantized (GGUF) weights'
+    matmuls quantize their inputs as llama.cpp does (build_decoder);
+    ``numerics`` reports the two (an LLM artifact records them).
+
     ``generate`` and ``chat`` decode text with a ``tokenizer``
     (llm/tokenizer.py).  ``sqk.llm.load`` makes one from a model's files, with
     ``keep_ir=False``: the graphs, whose constants copy the weights, are dropped
