@@ -172,6 +172,9 @@ def group_scales(b, L: QLayout, S, MINS, SUP, sblk, g, cv: int, blk=None):
 @emitter("matmul_q")
 def emit_matmul_q(k: Kernel, node: Node):
     if node.attrs.get("activations", "none") == "int8":
+        from .matmul_q_gemm_i8 import emit_gemm_i8, takes_gemm_i8   # (it imports this module's layout)
+        if takes_gemm_i8(node, k.target):
+            return emit_gemm_i8(k, node)
         return emit_i8act(k, node)
     if uses_rows(k.target):
         return emit_rows(k, node)
