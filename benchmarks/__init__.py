@@ -36,14 +36,16 @@ BENCHMARKS = {
                               "onnxruntime fp32 and quantize_static int8, top-1 agreement (needs torch)"),
     "llm-depth": ("benchmarks.llm_depth", "llm-real's depth rows only: SmolLM2 q4_0 tg64 after 64 and 4096 tokens, "
                                           "sqk with f16 / f32 / int8 KV caches vs llama-bench -d"),
+    "llm-1b": ("benchmarks.llm_1b", "llm-real's random 1.1B Llama rows only (q4_0, q8_0; sqk f32 and int8 "
+                                    "activations): prefill and memory-bound decode vs llama-bench and the read probe"),
     "quant-accuracy": ("benchmarks.quant_accuracy", "SmolLM2-135M perplexity, KL and top-1 vs fp32: sqk int8 / int4 "
                                                     "RTN, imatrix, GPTQ, AWQ / int8 act / 2:4 pruning vs llama.cpp "
                                                     "q8_0, q4_0, q4_K_M"),
 }
 # Run only when named: llm-real builds llama.cpp and writes GiB of model files on first use (llm-depth
-# uses the same); cnn exports two CNNs with torch and compiles four models; quant-accuracy takes half
+# and llm-1b use the same); cnn exports two CNNs with torch and compiles four models; quant-accuracy takes half
 # an hour or more.
-ON_DEMAND = {"llm-real", "llm-depth", "cnn", "quant-accuracy"}
+ON_DEMAND = {"llm-real", "llm-depth", "llm-1b", "cnn", "quant-accuracy"}
 
 
 def timeit(fns: dict, runs: int, inner: int = 1, warmup: int = 1, settle: float = 0.3) -> dict[str, list[float]]:

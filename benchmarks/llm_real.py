@@ -28,6 +28,11 @@ same after a 4096-token prompt that is not timed (full mode, SmolLM2 q4_0; also
 at depth 64, and sqk with each KV cache dtype of ``DEPTH_KV``: rows "... kv i8"
 are sqk alone, its f32 / int8 caches against its f16 one).  ``python -m
 benchmarks llm-depth`` runs only those depth rows.
+Rows "... act i8" (every quantized file): sqk loading the file with
+``activations="int8", act_group=32`` -- llama.cpp's own numerics, activations
+quantized to int8 per 32 values for integer dot products -- beside the same
+llama-bench figure as the row without it (llama.cpp always runs so).
+``python -m benchmarks llm-1b`` runs only the random 1.1B Llama's rows.
 Each repetition runs ``llama-bench -r 1`` on the file (it warms up each test
 first), then each sqk test once; the table gives medians over the
 repetitions.  sqk loads the file with ``sqk.llm.load(path, threads=N,
@@ -57,6 +62,7 @@ TG = 64
 DEPTH = 4096
 DEPTHS = (64, DEPTH)    # tg64 after prompts of these lengths (the depth case)
 DEPTH_KV = ("f32", "i8")   # sqk's other KV cache dtypes measured at depth, beside KV_DTYPE
+ACT_I8 = {"activations": "int8", "act_group": 32}   # rows "... act i8": llama.cpp's q8 activations
 SETTLE = 0.3            # seconds between timed runs (see benchmarks.timeit)
 REPS = {"quick": 3, "full": 3, "1b": 3}
 SANITY_PROMPT = "The capital of France is"
@@ -82,6 +88,8 @@ def tests_of(case: Case) -> list[str]:
         base = []
     else:
         base = [f"pp{n}" for n in PP] + [f"tg{TG}"]
+        if case.quant != "f32":
+            base += [f"{t} act i8" for t in base]
     if not case.depth:
         return base
     return base + [f"tg{TG} @ d{d}" + (f" kv {kv}" if kv != KV_DTYPE else "")
@@ -90,13 +98,26 @@ def tests_of(case: Case) -> list[str]:
 
 def kv_of(test: str) -> str:
     """The sqk KV cache dtype a test runs with ("... kv i8"; else KV_DTYPE)."""
-    return test.rsplit(" kv ", 1)[1] if " kv " in test else KV_DTYPE
+    return test.rsplit(" kv ", 1)[1].split()[0] if " kv " in test else KV_DTYPE
+
+
+def variant(test: str) -> tuple[str, bool]:
+    """(KV cache dtype, int8 activations) of the sqk Decoder a test runs on."""
+    return kv_of(test), test.endswith(" act i8")
+
+
+def peer_test(test: str) -> str:
+    """The llama-bench test a row compares with (an "act i8" row: the same test)."""
+    return test.removesuffix(" act i8")
 
 
 # ---------------------------------------------------------------- inputs
 
-def make_inputs(tools: Path, quick: bool, log, depth_only: bool = False) -> tuple[list[Case], list[str]]:
+def make_inputs(tools: Path, quick: bool, log, depth_only: bool = False,
+                big_only: bool = False) -> tuple[list[Case], list[str]]:
     cache, notes = llm_inputs.cache_dir(), []
+    if big_only:
+        return big_cases(tools, cache, log, notes), notes
     q41 = llm_inputs.smollm2_q4_1()
     f32 = cache / "smollm2-135m-f32.gguf"
     if not f32.is_file():
@@ -118,24 +139,32 @@ def make_inputs(tools: Path, quick: bool, log, depth_only: bool = False) -> tupl
         cases.append(Case("SmolLM2-135M", q, p, depth=(q == "q4_0" and not quick)))
     cases.append(Case("SmolLM2-135M", "q4_1 (file)", q41))
     notes.append(sanity_text(tools, f32))
-    if not quick:
-        shape = llm_inputs.RANDOM_1B
-        want = {q: cache / f"random-1b-{q}.gguf" for q in ("q4_0", "q8_0")}
-        if not all(p.is_file() for p in want.values()):
-            big = cache / "random-1b-f32.gguf"
-            if not big.is_file():
-                log(f"llm-real: writing {big} ({shape.params() * 4 / 2**30:.1f} GiB)")
-                llm_inputs.random_llama(big, shape)
-            for q, p in want.items():
-                if not p.is_file():
-                    log(f"llm-real: llama-quantize {big.name} -> {p.name}")
-                    llm_inputs.quantize(tools, big, p, q)
-            big.unlink()
-        cases += [Case("random Llama 1.1B", q, p, memory_bound=True) for q, p in want.items()]
-        notes.append(f"random Llama 1.1B: {shape.describe()}; N(0, 1/fan_in) weights, seed 0")
     for c in cases:
         c.info = llm_inputs.describe(c.path)
+    if not quick:
+        cases += big_cases(tools, cache, log, notes)
     return cases, notes
+
+
+def big_cases(tools: Path, cache: Path, log, notes: list) -> list[Case]:
+    """The random 1.1B Llama's q4_0 and q8_0 files (written on first use)."""
+    shape = llm_inputs.RANDOM_1B
+    want = {q: cache / f"random-1b-{q}.gguf" for q in ("q4_0", "q8_0")}
+    if not all(p.is_file() for p in want.values()):
+        big = cache / "random-1b-f32.gguf"
+        if not big.is_file():
+            log(f"llm-real: writing {big} ({shape.params() * 4 / 2**30:.1f} GiB)")
+            llm_inputs.random_llama(big, shape)
+        for q, p in want.items():
+            if not p.is_file():
+                log(f"llm-real: llama-quantize {big.name} -> {p.name}")
+                llm_inputs.quantize(tools, big, p, q)
+        big.unlink()
+    cases = [Case("random Llama 1.1B", q, p, memory_bound=True) for q, p in want.items()]
+    notes.append(f"random Llama 1.1B: {shape.describe()}; N(0, 1/fan_in) weights, seed 0")
+    for c in cases:
+        c.info = llm_inputs.describe(c.path)
+    return cases
 
 
 def sanity_text(tools: Path, f32: Path) -> str:
@@ -171,7 +200,7 @@ def llama_bench(tools: Path, path: Path, threads: int, depth: bool) -> dict[str,
 
 # ---------------------------------------------------------------- sqk
 
-def sqk_load(path: Path, threads: int, max_seq: int, kv_dtype: str = KV_DTYPE):
+def sqk_load(path: Path, threads: int, max_seq: int, kv_dtype: str = KV_DTYPE, act_i8: bool = False):
     """(Decoder, seconds) or (None, reason)."""
     try:
         import sqk.llm as llm
@@ -183,6 +212,8 @@ def sqk_load(path: Path, threads: int, max_seq: int, kv_dtype: str = KV_DTYPE):
     opts = {"kv_dtype": KV_DTYPE, **json.loads(os.environ.get("SQK_LLM_REAL_OPTIONS", "{}"))}
     if kv_dtype != KV_DTYPE:
         opts["kv_dtype"] = kv_dtype
+    if act_i8:
+        opts.update(ACT_I8)
     t0 = time.perf_counter()
     try:
         dec = load(str(path), threads=threads, max_seq=max_seq, **opts)
@@ -193,7 +224,7 @@ def sqk_load(path: Path, threads: int, max_seq: int, kv_dtype: str = KV_DTYPE):
 
 def sqk_test(dec, test: str, vocab: int, rng) -> float:
     """tok/s of one run of ``test`` on the sqk Decoder."""
-    m = re.fullmatch(r"(pp|tg)(\d+)(?: @ d(\d+))?(?: kv \w+)?", test)
+    m = re.fullmatch(r"(pp|tg)(\d+)(?: @ d(\d+))?(?: kv \w+)?(?: act i8)?", test)
     kind, n, depth = m.group(1), int(m.group(2)), int(m.group(3) or 0)
     ids = [int(i) for i in rng.integers(0, vocab, n)]
     dec.reset()
@@ -225,11 +256,13 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
         case.sqk = {t: f"n/a: {secs}" for t in tests}
     else:
         case.notes.append(f"sqk load + compile {secs:.1f} s")
-    decs = {KV_DTYPE: dec}
-    for kv in sorted({kv_of(t) for t in tests} - {KV_DTYPE}):
-        decs[kv], secs = sqk_load(case.path, threads, max_seq, kv)
-        if decs[kv] is None:
-            case.sqk.update({t: f"n/a: {secs}" for t in tests if kv_of(t) == kv})
+    decs = {(KV_DTYPE, False): dec}
+    for v in sorted({variant(t) for t in tests} - {(KV_DTYPE, False)}):
+        decs[v], secs = sqk_load(case.path, threads, max_seq, *v)
+        if decs[v] is None:
+            case.sqk.update({t: f"n/a: {secs}" for t in tests if variant(t) == v})
+        elif v[1]:
+            case.notes.append(f"sqk load + compile with int8 activations {secs:.1f} s")
     rng = np.random.default_rng(0)
     if dec is not None and not hasattr(dec, "prefill"):
         for t in tests:
@@ -240,7 +273,7 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
         for t in tests:
             if t not in case.sqk:
                 try:
-                    sqk_test(decs[kv_of(t)], t, vocab, rng)
+                    sqk_test(decs[variant(t)], t, vocab, rng)
                 except Exception as e:  # noqa: BLE001
                     case.sqk[t] = f"n/a: {_short(e)}"
         chunk = getattr(dec, "prefill_chunk", None)
@@ -268,7 +301,7 @@ def measure(case: Case, tools: Path, threads: int, reps: int, log) -> None:
                 continue
             time.sleep(SETTLE)
             try:
-                case.sqk.setdefault(t, []).append(sqk_test(decs[kv_of(t)], t, vocab, rng))
+                case.sqk.setdefault(t, []).append(sqk_test(decs[variant(t)], t, vocab, rng))
             except Exception as e:  # noqa: BLE001 -- the reason goes into the table
                 case.sqk[t] = f"n/a: {_short(e)}"
     dec = decs = None
@@ -330,18 +363,24 @@ def run_depth(threads: int) -> Table:
     return run(threads, depth_only=True)
 
 
-def run(threads: int, quick: bool = False, depth_only: bool = False) -> Table:
+def run_1b(threads: int) -> Table:
+    """Only the random 1.1B Llama's rows (``python -m benchmarks llm-1b``)."""
+    return run(threads, big_only=True)
+
+
+def run(threads: int, quick: bool = False, depth_only: bool = False, big_only: bool = False) -> Table:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     t_start = time.perf_counter()
     notes = [f"load average at start: {load_average()}", f"CPU features: {cpu_features()}"]
     tools = llama_cpp.tools(log)
     notes.append(f"llama.cpp: {llama_cpp.version(tools)}; {llama_cpp.build_info() or 'prebuilt at ' + str(tools)}")
-    cases, input_notes = make_inputs(tools, quick, log, depth_only)
+    cases, input_notes = make_inputs(tools, quick, log, depth_only, big_only)
     notes += input_notes
     for c in cases:
         measure(c, tools, threads, REPS["1b"] if c.memory_bound else REPS["quick" if quick else "full"], log)
         log(f"llm-real: {c.model} {c.quant} done: " + "; ".join(
-            f"{t} sqk {_cell(c.sqk.get(t, 'n/a'))} llama.cpp {_cell(c.peer.get(t, 'n/a'))}" for t in tests_of(c))
+            f"{t} sqk {_cell(c.sqk.get(t, 'n/a'))} llama.cpp {_cell(c.peer.get(peer_test(t), 'n/a'))}"
+            for t in tests_of(c))
             + (f"; probe {_med(c.probe):.1f} GB/s" if c.probe else ""))
     t = Table(f"Real GGUF models, sqk vs llama.cpp, {threads} threads",
               ["model", "quant", "test", "sqk tok/s", "llama.cpp tok/s", "sqk / llama.cpp",
@@ -350,7 +389,7 @@ def run(threads: int, quick: bool = False, depth_only: bool = False) -> Table:
     for c in cases:
         probe = _med(c.probe)
         for test in tests_of(c):
-            s, p = _med(c.sqk.get(test)), _med(c.peer.get(test))
+            s, p = _med(c.sqk.get(test)), _med(c.peer.get(peer_test(test)))
             ratio = f"{s / p:.2f}" if s and p else ""
             gbs = pct = ""
             if c.memory_bound and test.startswith("tg"):
@@ -358,7 +397,7 @@ def run(threads: int, quick: bool = False, depth_only: bool = False) -> Table:
                 gbs = " / ".join("-" if r is None else f"{r:.1f}" for r in rates)
                 if probe:
                     pct = " / ".join("-" if r is None else f"{100 * r / probe:.0f}%" for r in rates)
-            t.add(c.model, c.quant, test, _cell(c.sqk.get(test, "n/a")), _cell(c.peer.get(test, "n/a")),
+            t.add(c.model, c.quant, test, _cell(c.sqk.get(test, "n/a")), _cell(c.peer.get(peer_test(test), "n/a")),
                   ratio, gbs, pct)
     for c in cases:
         regime = ""

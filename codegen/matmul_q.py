@@ -175,6 +175,9 @@ def emit_matmul_q(k: Kernel, node: Node):
     the tile loop: work item = (column block, chunk of up to MCH rows of x); the last chunk
     is the short one (static code per size, ``last_chunk``)."""
     if node.attrs.get("activations", "none") == "int8":
+        from .matmul_q_gemm_i8 import emit_gemm_i8, takes_gemm_i8   # (it imports this module's layout)
+        if takes_gemm_i8(node, k.target):
+            return emit_gemm_i8(k, node)
         return emit_i8act(k, node)
     if uses_rows(k.target):
         return emit_rows(k, node)

@@ -6,8 +6,10 @@ A directory::
 
     llm.json          format "sqk-llm", version, target, the LlamaConfig, KV dtype,
                       prefill chunk, one entry per module (its chunk length, directory,
-                      manifest content hash, constants file) and the constants and
-                      tokenizer files with their sha256
+                      manifest content hash, constants file), the constants and
+                      tokenizer files with their sha256, and the numerics of the
+                      file's quantized weights (activations, act_group: what
+                      Decoder.activations reports)
     decode/           the one-token step: an artifact (manifest.json, model.so or runner)
     prefill64/        the prefill chunk (Decoder.prefill pads a prompt's last piece to it)
     runner            riscv64: the runner of both modules with a generate mode
@@ -99,7 +101,8 @@ def save_llm(dec: Decoder, path) -> None:
         index = {"format": "sqk-llm", "format_version": LLM_FORMAT, "sqk_version": __version__,
                  "target": dec.module.target, "config": config_to_json(dec.cfg), "kv_dtype": dec.kv_dtype,
                  "prefill_chunk": dec.prefill_chunk, "modules": entries, "constants": consts,
-                 "tokenizer": tokenizer, "generate": generate}
+                 "tokenizer": tokenizer, "generate": generate,
+                 "activations": dec.activations, "act_group": dec.act_group}
         with open(os.path.join(tmp, INDEX), "w") as f:   # written last: its presence means complete
             json.dump(index, f, indent=1)
         replace_dir(tmp, path)   # an existing artifact ends up in tmp: removed below
@@ -218,7 +221,8 @@ def load_llm(path, *, target: str | None = None, max_seq: int | None = None, kv_
     if set(modules) != want:
         raise ArtifactError(f"{where}: modules for chunk lengths {sorted(modules)}, prefill needs {sorted(want)}")
     dec = Decoder.from_modules(cfg, modules, tokenizer=load_tokenizer(path, index, verify),
-                               kv_dtype=index["kv_dtype"], prefill_chunk=int(index["prefill_chunk"]))
+                               kv_dtype=index["kv_dtype"], prefill_chunk=int(index["prefill_chunk"]),
+                               activations=index.get("activations", "none"), act_group=int(index.get("act_group", 0)))
     gen = index.get("generate")
     if gen is not None:
         p = os.path.join(path, gen["file"])

@@ -168,6 +168,17 @@ class QuantWeight:
         m = to_matmul_q(ggml_type, raw, shape)
         return cls(tuple(m["inputs"]), dict(m["attrs"]), "matmul_q", (k, n))
 
+    def as_matmul_q(self) -> "QuantWeight":
+        """The same weight as matmul_q operands: Q6_K's blocks (matmul_ggml)
+        split by ``ir.blocks.to_matmul_q`` (the weights bit for bit; 10 bits
+        per weight stored instead of 6.5625), others as they are."""
+        if self.op == "matmul_q":
+            return self
+        from ..ir.blocks import to_matmul_q
+        k, n = self.shape
+        m = to_matmul_q(self.attrs["type"], self.operands[0][0], (n, k))
+        return QuantWeight(tuple(m["inputs"]), dict(m["attrs"]), "matmul_q", (k, n))
+
     def dequantize(self) -> np.ndarray:
         if self.op == "matmul_ggml":
             from ..ir.blocks import dequantize
@@ -188,8 +199,23 @@ def embedding_table(weights) -> np.ndarray:
     return as_f32(weights["embed"]) if "embed" in weights else as_f32(weights["lm_head"]).T
 
 
+ACTIVATIONS = ("none", "int8")
+
+
+def check_activations(activations: str, act_group: int) -> None:
+    """ValueError unless (activations, act_group) is a decoder's numerics:
+    "none" with 0, or "int8" with act_group >= 0 (0: the weight group)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    if isinstance(act_group, bool) or not isinstance(act_group, (int, np.integer)) or act_group < 0 or \
+            (act_group and activations != "int8"):
+        raise ValueError(f"act_group={act_group!r}: values per activation scale (e.g. 32) with activations=int8, "
+                         "or 0 (one scale per row and weight group)")
+
+
 def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f32",
-                  all_logits: bool = False, fuse: bool = True, attn_splits: int | None = None) -> Graph:
+                  all_logits: bool = False, fuse: bool = True, attn_splits: int | None = None,
+                  activations: str = "none", act_group: int = 0) -> Graph:
     """The graph of one decoding step (module docstring), or with ``tokens=T > 1``
     of a prefill chunk: token i64[T] at positions pos..pos+T-1 (pos the start),
     every projection a GEMM with M = T, attention_decode over the chunk writing
@@ -218,7 +244,14 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     kernels, and their synchronisation points, instead of five (the outputs
     are the same numbers: each column's dot product is unchanged).  Weights
     that cannot be joined stay separate.  ``fuse=False``: one matmul per
-    weight, as the module docstring writes it."""
+    weight, as the module docstring writes it.
+
+    ``activations="int8"``: every QuantWeight matmul quantizes its input x to
+    int8 (matmul_q {activations=int8, act_group}; Q6_K through its matmul_q
+    operands, ``QuantWeight.as_matmul_q``), ``act_group=32`` as llama.cpp's
+    q8 activation blocks; float weights stay float matmuls (as llama.cpp's
+    F32 / F16 ones).  Not the default's numbers: activation rounding."""
+    check_activations(activations, act_group)
     if tokens < 1:
         raise ValueError(f"build_decoder needs tokens >= 1, got {tokens}")
     if tokens > cfg.max_seq:
@@ -238,10 +271,19 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     def quant_operands(name, w):   # one constant per operand, shared by every reader
         return [const(name + suffix, d, a) for suffix, (a, d) in zip(("", ".scales", ".zeros", ".supers"), w.operands)]
 
+    int8 = activations == "int8"
+
+    def weight(name):   # with int8 activations a pre-quantized weight as matmul_q operands
+        w = weights[name]
+        return w.as_matmul_q() if int8 and isinstance(w, QuantWeight) else w
+
     def linear(x, name, fused=None):   # fused: a weight made here (fused_weight), not weights[name]
-        w = weights[name] if fused is None else fused
+        w = weight(name) if fused is None else fused
         if not isinstance(w, QuantWeight):
             return b.matmul(x, const(name, arr=fused))
+        if int8:
+            return b.op(w.op, x, *quant_operands(name, w), activations="int8",
+                        act_group=min(act_group, weight_shape(w)[0]), **w.attrs)
         return b.op(w.op, x, *quant_operands(name, w), **w.attrs)
 
     token, pos = b.input("token", (tokens,), "i64"), b.input("pos", (1,), "i64")
@@ -259,7 +301,7 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
 
     def qkv(h, i):   # q/k/v of h: one GEMV over the concatenated weights (biases added before the split)
         names = [f"w{kind}.{i}" for kind in "qkv"]
-        w = fused_weight([weights[n] for n in names]) if fuse else None
+        w = fused_weight([weight(n) for n in names]) if fuse else None
         if w is None:
             ys = [linear(h, n) for n in names]
             return [b.add(y, const(f"b{kind}.{i}")) for y, kind in zip(ys, "qkv")] if cfg.qkv_bias else ys
@@ -277,12 +319,13 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
 
     def gate_up(h, i):   # w1 (gate) and w3 (up) of h, one GEMV when they fuse
         names = [f"w1.{i}", f"w3.{i}"]
-        w = fused_weight([weights[n] for n in names]) if fuse else None
+        w = fused_weight([weight(n) for n in names]) if fuse else None
         if w is None:
             return [linear(h, n) for n in names]
         return split_columns(linear(h, f"w13.{i}", w), [weight_shape(weights[n])[1] for n in names])
 
-    x = emb = embed(b, cfg, weights, const, quant_operands, token)      # [T, H]
+    table = weights if "embed" in weights else {"lm_head": weight("lm_head")}   # tied: one table's constants
+    x = emb = embed(b, cfg, table, const, quant_operands, token)      # [T, H]
     new_caches = []
     for i in range(cfg.layers):
         h = b.rmsnorm(x, const(f"attn_norm.{i}"), eps=cfg.eps)
@@ -360,13 +403,31 @@ def embed(b: GraphBuilder, cfg: LlamaConfig, weights, const, quant_operands, tok
     return b.reshape(cols, shape=(1, cfg.hidden)) if token.type.shape[0] == 1 else b.transpose(cols, perm=(1, 0))
 
 
-def reference_logits(cfg: LlamaConfig, weights: dict, tokens, capture=None) -> np.ndarray:
+def int8_round_trip(x: np.ndarray, group: int) -> np.ndarray:
+    """x [T, K] quantized to int8 per row and group of ``group`` values
+    (``ir.ops.quantize_rows_i8``: d = max|x| / 127, round half to even) and
+    back to f32 (d * xq): what matmul_q {activations=int8} multiplies."""
+    from ..ir.ops import quantize_rows_i8
+
+    x = np.asarray(x, np.float32)
+    group = max(1, min(group, x.shape[-1]))
+    xq, d = quantize_rows_i8(x, group)
+    return (np.repeat(d, group, axis=1)[:, :x.shape[-1]] * xq).astype(np.float32)
+
+
+def reference_logits(cfg: LlamaConfig, weights: dict, tokens, capture=None, activations: str = "none",
+                     act_group: int = 0) -> np.ndarray:
     """Logits [T, vocab] of every prefix of ``tokens`` (positions 0..T-1): plain
     numpy, causal attention over the whole sequence at once, no cache;
     QuantWeight matrices dequantized in numpy.  ``capture(name, x)`` is called
     with each linear layer's weight name and its input x [T, K] (the same
     array object for the layers that read one input: q/k/v, w1/w3), which is
-    how llm/calibrate.py collects calibration statistics."""
+    how llm/calibrate.py collects calibration statistics.
+    ``activations="int8"``: the input of each QuantWeight layer rounded as
+    matmul_q {activations=int8, act_group} quantizes it (``int8_round_trip``;
+    act_group 0: the weight's group), then multiplied in f32, as
+    ``build_decoder(..., activations="int8")`` computes within f32 rounding."""
+    check_activations(activations, act_group)
     w = weights
     t = len(tokens)
     hq, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -377,6 +438,8 @@ def reference_logits(cfg: LlamaConfig, weights: dict, tokens, capture=None) -> n
     def lin(x, name):
         if capture is not None:
             capture(name, x)
+        if activations == "int8" and isinstance(w[name], QuantWeight):
+            x = int8_round_trip(x, act_group or w[name].as_matmul_q().attrs["group"])
         return x @ as_f32(w[name])
 
     def proj(x, i, kind):
@@ -442,6 +505,10 @@ class Decoder:
     tokens, or one whose padded chunk would run past the cache's end, runs
     token by token instead.
 
+    ``activations="int8", act_group=32``: the pre-quantized (GGUF) weights'
+    matmuls quantize their inputs as llama.cpp does (build_decoder);
+    ``numerics`` reports the two (an LLM artifact records them).
+
     ``generate`` and ``chat`` decode text with a ``tokenizer``
     (llm/tokenizer.py).  ``sqk.llm.load`` makes one from a model's files, with
     ``keep_ir=False``: the graphs, whose constants copy the weights, are dropped
@@ -453,9 +520,12 @@ class Decoder:
 
     def __init__(self, cfg: LlamaConfig, weights=None, target: str = "host", seed: int = 0,
                  kv_dtype: str = "f32", prefill_chunk: int = 64, tokenizer=None, keep_ir: bool = True,
-                 calibration_text=None, calibration_ctx: int = 512, **compile_options):
+                 calibration_text=None, calibration_ctx: int = 512, activations: str = "none",
+                 act_group: int = 0, **compile_options):
         from ..compiler.driver import compile
 
+        check_activations(activations, act_group)
+        self.activations, self.act_group = activations, int(act_group)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.cfg = cfg
@@ -470,7 +540,7 @@ class Decoder:
             if calibrated_decoder(self, target, keep_ir, calibration_text, calibration_ctx, compile_options):
                 return
         self.target, self.compile_options = target, compile_options
-        self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype)
+        self.graph = build_decoder(cfg, self.weights, kv_dtype=kv_dtype, **self.numerics)
         self.module = compile(self.graph, target=target, state=state_names(cfg, kv_dtype), **compile_options)
         self.chunk_modules: dict = {}   # chunk length (or (length, "all"): all_logits) -> Module
         self.keep_ir = keep_ir   # False: drop each compiled graph (its constants copy the weights)
@@ -480,13 +550,14 @@ class Decoder:
 
     @classmethod
     def from_modules(cls, cfg: LlamaConfig, modules: dict, tokenizer=None, kv_dtype: str = "f32",
-                     prefill_chunk: int = 1) -> "Decoder":
+                     prefill_chunk: int = 1, activations: str = "none", act_group: int = 0) -> "Decoder":
         """A Decoder over modules compiled before ({1: the step, prefill_chunk:
         its chunk when >= 2}; an LLM artifact's, llm/artifact.py): no weights,
         no compiler."""
         self = cls.__new__(cls)
         self.cfg, self.tokenizer, self.weights, self.kv_dtype = cfg, tokenizer, None, kv_dtype
         self.prefill_chunk, self.keep_ir, self.budget = prefill_chunk, False, None
+        self.activations, self.act_group = activations, act_group
         self.module, self.graph = modules[1], None
         self.target, self.compile_options = self.module.target, {}
         self.chunk_modules = {t: m for t, m in modules.items() if t != 1}
@@ -494,6 +565,11 @@ class Decoder:
             m.share_state(self.module)
         self.pos = 0
         return self
+
+    @property
+    def numerics(self) -> dict:
+        """``activations`` and ``act_group`` of the pre-quantized weights' matmuls (build_decoder)."""
+        return {"activations": self.activations, "act_group": self.act_group}
 
     @property
     def config(self) -> LlamaConfig:
@@ -518,7 +594,8 @@ class Decoder:
         if m is None:
             from ..compiler.driver import compile
 
-            g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype, all_logits=all_logits)
+            g = build_decoder(self.cfg, self.weights, tokens=tokens, kv_dtype=self.kv_dtype, all_logits=all_logits,
+                              **self.numerics)
             m = compile(g, target=self.target, state=state_names(self.cfg, self.kv_dtype), **self.compile_options)
             m.share_state(self.module)
             if not self.keep_ir:

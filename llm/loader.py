@@ -68,7 +68,15 @@ def load(path, *, target: str | None = None, max_seq: int | None = None, kv_dtyp
     ``max_seq``: the KV cache length (module docstring); ``kv_dtype``: "f32"
     (default) or "f16"; ``compile_options`` go to ``sqk.compile`` (e.g.
     ``quantize="int8"``).  Unsupported or broken files raise LLMLoadError
-    naming the file."""
+    naming the file.
+
+    ``activations="int8"`` (with ``act_group=32``: llama.cpp's numerics) on a
+    GGUF file: the file's quantized blocks multiply int8-quantized
+    activations (``Decoder(activations=, act_group=)``, build_decoder), one
+    f32 scale per 32 values of a row, integer dot products; F32 / F16
+    matrices stay float.  Not bit-equal to the default (f32 activations).
+    With ``quantize=`` too the options also go to the quantize pass (sqk's
+    own weights); on a model directory they are the quantize pass's only."""
     path = os.fspath(path)
     from .artifact import is_llm_artifact, load_llm
 
@@ -97,7 +105,13 @@ def load(path, *, target: str | None = None, max_seq: int | None = None, kv_dtyp
     cfg = dataclasses.replace(cfg, max_seq=choose_max_seq(cfg, max_seq, kv_dtype, path))
     if tokenizer is not None and not cfg.eos_ids and tokenizer.eos_ids:
         cfg = dataclasses.replace(cfg, eos_ids=tuple(tokenizer.eos_ids))
+    numerics = {}
+    if not os.path.isdir(path):   # GGUF: activations / act_group apply to the file's blocks
+        numerics = {k: compile_options[k] for k in ("activations", "act_group") if compile_options.get(k) is not None}
+        if compile_options.get("quantize") is None:
+            for k in ("activations", "act_group"):   # no quantize pass to take them
+                compile_options.pop(k, None)
     if not any(k in compile_options for k in ("pipeline", "quantize", "sparsify", "force", "formats")):
         compile_options["pipeline"] = DENSE_PIPELINE
     return Decoder(cfg, weights, target=target, threads=threads, tokenizer=tokenizer, kv_dtype=kv_dtype,
-                   keep_ir=False, **compile_options)
+                   keep_ir=False, **numerics, **compile_options)

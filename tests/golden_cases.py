@@ -204,6 +204,23 @@ def matmul_q_gemm():
     raw6 = rng.integers(0, 256, (70, blocks.block_type("Q6_K").nbytes), dtype=np.uint8)
     w6 = blocks.Weight(b, "Q6_K", raw6, (70, 256), name="w6")
     return b.output(b.matmul_q(x, q, s, z, group=32), w.matmul(x2), w6.matmul(x2))
+def matmul_q_gemm_i8():
+    """GGUF 4-bit blocks with llama.cpp's q8 activations (act_group 32) and enough rows of
+    x for the int8 GEMM (codegen/matmul_q_gemm_i8.py): Q4_0, Q4_1 (minimums) and Q4_K
+    (two-level scales), odd N, a tail row tile."""
+    from sqk.ir import blocks
+
+    b = GraphBuilder("matmul_q_gemm_i8")
+    rng = np.random.default_rng(0)
+    x = b.input("x", (13, 256))
+    outs = []
+    for i, (name, n) in enumerate((("Q4_0", 37), ("Q4_1", 64), ("Q4_K", 33))):
+        t = blocks.block_type(name)
+        raw = rng.integers(0, 256, (n, 256 // t.block * t.nbytes), dtype=np.uint8)
+        outs.append(blocks.Weight(b, name, raw, (n, 256), name=f"w{i}").matmul(x, activations="int8", act_group=32))
+    return b.output(*outs)
+
+
 def kv_int8():
     """attention_decode on an int8 cache: a prefill chunk, and a split decode step merged."""
     b = GraphBuilder("kv_int8")
@@ -246,6 +263,7 @@ FAMILIES = {
     "gather": (gather, "dce"),
     "gguf_blocks": (gguf_blocks, "dce"),
     "matmul_q_gemm": (matmul_q_gemm, "dce"),
+    "matmul_q_gemm_i8": (matmul_q_gemm_i8, "dce"),
     "llm_ops": (llm_ops, "dce"),
     "kv_int8": (kv_int8, "dce"),
     # whole models through the default pipeline: fusion decisions and the memory plan
