@@ -993,21 +993,22 @@ class Gather:
 @defop("matmul_ggml", "x blocks", {"type": Attr("str")})
 class MatMulGGML:
     """x[..., M, K] @ W.T with W[N, K] a GGML matrix kept as its file's blocks:
-    ``blocks`` u8 [N, K / 256 * 210], one row per output feature (ir/blocks.py
-    has the layout), dequantized in registers exactly as ggml does (W =
-    ``ir.blocks.dequantize(type, blocks, (N, K))``), f32 accumulation.  For
-    the formats whose codes matmul_q cannot store at the file's size: type
-    "Q6_K" (6-bit codes, 6.5625 bits per weight stored, as the file); the
-    others are matmul_q operands (``ir.blocks.to_matmul_q``)."""
+    ``blocks`` u8 [N, K / block * bytes], one row per output feature
+    (ir/blocks.py has the layouts), dequantized in registers exactly as ggml
+    does (W = ``ir.blocks.dequantize(type, blocks, (N, K))``), f32
+    accumulation.  For the formats whose codes matmul_q cannot store at the
+    file's size (``ir.blocks.GGML_BLOCKS``): type "Q6_K" (6-bit codes, 6.5625
+    bits per weight stored, as the file) and "Q5_0" (5-bit codes, 5.5 bits);
+    the others are matmul_q operands (``ir.blocks.to_matmul_q``)."""
 
     KIND = "contraction"
 
     @staticmethod
     def infer(x, blocks, type):
-        from .blocks import TYPES
+        from .blocks import GGML_BLOCKS, TYPES
         _dtypes(x, dt.FLOATS, "x")
-        _need(type == "Q6_K", f"matmul_ggml type must be Q6_K (other GGML types are matmul_q weights: "
-              f"ir.blocks.to_matmul_q), got {type!r}")
+        _need(type in GGML_BLOCKS, f"matmul_ggml type must be one of {', '.join(GGML_BLOCKS)} (other GGML "
+              f"types are matmul_q weights: ir.blocks.to_matmul_q), got {type!r}")
         _need(blocks.dtype is dt.u8 and blocks.rank == 2, f"matmul_ggml blocks must be u8 [N, row bytes], got {blocks}")
         t = TYPES[type]
         k = x.shape[-1] if x.rank >= 2 else -1
@@ -1026,7 +1027,7 @@ class MatMulGGML:
 @defop("gather_ggml", "ids blocks", {"type": Attr("str")})
 class GatherGGML:
     """Rows ``ids`` of a GGML table W[N, K] kept as its file's blocks (type
-    "Q6_K", as ``matmul_ggml``, reading the same packed constant: a tied Q6_K
+    "Q6_K" or "Q5_0", as ``matmul_ggml``, reading the same packed constant: a tied Q6_K
     token_embd is stored once): f32 [*ids.shape, K], exactly
     ``ir.blocks.dequantize``'s values.  Negative ids count from the end."""
 
@@ -1034,9 +1035,10 @@ class GatherGGML:
 
     @staticmethod
     def infer(ids, blocks, type):
-        from .blocks import TYPES
+        from .blocks import GGML_BLOCKS, TYPES
         _dtypes(ids, (dt.i64, dt.i32), "ids")
-        _need(type == "Q6_K", f"gather_ggml type must be Q6_K (other GGML types: gather_q), got {type!r}")
+        _need(type in GGML_BLOCKS, f"gather_ggml type must be one of {', '.join(GGML_BLOCKS)} (other GGML types: "
+              f"gather_q), got {type!r}")
         t = TYPES[type]
         _need(blocks.dtype is dt.u8 and blocks.rank == 2 and blocks.shape[1] % t.nbytes == 0,
               f"gather_ggml blocks must be u8 [N, K / {t.block} * {t.nbytes}], got {blocks}")
