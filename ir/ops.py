@@ -1390,8 +1390,8 @@ def attention_spans(n: int, splits: int) -> list[tuple[int, int]]:
     return [(min(n, j * ln), min(n, (j + 1) * ln)) for j in range(splits)]
 
 
-@defop("attention_decode", "q k_new v_new k_cache v_cache pos k_scale v_scale", {"splits": Attr("int", 0)},
-       optional=2)
+@defop("attention_decode", "q k_new v_new k_cache v_cache pos k_scale v_scale",
+       {"splits": Attr("int", 0), "window": Attr("int", 0)}, optional=2)
 class AttentionDecode:
     """Causal attention of T new tokens over a KV cache: one decoding step
     (T = 1) or a prefill chunk.  q[Hq, D] (one token) or q[T, Hq, D];
@@ -1401,7 +1401,10 @@ class AttentionDecode:
     updated caches), then query head g of token i attends over rows
     0..pos+i of kv head g // (Hq/Hkv) (grouped-query attention, Llama's
     repeat_interleave order): out[i, g] = softmax(q[i, g] . k[t] / sqrt(D)) @ v[t],
-    softmax stable (max subtracted), all in f32.  The caches may have another
+    softmax stable (max subtracted), all in f32.  ``window`` = W >= 1: token
+    i attends to the last W rows only, max(0, pos + i - W + 1)..pos + i
+    (sliding-window attention, as llama.cpp's and transformers' masks: keys
+    less than W positions back); 0: every row from 0.  The caches may have another
     float dtype than q, k_new, v_new (an f16 cache of f32 activations): the new
     rows are rounded to it on write and every row widened to f32 on read.
 
@@ -1417,7 +1420,9 @@ class AttentionDecode:
     f32[Hq, N, D + 2] holding (m, l, acc[D]) with m the part's largest
     score, l = sum exp(s - m) and acc = sum exp(s - m) v (m = -inf, l = 0,
     acc = 0 for an empty part), which ``attention_merge`` combines: the N
-    parts of a head run on different threads (flash-decoding).
+    parts of a head run on different threads (flash-decoding); with a window
+    the parts split its rows (``attention_spans`` of the window's length,
+    offset by its first row).
     Rows outside [0, S) (pos < 0 or pos + T > S) are a run-time error.
     The compiled kernel updates the caches in place when the memory planner
     lets it (a state input, or an intermediate read last here; see
@@ -1428,7 +1433,7 @@ class AttentionDecode:
     ALIASES = {1: 3, 2: 4, 3: 6, 4: 7}
 
     @staticmethod
-    def infer(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits):
+    def infer(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits, window):
         d = _same_dtype([q, k_new, v_new])
         _same_dtype([k_cache, v_cache])
         _dtypes(q, dt.FLOATS, "q")
@@ -1458,11 +1463,12 @@ class AttentionDecode:
                       f"attention_decode: {what} must be f32[{hkv}, {s}] (Hkv, S), got {x}")
         _need(0 <= splits <= s and (splits == 0 or not lead),
               f"attention_decode: splits={splits} must lie in [0, S={s}], and be 0 for a chunk of tokens")
+        _need(window >= 0, f"attention_decode: window={window} must be >= 0 (0: no window)")
         out = TensorType(dt.f32, (hq, splits, dd + 2)) if splits else TensorType(d, q.shape)
         return [out, k_cache, v_cache] + ([k_scale, v_scale] if quant else [])
 
     @staticmethod
-    def reference(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits):
+    def reference(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits, window):
         hkv, s, d = k_cache.shape
         t = 1 if q.ndim == 2 else q.shape[0]
         hq = q.shape[-2]
@@ -1487,19 +1493,20 @@ class AttentionDecode:
         for i in range(t):
             for h in range(hq):
                 kv, n = h // g, p + i + 1
-                sc = ((kc[kv, :n].astype(np.float32) @ qs[i, h]) * ks[kv, :n]) * scale   # ks = 1: a float cache
+                lo = max(0, n - window) if window else 0   # rows lo..n-1
+                sc = ((kc[kv, lo:n].astype(np.float32) @ qs[i, h]) * ks[kv, lo:n]) * scale   # ks = 1: a float cache
                 if splits:
-                    for j, (a, e) in enumerate(attention_spans(n, splits)):
+                    for j, (a, e) in enumerate(attention_spans(n - lo, splits)):
                         if a == e:
                             out[h, j, 0] = -np.inf
                             continue
                         m = sc[a:e].max()
                         ex = np.exp(sc[a:e] - m)
                         out[h, j, 0], out[h, j, 1] = m, ex.sum()
-                        out[h, j, 2:] = (ex * vs[kv, a:e]) @ vc[kv, a:e].astype(np.float32)
+                        out[h, j, 2:] = (ex * vs[kv, lo + a:lo + e]) @ vc[kv, lo + a:lo + e].astype(np.float32)
                     continue
                 e = np.exp(sc - sc.max())
-                out[i, h] = (e / e.sum() * vs[kv, :n]) @ vc[kv, :n].astype(np.float32)
+                out[i, h] = (e / e.sum() * vs[kv, lo:n]) @ vc[kv, lo:n].astype(np.float32)
         res = out if splits else out.reshape(q.shape).astype(q.dtype)
         return [res, kc, vc] + ([ks, vs] if quant else [])
 
