@@ -231,3 +231,17 @@ def test_gemma3_270m_greedy_and_text():
     assert out == [int(np.argmax(r)) for r in ref[len(ids) - 1:-1]]
     text = tok.decode(out)
     assert text.startswith(" Berlin"), text
+
+
+def test_gemma3_artifact(tmp_path):
+    """``sqk compile`` of a gemma3 GGUF: the artifact generates what the file does."""
+    from sqk.compiler.cli import main
+
+    path = tmp_path / "gemma3.gguf"
+    write_gemma3_gguf(path, seed=3)
+    out = tmp_path / "g.sqk"
+    assert main(["compile", str(path), "-o", str(out), "--max-seq", "16", "--prefill-chunk", "4", "--quiet"]) == 0
+    art = sqk.llm.load(out)
+    assert art.config.window_layers == (0, 1) and art.config.act == "gelu_tanh"
+    ids = [2, 17, 42, 5, 9, 61]
+    assert art.generate(ids, 8, stop=[]) == sqk.llm.load(path, max_seq=16, prefill_chunk=4).generate(ids, 8, stop=[])
