@@ -245,3 +245,18 @@ def test_gemma3_artifact(tmp_path):
     assert art.config.window_layers == (0, 1) and art.config.act == "gelu_tanh"
     ids = [2, 17, 42, 5, 9, 61]
     assert art.generate(ids, 8, stop=[]) == sqk.llm.load(path, max_seq=16, prefill_chunk=4).generate(ids, 8, stop=[])
+
+
+def test_gemma3_gguf_riscv64(tmp_path):
+    """The same tiny gemma3 on riscv64 (qemu): a prefill chunk past the window, then
+    steps, equal to the numpy model; generate in the runner gives the host's tokens."""
+    path = tmp_path / "gemma3.gguf"
+    ref_w = write_gemma3_gguf(path, seed=4)
+    dec = sqk.llm.load(path, target="riscv64", max_seq=12, prefill_chunk=6)
+    tokens = [2, 17, 42, 5, 9, 61, 33, 8]
+    ref = reference_logits(dec.config, ref_w, tokens)
+    assert_close(dec.prefill(tokens[:6]), ref[5], what="riscv64 prefill")
+    assert_close(np.stack([dec.step(t) for t in tokens[6:]]), ref[6:], what="riscv64 steps")
+    dec.reset()
+    host = sqk.llm.load(path, max_seq=12, prefill_chunk=6)
+    assert dec.generate(tokens[:3], 5, stop=[]) == host.generate(tokens[:3], 5, stop=[])
