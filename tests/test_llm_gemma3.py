@@ -260,3 +260,16 @@ def test_gemma3_gguf_riscv64(tmp_path):
     dec.reset()
     host = sqk.llm.load(path, max_seq=12, prefill_chunk=6)
     assert dec.generate(tokens[:3], 5, stop=[]) == host.generate(tokens[:3], 5, stop=[])
+
+
+def test_gemma3_270m_tokenizer():
+    """The file's SentencePiece vocabulary: BOS added, no space prefix, spaces as
+    "▁" pieces, byte fallback for characters outside it, control tokens whole."""
+    from sqk.compiler.frontends.gguf import load_gguf
+
+    _, _, tok = load_gguf(gemma3_270m_path())
+    for text in ("Hello world", " two  spaces\nand a newline", "naïve café ☃ 𝄞 \x07", "<start_of_turn>user"):
+        ids = tok.encode(text)
+        assert ids[0] == 2 and tok.decode(ids) == text.replace("<start_of_turn>", ""), (text, ids)
+    assert tok.encode("Hello", add_special=False) != tok.encode(" Hello", add_special=False)
+    assert len(tok.encode("<start_of_turn>", add_special=False)) == 1
