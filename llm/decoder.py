@@ -278,11 +278,12 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     inv = rope_frequencies(cfg)
     inv_c = [] if inv is None else [b.const(inv, "f32", name="rope_inv_freq")]
 
-    def rope(v, heads, i):
+    def rope(v, kind, i):   # kind "q" or "k"
+        heads = hq if kind == "q" else hkv
         v = b.reshape(v, shape=(tokens, heads, d))
         if cfg.qk_norm:   # per head: over D
-            v = b.rmsnorm(v, const(f"{'q' if heads == hq else 'k'}_norm.{i}"), eps=cfg.eps)
-        if heads == hq and cfg.query_scale and cfg.query_scale != float(np.float32(1 / np.sqrt(d))):
+            v = b.rmsnorm(v, const(f"{kind}_norm.{i}"), eps=cfg.eps)
+        if kind == "q" and cfg.query_scale and cfg.query_scale != float(np.float32(1 / np.sqrt(d))):
             v = b.mul(v, b.const(np.float32(cfg.query_scale * np.sqrt(d)), "f32"))   # the kernel scales by 1/sqrt(D)
         r = b.rope(v, pos, *inv_c, theta=layer_theta(cfg, i), style=cfg.rope_style)
         return b.reshape(r, shape=(heads, d)) if tokens == 1 else r
@@ -327,7 +328,7 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     for i in range(cfg.layers):
         h = b.rmsnorm(x, const(f"attn_norm.{i}"), eps=cfg.eps)
         q, k, v = qkv(h, i)
-        q, k = rope(q, hq, i), rope(k, hkv, i)
+        q, k = rope(q, "q", i), rope(k, "k", i)
         v = b.reshape(v, shape=lead + (hkv, d))
         scales = [caches[f"k_scale.{i}"], caches[f"v_scale.{i}"]] if kv_dtype == "i8" else []
         window = layer_window(cfg, i)

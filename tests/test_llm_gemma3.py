@@ -75,9 +75,11 @@ def test_gemma3_hf_matches_transformers(tmp_path, dtype):
     assert np.abs(unwindowed[8:] - want[8:]).max() > 1e-2 and np.allclose(unwindowed[:8], want[:8], 1e-4, 1e-4)
 
 
-def test_gemma3_hf_chunked_prefill(tmp_path):
-    """A 30-token prompt in chunks of 8 (each straddling the window), then 32 steps."""
-    model = write_gemma3(tmp_path, seed=1, num_key_value_heads=1)
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_gemma3_hf_chunked_prefill(tmp_path, kv_heads):
+    """A 30-token prompt in chunks of 8 (each straddling the window), then 32 steps;
+    one KV head (as 270M) and as many as query heads (q and k norms apart)."""
+    model = write_gemma3(tmp_path, seed=1, num_key_value_heads=kv_heads)
     dec = sqk.llm.load(tmp_path)
     dec.prefill_chunk = 8
     prompt = [2] + [int(t) for t in np.random.default_rng(0).integers(3, 160, 29)]
