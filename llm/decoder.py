@@ -13,6 +13,13 @@
                ``fold_lookup_experts`` pass can turn them into one lookup table per layer
     logits = rmsnorm(x) @ lm_head           -> outputs: logits, then every updated cache
 
+Gemma 3 (``LlamaConfig`` act / qk_norm / post_norms / embed_scale / query_scale /
+window_layers / theta_local): x = embed[token] * embed_scale; q and k each
+RMSNorm-ed per head before rope; the attention's and the FFN's outputs
+RMSNorm-ed before their residual adds; gelu_tanh(gate) * up for swiglu;
+window layers attend to the last sliding_window positions (attention_decode
+{window}) with their own rope base.
+
 ``build_decoder(cfg, weights, tokens=T)`` is the same network over a chunk of
 T prompt tokens at pos..pos+T-1 (GEMMs with M = T, attention_decode writing T
 rows with causal attention inside the chunk), returning the last token's
