@@ -54,7 +54,8 @@ TYPES = {t.name: t for t in (
     BlockType("Q4_K", 12, 256, 144), BlockType("Q6_K", 14, 256, 210))}
 BY_CODE = {t.code: t for t in TYPES.values()}
 QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")
-GGML_BLOCKS = ("Q5_0", "Q6_K")   # kept as the file's blocks (matmul_ggml / gather_ggml): no matmul_q codes of their width
+# kept as the file's blocks (matmul_ggml / gather_ggml): matmul_q has no codes of their width
+GGML_BLOCKS = ("Q5_0", "Q6_K")
 
 
 def block_type(ggml_type) -> BlockType:

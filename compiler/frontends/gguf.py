@@ -235,7 +235,8 @@ def gemma3_fields(reader, path: str, layers: int, hidden: int, heads: int, head_
         n = int(pattern)
         local = tuple(i for i in range(layers) if n == 0 or i % n < n - 1)
     scale = (hidden / heads) ** -0.5 if layers == 62 else head_dim ** -0.5    # llama.cpp: 27B's own scale
-    return dict(act="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=float(np.float32(np.sqrt(np.float32(hidden)))),
+    return dict(act="gelu_tanh", qk_norm=True, post_norms=True,
+                embed_scale=float(np.float32(np.sqrt(np.float32(hidden)))),
                 query_scale=float(np.float32(scale)), window_layers=local, sliding_window=window,
                 theta_local=float(field(reader, "gemma3.rope.freq_base_swa", 10000.0)))
 
