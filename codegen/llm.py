@@ -537,7 +537,8 @@ def emit_attention_decode(k: Kernel, n):
     (``Attention.fold``) for the group's Hq/Hkv query heads at once: rows
     before pos from the *input* cache (the same bytes in place or not, never
     written by another item), row pos from the output.  One part: out; N
-    parts: each (m, l, acc), merged by attention_merge.
+    parts: each (m, l, acc), merged by attention_merge.  ``window``: the rows
+    from max(0, pos + 1 - window) only, split alike.
     q[T, Hq, D] (a prefill chunk): ``emit_attention_chunk``."""
     if n.inputs[0].type.rank == 3:
         return emit_attention_chunk(k, n)
@@ -554,15 +555,21 @@ def emit_attention_decode(k: Kernel, n):
     ok = b.append_basic_block("pos_ok")
     b.cbranch(b.icmp_unsigned("<", p, i64(s)), ok, fail)  # unsigned: a negative pos fails too
     b.position_at_end(ok)
-    nrows = b.add(p, i64(1))
-    span = b.udiv(b.add(nrows, i64(nsp - 1)), i64(nsp))   # attention_spans: ceil(n / N) rows a part
+    nrows = count = b.add(p, i64(1))
+    window = n.attrs["window"]
+    if window:   # rows first..p: the parts split the window's count rows, offset by first
+        first = b.select(b.icmp_unsigned(">", nrows, i64(window)), b.sub(nrows, i64(window)), i64(0))
+        count = b.sub(nrows, first)
+    span = b.udiv(b.add(count, i64(nsp - 1)), i64(nsp))   # attention_spans: ceil(n / N) rows a part
 
     with loop(b, k.begin, k.end, name="item") as item:
         h, part = b.udiv(item, i64(nsp)), b.urem(item, i64(nsp))
         lo = b.mul(part, span)
-        lo = b.select(b.icmp_unsigned("<", lo, nrows), lo, nrows)
+        lo = b.select(b.icmp_unsigned("<", lo, count), lo, count)
         hi = b.add(lo, span)
-        hi = b.select(b.icmp_unsigned("<", hi, nrows), hi, nrows)
+        hi = b.select(b.icmp_unsigned("<", hi, count), hi, count)
+        if window:
+            lo, hi = b.add(lo, first), b.add(hi, first)
         with b.if_then(b.icmp_unsigned("==", part, i64(0))):
             copy_other_rows(k, at, h, p, 1, ins, outs)
         has_new = b.and_(b.icmp_unsigned("==", hi, nrows), b.icmp_unsigned("<", lo, hi))   # it holds row pos
@@ -593,7 +600,8 @@ def emit_attention_chunk(k: Kernel, n):
     (rounded to the cache's dtype as stored: for an int8 cache each item
     quantizes them into its stack, as ``quantize_row`` stores them); item
     (h, 0) copies the rows outside the chunk when the caches are not updated
-    in place."""
+    in place.  ``window``: row pos+i folds from max(0, pos + i + 1 - window)
+    (cache rows, then the chunk's)."""
     q_t, pos_t = n.inputs[0].type, n.inputs[5].type
     b = k.b
     qp, knp, vnp, ins, pp, outp, outs = _cache_args(k, n)
@@ -624,7 +632,14 @@ def emit_attention_chunk(k: Kernel, n):
         at.store_row(outs[1], b.mul(row, i64(dd)), vnp, new_row, outs[3] if at.quant else None, row)
         q_base = lambda gi: b.mul(b.add(b.mul(i, i64(hq)), b.add(b.mul(h, i64(grp)), gi)), i64(dd))  # noqa: E731
         at.start(qp, q_base)
-        at.fold(i64(0), p, cache_rows(at, b, ins[0], ins[1], h, ins[2:]))
+        c0, n0 = i64(0), i64(0)    # the first row read from the cache, and from the chunk's new rows
+        if n.attrs["window"]:      # row pos + i attends from pos + i + 1 - window
+            first = b.sub(b.add(b.add(p, i), i64(1)), i64(n.attrs["window"]))   # may be negative
+            c0 = b.select(b.icmp_signed(">", first, i64(0)), first, i64(0))
+            c0 = b.select(b.icmp_signed("<", c0, p), c0, p)
+            n0 = b.sub(first, p)
+            n0 = b.select(b.icmp_signed(">", n0, i64(0)), n0, i64(0))
+        at.fold(c0, p, cache_rows(at, b, ins[0], ins[1], h, ins[2:]))
         new_at = lambda t: b.mul(b.add(b.mul(t, i64(hkv)), h), i64(dd))  # noqa: E731
         if at.quant:
             with loop(b, 0, b.add(i, i64(1)), name="nq") as t:
@@ -633,7 +648,7 @@ def emit_attention_chunk(k: Kernel, n):
             new = Rows(kq, vq, dt.i8, lambda t: b.mul(t, i64(dd)), kqs, vqs, lambda t: t)
         else:
             new = Rows(knp, vnp, at.d, new_at, rounded=at.dc if at.dc is dt.f16 and at.d is not dt.f16 else None)
-        at.fold(i64(0), b.add(i, i64(1)), new)
+        at.fold(n0, b.add(i, i64(1)), new)
         at.finish(outp, q_base)
     k.finish()
     return hkv * tn, 1

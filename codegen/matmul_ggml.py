@@ -1,5 +1,12 @@
-"""``matmul_ggml``: x @ W.T with W kept as its GGUF file's blocks (Q6_K), so the
-artifact stores the file's bytes (the packer only reorders bytes within them).
+"""``matmul_ggml``: x @ W.T with W kept as its GGUF file's blocks (Q6_K, Q5_0), so
+the artifact stores the file's bytes (the packer only reorders bytes within them).
+
+Q5_0 block (22 bytes, 32 weights; ir/blocks.py): f16 d, u32 qh, qs[16]: weight
+j's code is the low (j < 16) or high nibble of qs[j % 16] with bit j of qh
+as its fifth bit, the weight (code - 16) * d, exact in f32.  Stored as the file
+(no packing): the 16 bytes of nibbles become one <32 x i8> (low nibbles, then
+high), each field of 8 codes is widened to <8 x i32> and or-ed with its 8 bits
+of qh, spread over the lanes by a shift per lane.
 
 Q6_K super-block (210 bytes, 256 weights; ir/blocks.py): ql[128] low nibbles,
 qh[64] 2-bit high parts, sc[16] i8 scales, f16 d.  In half h < 2 of the
@@ -50,8 +57,9 @@ MIN_PARALLEL_BYTES = 1 << 17
 
 @packer("matmul_ggml", "gather_ggml", inputs=(1,))
 def pack_matmul_ggml(node, index: int, a: np.ndarray, target=None) -> bytes | None:
-    """The blocks with each 32-byte run of ql and qh transposed (module docstring)."""
-    if index != 1:
+    """Q6_K: the blocks with each 32-byte run of ql and qh transposed (module
+    docstring); Q5_0: as stored."""
+    if index != 1 or node.attrs["type"] != "Q6_K":
         return None
     n = a.shape[0]
     blk = np.array(a, np.uint8).reshape(n, -1, BLOCK)
@@ -92,6 +100,29 @@ def decode_super_block(k: Kernel, W, base, each):
                     each(128 * h + 32 * i + 8 * e, b.fmul(q, ds))             # (code - 32) * ds, exact
 
 
+def decode_q5_0(k: Kernel, W, base, each):
+    """Decode the Q5_0 block at byte ``base`` of ``W``: ``each(offset, w)`` for its
+    4 fields, w an <8 x f32> of the weights offset .. offset + 7 (ggml's values)."""
+    b = k.b
+    v16i8, v8i32, fvec = ir.VectorType(I8, 16), ir.VectorType(I32, VL), ir.VectorType(F32, VL)
+    d = splat(b, b.fpext(b.load(gep(b, W, I8, base), typ=F16, align=1), F32), VL)
+    qh = splat(b, b.load(gep(b, W, I8, b.add(base, i64(2))), typ=I32, align=1), VL)
+    qs = b.load(gep(b, W, I8, b.add(base, i64(6))), typ=v16i8, align=1)
+    lo = b.and_(qs, ir.Constant(v16i8, [15] * 16))
+    hi = b.lshr(qs, ir.Constant(v16i8, [4] * 16))
+    for e in range(4):
+        src, at = (lo, 8 * e) if e < 2 else (hi, 8 * e - 16)
+        c = b.zext(b.shuffle_vector(src, src, ir.Constant(ir.VectorType(I32, VL), list(range(at, at + VL)))), v8i32)
+        bit = b.and_(b.lshr(qh, ir.Constant(v8i32, [8 * e + j for j in range(VL)])), ir.Constant(v8i32, [1] * VL))
+        code = b.or_(c, b.shl(bit, ir.Constant(v8i32, [4] * VL)))
+        q = b.sitofp(b.sub(code, ir.Constant(v8i32, [16] * VL)), fvec)
+        each(8 * e, b.fmul(q, d))                                         # (code - 16) * d, exact
+
+
+# type -> (weights per decoded unit, its bytes, decoder)
+FORMATS = {"Q6_K": (QK, BLOCK, decode_super_block), "Q5_0": (32, 22, decode_q5_0)}
+
+
 @emitter("matmul_ggml")
 def emit_matmul_ggml(k: Kernel, node):
     from .matmul_q_gemm import emit_ggml_gemm, takes_ggml_gemm   # (it imports this module)
@@ -99,6 +130,7 @@ def emit_matmul_ggml(k: Kernel, node):
         return emit_ggml_gemm(k, node)
     x_t, y_t = node.inputs[0].type, node.outputs[0].type
     K, N = x_t.shape[-1], node.inputs[1].type.shape[0]
+    qk, nbytes, decode = FORMATS[node.attrs["type"]]
     rows = math.prod(x_t.shape[:-1])
     if rows * N == 0:
         k.finish()
@@ -106,7 +138,7 @@ def emit_matmul_ggml(k: Kernel, node):
     b = k.b
     X = Access(k, k.args[0], x_t.dtype, VL)
     Y = Access(k, k.args[-1], y_t.dtype, 1)
-    row_bytes = K // QK * BLOCK
+    row_bytes = K // qk * nbytes
     ntiles = cdiv(rows, RT)
     fvec = ir.VectorType(F32, VL)
 
@@ -120,14 +152,14 @@ def emit_matmul_ggml(k: Kernel, node):
 
             def each(off, w):
                 c = off // 8 % chains
-                k0 = b.add(b.mul(sb, i64(QK)), i64(off))
+                k0 = b.add(b.mul(sb, i64(qk)), i64(off))
                 for t in range(rt):
                     out[t * chains + c] = fma(k, X.load(b.add(xrow[t], k0)), w, out[t * chains + c])
 
-            decode_super_block(k, k.args[1], b.add(wrow, b.mul(sb, i64(BLOCK))), each)
+            decode(k, k.args[1], b.add(wrow, b.mul(sb, i64(nbytes))), each)
             return out
 
-        accs = fold_loop(b, 0, K // QK, [fconst(fvec, 0.0)] * (rt * chains), super_block, name="sb")
+        accs = fold_loop(b, 0, K // qk, [fconst(fvec, 0.0)] * (rt * chains), super_block, name="sb")
         for t in range(rt):
             acc = functools.reduce(b.fadd, accs[t * chains:(t + 1) * chains])
             Y.store(hsum(k, acc), b.add(b.mul(b.add(m0, i64(t)), i64(N)), n))
@@ -144,7 +176,8 @@ def emit_gather_ggml(k: Kernel, node):
     """Rows ``ids`` of the table, decoded from the same packed blocks (an id out
     of [-N, N) returns SQK_ERR_INDEX)."""
     ids_t, (N, rb) = node.inputs[0].type, node.inputs[1].type.shape
-    K = rb // BLOCK * QK
+    qk, nbytes, decode = FORMATS[node.attrs["type"]]
+    K = rb // nbytes * qk
     if ids_t.size * K == 0:
         k.finish()
         return 0, 1
@@ -156,9 +189,9 @@ def emit_gather_ggml(k: Kernel, node):
                      f"%{node.inputs[1].name} (e.g. the vocabulary)")
     with loop(b, k.begin, k.end, name="item") as item:
         idx = checked_id(b, idp, ids_t.dtype, item, N, fail)
-        with loop(b, 0, K // QK, name="sb") as sb:
-            o0 = b.add(b.mul(item, i64(K)), b.mul(sb, i64(QK)))
-            decode_super_block(k, k.args[1], b.add(b.mul(idx, i64(rb)), b.mul(sb, i64(BLOCK))),
-                               lambda off, w: O.store(w, b.add(o0, i64(off))))
+        with loop(b, 0, K // qk, name="sb") as sb:
+            o0 = b.add(b.mul(item, i64(K)), b.mul(sb, i64(qk)))
+            decode(k, k.args[1], b.add(b.mul(idx, i64(rb)), b.mul(sb, i64(nbytes))),
+                   lambda off, w: O.store(w, b.add(o0, i64(off))))
     k.finish()
     return ids_t.size, max(1, 4096 // max(1, K))

@@ -221,9 +221,10 @@ def gemm_panels(k: Kernel, node: Node, rows: int, K: int, N: int, nblk: int, p: 
     return nblk * mchunks, 1
 
 
-# --- matmul_ggml (Q6_K blocks) -----------------------------------------------------------
+# --- matmul_ggml (Q6_K / Q5_0 blocks) -----------------------------------------------------------
 
-GGML_MIN_ROWS = 20   # the same for matmul_ggml: its decode (Q6_K) costs more per weight (measured: even at ~16 rows)
+GGML_MIN_ROWS = 20   # the same for matmul_ggml: its decode (Q6_K) costs more per weight (measured: even at ~16 rows;
+#                      Q5_0 not measured apart)
 
 
 def takes_ggml_gemm(node: Node, target) -> bool:
@@ -246,37 +247,49 @@ def transpose8(b, vs):
 
 
 def emit_ggml_gemm(k: Kernel, node: Node):
-    """matmul_ggml (x @ W.T, W as Q6_K blocks [N, K / 256 * 210]) as the GEMM: per
-    column block and super-block, the block's (up to) 64 rows of W are decoded
-    (``decode_super_block``: ggml's exact values) into a scratch [64][256], then
-    transposed 8 x 8 into the [256][64] panel."""
-    from .matmul_ggml import BLOCK, QK, decode_super_block
+    """matmul_ggml (x @ W.T, W as Q6_K or Q5_0 blocks [N, K / block * bytes]) as the
+    GEMM: per column block and K block, the block's (up to) 64 rows of W are
+    decoded (``matmul_ggml.FORMATS``: ggml's exact values) into a scratch
+    [64][kc], then transposed 8 x 8 into the [kc][64] panel."""
+    from .matmul_ggml import FORMATS
 
     x_t = node.inputs[0].type
     K, N = x_t.shape[-1], node.inputs[1].type.shape[0]
+    qk, nbytes, decode = FORMATS[node.attrs["type"]]
     rows = math.prod(x_t.shape[:-1])
     if rows * N == 0:
         k.finish()
         return 0, 1
     nblk = cdiv(N, NB)
-    p = gemm_geometry(k.target, rows, K, QK, nblk)   # K blocks of one super-block (K is a multiple of QK)
+    p = gemm_geometry(k.target, rows, K, qk, nblk)   # K blocks of whole units (K is a multiple of qk)
+    KCM = p["kc"]
     b = k.b
     W = k.args[1]
-    row_bytes = K // QK * BLOCK
-    DEC = Access(k, _stack_array(k, NB * QK, "wdec"), dt.f32, VL)
+    row_bytes = K // qk * nbytes
+    DEC = Access(k, _stack_array(k, NB * KCM, "wdec"), dt.f32, VL)
 
     def dequant(PANEL, blk, k0, kc):
-        sb = b.udiv(k0, i64(QK))
+        u0 = b.udiv(k0, i64(qk))
         nvalid = b.sub(i64(N), b.mul(blk, i64(NB)))
         nvalid = b.select(b.icmp_signed("<", nvalid, i64(NB)), nvalid, i64(NB))
+        one = KCM == qk     # one unit per K block (Q6_K): no unit loop
+
+        def unit(f, u):
+            base = b.add(b.mul(b.add(b.mul(blk, i64(NB)), f), i64(row_bytes)),
+                         b.mul(u0 if one else b.add(u0, u), i64(nbytes)))
+            d0 = b.mul(f, i64(KCM)) if one else b.add(b.mul(f, i64(KCM)), b.mul(u, i64(qk)))
+            decode(k, W, base, lambda off, w: DEC.store(w, b.add(d0, i64(off))))
+
         with loop(b, 0, nvalid, name="feat") as f:
-            base = b.add(b.mul(b.add(b.mul(blk, i64(NB)), f), i64(row_bytes)), b.mul(sb, i64(BLOCK)))
-            drow = b.mul(f, i64(QK))
-            decode_super_block(k, W, base, lambda off, w: DEC.store(w, b.add(drow, i64(off))))
+            if one:
+                unit(f, None)
+            else:
+                with loop(b, 0, b.udiv(kc, i64(qk)), name="unit") as u:
+                    unit(f, u)
         # columns past N (the last block) hold stale values: their outputs are never stored
         with loop(b, 0, NB // 8, name="j8") as j8:
-            with loop(b, 0, QK // 8, name="c8") as c:
-                vs = [DEC.load(b.add(b.mul(b.add(b.mul(j8, i64(8)), i64(f)), i64(QK)), b.mul(c, i64(8))))
+            with loop(b, 0, qk // 8 if one else b.udiv(kc, i64(8)), name="c8") as c:
+                vs = [DEC.load(b.add(b.mul(b.add(b.mul(j8, i64(8)), i64(f)), i64(KCM)), b.mul(c, i64(8))))
                       for f in range(8)]
                 for r, v in enumerate(transpose8(b, vs)):
                     PANEL.store(v, b.add(b.mul(b.add(b.mul(c, i64(8)), i64(r)), i64(NB)), b.mul(j8, i64(8))))

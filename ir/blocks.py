@@ -16,6 +16,8 @@ an unsigned code, all arithmetic in f32:
   Q4_0     32     18    f16 d, u4 u[32] (byte j: u[j] low, u[j+16] high)
                                                              -> d * (u - 8)
   Q4_1     32     20    f16 d, f16 m, u4 u[32] (as Q4_0)     -> d * u + m
+  Q5_0     32     22    f16 d, u32 qh, u4 u[32] (as Q4_0): code c = u | (bit j
+                        of qh) << 4 for weight j                -> d * (c - 16)
   Q4_K    256    144    f16 d, f16 dmin, 12 bytes of eight 6-bit (sc, m),
                         u4 u[256] (32-byte chunk c: sub-block 2c low
                         nibbles, 2c+1 high)   -> (d * sc_j) * u - (dmin * m_j)
@@ -23,7 +25,7 @@ an unsigned code, all arithmetic in f32:
                         -> (d * sc_j) * (6-bit code - 32), j per 16
   ======  =====  =====  =====================================================
 
-Every product above is exact in f32 (at most 11 + 7 + 5 significant bits), so
+Every product above is exact in f32 (at most 11 + 7 + 6 significant bits), so
 the only rounding is Q4_1's and Q4_K's final add: the ``matmul_q`` forms below
 give bit for bit the same weights (``ir.ops.dequantize_weight``), and
 ``gather_q`` with the same operands gives rows of the table (a tied embedding).
@@ -47,10 +49,13 @@ class BlockType:
 
 TYPES = {t.name: t for t in (
     BlockType("F32", 0, 1, 4), BlockType("F16", 1, 1, 2), BlockType("BF16", 30, 1, 2),
-    BlockType("Q4_0", 2, 32, 18), BlockType("Q4_1", 3, 32, 20), BlockType("Q8_0", 8, 32, 34),
+    BlockType("Q4_0", 2, 32, 18), BlockType("Q4_1", 3, 32, 20), BlockType("Q5_0", 6, 32, 22),
+    BlockType("Q8_0", 8, 32, 34),
     BlockType("Q4_K", 12, 256, 144), BlockType("Q6_K", 14, 256, 210))}
 BY_CODE = {t.code: t for t in TYPES.values()}
-QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")
+# kept as the file's blocks (matmul_ggml / gather_ggml): matmul_q has no codes of their width
+GGML_BLOCKS = ("Q5_0", "Q6_K")
 
 
 def block_type(ggml_type) -> BlockType:
@@ -91,6 +96,14 @@ def _f16(b: np.ndarray) -> np.ndarray:
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """[..., 16] bytes -> [..., 32] codes: the low nibbles, then the high ones."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _q5_0_codes(blk: np.ndarray) -> np.ndarray:
+    """Q5_0 blocks [..., 22] -> 5-bit codes - 16, int8 [..., 32]: weight j's low
+    four bits are Q4_0's nibble, its fifth bit j of the little-endian u32 qh."""
+    qh = np.ascontiguousarray(blk[..., 2:6]).view("<u4")                       # [..., 1]
+    hi = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4    # [..., 32]
+    return (_nibbles(blk[..., 6:]) | hi).astype(np.int8) - np.int8(16)
 
 
 def _q4k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +156,8 @@ def dequantize(ggml_type, raw, shape) -> np.ndarray:
         w = _f16(blk[..., 0:2])[..., None] * (_nibbles(blk[..., 2:]).astype(np.float32) - np.float32(8))
     elif t.name == "Q4_1":
         w = _f16(blk[..., 0:2])[..., None] * _nibbles(blk[..., 4:]).astype(np.float32) + _f16(blk[..., 2:4])[..., None]
+    elif t.name == "Q5_0":
+        w = _f16(blk[..., 0:2])[..., None] * _q5_0_codes(blk).astype(np.float32)
     elif t.name == "Q4_K":
         sc, mn = _q4k_scales(blk[..., 4:16])
         d = _f16(blk[..., 0:2])[..., None] * sc.astype(np.float32)          # [n, b, 8]
@@ -179,6 +194,8 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
     * Q4_0: q = u - 8 (i4), scales = d (f16), group 32: 4.5 bits, as the file;
     * Q4_1: q = u - 8 (i4), scales = d (f16), minimums = m (f16), group 32:
       w = (q + 8) * d + m = d * u + m; 5 bits, as the file;
+    * Q5_0: q = code - 16 (i8), scales = d (f16), group 32: 8.5 bits per weight
+      against the file's 5.5 (``matmul_ggml`` reads its blocks as stored);
     * Q4_K: q = u - 8 (i4), group 32, two-level: u8 scales = sc, u8 zeros = m,
       supers [K / 256, N, 2] f16 = (d, -dmin), super_group 256: w = (q + 8) *
       (d * sc) + (-dmin) * m; 4.625 bits per weight against the file's 4.5 (the
@@ -206,6 +223,9 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
     if t.name == "Q8_0":
         ins = [(kn(blk[..., 2:].view(np.int8)), "i8"), (f16(blk[..., 0:2]), "f16")]
         group = 32
+    elif t.name == "Q5_0":
+        ins = [(kn(_q5_0_codes(blk)), "i8"), (f16(blk[..., 0:2]), "f16")]
+        group = 32
     elif t.name in ("Q4_0", "Q4_1"):
         off = 2 if t.name == "Q4_0" else 4
         q = _nibbles(blk[..., off:]).astype(np.int8) - np.int8(8)
@@ -232,10 +252,10 @@ def to_matmul_q(ggml_type, raw, shape) -> dict:
 class Weight:
     """A GGML matrix W[N, K] as constants of a GraphBuilder ``b``, made once and
     shared by every node reading it: ``matmul(x)`` = x @ W.T and ``gather(ids)``
-    = W[ids] (a tied embedding and lm_head store one table).  Q6_K is kept as
-    its blocks (matmul_ggml / gather_ggml: the file's 6.5625 bits per weight),
-    every other type as matmul_q operands (``to_matmul_q``: matmul_q /
-    gather_q); ``matmul(x, activations="int8")`` on Q6_K uses matmul_q
+    = W[ids] (a tied embedding and lm_head store one table).  Q6_K and Q5_0 are
+    kept as their blocks (matmul_ggml / gather_ggml: the file's 6.5625 / 5.5
+    bits per weight), every other type as matmul_q operands (``to_matmul_q``:
+    matmul_q / gather_q); ``matmul(x, activations="int8")`` on those uses matmul_q
     operands (made on first use: then stored too); ``act_group=32`` with it
     quantizes x as llama.cpp's q8 activations."""
 
@@ -259,14 +279,14 @@ class Weight:
         return self._blocks
 
     def matmul(self, x, activations: str = "none", act_group: int = 0):
-        if self.type.name == "Q6_K" and activations == "none":
-            return self.b.matmul_ggml(x, self._raw_blocks(), type="Q6_K")
+        if self.type.name in GGML_BLOCKS and activations == "none":
+            return self.b.matmul_ggml(x, self._raw_blocks(), type=self.type.name)
         ops, attrs = self._operands()
         return self.b.matmul_q(x, *ops, activations=activations, act_group=act_group, **attrs)
 
     def gather(self, ids):
-        if self.type.name == "Q6_K":
-            return self.b.gather_ggml(ids, self._raw_blocks(), type="Q6_K")
+        if self.type.name in GGML_BLOCKS:
+            return self.b.gather_ggml(ids, self._raw_blocks(), type=self.type.name)
         ops, attrs = self._operands()
         return self.b.gather_q(ids, *ops, **attrs)
 

@@ -993,21 +993,22 @@ class Gather:
 @defop("matmul_ggml", "x blocks", {"type": Attr("str")})
 class MatMulGGML:
     """x[..., M, K] @ W.T with W[N, K] a GGML matrix kept as its file's blocks:
-    ``blocks`` u8 [N, K / 256 * 210], one row per output feature (ir/blocks.py
-    has the layout), dequantized in registers exactly as ggml does (W =
-    ``ir.blocks.dequantize(type, blocks, (N, K))``), f32 accumulation.  For
-    the formats whose codes matmul_q cannot store at the file's size: type
-    "Q6_K" (6-bit codes, 6.5625 bits per weight stored, as the file); the
-    others are matmul_q operands (``ir.blocks.to_matmul_q``)."""
+    ``blocks`` u8 [N, K / block * bytes], one row per output feature
+    (ir/blocks.py has the layouts), dequantized in registers exactly as ggml
+    does (W = ``ir.blocks.dequantize(type, blocks, (N, K))``), f32
+    accumulation.  For the formats whose codes matmul_q cannot store at the
+    file's size (``ir.blocks.GGML_BLOCKS``): type "Q6_K" (6-bit codes, 6.5625
+    bits per weight stored, as the file) and "Q5_0" (5-bit codes, 5.5 bits);
+    the others are matmul_q operands (``ir.blocks.to_matmul_q``)."""
 
     KIND = "contraction"
 
     @staticmethod
     def infer(x, blocks, type):
-        from .blocks import TYPES
+        from .blocks import GGML_BLOCKS, TYPES
         _dtypes(x, dt.FLOATS, "x")
-        _need(type == "Q6_K", f"matmul_ggml type must be Q6_K (other GGML types are matmul_q weights: "
-              f"ir.blocks.to_matmul_q), got {type!r}")
+        _need(type in GGML_BLOCKS, f"matmul_ggml type must be one of {', '.join(GGML_BLOCKS)} (other GGML "
+              f"types are matmul_q weights: ir.blocks.to_matmul_q), got {type!r}")
         _need(blocks.dtype is dt.u8 and blocks.rank == 2, f"matmul_ggml blocks must be u8 [N, row bytes], got {blocks}")
         t = TYPES[type]
         k = x.shape[-1] if x.rank >= 2 else -1
@@ -1026,7 +1027,7 @@ class MatMulGGML:
 @defop("gather_ggml", "ids blocks", {"type": Attr("str")})
 class GatherGGML:
     """Rows ``ids`` of a GGML table W[N, K] kept as its file's blocks (type
-    "Q6_K", as ``matmul_ggml``, reading the same packed constant: a tied Q6_K
+    "Q6_K" or "Q5_0", as ``matmul_ggml``, reading the same packed constant: a tied Q6_K
     token_embd is stored once): f32 [*ids.shape, K], exactly
     ``ir.blocks.dequantize``'s values.  Negative ids count from the end."""
 
@@ -1034,9 +1035,10 @@ class GatherGGML:
 
     @staticmethod
     def infer(ids, blocks, type):
-        from .blocks import TYPES
+        from .blocks import GGML_BLOCKS, TYPES
         _dtypes(ids, (dt.i64, dt.i32), "ids")
-        _need(type == "Q6_K", f"gather_ggml type must be Q6_K (other GGML types: gather_q), got {type!r}")
+        _need(type in GGML_BLOCKS, f"gather_ggml type must be one of {', '.join(GGML_BLOCKS)} (other GGML types: "
+              f"gather_q), got {type!r}")
         t = TYPES[type]
         _need(blocks.dtype is dt.u8 and blocks.rank == 2 and blocks.shape[1] % t.nbytes == 0,
               f"gather_ggml blocks must be u8 [N, K / {t.block} * {t.nbytes}], got {blocks}")
@@ -1608,8 +1610,8 @@ def attention_spans(n: int, splits: int) -> list[tuple[int, int]]:
     return [(min(n, j * ln), min(n, (j + 1) * ln)) for j in range(splits)]
 
 
-@defop("attention_decode", "q k_new v_new k_cache v_cache pos k_scale v_scale", {"splits": Attr("int", 0)},
-       optional=2)
+@defop("attention_decode", "q k_new v_new k_cache v_cache pos k_scale v_scale",
+       {"splits": Attr("int", 0), "window": Attr("int", 0)}, optional=2)
 class AttentionDecode:
     """Causal attention of T new tokens over a KV cache: one decoding step
     (T = 1) or a prefill chunk.  q[Hq, D] (one token) or q[T, Hq, D];
@@ -1619,7 +1621,10 @@ class AttentionDecode:
     updated caches), then query head g of token i attends over rows
     0..pos+i of kv head g // (Hq/Hkv) (grouped-query attention, Llama's
     repeat_interleave order): out[i, g] = softmax(q[i, g] . k[t] / sqrt(D)) @ v[t],
-    softmax stable (max subtracted), all in f32.  The caches may have another
+    softmax stable (max subtracted), all in f32.  ``window`` = W >= 1: token
+    i attends to the last W rows only, max(0, pos + i - W + 1)..pos + i
+    (sliding-window attention, as llama.cpp's and transformers' masks: keys
+    less than W positions back); 0: every row from 0.  The caches may have another
     float dtype than q, k_new, v_new (an f16 cache of f32 activations): the new
     rows are rounded to it on write and every row widened to f32 on read.
 
@@ -1635,7 +1640,9 @@ class AttentionDecode:
     f32[Hq, N, D + 2] holding (m, l, acc[D]) with m the part's largest
     score, l = sum exp(s - m) and acc = sum exp(s - m) v (m = -inf, l = 0,
     acc = 0 for an empty part), which ``attention_merge`` combines: the N
-    parts of a head run on different threads (flash-decoding).
+    parts of a head run on different threads (flash-decoding); with a window
+    the parts split its rows (``attention_spans`` of the window's length,
+    offset by its first row).
     Rows outside [0, S) (pos < 0 or pos + T > S) are a run-time error.
     The compiled kernel updates the caches in place when the memory planner
     lets it (a state input, or an intermediate read last here; see
@@ -1646,7 +1653,7 @@ class AttentionDecode:
     ALIASES = {1: 3, 2: 4, 3: 6, 4: 7}
 
     @staticmethod
-    def infer(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits):
+    def infer(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits, window):
         d = _same_dtype([q, k_new, v_new])
         _same_dtype([k_cache, v_cache])
         _dtypes(q, dt.FLOATS, "q")
@@ -1676,11 +1683,12 @@ class AttentionDecode:
                       f"attention_decode: {what} must be f32[{hkv}, {s}] (Hkv, S), got {x}")
         _need(0 <= splits <= s and (splits == 0 or not lead),
               f"attention_decode: splits={splits} must lie in [0, S={s}], and be 0 for a chunk of tokens")
+        _need(window >= 0, f"attention_decode: window={window} must be >= 0 (0: no window)")
         out = TensorType(dt.f32, (hq, splits, dd + 2)) if splits else TensorType(d, q.shape)
         return [out, k_cache, v_cache] + ([k_scale, v_scale] if quant else [])
 
     @staticmethod
-    def reference(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits):
+    def reference(q, k_new, v_new, k_cache, v_cache, pos, k_scale=None, v_scale=None, *, splits, window):
         hkv, s, d = k_cache.shape
         t = 1 if q.ndim == 2 else q.shape[0]
         hq = q.shape[-2]
@@ -1705,19 +1713,20 @@ class AttentionDecode:
         for i in range(t):
             for h in range(hq):
                 kv, n = h // g, p + i + 1
-                sc = ((kc[kv, :n].astype(np.float32) @ qs[i, h]) * ks[kv, :n]) * scale   # ks = 1: a float cache
+                lo = max(0, n - window) if window else 0   # rows lo..n-1
+                sc = ((kc[kv, lo:n].astype(np.float32) @ qs[i, h]) * ks[kv, lo:n]) * scale   # ks = 1: a float cache
                 if splits:
-                    for j, (a, e) in enumerate(attention_spans(n, splits)):
+                    for j, (a, e) in enumerate(attention_spans(n - lo, splits)):
                         if a == e:
                             out[h, j, 0] = -np.inf
                             continue
                         m = sc[a:e].max()
                         ex = np.exp(sc[a:e] - m)
                         out[h, j, 0], out[h, j, 1] = m, ex.sum()
-                        out[h, j, 2:] = (ex * vs[kv, a:e]) @ vc[kv, a:e].astype(np.float32)
+                        out[h, j, 2:] = (ex * vs[kv, lo + a:lo + e]) @ vc[kv, lo + a:lo + e].astype(np.float32)
                     continue
                 e = np.exp(sc - sc.max())
-                out[i, h] = (e / e.sum() * vs[kv, :n]) @ vc[kv, :n].astype(np.float32)
+                out[i, h] = (e / e.sum() * vs[kv, lo:n]) @ vc[kv, lo:n].astype(np.float32)
         res = out if splits else out.reshape(q.shape).astype(q.dtype)
         return [res, kc, vc] + ([ks, vs] if quant else [])
 

@@ -13,6 +13,13 @@
                ``fold_lookup_experts`` pass can turn them into one lookup table per layer
     logits = rmsnorm(x) @ lm_head           -> outputs: logits, then every updated cache
 
+Gemma 3 (``LlamaConfig`` act / qk_norm / post_norms / embed_scale / query_scale /
+window_layers / theta_local): x = embed[token] * embed_scale; q and k each
+RMSNorm-ed per head before rope; the attention's and the FFN's outputs
+RMSNorm-ed before their residual adds; gelu_tanh(gate) * up for swiglu;
+window layers attend to the last sliding_window positions (attention_decode
+{window}) with their own rope base.
+
 ``build_decoder(cfg, weights, tokens=T)`` is the same network over a chunk of
 T prompt tokens at pos..pos+T-1 (GEMMs with M = T, attention_decode writing T
 rows with causal attention inside the chunk), returning the last token's
@@ -66,8 +73,28 @@ class LlamaConfig:
     bos_id: int | None = None
     eos_ids: tuple = ()        # token ids that end generation
     context_length: int = 0    # the model's trained context (max_position_embeddings); 0: unknown
-    sliding_window: int = 0    # Mistral's attention window (0: none); max_seq may not exceed it
+    sliding_window: int = 0    # attention window: the window_layers' (Gemma 3), else Mistral's, which max_seq
+    #                            may not exceed (0: none)
     arch: str = "llama"
+    # Gemma 3 (arch "gemma3"; all off for the others)
+    act: str = "silu"          # the gated FFN's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    qk_norm: bool = False      # RMSNorm of each head of q and k before rope (weights q_norm.L, k_norm.L [D])
+    post_norms: bool = False   # RMSNorm of the attention's and the FFN's output before its residual add
+    #                            (weights post_attn_norm.L, post_ffn_norm.L [H])
+    embed_scale: float = 0.0   # x = embed[token] * embed_scale (0: none; Gemma: sqrt(hidden) in f32)
+    query_scale: float = 0.0   # the attention scores' scale (0: 1/sqrt(head_dim); Gemma: query_pre_attn_scalar^-0.5)
+    window_layers: tuple = ()  # layers attending to the last sliding_window positions only (local layers)
+    theta_local: float = 0.0   # rope base of the window_layers (0: theta)
+
+
+def layer_theta(cfg: LlamaConfig, i: int) -> float:
+    """Layer i's rope base: theta_local for a window layer (when set), else theta."""
+    return cfg.theta_local if cfg.theta_local and i in cfg.window_layers else cfg.theta
+
+
+def layer_window(cfg: LlamaConfig, i: int) -> int:
+    """Layer i's attention window (attention_decode {window}): 0 = the whole prefix."""
+    return cfg.sliding_window if i in cfg.window_layers else 0
 
 
 def rope_frequencies(cfg: LlamaConfig) -> np.ndarray | None:
@@ -117,6 +144,10 @@ def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
         w.update({f"attn_norm.{i}": norm(h), f"wq.{i}": mat(h, qd), f"wk.{i}": mat(h, kvd), f"wv.{i}": mat(h, kvd),
                   f"wo.{i}": mat(qd, h), f"ffn_norm.{i}": norm(h), f"w1.{i}": mat(h, cfg.ffn),
                   f"w3.{i}": mat(h, cfg.ffn), f"w2.{i}": mat(cfg.ffn, h)})
+        if cfg.qk_norm:
+            w[f"q_norm.{i}"], w[f"k_norm.{i}"] = norm(cfg.head_dim), norm(cfg.head_dim)
+        if cfg.post_norms:
+            w[f"post_attn_norm.{i}"], w[f"post_ffn_norm.{i}"] = norm(h), norm(h)
         for e in range(cfg.lookup_experts):
             w[f"mole_up.{i}.{e}"], w[f"mole_down.{i}.{e}"] = mat(h, cfg.lookup_ffn), mat(cfg.lookup_ffn, h)
         if cfg.lookup_experts:
@@ -149,7 +180,7 @@ class QuantWeight:
     the operands of ``op`` after x, as (array, sqk dtype) pairs, and its
     attributes.  ``op`` "matmul_q": q, scales and, when the scheme has them,
     zeros and supers (``ir.blocks.to_matmul_q``); "matmul_ggml": the file's
-    blocks u8 [N, row bytes] (Q6_K at its own 6.5625 bits per weight)."""
+    blocks u8 [N, row bytes] (Q6_K, Q5_0 at their own 6.5625 / 5.5 bits per weight)."""
     operands: tuple
     attrs: dict
     op: str = "matmul_q"
@@ -158,12 +189,13 @@ class QuantWeight:
     @classmethod
     def from_blocks(cls, ggml_type, raw, shape) -> "QuantWeight":
         """The weight [K, N] of a GGML matrix stored [N, K] (raw: uint8 rows):
-        ``matmul_ggml`` on the blocks where a kernel reads them (Q6_K), else
+        ``matmul_ggml`` on the blocks where a kernel reads them (Q6_K, Q5_0), else
         matmul_q operands (as ``ir.blocks.Weight`` chooses)."""
-        from ..ir.blocks import block_type, to_matmul_q
+        from ..ir.blocks import GGML_BLOCKS, block_type, to_matmul_q
         n, k = shape
-        if block_type(ggml_type).name == "Q6_K":
-            return cls(((np.asarray(raw).reshape(n, -1).view(np.uint8), "u8"),), {"type": "Q6_K"},
+        name = block_type(ggml_type).name
+        if name in GGML_BLOCKS:
+            return cls(((np.asarray(raw).reshape(n, -1).view(np.uint8), "u8"),), {"type": name},
                        "matmul_ggml", (k, n))
         m = to_matmul_q(ggml_type, raw, shape)
         return cls(tuple(m["inputs"]), dict(m["attrs"]), "matmul_q", (k, n))
@@ -295,9 +327,23 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
     inv = rope_frequencies(cfg)
     inv_c = [] if inv is None else [b.const(inv, "f32", name="rope_inv_freq")]
 
-    def rope(v, heads):
-        r = b.rope(b.reshape(v, shape=(tokens, heads, d)), pos, *inv_c, theta=cfg.theta, style=cfg.rope_style)
+    def rope(v, kind, i):   # kind "q" or "k"
+        heads = hq if kind == "q" else hkv
+        v = b.reshape(v, shape=(tokens, heads, d))
+        if cfg.qk_norm:   # per head: over D
+            v = b.rmsnorm(v, const(f"{kind}_norm.{i}"), eps=cfg.eps)
+        if kind == "q" and cfg.query_scale and cfg.query_scale != float(np.float32(1 / np.sqrt(d))):
+            v = b.mul(v, b.const(np.float32(cfg.query_scale * np.sqrt(d)), "f32"))   # the kernel scales by 1/sqrt(D)
+        r = b.rope(v, pos, *inv_c, theta=layer_theta(cfg, i), style=cfg.rope_style)
         return b.reshape(r, shape=(heads, d)) if tokens == 1 else r
+
+    def post_norm(y, name):   # Gemma's sandwich norms
+        return b.rmsnorm(y, const(name), eps=cfg.eps) if cfg.post_norms else y
+
+    def act(gate, up):
+        if cfg.act == "gelu_tanh":
+            return b.mul(b.gelu(gate, approximate="tanh"), up)
+        return b.swiglu(gate, up)
 
     def qkv(h, i):   # q/k/v of h: one GEMV over the concatenated weights (biases added before the split)
         names = [f"w{kind}.{i}" for kind in "qkv"]
@@ -326,22 +372,25 @@ def build_decoder(cfg: LlamaConfig, weights, tokens: int = 1, kv_dtype: str = "f
 
     table = weights if "embed" in weights else {"lm_head": weight("lm_head")}   # tied: one table's constants
     x = emb = embed(b, cfg, table, const, quant_operands, token)      # [T, H]
+    if cfg.embed_scale:
+        x = b.mul(x, b.const(np.float32(cfg.embed_scale), "f32"))
     new_caches = []
     for i in range(cfg.layers):
         h = b.rmsnorm(x, const(f"attn_norm.{i}"), eps=cfg.eps)
         q, k, v = qkv(h, i)
-        q, k = rope(q, hq), rope(k, hkv)
+        q, k = rope(q, "q", i), rope(k, "k", i)
         v = b.reshape(v, shape=lead + (hkv, d))
         scales = [caches[f"k_scale.{i}"], caches[f"v_scale.{i}"]] if kv_dtype == "i8" else []
+        window = layer_window(cfg, i)
         o, *kv = b.attention_decode(q, k, v, caches[f"k_cache.{i}"], caches[f"v_cache.{i}"], pos, *scales,
-                                    splits=splits)
+                                    splits=splits, **({"window": window} if window else {}))
         if splits:
             o = b.attention_merge(o, dtype="f32")
         new_caches += kv
-        x = b.add(x, linear(b.reshape(o, shape=(tokens, hq * d)), f"wo.{i}"))
+        x = b.add(x, post_norm(linear(b.reshape(o, shape=(tokens, hq * d)), f"wo.{i}"), f"post_attn_norm.{i}"))
         h = b.rmsnorm(x, const(f"ffn_norm.{i}"), eps=cfg.eps)
-        ff = b.swiglu(*gate_up(h, i))
-        x = b.add(x, linear(ff, f"w2.{i}"))
+        ff = act(*gate_up(h, i))
+        x = b.add(x, post_norm(linear(ff, f"w2.{i}"), f"post_ffn_norm.{i}"))
         if cfg.lookup_experts:   # routed on the hidden state, experts fed by the embedding
             experts = [b.matmul(b.relu(b.matmul(emb, const(f"mole_up.{i}.{e}"))), const(f"mole_down.{i}.{e}"))
                        for e in range(cfg.lookup_experts)]
@@ -435,6 +484,9 @@ def reference_logits(cfg: LlamaConfig, weights: dict, tokens, capture=None, acti
     def rms(x, s):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(cfg.eps)) * as_f32(s)
 
+    def post(y, name):
+        return rms(y, w[name]) if cfg.post_norms else y
+
     def lin(x, name):
         if capture is not None:
             capture(name, x)
@@ -446,35 +498,49 @@ def reference_logits(cfg: LlamaConfig, weights: dict, tokens, capture=None, acti
         y = lin(x, f"w{kind}.{i}")
         return y + as_f32(w[f"b{kind}.{i}"]) if cfg.qkv_bias else y
 
-    inv = rope_frequencies(cfg)
-    inv = (cfg.theta ** (-np.arange(d // 2) * 2.0 / d)).astype(np.float32) if inv is None else inv
-    ang = np.arange(t, dtype=np.float32)[:, None] * inv[None, :]
-    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]       # [T, 1, D/2]
+    inv0 = rope_frequencies(cfg)
     i1, i2 = (np.arange(d // 2), np.arange(d // 2) + d // 2) if cfg.rope_style == "half" else \
         (np.arange(0, d, 2), np.arange(1, d, 2))
 
-    def rope(x):  # [T, heads, D]: pairs (i1, i2) rotated
+    def rope(x, i):  # [T, heads, D]: pairs (i1, i2) rotated, at layer i's base
+        inv = (layer_theta(cfg, i) ** (-np.arange(d // 2) * 2.0 / d)).astype(np.float32) if inv0 is None else inv0
+        ang = np.arange(t, dtype=np.float32)[:, None] * inv[None, :]
+        cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]       # [T, 1, D/2]
         y = np.empty_like(x)
         x1, x2 = x[..., i1], x[..., i2]
         y[..., i1], y[..., i2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
         return y
 
+    def heads(x, i, kind, n):   # [T, n, D], per-head normed (qk_norm) and rotated
+        x = proj(x, i, kind).reshape(t, n, d)
+        return rope(rms(x, w[f"{kind}_norm.{i}"]) if cfg.qk_norm else x, i)
+
     table = embedding_table(w)
     x = table[np.asarray(tokens)]
-    mask = np.triu(np.full((t, t), -np.inf, np.float32), 1)
+    if cfg.embed_scale:
+        x = x * np.float32(cfg.embed_scale)
+    ii, jj = np.arange(t)[:, None], np.arange(t)[None, :]
     for i in range(cfg.layers):
+        win = layer_window(cfg, i)   # query ii sees keys jj with ii - win < jj <= ii
+        mask = np.where((jj > ii) | ((ii - jj >= win) if win else False), -np.inf, 0).astype(np.float32)
         h = rms(x, w[f"attn_norm.{i}"])
-        q = rope(proj(h, i, "q").reshape(t, hq, d))
-        k = np.repeat(rope(proj(h, i, "k").reshape(t, hkv, d)), hq // hkv, axis=1)
+        q = heads(h, i, "q", hq)
+        k = np.repeat(heads(h, i, "k", hkv), hq // hkv, axis=1)
         v = np.repeat(proj(h, i, "v").reshape(t, hkv, d), hq // hkv, axis=1)
-        s = np.einsum("qhd,khd->hqk", q, k) / np.float32(np.sqrt(d)) + mask
+        s = np.einsum("qhd,khd->hqk", q, k)
+        s = (s * np.float32(cfg.query_scale) if cfg.query_scale else s / np.float32(np.sqrt(d))) + mask
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         o = np.einsum("hqk,khd->qhd", p, v).reshape(t, hq * d)
-        x = x + lin(o, f"wo.{i}")
+        x = x + post(lin(o, f"wo.{i}"), f"post_attn_norm.{i}")
         h = rms(x, w[f"ffn_norm.{i}"])
         g = lin(h, f"w1.{i}")
-        x = x + lin(g / (1 + np.exp(-g)) * lin(h, f"w3.{i}"), f"w2.{i}")
+        if cfg.act == "gelu_tanh":
+            from ..ir.ops import gelu
+            a = gelu(g.astype(np.float32), "tanh")
+        else:
+            a = g / (1 + np.exp(-g))
+        x = x + post(lin(a * lin(h, f"w3.{i}"), f"w2.{i}"), f"post_ffn_norm.{i}")
         if cfg.lookup_experts:
             e0 = table[np.asarray(tokens)]
             r = lin(h, f"mole_router.{i}")

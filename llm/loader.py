@@ -39,7 +39,8 @@ def kv_bytes_per_position(cfg: LlamaConfig, kv_dtype: str = "f32") -> int:
 
 def choose_max_seq(cfg: LlamaConfig, max_seq: int | None, kv_dtype: str = "f32", where: str = "") -> int:
     """The KV cache length: ``max_seq``, or the context length within KV_BUDGET."""
-    limit = cfg.sliding_window or None
+    # Mistral's window is not applied (the cache may not exceed it); Gemma 3's local layers apply theirs
+    limit = None if cfg.window_layers or cfg.arch == "gemma3" else cfg.sliding_window or None
     if max_seq is None:
         fit = max(1, KV_BUDGET // kv_bytes_per_position(cfg, kv_dtype))
         return min(cfg.context_length or 2048, fit, limit or fit)

@@ -24,7 +24,7 @@ DIMS = dict(vocab=128, hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, f
 
 def encode(kind: str, w: np.ndarray, rng) -> np.ndarray:
     """GGUF storage of f32 [N, K] weights ``w`` as ``kind``: floats converted,
-    Q8_0 / Q4_0 / Q4_1 quantized by gguf.quants, K-quants random blocks of
+    Q8_0 / Q4_0 / Q4_1 / Q5_0 quantized by gguf.quants, K-quants random blocks of
     about w's scale (codes and sub-scales random, f16 scales small)."""
     if kind == "F32":
         return w.astype(np.float32)
@@ -32,7 +32,7 @@ def encode(kind: str, w: np.ndarray, rng) -> np.ndarray:
         return w.astype(np.float16)
     if kind == "BF16":
         return (w.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    if kind in ("Q8_0", "Q4_0", "Q4_1"):
+    if kind in ("Q8_0", "Q4_0", "Q4_1", "Q5_0"):
         return gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType[kind])
     t = blocks.TYPES[kind]
     n, k = w.shape
@@ -251,19 +251,19 @@ def test_gguf_errors(tmp_path):
     w.close()
     with pytest.raises(LLMLoadError, match=r"gpt2.gguf: architecture 'gpt2' is not supported"):
         sqk.llm.load(other)
-    q5 = tmp_path / "q5.gguf"
+    q5 = tmp_path / "q5_1.gguf"
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(q5), "llama")
     for fn, val in ((w.add_block_count, 1), (w.add_embedding_length, 32), (w.add_feed_forward_length, 32),
                     (w.add_head_count, 2)):
         fn(val)
-    w.add_tensor("token_embd.weight", rng.integers(0, 255, (8, 22), dtype=np.uint8),
-                 raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    w.add_tensor("token_embd.weight", rng.integers(0, 255, (8, 24), dtype=np.uint8),
+                 raw_dtype=gguf.GGMLQuantizationType.Q5_1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(LLMLoadError, match=r"q5.gguf: tensor 'token_embd.weight' has type Q5_0; sqk reads F32"):
+    with pytest.raises(LLMLoadError, match=r"q5_1.gguf: tensor 'token_embd.weight' has type Q5_1; sqk reads F32"):
         sqk.llm.load(q5)
 
 

@@ -1,4 +1,4 @@
-"""GGUF's pre-quantized blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) as matmul_q
+"""GGUF's pre-quantized blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K) as matmul_q
 weights (ir/blocks.py): dequantization bit for bit ggml's (gguf.quants, the
 reference llama.cpp publishes), the matmul_q operands giving the same weights
 exactly, and compiled kernels equal to numpy's dequantize-then-matmul within
@@ -16,7 +16,7 @@ from sqk.ir.ops import dequantize_weight
 
 FORMATS = blocks.QUANTIZED
 # byte offsets of each format's f16 fields in a block
-F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
 
 
 def random_blocks(name: str, n: int, k: int, rng, finite: bool = True) -> np.ndarray:
@@ -78,7 +78,8 @@ def test_matmul_q_operands_exact(name, finite):
         want = blocks.dequantize(name, raw, (n, k))
     np.testing.assert_array_equal(bits(w.T), bits(want))
     stored = sum(sqk.ir.dtypes.dtype(d).nbytes(a.size) for a, d in m["inputs"])
-    extra = {"Q4_K": (4.625 - 4.5) / 8 * n * k, "Q6_K": (10 - 6.5625) / 8 * n * k}.get(name, 0)
+    extra = {"Q4_K": (4.625 - 4.5) / 8 * n * k, "Q6_K": (10 - 6.5625) / 8 * n * k,
+             "Q5_0": (8.5 - 5.5) / 8 * n * k}.get(name, 0)
     assert stored == raw.nbytes + extra
 
 
@@ -247,7 +248,7 @@ def test_gather_q_bad_id():
 
 
 @pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K"])
 def test_int8_activations(target, name):
     """int8 activations: Q8_0, Q4_0 and Q6_K as matmul_q's own symmetric schemes, Q4_1 with
     its minimums applied as (d * minimum) * sum(xq) per group; bit for bit
@@ -416,29 +417,46 @@ def test_minimums_any_shape(target, K, group, super_group, act):
 
 @pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
 @pytest.mark.parametrize("M, N, nb, xdt", [(1, 67, 1, "f32"), (3, 33, 2, "f32"), (17, 5, 1, "f16"), (6, 1, 3, "f32")])
-def test_matmul_ggml_q6_k(target, M, N, nb, xdt):
-    """Q6_K kept as its blocks (matmul_ggml): equal to numpy's dequantize-then-matmul
-    within f32 rounding, the artifact's constants the file's bytes."""
-    K = 256 * nb
+@pytest.mark.parametrize("name", blocks.GGML_BLOCKS)
+def test_matmul_ggml(target, M, N, nb, xdt, name):
+    """Q6_K / Q5_0 kept as their blocks (matmul_ggml): equal to numpy's
+    dequantize-then-matmul within f32 rounding, the artifact's constants the
+    file's bytes."""
+    K = blocks.TYPES[name].block * nb
     rng = np.random.default_rng(M * N)
-    raw = random_blocks("Q6_K", N, K, rng)
-    b = sqk.GraphBuilder("q6k")
+    raw = random_blocks(name, N, K, rng)
+    b = sqk.GraphBuilder("ggml")
     x = b.input("x", (M, K), xdt)
-    g = b.output(blocks.matmul(b, x, "Q6_K", raw, (N, K)))
+    g = b.output(blocks.matmul(b, x, name, raw, (N, K)))
     assert [n.op for n in g.nodes if n.op != "const"] == ["matmul_ggml"]
     inputs = {"x": rand((M, K), xdt, rng, -1, 1)}
     m = check(g, inputs, target)
     if xdt == "f32":
-        w = blocks.dequantize("Q6_K", raw, (N, K))
+        w = blocks.dequantize(name, raw, (N, K))
         assert_close(m(**inputs), (inputs["x"].astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32))
     if target == "host":
         assert m.manifest["constants"]["bytes"] < raw.nbytes + 64
 
 
+@pytest.mark.parametrize("M, N, K", [(20, 70, 640), (45, 130, 96), (64, 3, 32)])
+def test_matmul_ggml_q5_0_gemm(M, N, K):
+    """Q5_0 through the prefill GEMM (x86, from 20 rows): K blocks of 256 weights
+    that end in a shorter one (K = 640 as Gemma 3 270M), one block, odd N."""
+    rng = np.random.default_rng(K + M)
+    raw = random_blocks("Q5_0", N, K, rng)
+    b = sqk.GraphBuilder("q5gemm")
+    x = b.input("x", (M, K))
+    g = b.output(blocks.matmul(b, x, "Q5_0", raw, (N, K)))
+    inputs = {"x": rand((M, K), "f32", rng, -1, 1)}
+    m = check(g, inputs)
+    w = blocks.dequantize("Q5_0", raw, (N, K))
+    assert_close(m(**inputs), (inputs["x"].astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32))
+
+
 def test_matmul_ggml_bad_input():
     b = sqk.GraphBuilder("bad")
     x = b.input("x", (1, 256))
-    with pytest.raises(IRError, match="type must be Q6_K"):
+    with pytest.raises(IRError, match="type must be one of Q5_0, Q6_K"):
         b.matmul_ggml(x, b.const(np.zeros((2, 144), np.uint8), "u8"), type="Q4_K")
     with pytest.raises(IRError, match="K / 256 \\* 210 bytes per row"):
         b.matmul_ggml(x, b.const(np.zeros((2, 200), np.uint8), "u8"), type="Q6_K")
@@ -450,23 +468,26 @@ def test_matmul_ggml_bad_input():
 
 
 @pytest.mark.parametrize("target", ["host", "riscv64", "riscv64-scalar"])
-def test_gather_ggml_tied_q6_k(target):
-    """A tied Q6_K token_embd (llama.cpp's Q4_K_M of tied models): gather_ggml and
+@pytest.mark.parametrize("name", blocks.GGML_BLOCKS)
+def test_gather_ggml_tied(target, name):
+    """A tied Q6_K / Q5_0 token_embd (llama.cpp's Q4_K_M of tied models): gather_ggml and
     matmul_ggml read one stored table; rows exactly the dequantized values."""
     rng = np.random.default_rng(8)
     N, K = 37, 512
-    raw = random_blocks("Q6_K", N, K, rng)
+    raw = random_blocks(name, N, K, rng, finite=name == "Q6_K")   # Q5_0: NaN / inf scales too
     b = sqk.GraphBuilder("tied6")
     table = b.const(raw, "u8")
-    h = b.gather_ggml(b.input("ids", (5,), "i64"), table, type="Q6_K")
-    g = b.output(h, b.matmul_ggml(h, table, type="Q6_K"))
+    h = b.gather_ggml(b.input("ids", (5,), "i64"), table, type=name)
+    g = b.output(h, b.matmul_ggml(h, table, type=name))
     inputs = {"ids": np.array([0, 36, 5, -1, -37], np.int64)}
     m = compile_for(g, target)
     rows, logits = m(**inputs)
     want_rows, want_logits = sqk.reference(g, **inputs)
-    np.testing.assert_array_equal(bits(rows), bits(blocks.dequantize("Q6_K", raw, (N, K))[[0, 36, 5, 36, 0]]))
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(bits(rows), bits(blocks.dequantize(name, raw, (N, K))[[0, 36, 5, 36, 0]]))
     np.testing.assert_array_equal(bits(rows), bits(want_rows))
-    assert_close(logits, want_logits)
+    if name == "Q6_K":
+        assert_close(logits, want_logits)
     from sqk.codegen.lower import unshare_packed_constants
     from sqk.codegen.target import get_target
     assert unshare_packed_constants(g, get_target("riscv64" if target.startswith("riscv") else "host")) is g
@@ -487,7 +508,7 @@ def test_weight_tied(name):
     h = wt.gather(b.input("ids", (2,), "i64"))
     g = b.output(h, wt.matmul(h))
     nconst = sum(n.op == "const" for n in g.nodes)
-    assert nconst == (1 if name == "Q6_K" else len(blocks.to_matmul_q(name, raw, (N, K))["inputs"]))
+    assert nconst == (1 if name in blocks.GGML_BLOCKS else len(blocks.to_matmul_q(name, raw, (N, K))["inputs"]))
     inputs = {"ids": np.array([3, -1], np.int64)}
     rows, logits = sqk.compile(g)(**inputs)
     w = blocks.dequantize(name, raw, (N, K))

@@ -2,16 +2,23 @@
 
 Read with the ``gguf`` package's GGUFReader, which memory-maps the file.
 Architectures "llama" (Llama, Mistral, SmolLM2, TinyLlama: llama.cpp writes
-them all as "llama") and "qwen2" (q/k/v biases); the metadata
-``{arch}.block_count``, ``.embedding_length``, ... give the config.
+them all as "llama"), "qwen2" (q/k/v biases) and "gemma3" (Gemma 3's text
+model, as llama.cpp's graph runs it: the embedding scaled by sqrt(hidden),
+per-head RMSNorm of q and k, post-attention and post-FFN norms, GeGLU with
+gelu-tanh, query scale 1/sqrt(head_dim) (27B: 1/sqrt(hidden / heads)),
+local layers -- every layer but each ``attention.sliding_window_pattern``-th
+(6), or the pattern's array -- attending to the last ``attention.sliding_window``
+positions with rope base ``rope.freq_base_swa`` (10000); the norm weights
+are stored as 1 + w by the converter, what sqk's rmsnorm multiplies by);
+the metadata ``{arch}.block_count``, ``.embedding_length``, ... give the config.
 
 Tensors: F32 / F16 / BF16 are floats (F32 stays a view of the file; GGUF
 matrices are stored [N rows = output features, K], so sqk's [K, N] matrix
-is a transposed view).  Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices become
+is a transposed view).  Q8_0, Q4_0, Q4_1 and Q4_K matrices become
 ``matmul_q`` weights (``QuantWeight.from_blocks``: ``ir.blocks.to_matmul_q``):
 the file's codes and scales as they are, never dequantized and requantized;
-Q6_K matrices are ``matmul_ggml`` on the file's blocks (6.5625 bits per
-weight, as stored).
+Q6_K and Q5_0 matrices are ``matmul_ggml`` on the file's blocks (6.5625 and
+5.5 bits per weight, as stored).
 ``token_embd`` is the embedding; without an ``output`` tensor it is also the
 lm_head (tied): one table, which the embedding reads with ``gather`` (float
 types, column by column) or ``gather_q`` / ``gather_ggml`` (quantized: rows
@@ -47,7 +54,9 @@ from ...llm.decoder import LlamaConfig, QuantWeight
 from ...llm.errors import LLMLoadError
 from . import hf
 
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "qwen2", "gemma3")
+VECTORS = ("attn_norm", "ffn_norm", "final_norm", "bq", "bk", "bv", "q_norm", "k_norm", "post_attn_norm",
+           "post_ffn_norm")
 FLOATS = ("F32", "F16", "BF16")
 
 
@@ -198,15 +207,38 @@ def config_from_gguf(reader, path: str, tensors: dict) -> LlamaConfig:
     bos = field(reader, "tokenizer.ggml.bos_token_id")
     ctx = int(field(reader, f"{arch}.context_length", 0))
     kv_heads = field(reader, f"{arch}.attention.head_count_kv")
+    layers = int(need("block_count"))
+    gemma = gemma3_fields(reader, path, layers, hidden, heads, head_dim) if arch == "gemma3" else {}
     return LlamaConfig(
-        vocab=vocab, hidden=hidden, layers=int(need("block_count")), heads=heads,
+        vocab=vocab, hidden=hidden, layers=layers, heads=heads,
         kv_heads=int(kv_heads if kv_heads is not None else heads), head_dim=head_dim,
         ffn=int(need("feed_forward_length")), theta=theta,
         eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         qkv_bias=arch == "qwen2", tie_embeddings="output.weight" not in tensors,
         rope_style="interleaved" if arch == "llama" else "half", rope_scaling=rope_scaling,
         bos_id=None if bos is None else int(bos), eos_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-        context_length=ctx, max_seq=max(1, ctx or 2048), arch=arch)
+        context_length=ctx, max_seq=max(1, ctx or 2048), arch=arch, **gemma)
+
+
+def gemma3_fields(reader, path: str, layers: int, hidden: int, heads: int, head_dim: int) -> dict:
+    """LlamaConfig fields of a "gemma3" file (module docstring), as llama.cpp's
+    llama_model_gemma3 reads them."""
+    if field(reader, "gemma3.final_logit_softcapping"):
+        raise LLMLoadError(f"{path}: gemma3.final_logit_softcapping is not supported")
+    window = int(field(reader, "gemma3.attention.sliding_window", 0) or 0)
+    pattern = field(reader, "gemma3.attention.sliding_window_pattern", 6)
+    if window <= 0:
+        local = ()
+    elif isinstance(pattern, list):    # one flag per layer
+        local = tuple(i for i, f in enumerate(pattern[:layers]) if f)
+    else:                               # llama.cpp's set_swa_pattern(n): layer il is local when il % n < n - 1
+        n = int(pattern)
+        local = tuple(i for i in range(layers) if n == 0 or i % n < n - 1)
+    scale = (hidden / heads) ** -0.5 if layers == 62 else head_dim ** -0.5    # llama.cpp: 27B's own scale
+    return dict(act="gelu_tanh", qk_norm=True, post_norms=True,
+                embed_scale=float(np.float32(np.sqrt(np.float32(hidden)))),
+                query_scale=float(np.float32(scale)), window_layers=local, sliding_window=window,
+                theta_local=float(field(reader, "gemma3.rope.freq_base_swa", 10000.0)))
 
 
 def weight_names(cfg: LlamaConfig, tensors: dict) -> dict[str, tuple[str, str]]:
@@ -221,6 +253,12 @@ def weight_names(cfg: LlamaConfig, tensors: dict) -> dict[str, tuple[str, str]]:
         p = f"blk.{i}."
         names.update({f"attn_norm.{i}": (p + "attn_norm.weight", "vector"),
                       f"ffn_norm.{i}": (p + "ffn_norm.weight", "vector")})
+        if cfg.qk_norm:
+            names.update({f"q_norm.{i}": (p + "attn_q_norm.weight", "vector"),
+                          f"k_norm.{i}": (p + "attn_k_norm.weight", "vector")})
+        if cfg.post_norms:
+            names.update({f"post_attn_norm.{i}": (p + "post_attention_norm.weight", "vector"),
+                          f"post_ffn_norm.{i}": (p + "post_ffw_norm.weight", "vector")})
         for ours, theirs in (("wq", "attn_q"), ("wk", "attn_k"), ("wv", "attn_v"), ("wo", "attn_output"),
                              ("w1", "ffn_gate"), ("w3", "ffn_up"), ("w2", "ffn_down")):
             names[f"{ours}.{i}"] = (p + theirs + ".weight", "matrix")
@@ -257,7 +295,7 @@ def load_gguf(path: str, tokenizer: bool = True):
         if t is None:
             raise LLMLoadError(f"{path}: tensor {gname!r} is missing")
         kind = t.tensor_type.name
-        if kind in QUANTIZED and ours.split(".")[0] in ("attn_norm", "ffn_norm", "final_norm", "bq", "bk", "bv"):
+        if kind in QUANTIZED and ours.split(".")[0] in VECTORS:
             raise LLMLoadError(f"{path}: tensor {gname!r} is a vector of type {kind}: expected F32, F16 or BF16")
         if tuple(int(s) for s in t.shape) != shapes[ours]:
             raise LLMLoadError(f"{path}: tensor {gname!r} has shape {[int(s) for s in t.shape]}, the metadata "

@@ -4,9 +4,14 @@ A model directory holds ``config.json``, the weights as ``model.safetensors``
 or shards named by ``model.safetensors.index.json``, and optionally
 ``generation_config.json`` (EOS ids) and the tokenizer files (read by
 llm/tokenizer.py).  Architectures: LlamaForCausalLM (Llama 2/3 with
-``rope_scaling`` llama3, SmolLM/SmolLM2, TinyLlama), MistralForCausalLM and
-Qwen2ForCausalLM (q/k/v biases).  Both spellings of the rope settings are
-read: ``rope_theta`` + ``rope_scaling`` and transformers 5's ``rope_parameters``.
+``rope_scaling`` llama3, SmolLM/SmolLM2, TinyLlama), MistralForCausalLM,
+Qwen2ForCausalLM (q/k/v biases) and Gemma3ForCausalLM (Gemma 3's text model:
+GeGLU with gelu-tanh, q/k norms per head, sandwich norms, the embedding
+scaled by sqrt(hidden), sliding-window layers with their own rope base; its
+RMSNorm weights w are stored as the offset of the scale 1 + w, which is what
+sqk's weights hold, as llama.cpp's converter writes them).  Both spellings of
+the rope settings are read: ``rope_theta`` + ``rope_scaling`` and
+transformers 5's ``rope_parameters`` (per layer type for Gemma 3).
 
 Safetensors are read here, from the documented layout (8-byte little-endian
 header length, JSON header, then the data): every tensor is a view of one
@@ -28,8 +33,10 @@ import numpy as np
 from ...llm.decoder import LlamaConfig
 from ...llm.errors import LLMLoadError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Gemma3ForCausalLM": "gemma3"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+GEMMA_NORMS = ("attn_norm", "ffn_norm", "final_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
 SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
@@ -83,12 +90,16 @@ class HFWeights(Mapping):
     """sqk weight names -> f32 arrays, converted on lookup from the memory-
     mapped checkpoint tensors ([out, in] Linear weights as transposed views)."""
 
-    def __init__(self, tensors: dict[str, tuple[np.ndarray, str]], names: dict[str, tuple[str, bool]]):
+    def __init__(self, tensors: dict[str, tuple[np.ndarray, str]], names: dict[str, tuple[str, bool]],
+                 shifted: tuple = ()):
         self._tensors, self._names = tensors, names     # names: {sqk name: (hf name, transpose)}
+        self._shifted = shifted    # kinds of weights stored as w for the scale 1 + w (Gemma's norms)
 
     def __getitem__(self, name):
         hf, transpose = self._names[name]
         a = to_f32(*self._tensors[hf])
+        if name.split(".")[0] in self._shifted:
+            a = np.float32(1) + a     # f32, as Gemma3RMSNorm's 1.0 + weight.float()
         return a.T if transpose else a
 
     def __iter__(self):
@@ -126,11 +137,17 @@ def config_from_hf(c: dict, where: str, generation: dict | None = None) -> Llama
             raise LLMLoadError(f"{where}: {key} is missing")
         return c[key]
 
-    if c.get("hidden_act", "silu") != "silu":
+    act = c.get("hidden_activation", c.get("hidden_act")) if arch == "gemma3" else c.get("hidden_act", "silu")
+    if arch == "gemma3" and act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise LLMLoadError(f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+    if arch != "gemma3" and act != "silu":
         raise LLMLoadError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (silu only)")
     if c.get("mlp_bias") or (arch != "qwen2" and c.get("attention_bias")):
         raise LLMLoadError(f"{where}: biases on the MLP or the attention output projection are not supported")
     rope = dict(c.get("rope_parameters") or {})
+    gemma = {}
+    if arch == "gemma3":
+        gemma, rope = gemma3_fields(c, rope, where, need)
     scaling = c.get("rope_scaling") or {}
     theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -159,7 +176,41 @@ def config_from_hf(c: dict, where: str, generation: dict | None = None) -> Llama
         context_length=int(c.get("max_position_embeddings") or 0), arch=arch,
         max_seq=max(1, int(c.get("max_position_embeddings") or 2048)),
         sliding_window=int(c["sliding_window"]) if c.get("sliding_window") and
-        (arch == "mistral" or c.get("use_sliding_window")) else 0)
+        (arch in ("mistral", "gemma3") or c.get("use_sliding_window")) else 0, **gemma)
+
+
+def gemma3_fields(c: dict, rope: dict, where: str, need) -> tuple[dict, dict]:
+    """(LlamaConfig fields of a Gemma 3 text config, the global layers' rope
+    parameters).  Local layers: ``layer_types`` "sliding_attention", else
+    every layer but each ``sliding_window_pattern``-th (6); rope bases from
+    ``rope_parameters`` per layer type, else ``rope_theta`` (1e6) and
+    ``rope_local_base_freq`` (1e4)."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if c.get(key):
+            raise LLMLoadError(f"{where}: {key} is not supported")
+    if c.get("use_bidirectional_attention"):
+        raise LLMLoadError(f"{where}: use_bidirectional_attention is not supported (a decoder is causal)")
+    layers = int(need("num_hidden_layers"))
+    types = c.get("layer_types")
+    if types is None:
+        pattern = int(c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
+        raise LLMLoadError(f"{where}: layer_types {types!r} must name full_attention or sliding_attention for "
+                           f"each of the {layers} layers")
+    local = dict(rope.get("sliding_attention") or {})
+    full = dict(rope.get("full_attention") or ({} if local else rope))
+    for r in (local, full):
+        if r.get("rope_type", "default") != "default":
+            raise LLMLoadError(f"{where}: rope type {r['rope_type']!r} is not supported for Gemma 3 (default only)")
+    full.setdefault("rope_theta", c.get("rope_theta", 1_000_000.0))
+    theta_local = float(local.get("rope_theta", c.get("rope_local_base_freq", 10000.0)))
+    hidden = int(need("hidden_size"))
+    return dict(act="gelu_tanh", qk_norm=True, post_norms=True,
+                embed_scale=float(np.float32(hidden ** 0.5)),
+                query_scale=float(np.float32(float(c.get("query_pre_attn_scalar") or 256) ** -0.5)),
+                window_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+                theta_local=theta_local), full
 
 
 def weight_names(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
@@ -172,8 +223,17 @@ def weight_names(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
         names["lm_head"] = ("lm_head.weight", True)
     for i in range(cfg.layers):
         p = f"model.layers.{i}."
-        names.update({f"attn_norm.{i}": (p + "input_layernorm.weight", False),
-                      f"ffn_norm.{i}": (p + "post_attention_layernorm.weight", False)})
+        if cfg.post_norms:   # Gemma 3's names: post_attention_layernorm is the attention's post-norm
+            names.update({f"attn_norm.{i}": (p + "input_layernorm.weight", False),
+                          f"post_attn_norm.{i}": (p + "post_attention_layernorm.weight", False),
+                          f"ffn_norm.{i}": (p + "pre_feedforward_layernorm.weight", False),
+                          f"post_ffn_norm.{i}": (p + "post_feedforward_layernorm.weight", False)})
+        else:
+            names.update({f"attn_norm.{i}": (p + "input_layernorm.weight", False),
+                          f"ffn_norm.{i}": (p + "post_attention_layernorm.weight", False)})
+        if cfg.qk_norm:
+            names.update({f"q_norm.{i}": (p + "self_attn.q_norm.weight", False),
+                          f"k_norm.{i}": (p + "self_attn.k_norm.weight", False)})
         for ours, theirs in (("wq", "self_attn.q_proj"), ("wk", "self_attn.k_proj"), ("wv", "self_attn.v_proj"),
                              ("wo", "self_attn.o_proj"), ("w1", "mlp.gate_proj"), ("w3", "mlp.up_proj"),
                              ("w2", "mlp.down_proj")):
@@ -191,7 +251,9 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.layers):
         shapes.update({f"attn_norm.{i}": (h,), f"ffn_norm.{i}": (h,), f"wq.{i}": (qd, h), f"wk.{i}": (kvd, h),
                        f"wv.{i}": (kvd, h), f"wo.{i}": (h, qd), f"w1.{i}": (f, h), f"w3.{i}": (f, h),
-                       f"w2.{i}": (h, f), f"bq.{i}": (qd,), f"bk.{i}": (kvd,), f"bv.{i}": (kvd,)})
+                       f"w2.{i}": (h, f), f"bq.{i}": (qd,), f"bk.{i}": (kvd,), f"bv.{i}": (kvd,),
+                       f"q_norm.{i}": (cfg.head_dim,), f"k_norm.{i}": (cfg.head_dim,),
+                       f"post_attn_norm.{i}": (h,), f"post_ffn_norm.{i}": (h,)})
     return shapes
 
 
@@ -233,4 +295,4 @@ def load_hf(path: str) -> tuple[LlamaConfig, HFWeights]:
         if tuple(tensors[hf][0].shape) != shapes[ours]:
             raise LLMLoadError(f"{where[hf]}: tensor {hf!r} has shape {list(tensors[hf][0].shape)}, the config "
                                f"says {list(shapes[ours])}")
-    return cfg, HFWeights(tensors, names)
+    return cfg, HFWeights(tensors, names, GEMMA_NORMS if cfg.arch == "gemma3" else ())
