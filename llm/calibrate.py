@@ -23,8 +23,12 @@ float, the most sensitive first: sensitivity is each layer's relative L2
 output error on its calibration inputs, as the quantize report measured it;
 the number kept doubles each round (1, 2, 4, ...) and the last round is then
 narrowed by bisection, so the result is a smallest prefix of that order (up
-to the bisection) that meets the budget.  The outcome, with each round's
-perplexity, is ``Decoder.budget`` (a ``BudgetReport``).
+to the bisection) that meets the budget.  With ``fallback="int8"`` (an
+option of the quantize pass) the chosen layers are quantized to int8 per
+channel instead of kept in float (quantize's ``promote=``): mixed int4 /
+int8 precision, as llama.cpp's q4_K_M mixes give their sensitive tensors
+more bits.  The outcome, with each round's perplexity, is
+``Decoder.budget`` (a ``BudgetReport``).
 """
 from __future__ import annotations
 
@@ -37,6 +41,13 @@ import numpy as np
 from ..compiler.calibration import Calibration, CalibrationError, LayerStats
 
 KEPT_ROWS = 256     # rows per layer kept for error measurements and AWQ's search (up to twice this)
+
+
+def split_names(spec) -> list[str]:
+    """Weight names of a skip= / promote= option: "a|b", or a list (None: none)."""
+    from ..compiler.passes.quantize import split_names as split
+
+    return [] if not spec else split(spec) if isinstance(spec, str) else list(spec)
 
 
 def text_ids(tokenizer, text) -> tuple[list[int], bool]:
@@ -190,6 +201,7 @@ class BudgetReport:
     kept: list = field(default_factory=list)
     met: bool = False
     layers: int = 0
+    fallback: str = "float"      # what the kept layers get: float, or int8 (quantize's fallback=int8)
 
     @property
     def ppl(self) -> float:
@@ -198,9 +210,10 @@ class BudgetReport:
     def __str__(self) -> str:
         lines = [f"end-to-end budget max_error={self.budget}: fp32 perplexity {self.fp32_ppl:.4f} on the calibration "
                  f"text, limit {self.limit:.4f}"]
-        lines += [f"  {len(k):>4} of {self.layers} layers kept in float: perplexity {p:.4f}" for k, p in self.rounds]
+        how = "kept in float" if self.fallback == "float" else f"in {self.fallback}"
+        lines += [f"  {len(k):>4} of {self.layers} layers {how}: perplexity {p:.4f}" for k, p in self.rounds]
         lines.append(f"{'met' if self.met else 'NOT met'}: {self.ppl:.4f} with "
-                     + (f"{len(self.kept)} layers kept in float ({', '.join(self.kept)})" if self.kept
+                     + (f"{len(self.kept)} layers {how} ({', '.join(self.kept)})" if self.kept
                         else "every layer quantized"))
         return "\n".join(lines)
 
@@ -279,24 +292,27 @@ def calibrated_decoder(dec, target, keep_ir, text, ctx, options) -> bool:
         raise ValueError(f"max_error={budget.spec!r} chooses the layers to keep in float through skip=: give "
                          "quantize=/sparsify= rather than pipeline=")
     opts = {k: v for k, v in options.items() if k != "max_error"}
-    user_skip = opts.pop("skip", None) or []
-    user_skip = [user_skip] if isinstance(user_skip, str) else list(user_skip)
+    # fallback=int8: the layers chosen get int8 (quantize's promote=), else they stay in float (skip=)
+    key = "promote" if opts.get("fallback") == "int8" else "skip"
+    listed = {k: split_names(opts.pop(k, None)) for k in ("skip", "promote")}
 
-    def compile_with(skip):
+    def compile_with(chosen):
+        names = dict(listed, **{key: listed[key] + list(chosen)})
         return Decoder(dec.cfg, dec.weights, target=target, kv_dtype=dec.kv_dtype, prefill_chunk=dec.prefill_chunk,
-                       tokenizer=dec.tokenizer, keep_ir=keep_ir, **opts,
-                       **({"skip": user_skip + list(skip)} if user_skip or skip else {}))
+                       tokenizer=dec.tokenizer, keep_ir=keep_ir, **opts, **{k: v for k, v in names.items() if v})
 
     def report_of(d):
         rep = d.module.report
         worst: dict = {}
         for part in ([rep] if hasattr(rep, "pass_name") else list(rep or [])):
             for r in part:
-                if r.get("rel_l2") is not None and r.get("status", "").startswith(("quantized", "pruned")):
+                if r.get("rel_l2") is not None and r.get("status", "").startswith(("quantized", "pruned")) and \
+                        r["layer"] not in listed["skip"] + listed["promote"]:
                     worst[r["layer"]] = max(worst.get(r["layer"], 0.0), r["rel_l2"])
         return [{"layer": k, "rel_l2": v} for k, v in worst.items()]
 
     best, rep = fit_budget(compile_with, calib, budget, report_of)
+    rep.fallback = "int8" if key == "promote" else "float"
     dec.__dict__.update(best.__dict__)
     dec.budget = rep
     return True

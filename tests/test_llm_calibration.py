@@ -111,6 +111,36 @@ def test_budget_holds():
     assert "met" in str(b) and f"{len(b.kept)} layers kept in float" in str(b)
 
 
+def test_budget_promotes_to_int8():
+    cfg = LlamaConfig(vocab=97, hidden=64, layers=1, heads=4, kv_heads=2, head_dim=16, ffn=96, max_seq=32,
+                      tie_embeddings=True)
+    w = random_weights(cfg, seed=5)
+    w.pop("embed")
+    w["lm_head"] *= 4
+    text = sampled_text(cfg, w, 96)
+    calib = TextCalibration(cfg, w, None, text, CTX)
+    opts = dict(prefill_chunk=CTX, quantize="int4", group=64, calibration_data=calib, fallback="int8")
+    fp32 = math.exp(calib.fp32_nll.mean())
+    all_q = Decoder(cfg, w, **opts, max_error="ppl+1000%")
+    quant = all_q.budget.ppl
+    dec = Decoder(cfg, w, **opts, max_error=f"ppl+{(quant - fp32) / 3:.6g}")
+    b = dec.budget
+    assert b.met and b.kept and b.fallback == "int8" and "layers in int8" in str(b)
+    rows = {r["layer"]: r for r in dec.module.report}
+    assert all(r["status"] == "quantized" for r in rows.values())
+    assert sorted(k for k, r in rows.items() if r["weights"] == "int8 per-channel sym") == sorted(b.kept)
+    assert all(rows[k]["note"] == "fallback int8 (promote=)" for k in b.kept)
+    assert math.exp(calib.nll(dec).mean()) == pytest.approx(b.ppl, rel=1e-9) and b.ppl <= b.limit
+    # the bytes: int8 codes + f32 scales per column, int4 codes + f32 scales per group of 64
+    for k, r in rows.items():
+        kk, n = r["shape"]
+        assert r["bytes"] == (kk * n + 4 * n if k in b.kept else kk * n // 2 + 4 * n * -(-kk // 64))
+    # a user's promote= stays promoted and out of the budget's choice
+    dec2 = Decoder(cfg, w, **opts, promote="lm_head", max_error=f"ppl+{(quant - fp32) / 3:.6g}")
+    assert "lm_head" not in dec2.budget.kept
+    assert {r["layer"]: r for r in dec2.module.report}["lm_head"]["weights"] == "int8 per-channel sym"
+
+
 def test_parse_budget():
     assert parse_budget("ppl+2%") == Budget("ppl+2%", rel=0.02)
     assert parse_budget(" ppl + 0.5 ") == Budget("ppl + 0.5", abs=0.5)
