@@ -16,19 +16,29 @@ Evaluation text: GPL-3 (Debian's base-files), perplexity as llama.cpp's
 the first ``CHUNKS`` windows; KL divergence and top-1 agreement against the
 fp32 model's logits on the same positions (llama.cpp: its
 ``--kl-divergence`` against its own F32 run of the same file).  Calibration
-text (GPTQ, AWQ, imatrix, Wanda, SparseGPT): Apache-2.0, a different text,
-collected once (``sqk.llm.calibrate.TextCalibration``) and shared by the rows.
+text (GPTQ, AWQ, imatrix, Wanda, SparseGPT, the budget): ``calibration_text()``
+(Apache-2.0, MPL-2.0, Artistic, CC0, BSD and the Python language reference
+of the interpreter's ``pydoc_data``: no GPL-family text), its first
+``CALIB_WINDOWS`` windows, collected once (``sqk.llm.calibrate.TextCalibration``)
+and shared by the rows.
 
 Rows: fp32; int8 per channel; int4 g32 (f16 scales: 4.5 bits per weight, as
-q4_0) round-to-nearest, imatrix, GPTQ, AWQ, and GPTQ with the lm_head (the
-tied embedding table) in int8 GPTQ, as llama.cpp's q4_0 and q4_K_M files keep
-it in Q8_0; int4 RTN with int8 activations per row, and per group of 32 (``act_group=32`` when this sqk's quantize pass
-has that option, else the row says it is missing); 2:4 magnitude / Wanda /
-SparseGPT (f32 values, the lm_head left dense as the papers leave it);
-llama.cpp q8_0, q4_0, q4_K_M.  Bits per weight: the matmul weights' stored
-bytes (the compile report's; llama.cpp: the GGUF tensors', token_embd being
-the tied output) over their element count, norms excluded.  ``--quick``: 2
-windows and the int4 rows only.
+q4_0) round-to-nearest, GPTQ, imatrix with the tied embedding / lm_head in
+int4 (its table then read from the int4 weights: stored once, as a GGUF's
+token_embd), the same methods and AWQ with it in f32 (AWQ cannot scale a
+table the embedding also reads: a method is compared with RTN at the same
+lm_head treatment), imatrix with it in int8 (``fallback=int8,
+promote=lm_head``, as llama.cpp's q4 files keep it in Q8_0), and int4 / int8
+mixed precision by the end-to-end budget (``max_error=MIXED_BUDGET``,
+``fallback=int8``: the most sensitive layers promoted to int8 per channel);
+int4 RTN with int8 activations per row, and per group of 32 (``act_group=32``
+when this sqk's quantize pass has that option, else the row says it is
+missing); 2:4 magnitude / Wanda / SparseGPT (f32 values, the lm_head left
+dense as the papers leave it); llama.cpp q8_0, q4_0, q4_K_M.  Bits per
+weight: every stored byte of the matmul weights (codes, scales, zero points;
+the compile report's; the tied table counted once) over their element count;
+llama.cpp: the GGUF tensors', token_embd being the tied output; norms
+excluded on both sides.  ``--quick``: 2 windows and the int4 rows only.
 """
 from __future__ import annotations
 
@@ -45,22 +55,41 @@ from . import Table
 CTX = 512
 CHUNKS = 4                     # evaluation windows: 4 x 512 = 2048 tokens of GPL-3, 1020 scored
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
-CALIB_TEXT = "/usr/share/common-licenses/Apache-2.0"
+CALIB_TEXT = "/usr/share/common-licenses/Apache-2.0"   # and the texts of calibration_text()
+# calibration: texts other than the evaluation's (licenses that are not the GPL family, and the Python
+# language reference of the interpreter's pydoc_data), cut into CALIB_WINDOWS windows of CTX tokens
+CALIB_LICENSES = ("Apache-2.0", "MPL-2.0", "Artistic", "CC0-1.0", "BSD")
+CALIB_WINDOWS = 32
 INT4 = dict(quantize="int4", group=32, scale_dtype="f16")
-# int4 for every layer but the lm_head (the tied embedding, a fifth of the weights), which gets int8, as
-# llama.cpp's q4_0 and q4_K_M keep it in Q8_0: two quantize passes, the second seeing only the lm_head
-HEAD_INT8 = ("fold_constants,quantize{weights=int4,group=32,scale_dtype=f16,method=gptq,skip=lm_head},"
-             "quantize{weights=int8,method=gptq},select_format,dce,fuse")
+HEAD_F32 = dict(skip="lm_head")                              # the tied embedding / lm_head left in f32
+HEAD_INT8 = dict(fallback="int8", promote="lm_head")         # ... in int8, as llama.cpp's q4_0 / q4_K_M (Q8_0)
+# int4 / int8 by measured sensitivity: the end-to-end budget on the calibration text promotes layers to int8
+MIXED_BUDGET = "ppl+3%"
+
+
+def calibration_text() -> str:
+    import pydoc_data.topics
+
+    lic = Path(CALIB_TEXT).parent
+    return "\n\n".join([(lic / f).read_text() for f in CALIB_LICENSES] +
+                        [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)])
 
 
 def sqk_rows(quick: bool) -> list:
-    """(name, compile options) of sqk's rows ("calib": reads the calibration text), the targets' rows first."""
+    """(name, compile options) of sqk's rows ("calib": reads the calibration text), the targets' rows first.
+    A method is compared with RTN at the same treatment of the tied lm_head (int4 on both sides, or f32)."""
     rows = [("fp32", None),
             ("int4 g32 RTN", dict(INT4)),
-            ("int4 g32 GPTQ", dict(INT4, quantize_method="gptq", calib=True)),
-            ("int4 g32 AWQ", dict(INT4, quantize_method="awq", calib=True)),
+            ("int4 g32 GPTQ act-order", dict(INT4, quantize_method="gptq", act_order=True, calib=True)),
             ("int4 g32 imatrix", dict(INT4, quantize_method="imatrix", calib=True)),
-            ("int4 g32 GPTQ, lm_head int8 GPTQ", dict(pipeline=HEAD_INT8, calib=True))]
+            ("int4 g32 RTN, lm_head f32", dict(INT4, **HEAD_F32)),
+            ("int4 g32 GPTQ act-order, lm_head f32", dict(INT4, **HEAD_F32, quantize_method="gptq", act_order=True,
+                                                          calib=True)),
+            ("int4 g32 AWQ, lm_head f32 (AWQ cannot scale the tied table)", dict(INT4, quantize_method="awq",
+                                                                                 calib=True)),
+            ("int4 g32 imatrix, lm_head int8", dict(INT4, **HEAD_INT8, quantize_method="imatrix", calib=True)),
+            (f"int4 g32 / int8 imatrix, lm_head int8, budget {MIXED_BUDGET}",
+             dict(INT4, **HEAD_INT8, quantize_method="imatrix", max_error=MIXED_BUDGET, calib=True))]
     if not quick:
         rows += [("2:4 magnitude", dict(sparsify="2:4", method="magnitude", skip="lm_head")),
                  ("2:4 Wanda", dict(sparsify="2:4", method="wanda", skip="lm_head", calib=True)),
@@ -127,13 +156,15 @@ def run(threads: int, quick: bool = False) -> Table:
 
     chunks = 2 if quick else CHUNKS
     peer = llama_rows(threads, chunks)        # first: quick, and printed as they come
-    eval_text, calib_text = Path(EVAL_TEXT).read_text(), Path(CALIB_TEXT).read_text()
+    eval_text, calib_text = Path(EVAL_TEXT).read_text(), calibration_text()
     src = sqk.llm.load(smollm2_q4_1(), max_seq=CTX, threads=threads)
     base = sqk.llm.fp32_decoder(src)
     base.logits_cache = {}       # the fp32 logits of each window, computed once for every row's KL
     t0 = time.perf_counter()
-    calib = TextCalibration(base.cfg, {k: as_f32(v) for k, v in base.weights.items()}, base.tokenizer, calib_text,
-                            CTX, source=f"{Path(CALIB_TEXT).name} ({len(base.tokenizer.encode(calib_text))} tokens)")
+    calib_ids = np.asarray(base.tokenizer.encode(calib_text)[:CALIB_WINDOWS * CTX])
+    calib = TextCalibration(base.cfg, {k: as_f32(v) for k, v in base.weights.items()}, base.tokenizer, calib_ids,
+                            CTX, source=f"{' + '.join(CALIB_LICENSES)} + the Python language reference "
+                                        f"({len(calib_ids)} tokens)")
     calib_s = time.perf_counter() - t0
     t = Table(f"Perplexity of SmolLM2-135M-Instruct on {Path(EVAL_TEXT).name} ({chunks} windows of {CTX}), "
               f"sqk vs llama.cpp",

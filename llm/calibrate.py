@@ -27,7 +27,9 @@ to the bisection) that meets the budget.  With ``fallback="int8"`` (an
 option of the quantize pass) the chosen layers are quantized to int8 per
 channel instead of kept in float (quantize's ``promote=``): mixed int4 /
 int8 precision, as llama.cpp's q4_K_M mixes give their sensitive tensors
-more bits.  The outcome, with each round's perplexity, is
+more bits.  ``TextCalibration(budget_windows=N)``: the budget is measured
+on the first N windows only (every round runs them through the quantized
+model; the statistics still come from all windows).  The outcome, with each round's perplexity, is
 ``Decoder.budget`` (a ``BudgetReport``).
 """
 from __future__ import annotations
@@ -70,7 +72,7 @@ class TextCalibration(Calibration):
     """Layer statistics of a decoder from a calibration text (module docstring)."""
 
     def __init__(self, cfg, weights, tokenizer, text, ctx: int = 512, source: str | None = None,
-                 kept_rows: int = KEPT_ROWS):
+                 kept_rows: int = KEPT_ROWS, budget_windows: int | None = None):
         from .decoder import as_f32, reference_logits
         from .perplexity import log_softmax
 
@@ -112,6 +114,12 @@ class TextCalibration(Calibration):
             lp = log_softmax(reference_logits(cfg, f32, w, capture=capture)[self.first:-1])
             nll.append(-lp[np.arange(lp.shape[0]), np.asarray(w[self.first + 1:])])
         self.fp32_nll = np.concatenate(nll)
+        if budget_windows is not None and not (isinstance(budget_windows, int) and budget_windows >= 1):
+            raise CalibrationError(f"budget_windows must be a positive int (windows scoring an end-to-end "
+                                   f"budget), got {budget_windows!r}")
+        # the first budget_windows windows score an end-to-end budget (all by default): every round of
+        # fit_budget runs them through the quantized model
+        self.budget_windows = min(budget_windows or len(self.windows), len(self.windows))
         self.by_weight = by_weight
         self._keys = {k.replace(".", "_"): k for k in by_weight}
         # build_decoder's fused projections (wqkv.i, w13.i) read the input of their parts
@@ -141,12 +149,13 @@ class TextCalibration(Calibration):
         raise CalibrationError("a text calibration has no graph input samples (its end-to-end figure is the "
                                "perplexity on the calibration windows: Decoder.budget)")
 
-    def nll(self, decoder) -> np.ndarray:
-        """The negative log-likelihoods of ``decoder`` at the positions ``fp32_nll`` scores."""
+    def nll(self, decoder, windows: int | None = None) -> np.ndarray:
+        """The negative log-likelihoods of ``decoder`` at the positions ``fp32_nll`` scores
+        (of the first ``windows`` windows: ``fp32_nll[:len(result)]``)."""
         from .perplexity import log_softmax, window_logits
 
         out = []
-        for w in self.windows:   # every row through the all-logits chunks: one module to compile
+        for w in self.windows[:windows]:   # every row through the all-logits chunks: one module to compile
             lp = log_softmax(window_logits(decoder, w, 0)[self.first:-1])
             out.append(-lp[np.arange(lp.shape[0]), np.asarray(w[self.first + 1:])])
         decoder.reset()
@@ -223,8 +232,9 @@ def fit_budget(compile_with, calib: TextCalibration, budget: Budget, report_of) 
     meeting ``budget`` (module docstring).  ``compile_with(skip)`` compiles a
     Decoder keeping the layers ``skip`` in float; ``report_of(decoder)`` is
     its quantize/sparsify report rows with "layer" and "rel_l2"."""
-    ppl = lambda d: math.exp(float(calib.nll(d).mean()))   # noqa: E731
-    base = math.exp(float(calib.fp32_nll.mean()))
+    n = calib.budget_windows
+    ppl = lambda d: math.exp(float(calib.nll(d, n).mean()))   # noqa: E731
+    base = math.exp(float(calib.fp32_nll[:n * (calib.ctx - 1 - calib.first)].mean()))
     dec = compile_with([])
     rows = [r for r in report_of(dec) if r.get("rel_l2") is not None]
     order = [r["layer"] for r in sorted(rows, key=lambda r: -r["rel_l2"])]

@@ -135,10 +135,18 @@ def test_budget_promotes_to_int8():
     for k, r in rows.items():
         kk, n = r["shape"]
         assert r["bytes"] == (kk * n + 4 * n if k in b.kept else kk * n // 2 + 4 * n * -(-kk // 64))
-    # a user's promote= stays promoted and out of the budget's choice
-    dec2 = Decoder(cfg, w, **opts, promote="lm_head", max_error=f"ppl+{(quant - fp32) / 3:.6g}")
-    assert "lm_head" not in dec2.budget.kept
+    # a user's promote= stays promoted and out of the budget's choice; budget_windows=1: the budget is
+    # measured on the first window only
+    one = TextCalibration(cfg, w, None, text, CTX, budget_windows=1)
+    dec2 = Decoder(cfg, w, **dict(opts, calibration_data=one), promote="lm_head",
+                   max_error=f"ppl+{(quant - fp32) / 3:.6g}")
+    b2 = dec2.budget
+    assert "lm_head" not in b2.kept
     assert {r["layer"]: r for r in dec2.module.report}["lm_head"]["weights"] == "int8 per-channel sym"
+    assert b2.fp32_ppl == pytest.approx(math.exp(one.fp32_nll[:CTX - 1 - CTX // 2].mean()), rel=1e-12)
+    assert b2.ppl == pytest.approx(math.exp(one.nll(dec2, 1).mean()), rel=1e-9)
+    with pytest.raises(ValueError, match="budget_windows must be a positive int"):
+        TextCalibration(cfg, w, None, text, CTX, budget_windows=0)
 
 
 def test_parse_budget():

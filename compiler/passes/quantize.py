@@ -257,7 +257,7 @@ class Quantize(Pass):
             st = LayerStats.merged([stats[x] for x in dict.fromkeys(m.inputs[0] for m in uses[w])])
             scales = {m: self._act_scale(stats[m.inputs[0]], w.name, inv) for m in uses[w]} if self.static else {}
             args = (w, uses[w], const_value, st, xs, scales, inv, stats, prod, calib)
-            why = awq_why.get(w)
+            got, why = None, awq_why.get(w)
             if w.name in promote:
                 got, why = None, why or "promote="
             elif why is None:
