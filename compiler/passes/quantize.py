@@ -5,13 +5,13 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
              skip=w1|w2, max_error=0.02, fallback=float|int8, promote=w1|w2,
              activations=none|int8, act_group=0,
              calibration=dynamic|minmax|percentile|mse, percentile=99.99, seed=0, samples=16,
-             method=rtn|gptq|awq|imatrix, damp=0.01, act_order=false}
+             method=rtn|gptq|awq|imatrix, damp=0.01, act_order=false, clip=minmax|mse}
 
 - ``method``: how codes and scales are chosen. ``rtn`` rounds to nearest
   (``compiler.quantize.quantize_weight``); ``gptq``, ``awq`` and ``imatrix``
   read the layer's calibration inputs (required) and produce the same
   matmul_q schemes (``gptq_quantize``, ``awq_scales``, ``imatrix_quantize``;
-  ``damp`` and ``act_order`` are GPTQ's).  AWQ scales W by s per input
+  ``damp``, ``act_order`` and ``clip`` are GPTQ's).  AWQ scales W by s per input
   channel and folds 1/s into x's producer where exact (a norm's scale and
   bias, a matmul weight's columns, x read only by these layers), else
   inserts ``mul(x, 1/s)``; a weight read by matmuls of different inputs
@@ -134,6 +134,8 @@ class Quantize(Pass):
                          keyword="quantize_method")
     damp: float = option(0.01, "GPTQ's / SparseGPT's dampening, a fraction of mean(diag H)")
     act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    clip: str = option("minmax", "GPTQ: each group's range from its max, or by the published quantizer's MSE "
+                       "shrink search", choices=qm.CLIPS)
 
     reads_calibration: ClassVar = True
 
@@ -180,8 +182,10 @@ class Quantize(Pass):
             raise _error(f"{p} method={self.method}: expected {', '.join(METHODS)}")
         if not 0 <= self.damp < math.inf:
             raise _error(f"{p} damp={self.damp}: expected a non-negative fraction of mean(diag H), e.g. 0.01")
-        if (self.damp != 0.01 or self.act_order) and self.method != "gptq":
-            raise _error(f"pass quantize: damp= and act_order= apply to method=gptq (got method={self.method})")
+        if self.clip not in qm.CLIPS:
+            raise _error(f"{p} clip={self.clip}: expected minmax or mse")
+        if (self.damp != 0.01 or self.act_order or self.clip != "minmax") and self.method != "gptq":
+            raise _error(f"pass quantize: damp=, act_order= and clip= apply to method=gptq (got method={self.method})")
 
     @property
     def bits(self) -> int:
@@ -375,7 +379,8 @@ class Quantize(Pass):
         args = dict(bits=bits, group=group, scheme=self.scheme, scale_dtype=self.scale_dtype, name=name)
         memo = calib.memo if calib is not None else None   # once per weight
         if self.method == "gptq":
-            return memo(qm.gptq_quantize, arr, st.hessian, damp=self.damp, act_order=self.act_order, **args)
+            return memo(qm.gptq_quantize, arr, st.hessian, damp=self.damp, act_order=self.act_order,
+                        **({"clip": self.clip} if self.clip != "minmax" else {}), **args)
         if self.method == "imatrix":
             return memo(qm.imatrix_quantize, arr, st.mean_sq, **args)
         return qm.quantize_weight(arr, **args)
