@@ -232,9 +232,9 @@ def fit_budget(compile_with, calib: TextCalibration, budget: Budget, report_of) 
     meeting ``budget`` (module docstring).  ``compile_with(skip)`` compiles a
     Decoder keeping the layers ``skip`` in float; ``report_of(decoder)`` is
     its quantize/sparsify report rows with "layer" and "rel_l2"."""
-    n = calib.budget_windows
-    ppl = lambda d: math.exp(float(calib.nll(d, n).mean()))   # noqa: E731
-    base = math.exp(float(calib.fp32_nll[:n * (calib.ctx - 1 - calib.first)].mean()))
+    wins = calib.budget_windows
+    ppl = lambda d: math.exp(float(calib.nll(d, wins).mean()))   # noqa: E731
+    base = math.exp(float(calib.fp32_nll[:wins * (calib.ctx - 1 - calib.first)].mean()))
     dec = compile_with([])
     rows = [r for r in report_of(dec) if r.get("rel_l2") is not None]
     order = [r["layer"] for r in sorted(rows, key=lambda r: -r["rel_l2"])]
