@@ -18,8 +18,7 @@ fp32 model's logits on the same positions (llama.cpp: its
 ``--kl-divergence`` against its own F32 run of the same file).  Calibration
 text (GPTQ, AWQ, imatrix, Wanda, SparseGPT, the budget): Apache-2.0, a
 different text, collected once (``sqk.llm.calibrate.TextCalibration``) and
-shared by the rows; the budget row measures its rounds on the first
-``BUDGET_WINDOWS`` windows of it.
+shared by the rows.
 
 Rows: fp32; int8 per channel; int4 g32 (f16 scales: 4.5 bits per weight, as
 q4_0) round-to-nearest, GPTQ, imatrix with the tied embedding / lm_head in
@@ -28,8 +27,10 @@ token_embd), the same methods and AWQ with it in f32 (AWQ cannot scale a
 table the embedding also reads: a method is compared with RTN at the same
 lm_head treatment), imatrix with it in int8 (``fallback=int8,
 promote=lm_head``, as llama.cpp's q4 files keep it in Q8_0), and int4 / int8
-mixed precision by the end-to-end budget (``max_error=MIXED_BUDGET``,
-``fallback=int8``: the most sensitive layers promoted to int8 per channel);
+mixed precision (``fallback=int8, promote=...``: the layers of largest output
+error on the calibration text in that row's report promoted to int8 per
+channel while the stored bytes stay within ``MIXED_BITS`` per weight,
+llama.cpp q4_K_M's: ``promote_within``);
 int4 RTN with int8 activations per row, and per group of 32 (``act_group=32``
 when this sqk's quantize pass has that option, else the row says it is
 missing); 2:4 magnitude / Wanda / SparseGPT (f32 values, the lm_head left
@@ -55,12 +56,13 @@ CTX = 512
 CHUNKS = 4                     # evaluation windows: 4 x 512 = 2048 tokens of GPL-3, 1020 scored
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 CALIB_TEXT = "/usr/share/common-licenses/Apache-2.0"
-BUDGET_WINDOWS = 1             # calibration windows the end-to-end budget row is measured on, each round
 INT4 = dict(quantize="int4", group=32, scale_dtype="f16")
 HEAD_F32 = dict(skip="lm_head")                              # the tied embedding / lm_head left in f32
 HEAD_INT8 = dict(fallback="int8", promote="lm_head")         # ... in int8, as llama.cpp's q4_0 / q4_K_M (Q8_0)
-# int4 / int8 by measured sensitivity: the end-to-end budget on the calibration text promotes layers to int8
-MIXED_BUDGET = "ppl+4%"
+# int4 / int8 by measured sensitivity: the layers of largest output error on the calibration text (the
+# report of the row named) promoted to int8 while every stored byte stays within MIXED_BITS per weight
+MIXED_BITS = 6.16              # llama.cpp q4_K_M's, for this model
+MIXED_FROM = "int4 g32 imatrix, lm_head int8"
 
 
 def sqk_rows(quick: bool) -> list:
@@ -75,9 +77,9 @@ def sqk_rows(quick: bool) -> list:
                                                           calib=True)),
             ("int4 g32 AWQ, lm_head f32 (AWQ cannot scale the tied table)", dict(INT4, quantize_method="awq",
                                                                                  calib=True)),
-            ("int4 g32 imatrix, lm_head int8", dict(INT4, **HEAD_INT8, quantize_method="imatrix", calib=True)),
-            (f"int4 g32 / int8 imatrix, lm_head int8, budget {MIXED_BUDGET}",
-             dict(INT4, **HEAD_INT8, quantize_method="imatrix", max_error=MIXED_BUDGET, calib=True))]
+            (MIXED_FROM, dict(INT4, **HEAD_INT8, quantize_method="imatrix", calib=True)),
+            (f"int4 g32 / int8 imatrix mixed, lm_head int8, <= {MIXED_BITS} bits",
+             dict(INT4, fallback="int8", quantize_method="imatrix", calib=True, promote_from=MIXED_FROM))]
     if not quick:
         rows += [("2:4 magnitude", dict(sparsify="2:4", method="magnitude", skip="lm_head")),
                  ("2:4 Wanda", dict(sparsify="2:4", method="wanda", skip="lm_head", calib=True)),
@@ -86,6 +88,32 @@ def sqk_rows(quick: bool) -> list:
                  ("int4 g32 RTN + int8 act per weight group", dict(INT4, activations="int8")),
                  ("int4 g32 RTN + int8 act g32", dict(INT4, activations="int8", act_group=32))]
     return rows
+
+
+def report_rows(module) -> list:
+    """The quantize report rows of a compiled module (the last quantize pass's)."""
+    rep = module.report
+    return list(rep if hasattr(rep, "pass_name") else rep.get("quantize")) if rep is not None else []
+
+
+def promote_within(rows: list, bits: float, promoted=("lm_head",)) -> list:
+    """The ``promoted`` layers and then the int4 layers of largest relative L2
+    error (``rows``: a quantize report) to quantize in int8 per channel, as many
+    as keep every stored byte within ``bits`` per weight (int8: the codes and
+    one scale per column of the report's scale dtype, which int4 g32 f16 has)."""
+    size = {r["layer"]: int(np.prod(r["shape"])) for r in rows}
+    cost = {r["layer"]: r["bytes"] for r in rows}
+    int8 = {r["layer"]: size[r["layer"]] + 2 * r["shape"][1] for r in rows}       # codes + f16 scales
+    chosen = [k for k in promoted if k in size]
+    total = sum(int8[k] if k in chosen else cost[k] for k in size)
+    limit = bits * sum(size.values()) / 8
+    for r in sorted((r for r in rows if r["layer"] not in chosen and r.get("rel_l2") is not None),
+                    key=lambda r: -r["rel_l2"]):
+        extra = int8[r["layer"]] - cost[r["layer"]]
+        if total + extra <= limit:
+            chosen.append(r["layer"])
+            total += extra
+    return chosen
 
 
 def has_act_group() -> bool:
@@ -150,22 +178,25 @@ def run(threads: int, quick: bool = False) -> Table:
     base.logits_cache = {}       # the fp32 logits of each window, computed once for every row's KL
     t0 = time.perf_counter()
     calib = TextCalibration(base.cfg, {k: as_f32(v) for k, v in base.weights.items()}, base.tokenizer, calib_text,
-                            CTX, source=f"{Path(CALIB_TEXT).name} ({len(base.tokenizer.encode(calib_text))} tokens)",
-                            budget_windows=BUDGET_WINDOWS)
+                            CTX, source=f"{Path(CALIB_TEXT).name} ({len(base.tokenizer.encode(calib_text))} tokens)")
     calib_s = time.perf_counter() - t0
     t = Table(f"Perplexity of SmolLM2-135M-Instruct on {Path(EVAL_TEXT).name} ({chunks} windows of {CTX}), "
               f"sqk vs llama.cpp",
               ["model", "bits/weight", "PPL +/- err", "dPPL vs fp32", "KLD", "top-1 %", "seconds"])
+    reports = {}
     for name, opts in sqk_rows(quick):
         opts = dict(opts or {})
         if opts.pop("calib", False):
             opts["calibration_data"] = calib
+        if "promote_from" in opts:          # the layers of largest error in that row's report, to MIXED_BITS
+            opts["promote"] = promote_within(reports[opts.pop("promote_from")], MIXED_BITS)
         if "act_group" in opts and not has_act_group():
             t.add(name, "-", "act_group= is not an option of this sqk's quantize pass yet", "", "", "", "")
             continue
         t1 = time.perf_counter()
         dec = base if name == "fp32" else sqk.llm.fp32_decoder(src, **opts)
         r = sqk.llm.perplexity(dec, eval_text, ctx=CTX, base=base, chunks=chunks)
+        reports[name] = report_rows(dec.module)
         t.add(name, f"{bits_per_weight(dec.module):.2f}", f"{r.ppl:.4f} +/- {r.ppl_err:.4f}",
               f"{r.ppl - r.base_ppl:+.4f}", f"{r.kld:.4f}", f"{100 * r.top1:.2f}", f"{time.perf_counter() - t1:.0f}")
         print(t.rows[-1], flush=True)
