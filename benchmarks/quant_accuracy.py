@@ -100,7 +100,7 @@ def report_rows(module) -> list:
 
 
 def promote_within(rows: list, bits: float, promoted=("lm_head",)) -> list:
-    """The ``promoted`` layers and then the int4 layers of largest relative L2
+    """The ``promoted`` layers (always) and then the int4 layers of largest relative L2
     error (``rows``: a quantize report) to quantize in int8 per channel, as many
     as keep every stored byte within ``bits`` per weight (int8: the codes and
     one scale per column of the report's scale dtype, which int4 g32 f16 has)."""

@@ -240,3 +240,30 @@ def test_cli_calibration_text(model_dir, capsys, tmp_path):
     capsys.readouterr()
     assert main(["generate", str(model_dir), "--prompt", "w1", "--calibration-ctx", "16"]) == 1
     assert "--calibration-ctx applies with --calibration-text" in capsys.readouterr().err
+
+
+def test_promote_within_counts_every_byte():
+    """quant-accuracy's mixed row: the lm_head, then the layers of largest error, in int8 while the
+    stored bytes (codes and f16 scales) stay within the bits per weight given."""
+    from sqk.benchmarks.quant_accuracy import promote_within
+    from sqk.compiler.quantize import quantized_nbytes
+
+    shapes = {"lm_head": (64, 512), "a": (64, 64), "b": (128, 64), "c": (64, 64)}
+    errs = {"lm_head": 0.1, "a": 0.3, "b": 0.2, "c": 0.1}
+    rows = [{"layer": k, "shape": s, "rel_l2": errs[k], "bytes": quantized_nbytes(*s, 4, 32, "f16", False)}
+            for k, s in shapes.items()]
+    weights = sum(k * n for k, n in shapes.values())
+
+    def bits(chosen):
+        return 8 * sum(quantized_nbytes(k, n, 8, k, "f16", False) if name in chosen else
+                       quantized_nbytes(k, n, 4, 32, "f16", False) for name, (k, n) in shapes.items()) / weights
+
+    assert promote_within(rows, 4.5) == ["lm_head"] and promote_within(rows, 4.5, ()) == []   # given: always
+    assert promote_within(rows, 4.85, ()) == ["a"]
+    for cap in (bits(["lm_head"]), 7.3, 7.7, 8.1):
+        got = promote_within(rows, cap)
+        assert bits(got) <= cap
+        assert got == ["lm_head", "a", "b", "c"][:len(got)] or got[:1] == ["lm_head"]
+        rest = [k for k in ("a", "b", "c") if k not in got]
+        assert all(bits(got + [k]) > cap for k in rest)          # nothing more fits
+    assert promote_within(rows, 8.3) == ["lm_head", "a", "b", "c"]
