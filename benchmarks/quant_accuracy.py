@@ -16,19 +16,29 @@ Evaluation text: GPL-3 (Debian's base-files), perplexity as llama.cpp's
 the first ``CHUNKS`` windows; KL divergence and top-1 agreement against the
 fp32 model's logits on the same positions (llama.cpp: its
 ``--kl-divergence`` against its own F32 run of the same file).  Calibration
-text (GPTQ, AWQ, imatrix, Wanda, SparseGPT): Apache-2.0, a different text,
-collected once (``sqk.llm.calibrate.TextCalibration``) and shared by the rows.
+text (GPTQ, AWQ, imatrix, Wanda, SparseGPT, the budget): Apache-2.0, a
+different text, collected once (``sqk.llm.calibrate.TextCalibration``) and
+shared by the rows.
 
 Rows: fp32; int8 per channel; int4 g32 (f16 scales: 4.5 bits per weight, as
-q4_0) round-to-nearest, imatrix, GPTQ, AWQ, and GPTQ with the lm_head (the
-tied embedding table) in int8 GPTQ, as llama.cpp's q4_0 and q4_K_M files keep
-it in Q8_0; int4 RTN with int8 activations per row, and per group of 32 (``act_group=32`` when this sqk's quantize pass
-has that option, else the row says it is missing); 2:4 magnitude / Wanda /
-SparseGPT (f32 values, the lm_head left dense as the papers leave it);
-llama.cpp q8_0, q4_0, q4_K_M.  Bits per weight: the matmul weights' stored
-bytes (the compile report's; llama.cpp: the GGUF tensors', token_embd being
-the tied output) over their element count, norms excluded.  ``--quick``: 2
-windows and the int4 rows only.
+q4_0) round-to-nearest, GPTQ, imatrix with the tied embedding / lm_head in
+int4 (its table then read from the int4 weights: stored once, as a GGUF's
+token_embd), the same methods and AWQ with it in f32 (AWQ cannot scale a
+table the embedding also reads: a method is compared with RTN at the same
+lm_head treatment), imatrix with it in int8 (``fallback=int8,
+promote=lm_head``, as llama.cpp's q4 files keep it in Q8_0), and int4 / int8
+mixed precision (``fallback=int8, promote=...``: the layers of largest output
+error on the calibration text in that row's report promoted to int8 per
+channel while the stored bytes stay within ``MIXED_BITS`` per weight,
+llama.cpp q4_K_M's: ``promote_within``);
+int4 RTN with int8 activations per row, and per group of 32 (``act_group=32``
+when this sqk's quantize pass has that option, else the row says it is
+missing); 2:4 magnitude / Wanda / SparseGPT (f32 values, the lm_head left
+dense as the papers leave it); llama.cpp q8_0, q4_0, q4_K_M.  Bits per
+weight: every stored byte of the matmul weights (codes, scales, zero points;
+the compile report's; the tied table counted once) over their element count;
+llama.cpp: the GGUF tensors', token_embd being the tied output; norms
+excluded on both sides.  ``--quick``: 2 windows and the int4 rows only.
 """
 from __future__ import annotations
 
@@ -47,10 +57,12 @@ CHUNKS = 4                     # evaluation windows: 4 x 512 = 2048 tokens of GP
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 CALIB_TEXT = "/usr/share/common-licenses/Apache-2.0"
 INT4 = dict(quantize="int4", group=32, scale_dtype="f16")
-# int4 for every layer but the lm_head (the tied embedding, a fifth of the weights), which gets int8, as
-# llama.cpp's q4_0 and q4_K_M keep it in Q8_0: two quantize passes, the second seeing only the lm_head
-HEAD_INT8 = ("fold_constants,quantize{weights=int4,group=32,scale_dtype=f16,method=gptq,skip=lm_head},"
-             "quantize{weights=int8,method=gptq},select_format,dce,fuse")
+HEAD_F32 = dict(skip="lm_head")                              # the tied embedding / lm_head left in f32
+HEAD_INT8 = dict(fallback="int8", promote="lm_head")         # ... in int8, as llama.cpp's q4_0 / q4_K_M (Q8_0)
+# int4 / int8 by measured sensitivity: the layers of largest output error on the calibration text (the
+# report of the row named) promoted to int8 while every stored byte stays within MIXED_BITS per weight
+MIXED_BITS = 6.16              # llama.cpp q4_K_M's, for this model
+MIXED_FROM = "int4 g32 imatrix, lm_head int8"
 
 
 def gemma3_q4_k_m() -> Path:
@@ -76,13 +88,23 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", smollm2_file, "smollm2-135m"),
 
 
 def sqk_rows(quick: bool) -> list:
-    """(name, compile options) of sqk's rows ("calib": reads the calibration text), the targets' rows first."""
+    """(name, compile options) of sqk's rows ("calib": reads the calibration text), the targets' rows first.
+    A method is compared with RTN at the same treatment of the tied lm_head (int4 on both sides, or f32)."""
     rows = [("fp32", None),
             ("int4 g32 RTN", dict(INT4)),
             ("int4 g32 GPTQ", dict(INT4, quantize_method="gptq", calib=True)),
-            ("int4 g32 AWQ", dict(INT4, quantize_method="awq", calib=True)),
             ("int4 g32 imatrix", dict(INT4, quantize_method="imatrix", calib=True)),
-            ("int4 g32 GPTQ, lm_head int8 GPTQ", dict(pipeline=HEAD_INT8, calib=True))]
+            ("int4 g32 RTN, lm_head f32", dict(INT4, **HEAD_F32)),
+            ("int4 g32 GPTQ, lm_head f32", dict(INT4, **HEAD_F32, quantize_method="gptq", calib=True)),
+            ("int4 g32 GPTQ damp 0.1, lm_head f32", dict(INT4, **HEAD_F32, quantize_method="gptq", damp=0.1,
+                                                         calib=True)),
+            ("int4 g32 GPTQ clip=mse, lm_head f32", dict(INT4, **HEAD_F32, quantize_method="gptq", clip="mse",
+                                                         calib=True)),
+            ("int4 g32 AWQ, lm_head f32 (AWQ cannot scale the tied table)", dict(INT4, quantize_method="awq",
+                                                                                 calib=True)),
+            (MIXED_FROM, dict(INT4, **HEAD_INT8, quantize_method="imatrix", calib=True)),
+            (f"int4 g32 / int8 imatrix mixed, lm_head int8, <= {MIXED_BITS} bits",
+             dict(INT4, fallback="int8", quantize_method="imatrix", calib=True, promote_from=MIXED_FROM))]
     if not quick:
         rows += [("2:4 magnitude", dict(sparsify="2:4", method="magnitude", skip="lm_head")),
                  ("2:4 Wanda", dict(sparsify="2:4", method="wanda", skip="lm_head", calib=True)),
@@ -91,6 +113,32 @@ def sqk_rows(quick: bool) -> list:
                  ("int4 g32 RTN + int8 act per weight group", dict(INT4, activations="int8")),
                  ("int4 g32 RTN + int8 act g32", dict(INT4, activations="int8", act_group=32))]
     return rows
+
+
+def report_rows(module) -> list:
+    """The quantize report rows of a compiled module (the last quantize pass's)."""
+    rep = module.report
+    return list(rep if hasattr(rep, "pass_name") else rep.get("quantize")) if rep is not None else []
+
+
+def promote_within(rows: list, bits: float, promoted=("lm_head",)) -> list:
+    """The ``promoted`` layers (always) and then the int4 layers of largest relative L2
+    error (``rows``: a quantize report) to quantize in int8 per channel, as many
+    as keep every stored byte within ``bits`` per weight (int8: the codes and
+    one scale per column of the report's scale dtype, which int4 g32 f16 has)."""
+    size = {r["layer"]: int(np.prod(r["shape"])) for r in rows}
+    cost = {r["layer"]: r["bytes"] for r in rows}
+    int8 = {r["layer"]: size[r["layer"]] + 2 * r["shape"][1] for r in rows}       # codes + f16 scales
+    chosen = [k for k in promoted if k in size]
+    total = sum(int8[k] if k in chosen else cost[k] for k in size)
+    limit = bits * sum(size.values()) / 8
+    for r in sorted((r for r in rows if r["layer"] not in chosen and r.get("rel_l2") is not None),
+                    key=lambda r: -r["rel_l2"]):
+        extra = int8[r["layer"]] - cost[r["layer"]]
+        if total + extra <= limit:
+            chosen.append(r["layer"])
+            total += extra
+    return chosen
 
 
 def has_act_group() -> bool:
@@ -159,16 +207,20 @@ def run(threads: int, quick: bool = False, model: str = "smollm2") -> Table:
     t = Table(f"Perplexity of {title} on {Path(EVAL_TEXT).name} ({chunks} windows of {CTX}), "
               f"sqk vs llama.cpp",
               ["model", "bits/weight", "PPL +/- err", "dPPL vs fp32", "KLD", "top-1 %", "seconds"])
+    reports = {}
     for name, opts in sqk_rows(quick):
         opts = dict(opts or {})
         if opts.pop("calib", False):
             opts["calibration_data"] = calib
+        if "promote_from" in opts:          # the layers of largest error in that row's report, to MIXED_BITS
+            opts["promote"] = promote_within(reports[opts.pop("promote_from")], MIXED_BITS)
         if "act_group" in opts and not has_act_group():
             t.add(name, "-", "act_group= is not an option of this sqk's quantize pass yet", "", "", "", "")
             continue
         t1 = time.perf_counter()
         dec = base if name == "fp32" else sqk.llm.fp32_decoder(src, **opts)
         r = sqk.llm.perplexity(dec, eval_text, ctx=CTX, base=base, chunks=chunks)
+        reports[name] = report_rows(dec.module)
         t.add(name, f"{bits_per_weight(dec.module):.2f}", f"{r.ppl:.4f} +/- {r.ppl_err:.4f}",
               f"{r.ppl - r.base_ppl:+.4f}", f"{r.kld:.4f}", f"{100 * r.top1:.2f}", f"{time.perf_counter() - t1:.0f}")
         print(t.rows[-1], flush=True)

@@ -109,6 +109,40 @@ def fit_groups(blocks: np.ndarray, bits: int, scheme: str, scale_dtype: str, nam
     return scales, np.clip(np.float32(qmin) - np.rint(lo / scales), qmin, qmax)
 
 
+CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM = 100, 0.8, 2.4   # GPTQ's Quantizer(mse=True): grid, maxshrink, norm
+
+
+def fit_groups_mse(blocks: np.ndarray, bits: int, scheme: str, scale_dtype: str, name: str = "weight"):
+    """:func:`fit_groups` with the range clipped by the published GPTQ
+    quantizer's MSE search (``Quantizer.find_params(mse=True)``): the range
+    [lo, hi] shrunk to p [lo, hi] for p = 1, 0.99, ..., 0.21, keeping per group
+    and column the p of least sum |w - dequant(w)|^2.4 (p = 1, the plain
+    range, first: the search never does worse than it)."""
+    qmin, qmax = BITS[bits]
+    sdt = SCALE_DTYPES[scale_dtype]
+    best = best_s = best_z = None
+    for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+        f = np.float32(1 - i / CLIP_GRID)
+        if scheme == "sym":
+            s, z = _store_scale(np.abs(blocks).max(axis=1) * f / np.float32(QMAX_SYM[bits]), sdt, name), None
+        else:
+            lo = np.minimum(blocks.min(axis=1), np.float32(0)) * f
+            s = _store_scale((np.maximum(blocks.max(axis=1), np.float32(0)) * f - lo) / np.float32(qmax - qmin),
+                             sdt, name)
+            z = np.clip(np.float32(qmin) - np.rint(lo / s), qmin, qmax)
+        c = group_codes(blocks, s, z, bits)
+        deq = (c if z is None else c - z[:, None, :]) * s.astype(np.float32)[:, None, :]
+        err = (np.abs(blocks - deq) ** CLIP_NORM).sum(axis=1)
+        if best is None:
+            best, best_s, best_z = err, s, z
+            continue
+        better = err < best
+        best, best_s = np.where(better, err, best), np.where(better, s, best_s)
+        if z is not None:
+            best_z = np.where(better, z, best_z)
+    return best_s.astype(sdt), best_z
+
+
 def group_codes(blocks: np.ndarray, scales: np.ndarray, zeros, bits: int) -> np.ndarray:
     """Codes (float) of ``blocks`` [G, g, N] with per-group ``scales`` and
     ``zeros`` [G, N] (None: symmetric): round-half-even, clipped to the range."""
@@ -124,6 +158,7 @@ def group_codes(blocks: np.ndarray, scales: np.ndarray, zeros, bits: int) -> np.
 # not change; they only choose codes and scales better for the layer's calibration inputs.
 
 IMATRIX_STEPS = np.arange(-9, 10)   # llama.cpp make_qx_quants: iscale = (nmax + 0.1 * is) / max, is in [-9, 9]
+CLIPS = ("minmax", "mse")           # how GPTQ fits a group's range
 GPTQ_BLOCK = 128                    # columns per lazy batch update (the GPTQ paper's B)
 AWQ_GRID = 20                       # alpha in {0, 1/20, ..., 19/20} (llm-awq's n_grid)
 AWQ_ROWS = 1024                     # calibration rows AWQ's search evaluates, at most (an even stride)
@@ -189,7 +224,7 @@ def imatrix_quantize(w: np.ndarray, importance: np.ndarray, bits: int = 4, group
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group: int | None = None,
                   scheme: str = "sym", scale_dtype: str = "f32", damp: float = 0.01, act_order: bool = False,
-                  block: int = GPTQ_BLOCK, name: str = "weight"):
+                  block: int = GPTQ_BLOCK, name: str = "weight", clip: str = "minmax"):
     """GPTQ (Frantar et al. 2022) of ``w`` [K, N] for a layer whose inputs
     have Hessian ``hessian`` [K, K] (2 X^T X / rows): rows k of w (the
     paper's columns) are quantized one by one, each one's error spread over
@@ -209,12 +244,18 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group: int 
       scales are the published "static groups" variant: fitted once on the
       original weights, each row quantized with its own group's scale.
 
+    - ``clip="mse"``: each group's range by :func:`fit_groups_mse` (the
+      published quantizer's ``mse=True`` shrink search) instead of its max.
+
     Weights that are exactly zero (pruned by an earlier sparsify) stay zero:
     their codes are the zero point, and the solver compensates for them as
     for any other rounding, so the sparsity pattern survives.
 
     Returns (q, scales, zeros) as :func:`quantize_weight`."""
     w, group = _check(w, bits, group, scheme, scale_dtype, name)
+    if clip not in CLIPS:
+        raise ValueError(f"quantize {name}: clip must be one of {', '.join(CLIPS)}, got {clip!r}")
+    fit = fit_groups_mse if clip == "mse" else fit_groups
     k, n = w.shape
     h = np.array(hessian, np.float64)
     if h.shape != (k, k) or not np.isfinite(h).all():
@@ -230,7 +271,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group: int 
     zeros = None if scheme == "sym" else np.empty((groups, n), np.float64)
     if act_order:
         perm = np.argsort(-np.diag(h), kind="stable")
-        s0, z0 = fit_groups(_blocks(W.T.astype(np.float32), group), bits, scheme, scale_dtype, name)
+        s0, z0 = fit(_blocks(W.T.astype(np.float32), group), bits, scheme, scale_dtype, name)
         scales[:] = s0
         if zeros is not None:
             zeros[:] = z0
@@ -255,7 +296,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group: int 
         for i in range(i2 - i1):
             col = i1 + i
             if not act_order and col % group == 0:
-                s, z = fit_groups(W1[:, i:i + group].T[None].astype(np.float32), bits, scheme, scale_dtype, name)
+                s, z = fit(W1[:, i:i + group].T[None].astype(np.float32), bits, scheme, scale_dtype, name)
                 scales[col // group] = s[0]
                 if zeros is not None:
                     zeros[col // group] = z[0]

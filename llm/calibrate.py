@@ -23,8 +23,14 @@ float, the most sensitive first: sensitivity is each layer's relative L2
 output error on its calibration inputs, as the quantize report measured it;
 the number kept doubles each round (1, 2, 4, ...) and the last round is then
 narrowed by bisection, so the result is a smallest prefix of that order (up
-to the bisection) that meets the budget.  The outcome, with each round's
-perplexity, is ``Decoder.budget`` (a ``BudgetReport``).
+to the bisection) that meets the budget.  With ``fallback="int8"`` (an
+option of the quantize pass) the chosen layers are quantized to int8 per
+channel instead of kept in float (quantize's ``promote=``): mixed int4 /
+int8 precision, as llama.cpp's q4_K_M mixes give their sensitive tensors
+more bits.  ``TextCalibration(budget_windows=N)``: the budget is measured
+on the first N windows only (every round runs them through the quantized
+model; the statistics still come from all windows).  The outcome, with each round's perplexity, is
+``Decoder.budget`` (a ``BudgetReport``).
 """
 from __future__ import annotations
 
@@ -37,6 +43,13 @@ import numpy as np
 from ..compiler.calibration import Calibration, CalibrationError, LayerStats
 
 KEPT_ROWS = 256     # rows per layer kept for error measurements and AWQ's search (up to twice this)
+
+
+def split_names(spec) -> list[str]:
+    """Weight names of a skip= / promote= option: "a|b", or a list (None: none)."""
+    from ..compiler.passes.quantize import split_names as split
+
+    return [] if not spec else split(spec) if isinstance(spec, str) else list(spec)
 
 
 def text_ids(tokenizer, text) -> tuple[list[int], bool]:
@@ -59,7 +72,7 @@ class TextCalibration(Calibration):
     """Layer statistics of a decoder from a calibration text (module docstring)."""
 
     def __init__(self, cfg, weights, tokenizer, text, ctx: int = 512, source: str | None = None,
-                 kept_rows: int = KEPT_ROWS):
+                 kept_rows: int = KEPT_ROWS, budget_windows: int | None = None):
         from .decoder import as_f32, reference_logits
         from .perplexity import log_softmax
 
@@ -101,6 +114,12 @@ class TextCalibration(Calibration):
             lp = log_softmax(reference_logits(cfg, f32, w, capture=capture)[self.first:-1])
             nll.append(-lp[np.arange(lp.shape[0]), np.asarray(w[self.first + 1:])])
         self.fp32_nll = np.concatenate(nll)
+        if budget_windows is not None and not (isinstance(budget_windows, int) and budget_windows >= 1):
+            raise CalibrationError(f"budget_windows must be a positive int (windows scoring an end-to-end "
+                                   f"budget), got {budget_windows!r}")
+        # the first budget_windows windows score an end-to-end budget (all by default): every round of
+        # fit_budget runs them through the quantized model
+        self.budget_windows = min(budget_windows or len(self.windows), len(self.windows))
         self.by_weight = by_weight
         self._keys = {k.replace(".", "_"): k for k in by_weight}
         # build_decoder's fused projections (wqkv.i, w13.i) read the input of their parts
@@ -130,12 +149,13 @@ class TextCalibration(Calibration):
         raise CalibrationError("a text calibration has no graph input samples (its end-to-end figure is the "
                                "perplexity on the calibration windows: Decoder.budget)")
 
-    def nll(self, decoder) -> np.ndarray:
-        """The negative log-likelihoods of ``decoder`` at the positions ``fp32_nll`` scores."""
+    def nll(self, decoder, windows: int | None = None) -> np.ndarray:
+        """The negative log-likelihoods of ``decoder`` at the positions ``fp32_nll`` scores
+        (of the first ``windows`` windows: ``fp32_nll[:len(result)]``)."""
         from .perplexity import log_softmax, window_logits
 
         out = []
-        for w in self.windows:   # every row through the all-logits chunks: one module to compile
+        for w in self.windows[:windows]:   # every row through the all-logits chunks: one module to compile
             lp = log_softmax(window_logits(decoder, w, 0)[self.first:-1])
             out.append(-lp[np.arange(lp.shape[0]), np.asarray(w[self.first + 1:])])
         decoder.reset()
@@ -190,6 +210,7 @@ class BudgetReport:
     kept: list = field(default_factory=list)
     met: bool = False
     layers: int = 0
+    fallback: str = "float"      # what the kept layers get: float, or int8 (quantize's fallback=int8)
 
     @property
     def ppl(self) -> float:
@@ -198,9 +219,10 @@ class BudgetReport:
     def __str__(self) -> str:
         lines = [f"end-to-end budget max_error={self.budget}: fp32 perplexity {self.fp32_ppl:.4f} on the calibration "
                  f"text, limit {self.limit:.4f}"]
-        lines += [f"  {len(k):>4} of {self.layers} layers kept in float: perplexity {p:.4f}" for k, p in self.rounds]
+        how = "kept in float" if self.fallback == "float" else f"in {self.fallback}"
+        lines += [f"  {len(k):>4} of {self.layers} layers {how}: perplexity {p:.4f}" for k, p in self.rounds]
         lines.append(f"{'met' if self.met else 'NOT met'}: {self.ppl:.4f} with "
-                     + (f"{len(self.kept)} layers kept in float ({', '.join(self.kept)})" if self.kept
+                     + (f"{len(self.kept)} layers {how} ({', '.join(self.kept)})" if self.kept
                         else "every layer quantized"))
         return "\n".join(lines)
 
@@ -210,8 +232,9 @@ def fit_budget(compile_with, calib: TextCalibration, budget: Budget, report_of) 
     meeting ``budget`` (module docstring).  ``compile_with(skip)`` compiles a
     Decoder keeping the layers ``skip`` in float; ``report_of(decoder)`` is
     its quantize/sparsify report rows with "layer" and "rel_l2"."""
-    ppl = lambda d: math.exp(float(calib.nll(d).mean()))   # noqa: E731
-    base = math.exp(float(calib.fp32_nll.mean()))
+    wins = calib.budget_windows
+    ppl = lambda d: math.exp(float(calib.nll(d, wins).mean()))   # noqa: E731
+    base = math.exp(float(calib.fp32_nll[:wins * (calib.ctx - 1 - calib.first)].mean()))
     dec = compile_with([])
     rows = [r for r in report_of(dec) if r.get("rel_l2") is not None]
     order = [r["layer"] for r in sorted(rows, key=lambda r: -r["rel_l2"])]
@@ -279,24 +302,27 @@ def calibrated_decoder(dec, target, keep_ir, text, ctx, options) -> bool:
         raise ValueError(f"max_error={budget.spec!r} chooses the layers to keep in float through skip=: give "
                          "quantize=/sparsify= rather than pipeline=")
     opts = {k: v for k, v in options.items() if k != "max_error"}
-    user_skip = opts.pop("skip", None) or []
-    user_skip = [user_skip] if isinstance(user_skip, str) else list(user_skip)
+    # fallback=int8: the layers chosen get int8 (quantize's promote=), else they stay in float (skip=)
+    key = "promote" if opts.get("fallback") == "int8" else "skip"
+    listed = {k: split_names(opts.pop(k, None)) for k in ("skip", "promote")}
 
-    def compile_with(skip):
+    def compile_with(chosen):
+        names = dict(listed, **{key: listed[key] + list(chosen)})
         return Decoder(dec.cfg, dec.weights, target=target, kv_dtype=dec.kv_dtype, prefill_chunk=dec.prefill_chunk,
-                       tokenizer=dec.tokenizer, keep_ir=keep_ir, **opts,
-                       **({"skip": user_skip + list(skip)} if user_skip or skip else {}))
+                       tokenizer=dec.tokenizer, keep_ir=keep_ir, **opts, **{k: v for k, v in names.items() if v})
 
     def report_of(d):
         rep = d.module.report
         worst: dict = {}
         for part in ([rep] if hasattr(rep, "pass_name") else list(rep or [])):
             for r in part:
-                if r.get("rel_l2") is not None and r.get("status", "").startswith(("quantized", "pruned")):
+                if r.get("rel_l2") is not None and r.get("status", "").startswith(("quantized", "pruned")) and \
+                        r["layer"] not in listed["skip"] + listed["promote"]:
                     worst[r["layer"]] = max(worst.get(r["layer"], 0.0), r["rel_l2"])
         return [{"layer": k, "rel_l2": v} for k, v in worst.items()]
 
     best, rep = fit_budget(compile_with, calib, budget, report_of)
+    rep.fallback = "int8" if key == "promote" else "float"
     dec.__dict__.update(best.__dict__)
     dec.budget = rep
     return True

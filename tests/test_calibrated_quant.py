@@ -44,6 +44,24 @@ def ref_fit(w, bits, scheme):
     return s, np.clip(F32(qmin) - np.rint(lo / s), qmin, qmax)
 
 
+def ref_fit_mse(w, bits, scheme):
+    """The published GPTQ Quantizer.find_params(mse=True) (grid 100, maxshrink 0.8, norm 2.4) in the
+    matmul_q conventions: per column, the range shrunk by p = 1 - i / 100 of least sum |w - deq|^2.4."""
+    best = None
+    for i in range(80):
+        p = F32(1 - i / 100)
+        s, z = ref_fit(w * p, bits, scheme)          # the shrunk range's parameters ...
+        deq = (ref_codes(w.astype(F32), s, z, bits) - (0 if z is None else z)) * s   # ... on the weights
+        err = (np.abs(w - deq) ** 2.4).sum(axis=0)
+        if best is None:
+            best = [err, s, z]
+            continue
+        better = err < best[0]
+        best = [np.where(better, err, best[0]), np.where(better, s, best[1]),
+                None if z is None else np.where(better, z, best[2])]
+    return best[1], best[2]
+
+
 def ref_codes(w, s, z, bits):
     qmin, qmax, qs = QMAX[bits]
     if z is None:
@@ -51,14 +69,14 @@ def ref_codes(w, s, z, bits):
     return np.clip(np.rint(w / s) + z, qmin, qmax)
 
 
-def ref_gptq(w, x, bits, group, scheme, damp=0.01, act_order=False):
+def ref_gptq(w, x, bits, group, scheme, damp=0.01, act_order=False, fit=ref_fit):
     """GPTQ, Algorithm 1 of Frantar et al. without the lazy batching: after
     each column (our row k), every later column is updated at once."""
     W = w.astype(np.float64).T.copy()        # [N, K]
     k = W.shape[1]
     H = 2 * x.astype(np.float64).T @ x.astype(np.float64) / len(x)
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(k)
-    static = [ref_fit(W[:, g:g + group].T, bits, scheme) for g in range(0, k, group)]  # before any update
+    static = [fit(W[:, g:g + group].T, bits, scheme) for g in range(0, k, group)]  # before any update
     W, H = W[:, perm], H[np.ix_(perm, perm)]
     H += damp * np.mean(np.diag(H)) * np.eye(k)
     U = np.linalg.cholesky(np.linalg.inv(H)).T
@@ -69,7 +87,7 @@ def ref_gptq(w, x, bits, group, scheme, damp=0.01, act_order=False):
         if act_order:
             params[g] = static[g]
         elif i % group == 0:
-            params[g] = ref_fit(W[:, i:i + group].T, bits, scheme)
+            params[g] = fit(W[:, i:i + group].T, bits, scheme)
         s, z = params[g]
         q = ref_codes(W[:, i], s, z, bits)
         Q[:, perm[i]] = q
@@ -143,6 +161,21 @@ def test_gptq_equals_the_published_algorithm(bits, group, scheme, act_order):
     rel = layer_error(x, w, q, s, z, group)[0]
     rtn = layer_error(x, w, *sqk.compiler.quantize.quantize_weight(w, bits, group, scheme), group)[0]
     assert rel < 0.8 * rtn, (rel, rtn)
+
+
+@pytest.mark.parametrize("scheme,act_order", [("sym", False), ("asym", False), ("sym", True)])
+def test_gptq_mse_clip_equals_the_published_search(scheme, act_order):
+    k, n = 96, 40
+    w, x = layer(k, n), outlier_inputs(384, k)
+    st = LayerStats(k)
+    st.add(x)
+    q, s, z = gptq_quantize(w, st.hessian, 4, 32, scheme, act_order=act_order, clip="mse")
+    want = ref_gptq(w, x, 4, 32, scheme, act_order=act_order, fit=ref_fit_mse)
+    assert np.mean(q == want) > 0.999
+    plain = gptq_quantize(w, st.hessian, 4, 32, scheme, act_order=act_order)
+    assert np.mean(q == plain[0]) < 0.99                        # the search changed ranges
+    with pytest.raises(ValueError, match="clip must be one of minmax, mse, got 'l1'"):
+        gptq_quantize(w, st.hessian, 4, 32, clip="l1")
 
 
 def test_gptq_blocks_match_unbatched():
@@ -266,8 +299,12 @@ def test_methods_need_calibration_data():
         PassManager(parse_pipeline("quantize{weights=int4,method=gptq}")).run(net())
     with pytest.raises(PipelineError, match="method=bogus: expected rtn, gptq, awq, imatrix"):
         parse_pipeline("quantize{method=bogus}")
-    with pytest.raises(PipelineError, match="damp= and act_order= apply to method=gptq"):
+    with pytest.raises(PipelineError, match="damp=, act_order= and clip= apply to method=gptq"):
         parse_pipeline("quantize{method=awq,act_order=true}")
+    with pytest.raises(PipelineError, match="damp=, act_order= and clip= apply to method=gptq"):
+        parse_pipeline("quantize{method=rtn,clip=mse}")
+    with pytest.raises(PipelineError, match="option clip=l1: expected minmax or mse"):
+        parse_pipeline("quantize{method=gptq,clip=l1}")
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -111,6 +111,44 @@ def test_budget_holds():
     assert "met" in str(b) and f"{len(b.kept)} layers kept in float" in str(b)
 
 
+def test_budget_promotes_to_int8():
+    cfg = LlamaConfig(vocab=97, hidden=64, layers=1, heads=4, kv_heads=2, head_dim=16, ffn=96, max_seq=32,
+                      tie_embeddings=True)
+    w = random_weights(cfg, seed=5)
+    w.pop("embed")
+    w["lm_head"] *= 4
+    text = sampled_text(cfg, w, 96)
+    calib = TextCalibration(cfg, w, None, text, CTX)
+    opts = dict(prefill_chunk=CTX, quantize="int4", group=64, calibration_data=calib, fallback="int8")
+    fp32 = math.exp(calib.fp32_nll.mean())
+    all_q = Decoder(cfg, w, **opts, max_error="ppl+1000%")
+    quant = all_q.budget.ppl
+    dec = Decoder(cfg, w, **opts, max_error=f"ppl+{(quant - fp32) / 3:.6g}")
+    b = dec.budget
+    assert b.met and b.kept and b.fallback == "int8" and "layers in int8" in str(b)
+    rows = {r["layer"]: r for r in dec.module.report}
+    assert all(r["status"] == "quantized" for r in rows.values())
+    assert sorted(k for k, r in rows.items() if r["weights"] == "int8 per-channel sym") == sorted(b.kept)
+    assert all(rows[k]["note"] == "fallback int8 (promote=)" for k in b.kept)
+    assert math.exp(calib.nll(dec).mean()) == pytest.approx(b.ppl, rel=1e-9) and b.ppl <= b.limit
+    # the bytes: int8 codes + f32 scales per column, int4 codes + f32 scales per group of 64
+    for k, r in rows.items():
+        kk, n = r["shape"]
+        assert r["bytes"] == (kk * n + 4 * n if k in b.kept else kk * n // 2 + 4 * n * -(-kk // 64))
+    # a user's promote= stays promoted and out of the budget's choice; budget_windows=1: the budget is
+    # measured on the first window only
+    one = TextCalibration(cfg, w, None, text, CTX, budget_windows=1)
+    dec2 = Decoder(cfg, w, **dict(opts, calibration_data=one), promote="lm_head",
+                   max_error=f"ppl+{(quant - fp32) / 3:.6g}")
+    b2 = dec2.budget
+    assert "lm_head" not in b2.kept
+    assert {r["layer"]: r for r in dec2.module.report}["lm_head"]["weights"] == "int8 per-channel sym"
+    assert b2.fp32_ppl == pytest.approx(math.exp(one.fp32_nll[:CTX - 1 - CTX // 2].mean()), rel=1e-12)
+    assert b2.ppl == pytest.approx(math.exp(one.nll(dec2, 1).mean()), rel=1e-9)
+    with pytest.raises(ValueError, match="budget_windows must be a positive int"):
+        TextCalibration(cfg, w, None, text, CTX, budget_windows=0)
+
+
 def test_parse_budget():
     assert parse_budget("ppl+2%") == Budget("ppl+2%", rel=0.02)
     assert parse_budget(" ppl + 0.5 ") == Budget("ppl + 0.5", abs=0.5)
@@ -202,3 +240,30 @@ def test_cli_calibration_text(model_dir, capsys, tmp_path):
     capsys.readouterr()
     assert main(["generate", str(model_dir), "--prompt", "w1", "--calibration-ctx", "16"]) == 1
     assert "--calibration-ctx applies with --calibration-text" in capsys.readouterr().err
+
+
+def test_promote_within_counts_every_byte():
+    """quant-accuracy's mixed row: the lm_head, then the layers of largest error, in int8 while the
+    stored bytes (codes and f16 scales) stay within the bits per weight given."""
+    from sqk.benchmarks.quant_accuracy import promote_within
+    from sqk.compiler.quantize import quantized_nbytes
+
+    shapes = {"lm_head": (64, 512), "a": (64, 64), "b": (128, 64), "c": (64, 64)}
+    errs = {"lm_head": 0.1, "a": 0.3, "b": 0.2, "c": 0.1}
+    rows = [{"layer": k, "shape": s, "rel_l2": errs[k], "bytes": quantized_nbytes(*s, 4, 32, "f16", False)}
+            for k, s in shapes.items()]
+    weights = sum(k * n for k, n in shapes.values())
+
+    def bits(chosen):
+        return 8 * sum(quantized_nbytes(k, n, 8, k, "f16", False) if name in chosen else
+                       quantized_nbytes(k, n, 4, 32, "f16", False) for name, (k, n) in shapes.items()) / weights
+
+    assert promote_within(rows, 4.5) == ["lm_head"] and promote_within(rows, 4.5, ()) == []   # given: always
+    assert promote_within(rows, 4.85, ()) == ["a"]
+    for cap in (bits(["lm_head"]), 7.3, 7.7, 8.1):
+        got = promote_within(rows, cap)
+        assert bits(got) <= cap
+        assert got == ["lm_head", "a", "b", "c"][:len(got)] or got[:1] == ["lm_head"]
+        rest = [k for k in ("a", "b", "c") if k not in got]
+        assert all(bits(got + [k]) > cap for k in rest)          # nothing more fits
+    assert promote_within(rows, 8.3) == ["lm_head", "a", "b", "c"]

@@ -252,6 +252,63 @@ def test_max_error_keeps_a_layer_in_float():
     np.testing.assert_allclose(sqk.reference(q, x=x), sqk.reference(g, x=x), rtol=1e-5, atol=1e-4)
 
 
+def test_fallback_int8_and_promote():
+    rng = np.random.default_rng(2)
+    easy = rng.integers(-7, 8, (64, 48)).astype(F32)
+    easy[::32] = 7                                   # exact in int4 g32
+    g = two_layer(w1=easy)
+    q, report = run_pipeline(g, "quantize{weights=int4,max_error=0.05,fallback=int8},select_format,dce,fuse")
+    assert report.quantized() == ["w1", "w2"] and report.kept() == []
+    r = report[1]
+    assert r["weights"] == "int8 per-channel sym" and r["rel_l2"] < 0.05
+    assert r["note"].startswith("fallback int8 (int4 g32 sym error ") and "> max_error 0.05)" in r["note"]
+    assert r["bytes"] == 48 * 40 + 40 * 4                     # codes + one f32 scale per column
+    text = q.to_text()
+    assert "matmul_q(%x, %w1.q, %w1.scales) {group=32}" in text and "matmul_q(%1, %w2.q, %w2.scales) {group=48}" in text
+    x = rng.standard_normal((3, 64)).astype(F32)
+    want = np.maximum(x @ dequantize(*quantize_weight(easy, 4, 32), 32), 0)
+    want = want @ dequantize(*quantize_weight(_const(g, "w2"), 8, None), 48)
+    np.testing.assert_allclose(sqk.reference(q, x=x), want, rtol=1e-5, atol=1e-4)
+    # int8 still over the bound: float, the report says both errors
+    _, report = run_pipeline(g, "quantize{weights=int4,max_error=0.001,fallback=int8}")
+    assert report.kept() == ["w2"] and "; int8 error " in report[1]["status"]
+    # promote= gives the fallback precision whatever the error; with fallback=float it keeps the layer in float
+    _, report = run_pipeline(g, "quantize{weights=int4,fallback=int8,promote=w1}")
+    assert [r["weights"] for r in report] == ["int8 per-channel sym", "int4 g32 sym"]
+    assert report[0]["note"] == "fallback int8 (promote=)"
+    _, report = run_pipeline(g, "quantize{weights=int4,promote=w1}")
+    assert report.kept() == ["w1"] and report[0]["status"] == "kept f32: promote="
+    with pytest.raises(PipelineError, match="promote names w3, which is not a matmul weight of @two"):
+        run_pipeline(g, "quantize{weights=int4,fallback=int8,promote=w3}")
+
+
+def _const(g, name):
+    return next(n.attrs["value"] for n in g.nodes if n.op == "const" and n.output.name == name)
+
+
+def test_tied_table_is_read_from_the_quantized_weight():
+    # a tied embedding / lm_head W [H, V]: the embedding gathers W's columns, the head multiplies by W
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 40)).astype(F32)
+    b = sqk.GraphBuilder("tied")
+    ids = b.input("ids", (5,), "i64")
+    table = b.const(w, name="head")
+    e = b.transpose(b.gather(table, ids, axis=1), perm=(1, 0))     # [5, 64]
+    g = b.output(b.matmul(e, table))
+    for spec, bits, group in (("quantize{weights=int4}", 4, 32), ("quantize{weights=int4,fallback=int8,promote=head}",
+                                                                  8, None)):
+        q, report = run_pipeline(g, spec + ",select_format,dce,fuse")
+        text = q.to_text()
+        assert "gather_q(%ids, %head.q, %head.scales)" in text and "%head = const" not in text, text
+        assert report[0]["bytes"] == (64 * 40 * bits // 8 + (-(-64 // (group or 64))) * 40 * 4)
+        dq = dequantize(*quantize_weight(w, bits, group), group or 64)
+        i = np.array([0, 39, 7, -1, 3])
+        np.testing.assert_allclose(sqk.reference(q, ids=i), dq[:, i].T @ dq, rtol=1e-5, atol=1e-4)
+    m = sqk.compile(g, quantize="int4")       # the kernels: gather_q and matmul_q on the same packed constants
+    np.testing.assert_allclose(m(ids=i), sqk.reference(run_pipeline(g, "quantize{weights=int4}")[0], ids=i),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_shared_and_otherwise_used_weights():
     rng = np.random.default_rng(0)
     b = sqk.GraphBuilder("shared")
@@ -315,6 +372,8 @@ def test_non_finite_constant_error_names_it():
      "percentile=99.0 only applies with calibration=percentile (got calibration=mse)"),
     ("quantize{skip=w1,w2}", "unknown option 'w2'"),
     ("quantize{samples=0}", "samples=0: expected at least 1"),
+    ("quantize{fallback=int4}", "option fallback=int4: expected float or int8"),
+    ("quantize{fallback=int8}", "fallback=int8 applies to weights=int4 (int8 weights fall back to float)"),
     ("quantize{weight=int4}", "unknown option 'weight'"),
 ])
 def test_bad_options(spec, message):

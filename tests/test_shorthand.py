@@ -129,3 +129,10 @@ def test_cli_flags_come_from_the_fields(tmp_path, capsys):
                                                   "act_order=True},select_format{min_bytes=0},dce,fuse")
     assert main(["compile", path, "-o", out, "--damp", "0.05"]) == 1
     assert "damp= only apply with sparsify=\"PATTERN\" or quantize=\"int8\" or \"int4\"" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["compile", path, "-o", out, "--quantize", "int4", "--quantize-method", "gptq", "--clip", "mse",
+                 "--fallback", "int8", "--promote", "w2", "--calibration", calib, "--quiet"]) == 0
+    m = sqk.load(out)
+    assert m.manifest["pipeline"] == ("fold_constants,quantize{weights=int4,fallback=int8,promote=w2,method=gptq,"
+                                      "clip=mse},select_format,dce,fuse")
+    assert [r["weights"] for r in m.report] == ["int4 g32 sym gptq", "int8 per-channel sym gptq"]

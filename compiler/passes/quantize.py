@@ -2,15 +2,16 @@
 matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
 
     quantize{weights=int8|int4, group=N, scheme=sym|asym, scale_dtype=f32|f16,
-             skip=w1|w2, max_error=0.02, activations=none|int8, act_group=0,
+             skip=w1|w2, max_error=0.02, fallback=float|int8, promote=w1|w2,
+             activations=none|int8, act_group=0,
              calibration=dynamic|minmax|percentile|mse, percentile=99.99, seed=0, samples=16,
-             method=rtn|gptq|awq|imatrix, damp=0.01, act_order=false}
+             method=rtn|gptq|awq|imatrix, damp=0.01, act_order=false, clip=minmax|mse}
 
 - ``method``: how codes and scales are chosen. ``rtn`` rounds to nearest
   (``compiler.quantize.quantize_weight``); ``gptq``, ``awq`` and ``imatrix``
   read the layer's calibration inputs (required) and produce the same
   matmul_q schemes (``gptq_quantize``, ``awq_scales``, ``imatrix_quantize``;
-  ``damp`` and ``act_order`` are GPTQ's).  AWQ scales W by s per input
+  ``damp``, ``act_order`` and ``clip`` are GPTQ's).  AWQ scales W by s per input
   channel and folds 1/s into x's producer where exact (a norm's scale and
   bias, a matmul weight's columns, x read only by these layers), else
   inserts ``mul(x, 1/s)``; a weight read by matmuls of different inputs
@@ -24,7 +25,21 @@ matmul_q(x, q, scales[, zeros]) {group}, and a per-layer accuracy report.
   ``;`` (a comma would end the option in a pipeline string).  A name that is
   no matmul weight is an error (it is probably a typo).
 - ``max_error``: a layer whose relative L2 output error exceeds the bound
-  stays in float (mixed precision); the report says so.
+  gets the ``fallback`` precision (mixed precision); the report says so.
+  ``fallback=float`` (default) keeps it in float; ``fallback=int8`` (with
+  int4 weights) quantizes it to int8 per output channel by the same method
+  (AWQ's scaled weight, GPTQ's solver at 8 bits), in float only if that too
+  exceeds the bound.  ``promote`` names weights that get the fallback
+  precision whatever their error (what the end-to-end budget ``max_error=
+  "ppl+2%"`` of llm/calibrate.py chooses, and e.g. ``promote=lm_head`` for a
+  tied embedding in int8 as llama.cpp's q4 mixes keep it).  A layer the
+  method cannot apply to (AWQ on a shared constant) stays in float.
+- A constant that is a quantized matmul weight and also a table read by
+  ``gather(W, ids, axis=1)`` (a tied embedding / lm_head [H, V]: the
+  embedding is W's columns) is read by ``gather_q`` from the same quantized
+  constants (then a transpose), so the table is stored once and the
+  embedding rows are the quantized weights, as in a GGUF file whose
+  token_embd serves both.
 - ``activations=int8``: int8 activations (matmul_q {activations=int8};
   semantics in ``ir.ops.MatMulQ``), symmetric or asymmetric int4/int8
   weights.  ``calibration=dynamic`` (default) quantizes per row and weight
@@ -80,6 +95,7 @@ ACTIVATIONS = ("none", "int8")
 CALIBRATIONS = ("dynamic",) + qm.CALIBRATION_METHODS
 DEFAULT_INT4_GROUP = 32
 METHODS = ("rtn", "gptq", "awq", "imatrix")
+FALLBACKS = ("float", "int8")
 
 
 def _error(msg: str):
@@ -103,8 +119,12 @@ class Quantize(Pass):
     scheme: str = option("sym", "symmetric, or asymmetric with zero points", choices=qm.SCHEMES)
     scale_dtype: str = option("f32", "scale storage", choices=qm.SCALE_DTYPES)
     skip: str = option("", "weight constants to leave alone (in float, unpruned), separated by '|'")
-    max_error: float = option(math.inf, "keep in float each layer whose relative L2 output error exceeds this",
-                              flag="")   # the CLI's --max-error is a string: LLMs also take "ppl+2%"
+    max_error: float = option(math.inf, "give the fallback precision to each layer whose relative L2 output error "
+                              "exceeds this", flag="")   # the CLI's --max-error is a string: LLMs also take "ppl+2%"
+    fallback: str = option("float", "precision of the layers over max_error or named in promote: float (kept as "
+                           "they are) or int8 (per channel, by the same method; float if still over)",
+                           choices=FALLBACKS)
+    promote: str = option("", "weight constants given the fallback precision, separated by '|'")
     activations: str = option("none", "int8: quantize activations (symmetric int4 or int8 weights)",
                               choices=ACTIVATIONS)
     act_group: int = option(0, "int8 activations: one scale per N values of a row (32 as llama.cpp's q8; "
@@ -118,6 +138,8 @@ class Quantize(Pass):
                          keyword="quantize_method")
     damp: float = option(0.01, "GPTQ's / SparseGPT's dampening, a fraction of mean(diag H)")
     act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    clip: str = option("minmax", "GPTQ: each group's range from its max, or by the published quantizer's MSE "
+                       "shrink search", choices=qm.CLIPS)
 
     reads_calibration: ClassVar = True
 
@@ -134,6 +156,13 @@ class Quantize(Pass):
             raise _error(f"{p} scale_dtype={self.scale_dtype}: expected f32 or f16")
         if "," in self.skip or "{" in self.skip or "}" in self.skip:
             raise _error(f"{p} skip={self.skip}: separate names with '|' or ';'")
+        if any(c in self.promote for c in ",{}"):
+            raise _error(f"{p} promote={self.promote}: separate names with '|' or ';'")
+        if self.fallback not in FALLBACKS:
+            raise _error(f"{p} fallback={self.fallback}: expected float or int8")
+        if self.fallback == "int8" and self.weights != "int4":
+            raise _error(f"pass quantize: fallback=int8 applies to weights=int4 (int8 weights fall back to float), "
+                         f"got weights={self.weights}")
         if math.isnan(self.max_error) or self.max_error < 0:
             raise _error(f"{p} max_error={self.max_error}: expected a non-negative relative L2 bound")
         if self.activations not in ACTIVATIONS:
@@ -157,8 +186,10 @@ class Quantize(Pass):
             raise _error(f"{p} method={self.method}: expected {', '.join(METHODS)}")
         if not 0 <= self.damp < math.inf:
             raise _error(f"{p} damp={self.damp}: expected a non-negative fraction of mean(diag H), e.g. 0.01")
-        if (self.damp != 0.01 or self.act_order) and self.method != "gptq":
-            raise _error(f"pass quantize: damp= and act_order= apply to method=gptq (got method={self.method})")
+        if self.clip not in qm.CLIPS:
+            raise _error(f"{p} clip={self.clip}: expected minmax or mse")
+        if (self.damp != 0.01 or self.act_order or self.clip != "minmax") and self.method != "gptq":
+            raise _error(f"pass quantize: damp=, act_order= and clip= apply to method=gptq (got method={self.method})")
 
     @property
     def bits(self) -> int:
@@ -190,12 +221,13 @@ class Quantize(Pass):
         convs = conv_weights(self, graph)   # conv2d layers taken int8 (quantize_conv.py)
         if not uses and not convs:
             raise _error(f"quantize: no matmul with a constant 2-D weight in graph @{graph.name}")
-        skip = split_names(self.skip)
+        skip, promote = split_names(self.skip), split_names(self.promote)
         names = {w.name for w in uses} | {w.name for w in convs}
-        unknown = [s for s in skip if s not in names]
-        if unknown:
-            raise _error(f"quantize: skip names {', '.join(unknown)}, which is not a matmul weight of "
-                         f"@{graph.name}; weights: {', '.join(sorted(names))}")
+        for opt, listed in (("skip", skip), ("promote", promote)):
+            unknown = [s for s in listed if s not in names]
+            if unknown:
+                raise _error(f"quantize: {opt} names {', '.join(unknown)}, which is not a matmul weight of "
+                             f"@{graph.name}; weights: {', '.join(sorted(names))}")
         if self.static and calib is None:
             raise _error(f"quantize: calibration={self.calibration} chooses static activation scales from "
                          f"calibration data, and none was given: pass calibration_data=[{{input: array}}, ...] "
@@ -229,55 +261,42 @@ class Quantize(Pass):
                 report.append({**row, "weights": w.dtype.name, "rel_l2": None, "cosine": None,
                                "bytes": fbytes, "status": "skipped (skip=)"})
                 continue
-            group = self.group_for(k)
-            self._check_sparse(w, uses[w], group)
-            try:
-                i8act_segments(k, group, self.act_group)
-            except ValueError as e:
-                raise _error(f"quantize: layer {w.name}: {e}") from None
-            arr = const_value[w]
             inv = None
             if w in awq:
-                row["note"], inv = awq[w]     # arr is W * s (set by _awq)
+                row["note"], inv = awq[w]     # const_value[w] is W * s (set by _awq)
             xs = [(stats[m.inputs[0]].sample if inv is None else stats[m.inputs[0]].sample * inv, m)
                   for m in uses[w]]
             st = LayerStats.merged([stats[x] for x in dict.fromkeys(m.inputs[0] for m in uses[w])])
-            why = awq_why.get(w)
-            if why is None:
-                try:
-                    q, s, z = self._quantize(arr, st, group, w.name, calib)
-                except ValueError as e:   # e.g. a Hessian GPTQ cannot factor
-                    if not str(e).startswith(f"quantize {w.name}:"):
-                        raise
-                    why = str(e).removeprefix(f"quantize {w.name}: ")
-            if why is not None:
-                report.append({**row, "weights": w.dtype.name, "rel_l2": None, "cosine": None, "bytes": fbytes,
-                               "status": f"kept {w.dtype.name}: {self.method} cannot apply: {why}"})
-                continue
             scales = {m: self._act_scale(stats[m.inputs[0]], w.name, inv) for m in uses[w]} if self.static else {}
-            rel, cos = self._layer_error([(x, scales.get(m, 0.0)) for x, m in xs], arr, q, s, z, group)
-            if self.method != "rtn":
-                rq, rs, rz = qm.quantize_weight(const_value[w] if inv is None else prod[w].attrs["value"],
-                                                self.bits, group, self.scheme, self.scale_dtype, name=w.name)
-                xr = xs if inv is None else [(stats[m.inputs[0]].sample, m) for m in uses[w]]
-                row["rel_l2_rtn"] = self._layer_error([(x, scales.get(m, 0.0)) for x, m in xr],
-                                                      prod[w].attrs["value"], rq, rs, rz, group)[0]
-            spelled = f"{self.weights} {'g' + str(group) if group < k else 'per-channel'} {self.scheme}"
-            if self.method != "rtn":
-                spelled += f" {self.method}"
-            if self.activations == "int8":
-                spelled += " + i8 act" + (f" a{self.act_group}" if self.act_group else "") + \
-                    (f" {self.calibration}" if self.static else "")
-            row["act_scales"] = list(scales.values())
-            if rel > self.max_error:
-                report.append({**row, "weights": w.dtype.name, "rel_l2": rel, "cosine": cos, "bytes": fbytes,
-                               "status": f"kept {w.dtype.name}: {spelled} error {rel:.3g} > max_error "
-                                         f"{self.max_error:g}"})
+            args = (w, uses[w], const_value, st, xs, scales, inv, stats, prod, calib)
+            got, why = None, awq_why.get(w)
+            if w.name in promote:
+                got, why = None, why or "promote="
+            elif why is None:
+                got = self._layer(*args, self.bits, self.group_for(k))
+                why = got if isinstance(got, str) else None
+                if got is not None and why is None and got["rel_l2"] > self.max_error:
+                    why = f"{got['weights']} error {got['rel_l2']:.3g} > max_error {self.max_error:g}"
+            if why is not None and self.fallback == "int8" and w not in awq_why:
+                fell = self._layer(*args, 8, k)
+                if isinstance(fell, dict) and fell["rel_l2"] <= self.max_error:
+                    got, why, row["note"] = fell, None, "; ".join(
+                        filter(None, [row.get("note"), f"fallback int8 ({why})"]))
+                elif isinstance(fell, dict):
+                    got, why = fell, f"{why}; int8 error {fell['rel_l2']:.3g} > max_error {self.max_error:g}"
+            if why is not None:
+                over = isinstance(got, dict)
+                status = (f"kept {w.dtype.name}: {why}" if over or why == "promote=" else
+                          f"kept {w.dtype.name}: {self.method} cannot apply: {why}")
+                report.append({**row, "weights": w.dtype.name, "rel_l2": got["rel_l2"] if over else None,
+                               "cosine": got["cosine"] if over else None, "bytes": fbytes, "status": status,
+                               **({"act_scales": got["act_scales"]} if over else {})})
                 continue
             act_scale.update(scales)
-            qdt = dt.i4 if self.bits == 4 else dt.i8
+            qdt = dt.i4 if got["bits"] == 4 else dt.i8
             vals, nodes = [], []
-            for suffix, a, d in (("q", q, qdt), ("scales", s, dt.dtype(s.dtype)), ("zeros", z, qdt)):
+            for suffix, a, d in (("q", got["q"], qdt), ("scales", got["s"], dt.dtype(got["s"].dtype)),
+                                 ("zeros", got["z"], qdt)):
                 if a is None:
                     continue
                 v = Value(_fresh(f"{w.name}.{suffix}", taken), TensorType(d, a.shape))
@@ -285,14 +304,16 @@ class Quantize(Pass):
                 a.setflags(write=False)
                 vals.append(v)
                 nodes.append(Node("const", (), (v,), {"value": a}))
-            replaced[w], new_consts[w], group_of[w] = tuple(vals), nodes, group
-            report.append({**row, "weights": spelled, "rel_l2": rel, "cosine": cos,
-                           "bytes": qm.quantized_nbytes(k, n, self.bits, group, self.scale_dtype, z is not None),
+            replaced[w], new_consts[w], group_of[w] = tuple(vals), nodes, got["group"]
+            report.append({**row, **{k_: got[k_] for k_ in ("weights", "rel_l2", "cosine", "act_scales", "bytes")},
+                           **({"rel_l2_rtn": got["rel_l2_rtn"]} if "rel_l2_rtn" in got else {}),
                            "status": "quantized"})
 
         out_nodes = []
         still_used = {v for n in graph.nodes for v in n.inputs
-                      if not (n.op == "matmul" and n.inputs[1] in replaced)} | set(graph.outputs)
+                      if not (n.op == "matmul" and n.inputs[1] in replaced or
+                              n.op == "gather" and n.inputs[0] in replaced and n.attrs["axis"] % 2 == 1)} \
+            | set(graph.outputs)
         changed = {v: a for v, a in const_value.items() if a is not prod[v].attrs["value"]}
         for node in graph.nodes:
             for x_node in awq_nodes.get(id(node), ()):
@@ -305,6 +326,8 @@ class Quantize(Pass):
                 if node.output in still_used:
                     out_nodes.append(node)
                 out_nodes.extend(new_consts[node.output])
+            elif node.op == "gather" and node.inputs[0] in replaced and node.attrs["axis"] % 2 == 1:
+                out_nodes += _gather_q(node, replaced[node.inputs[0]], group_of[node.inputs[0]], taken)
             elif node.op == "matmul" and node.inputs[1] in replaced:
                 w = node.inputs[1]
                 # a sparse format (set in the graph) stays: symmetric codes keep the pruned zeros
@@ -327,12 +350,48 @@ class Quantize(Pass):
             ctx.add_report(self, report)
         return out
 
-    def _quantize(self, arr, st: LayerStats, group: int, name: str, calib=None):
+    def _layer(self, w, users, const_value, st, xs, scales, inv, stats, prod, calib, bits, group):
+        """One weight quantized at ``bits`` / ``group`` by the method: a dict
+        (q, s, z, bits, group, weights (spelled), rel_l2, cosine, act_scales,
+        bytes[, rel_l2_rtn]) or, when the method cannot apply, why (a str)."""
+        k, n = w.shape
+        self._check_sparse(w, users, group, bits)
+        try:
+            i8act_segments(k, group, self.act_group)
+        except ValueError as e:
+            raise _error(f"quantize: layer {w.name}: {e}") from None
+        arr = const_value[w]
+        try:
+            q, s, z = self._quantize(arr, st, bits, group, w.name, calib)
+        except ValueError as e:   # e.g. a Hessian GPTQ cannot factor
+            if not str(e).startswith(f"quantize {w.name}:"):
+                raise
+            return str(e).removeprefix(f"quantize {w.name}: ")
+        rel, cos = self._layer_error([(x, scales.get(m, 0.0)) for x, m in xs], arr, q, s, z, group)
+        out = dict(q=q, s=s, z=z, bits=bits, group=group, rel_l2=rel, cosine=cos, act_scales=list(scales.values()),
+                   bytes=qm.quantized_nbytes(k, n, bits, group, self.scale_dtype, z is not None))
+        if self.method != "rtn":
+            rq, rs, rz = qm.quantize_weight(arr if inv is None else prod[w].attrs["value"], bits, group,
+                                            self.scheme, self.scale_dtype, name=w.name)
+            xr = xs if inv is None else [(stats[m.inputs[0]].sample, m) for m in users]
+            out["rel_l2_rtn"] = self._layer_error([(x, scales.get(m, 0.0)) for x, m in xr],
+                                                  prod[w].attrs["value"], rq, rs, rz, group)[0]
+        spelled = f"{'int4' if bits == 4 else 'int8'} {'g' + str(group) if group < k else 'per-channel'} {self.scheme}"
+        if self.method != "rtn":
+            spelled += f" {self.method}"
+        if self.activations == "int8":
+            spelled += " + i8 act" + (f" a{self.act_group}" if self.act_group else "") + \
+                (f" {self.calibration}" if self.static else "")
+        out["weights"] = spelled
+        return out
+
+    def _quantize(self, arr, st: LayerStats, bits: int, group: int, name: str, calib=None):
         """(q, scales, zeros) of one weight by ``self.method`` (AWQ's weight is W * s already)."""
-        args = dict(bits=self.bits, group=group, scheme=self.scheme, scale_dtype=self.scale_dtype, name=name)
+        args = dict(bits=bits, group=group, scheme=self.scheme, scale_dtype=self.scale_dtype, name=name)
         memo = calib.memo if calib is not None else None   # once per weight
         if self.method == "gptq":
-            return memo(qm.gptq_quantize, arr, st.hessian, damp=self.damp, act_order=self.act_order, **args)
+            return memo(qm.gptq_quantize, arr, st.hessian, damp=self.damp, act_order=self.act_order,
+                        **({"clip": self.clip} if self.clip != "minmax" else {}), **args)
         if self.method == "imatrix":
             return memo(qm.imatrix_quantize, arr, st.mean_sq, **args)
         return qm.quantize_weight(arr, **args)
@@ -423,7 +482,7 @@ class Quantize(Pass):
             out.update((w, (note, inv)) for w in ws)
         return out, why, nodes, inputs
 
-    def _check_sparse(self, w: Value, users: list[Node], group: int) -> None:
+    def _check_sparse(self, w: Value, users: list[Node], group: int, bits: int) -> None:
         """A matmul of ``w`` stored in a non-dense format must stay readable as
         one after quantization (matmul_q's rules): else an error naming the layer."""
         for n in users:
@@ -432,7 +491,7 @@ class Quantize(Pass):
                 continue
             why = ("asymmetric weights (zero points)" if self.scheme != "sym" else
                    "int8 activations" if self.activations != "none" else
-                   f"grouped int8 scales (group={group} < K={w.shape[0]})" if self.bits == 8 and group < w.shape[0]
+                   f"grouped int8 scales (group={group} < K={w.shape[0]})" if bits == 8 and group < w.shape[0]
                    else None)
             if why:
                 raise _error(f"quantize: layer {w.name} is stored sparse={fmt}, which matmul_q cannot read with "
@@ -452,6 +511,17 @@ class Quantize(Pass):
             want.append(x2.astype(np.float64) @ np.asarray(w, np.float64))
             got.append(matmul_q_i8act(x2, q, s, z, group, act_scale, act_group=self.act_group).astype(np.float64))
         return qm.output_error(np.concatenate(want), np.concatenate(got))
+
+
+def _gather_q(node: Node, operands: tuple, group: int, taken: set) -> list[Node]:
+    """``gather(W, ids, axis=1)`` [K, *ids] of a quantized W [K, N] as
+    ``transpose(gather_q(ids, q, scales[, zeros]))``: W's columns read from its
+    quantized constants (gather_q gives [*ids, K])."""
+    ids, out = node.inputs[1], node.output
+    rows = Value(_fresh(f"{out.name}.rows", taken), TensorType(out.dtype, ids.shape + (out.shape[0],)))
+    r = ids.type.rank
+    return [Node("gather_q", (ids,) + operands, (rows,), OPS["gather_q"].normalize_attrs({"group": group})),
+            Node("transpose", (rows,), (out,), {"perm": (r,) + tuple(range(r))})]
 
 
 def _fresh(name: str, taken: set) -> str:
