@@ -25,7 +25,8 @@ import numpy as np
 from ...ir import dtypes as dt
 from ...ir.graph import Graph, Node, TensorType, Value
 from . import Context, Pass, option, register
-from .winograd import _fresh
+from .quantize import _fresh
+from .winograd import rewrite_convs
 
 
 @register
@@ -36,19 +37,7 @@ class Im2col(Pass):
     min_channels: int = option(16, "C_in and C_out at least this")
 
     def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
-        target = getattr(ctx, "target", None)
-        if target is not None and getattr(target, "name", "") == "riscv64":
-            return graph
-        consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
-        taken = {v.name for v in graph.values()}
-        nodes, changed = [], False
-        for n in graph.nodes:
-            if not self._takes(n, consts):
-                nodes.append(n)
-                continue
-            nodes.extend(_rewrite(n, consts[n.inputs[1]], taken))
-            changed = True
-        return graph.with_nodes(nodes) if changed else graph
+        return rewrite_convs(graph, ctx, self._takes, _rewrite)
 
     def _takes(self, n: Node, consts: dict) -> bool:
         if n.op != "conv2d" or n.attrs["groups"] != 1 or n.inputs[1] not in consts:

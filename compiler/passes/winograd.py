@@ -33,6 +33,7 @@ from ...ir import dtypes as dt
 from ...ir.graph import Graph, Node, TensorType, Value
 from ...ir.ops import winograd_filter, winograd_tiles
 from . import Context, Pass, option, register
+from .quantize import _fresh
 
 
 def winograd_eligible(node: Node, consts: dict) -> bool:
@@ -53,19 +54,7 @@ class Winograd(Pass):
     min_tiles: int = option(8, "2x2 output tiles (all images) at least this")
 
     def run(self, graph: Graph, ctx: Context | None = None) -> Graph:
-        target = getattr(ctx, "target", None)
-        if target is not None and getattr(target, "name", "") == "riscv64":
-            return graph
-        consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
-        taken = {v.name for v in graph.values()}
-        nodes, changed = [], False
-        for node in graph.nodes:
-            if not winograd_eligible(node, consts) or not self._pays(node):
-                nodes.append(node)
-                continue
-            nodes.extend(_rewrite(node, consts[node.inputs[1]], taken))
-            changed = True
-        return graph.with_nodes(nodes) if changed else graph
+        return rewrite_convs(graph, ctx, lambda n, consts: winograd_eligible(n, consts) and self._pays(n), _rewrite)
 
     def _pays(self, node: Node) -> bool:
         n, c_out, oh, ow = node.output.shape
@@ -74,12 +63,23 @@ class Winograd(Pass):
         return min(c_in, c_out) >= self.min_channels and n * th * tw >= self.min_tiles
 
 
-def _fresh(name: str, taken: set) -> str:
-    out, i = name, 1
-    while out in taken:
-        out, i = f"{name}_{i}", i + 1
-    taken.add(out)
-    return out
+def rewrite_convs(graph: Graph, ctx: Context | None, takes, rewrite) -> Graph:
+    """``graph`` with each node ``takes(node, consts)`` accepts replaced by
+    ``rewrite(node, its constant weight, taken names)``; riscv64 keeps its direct
+    convolution kernels (the winograd and im2col passes share this walk)."""
+    target = getattr(ctx, "target", None)
+    if target is not None and getattr(target, "name", "") == "riscv64":
+        return graph
+    consts = {n.output: n.attrs["value"] for n in graph.nodes if n.op == "const"}
+    taken = {v.name for v in graph.values()}
+    nodes, changed = [], False
+    for node in graph.nodes:
+        if not takes(node, consts):
+            nodes.append(node)
+            continue
+        nodes.extend(rewrite(node, consts[node.inputs[1]], taken))
+        changed = True
+    return graph.with_nodes(nodes) if changed else graph
 
 
 def _rewrite(node: Node, w, taken: set) -> list[Node]:
