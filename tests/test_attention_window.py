@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from harness import assert_close, compile_for, rand
+from harness import assert_close, compile_for
+from test_kv_cache import _inputs   # random q/k/v and a cache as earlier steps would have written it
 
 import sqk
 from sqk.ir.graph import IRError
-from sqk.ir.ops import kv_quantize
 
 
 def _graph(t, hq, hkv, s, d, window, kv="f32", splits=0):
@@ -27,25 +27,13 @@ def _graph(t, hq, hkv, s, d, window, kv="f32", splits=0):
     return b.output(*outs)
 
 
-def _inputs(t, hq, hkv, s, d, pos, seed=0, kv="f32"):
-    r, lead = np.random.default_rng(seed), ((t,) if t else ())
-    ins = dict(q=rand(lead + (hq, d), "f32", r), kn=rand(lead + (hkv, d), "f32", r),
-               vn=rand(lead + (hkv, d), "f32", r), pos=np.array([pos]))
-    kf, vf = rand((hkv, s, d), "f32", r), rand((hkv, s, d), "f32", r)
-    if kv == "i8":
-        (ins["kc"], ins["ks"]), (ins["vc"], ins["vs"]) = kv_quantize(kf), kv_quantize(vf)
-    else:
-        ins["kc"], ins["vc"] = (x.astype({"f32": np.float32, "f16": np.float16}[kv]) for x in (kf, vf))
-    return ins
-
-
 def test_reference_is_masked_softmax():
     """The reference equals softmax over the last W positions, computed directly,
     and ignores what lies before the window (rows poisoned with 1e30)."""
     hq, hkv, s, d, w, t = 4, 2, 40, 8, 5, 6
     g = _graph(t, hq, hkv, s, d, w)
     for pos in (0, 3, 20, s - t):
-        ins = _inputs(t, hq, hkv, s, d, pos, seed=pos)
+        ins = _inputs(t, hq, hkv, s, d, pos, seed=pos, kv="f32")
         ins["kc"][:, :max(0, pos - w + 1)] = 1e30        # outside every query's window
         out = sqk.reference(g, **ins)[0]
         k = ins["kc"].copy()
